@@ -1,0 +1,76 @@
+"""Runs passes in order, safely: every pass works on the live model after a snapshot is taken; if it
+raises, leaves an invalid graph, or (when checking) changes the outputs, the snapshot is restored
+and compilation goes on. A failed optimization must never cost the user a working model."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..errors import PassError
+from ..ir import Model, verify
+from ..ir.shapes import infer_shapes
+from .base import Pass, PassContext
+from .diagnostics import FAILED, Diagnostics, PassRecord
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..runtime.numerics import NumericCheck
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        config: Config,
+        *,
+        check: NumericCheck | None = None,
+        on_pass: Callable[[Pass, PassRecord], None] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.config = config
+        self.check = check
+        self.on_pass = on_pass
+
+    def run(self, model: Model, diagnostics: Diagnostics | None = None) -> tuple[Model, Diagnostics]:
+        diagnostics = diagnostics if diagnostics is not None else Diagnostics()
+        properties: set[str] = set()
+        for p in self.passes:
+            record = PassRecord(p.name)
+            start = time.perf_counter()
+            missing = sorted(p.requires - properties)
+            if missing:
+                record.note(f"requires {', '.join(missing)}, which no earlier pass established")
+            else:
+                model = self._run_one(p, model, PassContext(self.config, record, properties), record)
+                if record.status != FAILED:
+                    properties |= p.ensures
+            record.seconds = time.perf_counter() - start
+            record.finish()
+            diagnostics.records.append(record)
+            if self.on_pass is not None:
+                self.on_pass(p, record)
+        return model, diagnostics
+
+    def _run_one(self, p: Pass, model: Model, ctx: PassContext, record: PassRecord) -> Model:
+        snapshot = model.clone()
+        try:
+            p.run(model, ctx)
+            model.graph.sort()
+            verify(model)
+            if record.changes:
+                infer_shapes(model)
+                if self.check is not None:
+                    self.check.compare(model)
+            return model
+        except Exception as exc:  # noqa: BLE001 - any failure of a pass is contained here
+            if self.config.strict:
+                raise PassError(f"pass {p.name} failed: {exc}") from exc
+            record.status = FAILED
+            record.changes.clear()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            record.note(f"rolled back: {type(exc).__name__}: {first}")
+            record.info["traceback"] = traceback.format_exc(limit=6)
+            return snapshot

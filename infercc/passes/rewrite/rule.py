@@ -1,0 +1,162 @@
+"""Rules (pattern + check + replacement) and the pass that applies a set of them to fixpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...ir import Graph, Model, Node, Tensor, Value
+from ..base import Pass, PassContext
+from .matcher import Match, Matcher
+from .pattern import OpOutput, build_pattern
+
+#: A check returns None/True when the rule may apply, or a reason (str) / False when not.
+Check = Callable[..., "str | bool | None"]
+
+
+class Builder:
+    """The ``op`` object handed to replacement functions: ``op.MatMul(a, b)`` creates a real node
+    (inserted before ``anchor``) and returns its output value(s)."""
+
+    def __init__(self, graph: Graph, anchor: Node, name_hint: str) -> None:
+        self.graph = graph
+        self.anchor = anchor
+        self.hint = name_hint
+        self.nodes: list[Node] = []
+
+    def __getattr__(self, op_type: str) -> Callable[..., Any]:
+        def make(*inputs: Value | None, _domain: str = "", _outputs: int = 1, **attrs: Any) -> Any:
+            node = self.graph.make_node(
+                op_type, list(inputs), num_outputs=_outputs, domain=_domain, attrs=attrs,
+                name=self.graph.names.fresh(f"{self.hint}/{op_type}"), before=self.anchor,
+            )
+            self.nodes.append(node)
+            return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
+
+        return make
+
+    def const(self, array: Any, dtype: Any = None, hint: str = "c") -> Value:
+        return self.graph.add_const(Tensor(np.asarray(array, dtype=dtype)), f"{self.hint}/{hint}")
+
+
+@dataclasses.dataclass
+class Rule:
+    """``pattern(op, *vars)`` describes what to find; ``check(**bindings)`` may refuse with a reason;
+    ``replacement(op, **bindings)`` builds what replaces the pattern's output value."""
+
+    name: str
+    pattern: Callable[..., Any]
+    replacement: Callable[..., Value]
+    check: Check | None = None
+    #: Record sites whose anchor op matched but the rest did not (for fusions users care about).
+    report_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        self.root, self.params = build_pattern(self.pattern)
+
+    @property
+    def anchor(self) -> tuple[str, str]:
+        return self.root.op.domain, self.root.op.op_type
+
+
+def _call(fn: Callable[..., Any], *args: Any, bindings: dict[str, Any]) -> Any:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **bindings)
+    return fn(*args, **{k: v for k, v in bindings.items() if k in params})
+
+
+def apply_rules(model: Model, rules: Sequence[Rule], ctx: PassContext, *, max_rounds: int = 8) -> int:
+    """Apply rules until nothing changes (bounded). Returns the number of rewrites made."""
+    total = 0
+    opset = model.opset("") or 99
+    for _ in range(max_rounds):
+        changed = 0
+        for rule in rules:
+            changed += _apply_rule(model.graph, rule, ctx, opset)
+        total += changed
+        if not changed:
+            break
+    return total
+
+
+def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
+    domain, op_type = rule.anchor
+    matcher = Matcher(rule.root, opset)
+    count = 0
+    for node in list(graph.nodes):
+        if node.graph is not graph or node.op_type != op_type or node.domain != domain:
+            continue
+        target = node.outputs[rule.root.index]
+        match = matcher.match(target)
+        where = f"{node.op_type} {node.name!r}"
+        if match is None:
+            if rule.report_mismatch:
+                ctx.record.skipped(where, f"{rule.name}: {matcher.reason}")
+            continue
+        reason = _blocked(match, target, graph)
+        if reason is None and rule.check is not None:
+            verdict = _call(rule.check, bindings=match.bindings)
+            if verdict is False:
+                reason = "check failed"
+            elif isinstance(verdict, str):
+                reason = verdict
+        if reason is not None:
+            ctx.record.skipped(where, f"{rule.name}: {reason}")
+            continue
+        builder = Builder(graph, node, node.name or rule.name)
+        new = _call(rule.replacement, builder, bindings=match.bindings)
+        if new is None:
+            continue
+        if new.dtype is None:
+            new.dtype = target.dtype
+        if new.shape is None:
+            new.shape = target.shape
+        target.replace_all_uses_with(new)
+        _remove_matched(graph, match)
+        ctx.record.count(f"{rule.name}")
+        count += 1
+    return count
+
+
+def _blocked(match: Match, target: Value, graph: Graph) -> str | None:
+    """Intermediate results of the match must not be used outside it (else removing them would
+    change other computations): the rewrite would duplicate work, so it is skipped."""
+    matched = {id(n) for n in match.nodes.values()}
+    for node in match.nodes.values():
+        if node.graph is not graph:
+            return "part of the match lies in another graph"
+        for out in node.outputs:
+            if out is target:
+                continue
+            if out.is_graph_output:
+                return f"intermediate %{out.name} is a graph output"
+            if any(id(user) not in matched for user, _ in out.uses):
+                return f"intermediate %{out.name} is also used outside the pattern"
+    return None
+
+
+def _remove_matched(graph: Graph, match: Match) -> None:
+    pending = list(match.nodes.values())
+    progress = True
+    while progress:
+        progress = False
+        for node in list(pending):
+            if node.graph is graph and not any(o.uses or o.is_graph_output for o in node.outputs):
+                graph.remove(node)
+                pending.remove(node)
+                progress = True
+
+
+class RewritePass(Pass):
+    """A pass made of rules; subclasses only list their rules."""
+
+    rules: Sequence[Rule] = ()
+
+    def run(self, model: Model, ctx: PassContext) -> None:
+        apply_rules(model, self.rules, ctx)
