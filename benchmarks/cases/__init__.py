@@ -1,0 +1,32 @@
+"""Registry of benchmark cases: name -> `CaseDef` (a factory taking the parsed CLI options).
+
+Why a plain dict: adding a case is one module plus one line here, with no plugin machinery.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from benchmarks.cases import matmul, roundtrip
+from benchmarks.harness import Case
+
+
+@dataclass(frozen=True)
+class CaseDef:
+    """`build` receives all CLI options (common ones such as `out`/`threads` plus the case's own)."""
+
+    build: Callable[[argparse.Namespace], Case]
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc else ""
+
+
+CASES: dict[str, CaseDef] = {
+    "roundtrip": CaseDef(roundtrip.build_case, _first_line(roundtrip.__doc__), roundtrip.add_arguments),
+    "matmul": CaseDef(matmul.build_case, _first_line(matmul.__doc__), matmul.add_arguments),
+}
