@@ -19,7 +19,7 @@ from ..errors import ModelLoadError
 from .dtypes import DType
 from .graph import Graph
 from .model import Model
-from .node import Attr, AttrType, Node
+from .node import Attr, Node
 from .tensor import Tensor
 from .value import Dim, Value
 
@@ -262,9 +262,10 @@ def _decode(s: bytes) -> str | bytes:
 
 
 # ---------------------------------------------------------------------------------------- export
-def to_proto(model: Model, *, with_data: bool = True) -> onnx.ModelProto:
+def to_proto(model: Model, *, with_data: bool = True, inline_external: bool = False) -> onnx.ModelProto:
     """Export to a ModelProto. ``with_data=False`` leaves initializer data out (for analyses like
-    shape inference that only need types); external tensors keep their external references."""
+    shape inference that only need types); external tensors keep their external references unless
+    ``inline_external`` (for handing a < 2 GB model to a runtime as bytes)."""
     proto = _make(
         onnx.ModelProto,
         ir_version=model.ir_version,
@@ -278,7 +279,7 @@ def to_proto(model: Model, *, with_data: bool = True) -> onnx.ModelProto:
         proto.opset_import.add(domain=domain, version=version)
     for k, v in model.metadata_props.items():
         proto.metadata_props.add(key=k, value=v)
-    proto.graph.CopyFrom(_export_graph(model.graph, with_data))
+    proto.graph.CopyFrom(_export_graph(model.graph, "inline" if inline_external else with_data))
     proto.functions.extend(model.functions)
     proto.training_info.extend(model.extras.get("training_info", []))
     return proto
@@ -312,7 +313,9 @@ def _value_info(value: Value) -> onnx.ValueInfoProto:
     return info
 
 
-def _export_tensor(t: Tensor, name: str, with_data: bool) -> onnx.TensorProto:
+def _export_tensor(t: Tensor, name: str, with_data: bool | str) -> onnx.TensorProto:
+    if t.is_external and with_data == "inline":
+        return t.to_proto(name)
     if t.is_external:
         proto = onnx.TensorProto()
         proto.CopyFrom(t._proto)  # keep the external reference; save() rewrites it when moving data

@@ -13,7 +13,7 @@ from .model import Model
 from .node import Node
 from .onnx_io import to_proto
 from .symbolic import broadcast, dim_values, reshape_dims
-from .value import Shape, Value
+from .value import Shape
 
 #: A rule returns (dtype, shape) per output, or None when it cannot tell.
 ShapeRule = Callable[[Node], "list[tuple[DType | None, Shape]] | None"]

@@ -107,7 +107,7 @@ class Tensor:
             proto.name = name
             return proto
         array = self.numpy()
-        proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        proto = numpy_helper.from_array(_contiguous(array), name)  # keeps 0-d arrays 0-d
         if self._dtype != DType.from_numpy(array.dtype):  # e.g. bfloat16 stored via ml_dtypes
             proto.data_type = int(self._dtype)
         if self.doc_string:
@@ -120,11 +120,16 @@ class Tensor:
             return self._proto.raw_data
         if self._dtype.itemsize < 1:
             return self.to_proto(self.name).raw_data
-        return np.ascontiguousarray(self.numpy()).astype(self._dtype.numpy.newbyteorder("<")).tobytes()
+        return _contiguous(self.numpy()).astype(self._dtype.numpy.newbyteorder("<")).tobytes()
 
     def __repr__(self) -> str:
         where = "external" if self.is_external else "inline"
         return f"Tensor({self.name!r}, {self._dtype}, {list(self._shape)}, {where})"
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """np.ascontiguousarray turns 0-d arrays into 1-d ones; this does not."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
 def const(values: np.ndarray | Sequence | int | float, dtype: np.dtype | type | None = None) -> Tensor:

@@ -2,7 +2,7 @@
 
 from .matcher import Match, Matcher, const_value, node_attr
 from .pattern import Attr, Const, Or, Var
-from .rule import Builder, Rule, RewritePass, apply_rules
+from .rule import Builder, RewritePass, Rule, apply_rules
 
 __all__ = [
     "Attr", "Builder", "Const", "Match", "Matcher", "Or", "RewritePass", "Rule", "Var", "apply_rules",

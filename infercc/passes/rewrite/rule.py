@@ -11,7 +11,7 @@ import numpy as np
 from ...ir import Graph, Model, Node, Tensor, Value
 from ..base import Pass, PassContext
 from .matcher import Match, Matcher
-from .pattern import OpOutput, build_pattern
+from .pattern import build_pattern
 
 #: A check returns None/True when the rule may apply, or a reason (str) / False when not.
 Check = Callable[..., "str | bool | None"]

@@ -1,0 +1,63 @@
+"""The facade: compile() and load()."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+
+from .compiled import CompiledModel
+from .config import Config
+from .errors import ConfigError, ModelLoadError
+from .families import detect_family
+from .ir import Model, load_model
+from .ir.shapes import infer_shapes
+from .passes import Diagnostics, Pass, PassManager, PassRecord, build_pipeline
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model: str | os.PathLike | onnx.ModelProto,
+    config: Config | None = None,
+    *,
+    on_pass: Callable[[Pass, PassRecord], None] | None = None,
+    passes: list[Pass] | None = None,
+    **options: Any,
+) -> CompiledModel:
+    """Import ``model`` (an .onnx path or ModelProto), run the pass pipeline, return a CompiledModel.
+
+    Keyword ``options`` override fields of ``config``. ``passes`` replaces the pipeline (for
+    experiments and tests); ``on_pass`` is called after each pass (progress bars).
+    """
+    if config is not None and not isinstance(config, Config):
+        raise ConfigError(f"config must be an infercc.Config, got {type(config).__name__}")
+    config = (config or Config()).replace(**options)
+    ir = _import(model)
+    diagnostics = Diagnostics()
+    diagnostics.facts.update(detect_family(ir))
+    notes = infer_shapes(ir)
+    if notes:
+        diagnostics.facts["shape_inference"] = "; ".join(notes)
+    pipeline = passes if passes is not None else build_pipeline(config)
+    check = None
+    if config.check_each_pass and pipeline:
+        from .runtime.numerics import NumericCheck
+
+        check = NumericCheck(ir.clone(), config.check_tolerance)
+    manager = PassManager(pipeline, config, check=check, on_pass=on_pass)
+    ir, diagnostics = manager.run(ir, diagnostics)
+    return CompiledModel(ir, config, diagnostics)
+
+
+def _import(model: Any) -> Model:
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        return load_model(model)
+    raise ModelLoadError(
+        f"cannot compile a {type(model).__name__}: pass a path to an .onnx file or an onnx.ModelProto"
+    )
+
+
+def load(directory: str | os.PathLike) -> CompiledModel:
+    """Load a folder written by ``CompiledModel.save``."""
+    return CompiledModel.load(directory)

@@ -1,0 +1,131 @@
+"""CompiledModel: the optimized graph, the config it was built with, what the passes did, and a
+backend to run it. Saved as a folder: model.onnx (+ external data) and manifest.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .errors import ModelLoadError
+from .ir import Model, load_model, save_model, to_proto
+from .passes.diagnostics import Diagnostics
+from .runtime.feeds import check_feeds, signature
+from .runtime.ort_backend import OrtBackend
+from .runtime.providers import choose_providers
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+
+
+class CompiledModel:
+    def __init__(self, model: Model, config: Config, diagnostics: Diagnostics) -> None:
+        self.model = model
+        self.config = config
+        self.diagnostics = diagnostics
+        self._backend: OrtBackend | None = None
+        self._lock = threading.Lock()
+        providers, why = choose_providers(config.provider)
+        self._providers = providers
+        diagnostics.facts.setdefault("provider", why)
+
+    # -- running ------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[dict]:
+        return signature([v for v in self.model.graph.inputs if v.const is None])
+
+    @property
+    def outputs(self) -> list[dict]:
+        return signature(self.model.graph.outputs)
+
+    @property
+    def backend(self) -> OrtBackend:
+        """Created on first use: compiling or loading should not pay for a session nobody runs."""
+        with self._lock:
+            if self._backend is None:
+                self._backend = OrtBackend(
+                    self.model, self._providers,
+                    intra_op_threads=self.config.intra_op_threads, inter_op_threads=self.config.inter_op_threads,
+                )
+            return self._backend
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stateless inference: feeds by input name -> outputs by output name."""
+        return self.backend.run(check_feeds(self.model.graph, feeds))
+
+    def to_onnx(self):
+        return to_proto(self.model, inline_external=True)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write model.onnx (+ model.onnx.data for large weights) and manifest.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = save_model(self.model, directory / MODEL_FILE)
+        manifest = {
+            "format": "infercc-compiled/1",
+            "files": [os.path.basename(f) for f in files],
+            "config": self.config.to_dict(),
+            "versions": _versions(),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "facts": self.diagnostics.facts,
+            "diagnostics": self.diagnostics.to_list(),
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CompiledModel:
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise ModelLoadError(
+                f"{directory} has no {MANIFEST}: it is not a folder written by CompiledModel.save(); "
+                "to compile a plain ONNX file use infercc.compile(path)."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            config = Config.from_dict(manifest["config"])
+            diagnostics = Diagnostics.from_dict({"facts": manifest.get("facts", {}), "passes": manifest["diagnostics"]})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{manifest_path} is damaged ({exc}); compile the model again.") from None
+        model = load_model(directory / MODEL_FILE)
+        from .ir.shapes import infer_shapes
+
+        infer_shapes(model)
+        return cls(model, config, diagnostics)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompiledModel):
+            return NotImplemented
+        return (
+            self.config == other.config
+            and self.diagnostics == other.diagnostics
+            and self.to_onnx().SerializeToString() == other.to_onnx().SerializeToString()
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        g = self.model.graph
+        return f"<CompiledModel {len(g.nodes)} nodes, inputs {[v['name'] for v in self.inputs]}>"
+
+
+def _versions() -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    from . import __version__
+
+    return {
+        "infercc": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__, "python": platform.python_version(),
+    }

@@ -1,0 +1,71 @@
+"""The one configuration object. Every optimization option lives here with its default; every
+value is validated when the config is made, with an error naming the field and what it allows."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .errors import ConfigError
+
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    #: Run the optimization pipeline. False = import and export only (a faithful round trip).
+    optimize: bool = True
+    #: Names of passes to leave out (see ``infercc.passes.pass_names()``).
+    disable_passes: tuple[str, ...] = ()
+    #: Re-raise a failing pass instead of rolling it back and going on.
+    strict: bool = False
+    #: After every pass that changed the graph, compare outputs with the input model on random feeds
+    #: and roll the pass back if they differ by more than ``check_tolerance``. Slower; for debugging.
+    check_each_pass: bool = False
+    #: Max absolute difference allowed by ``check_each_pass`` (relative to max(1, |reference|)).
+    check_tolerance: float = 1e-4
+    #: Execution provider: "auto" (CUDA if onnxruntime has it and a GPU is present, else CPU), "cpu", "cuda".
+    provider: str = "auto"
+    #: onnxruntime intra-op threads; 0 lets onnxruntime choose (one per physical core).
+    intra_op_threads: int = 0
+    #: onnxruntime inter-op threads; 0 lets onnxruntime choose.
+    inter_op_threads: int = 0
+    #: Constant folding keeps a computation when its folded result would exceed this many bytes
+    #: and be larger than its inputs.
+    fold_limit_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        from .passes.pipeline import pass_names
+
+        object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+        for name in ("optimize", "strict", "check_each_pass"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Config.{name} must be True or False, got {getattr(self, name)!r}")
+        unknown = [p for p in self.disable_passes if p not in pass_names()]
+        if unknown:
+            raise ConfigError(f"Config.disable_passes names unknown pass(es) {unknown}; known passes: {pass_names()}")
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"Config.provider must be one of {list(PROVIDERS)}, got {self.provider!r}")
+        for name in ("intra_op_threads", "inter_op_threads", "fold_limit_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"Config.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.check_tolerance, (int, float)) or not self.check_tolerance > 0:
+            raise ConfigError(f"Config.check_tolerance must be a number > 0, got {self.check_tolerance!r}")
+
+    def replace(self, **options: Any) -> Config:
+        """A copy with some fields changed; unknown names are an error listing the valid ones."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(fields)}")
+        return dataclasses.replace(self, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["disable_passes"] = list(self.disable_passes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return cls().replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -1,0 +1,96 @@
+"""Constant folding: evaluate nodes whose inputs are all constants, once, at compile time."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from ...ir import Graph, Model, Node, Tensor
+from ..base import Pass, PassContext
+from ..rewrite import const_value
+
+#: Ops never folded: random ops differ per run, and folding (De)QuantizeLinear would undo
+#: weight quantization on purpose kept in the graph.
+_NEVER = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "If", "Loop", "Scan", "Constant",
+}
+
+
+class ConstantFolding(Pass):
+    """Folded results larger than ``fold_limit_bytes`` are kept as computations when they are also
+    larger than their inputs (an Expand to a huge tensor is cheaper to compute than to store)."""
+
+    name = "constant_folding"
+
+    def run(self, model: Model, ctx: PassContext) -> None:
+        limit = ctx.config.fold_limit_bytes
+        opset = model.opset("") or 17
+        constants_lifted = _lift_constant_nodes(model.graph)
+        ctx.record.count("constant_nodes_lifted", constants_lifted)
+        for node in list(model.graph.nodes):
+            if node.graph is None or node.domain or node.op_type in _NEVER or any(True for _ in node.subgraphs()):
+                continue
+            inputs = [None if v is None else const_value(v) for v in node.inputs]
+            if any(v is not None and a is None for v, a in zip(node.inputs, inputs)):
+                continue
+            if not any(v is not None for v in node.inputs) and node.op_type not in ("Range",):
+                continue
+            in_bytes = sum(a.nbytes for a in inputs if a is not None)
+            try:
+                outputs = _evaluate(node, inputs, opset)
+            except Exception as exc:  # noqa: BLE001 - unfoldable ops stay in the graph
+                ctx.record.skipped(f"{node.op_type} {node.name!r}", f"evaluation failed: {str(exc)[:120]}")
+                continue
+            out_bytes = sum(o.nbytes for o in outputs)
+            if out_bytes > limit and out_bytes > in_bytes:
+                ctx.record.skipped(
+                    f"{node.op_type} {node.name!r}",
+                    f"folded result would be {out_bytes / 2**20:.1f} MiB, over fold_limit_bytes and larger than its inputs",
+                )
+                continue
+            for value, array in zip(node.outputs, outputs):
+                if not value.uses and not value.is_graph_output:
+                    continue
+                folded = model.graph.add_const(Tensor(array), value.name + "_folded")
+                value.replace_all_uses_with(folded)
+            model.graph.remove_dead()
+            ctx.record.count("nodes_folded")
+
+
+def _lift_constant_nodes(graph: Graph) -> int:
+    """Constant nodes become initializers: one representation of constants for every later pass."""
+    lifted = 0
+    for node in list(graph.nodes):
+        if node.op_type != "Constant" or node.domain:
+            continue
+        array = const_value(node.outputs[0])
+        if array is None or node.outputs[0].is_graph_output:
+            continue
+        out = node.outputs[0]
+        value = graph.add_const(Tensor(array), out.name)
+        value.dtype = out.dtype or value.dtype
+        out.replace_all_uses_with(value)
+        graph.remove(node)
+        lifted += 1
+    return lifted
+
+
+def _evaluate(node: Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
+    proto_node = helper.make_node(node.op_type, names, [f"o{k}" for k in range(len(node.outputs))])
+    from ...ir.onnx_io import _export_attr
+
+    proto_node.attribute.extend(_export_attr(a, True) for a in node.attrs.values())
+    graph = helper.make_graph(
+        [proto_node], "fold",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+         for n, a in zip(names, inputs) if a is not None],
+        [helper.make_tensor_value_info(f"o{k}", onnx.TensorProto.UNDEFINED, None) for k in range(len(node.outputs))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    feeds = {n: np.asarray(a) for n, a in zip(names, inputs) if a is not None}
+    results = ReferenceEvaluator(model).run(None, feeds)
+    return [np.asarray(r) for r in results]

@@ -1,0 +1,38 @@
+"""The ordered pass pipeline. Order matters: cleanup first so fusions see a minimal canonical
+graph, cleanup again last to sweep what fusions left behind."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Pass
+from .cleanup import (
+    CommonSubexpressionElimination,
+    ConstantFolding,
+    DeadCodeElimination,
+    NoOpElimination,
+    ShapeSimplification,
+)
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+#: Every pass, in pipeline order. A pass appears once; names are what users disable.
+PIPELINE: list[type[Pass]] = [
+    ConstantFolding,
+    NoOpElimination,
+    ShapeSimplification,
+    CommonSubexpressionElimination,
+    DeadCodeElimination,
+]
+
+
+def pass_names() -> list[str]:
+    return [p.name for p in PIPELINE]
+
+
+def build_pipeline(config: Config) -> list[Pass]:
+    """The passes this config runs (none when optimization is off)."""
+    if not config.optimize:
+        return []
+    return [cls() for cls in PIPELINE if cls.name not in config.disable_passes]

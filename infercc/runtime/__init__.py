@@ -1,0 +1,1 @@
+"""Runtime: backends that execute compiled graphs (ONNX Runtime now; generated C later)."""

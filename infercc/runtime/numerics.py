@@ -1,0 +1,49 @@
+"""Numeric equivalence checks: the optimized graph against the model it came from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InferccError
+from ..ir import Model
+from .feeds import random_feeds
+from .ort_backend import OrtBackend
+
+
+class NumericMismatch(InferccError):
+    pass
+
+
+def max_difference(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> tuple[float, str]:
+    """Largest |a - b| / max(1, |b|) over all outputs, and which output it was in."""
+    worst, where = 0.0, ""
+    for name, ref in expected.items():
+        got = actual[name]
+        if ref.shape != got.shape:
+            return float("inf"), f"{name} (shape {got.shape} vs {ref.shape})"
+        if ref.dtype.kind in "fc":
+            diff = np.abs(got.astype(np.float64) - ref) / np.maximum(1.0, np.abs(ref.astype(np.float64)))
+            d = float(np.nanmax(diff)) if diff.size else 0.0
+            if np.isnan(got).sum() != np.isnan(ref).sum():
+                d = float("inf")
+        else:
+            d = 0.0 if np.array_equal(ref, got) else float("inf")
+        if d > worst:
+            worst, where = d, name
+    return worst, where
+
+
+class NumericCheck:
+    """Reference outputs of the unoptimized model, computed once, compared after every pass."""
+
+    def __init__(self, reference: Model, tolerance: float, *, seed: int = 0) -> None:
+        self.tolerance = tolerance
+        self.feeds = random_feeds(reference.graph, np.random.default_rng(seed))
+        self.expected = OrtBackend(reference, ["CPUExecutionProvider"]).run(self.feeds)
+
+    def compare(self, model: Model) -> float:
+        actual = OrtBackend(model, ["CPUExecutionProvider"]).run(self.feeds)
+        diff, where = max_difference(self.expected, actual)
+        if diff > self.tolerance:
+            raise NumericMismatch(f"outputs changed: max relative difference {diff:.3g} in {where} > tolerance {self.tolerance}")
+        return diff

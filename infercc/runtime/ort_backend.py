@@ -1,0 +1,38 @@
+"""The ONNX Runtime backend: one InferenceSession over an exported IR model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnxruntime as ort
+
+from ..ir import Model, save_model, to_proto
+from ..ir.onnx_io import PROTO_LIMIT, weight_bytes
+
+
+class OrtBackend:
+    def __init__(self, model: Model, providers: list[str], *, intra_op_threads: int = 0, inter_op_threads: int = 0):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        # Our pipeline has done the graph work we want; ORT's own basic rewrites stay on, as they
+        # are cheap and provider-specific.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if weight_bytes(model) > PROTO_LIMIT:
+            # Protobuf cannot hold > 2 GB; ORT reads external data from a path instead.
+            self._tmp = tempfile.TemporaryDirectory(prefix="infercc-")
+            path = os.path.join(self._tmp.name, "model.onnx")
+            save_model(model, path, external_data=True)
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        else:
+            self.session = ort.InferenceSession(to_proto(model, inline_external=True).SerializeToString(), options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, results))
+
