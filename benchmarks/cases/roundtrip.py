@@ -8,6 +8,7 @@ compare their outputs with plain onnxruntime, because a fast but wrong model is 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.harness import Case, ConfigSpec, SkipConfig
 
+# Same execution conditions as config A: CPU EP, one inter-op thread (A runs sequentially).
+PARITY_OPTIONS = {"provider": "cpu", "inter_op_threads": 1}
+
+ORT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 ORT_DTYPES = {
     "float": np.float32,
     "float16": np.float16,
@@ -39,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, default=4, help="layers of the built-in model (default 4)")
     g.add_argument("--hidden", type=int, default=256, help="hidden size of the built-in model (default 256)")
     g.add_argument("--seed", type=int, default=0, help="seed for built-in weights and random feeds")
+    g.add_argument(
+        "--ort-level",
+        choices=list(ORT_LEVELS),
+        default="all",
+        help="graph optimization level of the plain onnxruntime config A (default: all, ORT's default)",
+    )
 
 
 def build_case(args: argparse.Namespace) -> Case:
@@ -56,7 +72,12 @@ def build_case(args: argparse.Namespace) -> Case:
         "seed": args.seed,
     }
     configs = [
-        ConfigSpec("ort", f"{__name__}:setup_ort", common, "A: plain onnxruntime InferenceSession, CPU EP"),
+        ConfigSpec(
+            "ort",
+            f"{__name__}:setup_ort",
+            {**common, "level": args.ort_level},
+            "A: plain onnxruntime InferenceSession, CPU EP",
+        ),
         ConfigSpec(
             "infercc-noopt",
             f"{__name__}:setup_infercc",
@@ -102,10 +123,11 @@ def infercc_unavailable() -> str | None:
 # ---------------------------------------------------------------- setup functions (run in the worker)
 
 
-def _session(model: str, threads: int) -> Any:
+def _session(model: str, threads: int, level: str = "all") -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -149,11 +171,11 @@ def _node_count(model: str | onnx.ModelProto) -> int:
 
 
 def setup_ort(
-    threads: int, model: str, feeds: str | None, batch: int, seq: int, seed: int
+    threads: int, model: str, feeds: str | None, batch: int, seq: int, seed: int, level: str = "all"
 ) -> tuple[Callable[[], Any], dict]:
-    sess = _session(model, threads)
+    sess = _session(model, threads, level)
     inputs = make_feeds(sess, batch, seq, seed, feeds)
-    return (lambda: sess.run(None, inputs)), {"nodes": _node_count(model)}
+    return (lambda: sess.run(None, inputs)), {"nodes": _node_count(model), "ort_level": level}
 
 
 def setup_infercc(
@@ -168,19 +190,17 @@ def setup_infercc(
     inputs = make_feeds(ref, batch, seq, seed, feeds)
     expected = dict(zip([o.name for o in ref.get_outputs()], ref.run(None, inputs)))
     del ref
-    compiled = infercc.compile(model, optimize=optimize, intra_op_threads=threads)
-    got = compiled.run(inputs)
-    meta: dict[str, Any] = {}
-    proto = next(
-        (
-            p
-            for a in ("model", "onnx_model", "model_proto", "proto")
-            if isinstance(p := getattr(compiled, a, None), onnx.ModelProto)
-        ),
-        None,
-    )
-    if proto is not None:
-        meta["nodes"] = _node_count(proto)
+    t0 = time.perf_counter()
+    compiled = infercc.compile(model, optimize=optimize, intra_op_threads=threads, **PARITY_OPTIONS)
+    meta: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
+    got = compiled.run(inputs)  # also creates the backend session, so setup pays for it, not round 1
+    graph = getattr(getattr(compiled, "model", None), "graph", None)  # infercc IR or a ModelProto
+    nodes = getattr(graph, "nodes", None) or getattr(graph, "node", None)
+    if nodes is not None:
+        meta["nodes"] = len(nodes)
+    records = getattr(getattr(compiled, "diagnostics", None), "records", None)
+    if records is not None:
+        meta["passes_applied"] = sum(getattr(r, "status", "") == "applied" for r in records)
     missing = sorted(set(expected) - set(got))
     if missing:
         meta["missing_outputs"] = missing

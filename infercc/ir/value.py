@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     from .node import Node
 
 #: A dimension: a fixed size, a symbolic name shared by dims that are equal, or unknown (None).
-Dim = Union[int, str, None]
+Dim = Union[int, str, None]  # noqa: UP007 - a runtime alias, valid on Python 3.10
 #: A shape; None means the rank itself is unknown, () is a scalar.
-Shape = Union[tuple[Dim, ...], None]
+Shape = Union[tuple[Dim, ...], None]  # noqa: UP007
 
 
 class Value:

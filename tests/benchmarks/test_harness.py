@@ -207,7 +207,7 @@ def test_roundtrip_accepts_model_and_feeds_files(tmp_path: Path, monkeypatch: py
 class _FakeCompiled:
     """Stands in for infercc.CompiledModel (contract: .run(feeds) -> dict) until the real one exists."""
 
-    def __init__(self, model: str, optimize: bool, intra_op_threads: int) -> None:
+    def __init__(self, model: str, optimize: bool, intra_op_threads: int, **options: object) -> None:
         import onnx
 
         from benchmarks.cases.roundtrip import _session
