@@ -9,6 +9,7 @@ from typing import Any
 from .errors import ConfigError
 
 PROVIDERS = ("auto", "cpu", "cuda")
+LOWERINGS = ("ort", "onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Config:
     intra_op_threads: int = 0
     #: onnxruntime inter-op threads; 0 lets onnxruntime choose.
     inter_op_threads: int = 0
+    #: Lower canonical ops to ONNX Runtime contrib ops ("ort", fastest under ORT) or to standard
+    #: ONNX only ("onnx", a portable artifact any runtime loads).
+    lowering: str = "ort"
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
@@ -46,6 +50,8 @@ class Config:
             raise ConfigError(f"Config.disable_passes names unknown pass(es) {unknown}; known passes: {pass_names()}")
         if self.provider not in PROVIDERS:
             raise ConfigError(f"Config.provider must be one of {list(PROVIDERS)}, got {self.provider!r}")
+        if self.lowering not in LOWERINGS:
+            raise ConfigError(f"Config.lowering must be one of {list(LOWERINGS)}, got {self.lowering!r}")
         for name in ("intra_op_threads", "inter_op_threads", "fold_limit_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -13,6 +13,7 @@ from .cleanup import (
     NoOpElimination,
     ShapeSimplification,
 )
+from .lowering import LowerCanonicalOps
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -23,6 +24,8 @@ PIPELINE: list[type[Pass]] = [
     NoOpElimination,
     ShapeSimplification,
     CommonSubexpressionElimination,
+    # fusions go here: they see a cleaned graph and emit canonical ops
+    LowerCanonicalOps,
     DeadCodeElimination,
 ]
 

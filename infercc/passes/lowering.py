@@ -1,0 +1,52 @@
+"""Lowering: canonical ops become what the chosen runtime executes.
+
+Runs after the fusions. For ``Config.lowering == "ort"`` a canonical op becomes an ONNX Runtime
+contrib op where its lowering says the provider has a kernel; ``"onnx"`` targets standard ONNX only
+(a portable artifact). Whatever cannot be lowered is decomposed to standard ONNX, and the
+diagnostics say which node fell back and why.
+"""
+
+from __future__ import annotations
+
+from ..ir import Model
+from .base import Pass, PassContext
+from .canonical import DOMAIN, REGISTRY
+from .rewrite import Builder
+
+
+class LowerCanonicalOps(Pass):
+    name = "lower_canonical_ops"
+
+    def run(self, model: Model, ctx: PassContext) -> None:
+        target = ctx.config.lowering
+        graph = model.graph
+        for node in list(graph.nodes):
+            if node.domain != DOMAIN:
+                continue
+            where = f"{node.op_type} {node.name!r}"
+            op = REGISTRY.get(node.op_type)
+            if op is None:
+                ctx.record.skipped(where, f"no canonical op named {node.op_type} is registered")
+                continue
+            builder = Builder(graph, node, node.name or node.op_type)
+            lower = op.lower.get(target)
+            result = lower(builder, node) if lower is not None else f"no {target} lowering for {node.op_type}"
+            if isinstance(result, str):
+                for made in builder.nodes:  # a lowering that gave up must leave nothing behind
+                    graph.remove(made, force=True)
+                builder = Builder(graph, node, node.name or node.op_type)
+                ctx.record.warn(f"{where} decomposed to standard ONNX: {result}")
+                result = op.decompose(builder, node)
+                ctx.record.count(f"{node.op_type}_decomposed")
+            else:
+                ctx.record.count(f"{node.op_type}_lowered_{target}")
+                for made in builder.nodes:
+                    if made.domain:
+                        model.require_opset(made.domain, 1)
+            for old, new in zip(node.outputs, result):
+                if new.dtype is None:
+                    new.dtype, new.shape = old.dtype, old.shape
+                old.replace_all_uses_with(new)
+            graph.remove_dead()
+        if DOMAIN in model.opset_imports and not any(n.domain == DOMAIN for n in graph.walk()):
+            del model.opset_imports[DOMAIN]
