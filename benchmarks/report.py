@@ -12,6 +12,10 @@ from pathlib import Path
 
 from benchmarks.harness import ConfigResult, RunResult
 
+#: A configuration whose IQR exceeds this fraction of its median is flagged: ratios closer to 1
+#: than that spread are not evidence of anything.
+NOISY_IQR = 0.05
+
 
 def _unit(result: RunResult) -> tuple[float, str]:
     """Pick ms, or us when everything is sub-millisecond, so the table keeps significant digits."""
@@ -29,6 +33,8 @@ def _info(res: ConfigResult) -> str:
     parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.metadata.items()]
     if res.setup_s is not None:
         parts.insert(0, f"setup={res.setup_s:.2f}s")
+    if res.iqr_s and res.median_s and res.iqr_s / res.median_s > NOISY_IQR:
+        parts.insert(0, f"NOISY(IQR {100 * res.iqr_s / res.median_s:.0f}% of median)")
     return " ".join(parts)
 
 

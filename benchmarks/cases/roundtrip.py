@@ -137,15 +137,19 @@ def _session(model: str, threads: int, level: str = "all") -> Any:
 def make_feeds(
     session: Any, batch: int, seq: int, seed: int = 0, feeds: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Inputs from an .npz, or random ones from the signature.
+    """Inputs from an .npz (keys = input names, or 'feed:<name>' as in tests/fixtures), or random ones.
 
-    Symbolic/unknown dims: named like '*batch*' or first axis -> batch, any other -> seq.
-    Integer inputs are drawn in [0, 100) (valid token ids for any real vocabulary), except
-    inputs named '*mask*', which get ones, so attention masks stay meaningful.
+    Random feeds follow the input signature. Symbolic/unknown dims: named like '*batch*' or first
+    axis -> batch, any other -> seq. Integer inputs are drawn in [0, 100) (valid token ids for any
+    real vocabulary), except where that would be meaningless or out of range: '*mask*' -> ones,
+    '*token_type*' -> zeros, '*position*' -> 0, 1, 2, ... along the last axis.
     """
     if feeds:
         with np.load(feeds) as data:
-            return {k: data[k] for k in data.files}
+            tagged = any(k.startswith("feed:") for k in data.files)
+            return {
+                k.removeprefix("feed:"): data[k] for k in data.files if not tagged or k.startswith("feed:")
+            }
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for inp in session.get_inputs():
@@ -154,10 +158,15 @@ def make_feeds(
             for i, d in enumerate(inp.shape)
         ]
         dtype = ORT_DTYPES.get(inp.type.removeprefix("tensor(").rstrip(")"))
+        name = inp.name.lower()
         if dtype is None:
             raise ValueError(f"cannot generate feeds for input {inp.name!r} of type {inp.type}; pass --feeds")
-        if "mask" in inp.name.lower():
+        if "mask" in name:
             out[inp.name] = np.ones(shape, dtype=dtype)
+        elif "token_type" in name:
+            out[inp.name] = np.zeros(shape, dtype=dtype)
+        elif "position" in name and shape:
+            out[inp.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
         elif np.issubdtype(dtype, np.integer) or dtype == np.bool_:
             out[inp.name] = rng.integers(0, 2 if dtype == np.bool_ else 100, size=shape).astype(dtype)
         else:

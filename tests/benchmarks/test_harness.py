@@ -21,7 +21,7 @@ from benchmarks.harness import (
     summarize,
 )
 from benchmarks.machine import THREAD_ENV_VARS
-from benchmarks.report import format_table, write_all
+from benchmarks.report import _info, format_table, write_all
 
 TARGETS = "tests.benchmarks.targets"
 
@@ -76,6 +76,9 @@ def test_ratio_is_baseline_over_config() -> None:
         and base.iqr_s == pytest.approx(1.0)
     )
     assert ">1 means faster" in RATIO_DIRECTION
+    assert "NOISY" in _info(slow) and "NOISY" not in _info(
+        ConfigResult("flat", rounds_s=[1.0, 1.0], median_s=1.0)
+    )
 
 
 @pytest.mark.parametrize("mode", ["fresh", "inprocess"])
@@ -153,8 +156,12 @@ def test_roundtrip_case_runs_plain_onnxruntime(
     data = json.loads((out / "results.json").read_text())
     by_name = {c["name"]: c for c in data["configs"]}
     assert set(by_name) == {"ort", "infercc-noopt", "infercc-opt"} and by_name["ort"]["status"] == "ok"
-    for name in ("infercc-noopt", "infercc-opt"):  # either measured, or skipped with a reason, never silent
-        assert by_name[name]["status"] == "ok" or by_name[name]["error"]
+    from benchmarks.cases.roundtrip import infercc_unavailable
+
+    expected = "ok" if infercc_unavailable() is None else "skipped"  # skipped with a reason, never silent
+    for name in ("infercc-noopt", "infercc-opt"):
+        assert by_name[name]["status"] == expected, by_name[name]["error"]
+        assert expected == "ok" or by_name[name]["error"]
     assert (out / "model.onnx").exists()
 
 
@@ -166,6 +173,8 @@ def _signature_model(path: Path) -> Path:
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence"]),
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, None]),
+        helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch_size", "sequence"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence"]),
     ]
     outputs = [
         helper.make_tensor_value_info(f"{i.name}_out", i.type.tensor_type.elem_type, None) for i in inputs
@@ -186,6 +195,7 @@ def test_random_feeds_follow_the_signature(tmp_path: Path) -> None:
     assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 100
     assert (feeds["attention_mask"] == 1).all()
     assert feeds["x"].shape == (2, 3, 5) and feeds["x"].dtype == np.float32
+    assert (feeds["token_type_ids"] == 0).all() and feeds["position_ids"].tolist() == [[0, 1, 2, 3, 4]] * 2
 
 
 def test_roundtrip_accepts_model_and_feeds_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,8 +204,12 @@ def test_roundtrip_accepts_model_and_feeds_files(tmp_path: Path, monkeypatch: py
     for var in THREAD_ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     model = _signature_model(tmp_path / "m.onnx")
-    arrays = {"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64)}
-    np.savez(tmp_path / "feeds.npz", **arrays, x=np.zeros((1, 3, 2), np.float32))
+    ints = np.zeros((1, 4), np.int64)
+    names = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    arrays = {f"feed:{n}": ints for n in names} | {"feed:x": np.zeros((1, 3, 2), np.float32)}
+    np.savez(
+        tmp_path / "feeds.npz", **arrays, **{"ort:x_out": np.zeros((1, 3, 2), np.float32)}
+    )  # fixture layout
     out = tmp_path / "out"
     opts = f"--model {model} --feeds {tmp_path / 'feeds.npz'} --mode fresh --rounds 1 --repeat 1 -q --only ort --out"
     assert main(["roundtrip", *opts.split(), str(out)]) == 0
