@@ -51,6 +51,12 @@ class Graph:
         self.metadata_props: dict[str, str] = {}
         #: Proto fields no pass reads (sparse initializers, quantization annotations), kept verbatim.
         self.extras: dict[str, list[Any]] = {}
+        #: Values the imported file declared in ``value_info``, in file order: export writes these
+        #: first (then any other typed value) so that a round trip keeps the file byte for byte.
+        self.value_info: list[Value] = []
+        #: Sparse initializers (data kept verbatim in ``extras["sparse_initializer"]``), by name, so
+        #: that nodes reading them have a defined Value.
+        self.sparse_initializers: dict[str, Value] = {}
 
     # -- creation -----------------------------------------------------------------------------
     def add_input(self, name: str, dtype: DType | int | None, shape: Shape) -> Value:
@@ -214,6 +220,7 @@ class Graph:
         """Every value defined in this graph (not in subgraphs)."""
         yield from self.inputs
         yield from self.initializers.values()
+        yield from self.sparse_initializers.values()
         for node in self.nodes:
             yield from node.outputs
 

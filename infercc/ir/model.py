@@ -66,6 +66,9 @@ def _clone_graph(g: Graph, parent: Graph | None, vmap: dict[int, Value]) -> Grap
     for name, v in g.initializers.items():
         vmap[id(v)] = c = vmap.get(id(v)) or _clone_value(v, out)
         out.initializers[name] = c
+    for name, v in g.sparse_initializers.items():
+        vmap[id(v)] = c = vmap.get(id(v)) or _clone_value(v, out)
+        out.sparse_initializers[name] = c
     for node in g.nodes:
         outputs = [_clone_value(v, out) for v in node.outputs]
         for old, new in zip(node.outputs, outputs):
@@ -78,6 +81,7 @@ def _clone_graph(g: Graph, parent: Graph | None, vmap: dict[int, Value]) -> Grap
         copy.graph = out
         out.nodes.append(copy)
     out.outputs = [vmap[id(v)] for v in g.outputs]
+    out.value_info = [vmap[id(v)] for v in g.value_info if id(v) in vmap]
     return out
 
 

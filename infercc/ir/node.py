@@ -115,9 +115,16 @@ class Node:
             value.uses.append((self, i))
 
     def detach(self) -> None:
-        """Drop this node's uses of its inputs (before removing it from its graph)."""
+        """Drop this node's uses of its inputs (before removing it from its graph), including the
+        reads of outer values by nodes inside its subgraphs, which would otherwise stay listed as
+        uses and keep those values (and their producers) alive."""
         for i in range(len(self.inputs)):
             self.set_input(i, None)
+        for sub in self.subgraphs():
+            for inner in sub.walk():
+                for i, v in enumerate(inner.inputs):
+                    if v is not None and not sub.owns(v):
+                        inner.set_input(i, None)
 
     # -- structure ----------------------------------------------------------------------------
     @property

@@ -7,11 +7,11 @@ costs a user part of their model.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import google.protobuf.message
 import onnx
 from onnx import defs
 
@@ -51,7 +51,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path} is empty (0 bytes): the export or download did not finish; produce it again.")
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
-    except (google.protobuf.message.DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # DecodeError, or text/JSON ParseError when the suffix picks those formats
         raise ModelLoadError(
             f"{path} is not a readable ONNX model (protobuf parse failed: {exc}); the file is truncated or "
             "not ONNX: re-export or re-download it."
@@ -66,20 +66,21 @@ def _read_proto(path: Path) -> onnx.ModelProto:
 
 def _check_opsets(proto: onnx.ModelProto) -> None:
     newest = defs.onnx_opset_version()
-    declared = {imp.domain or "": imp.version for imp in proto.opset_import}
-    default = declared.get("", declared.get("ai.onnx"))
+    declared = {("" if imp.domain == "ai.onnx" else imp.domain): imp.version for imp in proto.opset_import}
+    default = declared.get("")
     if default is not None and not 1 <= default <= newest:
         raise ModelLoadError(
             f"model uses opset ai.onnx v{default}, but this installation supports up to v{newest}: "
             f"upgrade the onnx and onnxruntime packages, or re-export with opset <= {newest}."
         )
-    used = {n.domain or "" for n in _all_nodes(proto.graph)} | {""}
+    used = {("" if n.domain == "ai.onnx" else n.domain) for n in _all_nodes(proto.graph)} | {""}
     local = {f.domain for f in proto.functions}
-    missing = sorted(d for d in used - set(declared) - {"ai.onnx"} - local if d != "" or proto.graph.node)
+    missing = sorted(d for d in used - set(declared) - local if d != "" or proto.graph.node)
     if missing:
+        names = ", ".join(repr(d) if d else "'' (ai.onnx, the default domain)" for d in missing)
         raise ModelLoadError(
-            f"model uses operator domain(s) {missing} without an opset import for them: the file is "
-            "malformed; re-export it with a current exporter."
+            f"model uses operator domain(s) {names} without an opset import for them: the file is "
+            "malformed; re-export it with a current exporter (or add the missing opset_import entries)."
         )
 
 
@@ -106,7 +107,13 @@ def _check_external_data(proto: onnx.ModelProto, base: str) -> None:
                 f"initializer {tensor.name!r} keeps its data in external file {location!r}, which is missing "
                 f"from {base}: put the data file next to the .onnx file (same relative path)."
             )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        length = info.get("length")
+        if length is None and tensor.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            size = 1
+            for d in tensor.dims:
+                size *= d
+            length = math.ceil(size * DType(tensor.data_type).itemsize)
+        end = int(info.get("offset", 0)) + int(length or 0)
         if os.path.getsize(path) < end:
             raise ModelLoadError(
                 f"external data file {path} is {os.path.getsize(path)} bytes but initializer {tensor.name!r} "
@@ -130,6 +137,9 @@ def from_proto(proto: onnx.ModelProto, base_dir: str) -> Model:
     )
     if proto.training_info:
         model.extras["training_info"] = list(proto.training_info)
+    # How the file spelled its imports ("" set or absent, "ai.onnx"): reused on export while the
+    # imports are unchanged.
+    model.extras["opset_import"] = list(proto.opset_import)
     return model
 
 
@@ -167,6 +177,11 @@ def _import_graph(gp: onnx.GraphProto, parent: Graph | None, scopes: list[dict[s
         value = Value(graph.names.claim(tp.name), const=Tensor(proto=tp, base_dir=base))
         value.graph = graph
         graph.initializers[tp.name] = scope[tp.name] = value
+    for sp in gp.sparse_initializer:
+        name = sp.values.name
+        value = Value(graph.names.claim(name), sp.values.data_type or None, tuple(sp.dims))
+        value.graph = graph
+        graph.sparse_initializers[name] = scope[name] = value
     for info in gp.input:
         value = scope.get(info.name) or Value(graph.names.claim(info.name))
         value.graph = graph
@@ -210,6 +225,7 @@ def _import_graph(gp: onnx.GraphProto, parent: Graph | None, scopes: list[dict[s
     for info in gp.value_info:
         if info.name in scope:
             _apply_type(scope[info.name], info)
+            graph.value_info.append(scope[info.name])
     for info in gp.output:
         value = lookup(info.name)
         if value.graph is graph:
@@ -275,14 +291,28 @@ def to_proto(model: Model, *, with_data: bool = True, inline_external: bool = Fa
         model_version=model.model_version,
         doc_string=model.doc_string,
     )
-    for domain, version in model.opset_imports.items():
-        proto.opset_import.add(domain=domain, version=version)
+    proto.opset_import.extend(_opset_import(model))
     for k, v in model.metadata_props.items():
         proto.metadata_props.add(key=k, value=v)
     proto.graph.CopyFrom(_export_graph(model.graph, "inline" if inline_external else with_data))
     proto.functions.extend(model.functions)
     proto.training_info.extend(model.extras.get("training_info", []))
     return proto
+
+
+def _opset_import(model: Model) -> list[onnx.OperatorSetIdProto]:
+    imported = model.extras.get("opset_import", [])
+    out = []
+    for imp in imported:
+        domain = "" if imp.domain == "ai.onnx" else imp.domain
+        if model.opset_imports.get(domain) == imp.version:
+            out.append(imp)
+    done = {"" if imp.domain == "ai.onnx" else imp.domain for imp in out}
+    for domain, version in model.opset_imports.items():
+        if domain not in done:
+            out.append(onnx.OperatorSetIdProto(domain=domain, version=version) if domain else
+                       onnx.OperatorSetIdProto(version=version))
+    return out
 
 
 def _make(cls, **fields):
@@ -336,6 +366,12 @@ def _export_graph(graph: Graph, with_data: bool) -> onnx.GraphProto:
     gp.input.extend(_value_info(v) for v in graph.inputs)
     gp.initializer.extend(_export_tensor(v.const, v.name, with_data) for v in graph.initializers.values())
     declared = {id(v) for v in graph.inputs} | {id(v) for v in graph.outputs}
+    if graph.value_info:
+        defined = {id(v) for v in graph.values()}
+        for v in graph.value_info:
+            if id(v) in defined:
+                gp.value_info.append(_value_info(v))
+                declared.add(id(v))
     for node in graph.nodes:
         gp.node.append(_export_node(node, with_data))
         for v in node.outputs:

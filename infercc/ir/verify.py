@@ -15,15 +15,20 @@ def verify(model: Model) -> None:
     """Raise VerifyError unless: every value is assigned once (across all scopes), every use refers
     to a value visible at that point, use lists match node inputs, the node order is topological
     (no cycles), types are consistent and every operator domain has an opset import."""
-    assigned: dict[str, object] = {}
     domains = set(model.opset_imports) | {"ai.onnx"} | {f.domain for f in model.functions}
-    _verify_graph(model.graph, assigned, visible=set(), domains=domains)
+    live = {id(n) for n in model.graph.walk()}
+    _verify_graph(model.graph, {}, visible=set(), domains=domains, live=live)
     for v in model.graph.inputs + model.graph.outputs:
         if v.dtype is None and v.type_proto is None:
             raise VerifyError(f"graph input/output %{v.name} has no type")
 
 
-def _verify_graph(graph: Graph, assigned: dict[str, object], visible: set[int], domains: set[str]) -> None:
+def _verify_graph(
+    graph: Graph, outer: dict[str, object], visible: set[int], domains: set[str], live: set[int]
+) -> None:
+    # Names must be unique along each scope chain (a subgraph may not shadow an outer name); sibling
+    # subgraphs (If branches, say) may reuse each other's names, as ONNX allows.
+    assigned = dict(outer)
     scope = set(visible)
 
     def define(value, where: str) -> None:
@@ -43,6 +48,8 @@ def _verify_graph(graph: Graph, assigned: dict[str, object], visible: set[int], 
         if v.dtype is not None and v.dtype != v.const.dtype:
             raise VerifyError(f"initializer %{name} is declared {v.dtype} but holds {v.const.dtype} data")
         define(v, "initializer")
+    for v in graph.sparse_initializers.values():
+        define(v, "sparse initializer")
     for node in graph.nodes:
         if node.graph is not graph:
             raise VerifyError(f"{node!r} is listed in graph {graph.name!r} but linked to another graph")
@@ -59,8 +66,10 @@ def _verify_graph(graph: Graph, assigned: dict[str, object], visible: set[int], 
         for sub in node.subgraphs():
             if sub.parent is not graph:
                 raise VerifyError(f"subgraph {sub.name!r} of {node!r} has the wrong parent")
-            _verify_graph(sub, assigned, scope, domains)
+            _verify_graph(sub, assigned, scope, domains, live)
         for value in node.outputs:
+            if value.graph is not graph:
+                raise VerifyError(f"%{value.name} is an output of {node!r} in graph {graph.name!r} but links to another graph")
             if value.producer is not node:
                 raise VerifyError(f"%{value.name} is an output of {node!r} but names another producer")
             define(value, f"output of {node.op_type}")
@@ -70,7 +79,9 @@ def _verify_graph(graph: Graph, assigned: dict[str, object], visible: set[int], 
     for value in graph.outputs:
         if id(value) not in scope:
             raise VerifyError(f"graph {graph.name!r} output %{value.name} is not defined")
-    for value in list(graph.inputs) + list(graph.initializers.values()) + [o for n in graph.nodes for o in n.outputs]:
+    for value in graph.values():
+        if len({(id(user), i) for user, i in value.uses}) != len(value.uses):
+            raise VerifyError(f"use list of %{value.name} lists a use twice")
         for user, i in value.uses:
-            if user.graph is None or i >= len(user.inputs) or user.inputs[i] is not value:
-                raise VerifyError(f"%{value.name} lists a stale use by {user!r}")
+            if id(user) not in live or i >= len(user.inputs) or user.inputs[i] is not value:
+                raise VerifyError(f"%{value.name} lists a stale use by {user!r} (a removed node, or an input since changed)")

@@ -9,21 +9,20 @@ from ...ir import Value
 from ..rewrite import Attr, RewritePass, Rule, const_value
 
 
-def _same_type(a: Value, b: Value) -> str | None:
-    if a.dtype is None or a.dtype != b.dtype:
-        return "input and output types differ or are unknown"
-    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
-        return "shapes unknown or of different rank"
-    if any(x != y or x is None for x, y in zip(a.shape, b.shape)):
-        return "shapes are not provably equal"
-    return None
+def _same_type(a: Value, b: Value) -> bool:
+    """Output provably equals input in type and shape (else not a no-op; nothing to report)."""
+    if a.dtype is None or a.dtype != b.dtype or a.shape is None or b.shape is None:
+        return False
+    return len(a.shape) == len(b.shape) and all(x == y and x is not None for x, y in zip(a.shape, b.shape))
 
 
-def _neutral(x: Value, c: Value, out: Value, neutral: float) -> str | None:
+def _neutral(x: Value, c: Value, out: Value, neutral: float) -> str | bool:
     array = const_value(c)
     if array is None or not np.all(array == neutral):
-        return f"constant is not {neutral}"
-    return _same_type(x, out)
+        return False
+    if not _same_type(x, out):
+        return f"operand is {neutral} but broadcasting changes the shape or type, so the op is kept"
+    return True
 
 
 def _identity(op, x):
@@ -35,6 +34,7 @@ def _dropout(op, x):
 
 
 def _dropout_check(node) -> str | None:
+    """A Dropout is a no-op at inference unless its mask is read or training mode may be on."""
     if len(node.outputs) > 1 and node.outputs[1].uses:
         return "its mask output is used"
     training = node.inputs[2] if len(node.inputs) > 2 else None
@@ -59,10 +59,8 @@ def _transpose(op, x):
     return op.Transpose(x, perm=Attr("perm"), _bind="node")
 
 
-def _transpose_check(x, perm, node) -> str | None:
-    if perm is None or list(perm) != list(range(len(perm))):
-        return "permutation is not the identity"
-    return None
+def _transpose_check(x, perm, node) -> bool:
+    return perm is not None and list(perm) == list(range(len(perm)))
 
 
 def _add0(op, x, c):
@@ -97,7 +95,7 @@ RULES = [
     Rule("identity", _identity, _pass_through),
     Rule("dropout", _dropout, _pass_through, check=_dropout_check),
     Rule("cast_to_same_type", _cast, _pass_through,
-         check=lambda x, to, node: None if x.dtype is not None and int(x.dtype) == to else "casts to another type"),
+         check=lambda x, to, node: x.dtype is not None and int(x.dtype) == to),
     Rule("reshape_to_same_shape", _reshape, _pass_through, check=lambda x, node: _same_type(x, _out(node))),
     Rule("expand_to_same_shape", _expand, _pass_through, check=lambda x, node: _same_type(x, _out(node))),
     Rule("identity_transpose", _transpose, _pass_through, check=_transpose_check),

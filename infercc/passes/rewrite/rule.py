@@ -13,7 +13,9 @@ from ..base import Pass, PassContext
 from .matcher import Match, Matcher
 from .pattern import build_pattern
 
-#: A check returns None/True when the rule may apply, or a reason (str) / False when not.
+#: A check returns None/True when the rule applies; False when the site is not a candidate after all
+#: (nothing recorded); a reason (str) when it is a candidate that must be left alone (recorded as a
+#: skipped site, so users see why).
 Check = Callable[..., "str | bool | None"]
 
 
@@ -103,8 +105,8 @@ def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
         if reason is None and rule.check is not None:
             verdict = _call(rule.check, bindings=match.bindings)
             if verdict is False:
-                reason = "check failed"
-            elif isinstance(verdict, str):
+                continue
+            if isinstance(verdict, str):
                 reason = verdict
         if reason is not None:
             ctx.record.skipped(where, f"{rule.name}: {reason}")
