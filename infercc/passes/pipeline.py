@@ -10,6 +10,7 @@ from .cleanup import (
     CommonSubexpressionElimination,
     ConstantFolding,
     DeadCodeElimination,
+    LayoutCanonicalization,
     NoOpElimination,
     ShapeSimplification,
 )
@@ -23,6 +24,7 @@ PIPELINE: list[type[Pass]] = [
     ConstantFolding,
     NoOpElimination,
     ShapeSimplification,
+    LayoutCanonicalization,
     CommonSubexpressionElimination,
     # fusions go here: they see a cleaned graph and emit canonical ops
     LowerCanonicalOps,

@@ -3,10 +3,12 @@
 from .constant_folding import ConstantFolding
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
+from .layout import LayoutCanonicalization
 from .noop import NoOpElimination
 from .shape_simplify import ShapeSimplification
 
 __all__ = [
-    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "NoOpElimination",
+    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "LayoutCanonicalization",
+    "NoOpElimination",
     "ShapeSimplification",
 ]

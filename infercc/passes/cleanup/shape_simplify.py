@@ -2,8 +2,9 @@
 
 Exporters compute reshape targets at run time (Shape -> Gather -> Unsqueeze -> Concat) even when
 most entries are fixed. Where symbolic evaluation proves what such a tensor holds, we replace it:
-by a constant when every entry is a number, and for Reshape by a constant target using 0 ("copy
-this dim") and -1 ("infer") for the entries that are the input's own symbolic dims.
+by a constant when every entry is a number; for Reshape by a constant target using 0 ("copy this
+dim") and -1 ("infer") for the entries that are the input's own symbolic dims; for Expand by 1
+where the input already has the target dim.
 """
 
 from __future__ import annotations
@@ -40,16 +41,26 @@ class ShapeSimplification(Pass):
                 value.replace_all_uses_with(folded)
                 ctx.record.count("shape_values_made_constant")
         for node in list(graph.nodes):
-            if node.graph is None or node.op_type != "Reshape" or node.domain or node.attr("allowzero", 0):
+            if node.graph is None or node.op_type not in ("Reshape", "Expand") or node.domain:
                 continue
             data, target = node.inputs[0], node.inputs[1]
             if target is None or target.is_const:
                 continue
-            spec = _reshape_spec(data.shape, dim_values(target, memo))
+            dims = dim_values(target, memo)
+            if node.op_type == "Reshape":
+                # allowzero=1 (dynamo's default) only differs when the target holds a literal 0;
+                # without one, switching to allowzero=0 lets 0 mean "copy this input dim".
+                if node.attr("allowzero", 0) and (dims is None or 0 in dims):
+                    continue
+                spec = _reshape_spec(data.shape, dims)
+            else:
+                spec = _expand_spec(data.shape, dims)
             if spec is None:
                 continue
+            if node.op_type == "Reshape" and node.attr("allowzero", 0):
+                node.set_attr("allowzero", 0)
             node.set_input(1, graph.add_const(Tensor(np.array(spec, np.int64)), target.name + "_static"))
-            ctx.record.count("reshape_targets_made_constant")
+            ctx.record.count(f"{node.op_type.lower()}_targets_made_constant")
         ctx.record.count("nodes_removed", graph.remove_dead())
 
 
@@ -65,6 +76,19 @@ def _reshape_spec(in_shape, target) -> list[int] | None:
             spec.append(0)
         else:
             spec.append(-1)
-    if spec.count(-1) > 1 or (-1 in spec and -1 in [d for d in target if isinstance(d, int)]):
+    return None if spec.count(-1) > 1 else spec
+
+
+def _expand_spec(in_shape, target) -> list[int] | None:
+    """Expand broadcasts: where the input already has the target's dim, 1 says the same thing."""
+    if target is None or in_shape is None or len(target) != len(in_shape):
         return None
+    spec = []
+    for have, want in zip(in_shape, target):
+        if isinstance(want, int):
+            spec.append(want)
+        elif have == want and have is not None:
+            spec.append(1)
+        else:
+            return None
     return spec
