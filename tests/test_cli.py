@@ -1,0 +1,75 @@
+"""The infercc command line: real runs of the entry point, errors as one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import infercc
+from infercc.cli import main
+from tests.fixtures.catalog import fixture_path, reference
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infercc.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_convert_writes_artifact_that_loads_and_matches(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("convert", str(fixture_path("llama_dynamo")), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "constant_folding" in proc.stdout and "wrote" in proc.stdout
+    assert (out / "model.onnx").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {r["pass"] for r in manifest["diagnostics"]} >= {"constant_folding", "dead_code_elimination"}
+    feeds, expected = reference("llama_dynamo")
+    got = infercc.load(out).run(feeds)
+    np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-5)
+
+
+def test_inspect_reports_structure_and_passes(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", str(fixture_path("bert_torchscript")), "--sites"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("family", "bert", "op histogram", "input_ids", "what each pass would do", "constant_folding"):
+        assert expected in text
+
+
+def test_inspect_json_and_compiled_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    infercc.compile(fixture_path("gpt2_dynamo")).save(tmp_path / "c")
+    assert main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"]["kind"] == "decoder"
+    assert report["diagnostics"]["passes"]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [(None, "no such file"), (b"definitely not onnx \x00\xff" * 10, "not a readable ONNX model"), (b"", "empty")],
+)
+def test_bad_input_is_one_line_error(tmp_path: Path, content: bytes | None, needle: str) -> None:
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_pass_name_is_one_line_error(tmp_path: Path) -> None:
+    proc = run_cli("convert", str(fixture_path("gpt2_dynamo")), "-o", str(tmp_path / "o"), "--disable-pass", "nope")
+    assert proc.returncode == 2 and "unknown pass" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_demo_runs(capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo"]) == 0
+    text = capsys.readouterr().out
+    diff = float(text.split("max difference vs the unoptimized model ")[1].split()[0])
+    assert diff < 1e-5
+    assert "constant_folding" in text and "saved and reloaded" in text
