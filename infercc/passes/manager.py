@@ -13,7 +13,7 @@ from ..errors import PassError
 from ..ir import Model, verify
 from ..ir.shapes import infer_shapes
 from .base import Pass, PassContext
-from .diagnostics import FAILED, Diagnostics, PassRecord
+from .diagnostics import APPLIED, FAILED, Diagnostics, PassRecord
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -62,14 +62,17 @@ class PassManager:
             verify(model)
             if record.changes:
                 infer_shapes(model)
-                if self.check is not None:
-                    self.check.compare(model)
+            if self.check is not None:
+                # Also when nothing was recorded: a pass that changes numbers without saying so
+                # is exactly what the check is for.
+                self.check.compare(model)
             return model
         except Exception as exc:  # noqa: BLE001 - any failure of a pass is contained here
             if self.config.strict:
                 raise PassError(f"pass {p.name} failed: {exc}") from exc
             record.status = FAILED
             record.changes.clear()
+            record.sites = [s for s in record.sites if s.status != APPLIED]  # undone by the rollback
             first = str(exc).splitlines()[0] if str(exc) else ""
             record.note(f"rolled back: {type(exc).__name__}: {first}")
             record.info["traceback"] = traceback.format_exc(limit=6)

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from ...ir import Graph, Model, Node, Tensor
+from ...ir import DType, Graph, Model, Node, Tensor
 from ..base import Pass, PassContext
 from ..rewrite import const_value
 
@@ -38,6 +38,8 @@ class ConstantFolding(Pass):
                 continue
             if not any(v is not None for v in node.inputs) and node.op_type not in ("Range",):
                 continue
+            if not any(o.uses or o.is_graph_output for o in node.outputs):
+                continue  # dead: DCE removes it, no need to compute it
             in_bytes = sum(a.nbytes for a in inputs if a is not None)
             try:
                 outputs = _evaluate(node, inputs, opset)
@@ -51,13 +53,35 @@ class ConstantFolding(Pass):
                     f"folded result would be {out_bytes / 2**20:.1f} MiB, over fold_limit_bytes and larger than its inputs",
                 )
                 continue
+            wrong = _type_mismatch(node, outputs)
+            if wrong:
+                ctx.record.skipped(f"{node.op_type} {node.name!r}", wrong)
+                continue
             for value, array in zip(node.outputs, outputs):
                 if not value.uses and not value.is_graph_output:
                     continue
                 folded = model.graph.add_const(Tensor(array), value.name + "_folded")
                 value.replace_all_uses_with(folded)
-            model.graph.remove_dead()
+            # Only the folded node goes; other dead code (and inputs left unused) is DCE's to count.
+            try:
+                model.graph.remove(node)
+            except ValueError:
+                pass  # an unused-looking output is returned directly by a subgraph: keep the node
             ctx.record.count("nodes_folded")
+
+
+def _type_mismatch(node: Node, outputs: list[np.ndarray]) -> str | None:
+    """A folded result must have the element type the graph declares for the value it replaces."""
+    for value, array in zip(node.outputs, outputs):
+        if value.dtype is None:
+            continue
+        try:
+            got = DType.from_numpy(array.dtype)
+        except Exception:  # noqa: BLE001 - a numpy type ONNX has no number for
+            got = None
+        if got != value.dtype:
+            return f"evaluation gave {array.dtype} for %{value.name}, which the graph declares {value.dtype}"
+    return None
 
 
 def _lift_constant_nodes(graph: Graph) -> int:

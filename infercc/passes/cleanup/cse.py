@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ...ir import Graph, Model, Node
+from ...ir import Graph, Model, Node, Tensor
 from ..base import Pass, PassContext
 from .constant_folding import _NEVER
 
@@ -43,8 +43,18 @@ def _merge_constants(graph: Graph) -> int:
 def _key(node: Node) -> tuple | None:
     if node.op_type in _NEVER or any(True for _ in node.subgraphs()):
         return None
-    attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attrs.items()))
+    attrs = tuple(sorted((k, _attr_key(a.value)) for k, a in node.attrs.items()))
     return (node.domain, node.op_type, tuple(id(v) for v in node.inputs), attrs, len(node.outputs))
+
+
+def _attr_key(value: object) -> object:
+    """Attribute values compared by content: a Tensor's repr shows only its name, dtype and shape,
+    so ConstantOfShape(value=0) and ConstantOfShape(value=1) would look the same."""
+    if isinstance(value, Tensor):
+        return ("tensor", int(value.dtype), value.shape, hashlib.sha1(value.raw_bytes()).hexdigest())
+    if isinstance(value, list):
+        return tuple(_attr_key(v) for v in value)
+    return repr(value)
 
 
 def _merge_nodes(graph: Graph) -> int:

@@ -16,11 +16,13 @@ class DeadCodeElimination(Pass):
 
 
 def _sweep(graph: Graph) -> int:
-    removed = graph.remove_dead()
+    """Bodies first: a body's dead nodes may be the only readers of an outer value, which then dies
+    too (removing a node drops its bodies' reads of outer values, see Node.detach)."""
+    removed = 0
     for node in graph.nodes:
         for sub in node.subgraphs():
             removed += _sweep(sub)
-    return removed
+    return removed + graph.remove_dead()
 
 
 def _count_initializers(graph: Graph) -> int:

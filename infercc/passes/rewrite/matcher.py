@@ -33,10 +33,16 @@ class Matcher:
         self.failure: tuple[int, str] = (-1, "")
 
     def match(self, value: Value) -> Match | None:
-        self.failure = (-1, "")
-        for m in self._value(self.root, value, Match({}, {}), 0):
+        for m in self.matches(value):
             return m
         return None
+
+    def matches(self, value: Value) -> Iterator[Match]:
+        """Every way the pattern matches at ``value`` (commutative orders, ``Or`` alternatives,
+        optional nodes present or absent), best first; a caller whose check refuses one may try the
+        next."""
+        self.failure = (-1, "")
+        yield from self._value(self.root, value, Match({}, {}), 0)
 
     @property
     def reason(self) -> str:
@@ -69,6 +75,10 @@ class Matcher:
                 self._fail(depth, f"constant %{value.name} is not {pv.value}")
                 return
             if pv.name is not None:
+                bound = m.bindings.get(pv.name)
+                if bound is not None and bound is not value:
+                    self._fail(depth, f"{pv.name} must be the same constant in both places")
+                    return
                 m = m.fork()
                 m.bindings[pv.name] = value
             yield m

@@ -102,6 +102,30 @@ def _as_pattern(x: Any) -> PatternValue:
     raise TypeError(f"pattern input {x!r} is not a pattern value")
 
 
+def pattern_names(root: PatternValue) -> set[str]:
+    """Every name a match of ``root`` may bind: variables, named constants, ``Attr`` captures and
+    ``_bind`` names (some stay unbound when an ``_optional`` node is absent)."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    stack: list[PatternValue] = [root]
+    while stack:
+        pv = stack.pop()
+        if id(pv) in seen:
+            continue
+        seen.add(id(pv))
+        if isinstance(pv, (Var, Const)) and pv.name is not None:
+            names.add(pv.name)
+        elif isinstance(pv, Or):
+            stack.extend(pv.alternatives)
+        elif isinstance(pv, OpOutput):
+            op = pv.op
+            names.update(a.name for a in op.attrs.values() if isinstance(a, Attr))
+            if op.bind:
+                names.add(op.bind)
+            stack.extend(op.inputs)
+    return names
+
+
 def build_pattern(fn: Callable[..., Any]) -> tuple[OpOutput, list[str]]:
     """Call a pattern function with variables for its parameters; returns its output pattern."""
     params = list(inspect.signature(fn).parameters)[1:]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from ...ir import Graph, Model, Node, Tensor, Value
 from ..base import Pass, PassContext
 from .matcher import Match, Matcher
-from .pattern import build_pattern
+from .pattern import build_pattern, pattern_names
 
 #: A check returns None/True when the rule applies; False when the site is not a candidate after all
 #: (nothing recorded); a reason (str) when it is a candidate that must be left alone (recorded as a
@@ -58,19 +59,27 @@ class Rule:
 
     def __post_init__(self) -> None:
         self.root, self.params = build_pattern(self.pattern)
+        self.names = pattern_names(self.root)
 
     @property
     def anchor(self) -> tuple[str, str]:
         return self.root.op.domain, self.root.op.op_type
 
 
-def _call(fn: Callable[..., Any], *args: Any, bindings: dict[str, Any]) -> Any:
+def _call(fn: Callable[..., Any], *args: Any, bindings: dict[str, Any], names: Iterable[str] = ()) -> Any:
+    """Call a check or replacement with the bindings it names. A name the pattern can bind but this
+    match left unbound (an absent ``_optional`` node's captures) is passed as None."""
     import inspect
 
     params = inspect.signature(fn).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return fn(*args, **bindings)
-    return fn(*args, **{k: v for k, v in bindings.items() if k in params})
+    kwargs = {k: v for k, v in bindings.items() if k in params}
+    for name in names:
+        p = params.get(name)
+        if p is not None and name not in kwargs and p.default is p.empty and p.kind != p.POSITIONAL_ONLY:
+            kwargs[name] = None
+    return fn(*args, **kwargs)
 
 
 def apply_rules(model: Model, rules: Sequence[Rule], ctx: PassContext, *, max_rounds: int = 8) -> int:
@@ -87,6 +96,10 @@ def apply_rules(model: Model, rules: Sequence[Rule], ctx: PassContext, *, max_ro
     return total
 
 
+#: How many alternative matches of one site are tried before giving up on it.
+MAX_MATCHES_PER_SITE = 64
+
+
 def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
     domain, op_type = rule.anchor
     matcher = Matcher(rule.root, opset)
@@ -95,25 +108,35 @@ def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
         if node.graph is not graph or node.op_type != op_type or node.domain != domain:
             continue
         target = node.outputs[rule.root.index]
-        match = matcher.match(target)
         where = f"{node.op_type} {node.name!r}"
+        # A check (or the use of an intermediate) may refuse one way of matching and accept another
+        # (Mul(c, x) against Mul(x, c)): try each, remember the first refusal for the diagnostics.
+        match, refusal, matched = None, None, False
+        for candidate in itertools.islice(matcher.matches(target), MAX_MATCHES_PER_SITE):
+            matched = True
+            reason = _blocked(candidate, target, graph)
+            if reason is None and rule.check is not None:
+                verdict = _call(rule.check, bindings=candidate.bindings, names=rule.names)
+                if verdict is False:
+                    continue
+                if isinstance(verdict, str):
+                    reason = verdict
+            if reason is None:
+                match = candidate
+                break
+            refusal = refusal or reason
         if match is None:
-            if rule.report_mismatch:
+            if refusal is not None:
+                ctx.record.skipped(where, f"{rule.name}: {refusal}")
+            elif not matched and rule.report_mismatch:
                 ctx.record.skipped(where, f"{rule.name}: {matcher.reason}")
             continue
-        reason = _blocked(match, target, graph)
-        if reason is None and rule.check is not None:
-            verdict = _call(rule.check, bindings=match.bindings)
-            if verdict is False:
-                continue
-            if isinstance(verdict, str):
-                reason = verdict
-        if reason is not None:
-            ctx.record.skipped(where, f"{rule.name}: {reason}")
-            continue
         builder = Builder(graph, node, node.name or rule.name)
-        new = _call(rule.replacement, builder, bindings=match.bindings)
-        if new is None:
+        new = _call(rule.replacement, builder, bindings=match.bindings, names=rule.names)
+        if new is None or _only_moves_output_name(new, target, node, match, builder):
+            for made in reversed(builder.nodes):  # a replacement that gave up leaves nothing behind
+                if not any(o.uses for o in made.outputs):
+                    graph.remove(made, force=True)
             continue
         if new.dtype is None:
             new.dtype = target.dtype
@@ -124,6 +147,17 @@ def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
         ctx.record.count(f"{rule.name}")
         count += 1
     return count
+
+
+def _only_moves_output_name(new: Value, target: Value, node: Node, match: Match, builder: Builder) -> bool:
+    """Replacing a lone Identity that feeds a graph output by its input needs a new Identity to keep
+    the output's name: no progress, and rules would rewrite it again every round."""
+    if builder.nodes or not target.is_graph_output or len(match.nodes) != 1:
+        return False
+    if node.op_type != "Identity" or node.domain:
+        return False
+    can_take_name = new.producer is not None and new.graph is target.graph and not new.is_graph_output
+    return not can_take_name
 
 
 def _blocked(match: Match, target: Value, graph: Graph) -> str | None:
