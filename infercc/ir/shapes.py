@@ -128,6 +128,11 @@ def _infer_node(node: Node, memo: dict) -> list[tuple[DType | None, Shape]] | No
         target = dim_values(node.inputs[0], memo)
         value = node.attr("value")
         return [(value.dtype if value is not None else DType.FLOAT, tuple(target) if target is not None else None)]
+    if op == "Shape" and first is not None:
+        values = dim_values(node.outputs[0], memo)
+        return [(DType.INT64, (len(values),) if values is not None else None)]
+    if op == "Cast" and first is not None:
+        return [(DType(node.attr("to", 0)) or None, first.shape)]
     if op in _ELEMENTWISE:
         ins = [v for v in node.inputs if v is not None]
         dtype = next((v.dtype for v in ins[-2:] if v.dtype is not None), None) if op == "Where" else first.dtype

@@ -122,8 +122,10 @@ def reshape_dims(input_shape: tuple[Dim, ...] | None, target: list[Dim], allowze
     when the input's factors cancel against the known target factors."""
     dims: list[Dim] = []
     for i, d in enumerate(target):
-        if d == 0 and not allowzero and input_shape is not None and i < len(input_shape):
-            dims.append(input_shape[i])
+        if d == 0 and not allowzero:
+            # 0 copies the input's dim: unknown when the input's shape is
+            known = input_shape is not None and i < len(input_shape)
+            dims.append(input_shape[i] if known else None)
         else:
             dims.append(d)
     if -1 in dims and input_shape is not None:

@@ -7,6 +7,7 @@ memory just to be re-exported: external data is memory-mapped on first use.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -58,7 +59,8 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        return int(self.size * self._dtype.itemsize)
+        """Bytes of the data as ONNX stores it (4-bit types pack two to a byte, rounding up)."""
+        return math.ceil(self.size * self._dtype.itemsize)
 
     @property
     def is_external(self) -> bool:
@@ -119,7 +121,8 @@ class Tensor:
         if self._proto is not None and not self.is_external and self._proto.HasField("raw_data"):
             return self._proto.raw_data
         if self._dtype.itemsize < 1:
-            return self.to_proto(self.name).raw_data
+            # Packed 4-bit: the imported proto may hold int32_data, so pack from the values.
+            return numpy_helper.from_array(np.asarray(self.numpy())).raw_data
         return _contiguous(self.numpy()).astype(self._dtype.numpy.newbyteorder("<")).tobytes()
 
     def __repr__(self) -> str:

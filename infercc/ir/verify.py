@@ -79,6 +79,11 @@ def _verify_graph(
     for value in graph.outputs:
         if id(value) not in scope:
             raise VerifyError(f"graph {graph.name!r} output %{value.name} is not defined")
+        if graph.parent is not None and value.graph is not graph:
+            # onnx and onnxruntime reject this; Value.replace_all_uses_with inserts an Identity instead.
+            raise VerifyError(
+                f"subgraph {graph.name!r} returns outer-scope value %{value.name} directly (needs an Identity)"
+            )
     for value in graph.values():
         if len({(id(user), i) for user, i in value.uses}) != len(value.uses):
             raise VerifyError(f"use list of %{value.name} lists a use twice")
