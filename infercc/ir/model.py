@@ -42,17 +42,24 @@ class Model:
             graph=_clone_graph(self.graph, None, {}),
             opset_imports=dict(self.opset_imports),
             metadata_props=dict(self.metadata_props),
-            functions=list(self.functions),
+            functions=[_copy_proto(f) for f in self.functions],
             extras={k: list(v) for k, v in self.extras.items()},
         )
         copy.graph.names.used = set(self.graph.names.used)
         return copy
 
 
+def _copy_proto(proto):
+    copy = type(proto)()
+    copy.CopyFrom(proto)
+    return copy
+
+
 def _clone_value(v: Value, graph: Graph) -> Value:
     c = Value(v.name, v.dtype, v.shape, const=v.const, type_proto=v.type_proto)
     c.dtype, c.shape = v.dtype, v.shape  # keep declared type even for initializers
     c.doc_string, c.metadata_props, c.graph = v.doc_string, dict(v.metadata_props), graph
+    c._src_type = v._src_type
     return c
 
 

@@ -156,11 +156,13 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
 
 
 def _apply_type(value: Value, info: onnx.ValueInfoProto) -> None:
-    t = info.type
+    t = onnx.TypeProto()
+    t.CopyFrom(info.type)  # a copy: the caller may go on editing the proto it handed us
     if t.HasField("tensor_type"):
         if t.tensor_type.elem_type:
             value.dtype = DType(t.tensor_type.elem_type)
         value.shape = _dims(t)
+        value._src_type = (value.dtype, value.shape, t)
     elif t.WhichOneof("value") is not None:
         value.type_proto = t
     value.doc_string = info.doc_string
@@ -193,6 +195,12 @@ def _import_graph(gp: onnx.GraphProto, parent: Graph | None, scopes: list[dict[s
     for np_ in gp.node:
         for name in np_.output:
             if name:
+                if name in scope:
+                    raise ModelLoadError(
+                        f"value {name!r} in graph {gp.name!r} is defined twice (node {np_.name or np_.op_type!r} "
+                        "writes a name already taken by an input, initializer or another node): ONNX requires "
+                        "each name to be assigned once; the model is malformed, re-export it."
+                    )
                 scope[name] = Value(graph.names.claim(name))
     chain = [scope, *scopes]
 
@@ -325,8 +333,11 @@ def _make(cls, **fields):
 
 def _value_info(value: Value) -> onnx.ValueInfoProto:
     info = _make(onnx.ValueInfoProto, name=value.name, doc_string=value.doc_string)
+    src = value._src_type
     if value.type_proto is not None:
         info.type.CopyFrom(value.type_proto)
+    elif src is not None and src[0] == value.dtype and src[1] == value.shape:
+        info.type.CopyFrom(src[2])
     elif value.dtype is not None or value.shape is not None:
         tt = info.type.tensor_type
         tt.elem_type = int(value.dtype or 0)

@@ -24,7 +24,7 @@ class Value:
 
     __slots__ = (
         "name", "dtype", "shape", "type_proto", "const", "producer", "index", "uses", "graph",
-        "doc_string", "metadata_props",
+        "doc_string", "metadata_props", "_src_type",
     )
 
     def __init__(
@@ -49,6 +49,9 @@ class Value:
         self.graph: Graph | None = None
         self.doc_string = ""
         self.metadata_props: dict[str, str] = {}
+        #: (dtype, shape, TypeProto) as imported: export reuses the proto while dtype and shape are
+        #: unchanged, keeping what the IR does not model (dim denotations, explicit empty fields).
+        self._src_type: tuple | None = None
         if const is not None:
             self.dtype = const.dtype
             self.shape = const.shape
@@ -84,7 +87,7 @@ class Value:
 
         Graph outputs keep their public names: if ``self`` is a graph output, ``other`` takes over
         the name when it can, else an Identity carries it, so rewrites never change a model's
-        interface.
+        interface. A graph input or initializer that is also a graph output stays that output.
         """
         if other is self:
             return
@@ -95,6 +98,10 @@ class Value:
             return
         for slot, out in enumerate(graph.outputs):
             if out is not self:
+                continue
+            if self.producer is None:
+                # A graph input or initializer returned as it is: it still holds the same value, and
+                # renaming it would change the model's inputs or break the initializer table.
                 continue
             if other.producer is not None and not other.is_graph_output and other.graph is graph:
                 old_name = self.name

@@ -66,6 +66,7 @@ def test_empty_file(tmp_path):
     assert "empty" in msg and "0 bytes" in msg and "again" in msg
 
 
+@pytest.mark.filterwarnings("ignore:The onnxtxt format is experimental")
 @pytest.mark.parametrize("suffix", [".onnx", ".txt", ".json", ".textproto", ".onnxtxt", ""])
 def test_text_file(tmp_path, suffix):
     path = tmp_path / f"notes{suffix}"
@@ -205,3 +206,18 @@ def test_good_file_loads(tmp_path):
     path.write_bytes(_model_bytes())
     load_model(path)
     load_model(str(path))
+
+
+def test_value_defined_twice():
+    proto, _ = control_flow_model()
+    proto.graph.node[1].output[0] = "outer"  # the If now writes the name outer_add already wrote
+    msg = load_error(proto)
+    assert "'outer'" in msg and "defined twice" in msg and "re-export" in msg
+
+
+def test_node_output_reusing_an_input_name():
+    proto, _ = control_flow_model()
+    proto.graph.node[0].output[0] = "x"
+    proto.graph.node[1].attribute[0].g.node[0].input[0] = "x"
+    proto.graph.node[2].attribute[0].g.node[0].input[1] = "x"
+    assert "'x'" in load_error(proto)

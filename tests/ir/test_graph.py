@@ -626,3 +626,27 @@ def test_verify_wrong_producer_and_graph_links():
     n["relu"].graph = Graph("elsewhere")
     with pytest.raises(VerifyError, match="another graph"):
         verify(model)
+
+
+def test_replace_input_or_initializer_that_is_a_graph_output():
+    """Inputs and initializers returned as outputs keep their names and stay outputs (renaming them would
+    change the model's inputs or break the initializer table)."""
+    model, n = chain_model()
+    g = model.graph
+    x, w = g.inputs[0], g.initializers["w"]
+    g.outputs += [x, w]
+    before = run(model)
+    cast = g.make_node("Cast", [x], attrs={"to": int(DType.FLOAT)}, before=g.nodes[0])
+    cast.outputs[0].dtype = DType.FLOAT
+    x.replace_all_uses_with(cast.outputs[0])
+    cast.set_input(0, x)
+    w2 = g.add_initializer("w2", Tensor(np.arange(4, dtype=np.float32)))
+    w.replace_all_uses_with(w2)
+    assert [v.name for v in g.inputs] == ["x"] and x.name == "x" and w.name == "w"
+    assert g.outputs[1] is x and g.outputs[2] is w
+    g.remove_dead()
+    assert set(g.initializers) == {"w", "w2"}
+    verify(model)
+    out = to_proto(model)
+    assert [o.name for o in out.graph.output] == ["y", "x", "w"]
+    assert_outputs_identical(before, ort_run(out, X))

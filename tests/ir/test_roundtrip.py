@@ -161,6 +161,7 @@ def test_clone_is_independent():
     g.names.fresh("brand_new")
     copy.graph.nodes[-1].attrs["num_scan_inputs"].value = 5
     assert to_proto(model).SerializeToString() == before
+    assert to_proto(copy).SerializeToString() != before
     assert "brand_new" not in model.graph.names.used
     verify(model)
     assert_outputs_identical(ort_run(proto, feeds), ort_run(to_proto(model), feeds))
@@ -270,3 +271,87 @@ def test_fixture_roundtrip(name):
     assert_same_proto(source, out)
     feeds, _ = catalog.reference(name)
     assert_outputs_identical(ort_run(source, feeds), ort_run(out, feeds))
+
+
+def test_clone_copies_functions():
+    from .models import function_model
+
+    proto, feeds = function_model()
+    model = load_model(proto)
+    copy = model.clone()
+    copy.functions[0].node[1].op_type = "Sigmoid"
+    copy.functions.append(copy.functions[0])
+    assert_same_proto(proto, to_proto(model))
+
+
+def test_in_memory_constants_of_every_dtype_export():
+    """Tensors built from numpy arrays (ml_dtypes for bfloat16/float8/int4) export with the right type and
+    bytes, and onnxruntime reads them."""
+    import ml_dtypes
+
+    from infercc.ir import Graph, const
+
+    arrays = {
+        "bf16": np.array([1.5, -2.0, 0.125], ml_dtypes.bfloat16),
+        "f16": np.array([1.5, -2.0, 0.125], np.float16),
+        "f8": np.array([0.5, -3.0, 448.0], ml_dtypes.float8_e4m3fn),
+        "i4": np.array([1, -8, 7], ml_dtypes.int4),
+        "u4": np.array([0, 15, 3], ml_dtypes.uint4),
+        "scalar": np.array(3.0, np.float32),
+        "b": np.array([True, False, True]),
+    }
+    g = Graph("consts")
+    x = g.add_input("x", DType.FLOAT, (3,))
+    outs = []
+    for name, arr in arrays.items():
+        c = g.add_const(const(arr), name)
+        assert c.dtype == DType.from_numpy(arr.dtype) and c.shape == arr.shape
+        if name in ("i4", "u4"):
+            scale = g.add_const(const(np.array(1.0, np.float32)), name + "_scale")
+            out = g.make_node("DequantizeLinear", [c, scale]).outputs[0]
+        else:
+            out = g.make_node("Cast", [c], attrs={"to": int(DType.FLOAT)}).outputs[0]
+        out.dtype = DType.FLOAT
+        out = g.make_node("Add", [out, x]).outputs[0]
+        out.dtype, out.shape = DType.FLOAT, (3,)
+        out.name = g.names.claim(name + "_out")
+        outs.append(out)
+    g.outputs = outs
+    model = Model(g, {"": 21}, ir_version=10)
+    verify(model)
+    proto = to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    got = ort_run(proto, {"x": np.zeros(3, np.float32)})
+    for (name, arr), y in zip(arrays.items(), got):
+        np.testing.assert_array_equal(y, np.broadcast_to(arr.astype(np.float32), (3,)), err_msg=name)
+    # And the export round-trips exactly.
+    assert_same_proto(proto, roundtrip(proto)[1])
+
+
+def test_type_details_the_ir_does_not_model_are_kept():
+    """Dim denotations and an explicitly empty elem_type survive while the value's type is unchanged;
+    a changed shape is written from the IR."""
+    from onnx import TensorProto as TP
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", TP.FLOAT, ["b", 2], shape_denotation=["DATA_BATCH", "DATA_CHANNEL"])
+    y = onnx.ValueInfoProto(name="y")
+    y.type.tensor_type.elem_type = 0  # set, but undefined
+    y.type.tensor_type.shape.dim.add().dim_param = "b"
+    y.type.tensor_type.shape.dim.add().dim_value = 2
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model, out = roundtrip(proto)
+    assert_same_proto(proto, out)
+    model.graph.outputs[0].dtype = DType.FLOAT
+    model.graph.inputs[0].shape = ("b", 3)
+    out = to_proto(model)
+    assert out.graph.output[0].type.tensor_type.elem_type == TP.FLOAT
+    assert [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == [0, 3]
+
+
+def test_loaded_model_does_not_follow_later_edits_of_the_source_types():
+    proto, _ = metadata_model()
+    model = load_model(proto)
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT8
+    assert to_proto(model).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
