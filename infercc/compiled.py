@@ -97,10 +97,10 @@ class CompiledModel:
             diagnostics = Diagnostics.from_dict({"facts": manifest.get("facts", {}), "passes": manifest["diagnostics"]})
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{manifest_path} is damaged ({exc}); compile the model again.") from None
+        # No shape inference here: the file holds the types the compiled model had, and a loaded
+        # model must be the saved one exactly (inferred value_info would change what onnxruntime's
+        # optimizer does, and so the outputs).
         model = load_model(directory / MODEL_FILE)
-        from .ir.shapes import infer_shapes
-
-        infer_shapes(model)
         return cls(model, config, diagnostics)
 
     def __eq__(self, other: object) -> bool:

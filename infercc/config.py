@@ -41,7 +41,15 @@ class Config:
     def __post_init__(self) -> None:
         from .passes.pipeline import pass_names
 
-        object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+        passes = self.disable_passes
+        if isinstance(passes, str):  # disable_passes="cse" means one pass, not its letters
+            passes = (passes,)
+        if not isinstance(passes, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in passes):
+            raise ConfigError(
+                f"Config.disable_passes must be a list of pass names, got {self.disable_passes!r}; "
+                f"known passes: {pass_names()}"
+            )
+        object.__setattr__(self, "disable_passes", tuple(sorted(passes) if isinstance(passes, (set, frozenset)) else passes))
         for name in ("optimize", "strict", "check_each_pass"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name} must be True or False, got {getattr(self, name)!r}")
@@ -56,7 +64,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"Config.{name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.check_tolerance, (int, float)) or not self.check_tolerance > 0:
+        tolerance = self.check_tolerance
+        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
             raise ConfigError(f"Config.check_tolerance must be a number > 0, got {self.check_tolerance!r}")
 
     def replace(self, **options: Any) -> Config:

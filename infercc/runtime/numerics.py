@@ -21,11 +21,21 @@ def max_difference(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray
         got = actual[name]
         if ref.shape != got.shape:
             return float("inf"), f"{name} (shape {got.shape} vs {ref.shape})"
+        if ref.dtype != got.dtype:
+            return float("inf"), f"{name} (dtype {got.dtype} vs {ref.dtype})"
         if ref.dtype.kind in "fc":
-            diff = np.abs(got.astype(np.float64) - ref) / np.maximum(1.0, np.abs(ref.astype(np.float64)))
-            d = float(np.nanmax(diff)) if diff.size else 0.0
-            if np.isnan(got).sum() != np.isnan(ref).sum():
-                d = float("inf")
+            wide = np.complex128 if ref.dtype.kind == "c" else np.float64
+            ref64, got64 = ref.astype(wide), got.astype(wide)
+            nan = np.isnan(ref64)
+            if not np.array_equal(nan, np.isnan(got64)):
+                d = float("inf")  # NaN where there was none, or a number where NaN was
+            else:
+                same = (ref64 == got64) | nan  # equal infinities too (inf - inf would be NaN)
+                with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                    diff = np.where(same, 0.0, np.abs(got64 - ref64) / np.maximum(1.0, np.abs(ref64)))
+                d = float(np.max(diff)) if diff.size else 0.0
+                if np.isnan(d):
+                    d = float("inf")
         else:
             d = 0.0 if np.array_equal(ref, got) else float("inf")
         if d > worst:

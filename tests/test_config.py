@@ -1,0 +1,134 @@
+"""Config: defaults, validation (every error names the field and what it allows), copies, dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+import infercc
+from infercc import Config, ConfigError
+from infercc.passes import pass_names
+
+
+def test_defaults_are_valid_and_documented():
+    c = Config()
+    assert c.optimize is True and c.strict is False and c.check_each_pass is False
+    assert c.provider == "auto" and c.disable_passes == ()
+    assert c.intra_op_threads == 0 and c.inter_op_threads == 0
+    assert c.fold_limit_bytes > 0 and c.check_tolerance > 0
+
+
+def test_config_is_frozen_and_hashable():
+    c = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.strict = True  # type: ignore[misc]
+    assert hash(c) == hash(Config())
+    assert c == Config() and c != Config(strict=True)
+
+
+def test_config_error_is_a_value_error_and_an_infercc_error():
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, infercc.InferccError)
+
+
+@pytest.mark.parametrize("field", ["optimize", "strict", "check_each_pass"])
+@pytest.mark.parametrize("bad", [1, 0, "yes", None])
+def test_booleans_must_be_bool(field, bad):
+    with pytest.raises(ConfigError) as info:
+        Config(**{field: bad})
+    msg = str(info.value)
+    assert f"Config.{field}" in msg and "True or False" in msg and repr(bad) in msg
+
+
+@pytest.mark.parametrize("bad", ["tpu", "CUDA", "", None, 1])
+def test_provider_must_be_known(bad):
+    with pytest.raises(ConfigError) as info:
+        Config(provider=bad)
+    msg = str(info.value)
+    assert "Config.provider" in msg and "['auto', 'cpu', 'cuda']" in msg and repr(bad) in msg
+
+
+@pytest.mark.parametrize("provider", ["auto", "cpu", "cuda"])
+def test_known_providers_are_accepted(provider):
+    assert Config(provider=provider).provider == provider
+
+
+@pytest.mark.parametrize("field", ["intra_op_threads", "inter_op_threads", "fold_limit_bytes"])
+@pytest.mark.parametrize("bad", [-1, 1.5, "4", True, None])
+def test_counts_must_be_non_negative_integers(field, bad):
+    with pytest.raises(ConfigError) as info:
+        Config(**{field: bad})
+    msg = str(info.value)
+    assert f"Config.{field}" in msg and "integer >= 0" in msg and repr(bad) in msg
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, "1e-4", True, math.nan, None])
+def test_check_tolerance_must_be_positive(bad):
+    with pytest.raises(ConfigError) as info:
+        Config(check_tolerance=bad)
+    assert "Config.check_tolerance" in str(info.value) and "> 0" in str(info.value)
+
+
+def test_unknown_pass_in_disable_passes_lists_known_passes():
+    with pytest.raises(ConfigError) as info:
+        Config(disable_passes=["constant_folding", "no_such_pass"])
+    msg = str(info.value)
+    assert "Config.disable_passes" in msg and "no_such_pass" in msg
+    for name in pass_names():
+        assert name in msg
+
+
+def test_disable_passes_accepts_lists_tuples_and_one_name():
+    assert Config(disable_passes=["constant_folding"]).disable_passes == ("constant_folding",)
+    assert Config(disable_passes=("constant_folding",)).disable_passes == ("constant_folding",)
+    assert Config(disable_passes="constant_folding").disable_passes == ("constant_folding",)
+    both = {"constant_folding", "dead_code_elimination"}
+    assert Config(disable_passes=both).disable_passes == tuple(sorted(both))
+
+
+@pytest.mark.parametrize("bad", [None, 3, [1], ["constant_folding", None]])
+def test_disable_passes_must_be_names(bad):
+    with pytest.raises(ConfigError) as info:
+        Config(disable_passes=bad)
+    assert "Config.disable_passes" in str(info.value)
+
+
+def test_lowering_must_be_known():
+    with pytest.raises(ConfigError) as info:
+        Config(lowering="tvm")
+    assert "Config.lowering" in str(info.value) and "'ort'" in str(info.value)
+
+
+def test_replace_overrides_and_validates():
+    c = Config().replace(strict=True, provider="cpu")
+    assert c.strict is True and c.provider == "cpu"
+    with pytest.raises(ConfigError, match="Config.provider"):
+        Config().replace(provider="tpu")
+
+
+def test_replace_unknown_option_lists_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        Config().replace(optimise=False)
+    msg = str(info.value)
+    assert "optimise" in msg
+    for f in dataclasses.fields(Config):
+        assert f.name in msg
+
+
+def test_dict_round_trip():
+    c = Config(strict=True, disable_passes=("constant_folding",), provider="cpu", intra_op_threads=2,
+               check_tolerance=1e-3, fold_limit_bytes=1024)
+    d = c.to_dict()
+    assert d["disable_passes"] == ["constant_folding"]
+    assert Config.from_dict(d) == c
+    import json
+
+    assert Config.from_dict(json.loads(json.dumps(d))) == c
+
+
+def test_from_dict_rejects_unknown_or_invalid_fields():
+    with pytest.raises(ConfigError, match="unknown option"):
+        Config.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="Config.strict"):
+        Config.from_dict({"strict": "no"})
