@@ -15,7 +15,6 @@ from .families import detect_family
 from .ir import Model, load_model
 from .ir.shapes import infer_shapes
 from .passes import Diagnostics, Pass, PassManager, PassRecord, build_pipeline
-from .runtime.providers import choose_providers
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -26,7 +25,8 @@ def compile(  # noqa: A001 - the public name users expect
     passes: list[Pass] | None = None,
     **options: Any,
 ) -> CompiledModel:
-    """Import ``model`` (an .onnx path or ModelProto), run the pass pipeline, return a CompiledModel.
+    """Import ``model`` (an .onnx path or ModelProto, a .gguf file, a Hugging Face folder), run the
+    pass pipeline, return a CompiledModel.
 
     Keyword ``options`` override fields of ``config``. ``passes`` replaces the pipeline (for
     experiments and tests); ``on_pass`` is called after each pass (progress bars).
@@ -34,17 +34,13 @@ def compile(  # noqa: A001 - the public name users expect
     if config is not None and not isinstance(config, Config):
         raise ConfigError(f"config must be an infercc.Config, got {type(config).__name__}")
     config = (config or Config()).replace(**options)
-    choose_providers(config.provider)  # an unusable provider is an error before any work is done
     ir = _import(model)
     diagnostics = Diagnostics()
     diagnostics.facts.update(detect_family(ir))
+    notes = infer_shapes(ir)
+    if notes:
+        diagnostics.facts["shape_inference"] = "; ".join(notes)
     pipeline = passes if passes is not None else build_pipeline(config)
-    if pipeline:
-        # Passes need types and shapes. Without passes the model stays a faithful round trip:
-        # inferred value_info alone changes what onnxruntime's own optimizer does.
-        notes = infer_shapes(ir)
-        if notes:
-            diagnostics.facts["shape_inference"] = "; ".join(notes)
     check = None
     if config.check_each_pass and pipeline:
         from .runtime.numerics import NumericCheck
@@ -56,10 +52,17 @@ def compile(  # noqa: A001 - the public name users expect
 
 
 def _import(model: Any) -> Model:
+    """.onnx file or ModelProto -> ONNX import; .gguf file or Hugging Face folder -> importers."""
+    if isinstance(model, (str, os.PathLike)):
+        from .importers import import_checkpoint, is_checkpoint
+
+        if is_checkpoint(model):
+            return import_checkpoint(model)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         return load_model(model)
     raise ModelLoadError(
-        f"cannot compile a {type(model).__name__}: pass a path to an .onnx file or an onnx.ModelProto"
+        f"cannot compile a {type(model).__name__}: pass a path to an .onnx file, a .gguf file or a "
+        "Hugging Face folder (config.json + safetensors), or an onnx.ModelProto"
     )
 
 
