@@ -690,3 +690,14 @@ def test_pipeline_diagnostics_on_fixtures(name, compiled_fixtures):
 
 def test_dynamo_and_torchscript_fixtures_are_both_covered():
     assert DYNAMO and set(FIXTURES) - DYNAMO
+
+
+def test_a_refused_site_is_reported_once_across_rounds():
+    proto = make(
+        [node("Identity", ["x"], ["a"]), node("Add", ["a", "z"], ["b"]), node("Relu", ["b"], ["y"])],
+        [vi("x", [2, 3])], [vi("y", [4, 2, 3])], [init("z", np.zeros((4, 2, 3), np.float32))],
+    )
+    model, record = run_pass(proto, NoOpElimination())
+    assert ops(model) == ["Add", "Relu"]
+    assert len(record.sites) == 1
+    assert record.reasons == ["1 site skipped: " + record.sites[0].reason]

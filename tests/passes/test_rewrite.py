@@ -9,7 +9,7 @@ from infercc.ir import verify
 from infercc.passes.rewrite import Attr, Const, Matcher, Or, Rule, apply_rules, const_value, node_attr
 from infercc.passes.rewrite.pattern import build_pattern
 
-from ._build import I64, F, assert_same_outputs, context, init, make, node, ops, ort_run, to_ir, vi
+from ._build import I64, B, F, assert_same_outputs, context, init, make, node, ops, ort_run, to_ir, vi
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5
 
@@ -502,3 +502,73 @@ def test_multi_output_patterns():
     m = matcher_for(pattern, model)
     assert m.match(value(model, "y")) is not None
     assert m.match(value(model, "z")) is None
+
+
+def test_shared_pattern_node_must_be_one_graph_node():
+    def pattern(op, x):
+        t = op.Relu(x)
+        return op.Add(t, t)
+
+    proto = make(
+        [node("Relu", ["a"], ["r"]), node("Add", ["r", "r"], ["y1"]),
+         node("Relu", ["a"], ["r1"]), node("Relu", ["a"], ["r2"]), node("Add", ["r1", "r2"], ["y2"])],
+        [vi("a", [2, 3])], [vi("y1", [2, 3]), vi("y2", [2, 3])],
+    )
+    model = to_ir(proto)
+    m = matcher_for(pattern, model)
+    assert len(m.match(value(model, "y1")).nodes) == 2
+    assert m.match(value(model, "y2")) is None
+
+
+def test_named_const_used_twice_must_be_the_same_constant():
+    def pattern(op, x):
+        c = Const("c")
+        return op.Add(op.Mul(x, c), c)
+
+    proto = make(
+        [node("Mul", ["x", "k1"], ["m1"]), node("Add", ["m1", "k1"], ["y1"]),
+         node("Mul", ["x", "k1"], ["m2"]), node("Add", ["m2", "k2"], ["y2"])],
+        [vi("x", [2])], [vi("y1", [2]), vi("y2", [2])], [init("k1", np.float32(2)), init("k2", np.float32(3))],
+    )
+    model = to_ir(proto)
+    m = matcher_for(pattern, model)
+    assert m.match(value(model, "y1")) is not None
+    assert m.match(value(model, "y2")) is None
+
+
+def test_refused_in_every_order_records_the_first_reason():
+    def pattern(op, x, c):
+        return op.Mul(x, c)
+
+    rule = Rule("mul", pattern, lambda op, x: x, check=lambda x, c: f"refused {x.name}")
+    proto = make([node("Mul", ["a", "b"], ["y"], name="m")], [vi("a", [2]), vi("b", [2])], [vi("y", [2])])
+    model = to_ir(proto)
+    n, record = rewrite(model, rule)
+    assert n == 0
+    assert [s.reason for s in record.sites] == ["mul: refused a"]
+
+
+def test_replacement_giving_up_leaves_nothing_behind():
+    def replacement(op, x):
+        op.Neg(op.Exp(x))  # starts building, then decides not to
+        return None
+
+    rule = Rule("relu_exp", _relu_exp, replacement)
+    proto = make([node("Exp", ["x"], ["e"]), node("Relu", ["e"], ["y"])], [vi("x", [2, 3])], [vi("y", [2, 3])])
+    model = to_ir(proto)
+    n, record = rewrite(model, rule)
+    assert n == 0 and ops(model) == ["Exp", "Relu"] and record.changes == {}
+
+
+def test_rewrite_does_not_look_into_subgraphs():
+    """Documented limit: rules apply to the main graph only (If/Loop bodies are left as they are)."""
+    from onnx import helper
+
+    rule = Rule("identity", lambda op, x: op.Identity(x), lambda op, x: x)
+    body = helper.make_graph([node("Identity", ["x"], ["t0"]), node("Relu", ["t0"], ["t"])], "then", [], [vi("t", [2])])
+    other = helper.make_graph([node("Neg", ["x"], ["e"])], "else", [], [vi("e", [2])])
+    proto = make([node("If", ["c"], ["y"], then_branch=body, else_branch=other)],
+                 [vi("x", [2]), vi("c", [], B)], [vi("y", [2])])
+    model = to_ir(proto)
+    n, _ = rewrite(model, rule)
+    assert n == 0

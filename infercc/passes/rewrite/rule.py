@@ -86,10 +86,11 @@ def apply_rules(model: Model, rules: Sequence[Rule], ctx: PassContext, *, max_ro
     """Apply rules until nothing changes (bounded). Returns the number of rewrites made."""
     total = 0
     opset = model.opset("") or 99
+    reported: set[tuple] = set()  # a site refused in every round is reported once
     for _ in range(max_rounds):
         changed = 0
         for rule in rules:
-            changed += _apply_rule(model.graph, rule, ctx, opset)
+            changed += _apply_rule(model.graph, rule, ctx, opset, reported)
         total += changed
         if not changed:
             break
@@ -100,7 +101,7 @@ def apply_rules(model: Model, rules: Sequence[Rule], ctx: PassContext, *, max_ro
 MAX_MATCHES_PER_SITE = 64
 
 
-def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
+def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int, reported: set[tuple] | None = None) -> int:
     domain, op_type = rule.anchor
     matcher = Matcher(rule.root, opset)
     count = 0
@@ -126,10 +127,12 @@ def _apply_rule(graph: Graph, rule: Rule, ctx: PassContext, opset: int) -> int:
                 break
             refusal = refusal or reason
         if match is None:
-            if refusal is not None:
-                ctx.record.skipped(where, f"{rule.name}: {refusal}")
-            elif not matched and rule.report_mismatch:
-                ctx.record.skipped(where, f"{rule.name}: {matcher.reason}")
+            reason = refusal if refusal is not None else (matcher.reason if not matched and rule.report_mismatch else None)
+            key = (id(node), rule.name, reason)
+            if reason is not None and (reported is None or key not in reported):
+                ctx.record.skipped(where, f"{rule.name}: {reason}")
+                if reported is not None:
+                    reported.add(key)
             continue
         builder = Builder(graph, node, node.name or rule.name)
         new = _call(rule.replacement, builder, bindings=match.bindings, names=rule.names)
