@@ -15,6 +15,7 @@ from .families import detect_family
 from .ir import Model, load_model
 from .ir.shapes import infer_shapes
 from .passes import Diagnostics, Pass, PassManager, PassRecord, build_pipeline
+from .runtime.providers import choose_providers
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -34,13 +35,17 @@ def compile(  # noqa: A001 - the public name users expect
     if config is not None and not isinstance(config, Config):
         raise ConfigError(f"config must be an infercc.Config, got {type(config).__name__}")
     config = (config or Config()).replace(**options)
+    choose_providers(config.provider)  # an unusable provider is an error before any work is done
     ir = _import(model)
     diagnostics = Diagnostics()
     diagnostics.facts.update(detect_family(ir))
-    notes = infer_shapes(ir)
-    if notes:
-        diagnostics.facts["shape_inference"] = "; ".join(notes)
     pipeline = passes if passes is not None else build_pipeline(config)
+    if pipeline:
+        # Passes need types and shapes. Without passes the model stays a faithful round trip:
+        # inferred value_info alone changes what onnxruntime's own optimizer does.
+        notes = infer_shapes(ir)
+        if notes:
+            diagnostics.facts["shape_inference"] = "; ".join(notes)
     check = None
     if config.check_each_pass and pipeline:
         from .runtime.numerics import NumericCheck
