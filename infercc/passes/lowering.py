@@ -1,17 +1,27 @@
 """Lowering: canonical ops become what the chosen runtime executes.
 
 Runs after the fusions. For ``Config.lowering == "ort"`` a canonical op becomes an ONNX Runtime
-contrib op where its lowering says the provider has a kernel; ``"onnx"`` targets standard ONNX only
-(a portable artifact). Whatever cannot be lowered is decomposed to standard ONNX, and the
-diagnostics say which node fell back and why.
+contrib op where its lowering says the provider has a kernel (see ``capabilities.py``); ``"onnx"``
+targets standard ONNX only (a portable artifact). Whatever cannot be lowered is decomposed to
+standard ONNX, and the diagnostics say which node fell back and why.
 """
 
 from __future__ import annotations
 
-from ..ir import Model
+from ..ir import Graph, Model, Node
 from .base import Pass, PassContext
 from .canonical import DOMAIN, REGISTRY
+from .capabilities import LoweringContext, resolve_providers
 from .rewrite import Builder
+
+
+class LoweringBuilder(Builder):
+    """A Builder that also carries the LoweringContext (read it with ``capabilities.context_of``),
+    so lowerings and decompositions can depend on the opset and the provider's kernels."""
+
+    def __init__(self, graph: Graph, anchor: Node, name_hint: str, lowering: LoweringContext) -> None:
+        super().__init__(graph, anchor, name_hint)
+        self.lowering = lowering
 
 
 class LowerCanonicalOps(Pass):
@@ -19,6 +29,9 @@ class LowerCanonicalOps(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> None:
         target = ctx.config.lowering
+        lowering = LoweringContext(target, model.opset("") or 1, tuple(resolve_providers(ctx.config.provider)))
+        if target == "ort":
+            ctx.record.info["provider"] = lowering.provider
         graph = model.graph
         for node in list(graph.nodes):
             if node.domain != DOMAIN:
@@ -28,21 +41,22 @@ class LowerCanonicalOps(Pass):
             if op is None:
                 ctx.record.skipped(where, f"no canonical op named {node.op_type} is registered")
                 continue
-            builder = Builder(graph, node, node.name or node.op_type)
+            builder = LoweringBuilder(graph, node, node.name or node.op_type, lowering)
             lower = op.lower.get(target)
             result = lower(builder, node) if lower is not None else f"no {target} lowering for {node.op_type}"
             if isinstance(result, str):
-                for made in builder.nodes:  # a lowering that gave up must leave nothing behind
+                for made in reversed(builder.nodes):  # a lowering that gave up must leave nothing behind
                     graph.remove(made, force=True)
-                builder = Builder(graph, node, node.name or node.op_type)
+                builder = LoweringBuilder(graph, node, node.name or node.op_type, lowering)
                 ctx.record.warn(f"{where} decomposed to standard ONNX: {result}")
+                ctx.record.skipped(where, f"decomposed to standard ONNX: {result}")
                 result = op.decompose(builder, node)
                 ctx.record.count(f"{node.op_type}_decomposed")
             else:
-                ctx.record.count(f"{node.op_type}_lowered_{target}")
-                for made in builder.nodes:
-                    if made.domain:
-                        model.require_opset(made.domain, 1)
+                ctx.record.applied(where, f"{node.op_type}_lowered_{target}")
+            for made in builder.nodes:
+                if made.domain:
+                    model.require_opset(made.domain, 1)
             for old, new in zip(node.outputs, result):
                 if new.dtype is None:
                     new.dtype, new.shape = old.dtype, old.shape

@@ -65,7 +65,7 @@ class PassManager:
             if self.check is not None:
                 # Also when nothing was recorded: a pass that changes numbers without saying so
                 # is exactly what the check is for.
-                self.check.compare(model)
+                self.check.compare(self._runnable(model))
             return model
         except Exception as exc:  # noqa: BLE001 - any failure of a pass is contained here
             if self.config.strict:
@@ -77,3 +77,17 @@ class PassManager:
             record.note(f"rolled back: {type(exc).__name__}: {first}")
             record.info["traceback"] = traceback.format_exc(limit=6)
             return snapshot
+
+    def _runnable(self, model: Model) -> Model:
+        """The model as onnxruntime can run it: between a fusion and the lowering pass the graph
+        holds canonical ops (domain ai.infercc) that no runtime knows, so the check runs a copy
+        with them lowered (as the configured lowering would, for the CPU provider)."""
+        from .canonical import DOMAIN
+        from .lowering import LowerCanonicalOps
+
+        if not any(n.domain == DOMAIN for n in model.graph.walk()):
+            return model
+        copy = model.clone()
+        config = self.config.replace(provider="cpu")
+        LowerCanonicalOps().run(copy, PassContext(config, PassRecord(LowerCanonicalOps.name)))
+        return copy

@@ -14,6 +14,8 @@ from .cleanup import (
     NoOpElimination,
     ShapeSimplification,
 )
+from .fusion.activations import ActivationFusion
+from .fusion.norms import NormFusion
 from .lowering import LowerCanonicalOps
 
 if TYPE_CHECKING:
@@ -27,6 +29,8 @@ PIPELINE: list[type[Pass]] = [
     LayoutCanonicalization,
     CommonSubexpressionElimination,
     # fusions go here: they see a cleaned graph and emit canonical ops
+    ActivationFusion,
+    NormFusion,
     LowerCanonicalOps,
     DeadCodeElimination,
 ]

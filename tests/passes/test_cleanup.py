@@ -701,3 +701,44 @@ def test_a_refused_site_is_reported_once_across_rounds():
     assert ops(model) == ["Add", "Relu"]
     assert len(record.sites) == 1
     assert record.reasons == ["1 site skipped: " + record.sites[0].reason]
+
+
+def test_pipeline_on_a_model_with_control_flow():
+    """Outer values read implicitly by If branches and a Loop body survive every pass; duplicates outside are merged, constants folded, outputs unchanged."""
+    then_g = helper.make_graph(
+        [node("Add", ["shared1", "folded"], ["t"])], "then", [], [vi("t", ["n", 3])],
+    )
+    else_g = helper.make_graph([node("Identity", ["shared2"], ["e"])], "else", [], [vi("e", ["n", 3])])
+    body = helper.make_graph(
+        [node("Identity", ["cond_in"], ["cond_out"]), node("Add", ["acc_in", "shared1"], ["acc_out"])],
+        "body",
+        [vi("i", [], I64), vi("cond_in", [], B), vi("acc_in", ["n", 3])],
+        [vi("cond_out", [], B), vi("acc_out", ["n", 3])],
+    )
+    proto = make(
+        [
+            node("Relu", ["x"], ["shared1"]),
+            node("Relu", ["x"], ["shared2"]),
+            node("Mul", ["c", "c"], ["folded"]),
+            node("If", ["cond"], ["r"], then_branch=then_g, else_branch=else_g),
+            node("Loop", ["trips", "", "r"], ["looped"], body=body),
+            node("Identity", ["looped"], ["y"]),
+        ],
+        [vi("x", ["n", 3]), vi("cond", [], B)], [vi("y", ["n", 3])],
+        [init("c", np.full(3, 2, np.float32)), init("trips", np.int64(2))],
+    )
+    compiled = infercc.compile(proto, provider="cpu")
+    verify(compiled.model)
+    assert ops(compiled.model).count("Relu") == 1
+    assert "Mul" not in ops(compiled.model)
+    for cond in (True, False):
+        feeds = {"x": X23, "cond": np.array(cond)}
+        assert_same_outputs(ort_run(proto, feeds), compiled.run(feeds))
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_torchscript"])
+def test_every_pass_keeps_numbers_on_fixtures(name):
+    """check_each_pass compares after every pass: nothing may be rolled back."""
+    compiled = infercc.compile(catalog.fixture_path(name), check_each_pass=True, check_tolerance=1e-5, provider="cpu")
+    failed = [(r.pass_name, r.reasons) for r in compiled.diagnostics if r.status == "failed"]
+    assert failed == []
