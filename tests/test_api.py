@@ -365,3 +365,25 @@ def test_public_surface():
         "compile", "load",
     }
     assert Path(catalog.fixture_path(SMALL)).is_file()
+
+
+def test_save_and_load_with_external_data(tmp_path):
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8) / 100
+    proto = make([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["y"])], [vi("x", ["n", 64])], [vi("y", ["n", 8])],
+                 [init("w", w), init("b", np.ones(8, np.float32))])
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(proto, src / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    compiled = infercc.compile(src / "m.onnx", provider="cpu")
+    x = np.ones((2, 64), np.float32)
+    expected = compiled.run({"x": x})
+    np.testing.assert_allclose(expected["y"], x @ w + 1, rtol=1e-5)
+    out = compiled.save(tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.onnx", "model.onnx.data"]
+    loaded = infercc.load(out)
+    assert loaded == compiled
+    assert_same_outputs(expected, loaded.run({"x": x}))
+    loaded.save(out)  # over the files it reads from
+    assert_same_outputs(expected, infercc.load(out).run({"x": x}))

@@ -106,7 +106,9 @@ class Diagnostics:
         raise KeyError(f"no pass named {pass_name!r} ran; passes: {[r.pass_name for r in self.records]}")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Diagnostics) and self.to_dict() == other.to_dict()
+        # Compared as saved (JSON): a tuple in ``info`` reads back as a list, and a model loaded
+        # from disk must equal the one that was saved.
+        return isinstance(other, Diagnostics) and json.loads(self.to_json()) == json.loads(other.to_json())
 
     @property
     def warnings(self) -> list[str]:

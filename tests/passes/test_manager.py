@@ -324,3 +324,12 @@ def test_record_api():
     assert d.warnings == ["p: careful"]
     with pytest.raises(KeyError, match="no pass named"):
         d["nope"]
+
+
+def test_diagnostics_equality_survives_json():
+    r = PassRecord("p", info={"sites": [("a", 1)], "shape": (2, 3)})
+    d = Diagnostics([r], {"dims": (1, 2)})
+    again = Diagnostics.from_dict(json.loads(d.to_json()))
+    assert again == d
+    assert d != Diagnostics([PassRecord("q")])
+    assert d != "diagnostics"
