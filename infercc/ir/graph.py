@@ -145,13 +145,19 @@ class Graph:
         value everywhere; then the old nodes are removed. New nodes are inserted before the first old
         node and the graph is re-sorted so order stays topological."""
         old = list(old_nodes)
+        old_ids = {id(n) for n in old}
+        # Refuse before touching anything: an unmapped old value must not be read outside ``old``.
+        mapped = {id(v) for v in outputs}
+        for node in old:
+            for v in node.outputs:
+                if id(v) not in mapped and (v.is_graph_output or any(id(u) not in old_ids for u, _ in v.uses)):
+                    raise ValueError(f"replace_subgraph: %{v.name} is used outside the replaced nodes")
         anchor = min(old, key=self._position) if old else None
         for node in new_nodes:
             if node.graph is None:
                 self.insert(node, before=anchor)
         for old_value, new_value in outputs.items():
             old_value.replace_all_uses_with(new_value)
-        old_ids = {id(n) for n in old}
         for node in old:
             for v in node.outputs:
                 if any(id(user) not in old_ids for user, _ in v.uses) or v.is_graph_output:

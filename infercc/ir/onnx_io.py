@@ -31,7 +31,11 @@ PROTO_LIMIT = 2_000_000_000
 
 # ---------------------------------------------------------------------------------------- import
 def load_model(source: str | os.PathLike | onnx.ModelProto, *, base_dir: str | None = None) -> Model:
-    """Read an ONNX file or ModelProto into the IR, with one clear error per way it can be bad."""
+    """Read an ONNX file or ModelProto into the IR, with one clear error per way it can be bad.
+
+    A ModelProto is not copied: the IR's tensors keep referring to its TensorProtos (that is what
+    makes import cheap), so do not edit the proto after handing it over. External data of a
+    ModelProto is looked up relative to ``base_dir`` (default: the working directory)."""
     if isinstance(source, onnx.ModelProto):
         proto, base = source, base_dir or os.getcwd()
     else:
@@ -103,6 +107,13 @@ def _check_external_data(proto: onnx.ModelProto, base: str) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        norm = os.path.normpath(location) if location else ""
+        if os.path.isabs(location) or norm == ".." or norm.startswith(".." + os.sep):
+            raise ModelLoadError(
+                f"initializer {tensor.name!r} keeps its data at {location!r}, outside the model's folder: onnx "
+                "and onnxruntime refuse such paths; move the data file next to the .onnx file and make its "
+                "location relative."
+            )
         path = os.path.join(base, location)
         if not location or not os.path.isfile(path):
             raise ModelLoadError(

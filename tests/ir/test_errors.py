@@ -221,3 +221,30 @@ def test_node_output_reusing_an_input_name():
     proto.graph.node[1].attribute[0].g.node[0].input[0] = "x"
     proto.graph.node[2].attribute[0].g.node[0].input[1] = "x"
     assert "'x'" in load_error(proto)
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/tmp/absolute.bin", "sub/../../up.bin"])
+def test_external_data_outside_the_model_folder(tmp_path, location):
+    path = _external_model(tmp_path / "m")
+    proto = onnx.load(str(path), load_external_data=False)
+    for e in proto.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = location
+    path.write_bytes(proto.SerializeToString())
+    msg = load_error(path)
+    assert "outside the model's folder" in msg and "relative" in msg
+
+
+def test_external_data_in_a_subfolder_is_fine(tmp_path):
+    path = _external_model(tmp_path / "m")
+    (tmp_path / "m" / "weights").mkdir()
+    os.rename(tmp_path / "m" / "model.onnx.data", tmp_path / "m" / "weights" / "w.bin")
+    proto = onnx.load(str(path), load_external_data=False)
+    for e in proto.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "weights/w.bin"
+    path.write_bytes(proto.SerializeToString())
+    model = load_model(path)
+    np.testing.assert_array_equal(
+        model.graph.initializers["W"].const.numpy(), np.arange(1024, dtype=np.float32).reshape(32, 32)
+    )

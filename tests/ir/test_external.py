@@ -365,3 +365,36 @@ def test_gpt2_small_external_roundtrip(tmp_path):
     mask[1, :5] = 0
     feeds = {"input_ids": rng.integers(0, config.vocab_size, (2, 16)).astype(np.int64), "attention_mask": mask}
     assert_outputs_identical(ort_run(src, feeds), ort_run(out, feeds))
+
+
+def test_subgraph_initializers_go_external(tmp_path):
+    """Initializers inside a Loop body are written to the data file like top-level ones."""
+    big = np.linspace(-1, 1, 2048, dtype=np.float32).reshape(2, 1024)
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["acc_in", "inner_w"], ["acc_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TP.INT64, []), helper.make_tensor_value_info("cond_in", TP.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TP.FLOAT, [2, 1024])],
+        [helper.make_tensor_value_info("cond_out", TP.BOOL, []), helper.make_tensor_value_info("acc_out", TP.FLOAT, [2, 1024])],
+        initializer=[numpy_helper.from_array(big, "inner_w")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "loop",
+        [helper.make_tensor_value_info("n", TP.INT64, []), helper.make_tensor_value_info("x", TP.FLOAT, [2, 1024])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 1024])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    model = load_model(proto)
+    out = tmp_path / "out" / "model.onnx"
+    save_model(model, out, external_data=True)
+    saved = onnx.load(str(out), load_external_data=False)
+    inner = saved.graph.node[0].attribute[0].g.initializer[0]
+    assert inner.data_location == TP.EXTERNAL
+    feeds = {"n": np.array(3, np.int64), "x": np.zeros((2, 1024), np.float32)}
+    assert_outputs_identical(ort_run(proto, feeds), ort_run(out, feeds))
+    again = load_model(out)
+    body_g = again.graph.nodes[0].attr("body")
+    np.testing.assert_array_equal(body_g.initializers["inner_w"].const.numpy(), big)

@@ -327,9 +327,13 @@ def test_replace_subgraph_refuses_outputs_used_outside():
     model, n = chain_model()
     g = model.graph
     relu = Node("Relu", [g.inputs[0]], [Value(g.names.fresh("r2"), DType.FLOAT)])
+    relu.detach()  # built with Node(): it registered a use of x; it will never be inserted
+    before = to_proto(model).SerializeToString()
     with pytest.raises(ValueError, match="used outside"):
         # add's output feeds relu, which is not replaced and not remapped.
         g.replace_subgraph([n["add"]], [relu], {})
+    assert to_proto(model).SerializeToString() == before, "a refused replace_subgraph changed the graph"
+    verify(model)
 
 
 def test_replace_subgraph_of_graph_output():
