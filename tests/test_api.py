@@ -387,3 +387,13 @@ def test_save_and_load_with_external_data(tmp_path):
     assert_same_outputs(expected, loaded.run({"x": x}))
     loaded.save(out)  # over the files it reads from
     assert_same_outputs(expected, infercc.load(out).run({"x": x}))
+
+
+@pytest.mark.parametrize("name", catalog.list_fixtures())
+def test_save_load_round_trip_on_every_fixture(name, tmp_path):
+    compiled = infercc.compile(catalog.fixture_path(name), provider="cpu")
+    compiled.save(tmp_path)
+    loaded = infercc.load(tmp_path)
+    assert loaded == compiled
+    feeds = catalog.random_feeds(name, 2, 9, padding=True, seed=11)
+    assert_same_outputs(compiled.run(feeds), loaded.run(feeds))

@@ -742,3 +742,17 @@ def test_every_pass_keeps_numbers_on_fixtures(name):
     compiled = infercc.compile(catalog.fixture_path(name), check_each_pass=True, check_tolerance=1e-5, provider="cpu")
     failed = [(r.pass_name, r.reasons) for r in compiled.diagnostics if r.status == "failed"]
     assert failed == []
+
+
+def test_compiling_a_model_with_a_constant_output_twice_is_stable():
+    proto = make(
+        [node("Add", ["c", "c"], ["k"]), node("Relu", ["x"], ["y"])], [vi("x", [2])], [vi("y", [2]), vi("k", [2])],
+        [init("c", np.ones(2, np.float32))],
+    )
+    once = infercc.compile(proto, provider="cpu")
+    twice = infercc.compile(once.to_onnx(), provider="cpu")
+    assert ops(twice.model) == ops(once.model)
+    assert all(r.changes == {} for r in twice.diagnostics), [(r.pass_name, r.changes) for r in twice.diagnostics]
+    feeds = {"x": np.array([-1, 2], np.float32)}
+    assert_same_outputs(ort_run(proto, feeds), twice.run(feeds))
+    assert [v.name for v in twice.model.graph.outputs] == ["y", "k"]

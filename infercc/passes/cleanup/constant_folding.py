@@ -40,6 +40,8 @@ class ConstantFolding(Pass):
                 continue
             if not any(o.uses or o.is_graph_output for o in node.outputs):
                 continue  # dead: DCE removes it, no need to compute it
+            if node.op_type == "Identity" and node.outputs[0].is_graph_output and not node.outputs[0].uses:
+                continue  # it only gives a constant output its name: folding would put it back
             in_bytes = sum(a.nbytes for a in inputs if a is not None)
             try:
                 outputs = _evaluate(node, inputs, opset)
