@@ -453,6 +453,24 @@ def test_fully_static_shape_chain_becomes_constant():
     check_same(proto, model, {"x": np.ones((2, 3, 4), np.float32)})
 
 
+def test_computations_on_new_shape_constants_are_folded():
+    proto = make(
+        [
+            node("Shape", ["x"], ["s"]),
+            node("Slice", ["s", "one", "two"], ["last"]),
+            node("ConstantOfShape", ["last"], ["ones"], value=helper.make_tensor("", F, [1], [1.0])),
+            node("Add", ["x", "ones"], ["y"]),
+        ],
+        [vi("x", ["batch", 4])], [vi("y", ["batch", 4])],
+        [init("one", np.array([1], np.int64)), init("two", np.array([2], np.int64))],
+    )
+    model, record = run_pass(proto, ShapeSimplification())
+    assert ops(model) == ["Add"]
+    assert record.changes["shape_values_made_constant"] == 1 and record.changes["nodes_folded"] == 1
+    for n in (1, 3):
+        check_same(proto, model, {"x": np.ones((n, 4), np.float32)})
+
+
 def test_shape_output_as_graph_output_keeps_its_name():
     proto = make([node("Shape", ["x"], ["s"]), node("Relu", ["x"], ["y"])], [vi("x", [2, 3])], [vi("y", [2, 3]), vi("s", [2], I64)])
     model, _ = run_pass(proto, ShapeSimplification())
@@ -756,3 +774,20 @@ def test_compiling_a_model_with_a_constant_output_twice_is_stable():
     feeds = {"x": np.array([-1, 2], np.float32)}
     assert_same_outputs(ort_run(proto, feeds), twice.run(feeds))
     assert [v.name for v in twice.model.graph.outputs] == ["y", "k"]
+
+
+CLEANUP = {
+    "constant_folding", "noop_elimination", "shape_simplification", "common_subexpression_elimination",
+    "dead_code_elimination",
+}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_cleanup_reaches_a_fixpoint_on_fixtures(name, compiled_fixtures):
+    """Compiling the compiled model again finds nothing more to clean up (shape values made constant
+    late enable folds and more static shapes; the cleanup passes must follow them through)."""
+    compiled, _ = _compiled(compiled_fixtures, name)
+    again = infercc.compile(compiled.to_onnx(), provider="cpu")
+    leftovers = {r.pass_name: r.changes for r in again.diagnostics if r.pass_name in CLEANUP and r.changes}
+    assert leftovers == {}
+    assert len(again.model.graph.nodes) <= len(compiled.model.graph.nodes)

@@ -26,50 +26,57 @@ class ConstantFolding(Pass):
     name = "constant_folding"
 
     def run(self, model: Model, ctx: PassContext) -> None:
-        limit = ctx.config.fold_limit_bytes
-        opset = model.opset("") or 17
-        constants_lifted = _lift_constant_nodes(model.graph)
-        ctx.record.count("constant_nodes_lifted", constants_lifted)
-        for node in list(model.graph.nodes):
-            if node.graph is None or node.domain or node.op_type in _NEVER or any(True for _ in node.subgraphs()):
+        ctx.record.count("constant_nodes_lifted", _lift_constant_nodes(model.graph))
+        ctx.record.count("nodes_folded", fold_constants(model, ctx))
+
+
+def fold_constants(model: Model, ctx: PassContext) -> int:
+    """Evaluate every node of the main graph whose inputs are all constants (in order, so chains
+    fold in one sweep). Returns how many nodes were folded; refusals are recorded as sites."""
+    limit = ctx.config.fold_limit_bytes
+    opset = model.opset("") or 17
+    folded_nodes = 0
+    for node in list(model.graph.nodes):
+        if node.graph is None or node.domain or node.op_type in _NEVER or any(True for _ in node.subgraphs()):
+            continue
+        inputs = [None if v is None else const_value(v) for v in node.inputs]
+        if any(v is not None and a is None for v, a in zip(node.inputs, inputs)):
+            continue
+        if not any(v is not None for v in node.inputs) and node.op_type not in ("Range",):
+            continue
+        if not any(o.uses or o.is_graph_output for o in node.outputs):
+            continue  # dead: DCE removes it, no need to compute it
+        if node.op_type == "Identity" and node.outputs[0].is_graph_output and not node.outputs[0].uses:
+            continue  # it only gives a constant output its name: folding would put it back
+        in_bytes = sum(a.nbytes for a in inputs if a is not None)
+        try:
+            outputs = _evaluate(node, inputs, opset)
+        except Exception as exc:  # noqa: BLE001 - unfoldable ops stay in the graph
+            ctx.record.skipped(f"{node.op_type} {node.name!r}", f"evaluation failed: {str(exc)[:120]}")
+            continue
+        out_bytes = sum(o.nbytes for o in outputs)
+        if out_bytes > limit and out_bytes > in_bytes:
+            ctx.record.skipped(
+                f"{node.op_type} {node.name!r}",
+                f"folded result would be {out_bytes / 2**20:.1f} MiB, over fold_limit_bytes and larger than its inputs",
+            )
+            continue
+        wrong = _type_mismatch(node, outputs)
+        if wrong:
+            ctx.record.skipped(f"{node.op_type} {node.name!r}", wrong)
+            continue
+        for value, array in zip(node.outputs, outputs):
+            if not value.uses and not value.is_graph_output:
                 continue
-            inputs = [None if v is None else const_value(v) for v in node.inputs]
-            if any(v is not None and a is None for v, a in zip(node.inputs, inputs)):
-                continue
-            if not any(v is not None for v in node.inputs) and node.op_type not in ("Range",):
-                continue
-            if not any(o.uses or o.is_graph_output for o in node.outputs):
-                continue  # dead: DCE removes it, no need to compute it
-            if node.op_type == "Identity" and node.outputs[0].is_graph_output and not node.outputs[0].uses:
-                continue  # it only gives a constant output its name: folding would put it back
-            in_bytes = sum(a.nbytes for a in inputs if a is not None)
-            try:
-                outputs = _evaluate(node, inputs, opset)
-            except Exception as exc:  # noqa: BLE001 - unfoldable ops stay in the graph
-                ctx.record.skipped(f"{node.op_type} {node.name!r}", f"evaluation failed: {str(exc)[:120]}")
-                continue
-            out_bytes = sum(o.nbytes for o in outputs)
-            if out_bytes > limit and out_bytes > in_bytes:
-                ctx.record.skipped(
-                    f"{node.op_type} {node.name!r}",
-                    f"folded result would be {out_bytes / 2**20:.1f} MiB, over fold_limit_bytes and larger than its inputs",
-                )
-                continue
-            wrong = _type_mismatch(node, outputs)
-            if wrong:
-                ctx.record.skipped(f"{node.op_type} {node.name!r}", wrong)
-                continue
-            for value, array in zip(node.outputs, outputs):
-                if not value.uses and not value.is_graph_output:
-                    continue
-                folded = model.graph.add_const(Tensor(array), value.name + "_folded")
-                value.replace_all_uses_with(folded)
-            # Only the folded node goes; other dead code (and inputs left unused) is DCE's to count.
-            try:
-                model.graph.remove(node)
-            except ValueError:
-                pass  # an unused-looking output is returned directly by a subgraph: keep the node
-            ctx.record.count("nodes_folded")
+            folded = model.graph.add_const(Tensor(array), value.name + "_folded")
+            value.replace_all_uses_with(folded)
+        # Only the folded node goes; other dead code (and inputs left unused) is DCE's to count.
+        try:
+            model.graph.remove(node)
+        except ValueError:
+            pass  # an unused-looking output is returned directly by a subgraph: keep the node
+        folded_nodes += 1
+    return folded_nodes
 
 
 def _type_mismatch(node: Node, outputs: list[np.ndarray]) -> str | None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import Model, Tensor
+from ...ir.shapes import infer_shapes
 from ...ir.symbolic import dim_values
 from ..base import Pass, PassContext
+from .constant_folding import fold_constants
 
 
 class ShapeSimplification(Pass):
@@ -22,24 +24,16 @@ class ShapeSimplification(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> None:
         graph = model.graph
+        # Shape values made constant here make data computations constant (ConstantOfShape of a
+        # now static shape, the mask arithmetic after it) and make more shapes known (a Slice
+        # whose bounds were computed): fold those (constant folding ran before this pass) and
+        # infer shapes again, until no new shape value is found.
+        for _ in range(_MAX_ROUNDS):
+            if not _make_shape_values_constant(graph, ctx):
+                break
+            ctx.record.count("nodes_folded", fold_constants(model, ctx))
+            infer_shapes(model)
         memo: dict = {}
-        for node in list(graph.nodes):
-            if node.graph is None:
-                continue
-            for value in node.outputs:
-                if value.is_const or not value.uses or value.dtype is None or not value.dtype.is_integer:
-                    continue
-                dims = dim_values(value, memo)
-                if dims is None or not all(isinstance(d, int) for d in dims) or node.op_type == "Constant":
-                    continue
-                array = np.array(dims, dtype=value.dtype.numpy)
-                if value.shape is not None and len(value.shape) == 0:
-                    array = array.reshape(())
-                elif value.shape is None:
-                    continue
-                folded = graph.add_const(Tensor(array), value.name + "_static")
-                value.replace_all_uses_with(folded)
-                ctx.record.count("shape_values_made_constant")
         for node in list(graph.nodes):
             if node.graph is None or node.op_type not in ("Reshape", "Expand") or node.domain:
                 continue
@@ -62,6 +56,34 @@ class ShapeSimplification(Pass):
             node.set_input(1, graph.add_const(Tensor(np.array(spec, np.int64)), target.name + "_static"))
             ctx.record.count(f"{node.op_type.lower()}_targets_made_constant")
         ctx.record.count("nodes_removed", graph.remove_dead())
+
+
+_MAX_ROUNDS = 4
+
+
+def _make_shape_values_constant(graph, ctx: PassContext) -> int:
+    """Replace every integer value whose elements symbolic evaluation proves to be numbers."""
+    memo: dict = {}
+    made = 0
+    for node in list(graph.nodes):
+        if node.graph is None:
+            continue
+        for value in node.outputs:
+            if value.is_const or not value.uses or value.dtype is None or not value.dtype.is_integer:
+                continue
+            dims = dim_values(value, memo)
+            if dims is None or not all(isinstance(d, int) for d in dims) or node.op_type == "Constant":
+                continue
+            array = np.array(dims, dtype=value.dtype.numpy)
+            if value.shape is not None and len(value.shape) == 0:
+                array = array.reshape(())
+            elif value.shape is None:
+                continue
+            folded = graph.add_const(Tensor(array), value.name + "_static")
+            value.replace_all_uses_with(folded)
+            ctx.record.count("shape_values_made_constant")
+            made += 1
+    return made
 
 
 def _reshape_spec(in_shape, target) -> list[int] | None:
