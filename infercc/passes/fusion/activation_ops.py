@@ -4,8 +4,9 @@
   0.044715 cubic approximation); the optional bias is added to x first, which ORT's BiasGelu and
   FastGelu take as an input (saving a pass over the tensor).
 * ``SiLU(x)`` = x * sigmoid(x). ORT's QuickGelu with alpha=1 computes exactly that: measured bit
-  for bit equal to Sigmoid + Mul on ORT's CPU provider, about 1.5-2x faster unfused at 4x128x11008
-  with graph optimizations off (ORT's own QuickGeluFusion does the same rewrite when they are on).
+  for bit equal to Sigmoid + Mul on ORT 1.32's CPU provider, and 2.0x faster than the two ops at
+  4x128x11008 with ORT's graph optimizations off (equal with them on: ORT's own QuickGeluFusion
+  makes the same rewrite). Not measured on CUDA, where ORT's fusion makes it too.
 """
 
 from __future__ import annotations

@@ -145,12 +145,12 @@ class ActivationFusion(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> None:
         graph = model.graph
-        before = {id(n) for n in graph.nodes}
-        apply_rules(model, RULES, ctx)
-        for node in graph.nodes:
-            if node.domain == DOMAIN and node.op_type in ACTIVATION_OPS and id(node) not in before:
-                ctx.record.sites.append(Site(f"{node.op_type} {node.name!r}", APPLIED))
-        apply_rules(model, BIAS_RULES, ctx)
+        for rules, what in ((RULES, ""), (BIAS_RULES, " (bias folded in)")):
+            before = {id(n) for n in graph.nodes}
+            apply_rules(model, rules, ctx)
+            for node in graph.nodes:
+                if node.domain == DOMAIN and node.op_type in ACTIVATION_OPS and id(node) not in before:
+                    ctx.record.sites.append(Site(f"{node.op_type} {node.name!r}{what}", APPLIED))
         _report_gated_mlps(model, ctx)
         dedupe_sites(ctx.record)
         if any(n.domain == DOMAIN for n in graph.nodes):

@@ -183,7 +183,8 @@ def fuse_skip(graph: Graph, norm: Node, add: Node) -> Node:
         if folded is not None:
             x, (skip, skip_bias, bias_add) = first, folded
             break
-    op = Builder(graph, add, norm.name or norm.op_type)
+    hint = norm.name.removesuffix(f"/{norm.op_type}") or norm.op_type
+    op = Builder(graph, add, hint)
     eps = norm.attr("epsilon")
     if norm.op_type == "LayerNorm":
         bias = norm.inputs[2] if len(norm.inputs) > 2 else None
@@ -222,8 +223,8 @@ class NormFusion(Pass):
             if reason:
                 ctx.record.skipped(where, f"fuse_skip_norm: {reason}")
                 continue
-            skip = fuse_skip(graph, node, add)
-            ctx.record.applied(where, skip.op_type)
+            fuse_skip(graph, node, add)
+            ctx.record.applied(where, "fuse_skip_norm")
         dedupe_sites(ctx.record)
         if any(n.domain == DOMAIN for n in graph.nodes):
             model.require_opset(DOMAIN, DOMAIN_VERSION)
