@@ -21,6 +21,10 @@ def signature(values: list[Value]) -> list[dict]:
 def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds as arrays of the right dtype; an InputError names the input and what it expects."""
     expected = {v.name: v for v in graph.inputs if not v.is_const}
+    if not isinstance(feeds, Mapping):
+        raise InputError(
+            f"feeds must be a dict of input name -> array, got {type(feeds).__name__}; the model's inputs are {list(expected)}"
+        )
     required = [v.name for v in graph.inputs if v.const is None]
     unknown = sorted(set(feeds) - {v.name for v in graph.inputs})
     if unknown:
@@ -32,7 +36,10 @@ def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.n
     symbols: dict[str, tuple[int, str]] = {}
     for name, array in feeds.items():
         value = expected.get(name) or next(v for v in graph.inputs if v.name == name)
-        array = np.asarray(array)
+        try:
+            array = np.asarray(array)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input {name!r} is not an array: {exc}") from None
         if value.dtype is not None and value.dtype != DType.STRING:
             want = value.dtype.numpy
             if array.dtype != want:

@@ -86,6 +86,20 @@ def test_check_feeds_errors_name_the_input(change, words):
         assert w in str(info.value), (w, str(info.value))
 
 
+def test_check_feeds_needs_a_mapping_of_arrays():
+    g = to_ir(_model()).graph
+    with pytest.raises(InputError, match="dict of input name"):
+        check_feeds(g, [np.zeros((2, 4), np.float32)])
+    feeds = _good()
+    feeds["x"] = [[1.0, 2.0], [3.0]]  # ragged
+    with pytest.raises(InputError, match="'x'"):
+        check_feeds(g, feeds)
+    feeds = _good()
+    feeds["x"] = np.array([["a", "b", "c", "d"]] * 2)
+    with pytest.raises(InputError, match="'x'"):
+        check_feeds(g, feeds)
+
+
 def test_random_feeds_follow_the_graph():
     g = to_ir(_model()).graph
     f = random_feeds(g, np.random.default_rng(0))
