@@ -32,18 +32,27 @@ def import_hf(folder: Path) -> Model:
             f"{folder}: model_type {model_type!r} is not supported (supported: {list(SUPPORTED_TYPES)}); "
             "export that model to ONNX and compile the .onnx file instead."
         )
-    weights = SafetensorsWeights(folder)
-    meta = _metadata(folder, config)
-    if model_type == "gpt2":
+    try:
+        return _import(folder, config)
+    except KeyError as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} has no {exc.args[0]!r}, which a {model_type} model needs; "
+                             "re-save it with save_pretrained.") from None
+
+
+def _import(folder: Path, config: dict[str, Any]) -> Model:
+    if config["model_type"] == "gpt2":
         spec = Gpt2Spec(
             vocab_size=config["vocab_size"], hidden_size=config["n_embd"], num_layers=config["n_layer"],
             num_heads=config["n_head"], layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
             activation=config.get("activation_function", "gelu_new"),
             scale_by_inverse_layer=bool(config.get("scale_attn_by_inverse_layer_idx", False)),
         )
+        weights = SafetensorsWeights(folder)
         prefix = "transformer." if "transformer.wte.weight" in weights else ""
-        return build_gpt2(spec, lambda name: weights.get(name if name == "lm_head.weight" else prefix + name), meta)
-    return build_llama(_llama_spec(folder, config), weights.get, meta)
+        return build_gpt2(spec, lambda name: weights.get(name if name == "lm_head.weight" else prefix + name),
+                          _metadata(folder, config))
+    spec = _llama_spec(folder, config)
+    return build_llama(spec, SafetensorsWeights(folder).get, _metadata(folder, config))
 
 
 def _llama_spec(folder: Path, config: dict[str, Any]) -> LlamaSpec:

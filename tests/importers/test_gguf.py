@@ -146,29 +146,45 @@ def test_stories260k_metadata():
     assert (meta["context_length"], meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]) == (2048, 5, 4, 8)
 
 
-def test_smollm2_greedy_matches_numpy_reference(capsys):
+@pytest.fixture(scope="module")
+def smollm2():
+    """The compiled SmolLM2 and the NumPy reference over the same file (built once: both take
+    seconds, most of it dequantizing 135M weights and creating the ORT session)."""
     path = require(SMOLLM2)
-    ref = reference(path)
     start = time.perf_counter()
     compiled = infercc.compile(path)
-    compile_s = time.perf_counter() - start
-    meta = read_metadata(compiled.model)
+    return {"compiled": compiled, "compile_s": time.perf_counter() - start, "reference": ReferenceLlama(path),
+            "doc": reference(path)}
+
+
+def test_smollm2_first_16_greedy_ids_match_numpy_reference(smollm2):
+    prompt = smollm2["doc"]["prompt_ids"]
+    ids, logits = greedy(smollm2["compiled"], prompt, 16)
+    numpy_ids, numpy_logits = smollm2["reference"].generate(prompt, 16)
+    assert ids == numpy_ids
+    assert np.abs(logits - numpy_logits).max() < LOGIT_TOLERANCE
+    meta = read_metadata(smollm2["compiled"].model)
     assert meta["eos_token_ids"] == [2] and "<|im_start|>" in meta["chat_template"]
+
+
+@pytest.mark.slow
+def test_smollm2_64_greedy_ids_vs_numpy_reference_and_llama_cpp(smollm2, capsys):
+    """Acceptance is equality with our NumPy reference; llama.cpp's ids (its Q4_1 arithmetic
+    differs) are reported, not required."""
+    doc = smollm2["doc"]
     start = time.perf_counter()
-    ids, logits = greedy(compiled, ref["prompt_ids"], 64)
+    ids, logits = greedy(smollm2["compiled"], doc["prompt_ids"], 64)
     generate_s = time.perf_counter() - start
-    numpy_ids, numpy_logits = ReferenceLlama(path).generate(ref["prompt_ids"], 64)
-    assert ids[:16] == numpy_ids[:16]
+    numpy_ids, numpy_logits = smollm2["reference"].generate(doc["prompt_ids"], 64)
     agree = next((i for i, (a, b) in enumerate(zip(ids, numpy_ids)) if a != b), 64)
-    # Compare logits over the stretch where both sequences are the same.
-    span = len(ref["prompt_ids"]) + agree
+    span = len(doc["prompt_ids"]) + agree  # logits compared where both sequences are the same
     diff = float(np.abs(logits[:span] - numpy_logits[:span]).max())
-    assert diff < LOGIT_TOLERANCE
-    llama_cpp_prefix = next((i for i, (a, b) in enumerate(zip(ids, ref["ids"])) if a != b), 64)
+    llama_cpp_prefix = next((i for i, (a, b) in enumerate(zip(ids, doc["ids"])) if a != b), 64)
     with capsys.disabled():
         print(f"\nSmolLM2 Q4_1: {agree}/64 greedy ids equal the NumPy reference, first {llama_cpp_prefix} equal "
-              f"llama.cpp's ({sum(a == b for a, b in zip(ids, ref['ids']))}/64 position-wise); max |logit diff| "
-              f"{diff:.2e}; compile {compile_s:.1f}s, 64 uncached steps {generate_s:.1f}s")
+              f"llama.cpp's ({sum(a == b for a, b in zip(ids, doc['ids']))}/64 position-wise); max |logit diff| "
+              f"{diff:.2e}; compile {smollm2['compile_s']:.1f}s, 64 uncached steps {generate_s:.1f}s")
+    assert agree >= 16 and diff < LOGIT_TOLERANCE
 
 
 # -- bad files ----------------------------------------------------------------------------------
