@@ -6,8 +6,10 @@ element type makes session creation fail (or silently fall back to CPU with copi
 lowering that is not backed here decomposes to standard ONNX and says why in the diagnostics.
 
 Sources: CPU entries are what ``tests/passes/fusion/test_lowering.py`` runs on ORT's CPU provider
-(one-node models per op and type); CUDA entries follow ORT's kernel registrations
-(``contrib_ops/cuda/cuda_contrib_kernels.cc``), not run here. Note that ORT registers
+(one-node models per op and type; a few, such as float16 FastGelu, run through ORT's expansion of
+the op's function body rather than a dedicated kernel); CUDA entries follow ORT's kernel
+registrations (``contrib_ops/cuda/cuda_contrib_kernels.cc``, ``contrib_ops/cuda/math/bias_gelu.cc``),
+not run here (no GPU in CI). Note that ORT registers
 ``SimplifiedLayerNormalization`` (and the pre-opset-17 ``LayerNormalization``) in the default ONNX
 domain, not ``com.microsoft``: they are ORT-only ops despite the domain.
 """
