@@ -10,6 +10,11 @@ from .errors import ConfigError
 
 PROVIDERS = ("auto", "cpu", "cuda")
 LOWERINGS = ("ort", "onnx")
+QUANTIZE = (None, "int8", "int4")
+QUANT_BLOCKS = (32, 64, 128)
+QUANT_METHODS = ("mse", "rtn")
+QUANT_ROLES = ("keep", "int8", "int4")
+MASKINGS = ("auto", "causal", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +39,29 @@ class Config:
     #: Lower canonical ops to ONNX Runtime contrib ops ("ort", fastest under ORT) or to standard
     #: ONNX only ("onnx", a portable artifact any runtime loads).
     lowering: str = "ort"
+    #: Attention masking: "auto" keeps what each attention's mask computes (causal where the model
+    #: builds a causal triangle; encoders stay bidirectional), "causal" forces a causal mask,
+    #: "none" removes the causal triangle and sliding window (padding masks stay). A policy that
+    #: contradicts the model's mask changes its outputs and is reported as a warning.
+    masking: str = "auto"
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
+    #: Weight-only quantization: None (off), "int8" (one scale per output channel) or "int4"
+    #: (blockwise). MatMul/Gemm weights become packed integers (ORT MatMulNBits); see passes/quantize.
+    quantize: str | None = None
+    #: int4 block length along the reduction axis (32, 64 or 128): smaller is more accurate, larger
+    #: is smaller and faster.
+    quant_block_size: int = 32
+    #: "mse" (least-squares scale/zero-point search, lower error) or "rtn" (round to nearest min/max).
+    quant_method: str = "mse"
+    #: True: no zero points (codes centred on 0); False: one integer zero point per block.
+    quant_symmetric: bool = False
+    #: The LM head and embedding tables when quantizing: "keep" (float), "int8" or "int4".
+    quant_lm_head: str = "int8"
+    quant_embeddings: str = "int8"
+    #: Leave float any weight whose relative reconstruction error ||W - Q(W)|| / ||W|| exceeds this.
+    quant_max_error: float | None = None
 
     def __post_init__(self) -> None:
         from .passes.pipeline import pass_names
@@ -60,6 +85,8 @@ class Config:
             raise ConfigError(f"Config.provider must be one of {list(PROVIDERS)}, got {self.provider!r}")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"Config.lowering must be one of {list(LOWERINGS)}, got {self.lowering!r}")
+        if self.masking not in MASKINGS:
+            raise ConfigError(f"Config.masking must be one of {list(MASKINGS)}, got {self.masking!r}")
         for name in ("intra_op_threads", "inter_op_threads", "fold_limit_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -67,6 +94,31 @@ class Config:
         tolerance = self.check_tolerance
         if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
             raise ConfigError(f"Config.check_tolerance must be a number > 0, got {self.check_tolerance!r}")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"Config.quantize must be one of {list(QUANTIZE)}, got {self.quantize!r}")
+        if self.quant_block_size not in QUANT_BLOCKS or isinstance(self.quant_block_size, bool):
+            raise ConfigError(f"Config.quant_block_size must be one of {list(QUANT_BLOCKS)}, got {self.quant_block_size!r}")
+        if self.quant_method not in QUANT_METHODS:
+            raise ConfigError(f"Config.quant_method must be one of {list(QUANT_METHODS)}, got {self.quant_method!r}")
+        if not isinstance(self.quant_symmetric, bool):
+            raise ConfigError(f"Config.quant_symmetric must be True or False, got {self.quant_symmetric!r}")
+        for name in ("quant_lm_head", "quant_embeddings"):
+            if getattr(self, name) not in QUANT_ROLES:
+                raise ConfigError(f"Config.{name} must be one of {list(QUANT_ROLES)}, got {getattr(self, name)!r}")
+        limit = self.quant_max_error
+        if limit is not None and (not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit > 0):
+            raise ConfigError(f"Config.quant_max_error must be None or a number > 0, got {limit!r}")
+        if self.quantize is not None and not self.optimize:
+            raise ConfigError("Config.quantize needs optimize=True: quantization is a pass of the pipeline")
+        if self.quantize is not None and self.check_each_pass:
+            raise ConfigError(
+                "Config.check_each_pass cannot be combined with quantize: it compares every pass with the float "
+                "model at check_tolerance and would roll quantization back; the quantize_weights pass reports its "
+                "own end-to-end error instead (diagnostics info 'end_to_end')"
+            )
 
     def replace(self, **options: Any) -> Config:
         """A copy with some fields changed; unknown names are an error listing the valid ones."""

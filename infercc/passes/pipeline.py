@@ -15,8 +15,11 @@ from .cleanup import (
     ShapeSimplification,
 )
 from .fusion.activations import ActivationFusion
+from .fusion.attention_fuse import AttentionFusion
 from .fusion.norms import NormFusion
+from .fusion.rotary import RotaryFusion
 from .lowering import LowerCanonicalOps
+from .quantize import QuantizeWeights
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -31,6 +34,9 @@ PIPELINE: list[type[Pass]] = [
     # fusions go here: they see a cleaned graph and emit canonical ops
     ActivationFusion,
     NormFusion,
+    RotaryFusion,
+    AttentionFusion,
+    QuantizeWeights,  # after the fusions (they match float MatMuls), before lowering
     LowerCanonicalOps,
     DeadCodeElimination,
 ]

@@ -1,0 +1,148 @@
+"""The softmax end of an attention site: from Softmax back to Q·Kᵀ (scalings and masks on the way)
+and forward to ·V (through the NaN guard exporters add for fully masked rows)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ...ir import Node, Value
+from ..rewrite import node_attr
+from .match_util import Mismatch, peel_scale, scalar_const
+
+
+@dataclasses.dataclass
+class Scores:
+    """Softmax(scale * Q·Kᵀ + masks): what the softmax input was built from."""
+
+    qk: Node
+    scale: float
+    where_terms: list[tuple[Value, bool, float]] = dataclasses.field(default_factory=list)
+    floats: list[Value] = dataclasses.field(default_factory=list)
+    nodes: list[Node] = dataclasses.field(default_factory=list)
+
+
+def probability_matmul(softmax: Node, opset: int) -> Node:
+    """The P·V MatMul a Softmax feeds (through an optional ``Where(IsNaN(p), 0, p)``)."""
+    x = softmax.inputs[0]
+    axis = node_attr(softmax, "axis", opset)
+    rank = len(x.shape) if x.shape is not None else None
+    if axis is None or not (axis == -1 or (rank is not None and axis == rank - 1)):
+        raise Mismatch(f"the softmax is over axis {axis}, not the key axis (the last)")
+    if opset < 13 and axis != -1 and rank is None:
+        raise Mismatch("the softmax (before opset 13) flattens an input of unknown rank")
+    probs = softmax.outputs[0]
+    users = probs.consumers()
+    guard = _nan_guard(probs, users)
+    if guard is not None:
+        probs, users = guard.outputs[0], guard.outputs[0].consumers()
+    if probs.is_graph_output or len(users) != 1:
+        raise Mismatch("the attention probabilities are also used elsewhere (returned, or read by other nodes)")
+    matmul = users[0]
+    if matmul.op_type != "MatMul" or matmul.domain or matmul.inputs[0] is not probs:
+        raise Mismatch(f"the softmax output goes to {matmul.op_type}, not to a product with V")
+    return matmul
+
+
+def _nan_guard(probs: Value, users: list[Node]) -> Node | None:
+    """``Where(IsNaN(p), 0, p)`` reading only p: the guard for rows with no allowed key."""
+    isnan = [u for u in users if u.op_type == "IsNaN"]
+    where = [u for u in users if u.op_type == "Where"]
+    if len(users) != 2 or len(isnan) != 1 or len(where) != 1:
+        return None
+    w = where[0]
+    if w.inputs[0] is not isnan[0].outputs[0] or w.inputs[2] is not probs or scalar_const(w.inputs[1]) != 0.0:
+        return None
+    if isnan[0].outputs[0].consumers() != [w]:
+        return None
+    return w
+
+
+def scores_of(softmax: Node) -> Scores:
+    """Walk from the softmax input to the Q·Kᵀ MatMul, collecting scalings and mask terms."""
+    value = softmax.inputs[0]
+    scale = 1.0
+    where_terms: list[tuple[Value, bool, float]] = []
+    floats: list[Value] = []
+    nodes: list[Node] = []
+    for _ in range(16):
+        node = value.producer
+        if node is None or node.domain:
+            raise Mismatch(f"the softmax input %{value.name} is not computed from Q·Kᵀ")
+        op = node.op_type
+        if op == "MatMul":
+            if not _activation(node.inputs[0]) or not _activation(node.inputs[1]):
+                raise Mismatch("the softmax input is a product with constant weights, not Q·Kᵀ")
+            return Scores(node, scale, where_terms, floats, nodes)
+        nodes.append(node)
+        if op == "Cast" or op == "Identity":
+            value = node.inputs[0]
+        elif op in ("Mul", "Div"):
+            inner, factor, _ = peel_scale(value, "the scores")
+            if inner is value:
+                raise Mismatch(f"the scores are multiplied by a tensor ({op} {node.name!r}), not a constant scale")
+            if where_terms or floats:
+                raise Mismatch("the scores are scaled after the mask is applied")
+            scale *= factor
+            value = inner
+        elif op == "Add":
+            a, b = node.inputs
+            from_a, from_b = _reaches_matmul(a), _reaches_matmul(b)
+            if from_a == from_b:
+                raise Mismatch("cannot tell the scores from the mask in a sum of two products")
+            scores, term = (a, b) if from_a else (b, a)
+            _add_term(term, where_terms, floats)
+            value = scores
+        elif op == "Where":
+            value = _masked_fill(node, where_terms)
+        else:
+            raise Mismatch(f"the scores go through {op} {node.name!r} before the softmax (not a scale or a mask)")
+    raise Mismatch("the softmax input is too far from Q·Kᵀ")
+
+
+def _add_term(term: Value, where_terms: list, floats: list) -> None:
+    node = term.producer
+    if node is not None and not node.domain and node.op_type == "Where":
+        cond, then, other = node.inputs
+        t, o = scalar_const(then), scalar_const(other)
+        if t == 0.0 and o is not None and o < 0:
+            where_terms.append((cond, False, o))
+            return
+        if o == 0.0 and t is not None and t < 0:
+            where_terms.append((cond, True, t))
+            return
+    floats.append(term)
+
+
+def _masked_fill(node: Node, where_terms: list) -> Value:
+    """``Where(mask, scores, fill)`` (or the negated form): a boolean mask replacing scores."""
+    cond, then, other = node.inputs
+    for scores, fill, negated in ((then, other, False), (other, then, True)):
+        f = scalar_const(fill)
+        if f is not None and _reaches_matmul(scores):
+            if not (math.isinf(f) and f < 0) and f > -1e30:
+                raise Mismatch(f"masked scores are replaced by {f:g}: only an infinite or absorbing fill "
+                               "is the same as adding it")
+            where_terms.append((cond, negated, f))
+            return scores
+    raise Mismatch(f"Where {node.name!r} before the softmax is not a mask on the scores")
+
+
+def _reaches_matmul(value: Value) -> bool:
+    for _ in range(8):
+        node = value.producer
+        if node is None or node.domain:
+            return False
+        if node.op_type == "MatMul":
+            return _activation(node.inputs[0]) and _activation(node.inputs[1])
+        if node.op_type in ("Mul", "Div", "Cast", "Identity"):
+            value = node.inputs[0] if scalar_const(node.inputs[0]) is None else node.inputs[1]
+        elif node.op_type in ("Add", "Where"):
+            return any(_reaches_matmul(x) for x in node.inputs if x is not None)
+        else:
+            return False
+    return False
+
+
+def _activation(value: Value) -> bool:
+    return not value.is_const and not (value.producer is not None and value.producer.op_type == "Constant")

@@ -1,0 +1,194 @@
+"""Helpers for the attention tests: the pipeline with the attention passes, fixture compiles cached
+per session, and a small hand-written attention layer to break in the negative tests."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import infercc
+from infercc.compiled import CompiledModel
+from infercc.passes.fusion.attention_fuse import AttentionFusion
+from infercc.passes.fusion.rotary import RotaryFusion
+from infercc.passes.lowering import LowerCanonicalOps
+from infercc.passes.pipeline import PIPELINE
+from tests.fixtures import catalog
+
+TOLERANCE = 1e-4
+FIXTURES = catalog.list_fixtures()
+F = TensorProto.FLOAT
+
+
+def pipeline(*, lower: bool = True) -> list:
+    """Every pass of the pipeline, with the attention passes right before lowering."""
+    classes = [c for c in PIPELINE if c not in (RotaryFusion, AttentionFusion)]
+    at = classes.index(LowerCanonicalOps)
+    classes[at:at] = [RotaryFusion, AttentionFusion]
+    if not lower:
+        classes = [c for c in classes if c is not LowerCanonicalOps]
+    return [c() for c in classes]
+
+
+def compile_model(model, *, lowering: str = "ort", lower: bool = True, **options) -> CompiledModel:
+    return infercc.compile(model, passes=pipeline(lower=lower), lowering=lowering, provider="cpu", **options)
+
+
+@functools.cache
+def compiled_fixture(name: str, lowering: str) -> CompiledModel:
+    return compile_model(str(catalog.fixture_path(name)), lowering=lowering, strict=True)
+
+
+def session(model) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def original_session(name: str) -> ort.InferenceSession:
+    return session(catalog.fixture_path(name))
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def max_diff(expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """Max |difference| over every position (padding included); NaNs must agree."""
+    worst = 0.0
+    for key, ref in expected.items():
+        out = got[key]
+        assert out.shape == ref.shape, key
+        assert np.array_equal(np.isnan(out), np.isnan(ref)), f"{key}: NaN positions differ"
+        diff = np.abs(np.nan_to_num(out.astype(np.float64)) - np.nan_to_num(ref.astype(np.float64)))
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst
+
+
+def attention_info(cm: CompiledModel) -> dict:
+    return cm.diagnostics["attention_fusion"].info.get("attention", {})
+
+
+# -- a hand-written attention layer ------------------------------------------------------------
+B, S, HID, HEADS, HEAD = 2, 6, 32, 4, 8
+
+
+def _const(name: str, array) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_heads: int = HEADS,
+                    repeat: str = "expand", v_heads: int | None = None, scale_input: bool = False,
+                    return_probs: bool = False, causal: bool = False) -> onnx.ModelProto:
+    """x [B, S, HID] -> one attention layer, as exporters write it, with knobs that break it."""
+    rng = np.random.default_rng(0)
+    v_heads = kv_heads if v_heads is None else v_heads
+    inits = [
+        _const("wq", rng.standard_normal((HID, HEADS * HEAD)).astype(np.float32) * 0.3),
+        _const("wk", rng.standard_normal((HID, kv_heads * HEAD)).astype(np.float32) * 0.3),
+        _const("wv", rng.standard_normal((HID, v_heads * HEAD)).astype(np.float32) * 0.3),
+        _const("split_q", np.array([0, 0, HEADS, HEAD], np.int64)),
+        _const("split_k", np.array([0, 0, kv_heads, HEAD], np.int64)),
+        _const("split_v", np.array([0, 0, v_heads, HEAD], np.int64)),
+        _const("merge", np.array([0, 0, HEADS * HEAD], np.int64)),
+        _const("sqrt_scale", np.array(HEAD ** -0.25, np.float32)),
+        _const("zero", np.array(0.0, np.float32)), _const("fill", np.array(-np.inf, np.float32)),
+        _const("axes12", np.array([1, 2], np.int64)), _const("axes2", np.array([2], np.int64)),
+    ]
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL)]
+    inputs = [helper.make_tensor_value_info("x", F, ["batch", "seq", HID]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
+
+    def heads(src: str, w: str, split: str, out: str) -> None:
+        nodes.extend([helper.make_node("MatMul", [src, w], [out + "_p"]),
+                      helper.make_node("Reshape", [out + "_p", split], [out + "_r"]),
+                      helper.make_node("Transpose", [out + "_r"], [out], perm=[0, 2, 1, 3])])
+
+    heads("x", "wq", "split_q", "q4")
+    heads("x", "wk", "split_k", "k4")
+    heads("x", "wv", "split_v", "v4")
+    k_read, v_read = "k4", "v4"
+    if kv_heads != HEADS:
+        rep = HEADS // kv_heads
+        if repeat == "tile":
+            inits.append(_const("tiles", np.array([1, rep, 1, 1], np.int64)))
+            nodes.append(helper.make_node("Tile", ["k4", "tiles"], ["k_rep"]))
+        else:
+            inits += [_const("expand_k", np.array([1, 1, rep, 1, 1], np.int64)),
+                      _const("merge_k", np.array([0, HEADS, -1, HEAD], np.int64))]
+            nodes += [helper.make_node("Unsqueeze", ["k4", "axes2"], ["k_u"]),
+                      helper.make_node("Expand", ["k_u", "expand_k"], ["k_e"]),
+                      helper.make_node("Reshape", ["k_e", "merge_k"], ["k_rep"])]
+        k_read = "k_rep"
+    if v_heads != HEADS:
+        rep = HEADS // v_heads
+        inits += [_const("expand_v", np.array([1, 1, rep, 1, 1], np.int64)),
+                  _const("merge_v", np.array([0, HEADS, -1, HEAD], np.int64))]
+        nodes += [helper.make_node("Unsqueeze", ["v4", "axes2"], ["v_u"]),
+                  helper.make_node("Expand", ["v_u", "expand_v"], ["v_e"]),
+                  helper.make_node("Reshape", ["v_e", "merge_v"], ["v_rep"])]
+        v_read = "v_rep"
+    scale = "sqrt_scale"
+    if scale_input:
+        inputs.append(helper.make_tensor_value_info("scale", F, []))
+        scale = "scale"
+    nodes += [helper.make_node("Transpose", [k_read], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("Mul", ["q4", scale], ["qs"]),
+              helper.make_node("Mul", ["kt", "sqrt_scale"], ["kts"]),
+              helper.make_node("MatMul", ["qs", "kts"], ["scores"])]
+    cond = _mask(nodes, inits, mask, causal)
+    nodes += [helper.make_node("Where", [cond, "zero", "fill"], ["bias"]),
+              helper.make_node("Add", ["scores", "bias"], ["masked"])]
+    if normalize == "Softmax":
+        nodes += [helper.make_node("Softmax", ["masked"], ["p0"], axis=-1),
+                  helper.make_node("IsNaN", ["p0"], ["nan"]),
+                  helper.make_node("Where", ["nan", "zero", "p0"], ["probs"])]
+    else:
+        nodes.append(helper.make_node(normalize, ["masked"], ["probs"]))
+    nodes += [helper.make_node("MatMul", ["probs", v_read], ["ctx4"]),
+              helper.make_node("Transpose", ["ctx4"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", F, None)]
+    if return_probs:
+        outputs.append(helper.make_tensor_value_info("probs", F, None))
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    proto.ir_version = 10
+    return proto
+
+
+def _mask(nodes: list, inits: list, mask: str, causal: bool) -> str:
+    """The boolean mask (True = attend) of the layer; "data" derives it from the activations."""
+    if mask == "data":
+        inits.append(_const("last", np.array([2], np.int64)))
+        nodes += [helper.make_node("ReduceMean", ["x", "last"], ["x_mean"], keepdims=0),
+                  helper.make_node("Greater", ["x_mean", "zero"], ["x_pos"]),
+                  helper.make_node("Unsqueeze", ["x_pos", "axes12"], ["cond"])]
+        return "cond"
+    nodes.append(helper.make_node("Unsqueeze", ["mask_bool", "axes12"], ["cond"]))
+    if not causal:
+        return "cond"
+    inits += [_const("r0", np.array(0, np.int64)), _const("r1", np.array(1, np.int64)),
+              _const("ax0", np.array([0], np.int64)), _const("ax1", np.array([1], np.int64)),
+              _const("one", np.array([1], np.int64))]
+    nodes += [helper.make_node("Shape", ["x"], ["len"], start=1, end=2),
+              helper.make_node("Squeeze", ["len", "ax0"], ["n"]),
+              helper.make_node("Range", ["r0", "n", "r1"], ["pos"]),
+              helper.make_node("Unsqueeze", ["pos", "ax1"], ["rows"]),
+              helper.make_node("LessOrEqual", ["pos", "rows"], ["tri"]),
+              helper.make_node("And", ["cond", "tri"], ["cond_causal"])]
+    return "cond_causal"
+
+
+def layer_feeds(seed: int = 0, *, batch: int = B, seq: int = S) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    if batch > 1:
+        mask[1, : seq // 2] = 0  # left padding: the first rows of batch 1 see no key
+    return {"x": rng.standard_normal((batch, seq, HID)).astype(np.float32), "attention_mask": mask}
