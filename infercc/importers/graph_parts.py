@@ -58,6 +58,13 @@ class GraphBuilder:
         return self.op("Add", y, bias, out=out) if bias is not None else y
 
 
+def declare(value: Value, dtype: DType, shape: tuple) -> Value:
+    """State a value's type as exporters do in value_info, where ONNX shape inference cannot derive
+    it (a Range's length, an Expand to a computed shape), so passes see [batch, sequence] dims."""
+    value.dtype, value.shape = dtype, shape
+    return value
+
+
 def text_inputs(b: GraphBuilder) -> tuple[Value, Value]:
     """``input_ids`` [batch, sequence] and ``attention_mask`` [batch, sequence] (1 = token,
     0 = padding). The mask is optional: its default is a single 1 that the graph expands to the
@@ -67,7 +74,7 @@ def text_inputs(b: GraphBuilder) -> tuple[Value, Value]:
     mask.const = Tensor(np.ones((1, 1), np.int64))
     b.graph.initializers[mask.name] = mask
     full_mask = b.op("Expand", mask, b.op("Shape", ids), out="attention_mask_full")
-    return ids, full_mask
+    return ids, declare(full_mask, DType.INT64, ("batch", "sequence"))
 
 
 def position_ids(b: GraphBuilder, mask: Value) -> Value:
@@ -81,7 +88,7 @@ def attention_bias(b: GraphBuilder, mask: Value, window: int | None = None) -> V
     """Additive mask [batch, 1, sequence, sequence]: 0 where query i may attend key j (j <= i,
     key j is not padding, and i - j < window when sliding), MASK_MIN elsewhere."""
     seq = b.op("Gather", b.op("Shape", mask), b.const(1), axis=0)
-    steps = b.op("Range", b.const(0), seq, b.const(1))
+    steps = declare(b.op("Range", b.const(0), seq, b.const(1)), DType.INT64, ("sequence",))
     keys = b.op("Unsqueeze", steps, b.ints(0))  # [1, s]: j
     queries = b.op("Unsqueeze", steps, b.ints(1))  # [s, 1]: i
     allowed = b.op("LessOrEqual", keys, queries)
@@ -91,7 +98,8 @@ def attention_bias(b: GraphBuilder, mask: Value, window: int | None = None) -> V
     not_padding = b.op("Cast", b.op("Unsqueeze", mask, b.ints(1, 2)), to=int(DType.BOOL))  # [b, 1, 1, s]
     allowed = b.op("And", b.op("Unsqueeze", allowed, b.ints(0, 1)), not_padding)
     name = "attention_bias" if window is None else f"attention_bias_window{window}"
-    return b.op("Where", allowed, b.scalar(0.0), b.scalar(MASK_MIN), out=name)
+    bias = b.op("Where", allowed, b.scalar(0.0), b.scalar(MASK_MIN), out=name)
+    return declare(bias, DType.FLOAT, ("batch", 1, "sequence", "sequence"))
 
 
 def split_heads(b: GraphBuilder, x: Value, heads: int, head_dim: int) -> Value:
@@ -105,12 +113,18 @@ def repeat_kv(b: GraphBuilder, x: Value, kv_heads: int, repeats: int, head_dim: 
     if repeats == 1:
         return x
     expanded = b.op("Expand", b.op("Unsqueeze", x, b.ints(2)), b.ints(1, 1, repeats, 1, 1))
-    return b.op("Reshape", expanded, b.ints(0, kv_heads * repeats, -1, head_dim))
+    # The target shape comes from Shape(x), not a -1, so shape inference keeps batch and sequence.
+    target = b.op("Concat", b.op("Shape", x, start=0, end=1), b.ints(kv_heads * repeats), b.op("Shape", x, start=2), axis=0)
+    return b.op("Reshape", expanded, target)
 
 
 def attention(b: GraphBuilder, q: Value, k: Value, v: Value, bias: Value, heads: int, head_dim: int) -> Value:
-    """softmax(q k^T / sqrt(d) + bias) v on [batch, heads, seq, d]; returns [batch, seq, heads * d]."""
-    scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.scalar(head_dim ** -0.5))
+    """softmax(q k^T / sqrt(d) + bias) v on [batch, heads, seq, d]; returns [batch, seq, heads * d].
+    The scale is split as d^-1/4 on q and on k^T before the product, as torch.onnx exports
+    scaled_dot_product_attention (transformers' default attention)."""
+    root_scale = b.scalar(head_dim ** -0.25)
+    key_t = b.op("Mul", b.op("Transpose", k, perm=[0, 1, 3, 2]), root_scale)
+    scores = b.op("MatMul", b.op("Mul", q, root_scale), key_t)
     probs = b.op("Softmax", b.op("Add", scores, bias), axis=-1)
     context = b.op("Transpose", b.op("MatMul", probs, v), perm=[0, 2, 1, 3])
     return b.op("Reshape", context, b.ints(0, 0, heads * head_dim))
