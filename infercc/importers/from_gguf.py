@@ -10,6 +10,7 @@ is unchanged and one rotary form (the one the fusion passes expect) serves every
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def import_gguf(path: Path) -> Model:
         return array
 
     if "lm_head.weight" not in hf_to_gguf:
-        spec = _replace(spec, tie_word_embeddings=True)
+        spec = dataclasses.replace(spec, tie_word_embeddings=True)
     return build_llama(spec, weight, _metadata(path, reader, arch, spec))
 
 
@@ -123,12 +124,6 @@ def _spec(path: Path, reader, arch: str) -> LlamaSpec:
     )
 
 
-def _replace(spec: LlamaSpec, **changes: Any) -> LlamaSpec:
-    import dataclasses
-
-    return dataclasses.replace(spec, **changes)
-
-
 def _hf_name(gguf_name: str) -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; unknown names kept."""
     parts = gguf_name.split(".")
@@ -145,12 +140,25 @@ def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+#: Texts of control tokens that end generation even when the file names another EOS (what
+#: llama.cpp treats as end-of-generation): a chat model's raw completion ends with <|endoftext|>.
+_END_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<EOT>")
+
+
+def eos_ids(reader) -> list[int]:
+    """The declared eos/eot/eom ids, then control tokens whose text ends generation."""
+    declared = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    types = field(reader, "tokenizer.ggml.token_type") or []
+    ends = [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3 and t in _END_TEXTS]
+    return list(dict.fromkeys(int(e) for e in [*declared, *ends] if e is not None))
+
+
 def _metadata(path: Path, reader, arch: str, spec: LlamaSpec) -> dict[str, str]:
-    eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return model_metadata(
         architecture=arch, source=path, source_format="gguf", vocab_size=spec.vocab_size,
         bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=list(dict.fromkeys(int(e) for e in eos if e is not None)),
+        eos_token_ids=eos_ids(reader),
         context_length=field(reader, f"{arch}.context_length"),
         chat_template=field(reader, "tokenizer.chat_template"),
         num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,

@@ -51,7 +51,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
-        from ..importers.from_gguf import field, open_gguf
+        from ..importers.from_gguf import eos_ids, field, open_gguf
 
         reader = open_gguf(Path(path))
         kind = field(reader, "tokenizer.ggml.model")
@@ -70,10 +70,8 @@ class Tokenizer:
             backend = gguf_byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre", "default"))
         else:
             raise ModelLoadError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'llama', 'gpt2').")
-        eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return cls(
-            backend, bos_id=field(reader, "tokenizer.ggml.bos_token_id"),
-            eos_ids=[int(e) for e in eos if e is not None],
+            backend, bos_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_ids=eos_ids(reader),
             add_bos=bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
             chat_template=field(reader, "tokenizer.chat_template"),
         )
@@ -125,18 +123,24 @@ class Tokenizer:
         return StreamDecoder(self, context)
 
     # -- chat ---------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True, **extra: Any) -> str:
-        """The prompt text for ``messages`` ([{"role": ..., "content": ...}]) with the model's
-        jinja2 template; without one, ChatML when the vocabulary has its tokens, else plain
-        "Role: content" lines."""
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **extra: Any) -> str | list[int]:
+        """The prompt for ``messages`` ([{"role": ..., "content": ...}]) with the model's jinja2
+        template; without one, ChatML when the vocabulary has its tokens, else plain "Role: content"
+        lines. ``tokenize`` returns ids, with BOS added unless the template already wrote it."""
         if self.chat_template:
-            return _render(self.chat_template, messages, add_generation_prompt, self._token_text(self.bos_id),
+            text = _render(self.chat_template, messages, add_generation_prompt, self._token_text(self.bos_id),
                            self._token_text(self.eos_ids[0] if self.eos_ids else None), extra)
-        if self.backend.token_to_id("<|im_start|>") is not None:
+        elif self.backend.token_to_id("<|im_start|>") is not None:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if add_generation_prompt else "")
+            text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        else:
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            text += "Assistant:" if add_generation_prompt else ""
+        if not tokenize:
+            return text
+        bos_text = self._token_text(self.bos_id)
+        return self.encode(text, add_bos=self.add_bos and not (bos_text and text.startswith(bos_text)))
 
     def _token_text(self, token: int | None) -> str:
         return "" if token is None else self.backend.decode([token], False)

@@ -164,7 +164,7 @@ def test_smollm2_first_16_greedy_ids_match_numpy_reference(smollm2):
     assert ids == numpy_ids
     assert np.abs(logits - numpy_logits).max() < LOGIT_TOLERANCE
     meta = read_metadata(smollm2["compiled"].model)
-    assert meta["eos_token_ids"] == [2] and "<|im_start|>" in meta["chat_template"]
+    assert meta["eos_token_ids"] == [2, 0] and "<|im_start|>" in meta["chat_template"]
 
 
 @pytest.mark.slow

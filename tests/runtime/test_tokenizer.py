@@ -40,7 +40,7 @@ def test_smollm2_gpt2_vocab():
     ref = reference(path)
     tok = Tokenizer.from_pretrained(path)
     assert tok.encode(ref["prompt"]) == ref["prompt_ids"] == [6403, 1980, 253, 655]  # add_bos_token is False
-    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2], False)
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2, 0], False)  # <|im_end|>, then <|endoftext|>
     assert tok.decode(ref["ids"]).startswith(", the city of Nova Haven was a thriving metropolis")
     assert tok.encode("2024") == [tok.encode(d)[0] for d in "2024"]  # pre "smollm": digits one by one
     for sample in TEXTS:
@@ -51,6 +51,7 @@ def test_smollm2_gpt2_vocab():
     ids = tok.encode(prompt)
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|>, <|im_end|> whole
     assert tok.decode(ids, skip_special=False) == prompt
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True) == ids
 
 
 def test_streaming_equals_decode_on_real_vocab():
@@ -161,6 +162,8 @@ def test_hf_folder_bos_from_post_processor_and_template(tmp_path):
     assert tok.encode("the fox", add_bos=False) == hf.encode("the fox", add_special_tokens=False).ids
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert tok.apply_chat_template(messages) == "<|endoftext|>[user] hi<|im_end|>[assistant] yo<|im_end|>"
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    assert ids[0] == 0 and ids[1] != 0  # the template wrote BOS: not added twice
 
 
 def test_plain_fallback_template_and_errors(tmp_path):
