@@ -19,7 +19,6 @@ from .fusion.attention_fuse import AttentionFusion
 from .fusion.norms import NormFusion
 from .fusion.rotary import RotaryFusion
 from .lowering import LowerCanonicalOps
-from .quantize import QuantizeWeights
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -36,7 +35,6 @@ PIPELINE: list[type[Pass]] = [
     NormFusion,
     RotaryFusion,
     AttentionFusion,
-    QuantizeWeights,  # after the fusions (they match float MatMuls), before lowering
     LowerCanonicalOps,
     DeadCodeElimination,
 ]
