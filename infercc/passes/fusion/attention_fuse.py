@@ -25,7 +25,7 @@ from .attention_mask import Literal, MaskAnalysis, MaskInfo, activation_set
 from .attention_op import AttentionSpec, make_node
 from .attention_output import OutputPlan, plan_output
 from .attention_report import SiteEntry, finish, other_normalizations
-from .attention_scores import probability_matmul, scores_of
+from .attention_scores import attention_shaped, probability_matmul, scores_of
 from .build_util import i64, scalar_like, shared
 from .dims import DimOracle, dim_of
 from .match_util import Mismatch, peel_scale
@@ -64,7 +64,7 @@ class AttentionFusion(Pass):
                 site = match(node, oracle, opset)
                 notes = apply_policy(site, policy)
             except Mismatch as exc:
-                entries.append(SiteEntry(where, False, str(exc), shaped=_shaped(node)))
+                entries.append(SiteEntry(where, False, str(exc), shaped=attention_shaped(node)))
                 continue
             for note in notes:
                 ctx.record.warn(note)
@@ -112,8 +112,17 @@ def match(softmax: Node, oracle: DimOracle, opset: int) -> Site:
         if lit.value.shape is None or not 2 <= len(lit.value.shape) <= rank:
             raise Mismatch(f"the rank of the mask %{lit.value.name} is not known or does not fit the scores")
     output = plan_output(pv, oracle, q.heads, v.size, rank)
-    spec = AttentionSpec(q.heads, kv_heads, q.size, v.size, scale, info.causal, info.left_window, info.mask_value)
+    spec = AttentionSpec(q.heads, kv_heads, q.size, v.size, scale, info.causal, info.left_window, info.mask_value,
+                         _softmax_precision(softmax, qk))
     return Site(pv, q, k, v, spec, info, rank, output)
+
+
+def _softmax_precision(softmax: Node, qk: Node) -> int:
+    """The type the softmax runs in when the exporter cast the scores up for it (16-bit models)."""
+    work, io = softmax.inputs[0].dtype, qk.outputs[0].dtype or qk.inputs[0].dtype
+    if work is None or io is None or work == io:
+        return 0
+    return int(work)
 
 
 def _rank(qk: Node, q_side: Value) -> int:
@@ -212,21 +221,11 @@ def _build_mask(op: Builder, site: Site, dtype: DType) -> Value | None:
     return shared(op, key, make)
 
 
-def _shaped(softmax: Node) -> bool:
-    """Attention-shaped: Softmax of a product of two activations, multiplied by an activation."""
-    try:
-        scores_of(softmax)
-    except Mismatch:
-        return False
-    users = softmax.outputs[0].consumers()
-    return any(u.op_type in ("MatMul", "IsNaN", "Where") for u in users)
-
-
 def _details(site: Site) -> dict[str, object]:
     spec = site.spec
     return {
         "num_heads": spec.num_heads, "kv_num_heads": spec.kv_num_heads, "head_size": spec.head_size,
         "scale": float(np.float32(spec.scale)), "causal": spec.causal, "left_window": spec.left_window,
-        "mask": site.mask.describe(), "mask_value": spec.mask_value,
+        "mask": site.mask.describe(), "mask_value": spec.mask_value, "softmax_precision": spec.softmax_precision,
         "q": site.q.how, "k": site.k.how, "v": site.v.how,
     }

@@ -26,7 +26,7 @@ MS = "com.microsoft"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 #: Element types with kernels, per provider (CPU: run in the tests; CUDA: ORT's registrations).
 KERNELS: dict[str, dict[str, frozenset[DType]]] = {
-    "MultiHeadAttention": {CPU: frozenset({DType.FLOAT}), CUDA: frozenset({DType.FLOAT, DType.FLOAT16})},
+    "MultiHeadAttention": {CPU: frozenset({DType.FLOAT, DType.FLOAT16}), CUDA: frozenset({DType.FLOAT, DType.FLOAT16})},
     "GroupQueryAttention": {
         CPU: frozenset({DType.FLOAT, DType.FLOAT16}), CUDA: frozenset({DType.FLOAT16, DType.BFLOAT16}),
     },
@@ -128,6 +128,8 @@ def lower_onnx(op: Builder, node: Node) -> list[Value] | str:
     if spec.num_heads % spec.kv_num_heads:
         return f"{spec.num_heads} query heads are not a multiple of {spec.kv_num_heads} key/value heads"
     attrs = {"q_num_heads": spec.num_heads, "kv_num_heads": spec.kv_num_heads, "scale": spec.scale}
+    if spec.softmax_precision:
+        attrs["softmax_precision"] = spec.softmax_precision
     if _only_causal(spec, mask, q, k) and spec.left_window < 0:
         return [op.Attention(q, k, v, is_causal=1, **attrs)]
     added = bias(op, node, fill=fill, full_rows=True)

@@ -133,6 +133,9 @@ class MaskAnalysis:
             holds = not array.any() if lit.negated else bool(array.all())
             return "true" if holds else None
         node = lit.value.producer
+        if node is not None and node.op_type == "Cast" and node.inputs[0].producer is not None:
+            if node.inputs[0].producer.op_type == "Trilu":  # a 0/1 triangle cast to bool
+                node = node.inputs[0].producer
         if node is None or node.domain:
             return None
         if node.op_type == "Trilu":

@@ -11,7 +11,9 @@ attention keeps K/V at their Hkv heads (the exporter's repeat_kv is dropped).
 Inputs: ``query``, ``key``, ``value``, optional ``mask``: bool (True = may attend) or float (added to
 the scores), broadcastable to [B, H, S, Skv], rank 4. Attributes: ``num_heads``, ``kv_num_heads``,
 ``head_size``, ``v_head_size``, ``scale``, ``causal`` (0/1), ``left_window`` (-1: unbounded; else
-how many earlier keys a query sees, with ``causal``), ``mask_value`` (added to disallowed scores).
+how many earlier keys a query sees, with ``causal``), ``mask_value`` (added to disallowed scores),
+``softmax_precision`` (0: the inputs' type; else the type the scores are cast to for the softmax,
+as 16-bit models do).
 
 Semantics, exactly what :func:`decompose` builds (i query row, j key column, off = Skv - S)::
 
@@ -52,6 +54,7 @@ class AttentionSpec:
     causal: bool
     left_window: int
     mask_value: float
+    softmax_precision: int = 0
 
     @classmethod
     def of(cls, node: Node) -> AttentionSpec:
@@ -60,6 +63,7 @@ class AttentionSpec:
             head_size=int(node.attr("head_size")), v_head_size=int(node.attr("v_head_size")),
             scale=float(node.attr("scale")), causal=bool(node.attr("causal", 0)),
             left_window=int(node.attr("left_window", -1)), mask_value=float(node.attr("mask_value", -math.inf)),
+            softmax_precision=int(node.attr("softmax_precision", 0)),
         )
 
     def attrs(self) -> dict[str, object]:
@@ -67,6 +71,7 @@ class AttentionSpec:
             "num_heads": self.num_heads, "kv_num_heads": self.kv_num_heads, "head_size": self.head_size,
             "v_head_size": self.v_head_size, "scale": self.scale, "causal": int(self.causal),
             "left_window": self.left_window, "mask_value": self.mask_value,
+            **({"softmax_precision": self.softmax_precision} if self.softmax_precision else {}),
         }
 
 
@@ -116,7 +121,8 @@ def position_mask(op: Builder, q: Value, k: Value, spec: AttentionSpec) -> Value
     return parts[0] if len(parts) == 1 else op.And(*parts)
 
 
-def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool = False) -> Value | None:
+def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool = False,
+         dtype: DType | None = None) -> Value | None:
     """The float [B|1, H|1, S|1, Skv] bias adding the mask, the causal triangle and the window to
     the scores (None when nothing is masked). ``full_rows`` makes dim 2 equal S (kernels that do not
     broadcast the query axis); ``fill`` overrides ``mask_value``. Built once per graph for layers
@@ -124,6 +130,7 @@ def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool 
     q, k, _, mask = inputs(node)
     spec = AttentionSpec.of(node)
     fill = spec.mask_value if fill is None else fill
+    dtype = dtype or q.dtype
     positional = spec.causal or spec.left_window >= 0
     if mask is None and not positional:
         return None
@@ -137,9 +144,10 @@ def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool 
             allowed = tri if allowed is None else op.And(allowed, tri)
         out = None
         if allowed is not None:
-            out = op.Where(allowed, scalar_like(op, 0.0, q.dtype, "zero"), scalar_like(op, fill, q.dtype, "fill"))
+            out = op.Where(allowed, scalar_like(op, 0.0, dtype, "zero"), scalar_like(op, fill, dtype, "fill"))
         if mask is not None and mask.dtype != DType.BOOL:
-            out = mask if out is None else op.Add(out, mask)
+            extra = mask if mask.dtype == dtype else op.Cast(mask, to=int(dtype))
+            out = extra if out is None else op.Add(out, extra)
         if out is not None and full_rows and not positional:
             rows = op.Concat(i64(op, [1, 1]), op.Shape(q, start=1, end=2), i64(op, [1]), axis=0)
             out = op.Expand(out, rows)
@@ -150,7 +158,7 @@ def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool 
     lengths = (q.shape[1] if q.shape else None, k.shape[1] if k.shape else None)
     if None in lengths:
         return make()
-    key = ("attention_bias", id(mask), spec.causal, spec.left_window, float(fill), q.dtype, lengths, full_rows)
+    key = ("attention_bias", id(mask), spec.causal, spec.left_window, float(fill), dtype, lengths, full_rows)
     return shared(op, key, make)
 
 
@@ -173,14 +181,19 @@ def decompose(op: Builder, node: Node) -> list[Value]:
         q4 = op.Reshape(q4, i64(op, [0, hkv, rep, -1, d]))
         kt, v4 = op.Unsqueeze(kt, i64(op, [2])), op.Unsqueeze(v4, i64(op, [2]))
     scores = op.MatMul(q4, kt)
-    added = bias(op, node)
+    work = DType(spec.softmax_precision) if spec.softmax_precision else q.dtype
+    if work != q.dtype:
+        scores = op.Cast(scores, to=int(work))
+    added = bias(op, node, dtype=work)
     if added is not None:
         if grouped:
             added = _grouped_bias(op, added, mask, h, hkv, rep)
         scores = op.Add(scores, added)
     probs = op.Softmax(scores, axis=-1)
     if may_be_nan(spec, mask):
-        probs = op.Where(op.IsNaN(probs), scalar_like(op, 0.0, q.dtype, "zero"), probs)
+        probs = op.Where(op.IsNaN(probs), scalar_like(op, 0.0, work, "zero"), probs)
+    if work != q.dtype:
+        probs = op.Cast(probs, to=int(q.dtype))
     out = op.MatMul(probs, v4)
     if grouped:
         out = op.Reshape(out, i64(op, [0, h, -1, dv]))

@@ -36,12 +36,32 @@ def probability_matmul(softmax: Node, opset: int) -> Node:
     guard = _nan_guard(probs, users)
     if guard is not None:
         probs, users = guard.outputs[0], guard.outputs[0].consumers()
+    while len(users) == 1 and users[0].op_type == "Cast" and not probs.is_graph_output:  # back to V's type
+        probs = users[0].outputs[0]
+        users = probs.consumers()
     if probs.is_graph_output or len(users) != 1:
         raise Mismatch("the attention probabilities are also used elsewhere (returned, or read by other nodes)")
     matmul = users[0]
     if matmul.op_type != "MatMul" or matmul.domain or matmul.inputs[0] is not probs:
         raise Mismatch(f"the softmax output goes to {matmul.op_type}, not to a product with V")
     return matmul
+
+
+def attention_shaped(softmax: Node) -> bool:
+    """Whether a softmax looks like attention even though the fusion refused it: its output (through
+    guards and casts) multiplies an activation, or its input is a product of two activations. Such
+    sites count towards the layers the report expects to be fused."""
+    frontier = [softmax.outputs[0]]
+    for _ in range(4):
+        following = []
+        for value in frontier:
+            for user in value.consumers():
+                if user.op_type == "MatMul" and not user.domain and all(_activation(x) for x in user.inputs):
+                    return True
+                if user.op_type in ("IsNaN", "Where", "Cast", "Dropout", "Identity"):
+                    following += user.outputs
+        frontier = following
+    return _reaches_matmul(softmax.inputs[0])
 
 
 def _nan_guard(probs: Value, users: list[Node]) -> Node | None:

@@ -85,24 +85,29 @@ def _const(name: str, array) -> onnx.TensorProto:
 
 def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_heads: int = HEADS,
                     repeat: str = "expand", v_heads: int | None = None, scale_input: bool = False,
-                    return_probs: bool = False, causal: bool = False) -> onnx.ModelProto:
-    """x [B, S, HID] -> one attention layer, as exporters write it, with knobs that break it."""
+                    return_probs: bool = False, causal: bool = False, mask_form: str = "where_add",
+                    causal_form: str = "range", half: bool = False) -> onnx.ModelProto:
+    """x [B, S, HID] -> one attention layer, as exporters write it, with knobs that break it.
+    ``half``: float16 throughout except the softmax, run in float32 between two Casts (as HF's
+    eager attention does for 16-bit models)."""
     rng = np.random.default_rng(0)
+    ftype = np.float16 if half else np.float32
     v_heads = kv_heads if v_heads is None else v_heads
     inits = [
-        _const("wq", rng.standard_normal((HID, HEADS * HEAD)).astype(np.float32) * 0.3),
-        _const("wk", rng.standard_normal((HID, kv_heads * HEAD)).astype(np.float32) * 0.3),
-        _const("wv", rng.standard_normal((HID, v_heads * HEAD)).astype(np.float32) * 0.3),
+        _const("wq", (rng.standard_normal((HID, HEADS * HEAD)) * 0.3).astype(ftype)),
+        _const("wk", (rng.standard_normal((HID, kv_heads * HEAD)) * 0.3).astype(ftype)),
+        _const("wv", (rng.standard_normal((HID, v_heads * HEAD)) * 0.3).astype(ftype)),
         _const("split_q", np.array([0, 0, HEADS, HEAD], np.int64)),
         _const("split_k", np.array([0, 0, kv_heads, HEAD], np.int64)),
         _const("split_v", np.array([0, 0, v_heads, HEAD], np.int64)),
         _const("merge", np.array([0, 0, HEADS * HEAD], np.int64)),
-        _const("sqrt_scale", np.array(HEAD ** -0.25, np.float32)),
-        _const("zero", np.array(0.0, np.float32)), _const("fill", np.array(-np.inf, np.float32)),
+        _const("sqrt_scale", np.array(HEAD ** -0.25, ftype)),
+        _const("zero", np.array(0.0, ftype)), _const("fill", np.array(-np.inf, ftype)),
+        _const("zero32", np.array(0.0, np.float32)),
         _const("axes12", np.array([1, 2], np.int64)), _const("axes2", np.array([2], np.int64)),
     ]
     nodes = [helper.make_node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL)]
-    inputs = [helper.make_tensor_value_info("x", F, ["batch", "seq", HID]),
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT16 if half else F, ["batch", "seq", HID]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
 
     def heads(src: str, w: str, split: str, out: str) -> None:
@@ -142,19 +147,35 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
               helper.make_node("Mul", ["q4", scale], ["qs"]),
               helper.make_node("Mul", ["kt", "sqrt_scale"], ["kts"]),
               helper.make_node("MatMul", ["qs", "kts"], ["scores"])]
-    cond = _mask(nodes, inits, mask, causal)
-    nodes += [helper.make_node("Where", [cond, "zero", "fill"], ["bias"]),
-              helper.make_node("Add", ["scores", "bias"], ["masked"])]
+    if mask_form == "additive":  # BERT's old (1 - mask) * -10000
+        inits += [_const("one_f", np.array(1.0, ftype)), _const("big", np.array(-10000.0, ftype))]
+        nodes += [helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT16 if half else F),
+                  helper.make_node("Sub", ["one_f", "mask_f"], ["inv"]),
+                  helper.make_node("Mul", ["inv", "big"], ["bias2"]),
+                  helper.make_node("Unsqueeze", ["bias2", "axes12"], ["bias"]),
+                  helper.make_node("Add", ["scores", "bias"], ["masked"])]
+    else:
+        cond = _mask(nodes, inits, mask, causal, causal_form)
+        if mask_form == "masked_fill":
+            nodes.append(helper.make_node("Where", [cond, "scores", "fill"], ["masked"]))
+        else:
+            nodes += [helper.make_node("Where", [cond, "zero", "fill"], ["bias"]),
+                      helper.make_node("Add", ["scores", "bias"], ["masked"])]
     if normalize == "Softmax":
-        nodes += [helper.make_node("Softmax", ["masked"], ["p0"], axis=-1),
+        scores_in, probs_out = ("masked32", "probs32") if half else ("masked", "probs")
+        if half:
+            nodes.append(helper.make_node("Cast", ["masked"], ["masked32"], to=F))
+        nodes += [helper.make_node("Softmax", [scores_in], ["p0"], axis=-1),
                   helper.make_node("IsNaN", ["p0"], ["nan"]),
-                  helper.make_node("Where", ["nan", "zero", "p0"], ["probs"])]
+                  helper.make_node("Where", ["nan", "zero32", "p0"], [probs_out])]
+        if half:
+            nodes.append(helper.make_node("Cast", ["probs32"], ["probs"], to=TensorProto.FLOAT16))
     else:
         nodes.append(helper.make_node(normalize, ["masked"], ["probs"]))
     nodes += [helper.make_node("MatMul", ["probs", v_read], ["ctx4"]),
               helper.make_node("Transpose", ["ctx4"], ["ctx_t"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["ctx_t", "merge"], ["y"])]
-    outputs = [helper.make_tensor_value_info("y", F, None)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT16 if half else F, None)]
     if return_probs:
         outputs.append(helper.make_tensor_value_info("probs", F, None))
     graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
@@ -163,7 +184,7 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
     return proto
 
 
-def _mask(nodes: list, inits: list, mask: str, causal: bool) -> str:
+def _mask(nodes: list, inits: list, mask: str, causal: bool, causal_form: str = "range") -> str:
     """The boolean mask (True = attend) of the layer; "data" derives it from the activations."""
     if mask == "data":
         inits.append(_const("last", np.array([2], np.int64)))
@@ -177,18 +198,26 @@ def _mask(nodes: list, inits: list, mask: str, causal: bool) -> str:
     inits += [_const("r0", np.array(0, np.int64)), _const("r1", np.array(1, np.int64)),
               _const("ax0", np.array([0], np.int64)), _const("ax1", np.array([1], np.int64)),
               _const("one", np.array([1], np.int64))]
-    nodes += [helper.make_node("Shape", ["x"], ["len"], start=1, end=2),
-              helper.make_node("Squeeze", ["len", "ax0"], ["n"]),
-              helper.make_node("Range", ["r0", "n", "r1"], ["pos"]),
-              helper.make_node("Unsqueeze", ["pos", "ax1"], ["rows"]),
-              helper.make_node("LessOrEqual", ["pos", "rows"], ["tri"]),
-              helper.make_node("And", ["cond", "tri"], ["cond_causal"])]
+    nodes.append(helper.make_node("Shape", ["x"], ["len"], start=1, end=2))
+    if causal_form == "trilu":
+        nodes += [helper.make_node("Concat", ["len", "len"], ["square"], axis=0),
+                  helper.make_node("ConstantOfShape", ["square"], ["ones"],
+                                   value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
+                  helper.make_node("Trilu", ["ones"], ["lower"], upper=0),
+                  helper.make_node("Cast", ["lower"], ["tri"], to=TensorProto.BOOL)]
+    else:
+        nodes += [helper.make_node("Squeeze", ["len", "ax0"], ["n"]),
+                  helper.make_node("Range", ["r0", "n", "r1"], ["pos"]),
+                  helper.make_node("Unsqueeze", ["pos", "ax1"], ["rows"]),
+                  helper.make_node("LessOrEqual", ["pos", "rows"], ["tri"])]
+    nodes.append(helper.make_node("And", ["cond", "tri"], ["cond_causal"]))
     return "cond_causal"
 
 
-def layer_feeds(seed: int = 0, *, batch: int = B, seq: int = S) -> dict[str, np.ndarray]:
+def layer_feeds(seed: int = 0, *, batch: int = B, seq: int = S, half: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, seq), np.int64)
     if batch > 1:
         mask[1, : seq // 2] = 0  # left padding: the first rows of batch 1 see no key
-    return {"x": rng.standard_normal((batch, seq, HID)).astype(np.float32), "attention_mask": mask}
+    x = rng.standard_normal((batch, seq, HID)).astype(np.float16 if half else np.float32)
+    return {"x": x, "attention_mask": mask}

@@ -48,6 +48,21 @@ def test_written_attention_is_fused(kv_heads: int, causal: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("options", "causal", "mask"),
+    [
+        ({"causal": True, "causal_form": "trilu"}, True, "causal, padding"),
+        ({"causal": True, "mask_form": "masked_fill"}, True, "causal, padding"),
+        ({"mask_form": "masked_fill"}, False, "padding"),
+        ({"mask_form": "additive"}, False, "additive bias"),
+    ],
+)
+def test_mask_forms_are_understood(options: dict, causal: bool, mask: str) -> None:
+    cms = _compile_and_compare(attention_layer(**options), layer_feeds())
+    site = attention_info(cms["ort"])["sites"][0]
+    assert site["status"] == "fused" and site["causal"] == causal and site["mask"] == mask, site
+
+
+@pytest.mark.parametrize(
     ("options", "reason"),
     [
         ({"mask": "data"}, "data-dependent"),
@@ -71,6 +86,21 @@ def test_broken_attention_is_left_alone_with_the_reason(options: dict, reason: s
     assert any(reason in s.reason for s in record.sites if s.status == "skipped")
     assert any("fused 0 of 1 expected" in w for w in record.warnings), record.warnings
     assert "Attention" not in " ".join(cms["ort"].model.graph.op_histogram())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_half_precision_attention_keeps_its_float32_softmax(kv_heads: int) -> None:
+    proto = attention_layer(half=True, causal=True, kv_heads=kv_heads)
+    feeds = layer_feeds(half=True)
+    expected = run(session(proto), feeds)
+    for lowering in ("ort", "onnx"):
+        cm = compile_model(proto, lowering=lowering, strict=True)
+        site = attention_info(cm)["sites"][0]
+        assert site["status"] == "fused", site
+        assert site["softmax_precision"] == TensorProto.FLOAT
+        if lowering == "ort":
+            assert any(op.startswith("com.microsoft::") and "Attention" in op for op in cm.model.graph.op_histogram())
+        assert max_diff(expected, cm.run(feeds)) <= 2e-3, lowering  # float16 outputs
 
 
 def test_single_head_attention_becomes_multi_head_form() -> None:
