@@ -157,6 +157,7 @@ def smollm2():
             "doc": reference(path)}
 
 
+@pytest.mark.slow  # ~20 s on 2 cores (dequantizing 135M weights twice, a 650 MB ORT session)
 def test_smollm2_first_16_greedy_ids_match_numpy_reference(smollm2):
     prompt = smollm2["doc"]["prompt_ids"]
     ids, logits = greedy(smollm2["compiled"], prompt, 16)
