@@ -24,7 +24,7 @@ from .attention_layout import Layout, Packed
 from .attention_mask import Literal, MaskAnalysis, MaskInfo, activation_set
 from .attention_op import AttentionSpec, make_node
 from .attention_output import OutputPlan, plan_output
-from .attention_report import SiteEntry, finish, other_normalizations
+from .attention_report import SiteEntry, finish, other_normalizations, projections
 from .attention_scores import attention_shaped, probability_matmul, scores_of
 from .build_util import i64, scalar_like, shared
 from .dims import DimOracle, dim_of
@@ -143,7 +143,7 @@ def _single_head(q3: Value, kt: Value, v3: Value):
     sizes = [dim_of(q3, 2), dim_of(k3, 2), dim_of(v3, 2)]
     if not all(isinstance(s, int) for s in sizes):
         raise Mismatch("the head size of a single-head attention is not known")
-    make = [Packed(lambda op, x=x: x, 1, s, "single head", (x, 1)) for x, s in zip((q3, k3, v3), sizes)]
+    make = [Packed(lambda op, x=x: x, 1, s, "single head", (x, 1), x) for x, s in zip((q3, k3, v3), sizes)]
     return make[0], make[1], make[2], 1, 1
 
 
@@ -228,4 +228,5 @@ def _details(site: Site) -> dict[str, object]:
         "scale": float(np.float32(spec.scale)), "causal": spec.causal, "left_window": spec.left_window,
         "mask": site.mask.describe(), "mask_value": spec.mask_value, "softmax_precision": spec.softmax_precision,
         "q": site.q.how, "k": site.k.how, "v": site.v.how,
+        "rotary": site.q.rotary or "none", "projections": projections(site.q.source, site.k.source, site.v.source),
     }

@@ -36,6 +36,10 @@ class Packed:
     how: str
     #: A value whose axis 1 is this tensor's sequence axis (to prove lengths equal).
     seq: tuple[Value, int]
+    #: The [B, S, *] tensor the heads were split from (a projection output), when known.
+    source: Value | None = None
+    #: The rotary applied on the way ("" if none), for the report.
+    rotary: str = ""
 
 
 class Layout:
@@ -98,7 +102,7 @@ class Layout:
         split = self.split_reshape(t)
         if split is not None:
             x, n, d = split
-            return Packed(lambda op: x, n, d, "projection output", (x, 1))
+            return Packed(lambda op: x, n, d, "projection output", (x, 1), x)
         heads, size = dim_of(t, 2), dim_of(t, 3)
         if not (isinstance(heads, int) and isinstance(size, int)):
             raise Mismatch(f"the number of heads or the head size of {what} is not known")
@@ -134,7 +138,9 @@ class Layout:
                 part = op.Slice(t, *node.inputs[1:])
             return op.Reshape(part, i64(op, [0, 0, heads * size]))
 
-        return Packed(plan, heads, size, "packed QKV split before the head transpose", (t, 1))
+        split = self.split_reshape(t)
+        return Packed(plan, heads, size, "packed QKV split before the head transpose", (t, 1),
+                      split[0] if split is not None else None)
 
     def _heads_of_bshd(self, t: Value) -> int | None:
         split = self.split_reshape(t)
@@ -152,7 +158,10 @@ class Layout:
             return make_node(op, inner.plan(op), cos, sin, num_heads=inner.heads, rotary_dim=rdim,
                              interleaved=interleaved)
 
-        return Packed(plan, inner.heads, inner.size, f"{inner.how}, rotary moved before the head split", inner.seq)
+        style = "interleaved" if interleaved else "half-rotated"
+        part = "" if rdim == inner.size else f", {rdim} of {inner.size} dims"
+        return Packed(plan, inner.heads, inner.size, f"{inner.how}, rotary moved before the head split", inner.seq,
+                      inner.source, f"{style}{part}")
 
     # -- K transposed --------------------------------------------------------------------------
     def untranspose_key(self, kt: Value) -> tuple[str, Value]:

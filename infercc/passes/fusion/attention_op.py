@@ -90,7 +90,8 @@ def same_length(q: Value, k: Value) -> bool:
 
 def may_be_nan(spec: AttentionSpec, mask: Value | None) -> bool:
     """Whether a row can end up with every score at -inf (softmax gives NaN there)."""
-    has_bool = (mask is not None and mask.dtype == DType.BOOL) or spec.left_window >= 0
+    # causal too: with more queries than keys, the first rows see no key
+    has_bool = (mask is not None and mask.dtype == DType.BOOL) or spec.left_window >= 0 or spec.causal
     return (has_bool and math.isinf(spec.mask_value)) or (mask is not None and mask.dtype != DType.BOOL)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from typing import Any
 
-from ...ir import Graph, Node
+from ...ir import Graph, Node, Value
 from ..diagnostics import PassRecord
 
 _LAYER = re.compile(r"(?:^|[./_])(?:layers|layer|h|blocks|block)[._](\d+)(?=[./_])")
@@ -75,6 +75,53 @@ def other_normalizations(graph: Graph) -> list[tuple[Node, str]]:
             value = next((x for x in producer.inputs if x is not None and _activation(x) and not _bool(x)),
                          producer.inputs[0])
     return sites
+
+
+def projections(q: Value | None, k: Value | None, v: Value | None) -> str:
+    """How Q, K and V were projected, for the report: "packed QKV MatMul + bias of one input",
+    "separate MatMul of one input", "separate MatMul + bias, K/V from another input"..."""
+    found = [_projection(x) for x in (q, k, v)]
+    if any(f is None for f in found):
+        return "not traced to projections"
+    kinds = {kind for kind, _, _ in found}
+    packed = {node for _, _, node in found if node is not None}
+    inputs = [x for _, x, _ in found]
+    if q is k is v:  # one projection split per head (GPT-NeoX's [B, S, H, 3*D])
+        how = "packed QKV (per head)"
+    elif len(packed) == 1 and all(f[2] is not None for f in found):
+        how = "packed QKV"
+    else:
+        how = "separate"
+    kind = " / ".join(sorted(kinds))
+    if inputs[0] is inputs[1] is inputs[2]:
+        src = "of one input"
+    elif inputs[1] is inputs[2]:
+        src = "K/V from another input"
+    else:
+        src = "of different inputs"
+    return f"{how} {kind} {src}"
+
+
+def _projection(value: Value | None) -> tuple[str, Value, Node | None] | None:
+    """(kind, projected input, the Split/Slice node when packed) of a projection output."""
+    packed = None
+    for _ in range(4):
+        if value is None or value.producer is None:
+            return None
+        node = value.producer
+        if node.op_type in ("Split", "Slice") and packed is None:
+            packed, value = node, node.inputs[0]
+        elif node.op_type == "Reshape":
+            value = node.inputs[0]
+        elif node.op_type == "Add" and any(x.is_const for x in node.inputs):
+            inner = _projection(next(x for x in node.inputs if not x.is_const))
+            return None if inner is None else (f"{inner[0]} + bias", inner[1], packed or inner[2])
+        elif node.op_type in ("MatMul", "Gemm") and node.inputs[1] is not None and node.inputs[1].is_const:
+            bias = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
+            return ("MatMul + bias" if bias else "MatMul", node.inputs[0], packed)
+        else:
+            return None
+    return None
 
 
 def _activation(value) -> bool:

@@ -86,10 +86,11 @@ def _const(name: str, array) -> onnx.TensorProto:
 def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_heads: int = HEADS,
                     repeat: str = "expand", v_heads: int | None = None, scale_input: bool = False,
                     return_probs: bool = False, causal: bool = False, mask_form: str = "where_add",
-                    causal_form: str = "range", half: bool = False) -> onnx.ModelProto:
+                    causal_form: str = "range", half: bool = False, cross: bool = False) -> onnx.ModelProto:
     """x [B, S, HID] -> one attention layer, as exporters write it, with knobs that break it.
     ``half``: float16 throughout except the softmax, run in float32 between two Casts (as HF's
-    eager attention does for 16-bit models)."""
+    eager attention does for 16-bit models). ``cross``: K and V from ``memory`` [B, T, HID], masked by
+    ``attention_mask`` [B, T] (cross-attention)."""
     rng = np.random.default_rng(0)
     ftype = np.float16 if half else np.float32
     v_heads = kv_heads if v_heads is None else v_heads
@@ -115,9 +116,14 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
                       helper.make_node("Reshape", [out + "_p", split], [out + "_r"]),
                       helper.make_node("Transpose", [out + "_r"], [out], perm=[0, 2, 1, 3])])
 
+    kv_src = "x"
+    if cross:
+        kv_src = "memory"
+        inputs.append(helper.make_tensor_value_info("memory", TensorProto.FLOAT16 if half else F, ["batch", "mem", HID]))
+        inputs[1] = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "mem"])
     heads("x", "wq", "split_q", "q4")
-    heads("x", "wk", "split_k", "k4")
-    heads("x", "wv", "split_v", "v4")
+    heads(kv_src, "wk", "split_k", "k4")
+    heads(kv_src, "wv", "split_v", "v4")
     k_read, v_read = "k4", "v4"
     if kv_heads != HEADS:
         rep = HEADS // kv_heads

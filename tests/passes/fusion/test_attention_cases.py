@@ -103,6 +103,21 @@ def test_half_precision_attention_keeps_its_float32_softmax(kv_heads: int) -> No
         assert max_diff(expected, cm.run(feeds)) <= 2e-3, lowering  # float16 outputs
 
 
+def test_cross_attention_is_fused() -> None:
+    """K/V from another sequence (an encoder's output): same canonical op, a longer key axis."""
+    proto = attention_layer(cross=True)
+    rng = np.random.default_rng(5)
+    mask = np.ones((2, 9), np.int64)
+    mask[1, 6:] = 0
+    feeds = {"x": rng.standard_normal((2, 4, HID)).astype(np.float32),
+             "memory": rng.standard_normal((2, 9, HID)).astype(np.float32), "attention_mask": mask}
+    cms = _compile_and_compare(proto, feeds)
+    site = attention_info(cms["ort"])["sites"][0]
+    assert site["status"] == "fused" and not site["causal"], site
+    assert site["projections"] == "separate MatMul K/V from another input"
+    assert "com.microsoft::MultiHeadAttention" in cms["ort"].model.graph.op_histogram()
+
+
 def test_single_head_attention_becomes_multi_head_form() -> None:
     """[B, S, D] attention without a head split is the canonical op with one head."""
     rng = np.random.default_rng(1)

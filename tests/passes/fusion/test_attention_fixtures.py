@@ -70,6 +70,16 @@ def test_fusion_report_describes_each_layer(name: str) -> None:
         window = cfg.get("sliding_window")
         assert site["left_window"] == (window - 1 if window else -1)
         assert "padding" in site["mask"]
+        rotary = cfg["rotary"]
+        if rotary["type"] == "none":
+            assert site["rotary"] == "none"
+        else:
+            partial = rotary["rotary_dim"] < cfg["head_dim"]
+            assert site["rotary"] == "half-rotated" + (f", {rotary['rotary_dim']} of {cfg['head_dim']} dims" if partial else "")
+        packed = info["family"] in ("gpt2", "gpt_neox")
+        bias = info["family"] not in ("llama", "mistral")
+        assert site["projections"].startswith("packed QKV" if packed else "separate"), site["projections"]
+        assert ("+ bias" in site["projections"]) == bias and site["projections"].endswith("of one input")
 
 
 def test_masks_keep_each_exporters_semantics() -> None:
