@@ -20,6 +20,9 @@ class OrtBackend:
         # ORT's own rewrites stay on: they are provider-specific and cheap, and a user comparing us
         # with plain onnxruntime should see the same baseline optimizations on both sides.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Errors only: ORT warns about every input that has a default initializer (imported
+        # checkpoints' optional attention_mask) and about shape merges it resolves itself.
+        options.log_severity_level = 3
         self._tmp: tempfile.TemporaryDirectory | None = None
         if weight_bytes(model) > PROTO_LIMIT:
             # Protobuf cannot hold > 2 GB; ORT reads external data from a path instead.
