@@ -87,7 +87,7 @@ def match(softmax: Node, oracle: DimOracle, opset: int) -> Site:
     q_side, q_scale, _ = peel_scale(qk.inputs[0], "Q")
     k_side, k_scale, _ = peel_scale(qk.inputs[1], "K")
     v_side = pv.inputs[1]
-    rank = _rank(qk, q_side)
+    rank = _rank(qk, q_side, k_side, v_side)
     layout = Layout(oracle)
     if rank == 4:
         q = layout.packed(q_side, "Q")
@@ -125,13 +125,16 @@ def _softmax_precision(softmax: Node, qk: Node) -> int:
     return int(work)
 
 
-def _rank(qk: Node, q_side: Value) -> int:
-    for value in (qk.outputs[0], q_side, qk.inputs[0]):
-        if value.shape is not None:
-            if len(value.shape) not in (3, 4):
-                raise Mismatch(f"Q·Kᵀ has rank {len(value.shape)}; attention is [B, S, D] or [B, H, S, D]")
-            return len(value.shape)
-    raise Mismatch("the rank of Q·Kᵀ is not known")
+def _rank(qk: Node, q_side: Value, k_side: Value, v_side: Value) -> int:
+    ranks = {len(x.shape) for x in (qk.outputs[0], q_side, k_side, v_side) if x.shape is not None}
+    if len(ranks) > 1:
+        raise Mismatch(f"Q, Kᵀ, V and their product have ranks {sorted(ranks)}: heads are broadcast")
+    if not ranks:
+        raise Mismatch("the rank of Q·Kᵀ is not known")
+    rank = ranks.pop()
+    if rank not in (3, 4):
+        raise Mismatch(f"Q·Kᵀ has rank {rank}; attention is [B, S, D] or [B, H, S, D]")
+    return rank
 
 
 def _single_head(q3: Value, kt: Value, v3: Value):

@@ -15,6 +15,7 @@ score in the same way).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ...ir import DType, Node, Value
@@ -67,7 +68,23 @@ def lower_ort(op: Builder, node: Node) -> list[Value] | str:
     spec = AttentionSpec.of(node)
     if spec.kv_num_heads == spec.num_heads:
         return _mha(op, node, spec, q, k, v, mask)
-    return _gqa(op, node, spec, q, k, v, mask)
+    result = _gqa(op, node, spec, q, k, v, mask)
+    if not isinstance(result, str) or spec.num_heads % spec.kv_num_heads:
+        return result
+    # No GroupQueryAttention here (cross-attention, or no kernel for the type): repeat K/V heads
+    # for MultiHeadAttention, still better than the decomposition.
+    rep = spec.num_heads // spec.kv_num_heads
+    k, v = _repeat_heads(op, k, spec.kv_num_heads, spec.head_size, rep), _repeat_heads(
+        op, v, spec.kv_num_heads, spec.v_head_size, rep)
+    wide = dataclasses.replace(spec, kv_num_heads=spec.num_heads)
+    fallback = _mha(op, node, wide, q, k, v, mask)
+    return f"{result}; {fallback}" if isinstance(fallback, str) else fallback
+
+
+def _repeat_heads(op: Builder, x: Value, heads: int, size: int, rep: int) -> Value:
+    """[B, S, Hkv*D] -> [B, S, Hkv*rep*D], each head repeated ``rep`` times in place (repeat_kv)."""
+    split = op.Reshape(x, i64(op, [0, 0, heads, 1, size]))
+    return op.Reshape(op.Expand(split, i64(op, [1, 1, 1, rep, 1])), i64(op, [0, 0, heads * rep * size]))
 
 
 def _mha(op: Builder, node: Node, spec: AttentionSpec, q: Value, k: Value, v: Value, mask: Value | None):

@@ -44,6 +44,8 @@ def probability_matmul(softmax: Node, opset: int) -> Node:
     matmul = users[0]
     if matmul.op_type != "MatMul" or matmul.domain or matmul.inputs[0] is not probs:
         raise Mismatch(f"the softmax output goes to {matmul.op_type}, not to a product with V")
+    if not _activation(matmul.inputs[1]):
+        raise Mismatch("the attention weights multiply a constant, not V")
     return matmul
 
 

@@ -103,9 +103,11 @@ def test_half_precision_attention_keeps_its_float32_softmax(kv_heads: int) -> No
         assert max_diff(expected, cm.run(feeds)) <= 2e-3, lowering  # float16 outputs
 
 
-def test_cross_attention_is_fused() -> None:
-    """K/V from another sequence (an encoder's output): same canonical op, a longer key axis."""
-    proto = attention_layer(cross=True)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cross_attention_is_fused(kv_heads: int) -> None:
+    """K/V from another sequence (an encoder's output): same canonical op, a longer key axis; with
+    fewer K/V heads, MultiHeadAttention on repeated heads (GroupQueryAttention is self-attention)."""
+    proto = attention_layer(cross=True, kv_heads=kv_heads)
     rng = np.random.default_rng(5)
     mask = np.ones((2, 9), np.int64)
     mask[1, 6:] = 0
@@ -115,6 +117,7 @@ def test_cross_attention_is_fused() -> None:
     site = attention_info(cms["ort"])["sites"][0]
     assert site["status"] == "fused" and not site["causal"], site
     assert site["projections"] == "separate MatMul K/V from another input"
+    assert site["kv_num_heads"] == kv_heads
     assert "com.microsoft::MultiHeadAttention" in cms["ort"].model.graph.op_histogram()
 
 
