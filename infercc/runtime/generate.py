@@ -1,0 +1,267 @@
+"""Text generation: prompt(s) in, text out, through the model runner and the sampler.
+
+One loop serves ``generate`` (one prompt or a batch) and ``stream`` (text pieces as they come).
+A batch of prompts runs as one batch: prompts are left-padded into one prefill step, then every
+unfinished row gets one token per decode step; a finished row sits steps out (mask 0) until the
+last row ends. Each row has its own sampler seeded with ``seed``, so a prompt gives the same
+tokens alone or in a batch.
+
+Text: each row decodes incrementally (the tokenizer's StreamDecoder); a piece is held back while
+it could be the start of a stop string, so streamed text never shows a stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError
+from .kv_cache import check_context
+from .model_runner import ModelRunner
+from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from ..compiled import CompiledModel
+    from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What one prompt produced. ``finish_reason``: "stop" (a stop token or string; which one is in
+    ``stop_reason``) or "length" (max_new_tokens, or the model's context was full)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    stop_reason: int | str | None = None
+    #: Time to the first new token: the prefill step (shared by a batch) and the first draw.
+    prompt_seconds: float = 0.0
+    #: Time for the remaining tokens (one forward step each).
+    decode_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first per second of decoding (0 when only one)."""
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_seconds if steps and self.decode_seconds > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return len(self.prompt_token_ids) / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+
+class _Row:
+    """One prompt's progress: ids, sampler, text so far, how much of it was handed out."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 decoder: StreamDecoder | None) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.sampler = Sampler(params)
+        self.stop_ids = stop_ids
+        self.decoder = decoder
+        self.output: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def take(self, token: int) -> None:
+        """Add a sampled token; finish the row on a stop token, a stop string or the length limit."""
+        if token in self.stop_ids:
+            self._finish("stop", token)
+            return
+        self.output.append(token)
+        if self.decoder is not None:
+            self.text += self.decoder.push(token)
+            self._check_stop_strings()
+        if self.finish_reason is None and len(self.output) >= self.params.max_new_tokens:
+            self._finish("length")
+
+    def _check_stop_strings(self) -> None:
+        found = [(self.text.find(s), s) for s in self.params.stop if s in self.text]
+        if found:
+            at, which = min(found)
+            self.text = self.text[:at]
+            self._finish("stop", which)
+
+    def _finish(self, reason: str, stop: int | str | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop
+        if self.decoder is not None and not isinstance(stop, str):
+            # Text held back for an incomplete character comes out now; it may hold a stop string.
+            decoder, self.decoder = self.decoder, None
+            self.text += decoder.flush()
+            self._check_stop_strings()
+
+    def piece(self) -> str:
+        """New text safe to show: all of it once finished, else all but a possible stop-string start."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        out = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+
+class Generation:
+    """A run over one or more prompts. Iterating yields (row, text piece); ``results`` after."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, prompts: list[list[int]],
+                 params: SamplingParams) -> None:
+        self.runner = runner
+        self.params = params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            eos = tokenizer.eos_ids if tokenizer is not None else runner.metadata.get("eos_token_ids", [])
+            stop_ids.update(int(e) for e in eos)
+        if params.stop and tokenizer is None:
+            raise InputError("stop strings need the model's tokenizer; set compiled.tokenizer or use stop_token_ids")
+        self.rows = [_Row(p, params, stop_ids, tokenizer.stream(p) if tokenizer else None) for p in prompts]
+        self.prompt_seconds = self.decode_seconds = 0.0
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        rows, runner = self.rows, self.runner
+        for row in rows:
+            check_context(len(row.prompt), runner.max_context)
+        cache = runner.new_cache(len(rows))
+        start = time.perf_counter()
+        try:
+            logits = runner.step(cache, [r.prompt for r in rows])
+            first = True
+            while True:
+                for i, row in enumerate(rows):
+                    if row.finish_reason is None:
+                        row.take(row.sampler(logits[i], row.prompt, row.output))
+                        if row.finish_reason is None and runner.max_context is not None \
+                                and len(row.prompt) + len(row.output) >= runner.max_context:
+                            row._finish("length")
+                now = time.perf_counter()
+                if first:
+                    self.prompt_seconds, decode_start, first = now - start, now, False
+                else:
+                    self.decode_seconds = now - decode_start
+                for i, row in enumerate(rows):
+                    piece = row.piece()
+                    if piece:
+                        yield i, piece
+                active = [r.finish_reason is None for r in rows]
+                if not any(active):
+                    break
+                logits = runner.step(cache, [[r.output[-1]] if a else [] for r, a in zip(rows, active)])
+        finally:
+            cache.free()
+
+    def run(self) -> list[GenerationResult]:
+        for _ in self:
+            pass
+        return self.results
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        return [
+            GenerationResult(
+                text=r.text, token_ids=list(r.output), prompt_token_ids=list(r.prompt),
+                finish_reason=r.finish_reason or "length", stop_reason=r.stop_reason,
+                prompt_seconds=self.prompt_seconds, decode_seconds=self.decode_seconds,
+            )
+            for r in self.rows
+        ]
+
+
+class TextStream:
+    """Iterate for text pieces of one prompt as they are generated; ``result`` once done."""
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+        self._done = False
+
+    def __iter__(self) -> Iterator[str]:
+        for _, piece in self._generation:
+            yield piece
+        self._done = True
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._done:
+            raise InputError("the stream has not finished: iterate over it first")
+        return self._generation.results[0]
+
+
+# -- entry points used by CompiledModel ---------------------------------------------------------
+def generate(compiled: CompiledModel, prompt: Any, **options: Any) -> GenerationResult | list[GenerationResult]:
+    """One prompt -> GenerationResult; a list of prompts -> list of results (run as one batch)."""
+    prompts, single = _prompts(compiled, prompt)
+    results = _generation(compiled, prompts, options).run()
+    return results[0] if single else results
+
+
+def stream(compiled: CompiledModel, prompt: Any, **options: Any) -> TextStream:
+    prompts, single = _prompts(compiled, prompt)
+    if not single:
+        raise InputError("stream() takes one prompt; use generate() for a list of prompts")
+    return TextStream(_generation(compiled, prompts, options))
+
+
+def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict[str, Any]) -> Generation:
+    max_context = options.pop("max_context", None)
+    params = options.pop("params", None) or SamplingParams()
+    params = params.replace(**options) if options else params
+    runner = ModelRunner(compiled.backend, compiled.model, max_context)
+    return Generation(runner, _tokenizer_or_none(compiled), prompts, params)
+
+
+def _tokenizer_or_none(compiled: CompiledModel) -> Tokenizer | None:
+    from ..errors import ModelLoadError
+
+    try:
+        return compiled.tokenizer
+    except ModelLoadError:
+        return None
+
+
+def _prompts(compiled: CompiledModel, prompt: Any) -> tuple[list[list[int]], bool]:
+    """(token id lists, whether one prompt was given). A prompt is text, token ids, or chat
+    messages (a list of {"role", "content"} dicts, rendered with the tokenizer's chat template)."""
+    if _is_single(prompt):
+        return [_encode(compiled, prompt)], True
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return [_encode(compiled, p) for p in prompt], False
+    raise InputError(f"prompt must be text, token ids, chat messages or a non-empty list of those, got {prompt!r:.80}")
+
+
+def _is_single(prompt: Any) -> bool:
+    if isinstance(prompt, (str, np.ndarray)):
+        return not isinstance(prompt, np.ndarray) or prompt.ndim == 1
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and (
+        all(isinstance(t, (int, np.integer)) for t in prompt) or all(isinstance(m, Mapping) for m in prompt)
+    )
+
+
+def _encode(compiled: CompiledModel, prompt: Any) -> list[int]:
+    if isinstance(prompt, str):
+        ids = compiled.tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        tokenizer = compiled.tokenizer
+        ids = tokenizer.encode(tokenizer.apply_chat_template(list(prompt)), add_bos=False)
+    elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        ids = [int(t) for t in prompt]
+    else:
+        raise InputError(f"a prompt must be text, a list of token ids or a list of chat messages, got {prompt!r:.80}")
+    if not ids:
+        raise InputError("the prompt is empty: it has no tokens")
+    return ids
+
+
+def encode_prompt(compiled: CompiledModel, prompt: str | Seq[int] | Seq[Mapping[str, str]]) -> list[int]:
+    """The token ids generation would feed for ``prompt``."""
+    return _encode(compiled, prompt)

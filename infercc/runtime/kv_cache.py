@@ -1,0 +1,208 @@
+"""The KV-cache manager: what a batch of sequences has seen so far, kept between forward steps.
+
+A ``KVCache`` holds, for ``batch`` rows that advance together, the token ids and the attention
+mask of every cache slot (1 = a real token, 0 = left padding) and, for a model compiled with a
+cache (see ``CacheSpec``), each layer's key and value tensors. For a model without one it holds
+only the token history, which the model runner feeds again in full each step.
+
+Why a flat ping-pong buffer per tensor: the cached-graph contract takes ``past`` [batch, heads,
+past, head_size] and returns ``present`` [batch, heads, past+seq, head_size]. Any prefix of a flat
+buffer reshaped to [batch, heads, length, head_size] is C-contiguous, so the cache feeds ONNX
+Runtime a view without copying, and ORT writes ``present`` straight into the other buffer of the
+pair (bound with IOBinding); after the step the two swap. Buffers grow by doubling (capped at
+the model's context), so a long generation reallocates O(log n) times, never per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import InferccError, ModelLoadError
+from ..ir import Model
+
+#: Smallest capacity allocated: short prompts do not pay for repeated early doublings.
+MIN_CAPACITY = 64
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+
+class ContextOverflowError(InferccError):
+    """A sequence would grow beyond the model's maximum context."""
+
+
+def check_context(tokens: int, max_context: int | None) -> None:
+    """Raise ContextOverflowError when ``tokens`` do not fit in ``max_context``."""
+    if max_context is not None and tokens > max_context:
+        raise ContextOverflowError(
+            f"sequence of {tokens} tokens exceeds the model's maximum context {max_context}; shorten the "
+            "prompt, lower max_new_tokens, or reset() the sequence (session(max_context=N) overrides the "
+            "limit when the model is known to handle longer sequences)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """One cached tensor: fed as ``input``, returned grown as ``output``, [batch, heads, T, width]."""
+
+    input: str
+    output: str
+    dtype: np.dtype
+    heads: int
+    width: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.heads * self.width * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """The cache tensors of a compiled graph, found by the contract's names."""
+
+    entries: tuple[CacheEntry, ...]
+
+    @property
+    def layers(self) -> int:
+        return len({e.input[len(PAST_PREFIX):].split(".")[0] for e in self.entries})
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one sequence takes (all layers, keys and values)."""
+        return sum(e.bytes_per_token for e in self.entries)
+
+    @classmethod
+    def from_model(cls, model: Model) -> CacheSpec | None:
+        """The spec of a graph with ``past_key_values.*`` inputs, None for a graph without them."""
+        from ..importers import read_metadata
+
+        meta = read_metadata(model)
+        outputs = {v.name: v for v in model.graph.outputs}
+        entries = []
+        for value in model.graph.inputs:
+            if not value.name.startswith(PAST_PREFIX) or value.const is not None:
+                continue
+            out_name = PRESENT_PREFIX + value.name[len(PAST_PREFIX):]
+            if out_name not in outputs:
+                raise ModelLoadError(
+                    f"the model takes {value.name!r} but has no output {out_name!r}: a cached graph returns "
+                    "present.{i}.key/value for every past_key_values.{i}.key/value; recompile the model"
+                )
+            shape = value.shape or (None, None, None, None)
+            if len(shape) != 4:
+                raise ModelLoadError(f"cache input {value.name!r} must be [batch, kv_heads, past, head_size], got {shape}")
+            heads = shape[1] if isinstance(shape[1], int) else meta.get("num_kv_heads")
+            width = shape[3] if isinstance(shape[3], int) else meta.get("head_dim")
+            if heads is None or width is None or value.dtype is None:
+                raise ModelLoadError(
+                    f"cache input {value.name!r} has no static kv_heads/head_size/dtype ({value.dtype}{list(shape)}) "
+                    "and the model's metadata does not give infercc.num_kv_heads/head_dim"
+                )
+            entries.append(CacheEntry(value.name, out_name, np.dtype(value.dtype.numpy), int(heads), int(width)))
+        return cls(tuple(entries)) if entries else None
+
+
+class KVCache:
+    """Token history, attention mask and (for cached graphs) K/V tensors of ``batch`` rows that
+    share one padded length. Not thread-safe: its owner (a Sequence, a generate call) serializes."""
+
+    def __init__(self, spec: CacheSpec | None, batch: int, max_context: int | None = None) -> None:
+        self.spec = spec
+        self.batch = batch
+        self.max_context = max_context
+        self.length = 0  # slots used, padding included
+        self.capacity = 0
+        self.ids = np.zeros((batch, 0), np.int64)
+        self.mask = np.zeros((batch, 0), np.int64)
+        self._front: dict[str, np.ndarray] = {}  # the current past, flat
+        self._back: dict[str, np.ndarray] = {}  # where the next present is written, flat
+
+    # -- growth -------------------------------------------------------------------------------
+    def append(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """Record ``ids``/``mask`` [batch, s] as the next slots (tensors follow via ``commit``).
+        Raises ContextOverflowError, before changing anything, when a row's real tokens would
+        exceed the model's context."""
+        check_context(int((self.real_lengths() + mask.sum(axis=1)).max(initial=0)), self.max_context)
+        new_length = self.length + ids.shape[1]
+        self.reserve(new_length)
+        self.ids[:, self.length:new_length] = ids
+        self.mask[:, self.length:new_length] = mask
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` slots: buffers double (at least MIN_CAPACITY, at most the
+        model's context unless padding needs more)."""
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity, MIN_CAPACITY)
+        if self.max_context is not None:
+            capacity = max(length, min(capacity, self.max_context))
+        self.ids = _grown(self.ids, capacity, self.length)
+        self.mask = _grown(self.mask, capacity, self.length)
+        for entry in self.spec.entries if self.spec else ():
+            size = self.batch * entry.heads * capacity * entry.width
+            front = np.empty(size, entry.dtype)
+            used = self.batch * entry.heads * self.length * entry.width
+            if used:
+                front[:used] = self._front[entry.input][:used]
+            self._front[entry.input] = front
+            self._back[entry.input] = np.empty(size, entry.dtype)
+        self.capacity = capacity
+
+    # -- views for the runner -----------------------------------------------------------------
+    def past(self) -> dict[str, np.ndarray]:
+        """Contiguous views [batch, heads, length, width] of the cached tensors, by input name."""
+        return {e.input: self._view(self._front[e.input], e, self.length) for e in self._entries()}
+
+    def present(self, length: int) -> dict[str, np.ndarray]:
+        """Where the step writes its grown tensors, [batch, heads, length, width], by output name."""
+        return {e.output: self._view(self._back[e.input], e, length) for e in self._entries()}
+
+    def commit(self, length: int) -> None:
+        """The step wrote ``present``: it becomes the past; ``length`` slots are now in use."""
+        self._front, self._back = self._back, self._front
+        self.length = length
+
+    def advance(self, length: int) -> None:
+        """Uncached graphs: the appended ids are the whole state."""
+        self.length = length
+
+    def _entries(self) -> tuple[CacheEntry, ...]:
+        return self.spec.entries if self.spec else ()
+
+    def _view(self, flat: np.ndarray, entry: CacheEntry, length: int) -> np.ndarray:
+        return flat[: self.batch * entry.heads * length * entry.width].reshape(self.batch, entry.heads, length, entry.width)
+
+    # -- what it holds ------------------------------------------------------------------------
+    def real_lengths(self) -> np.ndarray:
+        """Real (non-padding) tokens per row."""
+        return self.mask[:, : self.length].sum(axis=1)
+
+    def tokens(self, row: int = 0) -> list[int]:
+        """The real token ids of ``row``, padding left out."""
+        keep = self.mask[row, : self.length].astype(bool)
+        return self.ids[row, : self.length][keep].tolist()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K/V bytes one more slot costs for the whole batch (0 for an uncached graph)."""
+        return self.batch * self.spec.bytes_per_token if self.spec else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated now: both buffers of each tensor, plus ids and mask."""
+        tensors = sum(a.nbytes for a in self._front.values()) + sum(a.nbytes for a in self._back.values())
+        return tensors + self.ids.nbytes + self.mask.nbytes
+
+    def free(self) -> None:
+        """Drop every buffer; the cache is empty and can grow again."""
+        self._front, self._back = {}, {}
+        self.ids = np.zeros((self.batch, 0), np.int64)
+        self.mask = np.zeros((self.batch, 0), np.int64)
+        self.length = self.capacity = 0
+
+
+def _grown(array: np.ndarray, capacity: int, used: int) -> np.ndarray:
+    out = np.zeros((array.shape[0], capacity), array.dtype)
+    out[:, :used] = array[:, :used]
+    return out

@@ -1,0 +1,175 @@
+"""The model runner: one forward step of a batch of sequences through the ONNX Runtime backend.
+
+It knows the graph's text interface (``input_ids``, optional ``attention_mask`` and
+``position_ids``, and the cache tensors of the cached-graph contract) and nothing about
+sampling or tokenizers. State lives in a ``KVCache`` that the caller owns; the runner appends
+the step's tokens to it and returns logits.
+
+Batching: rows whose new tokens differ in number are left-padded to one [batch, s] step with
+mask 0 on the padding, so the last position of every row is a real token and one run serves the
+batch. Models that derive positions from the mask (the contract; our importers) give each row
+the result it gets alone. A model without an ``attention_mask`` input cannot be told about
+padding, so its rows run one by one on their real tokens (correct, just not batched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..ir import Model
+from .kv_cache import CacheSpec, KVCache
+from .ort_backend import OrtBackend
+
+#: Id written into padding slots: any valid id works, the mask hides it.
+PAD_ID = 0
+KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class ModelRunner:
+    """Stateless over a backend: any number of threads may call ``step`` with their own caches."""
+
+    def __init__(self, backend: OrtBackend, model: Model, max_context: int | None = None) -> None:
+        from ..importers import read_metadata
+
+        self.backend = backend
+        self.metadata = read_metadata(model)
+        self.cache_spec = CacheSpec.from_model(model)
+        inputs = {v.name: v for v in model.graph.inputs}
+        if "input_ids" not in inputs:
+            raise InputError(f"cannot generate with this model: it has no 'input_ids' input (inputs: {list(inputs)})")
+        cache_inputs = {e.input for e in self.cache_spec.entries} if self.cache_spec else set()
+        unknown = [n for n, v in inputs.items() if n not in KNOWN_INPUTS and n not in cache_inputs and v.const is None]
+        if unknown:
+            raise InputError(
+                f"cannot generate with this model: it needs input(s) {unknown} that text generation does not "
+                f"provide (known: {list(KNOWN_INPUTS)} and past_key_values.*); use CompiledModel.run() instead"
+            )
+        self.has_mask = "attention_mask" in inputs
+        self.has_positions = "position_ids" in inputs
+        if self.cache_spec and not self.has_mask:
+            raise InputError("a cached graph must take 'attention_mask' [batch, past+seq] (the cached-graph contract)")
+        self.max_context = max_context if max_context is not None else self.metadata.get("context_length")
+        logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
+        if logits is None:
+            raise InputError(f"cannot generate with this model: it has no 'logits' output "
+                             f"(outputs: {[v.name for v in model.graph.outputs]})")
+        shape = logits.shape or ()
+        self.vocab_size: int | None = shape[-1] if shape and isinstance(shape[-1], int) else self.metadata.get("vocab_size")
+        self.logits_dtype = np.dtype(logits.dtype.numpy) if logits.dtype is not None else np.dtype(np.float32)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the graph keeps K/V between steps (else each step recomputes every token)."""
+        return self.cache_spec is not None
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(self.cache_spec, batch, self.max_context)
+
+    def step(self, cache: KVCache, tokens: Sequence[Sequence[int]], all_logits: bool = False) -> np.ndarray:
+        """Feed ``tokens[row]`` (new ids, possibly none for a row that sits this step out) to each
+        row of ``cache``. Returns the logits of each row's last position [batch, vocab], or of every
+        new position [batch, s, vocab] when ``all_logits`` (a row's padding positions hold zeros)."""
+        if len(tokens) != cache.batch:
+            raise InputError(f"{len(tokens)} token lists for a cache of {cache.batch} rows")
+        width = max((len(t) for t in tokens), default=0)
+        if width == 0:
+            raise InputError("nothing to run: every row's token list is empty")
+        ids = np.full((cache.batch, width), PAD_ID, np.int64)
+        mask = np.zeros((cache.batch, width), np.int64)
+        for row, row_tokens in enumerate(tokens):
+            if len(row_tokens):
+                ids[row, width - len(row_tokens):] = _ids(row_tokens, self.vocab_size)
+                mask[row, width - len(row_tokens):] = 1
+        past = cache.length
+        cache.append(ids, mask)
+        if self.cached:
+            logits = self._run_cached(cache, ids, past)
+            cache.commit(past + width)
+        else:
+            logits = self._run_uncached(cache, past + width, width)
+            cache.advance(past + width)
+        return logits if all_logits else logits[:, -1]
+
+    # -- the two paths ------------------------------------------------------------------------
+    def _run_cached(self, cache: KVCache, ids: np.ndarray, past: int) -> np.ndarray:
+        """One run over the new tokens; past K/V go in as views, present K/V are written by ORT
+        into the cache's other buffer, logits into an array allocated here (no copies)."""
+        total = past + ids.shape[1]
+        session = self.backend.session
+        binding = session.io_binding()
+        mask = np.ascontiguousarray(cache.mask[:, :total])
+        feeds = {"input_ids": ids, "attention_mask": mask, **cache.past()}
+        if self.has_positions:
+            feeds["position_ids"] = _positions(mask)[:, past:].copy()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        vocab = self.vocab_size
+        logits = None
+        if vocab is not None:
+            logits = np.empty((cache.batch, ids.shape[1], vocab), self.logits_dtype)
+            _bind_output(binding, "logits", logits)
+        else:
+            binding.bind_output("logits", "cpu")
+        for name, view in cache.present(total).items():
+            _bind_output(binding, name, view)
+        session.run_with_iobinding(binding)
+        if logits is None:
+            logits = binding.get_outputs()[0].numpy()
+            self.vocab_size = int(logits.shape[-1])
+        return logits
+
+    def _run_uncached(self, cache: KVCache, total: int, width: int) -> np.ndarray:
+        """Recompute every token: the whole history goes in, the new positions' logits come out."""
+        ids, mask = cache.ids[:, :total], cache.mask[:, :total]
+        if not self.has_mask:
+            return self._run_rows(cache, total, width)
+        feeds = {"input_ids": np.ascontiguousarray(ids), "attention_mask": np.ascontiguousarray(mask)}
+        if self.has_positions:
+            feeds["position_ids"] = _positions(feeds["attention_mask"])
+        logits = self.backend.run(feeds)["logits"]
+        if self.vocab_size is None:
+            self.vocab_size = int(logits.shape[-1])
+        return logits[:, total - width:]
+
+    def _run_rows(self, cache: KVCache, total: int, width: int) -> np.ndarray:
+        """No mask input: run each row alone on its real tokens and right-align its new logits."""
+        out: np.ndarray | None = None
+        for row in range(cache.batch):
+            new = int(cache.mask[row, total - width:total].sum())
+            if new == 0:
+                continue
+            keep = cache.mask[row, :total].astype(bool)
+            real = cache.ids[row, :total][keep][None, :]
+            feeds = {"input_ids": real}
+            if self.has_positions:
+                feeds["position_ids"] = np.arange(real.shape[1], dtype=np.int64)[None, :]
+            logits = self.backend.run(feeds)["logits"][0, -new:]
+            if out is None:
+                out = np.zeros((cache.batch, width, logits.shape[-1]), logits.dtype)
+                self.vocab_size = int(logits.shape[-1])
+            out[row, width - new:] = logits
+        assert out is not None  # step() refuses an all-empty batch
+        return out
+
+
+def _bind_output(binding, name: str, array: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    """cumsum(mask) - 1 clamped at 0: what the contract's graphs compute inside (HF generate's rule)."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+
+
+def _ids(tokens: Sequence[int], vocab_size: int | None) -> np.ndarray:
+    """Token ids as int64, each checked against the vocabulary (ORT's Gather would fail obscurely)."""
+    array = np.asarray(list(tokens), dtype=np.int64) if not isinstance(tokens, np.ndarray) else tokens.astype(np.int64)
+    if array.ndim != 1:
+        raise InputError(f"token ids must be a flat list of integers, got shape {list(array.shape)}")
+    bad = array[(array < 0) | (array >= vocab_size)] if vocab_size else array[array < 0]
+    if bad.size:
+        raise InputError(f"token id {int(bad[0])} is outside the vocabulary (0..{(vocab_size or 0) - 1})")
+    return array
