@@ -103,8 +103,11 @@ def scores_of(softmax: Node) -> Scores:
             inner, factor, _ = peel_scale(value, "the scores")
             if inner is value:
                 raise Mismatch(f"the scores are multiplied by a tensor ({op} {node.name!r}), not a constant scale")
-            if where_terms or floats:
-                raise Mismatch("the scores are scaled after the mask is applied")
+            # A positive scale after a -inf mask leaves the mask as it is; anything else would
+            # scale the mask too.
+            infinite = all(math.isinf(fill) for _, _, fill in where_terms)
+            if floats or (where_terms and not (infinite and factor > 0)):
+                raise Mismatch("the scores are scaled after a finite or additive mask is applied")
             scale *= factor
             value = inner
         elif op == "Add":

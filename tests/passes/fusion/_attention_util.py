@@ -86,7 +86,8 @@ def _const(name: str, array) -> onnx.TensorProto:
 def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_heads: int = HEADS,
                     repeat: str = "expand", v_heads: int | None = None, scale_input: bool = False,
                     return_probs: bool = False, causal: bool = False, mask_form: str = "where_add",
-                    causal_form: str = "range", half: bool = False, cross: bool = False) -> onnx.ModelProto:
+                    causal_form: str = "range", half: bool = False, cross: bool = False,
+                    scale_last: bool = False) -> onnx.ModelProto:
     """x [B, S, HID] -> one attention layer, as exporters write it, with knobs that break it.
     ``half``: float16 throughout except the softmax, run in float32 between two Casts (as HF's
     eager attention does for 16-bit models). ``cross``: K and V from ``memory`` [B, T, HID], masked by
@@ -149,10 +150,15 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
     if scale_input:
         inputs.append(helper.make_tensor_value_info("scale", F, []))
         scale = "scale"
-    nodes += [helper.make_node("Transpose", [k_read], ["kt"], perm=[0, 1, 3, 2]),
-              helper.make_node("Mul", ["q4", scale], ["qs"]),
-              helper.make_node("Mul", ["kt", "sqrt_scale"], ["kts"]),
-              helper.make_node("MatMul", ["qs", "kts"], ["scores"])]
+    if scale_last:  # HF's older "masked_fill, then divide by sqrt(d)"
+        inits.append(_const("sqrt_d", np.array(HEAD ** 0.5, ftype)))
+        nodes += [helper.make_node("Transpose", [k_read], ["kt"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", ["q4", "kt"], ["scores"])]
+    else:
+        nodes += [helper.make_node("Transpose", [k_read], ["kt"], perm=[0, 1, 3, 2]),
+                  helper.make_node("Mul", ["q4", scale], ["qs"]),
+                  helper.make_node("Mul", ["kt", "sqrt_scale"], ["kts"]),
+                  helper.make_node("MatMul", ["qs", "kts"], ["scores"])]
     if mask_form == "additive":  # BERT's old (1 - mask) * -10000
         inits += [_const("one_f", np.array(1.0, ftype)), _const("big", np.array(-10000.0, ftype))]
         nodes += [helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT16 if half else F),
@@ -164,6 +170,9 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
         cond = _mask(nodes, inits, mask, causal, causal_form)
         if mask_form == "masked_fill":
             nodes.append(helper.make_node("Where", [cond, "scores", "fill"], ["masked"]))
+            if scale_last:
+                nodes[-1].output[0] = "filled"
+                nodes.append(helper.make_node("Div", ["filled", "sqrt_d"], ["masked"]))
         else:
             nodes += [helper.make_node("Where", [cond, "zero", "fill"], ["bias"]),
                       helper.make_node("Add", ["scores", "bias"], ["masked"])]

@@ -54,6 +54,7 @@ def test_written_attention_is_fused(kv_heads: int, causal: bool) -> None:
         ({"causal": True, "mask_form": "masked_fill"}, True, "causal, padding"),
         ({"mask_form": "masked_fill"}, False, "padding"),
         ({"mask_form": "additive"}, False, "additive bias"),
+        ({"mask_form": "masked_fill", "scale_last": True, "causal": True}, True, "causal, padding"),
     ],
 )
 def test_mask_forms_are_understood(options: dict, causal: bool, mask: str) -> None:
