@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ...ir import Node, Value
 from ..canonical import DOMAIN
 from ..rewrite import Builder, node_attr
-from .build_util import i64
+from .build_util import i64, shared
 from .dims import DimOracle, dim_of, ints
 from .match_util import Mismatch
 from .rotary_op import attrs_of, is_rotary, make_node
@@ -129,11 +129,14 @@ class Layout:
         index = x4.index
 
         def plan(op: Builder) -> Value:
-            if node.op_type == "Split":
-                attrs = {k: a.value for k, a in node.attrs.items()}
-                attrs["axis"] = 3
-                parts = op.Split(t, *node.inputs[1:], _outputs=len(node.outputs), **attrs)
-                part = parts[index] if isinstance(parts, tuple) else parts
+            if node.op_type == "Split":  # one Split for Q, K and V
+                def split() -> Value:
+                    attrs = {k: a.value for k, a in node.attrs.items()}
+                    attrs["axis"] = 3
+                    parts = op.Split(t, *node.inputs[1:], _outputs=len(node.outputs), **attrs)
+                    return parts[0] if isinstance(parts, tuple) else parts
+
+                part = shared(op, ("split_before_transpose", id(node)), split).producer.outputs[index]
             else:
                 part = op.Slice(t, *node.inputs[1:])
             return op.Reshape(part, i64(op, [0, 0, heads * size]))

@@ -149,6 +149,9 @@ def finish(record: PassRecord, graph: Graph, entries: list[SiteEntry]) -> None:
         "fused": fused,
         "sites": [e.to_dict() for e in entries],
     }
+    if entries:
+        record.note(f"fused {fused} of {expected} expected attention layers (expected from the "
+                    f"{record.info['attention']['expected_from']})")
     for e in entries:
         if e.fused:
             record.applied(e.where, "attention_fused")

@@ -22,15 +22,18 @@ def reroute_shapes(graph: Graph, oracle: DimOracle, keepers: list[Value], *, rou
     replaced = 0
     for _ in range(rounds):
         changed = 0
+        position = {id(n): i for i, n in enumerate(graph.nodes)}
         for node in list(graph.nodes):
             if node.graph is not graph or node.op_type != "Shape" or node.domain:
                 continue
+            # only values computed before this Shape: a later layer's would make a cycle
+            before = [k for k in keepers if k.producer is None or position.get(id(k.producer), 1 << 60) < position[id(node)]]
             x = node.inputs[0]
             if x is None or x.is_graph_output or x.is_graph_input or x.is_const or x in keepers:
                 continue
             if any(user.op_type != "Shape" or user.domain for user in x.consumers()):
                 continue
-            value = _rebuilt(graph, node, x, oracle, keepers)
+            value = _rebuilt(graph, node, x, oracle, before)
             if value is not None:
                 node.outputs[0].replace_all_uses_with(value)
                 changed += 1
