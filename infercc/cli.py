@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InferccError
+from .errors import InferccError, ModelLoadError
 
 
 def _compile_options(args: argparse.Namespace) -> dict:
@@ -155,6 +155,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .runtime.tokenizer import Tokenizer
 
         compiled.tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    try:
+        compiled.tokenizer  # noqa: B018 - loads it, so a missing one is reported before any work
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc} On the command line: --tokenizer PATH (a .gguf file or a folder with "
+                             "tokenizer.json).") from None
     options = {
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,

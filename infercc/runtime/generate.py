@@ -69,29 +69,36 @@ class _Row:
         self.output: list[int] = []
         self.text = ""
         self.emitted = 0
+        self._searched = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
     def take(self, token: int) -> None:
         """Add a sampled token; finish the row on a stop token, a stop string or the length limit."""
         if token in self.stop_ids:
-            self._finish("stop", token)
+            self.finish("stop", token)
             return
         self.output.append(token)
         if self.decoder is not None:
             self.text += self.decoder.push(token)
             self._check_stop_strings()
         if self.finish_reason is None and len(self.output) >= self.params.max_new_tokens:
-            self._finish("length")
+            self.finish("length")
 
     def _check_stop_strings(self) -> None:
-        found = [(self.text.find(s), s) for s in self.params.stop if s in self.text]
+        """Look for stop strings in the text added since the last look (and the overlap a stop
+        string could straddle), so long outputs are not rescanned every token."""
+        if not self.params.stop:
+            return
+        since = max(0, self._searched - max(len(s) for s in self.params.stop) + 1)
+        self._searched = len(self.text)
+        found = [(self.text.find(s, since), s) for s in self.params.stop if s in self.text[since:]]
         if found:
             at, which = min(found)
             self.text = self.text[:at]
-            self._finish("stop", which)
+            self.finish("stop", which)
 
-    def _finish(self, reason: str, stop: int | str | None = None) -> None:
+    def finish(self, reason: str, stop: int | str | None = None) -> None:
         self.finish_reason, self.stop_reason = reason, stop
         if self.decoder is not None and not isinstance(stop, str):
             # Text held back for an incomplete character comes out now; it may hold a stop string.
@@ -134,30 +141,33 @@ class Generation:
         for row in rows:
             check_context(len(row.prompt), runner.max_context)
         cache = runner.new_cache(len(rows))
+        live = list(range(len(rows)))  # the request row of each cache row
         start = time.perf_counter()
         try:
             logits = runner.step(cache, [r.prompt for r in rows])
-            first = True
             while True:
-                for i, row in enumerate(rows):
-                    if row.finish_reason is None:
-                        row.take(row.sampler(logits[i], row.prompt, row.output))
-                        if row.finish_reason is None and runner.max_context is not None \
-                                and len(row.prompt) + len(row.output) >= runner.max_context:
-                            row._finish("length")
+                for j, i in enumerate(live):
+                    row = rows[i]
+                    row.take(row.sampler(logits[j], row.prompt, row.output))
+                    if row.finish_reason is None and runner.max_context is not None \
+                            and len(row.prompt) + len(row.output) >= runner.max_context:
+                        row.finish("length")
                 now = time.perf_counter()
-                if first:
-                    self.prompt_seconds, decode_start, first = now - start, now, False
+                if not self.prompt_seconds:
+                    self.prompt_seconds, decode_start = now - start, now
                 else:
                     self.decode_seconds = now - decode_start
-                for i, row in enumerate(rows):
-                    piece = row.piece()
+                for i in live:
+                    piece = rows[i].piece()
                     if piece:
                         yield i, piece
-                active = [r.finish_reason is None for r in rows]
-                if not any(active):
+                still = [j for j, i in enumerate(live) if rows[i].finish_reason is None]
+                if not still:
                     break
-                logits = runner.step(cache, [[r.output[-1]] if a else [] for r, a in zip(rows, active)])
+                if len(still) < len(live):  # finished rows leave the batch
+                    cache.keep(still)
+                    live = [live[j] for j in still]
+                logits = runner.step(cache, [[rows[i].output[-1]] for i in live])
         finally:
             cache.free()
 

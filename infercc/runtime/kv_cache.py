@@ -167,6 +167,28 @@ class KVCache:
         """Uncached graphs: the appended ids are the whole state."""
         self.length = length
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (finished sequences leave a batch, so later steps do not compute
+        them); leading slots that are padding in every kept row are dropped as well. Positions
+        come from the mask, so removing all-padding slots changes no result."""
+        mask = self.mask[rows, : self.length]
+        real = np.flatnonzero(mask.any(axis=0))
+        start = int(real[0]) if real.size else self.length
+        length = self.length - start
+        ids, self.ids = self.ids, np.zeros((len(rows), self.capacity), np.int64)
+        self.ids[:, :length] = ids[rows, start : self.length]
+        self.mask = np.zeros((len(rows), self.capacity), np.int64)
+        self.mask[:, :length] = mask[:, start:]
+        old_batch, self.batch = self.batch, len(rows)
+        for entry in self._entries():
+            old = self._front[entry.input][: old_batch * entry.heads * self.length * entry.width]
+            old = old.reshape(old_batch, entry.heads, self.length, entry.width)
+            size = self.batch * entry.heads * self.capacity * entry.width
+            self._front[entry.input] = np.empty(size, entry.dtype)
+            self._back[entry.input] = np.empty(size, entry.dtype)
+            self._view(self._front[entry.input], entry, length)[:] = old[rows, :, start:]
+        self.length = length
+
     def _entries(self) -> tuple[CacheEntry, ...]:
         return self.spec.entries if self.spec else ()
 

@@ -7,9 +7,11 @@ the step's tokens to it and returns logits.
 
 Batching: rows whose new tokens differ in number are left-padded to one [batch, s] step with
 mask 0 on the padding, so the last position of every row is a real token and one run serves the
-batch. Models that derive positions from the mask (the contract; our importers) give each row
-the result it gets alone. A model without an ``attention_mask`` input cannot be told about
-padding, so its rows run one by one on their real tokens (correct, just not batched).
+batch. That is exact only when padding shifts no position: the graph takes ``position_ids``, or
+derives positions from the mask (a CumSum: the cached-graph contract, our importers). Other
+graphs (torch exports count positions with a Range, and GPT-2's learned positions would shift)
+or graphs without an ``attention_mask`` run padded rows one by one on their real tokens:
+correct, just not batched.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class ModelRunner:
             )
         self.has_mask = "attention_mask" in inputs
         self.has_positions = "position_ids" in inputs
+        # Whether left padding leaves every real token's position unchanged (see module docstring).
+        self.pads_safely = self.has_mask and (
+            self.has_positions or any(n.op_type == "CumSum" for n in model.graph.walk()))
         if self.cache_spec and not self.has_mask:
             raise InputError("a cached graph must take 'attention_mask' [batch, past+seq] (the cached-graph contract)")
         self.max_context = max_context if max_context is not None else self.metadata.get("context_length")
@@ -124,7 +129,7 @@ class ModelRunner:
     def _run_uncached(self, cache: KVCache, total: int, width: int) -> np.ndarray:
         """Recompute every token: the whole history goes in, the new positions' logits come out."""
         ids, mask = cache.ids[:, :total], cache.mask[:, :total]
-        if not self.has_mask:
+        if not self.has_mask or (not self.pads_safely and not mask.all()):
             return self._run_rows(cache, total, width)
         feeds = {"input_ids": np.ascontiguousarray(ids), "attention_mask": np.ascontiguousarray(mask)}
         if self.has_positions:
@@ -135,7 +140,7 @@ class ModelRunner:
         return logits[:, total - width:]
 
     def _run_rows(self, cache: KVCache, total: int, width: int) -> np.ndarray:
-        """No mask input: run each row alone on its real tokens and right-align its new logits."""
+        """Run each row alone on its real tokens (no padding) and right-align its new logits."""
         out: np.ndarray | None = None
         for row in range(cache.batch):
             new = int(cache.mask[row, total - width:total].sum())
@@ -144,6 +149,8 @@ class ModelRunner:
             keep = cache.mask[row, :total].astype(bool)
             real = cache.ids[row, :total][keep][None, :]
             feeds = {"input_ids": real}
+            if self.has_mask:
+                feeds["attention_mask"] = np.ones_like(real)
             if self.has_positions:
                 feeds["position_ids"] = np.arange(real.shape[1], dtype=np.int64)[None, :]
             logits = self.backend.run(feeds)["logits"][0, -new:]

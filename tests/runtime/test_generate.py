@@ -147,3 +147,36 @@ def test_text_needs_a_tokenizer(cached):
         cached.generate([1, 2], max_new_tokens=2, stop="x")
     with pytest.raises(infercc.ConfigError, match="unknown sampling option"):
         cached.generate([1, 2], max_tokens=2)
+
+
+def test_rows_that_finish_early_leave_the_batch(stories, cached):
+    """Rows ending at different steps (a stop string; an EOS id) give what they give alone, and so
+    do the rows that go on after the batch shrank."""
+    options = dict(max_new_tokens=30, stop="Lily")
+    together = stories.generate(STORY_PROMPTS, **options)
+    alone = [stories.generate(p, **options) for p in STORY_PROMPTS]
+    assert [(r.token_ids, r.text, r.finish_reason) for r in together] == [(r.token_ids, r.text, r.finish_reason) for r in alone]
+    assert len({len(r.token_ids) for r in together}) > 1
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13]]
+    free = [r.token_ids for r in cached.generate(prompts, max_new_tokens=16)]
+    eos = free[1][3]
+    cached.model.metadata_props["infercc.eos_token_ids"] = f"[{eos}]"
+    try:
+        together = cached.generate(prompts, max_new_tokens=16)
+        assert [r.token_ids for r in together] == [cached.generate(p, max_new_tokens=16).token_ids for p in prompts]
+        assert [r.token_ids for r in together] == [f[: f.index(eos)] if eos in f else f for f in free]
+    finally:
+        del cached.model.metadata_props["infercc.eos_token_ids"]
+
+
+def test_export_counting_positions_itself_is_not_padded():
+    """A torch export derives positions with a Range, not from the mask: padding would shift them,
+    so its padded rows run one by one, and still equal the rows alone."""
+    from infercc.runtime.model_runner import ModelRunner
+    from tests.fixtures.catalog import fixture_path
+
+    compiled = infercc.compile(fixture_path("llama_dynamo"))
+    assert not ModelRunner(compiled.backend, compiled.model).pads_safely
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    together = compiled.generate(prompts, max_new_tokens=8)
+    assert [r.token_ids for r in together] == [compiled.generate(p, max_new_tokens=8).token_ids for p in prompts]

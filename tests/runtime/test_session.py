@@ -216,3 +216,16 @@ def test_cache_grows_by_doubling_and_feeds_views():
         cache.append(np.ones((2, 11), np.int64), np.ones((2, 11), np.int64))
     cache.free()
     assert cache.nbytes == 0 and cache.length == 0
+
+
+def test_cache_keep_drops_rows_and_all_padding_slots(cached):
+    runner = cached.session().runner
+    prompts = [[1, 2], [3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    cache = runner.new_cache(3)
+    runner.step(cache, prompts)
+    runner.step(cache, [[12], [13], [14]])
+    cache.keep([0, 2])  # the longest row leaves: 3 leading all-padding slots go too
+    assert cache.batch == 2 and cache.length == 4 and cache.tokens(0) == [1, 2, 12] and cache.tokens(1) == [9, 10, 11, 14]
+    kept = runner.step(cache, [[15], [16]])
+    for row, prompt in enumerate([[1, 2, 12, 15], [9, 10, 11, 14, 16]]):
+        np.testing.assert_allclose(kept[row], runner.step(runner.new_cache(1), [prompt])[0], atol=1e-4)
