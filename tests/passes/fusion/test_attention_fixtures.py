@@ -5,6 +5,7 @@ sizes and lengths, with and without padding."""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
 from tests.fixtures import catalog
@@ -13,6 +14,7 @@ from ._attention_util import (
     FIXTURES,
     TOLERANCE,
     attention_info,
+    compile_model,
     compiled_fixture,
     max_diff,
     original_session,
@@ -89,3 +91,24 @@ def test_masks_keep_each_exporters_semantics() -> None:
     torchscript = attention_info(compiled_fixture("llama_torchscript", "ort"))["sites"][0]
     assert dynamo["mask_value"] < -1e38 and dynamo["mask_value"] != float("-inf")
     assert torchscript["mask_value"] == float("-inf")
+
+
+@pytest.mark.parametrize("name", ["llama_torchscript", "mistral_dynamo", "gpt_neox_dynamo", "bert_dynamo"])
+def test_opset23_models_lower_to_standard_attention_and_rotary(name: str) -> None:
+    """With the model at opset 23, "onnx" lowering emits ONNX's own Attention and RotaryEmbedding
+    (the fixtures use nothing whose meaning changed since opset 20)."""
+    proto = onnx.load(str(catalog.fixture_path(name)))
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 23
+    cm = compile_model(proto, lowering="onnx", strict=True)
+    info = catalog.fixture_info(name)
+    ops = cm.model.graph.op_histogram()
+    layers = info["config"]["num_layers"]
+    assert ops.get("Attention") == layers and "Softmax" not in ops, ops
+    rotary = info["config"]["rotary"]["type"] != "none"
+    assert ops.get("RotaryEmbedding", 0) == (2 * layers if rotary else 0), ops
+    reference = original_session(name)
+    for batch, seq, padding in SHAPES[:2]:
+        feeds = catalog.random_feeds(name, batch, seq, padding=padding, seed=7)
+        assert max_diff(run(reference, feeds), cm.run(feeds)) <= TOLERANCE
