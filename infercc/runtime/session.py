@@ -63,6 +63,11 @@ class Session:
         return seq
 
     @property
+    def bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one sequence takes (0 when the model has no cache)."""
+        return self.runner.cache_spec.bytes_per_token if self.runner.cache_spec else 0
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes held by the caches of the open sequences."""
         with self._lock:
@@ -107,18 +112,21 @@ class Sequence:
         self.closed = False
 
     # -- feeding ------------------------------------------------------------------------------
-    def prefill(self, tokens: Tokens) -> np.ndarray:
-        """Feed the prompt (ids or text; text gets the tokenizer's BOS). Returns the last logits."""
+    def prefill(self, tokens: Tokens, all_logits: bool = False) -> np.ndarray:
+        """Feed the prompt (ids or text; text gets the tokenizer's BOS). Returns the last
+        position's logits [vocab], or every fed position's [n, vocab] when ``all_logits``
+        (perplexity)."""
         with self._lock:
             if self.length:
                 raise InputError("prefill() starts a sequence but this one already has tokens; "
                                  "use append() to add more, or reset() first")
-            return self._feed(self._encode(tokens, first=True), generated=False)
+            return self._feed(self._encode(tokens, first=True), False, all_logits)
 
-    def append(self, tokens: Tokens) -> np.ndarray:
-        """Feed more tokens (ids or text) after what the sequence holds. Returns the last logits."""
+    def append(self, tokens: Tokens, all_logits: bool = False) -> np.ndarray:
+        """Feed more tokens (ids or text) after what the sequence holds; returns logits as
+        ``prefill`` does."""
         with self._lock:
-            return self._feed(self._encode(tokens, first=self._cache.length == 0), generated=False)
+            return self._feed(self._encode(tokens, first=self._cache.length == 0), False, all_logits)
 
     def decode(self) -> int:
         """Choose the next token from the last logits with this sequence's sampler, feed it, and
@@ -127,16 +135,17 @@ class Sequence:
             if self.logits is None:
                 raise InputError("decode() needs logits: prefill() the sequence with a prompt first")
             token = self.sampler(self.logits, self.context, self.output)
-            self._feed([token], generated=True)
+            self._feed([token], True)
             return token
 
-    def _feed(self, ids: list[int], generated: bool) -> np.ndarray:
+    def _feed(self, ids: list[int], generated: bool, all_logits: bool = False) -> np.ndarray:
         self._check_open()
         if not ids:
             raise InputError("no tokens to feed (an empty prompt); pass at least one token id or some text")
-        self.logits = self.session.runner.step(self._cache, [ids])[0]
+        logits = self.session.runner.step(self._cache, [ids], all_logits)[0]
+        self.logits = logits[-1] if all_logits else logits
         (self.output if generated else self.context).extend(ids)
-        return self.logits
+        return logits
 
     def _encode(self, tokens: Tokens, first: bool) -> list[int]:
         if isinstance(tokens, str):

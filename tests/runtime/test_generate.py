@@ -180,3 +180,15 @@ def test_export_counting_positions_itself_is_not_padded():
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     together = compiled.generate(prompts, max_new_tokens=8)
     assert [r.token_ids for r in together] == [compiled.generate(p, max_new_tokens=8).token_ids for p in prompts]
+
+
+def test_sequence_takes_text_through_the_tokenizer(stories, ref):
+    with stories.session() as session:
+        assert not session.cached and session.max_context == 2048
+        seq = session.sequence()
+        seq.prefill(ref["prompt"])
+        assert seq.tokens == ref["prompt_ids"]
+        assert [seq.decode() for _ in range(8)] == ref["ids"][:8]
+        seq.append(" Lily")  # later text gets no BOS
+        assert seq.tokens[-len(stories.tokenizer.encode(" Lily", add_bos=False)):] == stories.tokenizer.encode(" Lily", add_bos=False)
+        assert seq.text.startswith(ref["prompt"]) and seq.text.endswith("Lily")

@@ -57,6 +57,18 @@ def test_all_position_logits_match_full_recomputation(cached, uncached):
     np.testing.assert_allclose(stepped[0], full["logits"][0, 3:], atol=1e-4)
 
 
+def test_sequence_all_logits_for_perplexity(cached, uncached):
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    full = uncached.run({"input_ids": np.array([ids]), "attention_mask": np.ones((1, 7), np.int64)})["logits"][0]
+    with cached.session() as session:
+        assert session.bytes_per_token == 2 * HEADS * HEAD * 4
+        seq = session.sequence()
+        first = seq.prefill(ids[:3], all_logits=True)
+        rest = seq.append(ids[3:], all_logits=True)
+        np.testing.assert_allclose(np.concatenate([first, rest]), full, atol=1e-4)
+        np.testing.assert_allclose(seq.logits, full[-1], atol=1e-4)
+
+
 def test_batched_left_padded_step_equals_rows_alone(cached):
     runner = cached.session().runner
     cache = runner.new_cache(len(PROMPTS))
@@ -229,3 +241,10 @@ def test_cache_keep_drops_rows_and_all_padding_slots(cached):
     kept = runner.step(cache, [[15], [16]])
     for row, prompt in enumerate([[1, 2, 12, 15], [9, 10, 11, 14, 16]]):
         np.testing.assert_allclose(kept[row], runner.step(runner.new_cache(1), [prompt])[0], atol=1e-4)
+
+
+def test_pipeline_keeps_the_cache_interface_and_results(cached):
+    optimized = infercc.compile(tiny_lm(cached=True))
+    names = {v["name"] for v in optimized.inputs} | {v["name"] for v in optimized.outputs}
+    assert {"past_key_values.0.key", "past_key_values.0.value", "present.0.key", "present.0.value"} <= names
+    assert greedy(optimized, PROMPTS[1], n=16) == greedy(cached, PROMPTS[1], n=16)
