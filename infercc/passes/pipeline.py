@@ -19,6 +19,7 @@ from .fusion.attention_fuse import AttentionFusion
 from .fusion.norms import NormFusion
 from .fusion.rotary import RotaryFusion
 from .lowering import LowerCanonicalOps
+from .quantize import QuantizeWeights
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -35,6 +36,7 @@ PIPELINE: list[type[Pass]] = [
     NormFusion,
     RotaryFusion,
     AttentionFusion,
+    QuantizeWeights,  # after the fusions (they match float MatMuls), before lowering
     LowerCanonicalOps,
     DeadCodeElimination,
 ]

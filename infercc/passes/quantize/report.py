@@ -1,0 +1,137 @@
+"""What quantization cost and saved: weight bytes before/after, per-layer reconstruction error, and
+the end-to-end output error against the float model on a fixed input.
+
+The end-to-end figure is measured by the pass itself (a lowered copy of the model before and after
+it, run by onnxruntime on CPU on seeded random feeds) because no per-layer number predicts it: errors
+compound through the layers and the norms, and a user deciding between int8 and int4 needs the
+output-level figure. Per float output: the largest absolute difference relative to the reference's
+value range, the mean absolute difference, the cosine similarity and, for outputs whose last axis is
+a distribution (logits), how often the arg-max agrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...ir import Graph, Model
+from ..base import PassContext
+from ..diagnostics import PassRecord
+
+
+def weight_bytes(graph: Graph) -> int:
+    """Bytes of the constants of ``graph`` as ONNX stores them."""
+    return int(sum(v.const.nbytes for v in graph.initializers.values()))
+
+
+def runnable(model: Model, config) -> Model:
+    """A copy with the canonical ops lowered for onnxruntime on CPU (as the manager's check does)."""
+    from ..canonical import DOMAIN
+    from ..lowering import LowerCanonicalOps
+
+    copy = model.clone()
+    if any(n.domain == DOMAIN for n in copy.graph.walk()):
+        LowerCanonicalOps().run(copy, PassContext(config.replace(provider="cpu"), PassRecord(LowerCanonicalOps.name)))
+    return copy
+
+
+def end_to_end(before: Model, after: Model, config, *, seed: int = 0) -> dict[str, Any]:
+    """Run both models on the same seeded random feeds and compare every float output."""
+    from ...runtime.feeds import random_feeds
+    from ...runtime.ort_backend import OrtBackend
+
+    feeds = random_feeds(before.graph, np.random.default_rng(seed))
+    threads = config.intra_op_threads
+    expected = OrtBackend(runnable(before, config), ["CPUExecutionProvider"], intra_op_threads=threads).run(feeds)
+    actual = OrtBackend(runnable(after, config), ["CPUExecutionProvider"], intra_op_threads=threads).run(feeds)
+    outputs = {name: compare(ref, actual[name]) for name, ref in expected.items() if ref.dtype.kind == "f"}
+    return {"feeds": {k: list(v.shape) for k, v in feeds.items()}, "seed": seed, "outputs": outputs}
+
+
+def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    ref, got = reference.astype(np.float64), actual.astype(np.float64)
+    diff = np.abs(got - ref)
+    span = float(ref.max() - ref.min()) if ref.size else 0.0
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
+    out = {
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "max_abs_rel_range": float(diff.max() / span) if span else 0.0,
+        "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        "cosine": float(np.dot(ref.ravel(), got.ravel()) / norms) if norms else 1.0,
+    }
+    if ref.ndim >= 2 and ref.shape[-1] > 1:
+        out["top1_agreement"] = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+def format_report(info: dict[str, Any], top: int = 10) -> str:
+    """The text ``infercc convert --quantize`` prints: sizes, the worst layers, end-to-end error."""
+    if not info.get("layers"):
+        return "quantization: no weight was quantized"
+    size = info["size"]
+    before, after = size["weights_before"], size["weights_after"]
+    lines = [
+        f"quantization: {info['quantize']} ({info['method']}, "
+        f"{'symmetric' if info['symmetric'] else 'asymmetric'}, int4 block {info['block_size']}, int8 per channel; "
+        f"lm_head {info['lm_head']}, embeddings {info['embeddings']})",
+        f"  weights    {_mb(before)} -> {_mb(after)} ({after / before:.3f}x)" if before else "",
+        f"  layers     {len(info['layers'])} quantized, {len(info.get('skipped', []))} kept float",
+    ]
+    worst = sorted(info["layers"], key=lambda layer: -layer["rel_error"])[:top]
+    lines.append(f"  worst {len(worst)} layers by relative reconstruction error ||W - Q(W)|| / ||W||:")
+    for layer in worst:
+        lines.append(
+            f"    {layer['rel_error']:.5f}  int{layer['bits']}  {layer['role']:<9} {layer['K']}x{layer['N']}  {layer['node']}"
+        )
+    for skip in info.get("skipped", [])[:top]:
+        lines.append(f"  kept float: {skip['node']}: {skip['reason']}")
+    e2e = info.get("end_to_end")
+    if e2e:
+        feeds = ", ".join(f"{k}{v}" for k, v in e2e["feeds"].items())
+        lines.append(f"  end-to-end vs the float model (seeded random feeds {feeds}):")
+        for name, m in e2e["outputs"].items():
+            top1 = f", top-1 agreement {m['top1_agreement']:.4f}" if "top1_agreement" in m else ""
+            lines.append(
+                f"    {name}: max |diff| {m['max_abs']:.4g} ({m['max_abs_rel_range']:.4f} of its range), "
+                f"mean |diff| {m['mean_abs']:.4g}, cosine {m['cosine']:.6f}{top1}"
+            )
+    return "\n".join(line for line in lines if line)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def source_bytes(source) -> int:
+    """Bytes of what the user compiled: an .onnx file with its external data, a .gguf file, or
+    every file of a checkpoint folder."""
+    from pathlib import Path
+
+    import onnx
+
+    path = Path(source)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    total = path.stat().st_size
+    if path.suffix.lower() == ".onnx":
+        proto = onnx.load(str(path), load_external_data=False)
+        files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        total += sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    return total
+
+
+def print_convert_report(compiled, source, folder) -> None:
+    """What ``infercc convert --quantize`` adds to its output: the report and file sizes."""
+    from pathlib import Path
+
+    print()
+    try:
+        record = compiled.diagnostics["quantize_weights"]
+    except KeyError:
+        print("quantization: the quantize_weights pass did not run (disabled?)")
+        return
+    print(format_report(record.info) if record.info else f"quantization: nothing quantized ({'; '.join(record.reasons)})")
+    before = source_bytes(source)
+    after = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+    print(f"  artifact   {_mb(before)} ({Path(source).name}) -> {_mb(after)} ({after / before:.3f}x)")

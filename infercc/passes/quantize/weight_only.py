@@ -1,0 +1,253 @@
+"""The weight-only quantization pass: every MatMul/Gemm with a constant 2-D weight (and, per
+``Config.quant_embeddings``, every embedding Gather) becomes a canonical ``MatMulQuant`` /
+``GatherQuant`` holding packed integer weights; the lowering pass turns them into what the target
+runs. Activations stay float: the gain is memory and bandwidth (4-8x smaller weights), which is
+what bounds decoding on CPU.
+
+Roles: a projection is quantized to ``Config.quantize``; the LM head (a MatMul whose result reaches
+a graph output through shape ops only) to ``quant_lm_head`` and embedding tables to
+``quant_embeddings``, because the logits and the first hidden state are the most sensitive places
+and the tied table is often the largest single weight. int8 is per output channel (one scale per
+channel is enough at 255 levels); int4 is blockwise (``quant_block_size`` along K).
+
+Weights with equal contents (a tied embedding and LM head, even when the exporter folded a
+transposed copy) are quantized once and share one packed tensor. The float weights become dead and
+dead-code elimination drops them, so a saved artifact holds the packed copy only.
+
+Runs after the fusions (they match float MatMuls) and before lowering. ``check_each_pass`` is refused
+with quantization (see Config): it compares every pass with the float model and would roll this one
+back; the pass measures its own end-to-end error instead (``info["end_to_end"]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from ...ir import DType, Graph, Model, Node, Tensor, Value
+from ..base import Pass, PassContext
+from ..canonical import DOMAIN, DOMAIN_VERSION
+from ..rewrite import Builder
+from . import ops
+from .methods import quantize_rows, relative_error
+from .pack import channel_block, reblock, to_nbits
+from .report import end_to_end, weight_bytes
+
+#: Ops between an LM head's MatMul and the logits output that do not change values.
+_SHAPE_OPS = {"Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"}
+_FLOATS = (DType.FLOAT, DType.FLOAT16)
+_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclasses.dataclass
+class Site:
+    """One weight use: the node, its role, the constant weight and how to read it as rows [N, K]."""
+
+    node: Node
+    role: str  # "linear", "lm_head" or "embedding"
+    weight: Value
+    transpose: bool  # rows = weight.T (a MatMul weight [K, N]); else rows = weight (a table [N, K])
+    alpha: float = 1.0
+
+    @property
+    def where(self) -> str:
+        return f"{self.node.op_type} {self.node.name!r}"
+
+    def rows(self) -> np.ndarray:
+        w = np.asarray(self.weight.const.numpy(), np.float32)
+        rows = np.ascontiguousarray(w.T if self.transpose else w)
+        return rows * np.float32(self.alpha) if self.alpha != 1.0 else rows
+
+
+@dataclasses.dataclass
+class Packed:
+    """A quantized weight as graph constants, shared by every site with the same contents."""
+
+    b: Value
+    scales: Value
+    zero_points: Value | None
+    bits: int
+    block_size: int  # as stored (per-channel int8: the repeated block)
+    logical_block: int  # K for per-channel
+    k: int
+    n: int
+    rel_error: float
+    first_site: str
+
+
+class QuantizeWeights(Pass):
+    name = "quantize_weights"
+
+    def run(self, model: Model, ctx: PassContext) -> None:
+        config, record = ctx.config, ctx.record
+        if config.quantize is None:
+            record.note("quantization is off (Config.quantize is None; set 'int8' or 'int4')")
+            return
+        if (model.opset("") or 1) < 13:
+            record.note(f"quantized ops need ai.onnx opset >= 13; the model imports opset {model.opset('')}")
+            return
+        before = model.clone()
+        graph = model.graph
+        packed: dict[tuple, Packed] = {}
+        layers, skipped = [], []
+        for site, refusal in find_sites(graph, config):
+            if refusal:
+                record.skipped(site.where, refusal)
+                skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": refusal})
+                continue
+            bits = _BITS[_setting(config, site.role)]
+            entry = self._quantize(graph, site, bits, config, packed)
+            layer = {
+                "node": site.node.name, "op": site.node.op_type, "weight": site.weight.name, "role": site.role,
+                "K": entry.k, "N": entry.n, "bits": bits, "block_size": entry.logical_block,
+                "method": config.quant_method, "symmetric": config.quant_symmetric,
+                "rel_error": round(entry.rel_error, 6), "shared_with": entry.first_site if entry.first_site != site.where else None,
+            }
+            limit = config.quant_max_error
+            if limit is not None and entry.rel_error > limit:
+                reason = f"relative reconstruction error {entry.rel_error:.4f} exceeds quant_max_error {limit}"
+                record.skipped(site.where, reason)
+                skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": reason})
+                continue
+            _replace(graph, site, entry, config)
+            record.applied(site.where, "weights_quantized")
+            layers.append(layer)
+        if not layers:
+            return
+        model.require_opset(DOMAIN, DOMAIN_VERSION)
+        size_before = weight_bytes(before.graph)
+        graph.remove_dead()
+        record.info.update({
+            "quantize": config.quantize, "method": config.quant_method, "block_size": config.quant_block_size,
+            "symmetric": config.quant_symmetric, "lm_head": config.quant_lm_head, "embeddings": config.quant_embeddings,
+            "size": {"weights_before": size_before, "weights_after": weight_bytes(graph)},
+            "layers": layers, "skipped": skipped,
+        })
+        try:
+            record.info["end_to_end"] = end_to_end(before, model, config)
+        except Exception as exc:  # noqa: BLE001 - the report must not cost the user the quantized model
+            record.warn(f"end-to-end error not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+    def _quantize(self, graph: Graph, site: Site, bits: int, config, cache: dict[tuple, Packed]) -> Packed:
+        rows = site.rows()
+        dtype = site.weight.dtype.numpy
+        digest = hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest()
+        per_channel = bits == 8
+        block = rows.shape[1] if per_channel else config.quant_block_size
+        key = (digest, rows.shape, bits, block, config.quant_symmetric, config.quant_method, str(dtype))
+        if key in cache:
+            return cache[key]
+        q = quantize_rows(rows, bits, block, symmetric=config.quant_symmetric, method=config.quant_method,
+                          threads=config.intra_op_threads or None)
+        error = relative_error(rows, q)
+        stored = reblock(q, channel_block(q.k)) if per_channel else q
+        b, scales, zero_points = to_nbits(stored, config.quant_symmetric, dtype)
+        name = site.weight.name
+        entry = Packed(
+            graph.add_initializer(f"{name}_q{bits}", Tensor(b)),
+            graph.add_initializer(f"{name}_scales", Tensor(scales)),
+            None if zero_points is None else graph.add_initializer(f"{name}_zero_points", Tensor(zero_points)),
+            bits, stored.block_size, block, q.k, rows.shape[0], error, site.where,
+        )
+        cache[key] = entry
+        return entry
+
+
+def find_sites(graph: Graph, config) -> list[tuple[Site, str | None]]:
+    """Every constant-weight MatMul/Gemm/Gather of the main graph, with a reason where it is left
+    float. Weights of activations-times-activations MatMuls (attention) are not candidates."""
+    found: list[tuple[Site, str | None]] = []
+    for node in graph.nodes:
+        if node.domain:
+            continue
+        if node.op_type == "MatMul" and len(node.inputs) == 2 and _const(node.inputs[1]):
+            site = Site(node, "lm_head" if _feeds_output(node) else "linear", node.inputs[1], transpose=True)
+            found.append((site, _matmul_refusal(node, node.inputs[1]) or _role_refusal(config, site.role)))
+        elif node.op_type == "Gemm" and _const(node.inputs[1]):
+            site = Site(node, "lm_head" if _feeds_output(node) else "linear", node.inputs[1],
+                        transpose=not node.attr("transB", 0), alpha=float(node.attr("alpha", 1.0)))
+            found.append((site, _gemm_refusal(node) or _role_refusal(config, site.role)))
+        elif node.op_type == "Gather" and _const(node.inputs[0]) and int(node.attr("axis", 0)) == 0:
+            table = node.inputs[0]
+            if table.dtype in _FLOATS and table.rank == 2:
+                site = Site(node, "embedding", table, transpose=False)
+                found.append((site, _role_refusal(config, "embedding")))
+    return found
+
+
+def _setting(config, role: str) -> str:
+    return {"linear": config.quantize, "lm_head": config.quant_lm_head, "embedding": config.quant_embeddings}[role]
+
+
+def _role_refusal(config, role: str) -> str | None:
+    if _setting(config, role) == "keep":
+        field = "quant_lm_head" if role == "lm_head" else "quant_embeddings"
+        return f"kept float: Config.{field} is 'keep'"
+    return None
+
+
+def _const(value: Value | None) -> bool:
+    return value is not None and value.const is not None
+
+
+def _matmul_refusal(node: Node, weight: Value) -> str | None:
+    if weight.rank != 2:
+        return f"the weight has rank {weight.rank}; only 2-D weights are quantized"
+    if weight.dtype not in _FLOATS:
+        return f"the weight is {weight.dtype}; only float and float16 weights are quantized"
+    a = node.inputs[0]
+    if a.rank is not None and a.rank < 2:
+        return "the activation is 1-D; MatMulNBits needs [..., K]"
+    if min(weight.shape) < 2:
+        return f"the weight {list(weight.shape)} is a vector"
+    return None
+
+
+def _gemm_refusal(node: Node) -> str | None:
+    if node.attr("transA", 0):
+        return "Gemm with transA=1 is left float"
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    beta = float(node.attr("beta", 1.0))
+    if c is not None and beta != 1.0 and c.const is None:
+        return f"Gemm with beta={beta} on a computed bias is left float"
+    return _matmul_refusal(node, node.inputs[1])
+
+
+def _feeds_output(node: Node) -> bool:
+    """Whether the node's result reaches a graph output through value-preserving shape ops only."""
+    pending, seen = [node.outputs[0]], set()
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_graph_output:
+            return True
+        for user in value.consumers():
+            if user.op_type in _SHAPE_OPS and not user.domain and user.inputs[0] is value:
+                pending.extend(user.outputs)
+    return False
+
+
+def _replace(graph: Graph, site: Site, entry: Packed, config) -> None:
+    node = site.node
+    op = Builder(graph, node, node.name or node.op_type)
+    zp = [entry.zero_points] if entry.zero_points is not None else []
+    attrs = {"K": entry.k, "N": entry.n, "bits": entry.bits, "block_size": entry.block_size,
+             "symmetric": int(config.quant_symmetric)}
+    if site.role == "embedding":
+        new = getattr(op, ops.GATHER)(entry.b, node.inputs[1], entry.scales, *zp, _domain=DOMAIN, **attrs)
+    else:
+        new = getattr(op, ops.MATMUL)(node.inputs[0], entry.b, entry.scales, *zp, _domain=DOMAIN, **attrs)
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias, beta = node.inputs[2], float(node.attr("beta", 1.0))
+            if beta != 1.0:
+                bias = op.const(np.asarray(bias.const.numpy()) * np.asarray(beta, bias.dtype.numpy), hint="bias")
+            if beta != 0.0:
+                new = op.Add(new, bias)
+    old = node.outputs[0]
+    new.dtype, new.shape = old.dtype, old.shape
+    old.replace_all_uses_with(new)
+    graph.remove(node, force=True)
