@@ -11,7 +11,7 @@ from .dtypes import DType
 from .graph import Graph
 from .model import Model
 from .node import Node
-from .onnx_io import to_proto
+from .onnx_export import to_proto
 from .symbolic import broadcast, dim_values, reshape_dims
 from .value import Shape
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..ir import Model, save_model, to_proto
-from ..ir.onnx_io import PROTO_LIMIT, weight_bytes
+from ..ir.onnx_save import PROTO_LIMIT, weight_bytes
 
 
 class OrtBackend:

@@ -12,7 +12,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from infercc.ir import load_model, save_model, to_proto, verify
-from infercc.ir.onnx_io import EXTERNAL_THRESHOLD
+from infercc.ir.onnx_save import EXTERNAL_THRESHOLD
 
 from ._util import assert_outputs_identical, assert_same_proto, dir_files, ort_run
 
@@ -283,7 +283,7 @@ def test_model_over_2gb(tmp_path):
     model = load_model(src / "model.onnx")
     verify(model)
     assert all(v.const.is_external and v.const._array is None for v in model.graph.initializers.values())
-    from infercc.ir.onnx_io import PROTO_LIMIT, weight_bytes
+    from infercc.ir.onnx_save import PROTO_LIMIT, weight_bytes
 
     assert weight_bytes(model) > PROTO_LIMIT
     out = tmp_path / "out" / "model.onnx"

@@ -114,9 +114,9 @@ def _lift_constant_nodes(graph: Graph) -> int:
 def _evaluate(node: Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
     names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
     proto_node = helper.make_node(node.op_type, names, [f"o{k}" for k in range(len(node.outputs))])
-    from ...ir.onnx_io import _export_attr
+    from ...ir.onnx_export import export_attr
 
-    proto_node.attribute.extend(_export_attr(a, True) for a in node.attrs.values())
+    proto_node.attribute.extend(export_attr(a, True) for a in node.attrs.values())
     graph = helper.make_graph(
         [proto_node], "fold",
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
