@@ -103,7 +103,8 @@ def arith(op: str, a: Dim, b: Dim) -> Dim:
         return None
     if isinstance(a, int) and isinstance(b, int):
         if op == "Div":
-            return a // b if b else None
+            # ONNX integer Div truncates toward zero (C semantics), unlike Python's floor division.
+            return (abs(a) // abs(b)) * (1 if (a >= 0) == (b > 0) else -1) if b else None
         return {"Add": a + b, "Sub": a - b, "Mul": a * b}[op]
     if op in ("Add", "Sub") and b == 0:
         return a

@@ -478,7 +478,6 @@ def test_shape_output_as_graph_output_keeps_its_name():
     check_same(proto, model, {"x": X23})
 
 
-@pytest.mark.xfail(strict=True, reason="ir/symbolic.arith floors integer Div; ONNX truncates toward zero")
 def test_negative_integer_division_in_shape_arithmetic():
     proto = make(
         [node("Shape", ["x"], ["s"]), node("Sub", ["one", "s"], ["d"]), node("Div", ["d", "four"], ["q"]),
