@@ -10,7 +10,7 @@ import pytest
 import infercc
 from infercc import InputError, ModelLoadError
 from infercc.demo import tiny_decoder
-from tests.importers._models import STORIES, reference, require
+from tests.importers._models import SMOLLM2, STORIES, reference, require
 from tests.runtime._cached_model import CONTEXT, tiny_lm
 
 STORY_PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park to play"]
@@ -192,3 +192,18 @@ def test_sequence_takes_text_through_the_tokenizer(stories, ref):
         seq.append(" Lily")  # later text gets no BOS
         assert seq.tokens[-len(stories.tokenizer.encode(" Lily", add_bos=False)):] == stories.tokenizer.encode(" Lily", add_bos=False)
         assert seq.text.startswith(ref["prompt"]) and seq.text.endswith("Lily")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_follows_llama_cpp_and_chats():
+    """Q4_1 dequantized to float32 here vs llama.cpp's quantized dot products: the first tokens
+    agree (they drift apart after ~30); the chat answer ends at <|im_end|>."""
+    gguf = require(SMOLLM2)
+    ref = reference(gguf)
+    compiled = infercc.compile(gguf)
+    result = compiled.generate(ref["prompt"], max_new_tokens=16)
+    assert result.prompt_token_ids == ref["prompt_ids"] and result.token_ids == ref["ids"][:16]
+    stream = compiled.stream([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=32)
+    text = "".join(stream)
+    assert "Paris" in text and stream.result.finish_reason == "stop"
+    assert stream.result.stop_reason in compiled.tokenizer.eos_ids
