@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.cases import matmul, prefill, roundtrip
+from benchmarks.cases import matmul, prefill, quant, roundtrip
 from benchmarks.harness import Case
 
 
@@ -30,4 +30,5 @@ CASES: dict[str, CaseDef] = {
     "roundtrip": CaseDef(roundtrip.build_case, _first_line(roundtrip.__doc__), roundtrip.add_arguments),
     "prefill": CaseDef(prefill.build_case, _first_line(prefill.__doc__), prefill.add_arguments),
     "matmul": CaseDef(matmul.build_case, _first_line(matmul.__doc__), matmul.add_arguments),
+    "quant": CaseDef(quant.build_case, _first_line(quant.__doc__), quant.add_arguments),
 }
