@@ -1,5 +1,14 @@
 """The KV-cache manager: what a batch of sequences has seen so far, kept between forward steps.
 
+The cached-graph contract (what a KV-cache insertion pass must produce for the runtime to use):
+inputs ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, past+seq] int64 (1 = real
+token, 0 = padding, anywhere; the graph derives positions from it, cumsum(mask) - 1), and per
+layer i ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads, past, head_size] (float32 or
+float16); outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch,
+kv_heads, past+seq, head_size], the past followed by this step's keys/values. Any other
+``past_key_values.X`` input with a ``present.X`` output of the same rank-4 layout (an int8
+``.scale``, say) is cached the same way. A graph without these inputs runs uncached.
+
 A ``KVCache`` holds, for ``batch`` rows that advance together, the token ids and the attention
 mask of every cache slot (1 = a real token, 0 = left padding) and, for a model compiled with a
 cache (see ``CacheSpec``), each layer's key and value tensors. For a model without one it holds
