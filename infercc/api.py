@@ -36,7 +36,7 @@ def compile(  # noqa: A001 - the public name users expect
         raise ConfigError(f"config must be an infercc.Config, got {type(config).__name__}")
     config = (config or Config()).replace(**options)
     choose_providers(config.provider)  # an unusable provider is an error before any work is done
-    ir = _import(model)
+    ir = import_model(model)
     diagnostics = Diagnostics()
     diagnostics.facts.update(detect_family(ir))
     pipeline = passes if passes is not None else build_pipeline(config)
@@ -56,7 +56,7 @@ def compile(  # noqa: A001 - the public name users expect
     return CompiledModel(ir, config, diagnostics)
 
 
-def _import(model: Any) -> Model:
+def import_model(model: Any) -> Model:
     """.onnx file or ModelProto -> ONNX import; .gguf file or Hugging Face folder -> importers."""
     if isinstance(model, (str, os.PathLike)):
         from .importers import import_checkpoint, is_checkpoint

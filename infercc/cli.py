@@ -67,16 +67,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import load
+    from .api import import_model
+    from .compiled import MANIFEST
     from .families import detect_family
-    from .ir import load_model
 
     path = Path(args.model)
-    if path.is_dir():
+    compiled_folder = (path / MANIFEST).is_file()
+    if compiled_folder:
         compiled = load(path)
         model, diagnostics = compiled.model, compiled.diagnostics
         header = f"{path} (compiled by infercc)"
     else:
-        model = load_model(path)
+        model = import_model(path)  # .onnx, .gguf or a Hugging Face folder, as compile() takes
         compiled = _compile_with_progress(str(path), _compile_options(args))
         diagnostics = compiled.diagnostics
         header = f"{path}"
@@ -106,7 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("\nop histogram")
     for op, n in report["op_histogram"].items():
         print(f"  {n:>5}  {op}")
-    print("\nwhat each pass " + ("did" if path.is_dir() else "would do"))
+    print("\nwhat each pass " + ("did" if compiled_folder else "would do"))
     print(diagnostics.table(sites=args.sites))
     for warning in diagnostics.warnings:
         print(f"WARNING {warning}")

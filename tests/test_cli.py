@@ -73,3 +73,13 @@ def test_demo_runs(capsys: pytest.CaptureFixture) -> None:
     diff = float(text.split("max difference vs the unoptimized model ")[1].split()[0])
     assert diff < 1e-5
     assert "constant_folding" in text and "saved and reloaded" in text
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+@pytest.mark.skipif(not (SHARED / "stories260K").is_dir(), reason="needs ../shared/models/stories260K beside the repo")
+def test_inspect_takes_a_gguf_checkpoint(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", str(SHARED / "stories260K" / "stories260K.gguf")]) == 0
+    text = capsys.readouterr().out
+    assert "input_ids" in text and "attention_fusion" in text and "would do" in text
