@@ -5,8 +5,8 @@ MatMulNBits and ONNX's DequantizeLinear execute.
 
 Why ``mse`` and not HQQ, GPTQ or AWQ: GPTQ and AWQ need calibration activations; we compile a model
 without data. HQQ (half-quadratic zero-point refinement) gets most of its gain from a *float* zero
-point, which neither DequantizeLinear nor the int8-compute MatMulNBits path stores, and it minimizes
-an lp (p < 1) proxy over 20+ iterations. Without activation statistics the best data-free target is
+point, which DequantizeLinear cannot store (it would tie the artifact to MatMulNBits' float-zero-point
+variant, not checked here), and it minimizes an lp (p < 1) proxy over 20+ iterations. Without activation statistics the best data-free target is
 the squared reconstruction error of each block: for inputs with roughly isotropic statistics (what
 the norms in front of every projection produce) the expected output error is proportional to it.
 ``mse`` minimizes exactly that under the kernels' constraints, by coordinate descent from two starts:
@@ -20,10 +20,14 @@ the norms in front of every projection produce) the expected output error is pro
 
 Every reduction is over one block, so the search is vectorised over all blocks of a tensor at once and
 split into chunks run on a thread pool (numpy releases the GIL): deterministic (no reduction order
-depends on threads) and a few times the cost of RTN. On real weights (all-MiniLM-L6-v2) it lowers the
-relative reconstruction error of int4/block 32 by ~4% (~8% in squared error), ~5% at block 128:
-small-block min/max quantization is already close to optimal for Gaussian-like blocks, the gain
-grows with block size and for symmetric quantization.
+depends on threads). Measured (2 cores): the kernel costs ~2.5x RTN, which adds ~2 s (~20%) to
+compiling a 100M-parameter model -- the default, since that is within the same compile budget.
+What it buys: relative reconstruction error -4% at int4/block 32 on all-MiniLM-L6-v2 (-8% squared
+error), -5% at block 128, -10 to -14% symmetric; end to end, stories260K's int4 perplexity penalty
+halves (+5.4% -> +2.6%) and MiniLM's int4 embedding cosine rises 0.9759 -> 0.9772. At int8 the gain
+(<1%) is below the noise of int8 activation rounding in MatMulNBits. Small-block min/max
+quantization is already close to optimal for Gaussian-like blocks; the gain grows with block size,
+with symmetric quantization and with outliers.
 """
 
 from __future__ import annotations

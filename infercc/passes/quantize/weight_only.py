@@ -14,7 +14,8 @@ Weights with equal contents (a tied embedding and LM head, even when the exporte
 transposed copy) are quantized once and share one packed tensor. The float weights become dead and
 dead-code elimination drops them, so a saved artifact holds the packed copy only.
 
-Runs after the fusions (they match float MatMuls) and before lowering. ``check_each_pass`` is refused
+Only the main graph is quantized (weights inside If/Loop bodies stay float). Runs after the fusions
+(they match float MatMuls) and before lowering. ``check_each_pass`` is refused
 with quantization (see Config): it compares every pass with the float model and would roll this one
 back; the pass measures its own end-to-end error instead (``info["end_to_end"]``).
 """
