@@ -113,12 +113,6 @@ class Config:
             raise ConfigError(f"Config.quant_max_error must be None or a number > 0, got {limit!r}")
         if self.quantize is not None and not self.optimize:
             raise ConfigError("Config.quantize needs optimize=True: quantization is a pass of the pipeline")
-        if self.quantize is not None and self.check_each_pass:
-            raise ConfigError(
-                "Config.check_each_pass cannot be combined with quantize: it compares every pass with the float "
-                "model at check_tolerance and would roll quantization back; the quantize_weights pass reports its "
-                "own end-to-end error instead (diagnostics info 'end_to_end')"
-            )
 
     def replace(self, **options: Any) -> Config:
         """A copy with some fields changed; unknown names are an error listing the valid ones."""

@@ -62,7 +62,9 @@ class PassManager:
             verify(model)
             if record.changes:
                 infer_shapes(model)
-            if self.check is not None:
+            if self.check is not None and p.rebaseline:
+                self.check.rebaseline(self._runnable(model))
+            elif self.check is not None:
                 # Also when nothing was recorded: a pass that changes numbers without saying so
                 # is exactly what the check is for.
                 self.check.compare(self._runnable(model))

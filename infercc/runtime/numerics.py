@@ -48,7 +48,13 @@ class NumericCheck:
 
     def __init__(self, reference: Model, tolerance: float, *, seed: int = 0) -> None:
         self.tolerance = tolerance
-        self.feeds = random_feeds(reference.graph, np.random.default_rng(seed))
+        self.seed = seed
+        self.rebaseline(reference)
+
+    def rebaseline(self, reference: Model) -> None:
+        """Make ``reference`` the model later passes are compared with (after a pass that changes
+        numbers or inputs on purpose); feeds are remade in case the inputs changed."""
+        self.feeds = random_feeds(reference.graph, np.random.default_rng(self.seed))
         self.expected = OrtBackend(reference, ["CPUExecutionProvider"]).run(self.feeds)
 
     def compare(self, model: Model) -> float:

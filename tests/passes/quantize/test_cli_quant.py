@@ -30,5 +30,4 @@ def test_convert_quantize_prints_report_and_records_it(tmp_path: Path, capsys: p
 def test_convert_rejects_bad_quantization_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["convert", str(fixture_path("llama_dynamo")), "-o", str(tmp_path), "--quantize", "int3"])
-    assert main(["convert", str(fixture_path("llama_dynamo")), "-o", str(tmp_path), "--quantize", "int8", "--check"]) == 2
-    assert "check_each_pass cannot be combined" in capsys.readouterr().err
+    assert main(["convert", str(fixture_path("llama_dynamo")), "-o", str(tmp_path), "--quantize", "int8", "--check"]) == 0

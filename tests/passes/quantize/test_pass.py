@@ -170,11 +170,19 @@ def test_tied_table_shared_and_lowerings_agree(opset: int, bits: str, symmetric:
     ({"quant_embeddings": None}, "quant_embeddings"),
     ({"quant_max_error": 0}, "quant_max_error"),
     ({"quantize": "int8", "optimize": False}, "needs optimize=True"),
-    ({"quantize": "int8", "check_each_pass": True}, "check_each_pass cannot be combined"),
 ])
 def test_config_validation(options: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         infercc.Config(**options)
+
+
+def test_check_each_pass_takes_quantization_as_the_new_reference() -> None:
+    """Quantization changes numbers on purpose: the per-pass check must not roll it back, and the
+    passes after it are still compared (against the quantized model)."""
+    compiled = infercc.compile(fixture_path("llama_dynamo"), quantize="int8", check_each_pass=True)
+    assert compiled.diagnostics["quantize_weights"].status == "applied"
+    assert all(r.status != "failed" for r in compiled.diagnostics)
+    assert any(n.op_type == "MatMulNBits" for n in compiled.model.graph.nodes)
 
 
 def test_off_by_default() -> None:
