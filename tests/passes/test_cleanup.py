@@ -133,6 +133,21 @@ def test_fold_limit_allows_results_no_larger_than_inputs():
     check_same(proto, model, {"x": np.ones((2, 64), np.float32)})
 
 
+def test_does_not_duplicate_a_shared_weight():
+    """A tied embedding/LM head: folding Transpose(table) would store the 1 MiB+ table twice."""
+    table = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)
+    proto = make(
+        [node("Gather", ["table", "ids"], ["emb"]), node("Transpose", ["table"], ["t"], perm=[1, 0]),
+         node("MatMul", ["emb", "t"], ["logits"])],
+        [vi("ids", ["b"], I64)], [vi("logits", ["b", 1024])], [init("table", table)],
+    )
+    model, record = run_pass(proto, ConstantFolding())
+    assert any(n.op_type == "Transpose" for n in model.graph.nodes)
+    assert len(model.graph.initializers) == 1
+    assert any("second copy" in s.reason for s in record.sites)
+    check_same(proto, model, {"ids": np.array([3, 7], np.int64)}, atol=1e-5)
+
+
 @pytest.mark.parametrize("op_type", ["DequantizeLinear", "QuantizeLinear"])
 def test_never_folds_quantization(op_type):
     if op_type == "DequantizeLinear":

@@ -19,6 +19,18 @@ _NEVER = {
 }
 
 
+#: A folded result derived from a weight at least this large, which stays in the model because
+#: other nodes read it too, would duplicate that weight in the artifact.
+_DUPLICATE_LIMIT = 1 << 20
+
+
+def _shared_weight_bytes(node: Node) -> int:
+    """Bytes of the largest constant input that other nodes also read (0 if none)."""
+    sizes = [v.const.nbytes for v in node.inputs
+             if v is not None and v.const is not None and any(user is not node for user, _ in v.uses)]
+    return max(sizes, default=0)
+
+
 class ConstantFolding(Pass):
     """Folded results larger than ``fold_limit_bytes`` are kept as computations when they are also
     larger than their inputs (an Expand to a huge tensor is cheaper to compute than to store)."""
@@ -49,6 +61,14 @@ def fold_constants(model: Model, ctx: PassContext) -> int:
         if node.op_type == "Identity" and node.outputs[0].is_graph_output and not node.outputs[0].uses:
             continue  # it only gives a constant output its name: folding would put it back
         in_bytes = sum(a.nbytes for a in inputs if a is not None)
+        shared = _shared_weight_bytes(node)
+        if shared >= _DUPLICATE_LIMIT:
+            ctx.record.skipped(
+                f"{node.op_type} {node.name!r}",
+                f"folding would store a second copy of a {shared / 2**20:.1f} MiB weight that other nodes "
+                "still read (e.g. a tied embedding and LM head); kept as a computation",
+            )
+            continue
         try:
             outputs = _evaluate(node, inputs, opset)
         except Exception as exc:  # noqa: BLE001 - unfoldable ops stay in the graph
