@@ -57,10 +57,7 @@ def _compute(value: Value, memo: dict) -> list[Dim] | None:
         shape = node.inputs[0].shape
         if shape is None:
             return None
-        rank = len(shape)
-        start, end = node.attr("start", 0), node.attr("end", rank)
-        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
-        return [d if d is not None else None for d in shape[max(start, 0):min(end, rank)]]
+        return [shape[axis] for axis in shape_axes(node, len(shape))]
     if op in ("Identity", "Cast", "Unsqueeze", "Squeeze") and args[0] is not None:
         if op == "Cast" and not _int_cast(node):
             return None
@@ -89,6 +86,15 @@ def _compute(value: Value, memo: dict) -> list[Dim] | None:
                 return None
         return [arith(op, x, y) for x, y in zip(a, b)]
     return None
+
+
+def shape_axes(node: Node, rank: int) -> range:
+    """The input axes a Shape node reports: its start/end attributes (opset 15+), negative values
+    counted from the end and both clamped to [0, rank], as the operator defines them."""
+    start, end = node.attr("start", 0) or 0, node.attr("end")
+    end = rank if end is None else end
+    start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+    return range(max(start, 0), min(end, rank))
 
 
 def _int_cast(node: Node) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ...ir import Value
-from ...ir.symbolic import dim_values
+from ...ir.symbolic import dim_values, shape_axes
 from ..rewrite import const_value, node_attr
 
 #: An element of a shape tensor: an int, ``(value, axis)`` ("that dim of that value"), a symbol, or
@@ -113,11 +113,7 @@ def _node_elements(node, memo: dict) -> list | None:
         x = args[0]
         if x.shape is None:
             return None
-        rank = len(x.shape)
-        start, end = node_attr(node, "start", 99) or 0, node_attr(node, "end", 99)
-        end = rank if end is None else end
-        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
-        return [(x, k) for k in range(max(start, 0), min(end, rank))]
+        return [(x, k) for k in shape_axes(node, len(x.shape))]
     if op in ("Identity", "Unsqueeze", "Squeeze") or (op == "Cast" and node_attr(node, "to") in (6, 7)):
         return shape_elements(args[0], memo)
     if op == "Gather" and node_attr(node, "axis", 99) in (0, None):

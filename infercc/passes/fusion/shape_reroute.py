@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import Graph, Node, Value
-from ..rewrite import Builder, node_attr
+from ...ir.symbolic import shape_axes
+from ..rewrite import Builder
 from .dims import DimOracle, dim_of
 
 
@@ -47,12 +48,8 @@ def reroute_shapes(graph: Graph, oracle: DimOracle, keepers: list[Value], *, rou
 def _rebuilt(graph: Graph, node: Node, x: Value, oracle: DimOracle, keepers: list[Value]) -> Value | None:
     if x.shape is None:
         return None
-    rank = len(x.shape)
-    start, end = node_attr(node, "start", 99) or 0, node_attr(node, "end", 99)
-    end = rank if end is None else end
-    start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
     sources: list[int | tuple[Value, int]] = []
-    for axis in range(max(start, 0), min(end, rank)):
+    for axis in shape_axes(node, len(x.shape)):
         size = dim_of(x, axis)
         if isinstance(size, int):
             sources.append(size)

@@ -7,7 +7,6 @@ import functools
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import infercc
@@ -17,6 +16,8 @@ from infercc.passes.fusion.rotary import RotaryFusion
 from infercc.passes.lowering import LowerCanonicalOps
 from infercc.passes.pipeline import PIPELINE
 from tests.fixtures import catalog
+
+from ._util import original_session, run, session  # noqa: F401 - shared helpers, re-exported to the attention tests
 
 TOLERANCE = 1e-4
 FIXTURES = catalog.list_fixtures()
@@ -40,23 +41,6 @@ def compile_model(model, *, lowering: str = "ort", lower: bool = True, **options
 @functools.cache
 def compiled_fixture(name: str, lowering: str) -> CompiledModel:
     return compile_model(str(catalog.fixture_path(name)), lowering=lowering, strict=True)
-
-
-def session(model) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-@functools.cache
-def original_session(name: str) -> ort.InferenceSession:
-    return session(catalog.fixture_path(name))
-
-
-def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
 
 
 def max_diff(expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
