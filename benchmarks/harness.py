@@ -10,6 +10,10 @@ A configuration is a picklable `ConfigSpec` naming a setup function ``"module:fu
 The function is called as ``fn(threads=N, **kwargs)`` in the measuring process, does all
 untimed work (load/compile a model, build inputs) and returns a zero-argument callable to time,
 or ``(callable, metadata_dict)``.  It may raise `SkipConfig` when it cannot run here.
+
+A timed callable may also return `CallMetrics`: figures it measured inside the call (a generation
+reports its decode tokens/s beside the wall time of the whole call). Each round keeps their median
+over its timed calls, and the summary compares them with the baseline like the wall times.
 """
 
 from __future__ import annotations
@@ -37,6 +41,31 @@ RATIO_DIRECTION = "ratio = baseline time / config time: >1 means faster than the
 Mode = Literal["fresh", "inprocess"]
 
 
+class CallMetrics(dict):
+    """Figures measured inside one timed call, name -> number; returned by the callable.
+
+    Naming says how a figure compares with the baseline: ``*_per_s`` is a rate (higher is better,
+    ratio = config / baseline), any other ``*_s`` a time (ratio = baseline / config), so that every
+    ratio reads ">1 = better" as the wall-time ratios do; other figures (counts) get no ratio.
+    """
+
+
+def metric_ratio(name: str, baseline: float, value: float) -> float | None:
+    """The '>1 = better' ratio of one figure (see `CallMetrics`), None where it has none."""
+    if name.endswith("_per_s"):
+        return value / baseline if baseline else None
+    if name.endswith("_s"):
+        return baseline / value if value else None
+    return None
+
+
+def paired_metric_ratio(name: str, baseline: list[float | None], values: list[float | None]) -> float | None:
+    """Median over rounds of the per-round `metric_ratio`: cancels drift common to adjacent runs."""
+    ratios = [r for b, v in zip(baseline, values) if b is not None and v is not None
+              and (r := metric_ratio(name, b, v)) is not None]
+    return statistics.median(ratios) if ratios else None
+
+
 class SkipConfig(Exception):
     """Raised by a setup function whose configuration cannot run here; reported as skipped, not failed."""
 
@@ -61,6 +90,9 @@ class Case:
     baseline: str | None = None  # default: first configuration
     skipped: dict[str, str] = field(default_factory=dict)  # name -> reason, never started
     notes: dict[str, Any] = field(default_factory=dict)  # recorded verbatim in the results
+    #: Called with the finished run (parent process only); its lines (targets met or missed, say)
+    #: are kept in the results and printed under the table. A failure becomes a line, not a crash.
+    checks: Callable[[RunResult], list[str]] | None = None
 
 
 @dataclass
@@ -95,6 +127,10 @@ class ConfigResult:
     ratio: float | None = None  # baseline median / this median
     paired_ratio: float | None = None  # median over rounds of baseline_round / this_round
     metadata: dict[str, Any] = field(default_factory=dict)
+    metric_rounds: dict[str, list[float | None]] = field(default_factory=dict)  # CallMetrics, per round
+    metrics: dict[str, float] = field(default_factory=dict)  # median over rounds
+    metric_ratios: dict[str, float] = field(default_factory=dict)  # '>1 = better' vs the baseline
+    metric_paired: dict[str, float] = field(default_factory=dict)  # median of per-round ratios
 
 
 @dataclass
@@ -109,6 +145,7 @@ class RunResult:
     configs: list[ConfigResult]
     schedule: list[tuple[int, str]] = field(default_factory=list)  # (round, config) in execution order
     notes: dict[str, Any] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)  # lines from Case.checks
     ratio_direction: str = RATIO_DIRECTION
     started_at: str = ""
     duration_s: float = 0.0
@@ -141,20 +178,29 @@ def prepare(spec: ConfigSpec, threads: int) -> tuple[Callable[[], Any], dict[str
 
 def time_round(call: Callable[[], Any], warmup: int, repeat: int) -> float:
     """Median seconds per call; gc is off while timing so a collection lands in no single sample."""
+    return measure_round(call, warmup, repeat)[0]
+
+
+def measure_round(call: Callable[[], Any], warmup: int, repeat: int) -> tuple[float, dict[str, float]]:
+    """`time_round` plus the median of each `CallMetrics` figure the timed calls returned."""
     for _ in range(warmup):
         call()
     samples: list[float] = []
+    figures: dict[str, list[float]] = {}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(max(1, repeat)):
             t0 = time.perf_counter()
-            call()
+            out = call()
             samples.append(time.perf_counter() - t0)
+            if isinstance(out, CallMetrics):
+                for name, value in out.items():
+                    figures.setdefault(name, []).append(float(value))
     finally:
         if gc_was_enabled:
             gc.enable()
-    return statistics.median(samples)
+    return statistics.median(samples), {name: statistics.median(v) for name, v in figures.items()}
 
 
 def run_job(spec: ConfigSpec, threads: int, warmup: int, repeat: int) -> dict[str, Any]:
@@ -163,12 +209,12 @@ def run_job(spec: ConfigSpec, threads: int, warmup: int, repeat: int) -> dict[st
         t0 = time.perf_counter()
         call, meta = prepare(spec, threads)
         setup_s = time.perf_counter() - t0
-        median = time_round(call, warmup, repeat)
+        median, metrics = measure_round(call, warmup, repeat)
     except SkipConfig as exc:
         return {"status": "skipped", "error": str(exc)}
     except BaseException as exc:  # anything, even SystemExit from a library, is a failed config
         return _failure(exc)
-    return {"status": "ok", "median_s": median, "setup_s": setup_s, "metadata": meta}
+    return {"status": "ok", "median_s": median, "setup_s": setup_s, "metadata": meta, "metrics": metrics}
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -231,6 +277,8 @@ def run_case(case: Case, opts: BenchOptions, progress: Callable[[str], None] | N
             say(f"  {spec.name}: {res.status}: {res.error}")
             return
         res.rounds_s[rnd] = out["median_s"]
+        for name, value in (out.get("metrics") or {}).items():
+            res.metric_rounds.setdefault(name, [None] * opts.rounds)[rnd] = value
         if out.get("setup_s") is not None:
             setups[spec.name].append(out["setup_s"])
         res.metadata = res.metadata or out.get("metadata") or {}
@@ -259,11 +307,8 @@ def run_case(case: Case, opts: BenchOptions, progress: Callable[[str], None] | N
                 record(spec, rnd, _run_fresh(spec, opts))
                 continue
             try:
-                record(
-                    spec,
-                    rnd,
-                    {"status": "ok", "median_s": time_round(calls[spec.name], opts.warmup, opts.repeat)},
-                )
+                median, metrics = measure_round(calls[spec.name], opts.warmup, opts.repeat)
+                record(spec, rnd, {"status": "ok", "median_s": median, "metrics": metrics})
             except Exception as exc:  # recorded as a failed configuration
                 record(spec, rnd, _failure(exc))
 
@@ -274,7 +319,7 @@ def run_case(case: Case, opts: BenchOptions, progress: Callable[[str], None] | N
         summarize(res)
         res.setup_s = statistics.median(setups[res.name]) if setups.get(res.name) else None
     compute_ratios(configs, baseline)
-    return RunResult(
+    result = RunResult(
         case=case.name,
         description=case.description,
         options=asdict(opts),
@@ -286,10 +331,20 @@ def run_case(case: Case, opts: BenchOptions, progress: Callable[[str], None] | N
         started_at=started,
         duration_s=time.perf_counter() - t_start,
     )
+    if case.checks is not None:
+        try:
+            result.checks = list(case.checks(result))
+        except Exception as exc:  # a broken check must not lose the measurements
+            result.checks = [f"checks failed: {type(exc).__name__}: {exc}"]
+    return result
 
 
 def summarize(res: ConfigResult) -> None:
     """Median/min/IQR over the rounds that ran; a failure after some rounds keeps those rounds visible."""
+    res.metrics = {
+        name: statistics.median(ran) for name, rounds in res.metric_rounds.items()
+        if (ran := [v for v in rounds if v is not None])
+    }
     values = [v for v in res.rounds_s if v is not None]
     if not values:
         return
@@ -306,6 +361,14 @@ def compute_ratios(configs: list[ConfigResult], baseline: str | None) -> None:
     if base is None or not base.median_s:
         return
     for res in configs:
+        res.metric_ratios = {
+            name: ratio for name, value in res.metrics.items()
+            if name in base.metrics and (ratio := metric_ratio(name, base.metrics[name], value)) is not None
+        }
+        res.metric_paired = {
+            name: paired for name in res.metric_ratios
+            if (paired := paired_metric_ratio(name, base.metric_rounds[name], res.metric_rounds[name])) is not None
+        }
         if not res.median_s:
             continue
         res.ratio = base.median_s / res.median_s

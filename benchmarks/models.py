@@ -5,11 +5,17 @@ hidden 768, 12 heads / 4 KV heads, SwiGLU 2048, vocab 32000, tied embeddings), r
 from configs (no downloads), exported with torch.onnx dynamo and TorchScript exactly as the test
 fixtures are (same wrapper and exporter settings), so benchmarks measure what users feed us.
 Needs the ``export`` extra (torch==2.13.0, transformers, onnxscript).
+
+The LLaMA is also saved as a Hugging Face folder (``llama_hf``: safetensors plus an offline
+tokenizer) from the same seed and config, checked against the dynamo export's logits, so that the
+other runtimes of the decode case (onnxruntime-genai, llama.cpp; see ``benchmarks/contenders``)
+are built from exactly the weights the ONNX contenders run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +42,15 @@ def _spec(family: str):
     raise ValueError(f"unknown benchmark family {family!r}; choose from {FAMILIES}")
 
 
+def _seeded_model(family: str):
+    """The random-initialized model every artifact of `family` is made from (seed 0, eval mode)."""
+    import torch
+
+    spec = _spec(family)
+    torch.manual_seed(0)
+    return spec.model_cls(spec.config).eval()
+
+
 def model_path(family: str, exporter: str) -> Path:
     return CACHE / f"{family}_{exporter}" / "model.onnx"
 
@@ -51,8 +66,7 @@ def ensure_model(family: str, exporter: str) -> Path:
     from tests.fixtures import make_fixtures as mf
 
     spec = _spec(family)
-    torch.manual_seed(0)
-    wrapper = mf.SingleOutput(spec.model_cls(spec.config).eval(), spec.input_names, spec.output_name, spec.kind).eval()
+    wrapper = mf.SingleOutput(_seeded_model(family), spec.input_names, spec.output_name, spec.kind).eval()
     feeds = {"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.ones((1, 8), np.int64)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
@@ -75,14 +89,58 @@ def ensure_model(family: str, exporter: str) -> Path:
     return path
 
 
+def hf_path(family: str = "llama") -> Path:
+    return CACHE / f"{family}_hf"
+
+
+def ensure_hf_folder(family: str = "llama") -> Path:
+    """Save the seeded model with ``save_pretrained`` (safetensors) plus an offline tokenizer, once.
+
+    Why the check against the dynamo export: every contender of the decode case must run the same
+    weights, and that only holds while `_seeded_model` draws them exactly as the export did."""
+    folder = hf_path(family)
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from benchmarks.tokenizer import save_offline_tokenizer
+
+    model = _seeded_model(family)
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, 16)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    session = ort.InferenceSession(str(ensure_model(family, "dynamo")), providers=["CPUExecutionProvider"])
+    exported = session.run(None, feeds)[0]
+    with torch.no_grad():
+        ours = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, use_cache=False).logits.numpy()
+    if not np.allclose(ours, exported, atol=1e-3, rtol=1e-3):
+        raise RuntimeError(f"{family}: the seeded model's logits differ from the dynamo export's by "
+                           f"{np.abs(ours - exported).max():.3g}; delete bench_out/models to rebuild both")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    save_offline_tokenizer(tmp, model.config.vocab_size)
+    shutil.rmtree(folder, ignore_errors=True)  # a folder left half-written by an interrupted run
+    tmp.rename(folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="export the benchmark models (cached)")
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument("--exporters", nargs="*", default=list(EXPORTERS))
+    parser.add_argument("--decode", action="store_true",
+                        help="also the decode case's LLaMA artifacts: HF folder, onnxruntime-genai fp32/int4, GGUF")
     args = parser.parse_args(argv)
     for family in args.families:
         for exporter in args.exporters:
             print(f"{family}/{exporter}: {ensure_model(family, exporter)}", flush=True)
+    if args.decode:
+        from benchmarks.contenders import build_all
+
+        for name, (path, note) in build_all().items():
+            print(f"{name}: {path or 'not built'} ({note})", flush=True)
     return 0
 
 

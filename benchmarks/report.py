@@ -85,7 +85,38 @@ def format_table(result: RunResult) -> str:
         ]
         lines.append("  ".join(cells + [r[-1]]).rstrip())
     lines.append(f"(* baseline; total {result.duration_s:.1f} s, started {result.started_at})")
+    lines.extend(format_metrics(result))
+    if result.checks:
+        lines += ["", "checks:", *(f"  {line}" for line in result.checks)]
     return "\n".join(lines)
+
+
+def _figure(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def format_metrics(result: RunResult) -> list[str]:
+    """The figures the calls measured themselves (`CallMetrics`): median over rounds, and the
+    '>1 = better' ratio vs the baseline in brackets; no lines when no call returned any."""
+    names = list(dict.fromkeys(name for c in result.configs for name in c.metrics))
+    if not names:
+        return []
+    rows = [["config", *names]]
+    for c in result.configs:
+        cells = [c.name + (" *" if c.name == result.baseline else "")]
+        for name in names:
+            value, ratio, paired = c.metrics.get(name), c.metric_ratios.get(name), c.metric_paired.get(name)
+            cell = "-" if value is None else _figure(value)
+            if ratio is not None and value is not None:
+                cell += f" (x{ratio:.2f}" + (f" p{paired:.2f})" if paired is not None else ")")
+            cells.append(cell)
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["", "measured inside each call: median over rounds (xR = ratio of medians vs baseline, "
+             "pR = median of per-round ratios; >1 = better)"]
+    for r in rows:
+        lines.append("  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]).rstrip())
+    return lines
 
 
 def write_json(result: RunResult, path: Path) -> Path:

@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.cases import matmul, prefill, quant, roundtrip
+from benchmarks.cases import decode, matmul, prefill, quant, roundtrip
 from benchmarks.harness import Case
 
 
@@ -31,4 +31,5 @@ CASES: dict[str, CaseDef] = {
     "prefill": CaseDef(prefill.build_case, _first_line(prefill.__doc__), prefill.add_arguments),
     "matmul": CaseDef(matmul.build_case, _first_line(matmul.__doc__), matmul.add_arguments),
     "quant": CaseDef(quant.build_case, _first_line(quant.__doc__), quant.add_arguments),
+    "decode": CaseDef(decode.build_case, _first_line(decode.__doc__), decode.add_arguments),
 }

@@ -36,3 +36,10 @@ def skipping_setup(threads: int) -> Callable[[], None]:
 
 def crashing_setup(threads: int) -> Callable[[], None]:
     os._exit(3)  # simulates a segfault in a native runtime: no result, no traceback
+
+
+def metered_call(threads: int, rate: float, prefill: float) -> Callable[[], object]:
+    """A call that reports figures of its own (CallMetrics), as the decode case's generations do."""
+    from benchmarks.harness import CallMetrics
+
+    return lambda: CallMetrics(decode_tok_per_s=rate, prefill_s=prefill, new_tokens=4)
