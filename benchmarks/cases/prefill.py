@@ -98,7 +98,11 @@ def setup(threads: int, model: str, batch: int, seq: int) -> tuple[Callable[[], 
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():
-        if "mask" in inp.name:
+        if inp.name.startswith("past_key_values."):
+            # infercc's cached graph: prefill starts from an empty cache [batch, kv_heads, 0, head]
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype)
+        elif "mask" in inp.name:
             feeds[inp.name] = np.ones((batch, seq), np.int64)
         else:
             feeds[inp.name] = rng.integers(0, 1000, (batch, seq)).astype(np.int64)
