@@ -15,6 +15,7 @@ QUANT_BLOCKS = (32, 64, 128)
 QUANT_METHODS = ("mse", "rtn")
 QUANT_ROLES = ("keep", "int8", "int4")
 MASKINGS = ("auto", "causal", "none")
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,18 @@ class Config:
     #: "none" removes the causal triangle and sliding window (padding masks stay). A policy that
     #: contradicts the model's mask changes its outputs and is reported as a warning.
     masking: str = "auto"
+    #: Insert a KV cache into causal LMs (passes/kv_cache): the compiled graph then takes
+    #: ``attention_mask`` [batch, past+seq] and ``past_key_values.{i}.key/value`` [batch, kv_heads,
+    #: past, head_size] and returns ``present.{i}.key/value`` (past+seq), so a decode step computes
+    #: only the new tokens. Encoders, graphs that already have a cache and graphs the pass cannot
+    #: prove right are left alone, with the reason in the diagnostics. False keeps the source's
+    #: interface (every step recomputes the whole sequence).
+    kv_cache: bool = False
+    #: Element type of the KV cache: "auto" (the model's float type; see
+    #: passes/kv_cache/precision.py for why not float16 on CPU), "fp32", "fp16" (half the memory),
+    #: "int8" (about a quarter: int8 values plus one float32 scale per token and head, carried as
+    #: extra ``*_scale`` inputs/outputs). The diagnostics report the bytes per token.
+    kv_cache_dtype: str = "auto"
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
@@ -75,7 +88,7 @@ class Config:
                 f"known passes: {pass_names()}"
             )
         object.__setattr__(self, "disable_passes", tuple(sorted(passes) if isinstance(passes, (set, frozenset)) else passes))
-        for name in ("optimize", "strict", "check_each_pass"):
+        for name in ("optimize", "strict", "check_each_pass", "kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name} must be True or False, got {getattr(self, name)!r}")
         unknown = [p for p in self.disable_passes if p not in pass_names()]
@@ -87,6 +100,8 @@ class Config:
             raise ConfigError(f"Config.lowering must be one of {list(LOWERINGS)}, got {self.lowering!r}")
         if self.masking not in MASKINGS:
             raise ConfigError(f"Config.masking must be one of {list(MASKINGS)}, got {self.masking!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"Config.kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("intra_op_threads", "inter_op_threads", "fold_limit_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -18,6 +18,7 @@ from .fusion.activations import ActivationFusion
 from .fusion.attention_fuse import AttentionFusion
 from .fusion.norms import NormFusion
 from .fusion.rotary import RotaryFusion
+from .kv_cache import KVCacheInsertion
 from .lowering import LowerCanonicalOps
 from .quantize import QuantizeWeights
 
@@ -36,6 +37,7 @@ PIPELINE: list[type[Pass]] = [
     NormFusion,
     RotaryFusion,
     AttentionFusion,
+    KVCacheInsertion,  # after the attention fusion (it caches canonical Attention), before lowering
     QuantizeWeights,  # after the fusions (they match float MatMuls), before lowering
     LowerCanonicalOps,
     DeadCodeElimination,

@@ -18,13 +18,38 @@ def signature(values: list[Value]) -> list[dict]:
     ]
 
 
+#: Inputs of the cached-graph contract (passes/kv_cache/contract.py) that carry the cache.
+CACHE_PREFIX = "past_key_values."
+
+
+def with_empty_cache(graph: Graph, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """A call of a cached graph that passes none of the cache inputs starts a sequence: empty pasts
+    [batch, kv_heads, 0, head_size] are added (the batch read from ``input_ids``), and an all-ones
+    ``attention_mask`` if none is given (no padding). Feeds of other graphs, or that pass a cache,
+    are returned as they are."""
+    cache = [v for v in graph.inputs if v.name.startswith(CACHE_PREFIX) and v.const is None]
+    ids = feeds.get("input_ids") if isinstance(feeds, Mapping) else None
+    if not cache or ids is None or any(v.name in feeds for v in cache) or np.ndim(ids) != 2:
+        return feeds
+    filled = dict(feeds)
+    if "attention_mask" not in filled and any(v.name == "attention_mask" for v in graph.inputs):
+        filled["attention_mask"] = np.ones(np.shape(ids), np.int64)
+    for v in cache:
+        shape = [np.shape(ids)[0]] + [d if isinstance(d, int) else 0 for d in (v.shape or (0, 0, 0, 0))[1:]]
+        shape[2] = 0
+        filled[v.name] = np.zeros(shape, (v.dtype or DType.FLOAT).numpy)
+    return filled
+
+
 def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Feeds as arrays of the right dtype; an InputError names the input and what it expects."""
+    """Feeds as arrays of the right dtype; an InputError names the input and what it expects.
+    A cached graph called without its cache inputs starts from an empty cache (``with_empty_cache``)."""
     expected = {v.name: v for v in graph.inputs if not v.is_const}
     if not isinstance(feeds, Mapping):
         raise InputError(
             f"feeds must be a dict of input name -> array, got {type(feeds).__name__}; the model's inputs are {list(expected)}"
         )
+    feeds = with_empty_cache(graph, feeds)
     required = [v.name for v in graph.inputs if v.const is None]
     unknown = sorted(set(feeds) - {v.name for v in graph.inputs})
     if unknown:
@@ -61,7 +86,22 @@ def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.n
                             f"inputs {seen[1]!r} and {name!r} disagree on dimension {dim!r}: {seen[0]} vs {size}"
                         )
         out[name] = array
+    _check_cache_lengths(graph, out)
     return out
+
+
+def _check_cache_lengths(graph: Graph, feeds: dict[str, np.ndarray]) -> None:
+    """A cached graph's attention_mask covers the past and the new tokens."""
+    past = next((feeds[v.name] for v in graph.inputs if v.name.startswith(CACHE_PREFIX) and v.name in feeds), None)
+    ids, mask = feeds.get("input_ids"), feeds.get("attention_mask")
+    if past is None or ids is None or mask is None or past.ndim != 4 or ids.ndim != 2 or mask.ndim != 2:
+        return
+    if mask.shape[1] != past.shape[2] + ids.shape[1]:
+        seq = next((v.shape[1] for v in graph.inputs if v.name == "input_ids" and v.shape), "sequence")
+        raise InputError(
+            f"inputs 'input_ids' and 'attention_mask' disagree: the mask must cover the {past.shape[2]} past "
+            f"tokens plus the {ids.shape[1]} new ones (dim {seq!r} of input_ids), got length {mask.shape[1]}"
+        )
 
 
 def _fmt(shape) -> str:
@@ -72,6 +112,7 @@ def random_feeds(graph: Graph, rng: np.random.Generator, dims: Mapping[str, int]
     """Plausible random feeds: symbolic dims from ``dims`` (else 2, or 8 for sequence-like names),
     integer inputs in the range the graph indexes with them (a Gather table's size), masks all ones."""
     dims = dict(dims or {})
+    _cache_dims(graph, dims)
     feeds: dict[str, np.ndarray] = {}
     for value in graph.inputs:
         if value.const is not None:
@@ -94,6 +135,21 @@ def random_feeds(graph: Graph, rng: np.random.Generator, dims: Mapping[str, int]
         else:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def _cache_dims(graph: Graph, dims: dict[str, int]) -> None:
+    """A cached graph's lengths must agree (mask = past + new tokens): an empty past by default."""
+    inputs = {v.name: v for v in graph.inputs}
+    past = next((v for v in graph.inputs if v.name.startswith(CACHE_PREFIX) and v.shape and len(v.shape) == 4), None)
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if past is None or ids is None or mask is None or not ids.shape or not mask.shape:
+        return
+    seq, prior, total = ids.shape[-1], past.shape[2], mask.shape[-1]
+    if not all(isinstance(d, str) for d in (seq, prior, total)):
+        return
+    dims.setdefault(seq, 8)
+    dims.setdefault(prior, 0)
+    dims.setdefault(total, dims[seq] + dims[prior])
 
 
 def _index_bound(value: Value) -> int:

@@ -20,7 +20,7 @@ import math
 
 from ...ir import DType, Node, Value
 from ..rewrite import Builder
-from .attention_op import AttentionSpec, bias, inputs, may_be_nan, same_length
+from .attention_op import AttentionSpec, bias, inputs, may_be_nan, past, same_length
 from .build_util import i64, scalar_like
 
 MS = "com.microsoft"
@@ -64,6 +64,10 @@ def _only_causal(spec: AttentionSpec, mask: Value | None, q: Value, k: Value) ->
 
 
 def lower_ort(op: Builder, node: Node) -> list[Value] | str:
+    if past(node) is not None:  # a KV cache (passes/kv_cache) has its own kernel choice
+        from ..kv_cache.lower import lower_cached_ort
+
+        return lower_cached_ort(op, node)
     q, k, v, mask = inputs(node)
     spec = AttentionSpec.of(node)
     if spec.kv_num_heads == spec.num_heads:
@@ -131,6 +135,10 @@ def _gqa(op: Builder, node: Node, spec: AttentionSpec, q: Value, k: Value, v: Va
 
 
 def lower_onnx(op: Builder, node: Node) -> list[Value] | str:
+    if past(node) is not None:
+        from ..kv_cache.lower import lower_cached_onnx
+
+        return lower_cached_onnx(op, node)
     q, k, v, mask = inputs(node)
     spec = AttentionSpec.of(node)
     _, opset = _context(op)

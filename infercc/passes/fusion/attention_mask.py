@@ -123,6 +123,8 @@ class MaskAnalysis:
                 return self._conjuncts(node.inputs[0], not negated)
             if op in ("Identity", "Expand") or (op == "Cast" and node.inputs[0].dtype == DType.BOOL):
                 return self._conjuncts(node.inputs[0], negated)
+            if op == "Unsqueeze" and _leading_only(node, value):  # [S, Skv] -> [1, 1, S, Skv]
+                return self._conjuncts(node.inputs[0], negated)
         return [Literal(value, negated)]
 
     def _classify(self, lit: Literal) -> tuple[float, float] | str | None:
@@ -251,6 +253,15 @@ class MaskAnalysis:
         if shape is not None and len(shape) == 4 and shape[1] == 1 and shape[2] == 1:
             return "padding"
         return f"custom mask %{lit.value.name}" + (" (negated)" if lit.negated else "")
+
+
+def _leading_only(node, value: Value) -> bool:
+    """An Unsqueeze that only adds axes before the last two (the query and key axes stay last)."""
+    axes = ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else node_attr(node, "axes")
+    if axes is None or value.shape is None:
+        return False
+    rank = len(value.shape)
+    return all(a % rank < rank - 2 for a in axes)
 
 
 def _always(p: _Position, sign: str, c: float) -> str | None:

@@ -25,6 +25,14 @@ Semantics, exactly what :func:`decompose` builds (i query row, j key column, off
 A query row with no allowed key thus gives 0 when ``mask_value`` is -inf (what torch SDPA and the
 TorchScript exports compute) and the mean of V when it is finite (float32 min, as the dynamo
 exports fill): each file keeps its own semantics on fully padded rows.
+
+KV cache (added by ``passes/kv_cache``): optional inputs 4 and 5, ``past_key`` [B, Hkv, P, D] and
+``past_value`` [B, Hkv, P, Dv], and then two more outputs, ``present_key`` / ``present_value``
+[B, Hkv, P+S, D]: the past with this call's keys and values appended. The keys attended are then
+the present ones (Skv = P + S), so ``off`` = P and the causal triangle stays bottom-right aligned:
+one graph serves the prompt (P = 0) and every decode step. ``mask`` (if any) then spans the P + S
+keys. The cache may be stored in another float type than Q (float16 for a float32 model): new
+keys and values are rounded to it when appended, and attention reads the present converted back.
 """
 
 from __future__ import annotations
@@ -81,6 +89,13 @@ def inputs(node: Node) -> tuple[Value, Value, Value, Value | None]:
     return q, k, v, mask
 
 
+def past(node: Node) -> tuple[Value, Value] | None:
+    """(past_key, past_value) of a cached attention, None for one without a cache."""
+    if len(node.inputs) > 5 and node.inputs[4] is not None and node.inputs[5] is not None:
+        return node.inputs[4], node.inputs[5]
+    return None
+
+
 def same_length(q: Value, k: Value) -> bool:
     """Query and key lengths provably equal (self-attention without a cache)."""
     from .dims import DimOracle
@@ -100,7 +115,13 @@ def _infer(node: Node) -> list[tuple[DType | None, Shape]]:
     spec = AttentionSpec.of(node)
     hidden = spec.num_heads * spec.v_head_size
     shape = None if q.shape is None or len(q.shape) != 3 else (q.shape[0], q.shape[1], hidden)
-    return [(q.dtype, shape)]
+    found = [(q.dtype, shape)]
+    cache = past(node)
+    if cache is not None:
+        batch = shape[0] if shape is not None else None
+        for x, size in zip(cache, (spec.head_size, spec.v_head_size)):
+            found.append((x.dtype, (batch, spec.kv_num_heads, None, size)))
+    return found
 
 
 # -- masks --------------------------------------------------------------------------------------
@@ -108,9 +129,20 @@ def _scalar_dim(op: Builder, x: Value, axis: int) -> Value:
     return op.Squeeze(op.Shape(x, start=axis, end=axis + 1), i64(op, [0]))
 
 
-def position_mask(op: Builder, q: Value, k: Value, spec: AttentionSpec) -> Value:
-    """The [S, Skv] bool mask of the causal triangle and sliding window (bottom-right aligned)."""
-    s, skv = _scalar_dim(op, q, 1), _scalar_dim(op, k, 1)
+def key_length(op: Builder, node: Node) -> Value:
+    """Skv as a scalar: the key length, plus the past length for a cached attention."""
+    k = node.inputs[1]
+    cache = past(node)
+    if cache is None:
+        return _scalar_dim(op, k, 1)
+    return op.Add(_scalar_dim(op, cache[0], 2), _scalar_dim(op, k, 1))
+
+
+def position_mask(op: Builder, q: Value, k: Value, spec: AttentionSpec, skv: Value | None = None) -> Value:
+    """The [S, Skv] bool mask of the causal triangle and sliding window (bottom-right aligned);
+    ``skv`` overrides k's length (a cached attention's keys include the past)."""
+    s = _scalar_dim(op, q, 1)
+    skv = _scalar_dim(op, k, 1) if skv is None else skv
     zero, one = op.const(np.asarray(0, np.int64), hint="zero"), op.const(np.asarray(1, np.int64), hint="one")
     rows = op.Unsqueeze(op.Add(op.Range(zero, s, one), op.Sub(skv, s)), i64(op, [1]))
     cols = op.Range(zero, skv, one)
@@ -123,25 +155,27 @@ def position_mask(op: Builder, q: Value, k: Value, spec: AttentionSpec) -> Value
 
 
 def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool = False,
-         dtype: DType | None = None) -> Value | None:
+         dtype: DType | None = None, positions: bool = True) -> Value | None:
     """The float [B|1, H|1, S|1, Skv] bias adding the mask, the causal triangle and the window to
     the scores (None when nothing is masked). ``full_rows`` makes dim 2 equal S (kernels that do not
-    broadcast the query axis); ``fill`` overrides ``mask_value``. Built once per graph for layers
-    that share the mask and the (symbolic) lengths."""
+    broadcast the query axis); ``fill`` overrides ``mask_value``; ``positions=False`` leaves the
+    triangle and window out (for a kernel that applies them itself). Built once per graph for
+    layers that share the mask and the (symbolic) lengths."""
     q, k, _, mask = inputs(node)
     spec = AttentionSpec.of(node)
     fill = spec.mask_value if fill is None else fill
     dtype = dtype or q.dtype
-    positional = spec.causal or spec.left_window >= 0
+    positional = (spec.causal or spec.left_window >= 0) and positions
     if mask is None and not positional:
         return None
+    cache = past(node)
 
     def make() -> Value:
         allowed = None
         if mask is not None and mask.dtype == DType.BOOL:
             allowed = mask
         if positional:
-            tri = position_mask(op, q, k, spec)
+            tri = position_mask(op, q, k, spec, key_length(op, node) if cache is not None else None)
             allowed = tri if allowed is None else op.And(allowed, tri)
         out = None
         if allowed is not None:
@@ -157,9 +191,12 @@ def bias(op: Builder, node: Node, *, fill: float | None = None, full_rows: bool 
         return out
 
     lengths = (q.shape[1] if q.shape else None, k.shape[1] if k.shape else None)
+    if cache is not None:
+        lengths += (cache[0].shape[2] if cache[0].shape else None,)
     if None in lengths:
         return make()
-    key = ("attention_bias", id(mask), spec.causal, spec.left_window, float(fill), dtype, lengths, full_rows)
+    key = ("attention_bias", id(mask), spec.causal and positions, spec.left_window if positions else -1, float(fill),
+           dtype, lengths, full_rows)
     return shared(op, key, make)
 
 
@@ -174,8 +211,17 @@ def decompose(op: Builder, node: Node) -> list[Value]:
     spec = AttentionSpec.of(node)
     h, hkv, d, dv = spec.num_heads, spec.kv_num_heads, spec.head_size, spec.v_head_size
     q4 = _split_heads(op, op.Mul(q, scalar_like(op, spec.scale, q.dtype, "scale")), h, d, [0, 2, 1, 3])
-    kt = _split_heads(op, k, hkv, d, [0, 2, 3, 1])
-    v4 = _split_heads(op, v, hkv, dv, [0, 2, 1, 3])
+    cache = past(node)
+    if cache is None:
+        kt = _split_heads(op, k, hkv, d, [0, 2, 3, 1])
+        v4 = _split_heads(op, v, hkv, dv, [0, 2, 1, 3])
+    else:  # present = past + this call's heads, [B, Hkv, P+S, D], in the cache's type
+        stored = cache[0].dtype if cache[0].dtype != q.dtype else None
+        present_k = op.Concat(cache[0], _cast(op, _split_heads(op, k, hkv, d, [0, 2, 1, 3]), stored), axis=2)
+        present_v = op.Concat(cache[1], _cast(op, _split_heads(op, v, hkv, dv, [0, 2, 1, 3]), stored), axis=2)
+        back = q.dtype if stored is not None else None
+        kt = op.Transpose(_cast(op, present_k, back), perm=[0, 1, 3, 2])
+        v4 = _cast(op, present_v, back)
     grouped = hkv not in (h, 1)
     rep = h // hkv
     if grouped:  # [B, Hkv, rep, S, D] against [B, Hkv, 1, D, Skv]: no copy of K/V per query head
@@ -198,7 +244,12 @@ def decompose(op: Builder, node: Node) -> list[Value]:
     out = op.MatMul(probs, v4)
     if grouped:
         out = op.Reshape(out, i64(op, [0, h, -1, dv]))
-    return [op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), i64(op, [0, 0, h * dv]))]
+    merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), i64(op, [0, 0, h * dv]))
+    return [merged] if cache is None else [merged, present_k, present_v]
+
+
+def _cast(op: Builder, x: Value, dtype: DType | None) -> Value:
+    return x if dtype is None else op.Cast(x, to=int(dtype))
 
 
 def _grouped_bias(op: Builder, added: Value, mask: Value | None, h: int, hkv: int, rep: int) -> Value:
@@ -214,6 +265,12 @@ def make_node(op: Builder, q: Value, k: Value, v: Value, mask: Value | None, spe
     """Build a canonical Attention node (the fusion's replacement)."""
     ins = [q, k, v] + ([mask] if mask is not None else [])
     return getattr(op, OP_NAME)(*ins, _domain=DOMAIN, **spec.attrs())
+
+
+def make_cached_node(op: Builder, q: Value, k: Value, v: Value, mask: Value | None, past_key: Value,
+                     past_value: Value, spec: AttentionSpec) -> tuple[Value, Value, Value]:
+    """Build a canonical Attention with a KV cache: (output, present_key, present_value)."""
+    return getattr(op, OP_NAME)(q, k, v, mask, past_key, past_value, _domain=DOMAIN, _outputs=3, **spec.attrs())
 
 
 def _lowerings() -> dict:
