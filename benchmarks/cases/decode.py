@@ -8,7 +8,8 @@ time and decode tokens/s (`benchmarks.decoders`), and ratios of those are vs gen
 
 Every artifact is built up front in the parent (untimed): the Hugging Face folder and the other
 runtimes' models are cached (`benchmarks.models`, `benchmarks.contenders`); the infercc artifacts
-are compiled again every run (a second or two each, and never stale). The reference is Hugging
+are compiled again every run (seconds each, and never stale), with ``kv_cache=True`` (the KV-cache
+insertion pass is off by default) from the working tree, whose uncommitted infercc files the notes list. The reference is Hugging
 Face's torch model, greedy with its own cache: its tokens are what ``match_prefix`` counts and
 its logits after the prompt what each contender's are compared with.
 """
@@ -29,6 +30,8 @@ from benchmarks.models import ensure_hf_folder, ensure_model
 
 DECODERS = "benchmarks.decoders"
 BASELINE = "genai-fp32"
+#: Asked for explicitly: the KV-cache insertion pass landed off by default (Config.kv_cache).
+CACHED = {"kv_cache": True}
 #: The issue's targets: (config, compared with, minimum decode tokens/s ratio).
 TARGETS = (("infercc", "uncached-export", 10.0), ("infercc-export", "uncached-export", 10.0),
            ("infercc", "genai-fp32", 0.9), ("infercc-export", "genai-fp32", 0.9),
@@ -70,7 +73,9 @@ def compile_infercc(source: Path, target: Path, threads: int, **options: Any) ->
     seconds = time.perf_counter() - t0
     compiled.save(target)
     cache_inputs = sum(i["name"].startswith("past_key_values.") for i in compiled.inputs)
-    return {"source": str(source), "options": options, "compile_s": round(seconds, 2), "cache_inputs": cache_inputs}
+    chosen = {k: v for k, v in compiled.config.to_dict().items() if k.startswith(("kv_cache", "quant"))}
+    return {"source": str(source), "options": options, "config": chosen, "compile_s": round(seconds, 2),
+            "cache_inputs": cache_inputs}
 
 
 def uncommitted(path: str) -> list[str]:
@@ -88,8 +93,9 @@ def build_case(args: argparse.Namespace) -> Case:
     artifacts = Path(args.out) / "artifacts"
     notes: dict[str, Any] = {"export": str(export), "hf_folder": str(folder), "infercc": {},
                              "infercc_uncommitted": uncommitted("infercc")}
-    for name, source, options in (("infercc", folder, {}), ("infercc-export", export, {}),
-                                  ("infercc-int4", folder, {"quantize": "int4", "quant_block_size": args.block_size})):
+    int4 = {"quantize": "int4", "quant_block_size": args.block_size}
+    for name, source, options in (("infercc", folder, CACHED), ("infercc-export", export, CACHED),
+                                  ("infercc-int4", folder, {**CACHED, **int4})):
         notes["infercc"][name] = compile_infercc(source, artifacts / name, args.threads, **options)
     vocab = 32000
     prompt = np.random.default_rng(args.seed).integers(3, vocab, args.prompt_len).tolist()
