@@ -43,7 +43,7 @@ def already_cached(graph: Graph) -> str | None:
     """Why the graph already has a cache (inputs or outputs named like one, or attention reading
     one), else None."""
     for v in graph.inputs:
-        if v.name.startswith(("past_key_values", "past_key", "past_value", "past.", "cache")) or v.name == "past":
+        if v.name.startswith(("past_key_values", "past_key", "past_value", "past.")) or v.name == "past":
             return f"the model already takes a cache (input {v.name!r})"
     for v in graph.outputs:
         if v.name.startswith("present"):
@@ -71,14 +71,18 @@ def not_a_causal_lm(graph: Graph) -> str | None:
 
 def layer_problem(node: Node, world: SequenceWorld) -> str | None:
     """Why this attention cannot be cached, else None."""
-    if not int(node.attr("causal", 0)):
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    if not int(node.attr("causal", 0)) and mask is None:
         return ("bidirectional attention (causal=0): every token sees later ones, so earlier tokens' keys and "
                 "values change as the sequence grows (an encoder, not a causal LM)")
-    q, k, v = node.inputs[:3]
+    if not int(node.attr("causal", 0)):
+        return (f"no causal triangle was recognised in its mask %{mask.name} (see attention_fusion's mask "
+                "description), so tokens may see later ones: bidirectional attention (an encoder) or a mask form "
+                "the fusion does not know")
     for x, name in ((q, "query"), (k, "key"), (v, "value")):
         if not world.is_act(x):
             return f"its {name} is not computed from the tokens"
-    mask = node.inputs[3] if len(node.inputs) > 3 else None
     if mask is not None and world.is_act(mask):
         return (f"its mask %{mask.name} is computed from the token values (input_ids), which the cached graph "
                 "only has for the new tokens")

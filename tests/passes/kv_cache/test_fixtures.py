@@ -7,9 +7,13 @@ fixtures' opsets decompose it: Concat and MatMul)."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
-from ._drive import DECODERS, TOLERANCE, compare, fixture, run_cached, run_uncached, sequence
+import infercc
+from tests.fixtures import catalog
+
+from ._drive import DECODERS, TOLERANCE, compare, fixture, real_diff, run_cached, run_uncached, sequence
 
 BATCHES = {"batch1": [12], "batch4": [12, 5, 9, 1]}
 
@@ -51,3 +55,19 @@ def test_kernels_chosen() -> None:
     for name in ("llama_dynamo", "gpt2_dynamo"):
         hist = fixture(name).model.graph.op_histogram()
         assert hist.get("com.microsoft::MultiHeadAttention") == 2 and "If" not in hist
+
+
+@pytest.mark.parametrize("name", ["llama_torchscript", "mistral_dynamo", "gpt_neox_dynamo"])
+def test_opset23_lowers_to_onnx_attention_with_past(name: str) -> None:
+    """At opset 23 the "onnx" lowering is ONNX's own Attention, past and present included."""
+    proto = onnx.load(str(catalog.fixture_path(name)))
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 23
+    cached = infercc.compile(proto, provider="cpu", lowering="onnx", strict=True, kv_cache=True)
+    plain = infercc.compile(proto, provider="cpu", lowering="onnx", strict=True, kv_cache=False)
+    ops = cached.model.graph.op_histogram()
+    assert ops.get("Attention") == 2 and "Softmax" not in ops and not any(n.domain for n in cached.model.graph.walk())
+    ids, mask, width = sequence(256, BATCHES["batch4"], 16)
+    got = run_cached(cached, ids, mask, [width, 3] + [1] * 13)
+    assert real_diff(got, run_uncached(plain, ids, mask), mask) <= TOLERANCE
