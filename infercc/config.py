@@ -51,7 +51,7 @@ class Config:
     #: only the new tokens. Encoders, graphs that already have a cache and graphs the pass cannot
     #: prove right are left alone, with the reason in the diagnostics. False keeps the source's
     #: interface (every step recomputes the whole sequence).
-    kv_cache: bool = False
+    kv_cache: bool = True
     #: Element type of the KV cache: "auto" (the model's float type; see
     #: passes/kv_cache/precision.py for why not float16 on CPU), "fp32", "fp16" (half the memory),
     #: "int8" (about a quarter: int8 values plus one float32 scale per token and head, carried as

@@ -155,9 +155,10 @@ def test_save_writes_model_and_manifest(small, tmp_path):
     assert manifest["config"] == small.config.to_dict()
     assert {"infercc", "onnx", "onnxruntime", "numpy", "python"} <= set(manifest["versions"])
     assert manifest["versions"]["infercc"] == infercc.__version__
-    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    # the default pipeline inserts a KV cache (passes/kv_cache): past_key_values.* in, present.* out
+    assert [i["name"] for i in manifest["inputs"]][:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
     assert manifest["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
-    assert [o["name"] for o in manifest["outputs"]] == ["logits"]
+    assert [o["name"] for o in manifest["outputs"]][:2] == ["logits", "present.0.key"]
     assert isinstance(manifest["diagnostics"], list)
     assert [d["pass"] for d in manifest["diagnostics"]] == pass_names()
     for record in manifest["diagnostics"]:

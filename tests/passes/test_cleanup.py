@@ -693,7 +693,7 @@ def test_pipeline_keeps_fixture_outputs(name, compiled_fixtures):
     for label, feeds in _feed_sets(name):
         expected = dict(zip(names, reference_session.run(names, feeds)))
         got = compiled.run(feeds)
-        assert sorted(got) == sorted(expected)
+        assert set(expected) <= set(got) <= set(expected) | {n for n in got if n.startswith("present.")}  # + a KV cache
         for out in expected:
             assert got[out].shape == expected[out].shape, (label, out)
             diff = float(np.max(np.abs(got[out].astype(np.float64) - expected[out])))

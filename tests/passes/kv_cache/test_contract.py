@@ -69,7 +69,7 @@ def test_switched_off() -> None:
 
 
 def test_config_is_validated() -> None:
-    assert Config().kv_cache_dtype == "auto" and Config(kv_cache=False).kv_cache is False
+    assert Config().kv_cache is True and Config().kv_cache_dtype == "auto"  # on by default
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         Config(kv_cache_dtype="int4")
     with pytest.raises(ConfigError, match="kv_cache"):
