@@ -10,6 +10,8 @@ axis, a non-constant epsilon, Pow(x, 3)) is reported with its reason instead of 
 
 from __future__ import annotations
 
+import numpy as np
+
 from ...ir import Graph, Model, Node, Value
 from ..base import Pass, PassContext
 from ..canonical import DOMAIN, DOMAIN_VERSION
@@ -72,6 +74,23 @@ def _rms_norm(op, x, scale, eps):
     return op.Mul(scale, op.Cast(_over_rms(op, xf, mean_square, eps), _optional=True, _bind="downcast"))
 
 
+def _rms_stats(op, x, eps):
+    xf = op.Cast(x, _optional=True, _bind="upcast")
+    return xf, op.Add(op.ReduceMean(_square(op, xf), _allow_other_inputs=True, _bind="reduce"), eps)
+
+
+# RMSNorm whose scale the no-op pass removed (a weight of ones, as in freshly initialized models):
+# one rule per spelling of x / sqrt(mean(x^2) + eps), since a rule is anchored on one op type.
+def _rms_unscaled_div(op, x, eps):
+    xf, stat = _rms_stats(op, x, eps)
+    return op.Div(xf, op.Sqrt(stat))
+
+
+def _rms_unscaled_reciprocal(op, x, eps):
+    xf, stat = _rms_stats(op, x, eps)
+    return op.Mul(xf, Or(op.Reciprocal(op.Sqrt(stat)), op.Div(Var("one"), op.Sqrt(stat)), op.Pow(stat, Var("neg_half"))))
+
+
 # -- checks -------------------------------------------------------------------------------------
 def _check_stats(x: Value, eps: Value, reduce: Node, reduce_var: Node | None = None, exponent: Value | None = None,
                  one: Value | None = None, neg_half: Value | None = None) -> str | None:
@@ -117,6 +136,14 @@ def _check_layer_norm_op(x: Value, scale: Value, ln: Node) -> str | None:
     return first_reason(hidden_vector(scale, x, "scale"), hidden_vector(bias, x, "bias"))
 
 
+def _check_rms_unscaled(x: Value, eps: Value, reduce: Node, exponent: Value | None = None, one: Value | None = None,
+                        neg_half: Value | None = None, upcast: Node | None = None) -> str | bool | None:
+    if x.shape is None or not x.shape or not isinstance(x.shape[-1], int):
+        return False  # the ones-scale needs a known hidden size
+    return first_reason(_check_stats(x, eps, reduce, None, exponent, one, neg_half),
+                        upcast is not None and "an upcast without its downcast is not an RMSNorm output")
+
+
 # -- replacements -------------------------------------------------------------------------------
 def _make_layer_norm(op: Builder, x: Value, scale: Value, eps: Value, bias: Value | None = None) -> Value:
     return op.LayerNorm(x, scale, bias, _domain=DOMAIN, epsilon=scalar_value(eps))
@@ -131,12 +158,20 @@ def _make_rms_norm(op: Builder, x: Value, scale: Value, eps: Value) -> Value:
     return op.RMSNorm(x, scale, _domain=DOMAIN, epsilon=scalar_value(eps))
 
 
+def _make_rms_unscaled(op: Builder, x: Value, eps: Value) -> Value:
+    ones = op.const(np.ones(x.shape[-1], x.dtype.numpy), hint="rms_scale")
+    return op.RMSNorm(x, ones, _domain=DOMAIN, epsilon=scalar_value(eps))
+
+
 RULES = [
     Rule("fuse_layernorm_op", _layer_norm_op, _make_layer_norm_op, _check_layer_norm_op),
     Rule("fuse_layernorm", _layer_norm, _make_layer_norm, _check_layer_norm),
     Rule("fuse_layernorm", _layer_norm_no_bias, _make_layer_norm, _check_layer_norm),
     # After the LayerNorm rules: a centred input also matches RMSNorm's pattern.
     Rule("fuse_rmsnorm", _rms_norm, _make_rms_norm, _check_rms_norm),
+    # After the scaled rule, which owns every RMSNorm that still has its scale.
+    Rule("fuse_rmsnorm_unscaled", _rms_unscaled_div, _make_rms_unscaled, _check_rms_unscaled),
+    Rule("fuse_rmsnorm_unscaled", _rms_unscaled_reciprocal, _make_rms_unscaled, _check_rms_unscaled),
 ]
 
 

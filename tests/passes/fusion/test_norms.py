@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+import infercc
 from tests.fixtures import catalog
 
 from ._util import (
@@ -105,6 +106,20 @@ def rms_model(*, square="pow", divide="reciprocal", exponent=2.0, eps_input=Fals
 def test_rmsnorm_spellings_fuse_and_match(square, divide):
     proto = rms_model(square=square, divide=divide)
     assert canonical_counts(fuse_only(proto)) == {"RMSNorm": 1}
+    results = check_compiles_equal(proto, {"x": random([2, 3, H])})
+    assert op_counts(results["ort"])["SimplifiedLayerNormalization"] == 1
+
+
+@pytest.mark.parametrize("divide", ["div", "reciprocal", "one_over", "pow"])
+def test_rmsnorm_whose_ones_scale_was_removed_still_fuses(divide):
+    """Freshly initialized checkpoints have RMSNorm weights of ones; the no-op pass drops that Mul
+    before the fusions run, and the norm must still become one kernel."""
+    proto = rms_model(divide=divide)
+    for init_ in proto.graph.initializer:
+        if init_.name == "w":
+            init_.CopyFrom(const("w", np.ones(H, np.float32)))
+    cm = infercc.compile(proto)
+    assert cm.diagnostics["fuse_norms"].changes.get("fuse_rmsnorm_unscaled") == 1
     results = check_compiles_equal(proto, {"x": random([2, 3, H])})
     assert op_counts(results["ort"])["SimplifiedLayerNormalization"] == 1
 
