@@ -119,6 +119,7 @@ def _insert(model: Model, requested: str) -> dict:
     cache = _Cache(graph, fmt, storage_for(fmt, model_dtype), batch, seq, model.opset("") or 17)
     layer_info = [cache.layer(i, node) for i, node in enumerate(layers)]
     graph.remove_dead()
+    graph.sort()  # per-token readers of the mask may come before the nodes built here
     shapes = [(x["kv_heads"], x["head_size"], x["v_head_size"]) for x in layer_info]
     return {
         "layers": layer_info, "kv_cache_dtype": fmt.name, "kv_cache_dtype_reason": fmt.reason,
