@@ -105,6 +105,49 @@ def unfused_attention(graph: Graph, world: SequenceWorld) -> list[Node]:
     return found
 
 
+#: Ops that combine the tokens of a sequence whatever their attributes (recurrences, convolutions).
+_MIXING = {"CumSum", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "Scan", "Loop"}
+#: Ops that combine the tokens along the axes they are given.
+_REDUCING = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceLogSumExp",
+             "Softmax", "LogSoftmax", "ArgMax", "ArgMin", "TopK", "Hardmax"}
+
+
+def sequence_mixing(graph: Graph, world: SequenceWorld) -> str | None:
+    """Why an op outside the attention combines activations of different tokens (then earlier
+    tokens' results would depend on later ones, or the new tokens on the past's activations, which
+    the cache does not keep), else None. Attention itself is the canonical op; unfused attention
+    is reported by ``unfused_attention``."""
+    for node in graph.nodes:
+        if node.domain or not node.inputs or node.inputs[0] is None or not world.is_act(node.inputs[0]):
+            continue
+        if node.op_type in _MIXING:
+            return f"{node.op_type} {node.name!r} combines the tokens of the sequence outside attention"
+        if node.op_type in _REDUCING:
+            x = node.inputs[0]
+            seq = world.act_seq_axis(x)
+            axes = _axes(node, x)
+            if seq is not None and axes is not None and seq in axes:
+                return f"{node.op_type} {node.name!r} reduces activations along the sequence axis"
+    return None
+
+
+def _axes(node: Node, x) -> set[int] | None:
+    from ..fusion.dims import ints
+
+    rank = len(x.shape) if x.shape is not None else None
+    if rank is None:
+        return None
+    if node.op_type in ("Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK"):
+        default = -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax", "TopK") else 0
+        return {node.attr("axis", default) % rank}
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = ints(node.inputs[1])
+    if axes is None or not axes:
+        return set(range(rank)) if not node.attr("noop_with_empty_axes", 0) else set()
+    return {a % rank for a in axes}
+
+
 def no_logits(graph: Graph) -> str | None:
     if any(v.name == LOGITS for v in graph.outputs):
         return None

@@ -86,6 +86,9 @@ def _check(graph: Graph, world: SequenceWorld, layers: list[Node]) -> None:
     if unfused:
         raise _refuse(f"{len(unfused)} attention(s) were not fused (first: Softmax {unfused[0].name!r}, see "
                       "attention_fusion); every layer needs a canonical Attention to hold its cache")
+    mixing = c.sequence_mixing(graph, world)
+    if mixing:
+        raise _refuse(mixing)
     extra = c.non_token_outputs(graph, world)
     if extra:
         raise _refuse(f"output(s) {extra} are not computed from the tokens; their meaning with a cache is unknown")

@@ -162,3 +162,14 @@ def test_stateless_run_starts_an_empty_cache() -> None:
     assert float(np.abs(out["logits"] - stored["logits"]).max()) <= TOLERANCE
     with pytest.raises(InputError, match="attention_mask"):
         cm.run({**feeds, **empty_pasts(session(cm), 2), "attention_mask": feeds["attention_mask"][:, 1:]})
+
+
+def test_tokens_mixed_outside_attention_are_refused() -> None:
+    """A CumSum over the sequence (a recurrence the cache does not keep) leaves the model alone."""
+    proto = onnx.load(str(catalog.fixture_path("gpt2_torchscript")))
+    for node in proto.graph.node:
+        node.output[:] = ["logits_pre" if o == "logits" else o for o in node.output]
+    proto.graph.initializer.append(helper.make_tensor("seq_axis", TensorProto.INT64, [], [1]))
+    proto.graph.node.append(helper.make_node("CumSum", ["logits_pre", "seq_axis"], ["logits"]))
+    cm = infercc.compile(proto, provider="cpu", strict=True, kv_cache=True)
+    assert "CumSum" in _record(cm).reasons[0] and [i["name"] for i in cm.inputs] == ["input_ids", "attention_mask"]
