@@ -10,9 +10,10 @@ folded into query rows of that head ([B, S, H*D] -> [B, S*g, Hkv*D]), so the ker
 the Hkv heads, reads each cached head once and its present keeps Hkv heads, as the contract says.
 
 Why not GroupQueryAttention, measured on the benchmark LLaMA (12 layers, 12 heads / 4 KV heads,
-CPU, 2 threads, prompt 128 + 128 tokens, median step, interleaved runs): MultiHeadAttention with
-folded heads 27.6 tok/s, GroupQueryAttention 27.6-27.8 (same within noise), the standard-ONNX
-decomposition 24.6. GroupQueryAttention refuses a call with a past and several new tokens on a
+ORT CPU, 2 threads on a shared machine, prompt 128 + 128 tokens, median step of 7 interleaved
+runs): MultiHeadAttention with folded heads 27.6 tok/s, GroupQueryAttention 27.6-27.8, the
+standard-ONNX decomposition 24.6; at prompt 1024 + 64 the kernels were also level within the
+noise (best runs 89-93 tok/s when the machine was quiet). GroupQueryAttention refuses a call with a past and several new tokens on a
 batch ("batch_size must be 1 when sequence_length > 1 and past context is given"): routing that
 call elsewhere needs an ``If`` per layer (exact, no faster), and its ``query_seqlens`` input, which
 allows it, requires ``causal=1``, whose own triangle changes fully padded rows of exports that fill

@@ -12,10 +12,11 @@
   static per-tensor/per-channel scales that need calibration) and quantizes the new rows after.
 * ``auto``: the model's own float type, float32 for a float32 model. ONNX Runtime's CPU attention
   computes in the model's type, so a float16 cache costs a cast of the past in and of the present
-  out every step; measured on the benchmark LLaMA (CPU, 2 threads, prompt 128 + 128 tokens) a
-  float16 or int8 cache decodes no faster than float32 (80-83 vs 85 tok/s, median step, within
-  noise), so on CPU the smaller types buy memory, not speed, and auto keeps float32. A float16
-  model keeps float16.
+  out every step; measured on the benchmark LLaMA (CPU, 2 threads, prompt 128 + 128 tokens,
+  interleaved runs) a float16 or int8 cache decodes no faster, often slower, than float32 (tok/s
+  fp32/fp16/int8: 85/80/83 on a quiet machine, 39/33/36 and 50/43/32 on a loaded one), so on
+  CPU the smaller types buy memory, not speed, and auto keeps float32. A float16 model keeps
+  float16.
 """
 
 from __future__ import annotations
