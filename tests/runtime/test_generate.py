@@ -184,7 +184,7 @@ def test_export_counting_positions_itself_is_not_padded():
 
 def test_sequence_takes_text_through_the_tokenizer(stories, ref):
     with stories.session() as session:
-        assert not session.cached and session.max_context == 2048
+        assert session.cached and session.max_context == 2048  # KV cache is on by default
         seq = session.sequence()
         seq.prefill(ref["prompt"])
         assert seq.tokens == ref["prompt_ids"]
