@@ -27,11 +27,14 @@ def _compile_options(args: argparse.Namespace) -> dict:
         opts["strict"] = True
     if getattr(args, "check", False):
         opts["check_each_pass"] = True
-    for name in ("quantize", "quant_method", "quant_block_size", "quant_lm_head", "quant_embeddings", "quant_max_error"):
+    for name in ("quantize", "quant_method", "quant_block_size", "quant_lm_head", "quant_embeddings", "quant_max_error",
+                 "quant_int8_fraction"):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     if getattr(args, "quant_symmetric", False):
         opts["quant_symmetric"] = True
+    if getattr(args, "no_quant_native", False):
+        opts["quant_native"] = False
     return opts
 
 
@@ -257,12 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--check", action="store_true", help="check outputs after every pass")
         q = p.add_argument_group("weight-only quantization")
         q.add_argument("--quantize", choices=["int8", "int4"], help="int8 per channel or int4 blockwise weights")
-        q.add_argument("--quant-method", choices=["mse", "rtn"], help="mse (default, lower error) or round-to-nearest")
-        q.add_argument("--quant-block-size", type=int, choices=[32, 64, 128], help="int4 block length (default 32)")
+        q.add_argument("--quant-method", choices=["gptq", "mse", "rtn"],
+                       help="gptq (default: error feedback on inputs the model generates), mse (data-free) or round-to-nearest")
+        q.add_argument("--quant-block-size", type=int, choices=[16, 32, 64, 128], help="int4 block length (default 32)")
         q.add_argument("--quant-symmetric", action="store_true", help="no zero points")
         q.add_argument("--quant-lm-head", choices=["keep", "int8", "int4"], help="LM head precision (default int8)")
         q.add_argument("--quant-embeddings", choices=["keep", "int8", "int4"], help="embedding tables (default int8)")
-        q.add_argument("--quant-max-error", type=float, help="keep float the weights whose relative error exceeds this")
+        q.add_argument("--quant-max-error", type=float,
+                       help="int4 weights whose relative error exceeds this fall back to int8 (float if int8 does too)")
+        q.add_argument("--quant-int8-fraction", type=float, metavar="F",
+                       help="mixed precision: keep int8 up to this fraction of int4 parameters, most sensitive first")
+        q.add_argument("--no-quant-native", action="store_true",
+                       help="re-round already-quantized (GGUF Q4_0/Q4_1/Q8_0) weights instead of keeping their grid")
 
     p = sub.add_parser("convert", help="compile an ONNX model into an optimized artifact folder")
     p.add_argument("model")

@@ -11,8 +11,8 @@ from .errors import ConfigError
 PROVIDERS = ("auto", "cpu", "cuda")
 LOWERINGS = ("ort", "onnx")
 QUANTIZE = (None, "int8", "int4")
-QUANT_BLOCKS = (32, 64, 128)
-QUANT_METHODS = ("mse", "rtn")
+QUANT_BLOCKS = (16, 32, 64, 128)
+QUANT_METHODS = ("gptq", "mse", "rtn")
 QUANT_ROLES = ("keep", "int8", "int4")
 MASKINGS = ("auto", "causal", "none")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
@@ -63,18 +63,29 @@ class Config:
     #: Weight-only quantization: None (off), "int8" (one scale per output channel) or "int4"
     #: (blockwise). MatMul/Gemm weights become packed integers (ORT MatMulNBits); see passes/quantize.
     quantize: str | None = None
-    #: int4 block length along the reduction axis (32, 64 or 128): smaller is more accurate, larger
-    #: is smaller and faster.
+    #: int4 block length along the reduction axis (16, 32, 64 or 128): smaller is more accurate,
+    #: larger is smaller and faster.
     quant_block_size: int = 32
-    #: "mse" (least-squares scale/zero-point search, lower error) or "rtn" (round to nearest min/max).
-    quant_method: str = "mse"
+    #: "gptq" (int4 weights: error feedback on calibration inputs the model generates itself; "mse"
+    #: for int8 weights and where a weight has no activation, e.g. embedding tables), "mse"
+    #: (least-squares scale/zero-point search per block, no data) or "rtn" (round to nearest over
+    #: each block's min/max range).
+    quant_method: str = "gptq"
     #: True: no zero points (codes centred on 0); False: one integer zero point per block.
     quant_symmetric: bool = False
     #: The LM head and embedding tables when quantizing: "keep" (float), "int8" or "int4".
     quant_lm_head: str = "int8"
     quant_embeddings: str = "int8"
-    #: Leave float any weight whose relative reconstruction error ||W - Q(W)|| / ||W|| exceeds this.
+    #: An int4 weight whose relative reconstruction error ||W - Q(W)|| / ||W|| exceeds this falls
+    #: back to int8, and stays float if int8 exceeds it too.
     quant_max_error: float | None = None
+    #: Store weights that already sit on a grid of at most the asked bits (GGUF Q4_0/Q4_1/Q8_0
+    #: checkpoints) on that grid, exactly, instead of rounding them a second time.
+    quant_native: bool = True
+    #: Mixed precision: up to this fraction of the int4 weights' parameters stays int8, the weights
+    #: whose int4 rounding costs the output most per parameter first (measured on calibration inputs,
+    #: one forward pass per weight). 0 = every int4 weight is int4.
+    quant_int8_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         from .passes.pipeline import pass_names
@@ -118,8 +129,12 @@ class Config:
             raise ConfigError(f"Config.quant_block_size must be one of {list(QUANT_BLOCKS)}, got {self.quant_block_size!r}")
         if self.quant_method not in QUANT_METHODS:
             raise ConfigError(f"Config.quant_method must be one of {list(QUANT_METHODS)}, got {self.quant_method!r}")
-        if not isinstance(self.quant_symmetric, bool):
-            raise ConfigError(f"Config.quant_symmetric must be True or False, got {self.quant_symmetric!r}")
+        for name in ("quant_symmetric", "quant_native"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Config.{name} must be True or False, got {getattr(self, name)!r}")
+        fraction = self.quant_int8_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+            raise ConfigError(f"Config.quant_int8_fraction must be a number in [0, 1], got {fraction!r}")
         for name in ("quant_lm_head", "quant_embeddings"):
             if getattr(self, name) not in QUANT_ROLES:
                 raise ConfigError(f"Config.{name} must be one of {list(QUANT_ROLES)}, got {getattr(self, name)!r}")

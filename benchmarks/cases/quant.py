@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--seq", type=int, default=128)
-    g.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="int4 block (both quantizers)")
-    g.add_argument("--method", choices=["mse", "rtn"], default="mse", help="infercc's quantization method")
+    g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128], default=32, help="int4 block (both quantizers)")
+    g.add_argument("--method", choices=["gptq", "mse", "rtn"], default="gptq", help="infercc's quantization method")
 
 
 def prepare_infercc(source: Path, **options) -> Path:

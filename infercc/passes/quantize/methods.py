@@ -1,15 +1,17 @@
-"""Weight quantization methods: round-to-nearest (``rtn``) and a squared-error minimizing search
-(``mse``), both affine: w ~= scale * (code - zero_point) with integer codes in [0, 2^bits - 1] and an
-integer zero point per block (fixed at 2^(bits-1) when symmetric), the form ONNX Runtime's
-MatMulNBits and ONNX's DequantizeLinear execute.
+"""Data-free weight quantization methods: round-to-nearest (``rtn``) and a squared-error minimizing
+search (``mse``), both affine: w ~= scale * (code - zero_point) with integer codes in [0, 2^bits - 1]
+and an integer zero point per block (fixed at 2^(bits-1) when symmetric), the form ONNX Runtime's
+MatMulNBits and ONNX's DequantizeLinear execute. GPTQ (``gptq.py``) uses these rules for each
+block's (scale, zero point) and adds error feedback driven by calibration activations; weights
+without activations (embedding tables) always take a data-free method.
 
-Why ``mse`` and not HQQ, GPTQ or AWQ: GPTQ and AWQ need calibration activations; we compile a model
-without data. HQQ (half-quadratic zero-point refinement) gets most of its gain from a *float* zero
-point, which DequantizeLinear cannot store (it would tie the artifact to MatMulNBits' float-zero-point
-variant, not checked here), and it minimizes an lp (p < 1) proxy over 20+ iterations. Without activation statistics the best data-free target is
-the squared reconstruction error of each block: for inputs with roughly isotropic statistics (what
-the norms in front of every projection produce) the expected output error is proportional to it.
-``mse`` minimizes exactly that under the kernels' constraints, by coordinate descent from two starts:
+Why ``mse`` and not HQQ: HQQ (half-quadratic zero-point refinement) gets most of its gain from a
+*float* zero point, which DequantizeLinear cannot store and which makes MatMulNBits' CPU kernel
+dequantize the whole weight on every call (see native.py), and it minimizes an lp (p < 1) proxy over
+20+ iterations. Without activation statistics the best target is the squared reconstruction error
+of each block: for inputs with roughly isotropic statistics the expected output error is
+proportional to it. ``mse`` minimizes exactly that under the kernels' constraints, by coordinate
+descent from two starts:
 
 1. start from the min/max range (RTN) and from the range shrunk to 80% (clipping the extremes
    buys finer steps for the other values of a block);
@@ -20,14 +22,13 @@ the norms in front of every projection produce) the expected output error is pro
 
 Every reduction is over one block, so the search is vectorised over all blocks of a tensor at once and
 split into chunks run on a thread pool (numpy releases the GIL): deterministic (no reduction order
-depends on threads). Measured (2 cores): the kernel costs ~2.5x RTN, which adds ~2 s (~20%) to
-compiling a 100M-parameter model -- the default, since that is within the same compile budget.
-What it buys: relative reconstruction error -4% at int4/block 32 on all-MiniLM-L6-v2 (-8% squared
-error), -5% at block 128, -10 to -14% symmetric; end to end, stories260K's int4 perplexity penalty
-halves (+5.4% -> +2.6%) and MiniLM's int4 embedding cosine rises 0.9759 -> 0.9772. At int8 the gain
-(<1%) is below the noise of int8 activation rounding in MatMulNBits. Small-block min/max
-quantization is already close to optimal for Gaussian-like blocks; the gain grows with block size,
-with symmetric quantization and with outliers.
+depends on threads). Measured (2 cores): the kernel costs ~2.5x RTN, ~2 s (~20%) more to compile
+a 100M-parameter model. What it buys: relative reconstruction error -4% at int4/block 32 on
+all-MiniLM-L6-v2 (-8% squared error), -5% at block 128, -10 to -14% symmetric; end to end,
+stories260K's int4 perplexity penalty halves (+5.4% -> +2.6%) and MiniLM's int4 embedding cosine
+rises 0.9760 -> 0.9772 (GPTQ: 0.985). At int8 the gain (<1%) is below the noise of int8 activation
+rounding in MatMulNBits. Small-block min/max quantization is already close to optimal for
+Gaussian-like blocks; the gain grows with block size, with symmetric quantization and with outliers.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ def relative_error(rows: np.ndarray, quantized: Quantized) -> float:
     diff = quantized.dequantize() - ref
     norm = float(np.sqrt(np.einsum("ij,ij->", ref, ref, dtype=np.float64)))
     return float(np.sqrt(np.einsum("ij,ij->", diff, diff, dtype=np.float64))) / norm if norm else 0.0
+
+
+def block_params(w: np.ndarray, qmax: int, symmetric: bool, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) [blocks, 1] float32 for the blocks ``w`` [blocks, size] by ``method``'s
+    rule: what GPTQ uses for each block when it reaches it."""
+    return (_rtn if method == "rtn" else _mse)(np.asarray(w, np.float32), qmax, symmetric)
 
 
 # -- the two methods: each returns (scale, zero point) per block, as [blocks, 1] float32 -----------

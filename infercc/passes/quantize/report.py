@@ -78,11 +78,27 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
         f"  weights    {_mb(before)} -> {_mb(after)} ({after / before:.3f}x)" if before else "",
         f"  layers     {len(info['layers'])} quantized, {len(info.get('skipped', []))} kept float",
     ]
+    if info.get("calibration"):
+        seconds = ", ".join(f"{k} {v:.1f} s" for k, v in info.get("seconds", {}).items())
+        lines.append(f"  calibration {info['calibration']['inputs']} ({seconds})")
+    methods: dict[str, int] = {}
+    for layer in info["layers"]:
+        kind = f"{layer['method']}{'/' + layer['native'] if layer.get('native') else ''} int{layer['bits']}"
+        methods[kind] = methods.get(kind, 0) + 1
+    lines.append("  methods    " + ", ".join(f"{n} {k}" for k, n in sorted(methods.items())))
+    mixed = info.get("mixed_precision")
+    if mixed:
+        lines.append(f"  mixed      {mixed['kept_int8']} of {mixed['candidates']} int4 weights kept int8 "
+                     f"({mixed['int8_parameters']} parameters, limit {mixed['int8_fraction']:.0%}), by measured sensitivity")
     worst = sorted(info["layers"], key=lambda layer: -layer["rel_error"])[:top]
-    lines.append(f"  worst {len(worst)} layers by relative reconstruction error ||W - Q(W)|| / ||W||:")
+    lines.append(f"  worst {len(worst)} layers by relative reconstruction error ||W - Q(W)|| / ||W||"
+                 f"{' (output error on calibration inputs)' if any('output_error' in x for x in worst) else ''}:")
     for layer in worst:
+        extra = f" ({layer['output_error']:.5f})" if "output_error" in layer else ""
+        note = f"  [{layer['fallback']}]" if layer.get("fallback") else ""
         lines.append(
-            f"    {layer['rel_error']:.5f}  int{layer['bits']}  {layer['role']:<9} {layer['K']}x{layer['N']}  {layer['node']}"
+            f"    {layer['rel_error']:.5f}{extra}  int{layer['bits']} {layer['method']:<6} {layer['role']:<9} "
+            f"{layer['K']}x{layer['N']}  {layer['node']}{note}"
         )
     for skip in info.get("skipped", [])[:top]:
         lines.append(f"  kept float: {skip['node']}: {skip['reason']}")

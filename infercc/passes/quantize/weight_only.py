@@ -14,10 +14,14 @@ Weights with equal contents (a tied embedding and LM head, even when the exporte
 transposed copy) are quantized once and share one packed tensor. The float weights become dead and
 dead-code elimination drops them, so a saved artifact holds the packed copy only.
 
+What each weight becomes (GPTQ on calibration inputs generated from the model, the source's own
+grid for an already-quantized checkpoint, int8 for the weights mixed precision keeps) is decided in
+``plan.py``; this module finds the sites and rewrites the graph.
+
 Only the main graph is quantized (weights inside If/Loop bodies stay float). Runs after the fusions
-(they match float MatMuls) and before lowering. ``check_each_pass`` is refused
-with quantization (see Config): it compares every pass with the float model and would roll this one
-back; the pass measures its own end-to-end error instead (``info["end_to_end"]``).
+(they match float MatMuls) and before lowering. The pass changes numbers on purpose
+(``rebaseline``): ``check_each_pass`` takes its result as the new reference, and the pass measures
+its own end-to-end error (``info["end_to_end"]``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from ..canonical import DOMAIN, DOMAIN_VERSION
 from ..rewrite import Builder
 from . import ops
 from .methods import quantize_rows, relative_error
+from .native import Native
 from .pack import channel_block, reblock, to_nbits
+from .plan import Weight, quantize_weights
 from .report import end_to_end, weight_bytes
 
 #: Ops between an LM head's MatMul and the logits output that do not change values.
@@ -61,6 +67,12 @@ class Site:
         rows = np.ascontiguousarray(w.T if self.transpose else w)
         return rows * np.float32(self.alpha) if self.alpha != 1.0 else rows
 
+    def layout(self, rows: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`rows`: [N, K] rows back in the weight's own layout."""
+        if self.alpha != 1.0:
+            rows = rows / np.float32(self.alpha)
+        return np.ascontiguousarray(rows.T if self.transpose else rows)
+
 
 @dataclasses.dataclass
 class Packed:
@@ -76,6 +88,7 @@ class Packed:
     n: int
     rel_error: float
     first_site: str
+    symmetric: bool
 
 
 class QuantizeWeights(Pass):
@@ -92,30 +105,26 @@ class QuantizeWeights(Pass):
             return
         before = model.clone()
         graph = model.graph
-        packed: dict[tuple, Packed] = {}
-        layers, skipped = [], []
-        for site, refusal in find_sites(graph, config):
+        skipped: list[dict] = []
+        order = self._weights(graph, config, record, skipped)
+        if not order:
+            return
+        weights = list({id(w): w for _, w in order}.values())
+        summary = quantize_weights(weights, model, config, record)
+        refusals = {id(w): self._limit(w, config) for w in weights}
+        layers = []
+        packed: dict[int, Packed] = {}
+        block_sums: dict[int, Value] = {}  # activation -> its block sums, shared by q/k/v, gate/up
+        for site, w in order:
+            refusal = refusals[id(w)]
             if refusal:
                 record.skipped(site.where, refusal)
                 skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": refusal})
                 continue
-            bits = _BITS[_setting(config, site.role)]
-            entry = self._quantize(graph, site, bits, config, packed)
-            layer = {
-                "node": site.node.name, "op": site.node.op_type, "weight": site.weight.name, "role": site.role,
-                "K": entry.k, "N": entry.n, "bits": bits, "block_size": entry.logical_block,
-                "method": config.quant_method, "symmetric": config.quant_symmetric,
-                "rel_error": round(entry.rel_error, 6), "shared_with": entry.first_site if entry.first_site != site.where else None,
-            }
-            limit = config.quant_max_error
-            if limit is not None and entry.rel_error > limit:
-                reason = f"relative reconstruction error {entry.rel_error:.4f} exceeds quant_max_error {limit}"
-                record.skipped(site.where, reason)
-                skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": reason})
-                continue
-            _replace(graph, site, entry, config)
+            entry = packed.get(id(w)) or packed.setdefault(id(w), self._pack(graph, site, w, config))
+            _replace(graph, site, entry, w.native, block_sums)
             record.applied(site.where, "weights_quantized")
-            layers.append(layer)
+            layers.append(_layer(site, w, entry))
         if not layers:
             return
         model.require_opset(DOMAIN, DOMAIN_VERSION)
@@ -124,37 +133,90 @@ class QuantizeWeights(Pass):
         record.info.update({
             "quantize": config.quantize, "method": config.quant_method, "block_size": config.quant_block_size,
             "symmetric": config.quant_symmetric, "lm_head": config.quant_lm_head, "embeddings": config.quant_embeddings,
+            "native": config.quant_native, "int8_fraction": config.quant_int8_fraction,
             "size": {"weights_before": size_before, "weights_after": weight_bytes(graph)},
-            "layers": layers, "skipped": skipped,
+            **summary, "layers": layers, "skipped": skipped,
         })
         try:
             record.info["end_to_end"] = end_to_end(before, model, config)
         except Exception as exc:  # noqa: BLE001 - the report must not cost the user the quantized model
             record.warn(f"end-to-end error not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
-    def _quantize(self, graph: Graph, site: Site, bits: int, config, cache: dict[tuple, Packed]) -> Packed:
-        rows = site.rows()
+    @staticmethod
+    def _weights(graph: Graph, config, record, skipped: list[dict]) -> list[tuple[Site, Weight]]:
+        """Every site to quantize, in graph order, with its weight: sites whose rows are equal (a
+        tied embedding and LM head, even when the exporter folded a transposed copy) share one."""
+        weights: dict[tuple, Weight] = {}
+        order: list[tuple[Site, Weight]] = []
+        for site, refusal in find_sites(graph, config):
+            if refusal:
+                record.skipped(site.where, refusal)
+                skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": refusal})
+                continue
+            rows = site.rows()
+            bits = _BITS[_setting(config, site.role)]
+            key = (hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest(), rows.shape, bits, str(site.weight.dtype))
+            if key in weights:
+                weights[key].sites.append(site)
+            else:
+                weights[key] = Weight(rows, bits, [site])
+            order.append((site, weights[key]))
+        return order
+
+    @staticmethod
+    def _limit(w: Weight, config) -> str | None:
+        """``quant_max_error``: an int4 weight above it falls back to int8 (data-free), one still
+        above it stays float. Measured on the weight alone: see plan.py for what predicts the
+        output error better (mixed precision)."""
+        limit = config.quant_max_error
+        if limit is None or w.rel_error <= limit:
+            return None
+        first = w.rel_error
+        if w.bits == 4 and w.native is None:
+            method = "rtn" if config.quant_method == "rtn" else "mse"
+            q = quantize_rows(w.rows, 8, w.rows.shape[1], symmetric=config.quant_symmetric, method=method,
+                              threads=config.intra_op_threads or None)
+            error = relative_error(w.rows, q)
+            if error <= limit:
+                w.quantized, w.bits, w.rel_error, w.method, w.output_error = q, 8, error, method, None
+                w.fallback = f"int8: int4 relative error {first:.4f} exceeds quant_max_error {limit}"
+                return None
+        return f"relative reconstruction error {w.rel_error:.4f} exceeds quant_max_error {limit}"
+
+    @staticmethod
+    def _pack(graph: Graph, site: Site, w: Weight, config) -> Packed:
+        q = w.quantized
         dtype = site.weight.dtype.numpy
-        digest = hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest()
-        per_channel = bits == 8
-        block = rows.shape[1] if per_channel else config.quant_block_size
-        key = (digest, rows.shape, bits, block, config.quant_symmetric, config.quant_method, str(dtype))
-        if key in cache:
-            return cache[key]
-        q = quantize_rows(rows, bits, block, symmetric=config.quant_symmetric, method=config.quant_method,
-                          threads=config.intra_op_threads or None)
-        error = relative_error(rows, q)
+        per_channel = q.bits == 8 and q.block_size == q.k and w.native is None
+        symmetric = config.quant_symmetric and w.native is None
         stored = reblock(q, channel_block(q.k)) if per_channel else q
-        b, scales, zero_points = to_nbits(stored, config.quant_symmetric, dtype)
+        b, scales, zero_points = to_nbits(stored, symmetric, dtype)
         name = site.weight.name
-        entry = Packed(
-            graph.add_initializer(f"{name}_q{bits}", Tensor(b)),
+        return Packed(
+            graph.add_initializer(f"{name}_q{q.bits}", Tensor(b)),
             graph.add_initializer(f"{name}_scales", Tensor(scales)),
             None if zero_points is None else graph.add_initializer(f"{name}_zero_points", Tensor(zero_points)),
-            bits, stored.block_size, block, q.k, rows.shape[0], error, site.where,
+            q.bits, stored.block_size, q.block_size, q.k, w.rows.shape[0], w.rel_error, site.where, symmetric,
         )
-        cache[key] = entry
-        return entry
+
+
+def _layer(site: Site, w: Weight, entry: Packed) -> dict:
+    """The per-layer report: what the weight became and what it cost."""
+    layer = {
+        "node": site.node.name, "op": site.node.op_type, "weight": site.weight.name, "role": site.role,
+        "K": entry.k, "N": entry.n, "bits": entry.bits, "block_size": entry.logical_block,
+        "method": w.method, "symmetric": entry.symmetric, "rel_error": round(w.rel_error, 6),
+        "shared_with": entry.first_site if entry.first_site != site.where else None,
+    }
+    if w.output_error is not None:
+        layer["output_error"] = round(w.output_error, 6)
+    if w.sensitivity is not None:
+        layer["sensitivity"] = float(f"{w.sensitivity:.4g}")
+    if w.native is not None:
+        layer["native"] = w.native.kind
+    if w.fallback:
+        layer["fallback"] = w.fallback
+    return layer
 
 
 def find_sites(graph: Graph, config) -> list[tuple[Site, str | None]]:
@@ -233,16 +295,18 @@ def _feeds_output(node: Node) -> bool:
     return False
 
 
-def _replace(graph: Graph, site: Site, entry: Packed, config) -> None:
+def _replace(graph: Graph, site: Site, entry: Packed, native: Native | None, block_sums: dict[int, Value]) -> None:
     node = site.node
     op = Builder(graph, node, node.name or node.op_type)
     zp = [entry.zero_points] if entry.zero_points is not None else []
     attrs = {"K": entry.k, "N": entry.n, "bits": entry.bits, "block_size": entry.block_size,
-             "symmetric": int(config.quant_symmetric)}
+             "symmetric": int(entry.symmetric)}
     if site.role == "embedding":
         new = getattr(op, ops.GATHER)(entry.b, node.inputs[1], entry.scales, *zp, _domain=DOMAIN, **attrs)
     else:
         new = getattr(op, ops.MATMUL)(node.inputs[0], entry.b, entry.scales, *zp, _domain=DOMAIN, **attrs)
+        if native is not None and native.offsets is not None:
+            new = op.Add(new, _offset_correction(op, node.inputs[0], native, entry, block_sums))
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias, beta = node.inputs[2], float(node.attr("beta", 1.0))
             if beta != 1.0:
@@ -253,3 +317,23 @@ def _replace(graph: Graph, site: Site, entry: Packed, config) -> None:
     new.dtype, new.shape = old.dtype, old.shape
     old.replace_all_uses_with(new)
     graph.remove(node, force=True)
+
+
+def _offset_correction(op: Builder, x: Value, native: Native, entry: Packed, block_sums: dict[int, Value]) -> Value:
+    """blocksum(x) @ R^T: the per-block rests of a Q4_1-like weight (see native.py), applied to the
+    activation summed over each block of inputs (computed once per activation). R is stored in
+    float16 when that holds it exactly."""
+    blocks = entry.k // native.quantized.block_size
+    sums = block_sums.get(id(x))
+    if sums is None:
+        shape = op.const(np.array([0] * (x.rank - 1) + [blocks, native.quantized.block_size], np.int64), hint="blocks")
+        sums = op.ReduceSum(op.Reshape(x, shape), op.const(np.array([-1], np.int64), hint="axis"), keepdims=0)
+        block_sums[id(x)] = sums
+    rests = np.ascontiguousarray(native.offsets.T)  # [blocks, N]
+    dtype = x.dtype.numpy if x.dtype is not None else np.float32
+    half = rests.astype(np.float16)
+    if dtype != np.float16 and np.array_equal(half.astype(np.float32), rests):
+        table = op.Cast(op.const(half, hint="block_rests"), to=int(DType.from_numpy(dtype)))
+    else:
+        table = op.const(rests.astype(dtype), hint="block_rests")
+    return op.MatMul(sums, table)

@@ -108,10 +108,16 @@ def test_roles_keep_and_max_error() -> None:
     assert {s["role"] for s in record.info["skipped"]} == {"lm_head", "embedding"}
     assert any("quant_lm_head is 'keep'" in r for r in record.reasons)
     assert "Gather" in kept.model.graph.op_histogram()
+    # int4 weights exceed 1% relative error, int8 ones do not: every int4 weight falls back to int8
     strict = infercc.compile(fixture_path("llama_dynamo"), quantize="int4", quant_max_error=0.01)
-    record = strict.diagnostics["quantize_weights"]
-    assert all(layer["bits"] == 8 for layer in record.info["layers"])  # int4 layers exceed 1% error
-    assert any("exceeds quant_max_error" in s["reason"] for s in record.info["skipped"])
+    layers = strict.diagnostics["quantize_weights"].info["layers"]
+    assert all(layer["bits"] == 8 for layer in layers) and not strict.diagnostics["quantize_weights"].info["skipped"]
+    assert all("exceeds quant_max_error" in layer["fallback"] for layer in layers if layer["role"] == "linear")
+    # ... and at 0.3% int8 exceeds it too: those weights stay float
+    stricter = infercc.compile(fixture_path("llama_dynamo"), quantize="int4", quant_max_error=0.003)
+    record = stricter.diagnostics["quantize_weights"]
+    assert any("exceeds quant_max_error" in r for r in (s.reason for s in record.sites if s.reason))
+    assert "MatMul" in stricter.model.graph.op_histogram()
 
 
 def _tied_model(opset: int) -> onnx.ModelProto:
@@ -164,7 +170,10 @@ def test_tied_table_shared_and_lowerings_agree(opset: int, bits: str, symmetric:
 @pytest.mark.parametrize(("options", "match"), [
     ({"quantize": "int3"}, "quantize must be one of"),
     ({"quantize": "int4", "quant_block_size": 48}, "quant_block_size"),
-    ({"quant_method": "gptq"}, "quant_method"),
+    ({"quant_method": "awq"}, "quant_method"),
+    ({"quant_native": "yes"}, "quant_native"),
+    ({"quant_int8_fraction": 1.5}, "quant_int8_fraction"),
+    ({"quant_int8_fraction": True}, "quant_int8_fraction"),
     ({"quant_symmetric": 1}, "quant_symmetric"),
     ({"quant_lm_head": "fp16"}, "quant_lm_head"),
     ({"quant_embeddings": None}, "quant_embeddings"),

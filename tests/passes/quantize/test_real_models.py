@@ -1,17 +1,24 @@
 """Quantization on real trained weights: stories260K (a GGUF llama, tiny: runs by default),
 all-MiniLM-L6-v2 and SmolLM2-135M (slow). Each skips with the reason when its model is absent.
 
-Stated targets and what they measure:
+Stated targets (the issue's acceptance) and what they measure:
 
-* stories260K, perplexity of a fixed TinyStories-style text: int8 within 2% of float, int4 within
-  10%, and at int4 the mse method closer to float than RTN. (At int8 both are within 0.3% and which is
-  closer is noise: the int8 rounding error is below the int8 activation rounding of MatMulNBits'
-  accuracy_level 4.)
+* stories260K, perplexity of a fixed TinyStories-style text: int8 within 2% of float and int4 within
+  10%, for every method (int4: GPTQ +6.2%, mse +2.6%, RTN +5.4%). Perplexity of one 235-token text
+  is a noisy judge of methods this close: over four calibration seeds GPTQ moves between +4.3% and
+  +10.8% (natural column order alone: +3.1..+5.8%) while its KL divergence to float's next-token
+  distributions stays at 0.051-0.058, below mse's 0.067 and RTN's 0.090. So what is asserted is
+  mse < RTN on perplexity and GPTQ < mse < RTN on KL divergence.
 * all-MiniLM-L6-v2, mean cosine similarity of mean-pooled sentence embeddings vs float on 50 fixed
-  sentences: int8 >= 0.995; int4 RTN >= 0.97 and mse above RTN. The issue asked for >= 0.98 at int4
-  RTN; block-32 int4 RTN measures 0.976 here, exactly what onnxruntime's own MatMulNBitsQuantizer gives
-  on the same export (block 16 would reach 0.982), so the shortfall is int4 at block 32 on this small
-  model, not this implementation; the mse method reaches 0.977.
+  sentences: int8 >= 0.995; int4 >= 0.98 with the default (GPTQ: 0.985), GPTQ > mse > RTN.
+  Plain RTN at block 32 measures 0.976 (onnxruntime's MatMulNBitsQuantizer: 0.976 too), under the
+  0.98 the issue asks of it; the honest settings that bring RTN there are asserted: block 16
+  (0.982) or int8 for the most sensitive 4% of weights (quant_int8_fraction=0.05: 0.983).
+* SmolLM2-135M: its weights are Q4_1 already (and the tied embedding Q8_0); the default carries
+  those grids exactly (quant_native), so int8 and int4 are within 0.4% of float (MatMulNBits' int8
+  activation rounding). Re-rounding them instead (quant_native=False) is measured as well: int8
+  stays within 2%, int4 loses +31.9% with RTN, +30.6% with mse and +13.5% with GPTQ: two 4-bit
+  roundings compound, which is why carrying the grid is the default.
 """
 
 from __future__ import annotations
@@ -37,13 +44,6 @@ STORY = (
 )
 
 
-def perplexity(compiled, ids: np.ndarray) -> float:
-    logits = compiled.run({"input_ids": ids})["logits"][0].astype(np.float64)
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return float(np.exp(-logp[np.arange(ids.shape[1] - 1), ids[0, 1:]].mean()))
-
-
 def _compile_gguf(path: Path, **options):
     from infercc.errors import ModelLoadError
 
@@ -55,27 +55,45 @@ def _compile_gguf(path: Path, **options):
         raise
 
 
-def _gguf_perplexities(path: Path, text: str, configs: dict[str, dict]) -> dict[str, float]:
+def _gguf_scores(path: Path, text: str, configs: dict[str, dict], reports: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Per config: (perplexity of ``text``, mean KL divergence of the next-token distributions to
+    the first config's); ``reports`` receives each config's quantization report."""
     from infercc.runtime.tokenizer import Tokenizer
 
     ids = np.array([Tokenizer.from_gguf(path).encode(text)], np.int64)
-    return {name: perplexity(_compile_gguf(path, **options), ids) for name, options in configs.items()}
+    out, reference = {}, None
+    for name, options in configs.items():
+        compiled = _compile_gguf(path, **options)
+        if reports is not None:
+            reports[name] = compiled.diagnostics["quantize_weights"].info
+        logp = log_probs(compiled, ids)
+        reference = logp if reference is None else reference
+        ppl = float(np.exp(-logp[np.arange(ids.shape[1] - 1), ids[0, 1:]].mean()))
+        out[name] = (ppl, float((np.exp(reference) * (reference - logp)).sum(-1).mean()))
+    return out
 
 
-CONFIGS = {
-    "fp32": {}, "int8": {"quantize": "int8"},
-    "int4-rtn": {"quantize": "int4", "quant_method": "rtn"}, "int4-mse": {"quantize": "int4", "quant_method": "mse"},
-}
+def log_probs(compiled, ids: np.ndarray) -> np.ndarray:
+    logits = compiled.run({"input_ids": ids})["logits"][0].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+METHODS = ("gptq", "mse", "rtn")
+CONFIGS = {"fp32": {}} | {f"{bits}-{m}": {"quantize": bits, "quant_method": m} for bits in ("int8", "int4") for m in METHODS}
 
 
 @pytest.mark.skipif(not STORIES.is_file(), reason=f"{STORIES} is absent (see ../shared/models/stories260K/SOURCE.txt)")
 def test_stories260k_perplexity() -> None:
-    ppl = _gguf_perplexities(STORIES, STORY, CONFIGS)
+    scores = _gguf_scores(STORIES, STORY, CONFIGS)
+    ppl = {name: s[0] for name, s in scores.items()}
+    kl = {name: s[1] for name, s in scores.items()}
     base = ppl["fp32"]
     assert 1.5 < base < 6, ppl  # the model reads its own kind of text well
-    assert ppl["int8"] <= base * 1.02, ppl
-    assert ppl["int4-rtn"] <= base * 1.10 and ppl["int4-mse"] <= base * 1.10, ppl
+    for m in METHODS:
+        assert ppl[f"int8-{m}"] <= base * 1.02 and ppl[f"int4-{m}"] <= base * 1.10, ppl
     assert ppl["int4-mse"] < ppl["int4-rtn"], ppl
+    assert kl["int4-gptq"] < kl["int4-mse"] < kl["int4-rtn"], kl
 
 
 SMOLLM = SHARED_MODELS / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,15 +105,38 @@ ARTICLE = (
     "in circulation. The new technology helped spread ideas during the Renaissance and the Reformation, and it "
     "made it possible for scientists to share their discoveries with colleagues far away."
 )
+_NEEDS_SMOLLM = pytest.mark.skipif(not SMOLLM.is_file(), reason=f"{SMOLLM} is absent (see its SOURCE.txt)")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM.is_file(), reason=f"{SMOLLM} is absent (see its SOURCE.txt)")
-def test_smollm2_int8_perplexity() -> None:
-    """int8 only: the file's weights are already Q4_1 (4-bit with a float minimum per block), and
-    re-quantizing them to int4 with integer zero points compounds two roundings (measured +31%)."""
-    ppl = _gguf_perplexities(SMOLLM, ARTICLE, {"fp32": {}, "int8": {"quantize": "int8"}})
-    assert ppl["int8"] <= ppl["fp32"] * 1.02, ppl
+@_NEEDS_SMOLLM
+def test_smollm2_native_grids_perplexity() -> None:
+    """The default carries the file's Q4_1 / Q8_0 blocks: every weight exact, whatever the method."""
+    configs = {"fp32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}, "int4-rtn": {"quantize": "int4", "quant_method": "rtn"}}
+    reports: dict = {}
+    ppl = {name: s[0] for name, s in _gguf_scores(SMOLLM, ARTICLE, configs, reports).items()}
+    assert ppl["int8"] <= ppl["fp32"] * 1.02 and ppl["int4"] <= ppl["fp32"] * 1.02, ppl
+    assert ppl["int4-rtn"] == ppl["int4"], ppl  # nothing is rounded: the method does not matter
+    layers = reports["int4"]["layers"]
+    assert {layer["method"] for layer in layers} == {"native"} and max(layer["rel_error"] for layer in layers) < 1e-6
+
+
+@pytest.mark.slow
+@_NEEDS_SMOLLM
+def test_smollm2_rerounded_perplexity() -> None:
+    """quant_native=False rounds the Q4_1 values onto new grids: int8 stays within 2%, int4 does not
+    reach 10% with any method (two 4-bit roundings compound), GPTQ and mse closer than RTN. Slow:
+    GPTQ calibrates, captures and solves a 135M-parameter model (~1-2 min on two cores)."""
+    configs = {"fp32": {}} | {f"{bits}-{m}": {"quantize": bits, "quant_method": m, "quant_native": False}
+                              for bits in ("int8", "int4") for m in METHODS}
+    scores = _gguf_scores(SMOLLM, ARTICLE, configs)
+    ppl = {name: s[0] for name, s in scores.items()}
+    kl = {name: s[1] for name, s in scores.items()}
+    for m in METHODS:
+        assert ppl[f"int8-{m}"] <= ppl["fp32"] * 1.02, ppl
+    assert kl["int4-gptq"] < kl["int4-mse"] < kl["int4-rtn"], kl
+    assert ppl["int4-gptq"] < ppl["int4-mse"] < ppl["int4-rtn"], ppl
+    assert ppl["int8-gptq"] == ppl["int8-mse"], ppl  # int8 weights take mse under gptq (see plan.py)
 
 
 # -- all-MiniLM-L6-v2 ------------------------------------------------------------------------------
@@ -187,6 +228,10 @@ def test_minilm_sentence_embeddings(minilm) -> None:
 
     assert cosine() > 0.9999  # the float compile itself is faithful
     cos = {name: cosine(**options) for name, options in CONFIGS.items() if name != "fp32"}
-    assert cos["int8"] >= 0.995, cos
-    assert cos["int4-rtn"] >= 0.97, cos
-    assert cos["int4-mse"] > cos["int4-rtn"], cos
+    for m in METHODS:
+        assert cos[f"int8-{m}"] >= 0.995, cos
+    assert cos["int4-gptq"] >= 0.98 and cosine(quantize="int4") == cos["int4-gptq"], cos  # the default
+    assert cos["int4-gptq"] > cos["int4-mse"] > cos["int4-rtn"] >= 0.97, cos
+    # RTN itself reaches 0.98 with smaller blocks or with int8 for its most sensitive weights
+    assert cosine(quantize="int4", quant_method="rtn", quant_block_size=16) >= 0.98, cos
+    assert cosine(quantize="int4", quant_method="rtn", quant_int8_fraction=0.05) >= 0.98, cos
