@@ -58,14 +58,7 @@ class Matcher:
             if value is None:
                 self._fail(depth, f"missing input for {pv.name}")
                 return
-            if pv.name is not None:
-                bound = m.bindings.get(pv.name)
-                if bound is not None and bound is not value:
-                    self._fail(depth, f"{pv.name} must be the same value in both places, got %{bound.name} and %{value.name}")
-                    return
-                m = m.fork()
-                m.bindings[pv.name] = value
-            yield m
+            yield from self._bind(pv.name, value, m, depth)
         elif isinstance(pv, Const):
             array = const_value(value)
             if array is None:
@@ -74,14 +67,7 @@ class Matcher:
             if pv.value is not None and not (array.size == 1 and np.allclose(array.astype(np.float64), pv.value, rtol=pv.rtol)):
                 self._fail(depth, f"constant %{value.name} is not {pv.value}")
                 return
-            if pv.name is not None:
-                bound = m.bindings.get(pv.name)
-                if bound is not None and bound is not value:
-                    self._fail(depth, f"{pv.name} must be the same constant in both places")
-                    return
-                m = m.fork()
-                m.bindings[pv.name] = value
-            yield m
+            yield from self._bind(pv.name, value, m, depth)
         elif isinstance(pv, Or):
             for alt in pv.alternatives:
                 yield from self._value(alt, value, m, depth)
@@ -89,6 +75,19 @@ class Matcher:
             yield from self._op_output(pv, value, m, depth)
         else:  # pragma: no cover - pattern construction prevents this
             raise TypeError(pv)
+
+    def _bind(self, name: str | None, value: Value, m: Match, depth: int) -> Iterator[Match]:
+        """Bind a named variable or constant; a name used twice must see the same value."""
+        if name is None:
+            yield m
+            return
+        bound = m.bindings.get(name)
+        if bound is not None and bound is not value:
+            self._fail(depth, f"{name} must be the same value in both places, got %{bound.name} and %{value.name}")
+            return
+        m = m.fork()
+        m.bindings[name] = value
+        yield m
 
     def _op_output(self, pv: OpOutput, value: Value | None, m: Match, depth: int) -> Iterator[Match]:
         op = pv.op
