@@ -34,12 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq", type=int, default=128)
     g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128], default=32, help="int4 block (both quantizers)")
     g.add_argument("--method", choices=["gptq", "mse", "rtn"], default="gptq", help="infercc's quantization method")
+    g.add_argument("--int8-fraction", type=float, default=None, help="infercc's quant_int8_fraction (default: infercc's)")
 
 
 def prepare_infercc(source: Path, **options) -> Path:
     import infercc
 
-    tag = "-".join(f"{v}" for v in options.values()) or "fp32"
+    c = infercc.Config(**options)  # the tag names what decides the weights, defaults included
+    tag = f"{c.quantize}-{c.quant_method}-{c.quant_block_size}-mixed{c.quant_int8_fraction:g}" if c.quantize else "fp32"
     target = source.parent / "quant" / f"infercc-{tag}"
     if not (target / "model.onnx").exists():
         infercc.compile(source, **options).save(target)
@@ -89,6 +91,8 @@ def errors(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 def build_case(args: argparse.Namespace) -> Case:
     source = ensure_model(args.family, args.exporter)
     quant = {"quant_method": args.method, "quant_block_size": args.block_size}
+    if args.int8_fraction is not None:
+        quant["quant_int8_fraction"] = args.int8_fraction
     models = {
         "fp32": prepare_infercc(source),
         "int8": prepare_infercc(source, quantize="int8", **quant),

@@ -99,7 +99,10 @@ def test_pass_reports_calibration_and_methods() -> None:
     decoder = infercc.compile(fixture_path("llama_dynamo"), quantize="int4").diagnostics["quantize_weights"].info
     assert decoder["method"] == "gptq" and "sampled from the model" in decoder["calibration"]["inputs"]
     linear = [layer for layer in decoder["layers"] if layer["role"] == "linear"]
-    assert linear and all(layer["method"] == "gptq" and 0 < layer["output_error"] < layer["rel_error"] for layer in linear)
+    int4 = [layer for layer in linear if layer["bits"] == 4]
+    assert int4 and all(layer["method"] == "gptq" and 0 < layer["output_error"] < layer["rel_error"] for layer in int4)
+    # mixed precision (default 5%): the kept int8 weights are quantized data-free, and say why
+    assert all(layer["method"] == "mse" and "mixed precision" in layer["fallback"] for layer in linear if layer["bits"] == 8)
     # an embedding table is read by a Gather: no activations, quantized data-free
     assert {layer["method"] for layer in decoder["layers"] if layer["role"] == "embedding"} == {"mse"}
     encoder = infercc.compile(fixture_path("bert_dynamo"), quantize="int4").diagnostics["quantize_weights"].info
@@ -152,5 +155,5 @@ def test_mixed_precision_keeps_the_most_sensitive_weights_int8() -> None:
     assert all("sensitivity" in layer for layer in linear)
     kept = [layer for layer in linear if layer.get("fallback")]
     assert len(kept) == mixed["kept_int8"] and all(layer["bits"] == 8 and "sensitivity rank" in layer["fallback"] for layer in kept)
-    off = infercc.compile(fixture_path("llama_dynamo"), quantize="int4").diagnostics["quantize_weights"].info
+    off = infercc.compile(fixture_path("llama_dynamo"), quantize="int4", quant_int8_fraction=0).diagnostics["quantize_weights"].info
     assert "mixed_precision" not in off and all(layer["bits"] == 4 for layer in off["layers"] if layer["role"] == "linear")
