@@ -95,15 +95,21 @@ def setup(threads: int, model: str, batch: int, seq: int) -> tuple[Callable[[], 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(session, batch, seq)
+    return (lambda: session.run(None, feeds)), {"fused_attention": attention_count(model)}
+
+
+def prefill_feeds(session, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Seeded token ids, an all-ones mask and, for infercc's cached graphs, an empty cache
+    [batch, kv_heads, 0, head]: prefill starts from nothing."""
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():
         if inp.name.startswith("past_key_values."):
-            # infercc's cached graph: prefill starts from an empty cache [batch, kv_heads, 0, head]
             dtype = np.float16 if "float16" in inp.type else np.float32
             feeds[inp.name] = np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype)
         elif "mask" in inp.name:
             feeds[inp.name] = np.ones((batch, seq), np.int64)
         else:
             feeds[inp.name] = rng.integers(0, 1000, (batch, seq)).astype(np.int64)
-    return (lambda: session.run(None, feeds)), {"fused_attention": attention_count(model)}
+    return feeds

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.cases.prefill import prefill_feeds
 from benchmarks.harness import Case, ConfigSpec
 from benchmarks.models import EXPORTERS, FAMILIES, ensure_model
 
@@ -74,12 +75,11 @@ def folder_bytes(model: Path) -> int:
     return sum(p.stat().st_size for p in model.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
 
 
-def run_once(model: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def run_once(model: Path, batch: int, seq: int) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+    return session.run(None, prefill_feeds(session, batch, seq))[0]
 
 
 def errors(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -104,10 +104,7 @@ def build_case(args: argparse.Namespace) -> Case:
         models["ort-int4"] = ort_int4
     else:
         skipped["ort-int4"] = note
-    rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 1000, (args.batch, args.seq)).astype(np.int64),
-             "attention_mask": np.ones((args.batch, args.seq), np.int64)}
-    reference = run_once(models["fp32"], feeds)
+    reference = run_once(models["fp32"], args.batch, args.seq)
     descriptions = {
         "fp32": "infercc, float weights", "int8": f"infercc int8 per channel ({args.method})",
         "int4": f"infercc int4 block {args.block_size} ({args.method})",
@@ -128,6 +125,6 @@ def build_case(args: argparse.Namespace) -> Case:
             "model": str(source), "ort_quantizer": note, "source_bytes": source_bytes,
             "artifact_bytes": {name: folder_bytes(path) for name, path in models.items()},
             "size_vs_source": {name: round(folder_bytes(path) / source_bytes, 4) for name, path in models.items()},
-            "error_vs_fp32": {name: errors(reference, run_once(path, feeds)) for name, path in models.items() if name != "fp32"},
+            "error_vs_fp32": {name: errors(reference, run_once(path, args.batch, args.seq)) for name, path in models.items() if name != "fp32"},
         },
     )

@@ -229,6 +229,11 @@ def find_sites(graph: Graph, config) -> list[tuple[Site, str | None]]:
         if node.op_type == "MatMul" and len(node.inputs) == 2 and _const(node.inputs[1]):
             site = Site(node, "lm_head" if _feeds_output(node) else "linear", node.inputs[1], transpose=True)
             found.append((site, _matmul_refusal(node, node.inputs[1]) or _role_refusal(config, site.role)))
+        elif node.op_type == "MatMul" and len(node.inputs) == 2 and (table := _transposed_const(node.inputs[1])):
+            # x @ W^T with W [N, K] kept as a computation (constant folding will not copy a tied
+            # embedding table): W's rows are already the packed layout's rows
+            site = Site(node, "lm_head" if _feeds_output(node) else "linear", table, transpose=False)
+            found.append((site, _matmul_refusal(node, node.inputs[1]) or _role_refusal(config, site.role)))
         elif node.op_type == "Gemm" and _const(node.inputs[1]):
             site = Site(node, "lm_head" if _feeds_output(node) else "linear", node.inputs[1],
                         transpose=not node.attr("transB", 0), alpha=float(node.attr("alpha", 1.0)))
@@ -254,6 +259,15 @@ def _role_refusal(config, role: str) -> str | None:
 
 def _const(value: Value | None) -> bool:
     return value is not None and value.const is not None
+
+
+def _transposed_const(value: Value) -> Value | None:
+    """The constant 2-D W when ``value`` is Transpose(W) (perm [1, 0] or the default reversal)."""
+    node = value.producer
+    if node is None or node.op_type != "Transpose" or node.domain or not _const(node.inputs[0]):
+        return None
+    table = node.inputs[0]
+    return table if table.rank == 2 and list(node.attr("perm", [1, 0])) == [1, 0] else None
 
 
 def _matmul_refusal(node: Node, weight: Value) -> str | None:

@@ -167,6 +167,31 @@ def test_tied_table_shared_and_lowerings_agree(opset: int, bits: str, symmetric:
     assert np.abs(b - float_ref).max() <= TOLERANCE[bits][0] * span
 
 
+def test_tied_head_read_through_a_transpose_is_quantized() -> None:
+    """x @ Transpose(table): constant folding keeps the Transpose (a second copy of a >= 1 MiB
+    table), and the head still shares the table's packed bytes: no float copy is left."""
+    rng = np.random.default_rng(0)
+    vocab, hidden = 4200, 64
+    table = (rng.standard_normal((vocab, hidden)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], axis=0),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied_t", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2, 5, vocab])],
+                              [numpy_helper.from_array(table, "table")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    compiled = infercc.compile(proto, quantize="int4", strict=True)
+    layers = compiled.diagnostics["quantize_weights"].info["layers"]
+    assert [layer["role"] for layer in layers] == ["embedding", "lm_head"] and layers[1]["shared_with"].startswith("Gather")
+    graph_ops = compiled.model.graph.op_histogram()
+    assert "Transpose" not in graph_ops and "MatMul" not in graph_ops
+    assert "table" not in compiled.model.graph.initializers  # the float table is gone
+    ids = {"ids": rng.integers(0, vocab, (2, 5)).astype(np.int64)}
+    ref = infercc.compile(proto, optimize=False).run(ids)["logits"]
+    got = compiled.run(ids)["logits"]
+    assert np.abs(got - ref).max() <= TOLERANCE["int8"][0] * float(ref.max() - ref.min())  # table and head are int8
+
+
 @pytest.mark.parametrize(("options", "match"), [
     ({"quantize": "int3"}, "quantize must be one of"),
     ({"quantize": "int4", "quant_block_size": 48}, "quant_block_size"),
