@@ -12,11 +12,13 @@ from .cleanup import (
     DeadCodeElimination,
     LayoutCanonicalization,
     NoOpElimination,
+    PostLoweringCSE,
     ShapeSimplification,
 )
 from .fusion.activations import ActivationFusion
 from .fusion.attention_fuse import AttentionFusion
 from .fusion.norms import NormFusion
+from .fusion.pack_projections import PackProjections
 from .fusion.rotary import RotaryFusion
 from .kv_cache import KVCacheInsertion
 from .lowering import LowerCanonicalOps
@@ -39,7 +41,9 @@ PIPELINE: list[type[Pass]] = [
     AttentionFusion,
     KVCacheInsertion,  # after the attention fusion (it caches canonical Attention), before lowering
     QuantizeWeights,  # after the fusions (they match float MatMuls), before lowering
+    PackProjections,  # after quantization (it decides per weight): q/k/v and gate/up share one matmul
     LowerCanonicalOps,
+    PostLoweringCSE,  # lowerings emit their plumbing per site (masks, rotary tables): merged here
     DeadCodeElimination,
 ]
 

@@ -1,7 +1,7 @@
 """Cleanup passes: run first, so that fusions see one canonical, minimal graph."""
 
 from .constant_folding import ConstantFolding
-from .cse import CommonSubexpressionElimination
+from .cse import CommonSubexpressionElimination, PostLoweringCSE
 from .dce import DeadCodeElimination
 from .layout import LayoutCanonicalization
 from .noop import NoOpElimination
@@ -9,6 +9,5 @@ from .shape_simplify import ShapeSimplification
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "LayoutCanonicalization",
-    "NoOpElimination",
-    "ShapeSimplification",
+    "NoOpElimination", "PostLoweringCSE", "ShapeSimplification",
 ]

@@ -24,6 +24,14 @@ class CommonSubexpressionElimination(Pass):
         ctx.record.count("nodes_merged", _merge_nodes(model.graph))
 
 
+class PostLoweringCSE(CommonSubexpressionElimination):
+    """The same merge once canonical ops are lowered: each lowering builds its own copy of what
+    every layer shares (the attention bias widened for grouped heads, the rotary cos/sin views),
+    which would otherwise run once per layer on every decoding step."""
+
+    name = "post_lowering_cse"
+
+
 def _merge_constants(graph: Graph) -> int:
     seen: dict[tuple, object] = {}
     merged = 0

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import infercc
 from infercc.compiled import CompiledModel
 from infercc.passes.fusion.attention_fuse import AttentionFusion
+from infercc.passes.fusion.pack_projections import PackProjections
 from infercc.passes.fusion.rotary import RotaryFusion
 from infercc.passes.lowering import LowerCanonicalOps
 from infercc.passes.pipeline import PIPELINE
@@ -25,9 +26,10 @@ F = TensorProto.FLOAT
 
 
 def pipeline(*, lower: bool = True) -> list:
-    """Every pass of the pipeline, with the attention passes right before lowering."""
+    """Every pass of the pipeline, with the attention passes after cache insertion (so it leaves
+    them uncached) and before projection packing and lowering."""
     classes = [c for c in PIPELINE if c not in (RotaryFusion, AttentionFusion)]
-    at = classes.index(LowerCanonicalOps)
+    at = classes.index(PackProjections)
     classes[at:at] = [RotaryFusion, AttentionFusion]
     if not lower:
         classes = [c for c in classes if c is not LowerCanonicalOps]
