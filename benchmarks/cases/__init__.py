@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.cases import decode, matmul, prefill, quant, roundtrip
+from benchmarks.cases import decode, matmul, packing, prefill, quant, roundtrip
 from benchmarks.harness import Case
 
 
@@ -32,4 +32,5 @@ CASES: dict[str, CaseDef] = {
     "matmul": CaseDef(matmul.build_case, _first_line(matmul.__doc__), matmul.add_arguments),
     "quant": CaseDef(quant.build_case, _first_line(quant.__doc__), quant.add_arguments),
     "decode": CaseDef(decode.build_case, _first_line(decode.__doc__), decode.add_arguments),
+    "packing": CaseDef(packing.build_case, _first_line(packing.__doc__), packing.add_arguments),
 }

@@ -86,6 +86,20 @@ def half_cache(op: Builder, factors: Value, rotary_dim: int, interleaved: int) -
     return shared(op, key, lambda: last_slice(op, factors, 0, rotary_dim // 2))
 
 
+def batch_and_seq(op: Builder, x: Value, seq_axis: int) -> tuple[Value, Value]:
+    """x's batch and sequence lengths as [1] tensors. Every layer's q and k have the same ones: keyed
+    on x's symbolic dims they are read once (from the first x lowered), so what is built from them
+    (positions, expanded caches) is the same computation in every layer and post-lowering CSE
+    keeps one copy instead of one per rotary node and decoding step."""
+    dims = (None, None) if x.shape is None else (x.shape[0], x.shape[seq_axis])
+
+    def read(axis: int, dim) -> Value:
+        make = lambda: op.Shape(x, start=axis, end=axis + 1)  # noqa: E731
+        return make() if dim is None else shared(op, ("rotary_dim_of", axis == 0, dim), make)
+
+    return read(0, dims[0]), read(seq_axis, dims[1])
+
+
 def lower_ort(op: Builder, node: Node) -> list[Value] | str:
     """com.microsoft RotaryEmbedding: caches [positions, R/2] indexed by position_ids; we pass the
     model's own per-position factors as the cache, row b*S + s for batch b, position s."""
@@ -100,13 +114,13 @@ def lower_ort(op: Builder, node: Node) -> list[Value] | str:
         if factors.shape is not None and factors.shape[0] == 1:
             caches.append(op.Reshape(half, i64(op, [-1, rdim // 2])))
         else:
-            rows = op.Concat(op.Shape(x, start=0, end=1), op.Shape(x, start=seq_axis, end=seq_axis + 1),
-                             i64(op, [rdim // 2]), axis=0)
+            b, s = batch_and_seq(op, x, seq_axis)
+            rows = op.Concat(b, s, i64(op, [rdim // 2]), axis=0)
             caches.append(op.Reshape(op.Expand(half, rows), i64(op, [-1, rdim // 2])))
     if cos.shape is not None and cos.shape[0] == 1:
         positions = i64(op, [0])  # shape (1): positions 0..S-1 from offset 0
     else:
-        b, s = op.Shape(x, start=0, end=1), op.Shape(x, start=seq_axis, end=seq_axis + 1)
+        b, s = batch_and_seq(op, x, seq_axis)
         count = op.Squeeze(op.Mul(b, s), i64(op, [0]))
         positions = op.Reshape(op.Range(i64(op, 0), count, i64(op, 1)), op.Concat(b, s, axis=0))
     attrs = {"interleaved": interleaved, "rotary_embedding_dim": rdim}
@@ -127,8 +141,7 @@ def lower_onnx(op: Builder, node: Node) -> list[Value] | str:
         found = "an unknown opset" if opset is None else f"opset {opset}"
         return f"standard RotaryEmbedding needs opset {STANDARD_ROTARY_OPSET}; the model imports {found}"
     seq_axis = 1 if heads else 2
-    rows = op.Concat(op.Shape(x, start=0, end=1), op.Shape(x, start=seq_axis, end=seq_axis + 1),
-                     i64(op, [rdim // 2]), axis=0)
+    rows = op.Concat(*batch_and_seq(op, x, seq_axis), i64(op, [rdim // 2]), axis=0)
     caches = [op.Expand(half_cache(op, f, rdim, interleaved), rows) for f in (cos, sin)]
     attrs = {"interleaved": interleaved, "rotary_embedding_dim": rdim}
     if heads:
