@@ -115,6 +115,18 @@ def test_synthetic_gguf_matches_reference(tmp_path, qtype, tied):
     np.testing.assert_allclose(ours, ReferenceLlama(path).forward(tokens), atol=1e-4, rtol=0)
 
 
+def test_decode_graph_runs_shared_metadata_once(tmp_path):
+    """Imported graphs feed each layer's rotary from its own q/k: the lowering still reads batch and
+    sequence lengths once, so all rotary nodes share positions and caches, and q/k/v and gate/up
+    run as one packed matmul each."""
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, layers=3)
+    graph = infercc.compile(path).model.graph
+    rotary = [n for n in graph.nodes if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == 6 and all(len({id(n.inputs[i]) for n in rotary}) == 1 for i in (1, 2, 3))
+    assert graph.op_histogram()["MatMul"] == 3 * 4 + 1  # per layer qkv, o, gate_up, down; the LM head
+
+
 # -- real checkpoints -------------------------------------------------------------------------
 def test_stories260k_greedy_matches_reference_and_numpy():
     path = require(STORIES)

@@ -57,6 +57,20 @@ def test_kernels_chosen() -> None:
         assert hist.get("com.microsoft::MultiHeadAttention") == 2 and "If" not in hist
 
 
+@pytest.mark.parametrize("name", [n for n in DECODERS if not n.startswith("gpt2")])
+def test_layers_share_their_metadata(name: str) -> None:
+    """What every layer computes alike runs once per step: the rotary nodes read one position
+    tensor and one pair of cos/sin caches, the attention nodes one bias (the lowerings read batch
+    and sequence lengths once, post-lowering CSE merges the rest)."""
+    graph = fixture(name).model.graph
+    rotary = [n for n in graph.nodes if n.op_type == "RotaryEmbedding"]
+    attention = [n for n in graph.nodes if n.op_type == "MultiHeadAttention"]
+    assert len(rotary) == 4 and len(attention) == 2
+    for i in (1, 2, 3):
+        assert len({id(n.inputs[i]) for n in rotary}) == 1, f"rotary input {i} differs between layers"
+    assert len({id(n.inputs[5]) for n in attention}) == 1  # attention_bias
+
+
 @pytest.mark.parametrize("name", ["llama_torchscript", "mistral_dynamo", "gpt_neox_dynamo"])
 def test_opset23_lowers_to_onnx_attention_with_past(name: str) -> None:
     """At opset 23 the "onnx" lowering is ONNX's own Attention, past and present included."""
