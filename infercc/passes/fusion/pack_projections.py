@@ -15,6 +15,11 @@ Two kinds of siblings, each packed only with its own kind:
   (output channels) concatenated, so each weight keeps its own grid, method and bits decision
   (a weight mixed precision kept int8 packs with its int8 siblings only).
 
+Measured (``python -m benchmarks packing``, ~100M LLaMA, 2 cores): one decoding step after 128
+cached tokens, 1 thread: float32 1.04x, int4 1.04x (where mixed precision leaves whole groups at
+one bit width); prefill of 128 / 512 tokens, 2 threads: 0.99-1.02x, level within noise (the Split
+copies what the separate matmuls would have written anyway).
+
 Runs after quantization (which decides per weight) and before lowering. Only the main graph.
 """
 
