@@ -89,6 +89,19 @@ def ensure_model(family: str, exporter: str) -> Path:
     return path
 
 
+def infercc_digest() -> str:
+    """A short digest of infercc's source: artifacts compiled by infercc are cached under it, so a
+    change to any pass compiles them again instead of timing a stale file."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1] / "infercc"
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def hf_path(family: str = "llama") -> Path:
     return CACHE / f"{family}_hf"
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from benchmarks.harness import Case, ConfigSpec
 from benchmarks.models import EXPORTERS, FAMILIES, ensure_model
+from benchmarks.steps import setup_prefill
 
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention")
 ORT_MODEL_TYPE = {"gpt2": "gpt2", "llama": "gpt2"}  # ORT's optimizer has no llama type; gpt2 is the usual advice
@@ -89,27 +89,5 @@ def build_case(args: argparse.Namespace) -> Case:
 
 
 def setup(threads: int, model: str, batch: int, seq: int) -> tuple[Callable[[], Any], dict]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    feeds = prefill_feeds(session, batch, seq)
-    return (lambda: session.run(None, feeds)), {"fused_attention": attention_count(model)}
-
-
-def prefill_feeds(session, batch: int, seq: int) -> dict[str, np.ndarray]:
-    """Seeded token ids, an all-ones mask and, for infercc's cached graphs, an empty cache
-    [batch, kv_heads, 0, head]: prefill starts from nothing."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
-            dtype = np.float16 if "float16" in inp.type else np.float32
-            feeds[inp.name] = np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype)
-        elif "mask" in inp.name:
-            feeds[inp.name] = np.ones((batch, seq), np.int64)
-        else:
-            feeds[inp.name] = rng.integers(0, 1000, (batch, seq)).astype(np.int64)
-    return feeds
+    run, info = setup_prefill(threads, model, batch, seq)
+    return run, {**info, "fused_attention": attention_count(model)}

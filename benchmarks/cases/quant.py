@@ -1,11 +1,12 @@
-"""Weight-only quantization: prefill latency, artifact size and output error of fp32 vs int8 vs int4
-(infercc) vs onnxruntime's own MatMulNBitsQuantizer (int4, applied to infercc's fp32 artifact), on
-one benchmark-size export.
+"""Weight-only quantization: prefill or decoding-step latency, artifact size and output error of
+fp32 vs int8 vs int4 (infercc) vs onnxruntime's own MatMulNBitsQuantizer (int4, applied to
+infercc's fp32 artifact), on one benchmark-size export (``--phase prefill|decode``).
 
 Why: int4/int8 weights only pay off if MatMulNBits is not slower than the float MatMul it replaces
-at prefill (compute bound, unlike decoding), and if the error stays small; and infercc's int4 has
+at prefill (compute bound), if they speed up decoding (memory bound), and if the error stays
+small; and infercc's int4 has
 to hold its own against what ORT's quantizer produces from the same file. Every artifact is built
-once, up front, in the parent process (cached beside the export); the error of each against the
+once, up front, in the parent process (cached beside the export under a digest of infercc's source); the error of each against the
 fp32 artifact is measured there too, on one fixed input, and recorded in the notes. Workers only
 load and run a file.
 
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cases.prefill import prefill_feeds
 from benchmarks.harness import Case, ConfigSpec
-from benchmarks.models import EXPORTERS, FAMILIES, ensure_model
+from benchmarks.models import EXPORTERS, FAMILIES, ensure_model, infercc_digest
+from benchmarks.steps import prefill_feeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128], default=32, help="int4 block (both quantizers)")
     g.add_argument("--method", choices=["gptq", "mse", "rtn"], default="gptq", help="infercc's quantization method")
     g.add_argument("--int8-fraction", type=float, default=None, help="infercc's quant_int8_fraction (default: infercc's)")
+    g.add_argument("--phase", choices=["prefill", "decode"], default="prefill",
+                   help="time a prefill of --seq tokens, or one decoding step (batch 1) after --past cached tokens")
+    g.add_argument("--past", type=int, default=128)
 
 
 def prepare_infercc(source: Path, **options) -> Path:
@@ -43,7 +47,7 @@ def prepare_infercc(source: Path, **options) -> Path:
 
     c = infercc.Config(**options)  # the tag names what decides the weights, defaults included
     tag = f"{c.quantize}-{c.quant_method}-{c.quant_block_size}-mixed{c.quant_int8_fraction:g}" if c.quantize else "fp32"
-    target = source.parent / "quant" / f"infercc-{tag}"
+    target = source.parent / "quant" / infercc_digest() / f"infercc-{tag}"
     if not (target / "model.onnx").exists():
         infercc.compile(source, **options).save(target)
     return target / "model.onnx"
@@ -110,16 +114,17 @@ def build_case(args: argparse.Namespace) -> Case:
         "int4": f"infercc int4 block {args.block_size} ({args.method})",
         "ort-int4": f"onnxruntime MatMulNBitsQuantizer int4 block {args.block_size} (RTN, accuracy_level 4)",
     }
-    configs = [
-        ConfigSpec(name, "benchmarks.cases.prefill:setup", {"model": str(path), "batch": args.batch, "seq": args.seq},
-                   descriptions[name])
-        for name, path in models.items()
-    ]
+    if args.phase == "prefill":
+        configs = [ConfigSpec(name, "benchmarks.cases.prefill:setup", {"model": str(path), "batch": args.batch, "seq": args.seq},
+                              descriptions[name]) for name, path in models.items()]
+    else:
+        configs = [ConfigSpec(name, "benchmarks.steps:setup_step", {"model": str(path), "past": args.past},
+                              descriptions[name]) for name, path in models.items()]
+    what = f"batch {args.batch}, seq {args.seq}" if args.phase == "prefill" else f"one decoding step after {args.past}"
     source_bytes = sum(p.stat().st_size for p in source.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
     return Case(
-        name=f"quant-{args.family}-{args.exporter}-b{args.batch}-s{args.seq}-bs{args.block_size}-{args.method}",
-        description=f"prefill latency and error of weight-only quantization, {args.family} ({args.exporter}), "
-                    f"batch {args.batch}, seq {args.seq}",
+        name=f"quant-{args.phase}-{args.family}-{args.exporter}-b{args.batch}-s{args.seq}-bs{args.block_size}-{args.method}",
+        description=f"{args.phase} latency and error of weight-only quantization, {args.family} ({args.exporter}), {what}",
         configs=configs, baseline="fp32", skipped=skipped,
         notes={
             "model": str(source), "ort_quantizer": note, "source_bytes": source_bytes,
