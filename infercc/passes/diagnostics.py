@@ -131,10 +131,12 @@ class Diagnostics:
         """A fixed-width table: one row per pass, with its changes and the first reasons."""
         rows = [("pass", "status", "changes", "time", "reasons")]
         for r in self.records:
-            changes = ", ".join(f"{k}={v}" for k, v in r.changes.items()) or "-"
+            changes = _wrap([f"{k}={v}" for k, v in r.changes.items()]) or ["-"]
             reasons = r.reasons + [f"WARNING: {w}" for w in r.warnings]
-            rows.append((r.pass_name, r.status, changes, f"{r.seconds * 1000:.1f} ms", reasons[0] if reasons else ""))
-            rows.extend(("", "", "", "", extra) for extra in reasons[1:])
+            rows.append((r.pass_name, r.status, changes[0], f"{r.seconds * 1000:.1f} ms", reasons[0] if reasons else ""))
+            more = max(len(changes), len(reasons)) - 1
+            rows.extend(("", "", changes[i] if i < len(changes) else "", "", reasons[i] if i < len(reasons) else "")
+                        for i in range(1, more + 1))
             if sites:
                 rows.extend(("", f"  {s.status}", s.where, "", s.reason) for s in r.sites)
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -148,3 +150,18 @@ class Diagnostics:
 
     def __str__(self) -> str:
         return self.table()
+
+
+#: Width of the changes column: a pass with many kinds of change wraps instead of pushing the
+#: reasons off the screen.
+CHANGES_WIDTH = 48
+
+
+def _wrap(items: list[str], width: int = CHANGES_WIDTH) -> list[str]:
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += ", " + item
+        else:
+            lines.append(item)
+    return lines

@@ -278,6 +278,20 @@ def test_table_lists_every_pass():
     assert len(sites.splitlines()) >= len(lines)
 
 
+def test_many_changes_wrap_and_keep_every_count():
+    record = PassRecord("lowering")
+    kinds = {f"Op{i}_lowered_ort": i + 1 for i in range(8)}
+    for kind, n in kinds.items():
+        record.count(kind, n)
+    record.note("one reason")
+    lines = Diagnostics([record]).table().splitlines()[2:]
+    assert len(lines) > 1 and lines[0].startswith("lowering") and lines[0].rstrip().endswith("one reason")
+    width = lines[0].index("ms") + 2
+    assert all(len(line.rstrip()) <= width for line in lines[1:])  # continuation rows stay in the columns
+    text = "\n".join(lines)
+    assert all(f"{kind}={n}" in text for kind, n in kinds.items())
+
+
 def test_table_of_nothing():
     assert Diagnostics().table().splitlines()[0].startswith("pass")
 
