@@ -87,6 +87,8 @@ def scores_of(softmax: Node) -> Scores:
     where_terms: list[tuple[Value, bool, float]] = []
     floats: list[Value] = []
     nodes: list[Node] = []
+    # Walking back from the softmax meets the last operation first: a scale found here multiplies
+    # Q·Kᵀ and every mask applied before it (found later in the walk), not the masks found so far.
     for _ in range(16):
         node = value.producer
         if node is None or node.domain:
@@ -103,11 +105,8 @@ def scores_of(softmax: Node) -> Scores:
             inner, factor, _ = peel_scale(value, "the scores")
             if inner is value:
                 raise Mismatch(f"the scores are multiplied by a tensor ({op} {node.name!r}), not a constant scale")
-            # A positive scale after a -inf mask leaves the mask as it is; anything else would
-            # scale the mask too.
-            infinite = all(math.isinf(fill) for _, _, fill in where_terms)
-            if floats or (where_terms and not (infinite and factor > 0)):
-                raise Mismatch("the scores are scaled after a finite or additive mask is applied")
+            if factor <= 0:
+                raise Mismatch(f"the scores are scaled by {factor:g}: a mask before it would turn into its opposite")
             scale *= factor
             value = inner
         elif op == "Add":
@@ -116,41 +115,54 @@ def scores_of(softmax: Node) -> Scores:
             if from_a == from_b:
                 raise Mismatch("cannot tell the scores from the mask in a sum of two products")
             scores, term = (a, b) if from_a else (b, a)
-            _add_term(term, where_terms, floats)
+            _add_term(term, where_terms, floats, scale)
             value = scores
         elif op == "Where":
-            value = _masked_fill(node, where_terms)
+            value = _masked_fill(node, where_terms, scale)
         else:
             raise Mismatch(f"the scores go through {op} {node.name!r} before the softmax (not a scale or a mask)")
     raise Mismatch("the softmax input is too far from Q·Kᵀ")
 
 
-def _add_term(term: Value, where_terms: list, floats: list) -> None:
+def _add_term(term: Value, where_terms: list, floats: list, scale: float) -> None:
+    """An added mask; ``scale`` is what the scores are multiplied by after it (a boolean mask's
+    fill is scaled with them, a float mask would have to be)."""
     node = term.producer
     if node is not None and not node.domain and node.op_type == "Where":
         cond, then, other = node.inputs
         t, o = scalar_const(then), scalar_const(other)
         if t == 0.0 and o is not None and o < 0:
-            where_terms.append((cond, False, o))
+            where_terms.append((cond, False, _scaled(o, scale)))
             return
         if o == 0.0 and t is not None and t < 0:
-            where_terms.append((cond, True, t))
+            where_terms.append((cond, True, _scaled(t, scale)))
             return
+    if scale != 1.0:
+        raise Mismatch("an additive float mask is scaled together with the scores")
     floats.append(term)
 
 
-def _masked_fill(node: Node, where_terms: list) -> Value:
-    """``Where(mask, scores, fill)`` (or the negated form): a boolean mask replacing scores."""
+def _masked_fill(node: Node, where_terms: list, scale: float) -> Value:
+    """``Where(mask, scores, fill)`` (or the negated form): a boolean mask replacing scores, its
+    fill multiplied by the ``scale`` applied after it (GPT-J masks first, then divides)."""
     cond, then, other = node.inputs
     for scores, fill, negated in ((then, other, False), (other, then, True)):
         f = scalar_const(fill)
         if f is not None and _reaches_matmul(scores):
+            f = _scaled(f, scale)
             if not (math.isinf(f) and f < 0) and f > -1e30:
                 raise Mismatch(f"masked scores are replaced by {f:g}: only an infinite or absorbing fill "
                                "is the same as adding it")
             where_terms.append((cond, negated, f))
             return scores
     raise Mismatch(f"Where {node.name!r} before the softmax is not a mask on the scores")
+
+
+def _scaled(fill: float, scale: float) -> float:
+    """The fill as the softmax sees it, rounded to float32 like the scores it replaces."""
+    import numpy as np
+
+    return float(np.float32(fill) * np.float32(scale)) if not math.isinf(fill) else fill
 
 
 def _reaches_matmul(value: Value) -> bool:

@@ -152,6 +152,20 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
                   helper.make_node("Mul", ["inv", "big"], ["bias2"]),
                   helper.make_node("Unsqueeze", ["bias2", "axes12"], ["bias"]),
                   helper.make_node("Add", ["scores", "bias"], ["masked"])]
+        if scale_last:  # the float mask is scaled with the scores
+            nodes[-1].output[0] = "biased"
+            nodes.append(helper.make_node("Div", ["biased", "sqrt_d"], ["masked"]))
+    elif mask_form in ("scale_then_bias", "finite_fill_then_scale"):
+        # GPT-J / HF eager: scores / sqrt(d) + Where(mask, 0, min); older code: masked_fill(min), then / sqrt(d)
+        cond = _mask(nodes, inits, mask, causal, causal_form)
+        inits.append(_const("min_fill", np.array(np.finfo(ftype).min, ftype)))
+        if mask_form == "scale_then_bias":
+            nodes += [helper.make_node("Div", ["scores", "sqrt_d"], ["scaled"]),
+                      helper.make_node("Where", [cond, "zero", "min_fill"], ["bias"]),
+                      helper.make_node("Add", ["scaled", "bias"], ["masked"])]
+        else:
+            nodes += [helper.make_node("Where", [cond, "scores", "min_fill"], ["filled"]),
+                      helper.make_node("Div", ["filled", "sqrt_d"], ["masked"])]
     else:
         cond = _mask(nodes, inits, mask, causal, causal_form)
         if mask_form == "masked_fill":

@@ -55,6 +55,8 @@ def test_written_attention_is_fused(kv_heads: int, causal: bool) -> None:
         ({"mask_form": "masked_fill"}, False, "padding"),
         ({"mask_form": "additive"}, False, "additive bias"),
         ({"mask_form": "masked_fill", "scale_last": True, "causal": True}, True, "causal, padding"),
+        ({"mask_form": "scale_then_bias", "scale_last": True, "causal": True}, True, "causal, padding"),
+        ({"mask_form": "finite_fill_then_scale", "scale_last": True, "causal": True}, True, "causal, padding"),
     ],
 )
 def test_mask_forms_are_understood(options: dict, causal: bool, mask: str) -> None:
@@ -72,6 +74,7 @@ def test_mask_forms_are_understood(options: dict, causal: bool, mask: str) -> No
         ({"kv_heads": 2, "v_heads": 4}, "K and V have different numbers of heads"),
         ({"scale_input": True}, "is not constant"),
         ({"return_probs": True}, "probabilities are also used elsewhere"),
+        ({"mask_form": "additive", "scale_last": True}, "additive float mask is scaled together with the scores"),
     ],
 )
 def test_broken_attention_is_left_alone_with_the_reason(options: dict, reason: str) -> None:
