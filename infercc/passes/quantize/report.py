@@ -104,15 +104,30 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
         lines.append(f"  kept float: {skip['node']}: {skip['reason']}")
     e2e = info.get("end_to_end")
     if e2e:
-        feeds = ", ".join(f"{k}{v}" for k, v in e2e["feeds"].items())
-        lines.append(f"  end-to-end vs the float model (seeded random feeds {feeds}):")
+        feeds = [f"{k}{v}" for k, v in e2e["feeds"].items() if not k.startswith(_CACHE_IN)]
+        past = [v for k, v in e2e["feeds"].items() if k.startswith(_CACHE_IN)]
+        if past:
+            feeds.append(f"{len(past)} cache inputs like {past[0]}")
+        lines.append(f"  end-to-end vs the float model (seeded random feeds {', '.join(feeds)}):")
+        cache = {k: m for k, m in e2e["outputs"].items() if k.startswith(_CACHE_OUT)}
         for name, m in e2e["outputs"].items():
+            if name in cache:
+                continue
             top1 = f", top-1 agreement {m['top1_agreement']:.4f}" if "top1_agreement" in m else ""
             lines.append(
                 f"    {name}: max |diff| {m['max_abs']:.4g} ({m['max_abs_rel_range']:.4f} of its range), "
                 f"mean |diff| {m['mean_abs']:.4g}, cosine {m['cosine']:.6f}{top1}"
             )
+        if cache:  # keys and values written to the cache: their worst, not a row each
+            worst = min(cache, key=lambda k: cache[k]["cosine"])
+            lines.append(f"    {len(cache)} cache outputs (present.*): lowest cosine {cache[worst]['cosine']:.6f} "
+                         f"({worst}), largest max |diff| {max(m['max_abs_rel_range'] for m in cache.values()):.4f} "
+                         "of its range")
     return "\n".join(line for line in lines if line)
+
+
+#: The KV-cache contract's input and output prefixes (passes/kv_cache/contract.py).
+_CACHE_IN, _CACHE_OUT = "past_key_values.", "present."
 
 
 def _mb(n: int) -> str:
