@@ -39,9 +39,15 @@ def probability_matmul(softmax: Node, opset: int) -> Node:
     while len(users) == 1 and users[0].op_type == "Cast" and not probs.is_graph_output:  # back to V's type
         probs = users[0].outputs[0]
         users = probs.consumers()
-    if probs.is_graph_output or len(users) != 1:
-        raise Mismatch("the attention probabilities are also used elsewhere (returned, or read by other nodes)")
+    if probs.is_graph_output:
+        raise Mismatch("the attention probabilities are also a graph output")
+    if len(users) != 1:
+        readers = ", ".join(f"{u.op_type} {u.name!r}" for u in users[:3])
+        raise Mismatch(f"the attention probabilities are also used elsewhere (read by {readers})")
     matmul = users[0]
+    if matmul.op_type == "Reshape" and not matmul.domain:
+        raise Mismatch("the attention probabilities are reshaped before the product with V (heads folded into "
+                       "the batch axis): that layout is not supported")
     if matmul.op_type != "MatMul" or matmul.domain or matmul.inputs[0] is not probs:
         raise Mismatch(f"the softmax output goes to {matmul.op_type}, not to a product with V")
     if not _activation(matmul.inputs[1]):
@@ -60,8 +66,8 @@ def attention_shaped(softmax: Node) -> bool:
             for user in value.consumers():
                 if user.op_type == "MatMul" and not user.domain and all(_activation(x) for x in user.inputs):
                     return True
-                if user.op_type in ("IsNaN", "Where", "Cast", "Dropout", "Identity"):
-                    following += user.outputs
+                if user.op_type in ("IsNaN", "Where", "Cast", "Dropout", "Identity", "Reshape", "Unsqueeze", "Squeeze"):
+                    following += user.outputs[:1]  # heads folded into the batch (BLOOM, DeBERTa) included
         frontier = following
     return _reaches_matmul(softmax.inputs[0])
 
@@ -112,8 +118,12 @@ def scores_of(softmax: Node) -> Scores:
         elif op == "Add":
             a, b = node.inputs
             from_a, from_b = _reaches_matmul(a), _reaches_matmul(b)
-            if from_a == from_b:
+            if from_a and from_b:
                 raise Mismatch("cannot tell the scores from the mask in a sum of two products")
+            if not (from_a or from_b):
+                stops = sorted({f"{n.op_type} {n.name!r}" for n in (_stop(a), _stop(b)) if n is not None})
+                raise Mismatch("neither operand of the sum before the softmax reaches Q·Kᵀ through scales and masks"
+                               + (f" (the scores go through {stops[0]} first, e.g. a tanh soft-cap)" if stops else ""))
             scores, term = (a, b) if from_a else (b, a)
             _add_term(term, where_terms, floats, scale)
             value = scores
@@ -163,6 +173,37 @@ def _scaled(fill: float, scale: float) -> float:
     import numpy as np
 
     return float(np.float32(fill) * np.float32(scale)) if not math.isinf(fill) else fill
+
+
+def _stop(value: Value) -> Node | None:
+    """The first node on the way back from ``value`` that is neither a scale, a mask nor Q·Kᵀ: what
+    stops the scores from being recognised (None when the walk ends at an input or constant)."""
+    for _ in range(8):
+        node = value.producer
+        if node is None or node.domain or node.op_type == "MatMul":
+            return None
+        if node.op_type in ("Mul", "Div", "Cast", "Identity"):
+            value = node.inputs[0] if scalar_const(node.inputs[0]) is None else node.inputs[1]
+        elif node.op_type in ("Add", "Where"):
+            found = [_stop(x) for x in node.inputs if x is not None and not x.is_const]
+            return next((f for f in found if f is not None), None)
+        else:
+            return node if _product_upstream(node) else None
+    return None
+
+
+def _product_upstream(node: Node, depth: int = 12) -> bool:
+    """Whether a product of two activations lies behind ``node`` through any ops (the scores side
+    of a sum, as opposed to the mask side)."""
+    frontier = [node]
+    for _ in range(depth):
+        following = []
+        for n in frontier:
+            if n.op_type == "MatMul" and all(_activation(x) for x in n.inputs):
+                return True
+            following += [x.producer for x in n.inputs if x is not None and not x.is_const and x.producer is not None]
+        frontier = following[:8]
+    return False
 
 
 def _reaches_matmul(value: Value) -> bool:

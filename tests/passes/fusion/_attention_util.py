@@ -73,7 +73,7 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
                     repeat: str = "expand", v_heads: int | None = None, scale_input: bool = False,
                     return_probs: bool = False, causal: bool = False, mask_form: str = "where_add",
                     causal_form: str = "range", half: bool = False, cross: bool = False,
-                    scale_last: bool = False) -> onnx.ModelProto:
+                    scale_last: bool = False, softcap: bool = False) -> onnx.ModelProto:
     """x [B, S, HID] -> one attention layer, as exporters write it, with knobs that break it.
     ``half``: float16 throughout except the softmax, run in float32 between two Casts (as HF's
     eager attention does for 16-bit models). ``cross``: K and V from ``memory`` [B, T, HID], masked by
@@ -145,6 +145,12 @@ def attention_layer(*, normalize: str = "Softmax", mask: str = "padding", kv_hea
                   helper.make_node("Mul", ["q4", scale], ["qs"]),
                   helper.make_node("Mul", ["kt", "sqrt_scale"], ["kts"]),
                   helper.make_node("MatMul", ["qs", "kts"], ["scores"])]
+    if softcap:  # Gemma 2: cap * tanh(scores / cap)
+        nodes[-1].output[0] = "raw_scores"
+        inits.append(_const("cap", np.array(5.0, ftype)))
+        nodes += [helper.make_node("Div", ["raw_scores", "cap"], ["capped"]),
+                  helper.make_node("Tanh", ["capped"], ["capped_t"]),
+                  helper.make_node("Mul", ["capped_t", "cap"], ["scores"])]
     if mask_form == "additive":  # BERT's old (1 - mask) * -10000
         inits += [_const("one_f", np.array(1.0, ftype)), _const("big", np.array(-10000.0, ftype))]
         nodes += [helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT16 if half else F),

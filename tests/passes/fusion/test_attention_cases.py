@@ -73,8 +73,9 @@ def test_mask_forms_are_understood(options: dict, causal: bool, mask: str) -> No
         ({"kv_heads": 2, "repeat": "tile"}, "repeated with Tile"),
         ({"kv_heads": 2, "v_heads": 4}, "K and V have different numbers of heads"),
         ({"scale_input": True}, "is not constant"),
-        ({"return_probs": True}, "probabilities are also used elsewhere"),
+        ({"return_probs": True}, "probabilities are also a graph output"),
         ({"mask_form": "additive", "scale_last": True}, "additive float mask is scaled together with the scores"),
+        ({"softcap": True}, "the scores go through Tanh"),
     ],
 )
 def test_broken_attention_is_left_alone_with_the_reason(options: dict, reason: str) -> None:
