@@ -20,13 +20,22 @@ def detect_family(model: Model) -> dict[str, object]:
     causal = any(op.endswith(k) for op in hist for k in ("Trilu",)) or "logits" in names or any(
         k in hist for k in ("LessOrEqual", "Less")) and "logits" in names
     kind = "decoder" if causal or "logits" in names else ("encoder" if layers else "unknown")
-    family = "unknown"
-    for key, fam in (
-        ("wte", "gpt2"), ("transformer.h.", "gpt2"), ("gpt_neox", "gpt_neox"), ("embed_in", "gpt_neox"),
-        ("qwen", "qwen2"), ("mistral", "mistral"), ("phi", "phi"), ("bert", "bert"), ("encoder.layer", "bert"),
-        ("llama", "llama"), ("model.layers.", "llama"), ("embed_tokens", "llama"),
-    ):
-        if key in names:
-            family = fam
-            break
+    paths = " ".join([names] + [n.name.replace("/", ".").lower() for n in graph.nodes])
+    family = next((fam for fam, markers in _MARKERS if all(m in paths for m in markers)), "unknown")
     return {"kind": kind, "family": family, "attention_layers": layers}
+
+
+#: (family, substrings that must all occur in the weight, input/output or node names, lowercased,
+#: "/" read as "."): module paths survive both exporters (as initializer names with dynamo, as
+#: node names with TorchScript). Most specific first: several families share "transformer.h.".
+_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("deberta", ("deberta",)), ("distilbert", ("q_lin",)), ("roberta", ("roberta",)), ("electra", ("electra",)),
+    ("bert", ("encoder.layer",)), ("bert", ("bert",)),
+    ("gpt_neox", ("gpt_neox",)), ("gpt_neox", ("embed_in",)),
+    ("mpt", ("transformer.blocks.",)), ("bloom", ("word_embeddings_layernorm",)),
+    ("falcon", ("self_attention.query_key_value",)), ("opt", ("decoder.layers.", "fc1")),
+    ("codegen", ("transformer.h.", "qkv_proj")), ("gptj", ("transformer.h.", "attn.q_proj")),
+    ("gpt2", ("wte",)), ("gpt2", ("transformer.h.",)),
+    ("phi3", ("gate_up_proj",)), ("qwen2", ("qwen",)), ("mistral", ("mistral",)), ("phi", ("phi",)),
+    ("llama", ("llama",)), ("llama", ("model.layers.",)), ("llama", ("embed_tokens",)),
+)
