@@ -27,6 +27,10 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "gemma2": (0, "Tanh"),  # soft-capped scores
     "deberta-v2": (0, "also used elsewhere"),  # disentangled attention reads the probabilities' shape
 }
+#: How the fused sites report their rotary ("none" for the rest).
+ROTARY = {"gptj": "interleaved, 4 of 8 dims", "codegen": "interleaved, 4 of 8 dims", "falcon": "half-rotated",
+          "gemma": "half-rotated", "olmo": "half-rotated", "phi3": "half-rotated", "starcoder2": "half-rotated",
+          "stablelm": "half-rotated, 4 of 8 dims"}
 ENCODERS = {"distilbert", "roberta", "deberta-v2"}
 TOLERANCE = 1e-4
 
@@ -55,6 +59,7 @@ def test_compiles_matches_and_reports(arch: str) -> None:
     assert (report["fused"], report["expected"]) == (fused, 2), report
     if fused < 2:
         assert any(reason in w for w in record.warnings), record.warnings
+    assert {site["rotary"] for site in report["sites"] if site["status"] == "fused"} <= {ROTARY.get(arch, "none")}
 
 
 @pytest.mark.parametrize("arch", sorted(a for a, (fused, _) in EXPECTED.items() if fused == 2 and a not in ENCODERS))

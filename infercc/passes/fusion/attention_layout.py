@@ -102,7 +102,11 @@ class Layout:
         split = self.split_reshape(t)
         if split is not None:
             x, n, d = split
-            return Packed(lambda op: x, n, d, "projection output", (x, 1), x)
+            rotary = ""
+            if is_rotary(x.producer) and attrs_of(x.producer)[0] == n:  # rotated as [B, S, H*D] (GPT-J)
+                _, rdim, interleaved = attrs_of(x.producer)
+                rotary = ("interleaved" if interleaved else "half-rotated") + ("" if rdim == d else f", {rdim} of {d} dims")
+            return Packed(lambda op: x, n, d, "projection output", (x, 1), x, rotary)
         heads, size = dim_of(t, 2), dim_of(t, 3)
         if not (isinstance(heads, int) and isinstance(size, int)):
             raise Mismatch(f"the number of heads or the head size of {what} is not known")

@@ -315,3 +315,21 @@ def _norm(value: Value, axis: int | None) -> int | None:
     if not -rank <= axis < rank:
         return None
     return axis % rank
+
+
+def last_axis_slice(node, x: Value) -> tuple[int, int] | None:
+    """(start, end) of a step-1 Slice along x's last axis (end clipped to its size when known)."""
+    ins = node.inputs
+    starts, ends = ints(ins[1]), ints(ins[2])
+    axes = ints(ins[3]) if len(ins) > 3 and ins[3] is not None else [0]
+    steps = ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1]
+    rank = len(x.shape) if x.shape is not None else None
+    if None in (starts, ends, axes, steps) or len(starts) != 1 or steps != [1]:
+        return None
+    if not (axes == [-1] or (rank is not None and axes == [rank - 1])):
+        return None
+    end = ends[0]
+    width = dim_of(x, -1)
+    if isinstance(width, int) and end >= width:
+        end = width
+    return starts[0], end

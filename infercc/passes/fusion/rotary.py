@@ -14,8 +14,9 @@ from ...ir import Value
 from ..canonical import DOMAIN, DOMAIN_VERSION
 from ..rewrite import Attr, RewritePass, Rule
 from ..rewrite.rule import apply_rules
-from .dims import dim_of, ints
+from .dims import dim_of, ints, last_axis_slice
 from .match_util import scalar_const
+from .rotary_interleaved import RULES as INTERLEAVED_RULES
 from .rotary_op import make_node
 
 
@@ -24,24 +25,6 @@ def _rotate_half(op, x, cos, sin, lo_start, lo_end, hi_start, hi_end):
     hi = op.Slice(x, hi_start, hi_end, _allow_other_inputs=True, _bind="hi")
     rotated = op.Concat(op.Neg(hi), lo, axis=Attr("axis"))
     return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
-
-
-def _last_axis_slice(node, x: Value) -> tuple[int, int] | None:
-    """(start, end) of a step-1 Slice along x's last axis (end clipped to its size when known)."""
-    ins = node.inputs
-    starts, ends = ints(ins[1]), ints(ins[2])
-    axes = ints(ins[3]) if len(ins) > 3 and ins[3] is not None else [0]
-    steps = ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1]
-    rank = len(x.shape) if x.shape is not None else None
-    if None in (starts, ends, axes, steps) or len(starts) != 1 or steps != [1]:
-        return None
-    if not (axes == [-1] or (rank is not None and axes == [rank - 1])):
-        return None
-    end = ends[0]
-    width = dim_of(x, -1)
-    if isinstance(width, int) and end >= width:
-        end = width
-    return starts[0], end
 
 
 def _factors(value: Value, kind: str) -> Value | str:
@@ -77,7 +60,7 @@ def _check_half(x, cos, sin, lo, hi, axis) -> str | bool | None:
     if axis not in (-1, 3):
         return "rotate_half concatenates along another axis than the last"
     width = dim_of(x, -1)
-    low, high = _last_axis_slice(lo, x), _last_axis_slice(hi, x)
+    low, high = last_axis_slice(lo, x), last_axis_slice(hi, x)
     if low is None or high is None:
         return "the rotation slices are not step-1 slices of the last axis"
     half = low[1]
@@ -109,7 +92,7 @@ def _check_partial(x, head, tail, rope, axis) -> str | bool | None:
         return False
     if axis not in (-1, 3):
         return "the rotated and passed channels are concatenated along another axis than the last"
-    first, rest = _last_axis_slice(head, x), _last_axis_slice(tail, x)
+    first, rest = last_axis_slice(head, x), last_axis_slice(tail, x)
     width, rdim = dim_of(x, -1), int(rope.attr("rotary_dim"))
     if first != (0, rdim) or rest is None or rest[0] != rdim or rest[1] != width:
         return f"partial rotary over {first} and {rest} does not split {width} channels at {rdim}"
@@ -123,6 +106,7 @@ def _replace_partial(op, x, cos, sin, rope):
 
 RULES = [
     Rule("rotary_half", _rotate_half, _replace_half, check=_check_half, report_mismatch=False),
+    *INTERLEAVED_RULES,
     Rule("rotary_partial", _partial, _replace_partial, check=_check_partial),
 ]
 
