@@ -19,7 +19,7 @@ from ...ir import Value
 from ..canonical import DOMAIN
 from ..rewrite import Attr, Rule
 from .build_util import i64
-from .dims import dim_of, ints, last_axis_slice
+from .dims import dim_of, ints, last_axis_slice, shape_elements
 from .rotary_op import make_node
 
 _BIG = 1 << 62
@@ -66,10 +66,13 @@ def pair_factors(value: Value, x: Value, kind: str) -> tuple[Value, int] | str:
     axes, half = ints(unsq.inputs[1]), dim_of(unsq.inputs[0], -1)
     if axes is None or [a % rank for a in axes] != [rank - 1]:
         return f"the {kind} factors are not repeated along a new last axis"
-    target = ints(node.inputs[1])
-    if value.rank != 4 or target is None or target[-1] not in (-1, 2 * half if isinstance(half, int) else -1):
+    # Row-major, any 4-D target whose last entry is R keeps each R/2 x 2 block in one row: a
+    # leading split can differ, the pairs still repeat (a last entry of -1 is R in a valid graph,
+    # where the factors multiply x's last axis).
+    target = shape_elements(node.inputs[1])
+    if target is None or len(target) != 4 or target[-1] not in (-1, 2 * half if isinstance(half, int) else -1):
         return f"the {kind} factors' Reshape does not merge the repetition into the last axis"
-    heads = [a for a in (1, 2) if dim_of(value, a) == 1 and isinstance(dim_of(x, a), int)]
+    heads = [a for a in (1, 2) if 1 in (dim_of(value, a), target[a]) and isinstance(dim_of(x, a), int)]
     if len(heads) != 1:
         return f"the {kind} factors are not broadcast over the rotated tensor's heads"
     return value, heads[0]
@@ -82,7 +85,7 @@ def _check_pairs(x, cos, sin, even, odd, axis_odd, axis_even, shape, axis) -> st
         return "the rotation does not take every second channel of the last axis"
     if any(ints(a) not in ([-1], [4]) for a in (axis_odd, axis_even)) or axis not in (-1, 4):
         return "the rotated pairs are not stacked along a new last axis"
-    target, width = ints(shape), dim_of(x, -1)
+    target, width = shape_elements(shape), dim_of(x, -1)
     if target is None or len(target) != 4 or target[-1] not in (-1, width):
         return "the stacked pairs are not reshaped back to the rotated tensor's shape"
     found = [pair_factors(f, x, k) for f, k in ((cos, "cos"), (sin, "sin"))]
