@@ -12,7 +12,7 @@ from .graph import Graph
 from .model import Model
 from .node import Node
 from .onnx_export import to_proto
-from .symbolic import broadcast, dim_values, reshape_dims
+from .symbolic import arith, broadcast, dim_values, range_length, reshape_dims
 from .value import Shape
 
 #: A rule returns (dtype, shape) per output, or None when it cannot tell.
@@ -40,17 +40,27 @@ def infer_shapes(model: Model) -> list[str]:
     """Fill in dtype/shape of every value we can. Returns notes about what could not be inferred
     (kept for diagnostics; missing shapes never make a model invalid)."""
     notes: list[str] = []
-    try:
-        proto = to_proto(model, with_data=False)
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
-        _merge(model.graph, inferred.graph)
-    except Exception as exc:  # onnx inference is best effort; ours still runs
-        notes.append(f"onnx shape inference failed: {str(exc).splitlines()[0][:200]}")
-    _propagate(model.graph)
+    # onnx's rules and ours alternate: a shape only our rules find (a Range over a symbolic length)
+    # feeds ops only onnx's rules cover (the Unsqueeze after it), whose results feed ours again. So
+    # onnx runs again, on our shapes, while our propagation still adds something (a few rounds).
+    for _ in range(_MAX_ROUNDS):
+        try:
+            proto = to_proto(model, with_data=False)
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+            _merge(model.graph, inferred.graph)
+        except Exception as exc:  # onnx inference is best effort; ours still runs
+            notes.append(f"onnx shape inference failed: {str(exc).splitlines()[0][:200]}")
+            _propagate(model.graph)
+            break
+        if not _propagate(model.graph):
+            break
     unknown = [v.name for n in model.graph.nodes for v in n.outputs if v.dtype is None and v.uses]
     if unknown:
         notes.append(f"{len(unknown)} values have no inferred type (first: {unknown[0]})")
     return notes
+
+
+_MAX_ROUNDS = 4
 
 
 def _merge(graph: Graph, gp: onnx.GraphProto) -> None:
@@ -93,8 +103,10 @@ def _more_specific(old: Shape, new: Shape) -> Shape:
     return tuple(o if isinstance(o, int) or (isinstance(o, str) and not isinstance(n, int)) else n for o, n in zip(old, new))
 
 
-def _propagate(graph: Graph) -> None:
+def _propagate(graph: Graph) -> bool:
+    """Apply our rules in graph order; True if they made any dtype or shape more specific."""
     memo: dict[int, object] = {}
+    changed = False
     for node in graph.nodes:
         if all(v.dtype is not None and v.shape is not None and None not in v.shape for v in node.outputs):
             continue
@@ -103,9 +115,12 @@ def _propagate(graph: Graph) -> None:
             continue
         for value, (dtype, shape) in zip(node.outputs, result):
             if value.dtype is None and dtype is not None:
-                value.dtype = dtype
+                value.dtype, changed = dtype, True
             if shape is not None:
-                value.shape = _more_specific(value.shape, shape)
+                new = _more_specific(value.shape, shape)
+                changed = changed or new != value.shape
+                value.shape = new
+    return changed
 
 
 def _infer_node(node: Node, memo: dict) -> list[tuple[DType | None, Shape]] | None:
@@ -131,6 +146,17 @@ def _infer_node(node: Node, memo: dict) -> list[tuple[DType | None, Shape]] | No
     if op == "Shape" and first is not None:
         values = dim_values(node.outputs[0], memo)
         return [(DType.INT64, (len(values),) if values is not None else None)]
+    if op == "Tile" and first is not None and first.shape is not None:
+        # onnx's rule leaves a symbolic dim unknown even when it is repeated once
+        reps = dim_values(node.inputs[1], memo)
+        if reps is not None and len(reps) == len(first.shape):
+            return [(first.dtype, tuple(arith("Mul", d, r) for d, r in zip(first.shape, reps)))]
+    if op == "Slice" and len(node.inputs) >= 3 and first is not None and first.shape is not None:
+        return [(first.dtype, _slice_shape(first.shape, node, memo))]
+    if op == "Range" and len(node.inputs) == 3:
+        # torch.arange(seq): onnx's rule needs constant bounds
+        length = range_length(*(dim_values(v, memo) for v in node.inputs))
+        return [(first.dtype if first is not None else None, (length,))]
     if op == "Cast" and first is not None:
         return [(DType(node.attr("to", 0)) or None, first.shape)]
     if op in _ELEMENTWISE:
@@ -139,3 +165,30 @@ def _infer_node(node: Node, memo: dict) -> list[tuple[DType | None, Shape]] | No
         shapes = [v.shape for v in ins]
         return [(dtype, broadcast(*shapes) if all(s is not None for s in shapes) else None)]
     return None
+
+
+def _slice_shape(shape: tuple, node: Node, memo: dict) -> Shape:
+    """Slice keeps every axis it does not slice: onnx's rule, when the starts or ends are computed
+    (x[:, -seq:] with seq read from another input), leaves all dims unknown, the batch included.
+    A sliced axis gets its size where the bounds and the dim are numbers, else stays unknown."""
+    rank = len(shape)
+    starts, ends = dim_values(node.inputs[1], memo), dim_values(node.inputs[2], memo)
+    axes_in = node.inputs[3] if len(node.inputs) > 3 else None
+    steps_in = node.inputs[4] if len(node.inputs) > 4 else None
+    if axes_in is None:
+        axes = list(range(len(starts))) if starts is not None else None
+    else:
+        axes = dim_values(axes_in, memo)
+    if axes is None or not all(isinstance(a, int) and -rank <= a < rank for a in axes):
+        return None
+    axes = [a % rank for a in axes]
+    steps = dim_values(steps_in, memo) if steps_in is not None else [1] * len(axes)
+    out = list(shape)
+    for k, axis in enumerate(axes):
+        bounds = [v[k] if v is not None and len(v) == len(axes) else None for v in (starts, ends, steps)]
+        dim = shape[axis]
+        if isinstance(dim, int) and all(isinstance(b, int) for b in bounds) and bounds[2] != 0:
+            out[axis] = len(range(*slice(*bounds).indices(dim)))
+        else:
+            out[axis] = None
+    return tuple(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import DType
 from .node import Node
 from .value import Dim, Value
 
@@ -39,7 +40,14 @@ def _const_ints(value: Value) -> list[int] | None:
             return list(value.producer.attr("value_ints"))
         if t is None and value.producer.attr("value_int") is not None:
             return [value.producer.attr("value_int")]
-    if t is None or t.size > MAX_ELEMENTS or not t.dtype.is_integer or len(t.shape) > 1:
+    if t is None or len(t.shape) > 1:
+        return None
+    return _tensor_ints(t)
+
+
+def _tensor_ints(t) -> list[int] | None:
+    """The elements of a small integer (or bool, as 0/1) tensor."""
+    if t.size > MAX_ELEMENTS or not (t.dtype.is_integer or t.dtype == DType.BOOL):
         return None
     return [int(x) for x in np.asarray(t.numpy()).reshape(-1)]
 
@@ -62,6 +70,14 @@ def _compute(value: Value, memo: dict) -> list[Dim] | None:
         if op == "Cast" and not _int_cast(node):
             return None
         return args[0]
+    if op == "Reshape" and args[0] is not None and args[1] is not None and len(args[1]) <= 1:
+        return args[0]  # flattened to 1-D (or a 1-element tensor made 0-D): the same elements
+    if op == "ConstantOfShape" and args[0] is not None and len(args[0]) == 1 and isinstance(args[0][0], int):
+        fill = node.attr("value")
+        fill = [0] if fill is None else _tensor_ints(fill)
+        if fill is not None and len(fill) == 1 and args[0][0] <= MAX_ELEMENTS:
+            return fill * args[0][0]
+        return None
     if op == "Gather" and args[0] is not None and args[1] is not None and node.attr("axis", 0) == 0:
         data, idx = args[0], args[1]
         try:
@@ -76,15 +92,47 @@ def _compute(value: Value, memo: dict) -> list[Dim] | None:
             return None
         return args[0][slice(args[1][0], args[2][0], (steps or [1])[0])]
     if op in ("Add", "Sub", "Mul", "Div") and args[0] is not None and args[1] is not None:
-        a, b = args
-        if len(a) != len(b):
-            if len(a) == 1:
-                a = a * len(b)
-            elif len(b) == 1:
-                b = b * len(a)
-            else:
-                return None
-        return [arith(op, x, y) for x, y in zip(a, b)]
+        pairs = _elementwise(args[0], args[1])
+        return None if pairs is None else [arith(op, x, y) for x, y in pairs]
+    if op == "Equal" and args[0] is not None and args[1] is not None:
+        pairs = _elementwise(args[0], args[1])
+        return None if pairs is None else [_equal(x, y) for x, y in pairs]
+    if op == "Where" and all(a is not None for a in args[:3]) and len(args) == 3:
+        # where(shape == -1, 1, shape): torch's expand() turns its "keep this dim" -1 into this
+        cond, x, y = args
+        n = max(len(cond), len(x), len(y))
+        if any(len(a) not in (1, n) for a in (cond, x, y)) or not all(isinstance(c, int) for c in cond):
+            return None
+        pick = [(cond * n if len(cond) == 1 else cond)[i] for i in range(n)]
+        xs, ys = (x * n if len(x) == 1 else x), (y * n if len(y) == 1 else y)
+        return [xs[i] if c else ys[i] for i, c in enumerate(pick)]
+    return None
+
+
+def _elementwise(a: list[Dim], b: list[Dim]) -> list[tuple[Dim, Dim]] | None:
+    """Pair up two 1-D operands with broadcasting (one of them may have a single element)."""
+    if len(a) != len(b):
+        if len(a) == 1:
+            a = a * len(b)
+        elif len(b) == 1:
+            b = b * len(a)
+        else:
+            return None
+    return list(zip(a, b))
+
+
+def _equal(a: Dim, b: Dim) -> Dim:
+    """Equal on dims as 1/0, or None when it cannot be decided. A symbol is a dimension or a sum,
+    product or quotient of dimensions (no "-" in it), so never negative: it differs from any
+    negative number (the -1 "infer"/"keep" markers reshape and expand targets are compared with)."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, int) and isinstance(b, int) or a == b:
+        return int(a == b)
+    if isinstance(a, int):
+        a, b = b, a
+    if isinstance(b, int) and b < 0 and isinstance(a, str) and "-" not in a:
+        return 0
     return None
 
 
@@ -98,8 +146,6 @@ def shape_axes(node: Node, rank: int) -> range:
 
 
 def _int_cast(node: Node) -> bool:
-    from .dtypes import DType
-
     return DType(node.attr("to", 0)).is_integer
 
 
@@ -122,6 +168,20 @@ def arith(op: str, a: Dim, b: Dim) -> Dim:
         return b
     sym = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/"}[op]
     return f"({a}{sym}{b})"
+
+
+def range_length(start: list[Dim] | None, limit: list[Dim] | None, delta: list[Dim] | None) -> Dim:
+    """Number of elements of Range(start, limit, delta) (each given as a 1-element dim list):
+    max(ceil((limit - start) / delta), 0) for numbers; limit - start for a symbolic bound and step 1
+    (torch.arange(seq) is Range(0, seq, 1), of length seq); None otherwise."""
+    if not all(v is not None and len(v) == 1 for v in (start, limit, delta)):
+        return None
+    (a,), (b,), (step,) = start, limit, delta
+    if isinstance(a, int) and isinstance(b, int) and isinstance(step, int) and step:
+        return max(-((a - b) // step), 0)
+    if step == 1:
+        return arith("Sub", b, a)
+    return None
 
 
 def reshape_dims(input_shape: tuple[Dim, ...] | None, target: list[Dim], allowzero: int = 0) -> tuple[Dim, ...]:

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from infercc.ir import DType, load_model, to_proto, verify
 from infercc.ir import shapes as shapes_mod
 from infercc.ir.shapes import infer_shapes, shape_rule
-from infercc.ir.symbolic import arith, broadcast, dim_values, reshape_dims
+from infercc.ir.symbolic import arith, broadcast, dim_values, range_length, reshape_dims
 
 
 def ints(name: str, values) -> onnx.TensorProto:
@@ -291,3 +291,132 @@ def test_reshape_dims_helper():
     assert reshape_dims(None, [0, -1]) == (None, None)  # 0 copies an unknown dim: unknown, not 0
     assert reshape_dims(None, [0, 4], allowzero=1) == (0, 4)
     assert reshape_dims(("b", "s"), ["b", "s"]) == ("b", "s")
+
+
+# --------------------------------------------------------- the mask and rotary arithmetic of HF exports
+def _hf_mask_model():
+    """What transformers' eager mask and rotary tables export to (TorchScript, opset 17):
+    torch.arange(batch / seq) as Range over a Shape element; the mask expanded to
+    ``[batch, -1, seq, seq]`` with -1 made 1 by ``Where(Equal(t, -1), 1, t)`` (torch's expand()); a
+    [1, seq, 1, d] rotary table repeated by Tile; the scores plus the mask."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+        helper.make_node("Gather", ["s", "i1"], ["n"], axis=0),
+        helper.make_node("Range", ["i0", "b", "i1"], ["batch_idx"]),
+        helper.make_node("Range", ["i0", "n", "i1"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "ax1"], ["rows"]),
+        helper.make_node("LessOrEqual", ["pos", "rows"], ["tri"]),
+        helper.make_node("Unsqueeze", ["tri", "ax01"], ["tri4"]),
+        helper.make_node("Unsqueeze", ["b", "ax0"], ["bu"]),
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["nu"]),
+        helper.make_node("Concat", ["bu", "minus1", "nu", "nu"], ["tgt"], axis=0),
+        helper.make_node("Equal", ["tgt", "minus1x4"], ["is_keep"]),
+        helper.make_node("Where", ["is_keep", "ones4", "tgt"], ["fixed"]),
+        helper.make_node("Expand", ["tri4", "fixed"], ["mask"]),
+        helper.make_node("Where", ["mask", "zero", "fill"], ["bias"]),
+        helper.make_node("Add", ["scores", "bias"], ["masked"]),
+        helper.make_node("Unsqueeze", ["x", "ax3"], ["x4"]),
+        helper.make_node("Tile", ["x4", "reps"], ["tiled"]),
+    ]
+    f32 = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    return make(
+        nodes,
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["batch", "seq", 8]),
+         helper.make_tensor_value_info("scores", TP.FLOAT, ["batch", 4, "seq", "seq"])],
+        [helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("masked", "tiled")],
+        [ints("i0", 0), ints("i1", 1), ints("ax0", [0]), ints("ax1", [1]), ints("ax01", [0, 1]), ints("ax3", [3]),
+         ints("minus1", [-1]), ints("minus1x4", [-1] * 4), ints("ones4", [1] * 4), ints("reps", [1, 1, 1, 2]),
+         f32("zero", 0.0), f32("fill", -np.inf)],
+        opset=17,
+    )
+
+
+def test_hf_mask_and_rotary_arithmetic_keep_batch_and_seq():
+    """Range, the Equal/Where fix-up of an expand target and Tile have rules where onnx's leave
+    symbolic dims unknown; onnx's own rules (Unsqueeze, LessOrEqual) then carry them on. Without
+    these, scores + mask lost batch and seq ([?, 4, ?, ?]), and with them the next layer's reshape
+    targets (CodeGen's second layer was not fused)."""
+    model = load_model(_hf_mask_model())
+    infer_shapes(model)
+    assert shape_of(model, "batch_idx") == (DType.INT64, ("batch",))
+    assert shape_of(model, "pos") == (DType.INT64, ("seq",))
+    assert dim_values(model.graph.value("fixed")) == ["batch", 1, "seq", "seq"]
+    assert shape_of(model, "mask") == (DType.BOOL, ("batch", 1, "seq", "seq"))
+    assert shape_of(model, "masked") == (DType.FLOAT, ("batch", 4, "seq", "seq"))
+    assert shape_of(model, "tiled") == (DType.FLOAT, ("batch", "seq", 8, 2))
+    verify(model)
+
+
+def test_slice_with_computed_bounds_keeps_the_axes_it_does_not_slice(mode):
+    """m[:, -seq:] with seq read from another input: onnx's rule leaves every dim unknown (OPT's
+    positions after KV-cache insertion lost their batch, so a SkipLayerNorm was decomposed)."""
+    nodes = [
+        helper.make_node("Shape", ["ids"], ["n"], start=1, end=2),
+        helper.make_node("Neg", ["n"], ["start"]),
+        helper.make_node("Slice", ["m", "start", "big", "ax1"], ["cut"]),
+        helper.make_node("Slice", ["x", "two", "six", "ax2"], ["fixed"]),
+        helper.make_node("Slice", ["x", "zero", "big"], ["all_axes"]),
+    ]
+    model = load_model(make(
+        nodes,
+        [helper.make_tensor_value_info("m", TP.INT64, ["batch", "total"]),
+         helper.make_tensor_value_info("ids", TP.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("x", TP.FLOAT, ["batch", "seq", 8])],
+        [helper.make_tensor_value_info("cut", TP.INT64, None),
+         *(helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("fixed", "all_axes"))],
+        [ints("big", [2**63 - 1]), ints("ax1", [1]), ints("ax2", [-1]), ints("two", [2]), ints("six", [6]),
+         ints("zero", [0])],
+    ))
+    infer_shapes(model)
+    assert shape_of(model, "cut") == (DType.INT64, ("batch", None))
+    assert shape_of(model, "fixed") == (DType.FLOAT, ("batch", "seq", 4))
+    assert shape_of(model, "all_axes")[1][1:] == ("seq", 8)  # axes default to the first len(starts)
+
+
+def test_expand_target_fix_up_written_with_constant_of_shape():
+    """Older exports write torch's expand() fix-up as Reshape(t, [-1]), ConstantOfShape(Shape(..))
+    and a Mul by -1: each keeps the elements it is given."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "ax0"], ["bu"]),
+        helper.make_node("Concat", ["bu", "minus1", "seq8"], ["tgt"], axis=0),
+        helper.make_node("Reshape", ["tgt", "minus1"], ["flat"]),
+        helper.make_node("Shape", ["flat"], ["len"]),
+        helper.make_node("ConstantOfShape", ["len"], ["ones"], value=helper.make_tensor("v", TP.INT64, [1], [1])),
+        helper.make_node("Mul", ["ones", "minus1"], ["minus_ones"]),
+        helper.make_node("Equal", ["flat", "minus_ones"], ["is_keep"]),
+        helper.make_node("Where", ["is_keep", "ones", "flat"], ["fixed"]),
+        helper.make_node("Expand", ["y", "fixed"], ["out"]),
+    ]
+    model = load_model(make(
+        nodes,
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["batch", 8]),
+         helper.make_tensor_value_info("y", TP.FLOAT, [1, 1, 8])],
+        [helper.make_tensor_value_info("out", TP.FLOAT, None)],
+        [ints("i0", 0), ints("ax0", [0]), ints("minus1", [-1]), ints("seq8", [8])],
+        opset=13,
+    ))
+    infer_shapes(model)
+    assert dim_values(model.graph.value("ones")) == [1, 1, 1]
+    assert dim_values(model.graph.value("is_keep")) == [0, 1, 0]
+    assert dim_values(model.graph.value("fixed")) == ["batch", 1, 8]
+    assert shape_of(model, "out") == (DType.FLOAT, ("batch", 1, 8))
+
+
+def test_range_length_and_undecidable_comparisons():
+    assert range_length([0], ["seq"], [1]) == "seq" and range_length([1], ["seq"], [1]) == "(seq-1)"
+    assert range_length([0], [5], [2]) == 3 and range_length([5], [0], [-2]) == 3 and range_length([3], [1], [1]) == 0
+    assert range_length([0], ["seq"], [2]) is None and range_length(None, [4], [1]) is None
+    # a difference of dims may be negative: not provably unlike -1
+    model = load_model(make(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Sub", ["s", "one"], ["d"]),
+         helper.make_node("Equal", ["d", "minus1"], ["eq"]), helper.make_node("Equal", ["s", "minus1"], ["eq_dim"])],
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["n"])],
+        [helper.make_tensor_value_info(n, TP.BOOL, None) for n in ("eq", "eq_dim")],
+        [ints("one", [1]), ints("minus1", [-1])],
+    ))
+    assert dim_values(model.graph.value("d")) == ["(n-1)"]
+    assert dim_values(model.graph.value("eq")) == [None]
+    assert dim_values(model.graph.value("eq_dim")) == [0]
