@@ -16,7 +16,9 @@ import dataclasses
 import math
 
 from ...ir import DType, Value
+from ..canonical import DOMAIN
 from ..rewrite import const_value, node_attr
+from .attention_op import OP_NAME as ATTENTION
 from .dims import DimOracle, ints, shape_elements
 from .match_util import Mismatch, scalar_const
 
@@ -24,6 +26,7 @@ _COMPARE = {"Less": ("<", False), "LessOrEqual": ("<=", False), "Greater": (">",
 _NEGATE = {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}
 _MIRROR = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _MAX_ANCESTORS = 20000
+_ATTENTION_MASK = 3  # the canonical Attention's mask input (see attention_op)
 
 
 @dataclasses.dataclass
@@ -273,7 +276,13 @@ def _always(p: _Position, sign: str, c: float) -> str | None:
 
 
 def activation_set(values: list[Value]) -> set[int]:
-    """Ids of the float values ``values`` are computed from (data edges only, not shapes)."""
+    """Ids of the float values ``values`` are computed from (data edges only, not shapes).
+
+    The mask input of an attention fused earlier is no activation edge: the layers share one mask
+    (MPT turns it into a float bias and back into a bool), so a later layer's Q/K/V are computed
+    from the earlier layer's output and thereby from the mask; but the mask is not computed from
+    the activations, and the later layer's mask, built from the same values, is no more
+    data-dependent than the earlier one's."""
     found: set[int] = set()
     seen: set[int] = set()
     stack = list(values)
@@ -287,5 +296,8 @@ def activation_set(values: list[Value]) -> set[int]:
         node = v.producer
         if node is None or node.op_type in ("Shape", "Size"):
             continue
-        stack.extend(x for x in node.inputs if x is not None)
+        inputs = node.inputs
+        if node.domain == DOMAIN and node.op_type == ATTENTION:
+            inputs = [x for i, x in enumerate(inputs) if i != _ATTENTION_MASK]
+        stack.extend(x for x in inputs if x is not None)
     return found
