@@ -17,7 +17,7 @@ from ..rewrite.rule import apply_rules
 from .dims import dim_of, ints, last_axis_slice
 from .match_util import scalar_const
 from .rotary_interleaved import RULES as INTERLEAVED_RULES
-from .rotary_op import make_node
+from .rotary_op import make_node, partial_split_reason
 
 
 def _rotate_half(op, x, cos, sin, lo_start, lo_end, hi_start, hi_end):
@@ -90,13 +90,7 @@ def _partial(op, x, cos, sin, head_start, head_end, tail_start, tail_end):
 def _check_partial(x, head, tail, rope, axis) -> str | bool | None:
     if x.shape is None or len(x.shape) != 4 or int(rope.attr("num_heads", 0)) != 0:
         return False
-    if axis not in (-1, 3):
-        return "the rotated and passed channels are concatenated along another axis than the last"
-    first, rest = last_axis_slice(head, x), last_axis_slice(tail, x)
-    width, rdim = dim_of(x, -1), int(rope.attr("rotary_dim"))
-    if first != (0, rdim) or rest is None or rest[0] != rdim or rest[1] != width:
-        return f"partial rotary over {first} and {rest} does not split {width} channels at {rdim}"
-    return None
+    return partial_split_reason(x, head, tail, rope, axis)
 
 
 def _replace_partial(op, x, cos, sin, rope):

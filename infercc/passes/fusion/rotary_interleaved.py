@@ -19,8 +19,8 @@ from ...ir import Value
 from ..canonical import DOMAIN
 from ..rewrite import Attr, Rule
 from .build_util import i64
-from .dims import dim_of, ints, last_axis_slice, shape_elements
-from .rotary_op import make_node
+from .dims import dim_of, ints, shape_elements
+from .rotary_op import make_node, partial_split_reason
 
 _BIG = 1 << 62
 
@@ -121,15 +121,9 @@ def _partial_bshd(op, x, cos, sin, head_start, head_end, tail_start, tail_end, s
 def _check_partial_bshd(x, head, tail, rope, axis, **_) -> str | bool | None:
     if x.rank != 4 or not int(rope.attr("num_heads", 0)):
         return False
-    if axis not in (-1, 3):
-        return "the rotated and passed channels are concatenated along another axis than the last"
-    first, rest = last_axis_slice(head, x), last_axis_slice(tail, x)
-    width, rdim = dim_of(x, -1), int(rope.attr("rotary_dim"))
-    if first != (0, rdim) or rest is None or rest[0] != rdim or rest[1] != width:
-        return f"partial rotary over {first} and {rest} does not split {width} channels at {rdim}"
     if dim_of(x, 2) != int(rope.attr("num_heads")):
         return "the rotated heads are not the tensor's heads"
-    return None
+    return partial_split_reason(x, head, tail, rope, axis)
 
 
 def _replace_partial_bshd(op, x, cos, sin, rope, **_):

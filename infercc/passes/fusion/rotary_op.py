@@ -23,6 +23,7 @@ from ...ir import DType, Node, Shape, Value
 from ..canonical import DOMAIN, CanonicalOp, register
 from ..rewrite import Builder
 from .build_util import i64, last_slice, shared
+from .dims import dim_of, last_axis_slice
 
 OP_NAME = "RotaryEmbedding"
 MS = "com.microsoft"
@@ -50,6 +51,18 @@ def _heads_view(op: Builder, node: Node) -> tuple[Value, Value, Value, int | Non
         axis = 1
         x4 = x
     return x4, op.Unsqueeze(cos, i64(op, [axis])), op.Unsqueeze(sin, i64(op, [axis])), heads
+
+
+def partial_split_reason(x: Value, head: Node, tail: Node, rope: Node, axis) -> str | None:
+    """Why ``Concat(rope(x[..., :R]), x[..., R:])`` (slices ``head``, ``tail``, concatenated on
+    ``axis``) is not a partial rotary of x with rope's rotary_dim R; None when it is."""
+    if axis not in (-1, 3):
+        return "the rotated and passed channels are concatenated along another axis than the last"
+    first, rest = last_axis_slice(head, x), last_axis_slice(tail, x)
+    width, rdim = dim_of(x, -1), int(rope.attr("rotary_dim"))
+    if first != (0, rdim) or rest is None or rest[0] != rdim or rest[1] != width:
+        return f"partial rotary over {first} and {rest} does not split {width} channels at {rdim}"
+    return None
 
 
 def rotate(op: Builder, x: Value, rotary_dim: int, interleaved: int) -> Value:
