@@ -23,12 +23,12 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "distilbert": (2, ""), "roberta": (2, ""),
     "mpt": (2, ""),  # ALiBi kept as a bias in both layers
     "bloom": (0, "reshaped before the product with V"),  # ALiBi with heads folded into the batch
-    "gemma2": (0, "Tanh"),  # soft-capped scores
+    "gemma2": (2, ""),  # soft-capped scores: fused and cached, lowered by decomposition
     "deberta-v2": (0, "also used elsewhere"),  # disentangled attention reads the probabilities' shape
 }
 #: How the fused sites report their rotary ("none" for the rest).
 ROTARY = {"gptj": "interleaved, 4 of 8 dims", "codegen": "interleaved, 4 of 8 dims", "falcon": "half-rotated",
-          "gemma": "half-rotated", "olmo": "half-rotated", "phi3": "half-rotated", "starcoder2": "half-rotated",
+          "gemma": "half-rotated", "gemma2": "half-rotated", "olmo": "half-rotated", "phi3": "half-rotated", "starcoder2": "half-rotated",
           "stablelm": "half-rotated, 4 of 8 dims"}
 ENCODERS = {"distilbert", "roberta", "deberta-v2"}
 #: Fused but not cached: MPT's causal triangle is turned into a float and cast back to bool, which
@@ -62,6 +62,7 @@ def test_compiles_matches_and_reports(arch: str) -> None:
     if fused < 2:
         assert any(reason in w for w in record.warnings), record.warnings
     assert {site["rotary"] for site in report["sites"] if site["status"] == "fused"} <= {ROTARY.get(arch, "none")}
+    assert {site.get("softcap") for site in report["sites"]} == {50.0 if arch == "gemma2" else None}  # Gemma 2's default
 
 
 @pytest.mark.parametrize("arch", sorted(a for a, (fused, _) in EXPECTED.items() if fused == 2 and a not in ENCODERS | UNCACHED))

@@ -113,7 +113,7 @@ def match(softmax: Node, oracle: DimOracle, opset: int) -> Site:
             raise Mismatch(f"the rank of the mask %{lit.value.name} is not known or does not fit the scores")
     output = plan_output(pv, oracle, q.heads, v.size, rank)
     spec = AttentionSpec(q.heads, kv_heads, q.size, v.size, scale, info.causal, info.left_window, info.mask_value,
-                         _softmax_precision(softmax, qk))
+                         _softmax_precision(softmax, qk), scores.softcap)
     return Site(pv, q, k, v, spec, info, rank, output)
 
 
@@ -230,6 +230,7 @@ def _details(site: Site) -> dict[str, object]:
         "num_heads": spec.num_heads, "kv_num_heads": spec.kv_num_heads, "head_size": spec.head_size,
         "scale": float(np.float32(spec.scale)), "causal": spec.causal, "left_window": spec.left_window,
         "mask": site.mask.describe(), "mask_value": spec.mask_value, "softmax_precision": spec.softmax_precision,
+        **({"softcap": spec.softcap} if spec.softcap else {}),
         "q": site.q.how, "k": site.k.how, "v": site.v.how,
         "rotary": site.q.rotary or "none", "projections": projections(site.q.source, site.k.source, site.v.source),
     }

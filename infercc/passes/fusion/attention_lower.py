@@ -63,7 +63,17 @@ def _only_causal(spec: AttentionSpec, mask: Value | None, q: Value, k: Value) ->
     return spec.causal and mask is None and same_length(q, k)
 
 
+def _softcap_refusal(node: Node) -> str | None:
+    """Neither ORT's MultiHeadAttention nor the lowerings here cap scores: a soft-capped attention
+    is decomposed (exact; still one fused, cacheable node until lowering)."""
+    cap = AttentionSpec.of(node).softcap
+    return f"no kernel here applies the score soft-cap {cap:g} (tanh)" if cap else None
+
+
 def lower_ort(op: Builder, node: Node) -> list[Value] | str:
+    refusal = _softcap_refusal(node)
+    if refusal:
+        return refusal
     if past(node) is not None:  # a KV cache (passes/kv_cache) has its own kernel choice
         from ..kv_cache.lower import lower_cached_ort
 
@@ -135,6 +145,9 @@ def _gqa(op: Builder, node: Node, spec: AttentionSpec, q: Value, k: Value, v: Va
 
 
 def lower_onnx(op: Builder, node: Node) -> list[Value] | str:
+    refusal = _softcap_refusal(node)
+    if refusal:
+        return refusal
     if past(node) is not None:
         from ..kv_cache.lower import lower_cached_onnx
 

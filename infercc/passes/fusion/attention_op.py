@@ -13,12 +13,14 @@ the scores), broadcastable to [B, H, S, Skv], rank 4. Attributes: ``num_heads``,
 ``head_size``, ``v_head_size``, ``scale``, ``causal`` (0/1), ``left_window`` (-1: unbounded; else
 how many earlier keys a query sees, with ``causal``), ``mask_value`` (added to disallowed scores),
 ``softmax_precision`` (0: the inputs' type; else the type the scores are cast to for the softmax,
-as 16-bit models do).
+as 16-bit models do), ``softcap`` (0: none; else c in ``c * tanh(scores / c)``, Gemma 2's cap on the
+scaled scores, applied before the masks).
 
 Semantics, exactly what :func:`decompose` builds (i query row, j key column, off = Skv - S)::
 
     allowed = mask (bool) & (j <= i + off if causal) & (j >= i + off - left_window if left_window >= 0)
-    scores  = scale * q @ k^T + where(allowed, 0, mask_value) (+ mask if float)
+    scores  = cap(scale * q @ k^T) + where(allowed, 0, mask_value) (+ mask if float)
+              (cap(x) = softcap * tanh(x / softcap), or x when softcap is 0)
     p       = softmax(scores), with NaN replaced by 0
     out     = p @ v
 
@@ -63,6 +65,7 @@ class AttentionSpec:
     left_window: int
     mask_value: float
     softmax_precision: int = 0
+    softcap: float = 0.0
 
     @classmethod
     def of(cls, node: Node) -> AttentionSpec:
@@ -71,7 +74,7 @@ class AttentionSpec:
             head_size=int(node.attr("head_size")), v_head_size=int(node.attr("v_head_size")),
             scale=float(node.attr("scale")), causal=bool(node.attr("causal", 0)),
             left_window=int(node.attr("left_window", -1)), mask_value=float(node.attr("mask_value", -math.inf)),
-            softmax_precision=int(node.attr("softmax_precision", 0)),
+            softmax_precision=int(node.attr("softmax_precision", 0)), softcap=float(node.attr("softcap", 0.0)),
         )
 
     def attrs(self) -> dict[str, object]:
@@ -80,6 +83,7 @@ class AttentionSpec:
             "v_head_size": self.v_head_size, "scale": self.scale, "causal": int(self.causal),
             "left_window": self.left_window, "mask_value": self.mask_value,
             **({"softmax_precision": self.softmax_precision} if self.softmax_precision else {}),
+            **({"softcap": self.softcap} if self.softcap else {}),
         }
 
 
@@ -231,6 +235,9 @@ def decompose(op: Builder, node: Node) -> list[Value]:
     work = DType(spec.softmax_precision) if spec.softmax_precision else q.dtype
     if work != q.dtype:
         scores = op.Cast(scores, to=int(work))
+    if spec.softcap:
+        cap = scalar_like(op, spec.softcap, work, "softcap")
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     added = bias(op, node, dtype=work)
     if added is not None:
         if grouped:

@@ -20,6 +20,8 @@ class Scores:
     where_terms: list[tuple[Value, bool, float]] = dataclasses.field(default_factory=list)
     floats: list[Value] = dataclasses.field(default_factory=list)
     nodes: list[Node] = dataclasses.field(default_factory=list)
+    #: c of a ``c * tanh(x / c)`` cap between the scaled scores and the masks (0: none).
+    softcap: float = 0.0
 
 
 def probability_matmul(softmax: Node, opset: int) -> Node:
@@ -95,6 +97,7 @@ def scores_of(softmax: Node) -> Scores:
     nodes: list[Node] = []
     # Walking back from the softmax meets the last operation first: a scale found here multiplies
     # Q·Kᵀ and every mask applied before it (found later in the walk), not the masks found so far.
+    softcap = 0.0
     for _ in range(16):
         node = value.producer
         if node is None or node.domain:
@@ -103,10 +106,17 @@ def scores_of(softmax: Node) -> Scores:
         if op == "MatMul":
             if not _activation(node.inputs[0]) or not _activation(node.inputs[1]):
                 raise Mismatch("the softmax input is a product with constant weights, not Q·Kᵀ")
-            return Scores(node, scale, where_terms, floats, nodes)
+            return Scores(node, scale, where_terms, floats, nodes, softcap)
         nodes.append(node)
+        capped = _softcap(node)
         if op == "Cast" or op == "Identity":
             value = node.inputs[0]
+        elif capped is not None:
+            if softcap or scale != 1.0:
+                raise Mismatch("the soft-capped scores are capped twice or scaled after the cap")
+            softcap, inner, cap_nodes = capped
+            nodes += cap_nodes
+            value = inner
         elif op in ("Mul", "Div"):
             inner, factor, _ = peel_scale(value, "the scores")
             if inner is value:
@@ -125,13 +135,38 @@ def scores_of(softmax: Node) -> Scores:
                 raise Mismatch("neither operand of the sum before the softmax reaches Q·Kᵀ through scales and masks"
                                + (f" (the scores go through {stops[0]} first, e.g. a tanh soft-cap)" if stops else ""))
             scores, term = (a, b) if from_a else (b, a)
+            if softcap:
+                raise Mismatch("a mask is added before the scores' soft-cap")
             _add_term(term, where_terms, floats, scale)
             value = scores
         elif op == "Where":
+            if softcap:
+                raise Mismatch("a mask is applied before the scores' soft-cap")
             value = _masked_fill(node, where_terms, scale)
         else:
             raise Mismatch(f"the scores go through {op} {node.name!r} before the softmax (not a scale or a mask)")
     raise Mismatch("the softmax input is too far from Q·Kᵀ")
+
+
+def _softcap(node: Node) -> tuple[float, Value, list[Node]] | None:
+    """``c * tanh(x / c)`` (or ``x * (1/c)``) at ``node`` (the outer Mul): (c, x, the inner nodes)."""
+    if node.op_type != "Mul" or node.domain:
+        return None
+    for tanh_out, c_value in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        c, tanh = scalar_const(c_value), tanh_out.producer
+        if c is None or c <= 0 or tanh is None or tanh.op_type != "Tanh" or len(tanh_out.consumers()) != 1:
+            continue
+        div = tanh.inputs[0].producer
+        if div is None or div.domain or len(tanh.inputs[0].consumers()) != 1:
+            continue
+        for x, d in ((div.inputs[0], div.inputs[1]), (div.inputs[1], div.inputs[0])):
+            f = scalar_const(d)
+            if f is None:
+                continue
+            inverse = f if div.op_type == "Div" and x is div.inputs[0] else (1.0 / f if div.op_type == "Mul" and f else None)
+            if inverse is not None and math.isclose(inverse, c, rel_tol=1e-6):
+                return c, x, [tanh, div]
+    return None
 
 
 def _add_term(term: Value, where_terms: list, floats: list, scale: float) -> None:
@@ -213,7 +248,7 @@ def _reaches_matmul(value: Value) -> bool:
             return False
         if node.op_type == "MatMul":
             return _activation(node.inputs[0]) and _activation(node.inputs[1])
-        if node.op_type in ("Mul", "Div", "Cast", "Identity"):
+        if node.op_type in ("Mul", "Div", "Cast", "Identity", "Tanh"):
             value = node.inputs[0] if scalar_const(node.inputs[0]) is None else node.inputs[1]
         elif node.op_type in ("Add", "Where"):
             return any(_reaches_matmul(x) for x in node.inputs if x is not None)
