@@ -33,6 +33,7 @@ class LowerCanonicalOps(Pass):
         if target == "ort":
             ctx.record.info["provider"] = lowering.provider
         graph = model.graph
+        decomposed: dict[tuple[str, str], list[str]] = {}  # (op, reason) -> where: one warning each
         for node in list(graph.nodes):
             if node.domain != DOMAIN:
                 continue
@@ -48,7 +49,7 @@ class LowerCanonicalOps(Pass):
                 for made in reversed(builder.nodes):  # a lowering that gave up must leave nothing behind
                     graph.remove(made, force=True)
                 builder = LoweringBuilder(graph, node, node.name or node.op_type, lowering)
-                ctx.record.warn(f"{where} decomposed to standard ONNX: {result}")
+                decomposed.setdefault((node.op_type, result), []).append(where)
                 ctx.record.skipped(where, f"decomposed to standard ONNX: {result}")
                 result = op.decompose(builder, node)
                 ctx.record.count(f"{node.op_type}_decomposed")
@@ -62,5 +63,8 @@ class LowerCanonicalOps(Pass):
                     new.dtype, new.shape = old.dtype, old.shape
                 old.replace_all_uses_with(new)
             graph.remove_dead()
+        for (op_type, reason), places in decomposed.items():
+            which = places[0] if len(places) == 1 else f"{len(places)} {op_type} nodes (first: {places[0]})"
+            ctx.record.warn(f"{which} decomposed to standard ONNX: {reason}")
         if DOMAIN in model.opset_imports and not any(n.domain == DOMAIN for n in graph.walk()):
             del model.opset_imports[DOMAIN]
