@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from ...ir import Node, Value
 from ..rewrite import node_attr
 from .match_util import Mismatch, peel_scale, scalar_const
@@ -205,8 +207,6 @@ def _masked_fill(node: Node, where_terms: list, scale: float) -> Value:
 
 def _scaled(fill: float, scale: float) -> float:
     """The fill as the softmax sees it, rounded to float32 like the scores it replaces."""
-    import numpy as np
-
     return float(np.float32(fill) * np.float32(scale)) if not math.isinf(fill) else fill
 
 
