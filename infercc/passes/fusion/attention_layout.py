@@ -104,8 +104,7 @@ class Layout:
             x, n, d = split
             rotary = ""
             if is_rotary(x.producer) and attrs_of(x.producer)[0] == n:  # rotated as [B, S, H*D] (GPT-J)
-                _, rdim, interleaved = attrs_of(x.producer)
-                rotary = ("interleaved" if interleaved else "half-rotated") + ("" if rdim == d else f", {rdim} of {d} dims")
+                rotary = _rotary_label(x.producer, d)
             return Packed(lambda op: x, n, d, "projection output", (x, 1), x, rotary)
         heads, size = dim_of(t, 2), dim_of(t, 3)
         if not (isinstance(heads, int) and isinstance(size, int)):
@@ -165,10 +164,8 @@ class Layout:
             return make_node(op, inner.plan(op), cos, sin, num_heads=inner.heads, rotary_dim=rdim,
                              interleaved=interleaved)
 
-        style = "interleaved" if interleaved else "half-rotated"
-        part = "" if rdim == inner.size else f", {rdim} of {inner.size} dims"
         return Packed(plan, inner.heads, inner.size, f"{inner.how}, rotary moved before the head split", inner.seq,
-                      inner.source, f"{style}{part}")
+                      inner.source, _rotary_label(node, inner.size))
 
     # -- K transposed --------------------------------------------------------------------------
     def untranspose_key(self, kt: Value) -> tuple[str, Value]:
@@ -250,3 +247,9 @@ class Layout:
 
 def is_canonical(node: Node | None, name: str) -> bool:
     return node is not None and node.domain == DOMAIN and node.op_type == name
+
+
+def _rotary_label(node: Node, head_size: int) -> str:
+    """The report's description of a canonical rotary: its rotation, and the rotated part of a head."""
+    _, rdim, interleaved = attrs_of(node)
+    return ("interleaved" if interleaved else "half-rotated") + ("" if rdim == head_size else f", {rdim} of {head_size} dims")

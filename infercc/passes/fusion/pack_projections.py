@@ -32,9 +32,8 @@ import numpy as np
 from ...ir import Model, Node, Value
 from ..base import Pass, PassContext
 from ..canonical import DOMAIN
+from ..quantize.ops import MATMUL as MATMUL_QUANT
 from ..rewrite import Builder
-
-MATMUL_QUANT = "MatMulQuant"
 
 
 class PackProjections(Pass):

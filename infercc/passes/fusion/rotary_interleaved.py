@@ -105,9 +105,14 @@ def _replace_pairs(op, x, cos, sin, **_):
     width = dim_of(x, -1)
     if axis == 1:  # x [B, H, S, R]: the canonical layout
         return make_node(op, x, cos3, sin3, num_heads=0, rotary_dim=width, interleaved=1)
-    heads = dim_of(x, 2)  # x [B, S, H, R]: read as [B, S, H*R]
+    return _rotate_bshd(op, x, cos3, sin3, rotary_dim=width, interleaved=1)
+
+
+def _rotate_bshd(op, x, cos, sin, *, rotary_dim: int, interleaved: int):
+    """The canonical rotary of x [B, S, H, D], read as [B, S, H*D] and reshaped back."""
+    heads, width = dim_of(x, 2), dim_of(x, -1)
     packed = op.Reshape(x, i64(op, [0, 0, heads * width]))
-    rotated = make_node(op, packed, cos3, sin3, num_heads=heads, rotary_dim=width, interleaved=1)
+    rotated = make_node(op, packed, cos, sin, num_heads=heads, rotary_dim=rotary_dim, interleaved=interleaved)
     return op.Reshape(rotated, i64(op, [0, 0, heads, width]))
 
 
@@ -127,11 +132,7 @@ def _check_partial_bshd(x, head, tail, rope, axis, **_) -> str | bool | None:
 
 
 def _replace_partial_bshd(op, x, cos, sin, rope, **_):
-    heads, width = dim_of(x, 2), dim_of(x, -1)
-    packed = op.Reshape(x, i64(op, [0, 0, heads * width]))
-    rotated = make_node(op, packed, cos, sin, num_heads=heads, rotary_dim=int(rope.attr("rotary_dim")),
-                        interleaved=int(rope.attr("interleaved", 0)))
-    return op.Reshape(rotated, i64(op, [0, 0, heads, width]))
+    return _rotate_bshd(op, x, cos, sin, rotary_dim=int(rope.attr("rotary_dim")), interleaved=int(rope.attr("interleaved", 0)))
 
 
 RULES = [

@@ -25,14 +25,15 @@ from .sequence import IDS_NAME, SequenceWorld
 BATCH_DIM, SEQ_DIM = "batch", "sequence"
 PAST_DIM, TOTAL_DIM = "past_sequence", "total_sequence"
 LOGITS = "logits"
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
 
 def past_name(layer: int, what: str) -> str:
-    return f"past_key_values.{layer}.{what}"
+    return f"{PAST_PREFIX}{layer}.{what}"
 
 
 def present_name(layer: int, what: str) -> str:
-    return f"present.{layer}.{what}"
+    return f"{PRESENT_PREFIX}{layer}.{what}"
 
 
 def attention_nodes(graph: Graph) -> list[Node]:

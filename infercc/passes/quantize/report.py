@@ -18,6 +18,7 @@ import numpy as np
 from ...ir import Graph, Model
 from ..base import PassContext
 from ..diagnostics import PassRecord
+from ..kv_cache.contract import PAST_PREFIX, PRESENT_PREFIX
 
 
 def weight_bytes(graph: Graph) -> int:
@@ -104,12 +105,12 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
         lines.append(f"  kept float: {skip['node']}: {skip['reason']}")
     e2e = info.get("end_to_end")
     if e2e:
-        feeds = [f"{k}{v}" for k, v in e2e["feeds"].items() if not k.startswith(_CACHE_IN)]
-        past = [v for k, v in e2e["feeds"].items() if k.startswith(_CACHE_IN)]
+        feeds = [f"{k}{v}" for k, v in e2e["feeds"].items() if not k.startswith(PAST_PREFIX)]
+        past = [v for k, v in e2e["feeds"].items() if k.startswith(PAST_PREFIX)]
         if past:
             feeds.append(f"{len(past)} cache inputs like {past[0]}")
         lines.append(f"  end-to-end vs the float model (seeded random feeds {', '.join(feeds)}):")
-        cache = {k: m for k, m in e2e["outputs"].items() if k.startswith(_CACHE_OUT)}
+        cache = {k: m for k, m in e2e["outputs"].items() if k.startswith(PRESENT_PREFIX)}
         for name, m in e2e["outputs"].items():
             if name in cache:
                 continue
@@ -125,9 +126,6 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
                          "of its range")
     return "\n".join(line for line in lines if line)
 
-
-#: The KV-cache contract's input and output prefixes (passes/kv_cache/contract.py).
-_CACHE_IN, _CACHE_OUT = "past_key_values.", "present."
 
 
 def _mb(n: int) -> str:
