@@ -27,9 +27,11 @@ def _compile_options(args: argparse.Namespace) -> dict:
         opts["strict"] = True
     if getattr(args, "check", False):
         opts["check_each_pass"] = True
+    if getattr(args, "quantize", None) == "none":
+        opts["quantize"] = None
     for name in ("quantize", "quant_method", "quant_block_size", "quant_lm_head", "quant_embeddings", "quant_max_error",
                  "quant_int8_fraction"):
-        if getattr(args, name, None) is not None:
+        if getattr(args, name, None) not in (None, "none"):
             opts[name] = getattr(args, name)
     if getattr(args, "quant_symmetric", False):
         opts["quant_symmetric"] = True
@@ -59,13 +61,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     compiled = _compile_with_progress(args.model, _compile_options(args))
     out = compiled.save(args.output)
     print(compiled.diagnostics.table())
-    if compiled.config.quantize is not None:
+    if compiled.config.quantize in ("int8", "int4") or _quantized(compiled):
         from .passes.quantize.report import print_convert_report
 
         print_convert_report(compiled, args.model, out)
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.1f} s "
           f"({len(compiled.model.graph.nodes)} nodes)")
     return 0
+
+
+def _quantized(compiled) -> bool:
+    """Whether the quantize pass changed any weight (quantize='auto' on a float model does not)."""
+    try:
+        return bool(compiled.diagnostics["quantize_weights"].info.get("layers"))
+    except KeyError:
+        return False
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -259,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--strict", action="store_true", help="fail on the first failing pass")
         p.add_argument("--check", action="store_true", help="check outputs after every pass")
         q = p.add_argument_group("weight-only quantization")
-        q.add_argument("--quantize", choices=["int8", "int4"], help="int8 per channel or int4 blockwise weights")
+        q.add_argument("--quantize", choices=["auto", "none", "int8", "int4"],
+                       help="auto (default): keep a quantized checkpoint's own grids, float stays float; none: float "
+                            "everywhere; int8 per channel or int4 blockwise weights")
         q.add_argument("--quant-method", choices=["gptq", "mse", "rtn"],
                        help="gptq (default: error feedback on inputs the model generates), mse (data-free) or round-to-nearest")
         q.add_argument("--quant-block-size", type=int, choices=[16, 32, 64, 128], help="int4 block length (default 32)")

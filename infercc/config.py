@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 PROVIDERS = ("auto", "cpu", "cuda")
 LOWERINGS = ("ort", "onnx")
-QUANTIZE = (None, "int8", "int4")
+QUANTIZE = ("auto", None, "int8", "int4")
 QUANT_BLOCKS = (16, 32, 64, 128)
 QUANT_METHODS = ("gptq", "mse", "rtn")
 QUANT_ROLES = ("keep", "int8", "int4")
@@ -60,9 +60,12 @@ class Config:
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
-    #: Weight-only quantization: None (off), "int8" (one scale per output channel) or "int4"
-    #: (blockwise). MatMul/Gemm weights become packed integers (ORT MatMulNBits); see passes/quantize.
-    quantize: str | None = None
+    #: Weight-only quantization: "auto" (keep the checkpoint's precision: weights already on a
+    #: quantized grid, as a GGUF's Q4_0/Q4_1/Q8_0 tensors, stay on it exactly; float weights stay
+    #: float), None (float everywhere: a quantized checkpoint is dequantized), "int8" (one scale per
+    #: output channel) or "int4" (blockwise). Quantized MatMul/Gemm weights become packed integers
+    #: (ORT MatMulNBits); see passes/quantize.
+    quantize: str | None = "auto"
     #: int4 block length along the reduction axis (16, 32, 64 or 128): smaller is more accurate,
     #: larger is smaller and faster.
     quant_block_size: int = 32
@@ -144,7 +147,7 @@ class Config:
         limit = self.quant_max_error
         if limit is not None and (not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit > 0):
             raise ConfigError(f"Config.quant_max_error must be None or a number > 0, got {limit!r}")
-        if self.quantize is not None and not self.optimize:
+        if self.quantize in ("int8", "int4") and not self.optimize:
             raise ConfigError("Config.quantize needs optimize=True: quantization is a pass of the pipeline")
 
     def replace(self, **options: Any) -> Config:

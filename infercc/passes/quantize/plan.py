@@ -62,7 +62,7 @@ def quantize_weights(weights: list[Weight], model: Model, config, record) -> dic
 
 def _quantize_weights(weights: list[Weight], model: Model, config, record) -> dict:
     info: dict = {"seconds": {}}
-    pending = [w for w in weights if not _take_native(w, config)]
+    pending = [w for w in weights if not keep_native(w, config)]
     calibration = None
     gptq_wanted = config.quant_method == "gptq" and any(w.activation is not None and w.bits == 4 for w in pending)
     if (config.quant_int8_fraction > 0 or gptq_wanted) and any(w.activation is not None for w in pending):
@@ -116,7 +116,7 @@ def _data_free(rows: np.ndarray, bits: int, config, method: str) -> Quantized:
                          method=method, threads=config.intra_op_threads or None)
 
 
-def _take_native(w: Weight, config) -> bool:
+def keep_native(w: Weight, config) -> bool:
     """Carry the weight's own grid when it has one of at most the asked bits."""
     if not config.quant_native:
         return False

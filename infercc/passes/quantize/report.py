@@ -72,10 +72,14 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
         return "quantization: no weight was quantized"
     size = info["size"]
     before, after = size["weights_before"], size["weights_after"]
+    if info["quantize"] == "auto":
+        header = "quantization: auto (weights on a quantized grid keep it exactly; float weights stay float)"
+    else:
+        header = (f"quantization: {info['quantize']} ({info['method']}, "
+                  f"{'symmetric' if info['symmetric'] else 'asymmetric'}, int4 block {info['block_size']}, "
+                  f"int8 per channel; lm_head {info['lm_head']}, embeddings {info['embeddings']})")
     lines = [
-        f"quantization: {info['quantize']} ({info['method']}, "
-        f"{'symmetric' if info['symmetric'] else 'asymmetric'}, int4 block {info['block_size']}, int8 per channel; "
-        f"lm_head {info['lm_head']}, embeddings {info['embeddings']})",
+        header,
         f"  weights    {_mb(before)} -> {_mb(after)} ({after / before:.3f}x)" if before else "",
         f"  layers     {len(info['layers'])} quantized, {len(info.get('skipped', []))} kept float",
     ]

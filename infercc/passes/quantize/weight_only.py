@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -37,15 +39,18 @@ from ..canonical import DOMAIN, DOMAIN_VERSION
 from ..rewrite import Builder
 from . import ops
 from .methods import quantize_rows, relative_error
-from .native import Native
+from .native import Native, find_native
 from .pack import channel_block, reblock, to_nbits
-from .plan import Weight, quantize_weights
+from .plan import Weight, keep_native, quantize_weights
 from .report import end_to_end, weight_bytes
 
 #: Ops between an LM head's MatMul and the logits output that do not change values.
 _SHAPE_OPS = {"Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"}
 _FLOATS = (DType.FLOAT, DType.FLOAT16)
 _BITS = {"int8": 8, "int4": 4}
+#: Rows of a weight :meth:`Site.may_be_native` checks.
+_SAMPLE_ROWS = 8
+_AUTO_FLOAT = "float weight stays float: quantize='auto' keeps the checkpoint's precision (set 'int8' or 'int4' to quantize it)"
 
 
 @dataclasses.dataclass
@@ -66,6 +71,13 @@ class Site:
         w = np.asarray(self.weight.const.numpy(), np.float32)
         rows = np.ascontiguousarray(w.T if self.transpose else w)
         return rows * np.float32(self.alpha) if self.alpha != 1.0 else rows
+
+    def may_be_native(self) -> bool:
+        """Whether the weight's first rows sit on a grid of at most 8 bits: a cheap test (no copy
+        of the whole weight) that turns float weights away before :meth:`rows` reads them."""
+        w = self.weight.const.numpy()
+        sample = np.asarray(w[:, :_SAMPLE_ROWS].T if self.transpose else w[:_SAMPLE_ROWS], np.float32)
+        return find_native(np.ascontiguousarray(sample) * np.float32(self.alpha), 8) is not None
 
     def layout(self, rows: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`rows`: [N, K] rows back in the weight's own layout."""
@@ -98,20 +110,32 @@ class QuantizeWeights(Pass):
     def run(self, model: Model, ctx: PassContext) -> None:
         config, record = ctx.config, ctx.record
         if config.quantize is None:
-            record.note("quantization is off (Config.quantize is None; set 'int8' or 'int4')")
+            record.note("quantization is off (Config.quantize is None; set 'auto', 'int8' or 'int4')")
             return
         if (model.opset("") or 1) < 13:
             record.note(f"quantized ops need ai.onnx opset >= 13; the model imports opset {model.opset('')}")
             return
-        before = model.clone()
         graph = model.graph
         skipped: list[dict] = []
-        order = self._weights(graph, config, record, skipped)
+        floats: list[Site] = []  # quantize='auto': sites whose weight is on no grid
+        order = self._weights(graph, config, record, skipped, floats)
         if not order:
+            if config.quantize == "auto":
+                record.note("no weight is on a quantized grid: the model stays float (quantize='auto' keeps the "
+                            "checkpoint's precision; set quantize='int8' or 'int4' to quantize it)")
             return
+        for site in floats:  # said per site only when some weights are kept: a float model is one note
+            record.skipped(site.where, _AUTO_FLOAT)
+            skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": _AUTO_FLOAT})
+        before = None if config.quantize == "auto" else model.clone()  # the reference of the end-to-end error
+        size_before = weight_bytes(graph)
         weights = list({id(w): w for _, w in order}.values())
-        summary = quantize_weights(weights, model, config, record)
-        refusals = {id(w): self._limit(w, config) for w in weights}
+        if config.quantize == "auto":
+            summary = _keep_native(weights, config, record)
+            refusals = {id(w): None if w.quantized is not None else _AUTO_FLOAT for w in weights}
+        else:
+            summary = quantize_weights(weights, model, config, record)
+            refusals = {id(w): self._limit(w, config) for w in weights}
         layers = []
         packed: dict[int, Packed] = {}
         block_sums: dict[int, Value] = {}  # activation -> its block sums, shared by q/k/v, gate/up
@@ -128,22 +152,26 @@ class QuantizeWeights(Pass):
         if not layers:
             return
         model.require_opset(DOMAIN, DOMAIN_VERSION)
-        size_before = weight_bytes(before.graph)
         graph.remove_dead()
         record.info.update({
-            "quantize": config.quantize, "method": config.quant_method, "block_size": config.quant_block_size,
+            "quantize": config.quantize, "method": "native" if config.quantize == "auto" else config.quant_method, "block_size": config.quant_block_size,
             "symmetric": config.quant_symmetric, "lm_head": config.quant_lm_head, "embeddings": config.quant_embeddings,
             "native": config.quant_native, "int8_fraction": config.quant_int8_fraction,
             "size": {"weights_before": size_before, "weights_after": weight_bytes(graph)},
             **summary, "layers": layers, "skipped": skipped,
         })
+        if before is None:
+            # The grids are the checkpoint's own, exact: the output moves only by the kernel's int8
+            # activation rounding, which quantize='int8'/'int4' measure. Two runtime sessions of the
+            # float and the quantized model would triple a GGUF's compile time for that line.
+            return
         try:
             record.info["end_to_end"] = end_to_end(before, model, config)
         except Exception as exc:  # noqa: BLE001 - the report must not cost the user the quantized model
             record.warn(f"end-to-end error not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
     @staticmethod
-    def _weights(graph: Graph, config, record, skipped: list[dict]) -> list[tuple[Site, Weight]]:
+    def _weights(graph: Graph, config, record, skipped: list[dict], floats: list[Site]) -> list[tuple[Site, Weight]]:
         """Every site to quantize, in graph order, with its weight: sites whose rows are equal (a
         tied embedding and LM head, even when the exporter folded a transposed copy) share one."""
         weights: dict[tuple, Weight] = {}
@@ -153,8 +181,11 @@ class QuantizeWeights(Pass):
                 record.skipped(site.where, refusal)
                 skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": refusal})
                 continue
+            if config.quantize == "auto" and not site.may_be_native():
+                floats.append(site)
+                continue
             rows = site.rows()
-            bits = _BITS[_setting(config, site.role)]
+            bits = 8 if config.quantize == "auto" else _BITS[_setting(config, site.role)]
             key = (hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest(), rows.shape, bits, str(site.weight.dtype))
             if key in weights:
                 weights[key].sites.append(site)
@@ -198,6 +229,24 @@ class QuantizeWeights(Pass):
             None if zero_points is None else graph.add_initializer(f"{name}_zero_points", Tensor(zero_points)),
             q.bits, stored.block_size, q.block_size, q.k, w.rows.shape[0], w.rel_error, site.where, symmetric,
         )
+
+
+def _keep_native(weights: list[Weight], config, record) -> dict:
+    """quantize='auto': every weight that already sits on a grid keeps it exactly; the rest stay
+    float (no calibration, no rounding of our own)."""
+    workers = min(len(weights), config.intra_op_threads or os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # numpy releases the GIL: grids are checked in parallel
+        found = list(pool.map(lambda w: keep_native(w, config), weights))
+    kept = [w for w, ok in zip(weights, found) if ok]
+    kinds: dict[str, int] = {}
+    for w in kept:
+        key = f"int{w.bits} ({'offset' if w.native.offsets is not None else 'zero point'})"
+        kinds[key] = kinds.get(key, 0) + 1
+    if kept:
+        record.note(f"quantize='auto': {len(kept)} weight(s) kept on their source grids "
+                    f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); "
+                    f"{len(weights) - len(kept)} float weight(s) stay float")
+    return {"kept_native": kinds}
 
 
 def _layer(site: Site, w: Weight, entry: Packed) -> dict:

@@ -76,3 +76,31 @@ def test_pass_carries_the_grid(kind: str, quantize: str) -> None:
     rerounded = {"quantize": "int4", "quant_native": False, "quant_method": "rtn"}
     assert error(quantize=quantize, lowering="onnx") < 1e-3 * error(lowering="onnx", **rerounded)
     assert error(quantize=quantize) < error(**rerounded)
+
+
+def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
+    """quantize='auto' (the default): a weight on a Q4_1 / Q8_0 grid keeps it exactly, a float
+    weight beside it stays float, and the diagnostics say which and why."""
+    q41, q80 = _grid("Q4_1", (64, 64)), _grid("Q8_0", (64, 64), seed=1)
+    floats = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32) * 0.05
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("MatMul", ["h0", "w1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w2"], ["h2"]), helper.make_node("Tanh", ["h2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 64])],
+        [numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}") for i, w in enumerate((q41, q80, floats))],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    compiled = infercc.compile(proto, strict=True, lowering="onnx")
+    record = compiled.diagnostics["quantize_weights"]
+    layers = {layer["weight"]: layer for layer in record.info["layers"]}
+    assert set(layers) == {"w0", "w1"} and record.info["quantize"] == "auto"
+    assert layers["w0"]["bits"] == 4 and layers["w0"]["native"] == "offset"
+    assert layers["w1"]["bits"] == 8 and layers["w1"]["native"] == "zero_point"
+    assert [s["weight"] for s in record.info["skipped"]] == ["w2"] and "stays float" in record.info["skipped"][0]["reason"]
+    assert any("kept on their source grids" in r for r in record.reasons)
+    x = np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)
+    expected = np.tanh(x @ q41.T @ q80.T @ floats.T)
+    np.testing.assert_allclose(compiled.run({"x": x})["y"], expected, atol=1e-5)
+    off = infercc.compile(proto, strict=True, quantize=None)
+    assert "com.microsoft::MatMulNBits" not in off.model.graph.op_histogram()

@@ -219,7 +219,15 @@ def test_check_each_pass_takes_quantization_as_the_new_reference() -> None:
     assert any(n.op_type == "MatMulNBits" for n in compiled.model.graph.nodes)
 
 
-def test_off_by_default() -> None:
+def test_float_model_stays_float_by_default() -> None:
+    """quantize='auto' (the default) keeps a float model float: one note, no per-site noise."""
     compiled = infercc.compile(fixture_path("bert_dynamo"))
+    record = compiled.diagnostics["quantize_weights"]
+    assert record.status == "skipped" and "stays float" in record.reasons[0] and len(record.reasons) == 1
+    assert "com.microsoft::MatMulNBits" not in compiled.model.graph.op_histogram()
+
+
+def test_none_is_off() -> None:
+    compiled = infercc.compile(fixture_path("bert_dynamo"), quantize=None)
     record = compiled.diagnostics["quantize_weights"]
     assert record.status == "skipped" and "quantization is off" in record.reasons[0]
