@@ -56,7 +56,7 @@ def test_bad_input_is_one_line_error(tmp_path: Path, content: bytes | None, need
     if content is not None:
         path.write_bytes(content)
     proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_error(tmp_path: Path, content: bytes | None, need
 
 def test_unknown_pass_name_is_one_line_error(tmp_path: Path) -> None:
     proc = run_cli("convert", str(fixture_path("gpt2_dynamo")), "-o", str(tmp_path / "o"), "--disable-pass", "nope")
-    assert proc.returncode == 2 and "unknown pass" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 1 and "unknown pass" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_demo_runs(capsys: pytest.CaptureFixture) -> None:
