@@ -23,10 +23,10 @@ how long a template runs and how much it builds. This module bounds both:
   streamed with ``generate()`` and stopped at the same cap. So a value grows at most one
   bounded step past the cap before the render stops, and a loop cannot pile values up.
 
-What stays possible in-process: a C-level operation that is neither a multiplying one nor
-bounded by its inputs would have to be found in jinja2's filters or str's methods; those were
-reviewed for this list. Process isolation (a subprocess with memory limits) would bound
-everything but costs ~100 ms per render, too much for an interactive chat prompt.
+What this does not bound: a C-level operation outside the list above that multiplies its
+inputs' size (jinja2's filters and str's methods were reviewed for such operations), and memory
+as such. Only process isolation (a subprocess with memory limits) bounds everything; it would
+cost a process start per render, too much for an interactive chat prompt.
 """
 
 from __future__ import annotations
