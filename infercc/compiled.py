@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import Config
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 from .ir import Model, load_model, save_model, to_proto
 from .passes.diagnostics import Diagnostics
 from .runtime.feeds import check_feeds, signature
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+#: The manifest's ``format``: "infercc-compiled/<version>"; the version goes up when a change to
+#: the folder's layout would make an older infercc misread it.
+FORMAT_NAME = "infercc-compiled"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+#: Files save() may write (what an overwrite may replace or remove; nothing else is touched).
+SAVED_FILES = (MODEL_FILE, MODEL_FILE + ".data")
 
 
 class CompiledModel:
@@ -111,12 +118,19 @@ class CompiledModel:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write model.onnx (+ model.onnx.data for large weights) and manifest.json."""
+        """Write model.onnx (+ model.onnx.data for large weights) and manifest.json into
+        ``directory``: a new or empty folder, or one an earlier save() wrote, whose model is then
+        replaced (its model files and manifest; other files in it are left alone). A file, or a
+        folder holding anything else, is refused, never emptied: those files are the user's."""
         directory = Path(directory)
+        previous = _previous_save(directory)
         directory.mkdir(parents=True, exist_ok=True)
         files = save_model(self.model, directory / MODEL_FILE)
+        written = {os.path.basename(f) for f in files}
+        for stale in previous - written:  # e.g. the old model.onnx.data when the new model has none
+            (directory / stale).unlink(missing_ok=True)
         manifest = {
-            "format": "infercc-compiled/1",
+            "format": FORMAT,
             "files": [os.path.basename(f) for f in files],
             "config": self.config.to_dict(),
             "versions": _versions(),
@@ -139,6 +153,9 @@ class CompiledModel:
             )
         try:
             manifest = json.loads(manifest_path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+            _check_format(manifest, manifest_path)
             config = Config.from_dict(manifest["config"])
             diagnostics = Diagnostics.from_dict({"facts": manifest.get("facts", {}), "passes": manifest["diagnostics"]})
         except (ValueError, KeyError, TypeError) as exc:
@@ -163,6 +180,53 @@ class CompiledModel:
     def __repr__(self) -> str:
         g = self.model.graph
         return f"<CompiledModel {len(g.nodes)} nodes, inputs {[v['name'] for v in self.inputs]}>"
+
+
+def _check_format(manifest: dict[str, Any], path: Path) -> None:
+    """ModelLoadError unless the manifest's format is the one this infercc reads; says what was
+    found, what is read, and the fix (upgrade for a newer version, else compile again)."""
+    from . import __version__
+
+    found = manifest.get("format")
+    if found == FORMAT:
+        return
+    version = found[len(FORMAT_NAME) + 1:] if isinstance(found, str) and found.startswith(FORMAT_NAME + "/") else ""
+    if version.isdigit() and int(version) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: format {found!r} is newer than what this infercc ({__version__}) reads "
+                             f"({FORMAT!r}); upgrade infercc (pip install -U infercc), or compile the model again "
+                             "with this version")
+    what = "has no 'format' field" if found is None else f"has format {found!r}"
+    raise ModelLoadError(f"{path} {what}, but this infercc ({__version__}) reads {FORMAT!r}; compile the model "
+                         "again (infercc.compile(model).save(folder), or `infercc convert`)")
+
+
+def _previous_save(directory: Path) -> set[str]:
+    """The files an earlier save() wrote into ``directory`` (to replace), or an InputError when
+    the path is a file or a non-empty folder that save() did not write."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} is a file, not a folder: save() writes a folder ({MODEL_FILE} + {MANIFEST}); "
+                         "pass the path of a new or empty folder")
+    if not directory.exists() or not any(directory.iterdir()):
+        return set()
+
+    def refuse(reason: str) -> InputError:
+        names = sorted(p.name for p in directory.iterdir())
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return InputError(f"{directory} is a folder that holds other files ({shown}) and {reason}: save() writes "
+                          "only into a new or empty folder, or over an earlier save(); pass an empty or new folder "
+                          "(nothing in this one is deleted)")
+
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise refuse(f"no {MANIFEST}") from None
+    except (OSError, ValueError):
+        manifest = None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if not (isinstance(found, str) and found.startswith(FORMAT_NAME + "/")):
+        raise refuse(f"its {MANIFEST} was not written by infercc")
+    files = manifest.get("files")
+    return {f for f in files if f in SAVED_FILES} if isinstance(files, list) else set()
 
 
 def _versions() -> dict[str, Any]:

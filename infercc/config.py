@@ -4,6 +4,8 @@ value is validated when the config is made, with an error naming the field and w
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from .errors import ConfigError
@@ -93,6 +95,11 @@ class Config:
     #: ~0.005x of the float size and lifts all-MiniLM-L6-v2's int4 RTN cosine 0.976 -> 0.983.
     quant_int8_fraction: float = 0.05
 
+    def __new__(cls, *args: Any, **options: Any) -> Config:
+        """Unknown keywords are a ConfigError (the one ``replace`` gives), not the dataclass's TypeError."""
+        check_option_names(options)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         from .passes.pipeline import pass_names
 
@@ -152,10 +159,7 @@ class Config:
 
     def replace(self, **options: Any) -> Config:
         """A copy with some fields changed; unknown names are an error listing the valid ones."""
-        fields = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(options) - fields)
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(fields)}")
+        check_option_names(options)
         return dataclasses.replace(self, **options)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,3 +170,18 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         return cls().replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def check_option_names(names: Iterable[str]) -> None:
+    """ConfigError for names that are not Config fields: lists the valid ones and suggests the
+    closest (``Config(qauntize=...)``, ``compile(..., optimise=False)``)."""
+    fields = sorted(f.name for f in dataclasses.fields(Config))
+    unknown = sorted(set(names) - set(fields))
+    if not unknown:
+        return
+    matches = {name: close[0] for name in unknown if (close := difflib.get_close_matches(name, fields, n=1))}
+    if len(unknown) == 1 and matches:
+        hint = f" (did you mean {matches[unknown[0]]!r}?)"
+    else:
+        hint = f" (did you mean {', '.join(f'{k!r} -> {v!r}' for k, v in matches.items())}?)" if matches else ""
+    raise ConfigError(f"unknown option(s) {unknown}{hint}; valid options: {fields}")

@@ -232,6 +232,81 @@ def test_load_without_model_file(tmp_path):
         infercc.load(tmp_path)
 
 
+FORMATS = [
+    (None, "has no 'format' field, but this infercc ({v}) reads 'infercc-compiled/1'; compile the model again"),
+    ("other-tool/1", "has format 'other-tool/1', but this infercc ({v}) reads 'infercc-compiled/1'; compile the model"),
+    ("infercc-compiled/0", "has format 'infercc-compiled/0', but this infercc ({v}) reads 'infercc-compiled/1'"),
+    (7, "has format 7, but this infercc ({v}) reads 'infercc-compiled/1'; compile the model again"),
+    ("infercc-compiled/2", "format 'infercc-compiled/2' is newer than what this infercc ({v}) reads "
+                           "('infercc-compiled/1'); upgrade infercc (pip install -U infercc), or compile the model again"),
+]
+
+
+@pytest.mark.parametrize("found, expected", FORMATS, ids=["missing", "other", "older", "not-a-string", "newer"])
+def test_load_checks_the_manifest_format(tmp_path, found, expected):
+    infercc.compile(_typed_model(), provider="cpu").save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["format"] == "infercc-compiled/1"
+    if found is None:
+        del manifest["format"]
+    else:
+        manifest["format"] = found
+    manifest["config"]["a_field_from_the_future"] = 1  # read only after the format: not "damaged"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError) as info:
+        infercc.load(tmp_path)
+    assert str(info.value).startswith(str(tmp_path / "manifest.json"))
+    assert expected.format(v=infercc.__version__) in str(info.value)
+
+
+def test_manifest_that_is_not_an_object_is_damaged(tmp_path):
+    infercc.compile(_typed_model(), provider="cpu").save(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="damaged .a JSON list, not an object"):
+        infercc.load(tmp_path)
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    target = tmp_path / "model"
+    target.write_text("the user's file")
+    with pytest.raises(InputError, match="model is a file, not a folder: save.. writes a folder .model.onnx \\+ "
+                                         "manifest.json.; pass the path of a new or empty folder"):
+        infercc.compile(_typed_model(), provider="cpu").save(target)
+    assert target.read_text() == "the user's file"
+
+
+@pytest.mark.parametrize("manifest", [None, '{"name": "some-other-tool"}', "not json"], ids=["none", "other", "broken"])
+def test_save_refuses_a_folder_it_did_not_write(tmp_path, manifest):
+    (tmp_path / "notes.txt").write_text("keep me")
+    if manifest is not None:
+        (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(InputError) as info:
+        infercc.compile(_typed_model(), provider="cpu").save(tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path} is a folder that holds other files (" in message and "'notes.txt'" in message
+    assert "no manifest.json" in message if manifest is None else "manifest.json was not written by infercc" in message
+    assert "pass an empty or new folder (nothing in this one is deleted)" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt"] + (["manifest.json"] if manifest else []))
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_save_over_an_earlier_save_replaces_only_its_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    proto = make([node("MatMul", ["x", "w"], ["y"])], [vi("x", ["n", 64])], [vi("y", ["n", 8])], [init("w", w)])
+    onnx.save(proto, src / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    out = tmp_path / "out"
+    infercc.compile(src / "m.onnx", provider="cpu").save(out)
+    assert (out / "model.onnx.data").is_file()
+    (out / "README.md").write_text("the user's notes")
+    small = infercc.compile(_typed_model(), provider="cpu")
+    small.save(out)  # no external data: the old model.onnx.data goes, the user's file stays
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.json", "model.onnx"]
+    assert (out / "README.md").read_text() == "the user's notes"
+    assert infercc.load(out) == small
+
+
 # -------------------------------------------------------------------------------------- run
 @pytest.fixture(scope="module")
 def typed():

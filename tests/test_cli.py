@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import infercc
+from infercc import cli
 from infercc.cli import main
+from infercc.errors import ModelLoadError
 from tests.fixtures.catalog import fixture_path, reference
 
 
@@ -56,7 +58,7 @@ def test_bad_input_is_one_line_error(tmp_path: Path, content: bytes | None, need
     if content is not None:
         path.write_bytes(content)
     proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -64,7 +66,60 @@ def test_bad_input_is_one_line_error(tmp_path: Path, content: bytes | None, need
 
 def test_unknown_pass_name_is_one_line_error(tmp_path: Path) -> None:
     proc = run_cli("convert", str(fixture_path("gpt2_dynamo")), "-o", str(tmp_path / "o"), "--disable-pass", "nope")
-    assert proc.returncode == 2 and "unknown pass" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 1 and "unknown pass" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def raiser(exc: BaseException):
+    def command(args) -> int:
+        raise exc
+
+    return command
+
+
+@pytest.mark.parametrize(
+    "exc, expected, bug",
+    [
+        (ModelLoadError("m.onnx: broken; fix it"), "error: m.onnx: broken; fix it", False),
+        (FileNotFoundError(2, "No such file or directory", "m.onnx"),
+         "error: FileNotFoundError: [Errno 2] No such file or directory: 'm.onnx'", False),
+        (MemoryError(), "error: out of memory (MemoryError); close other programs, or use a smaller model", False),
+        (KeyError("weights"), "error: KeyError: 'weights' (this is a bug in infercc; rerun with --debug for the "
+                              "traceback)", True),
+        (RuntimeError("first\n  second"), "error: RuntimeError: first second (this is a bug", True),
+        (ValueError(), "error: ValueError (this is a bug", True),
+    ],
+    ids=["ours", "os", "memory", "key", "runtime-two-lines", "value-no-text"],
+)
+def test_every_failure_is_one_line_and_exit_1(monkeypatch, capsys, exc, expected, bug) -> None:
+    """The handler of main(): the command is replaced by one that raises (the failure's origin
+    does not matter to the handler; real failures are covered by the subprocess tests above)."""
+    monkeypatch.setattr(cli, "cmd_inspect", raiser(exc))
+    assert main(["inspect", "m.onnx"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), captured.err
+    assert ("this is a bug in infercc" in lines[0]) is bug
+    assert captured.out == ""
+
+
+def test_interrupt_is_exit_130_and_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "cmd_inspect", raiser(KeyboardInterrupt()))
+    assert main(["inspect", "m.onnx"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+@pytest.mark.parametrize("exc", [KeyError("weights"), ModelLoadError("m.onnx: broken"), KeyboardInterrupt()],
+                         ids=["unexpected", "ours", "interrupt"])
+def test_debug_shows_the_traceback(monkeypatch, exc) -> None:
+    monkeypatch.setattr(cli, "cmd_inspect", raiser(exc))
+    with pytest.raises(type(exc)):
+        main(["--debug", "inspect", "m.onnx"])
+
+
+def test_usage_errors_stay_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["convert", "m.onnx"])  # -o is required
+    assert info.value.code == 2 and "required" in capsys.readouterr().err
 
 
 def test_demo_runs(capsys: pytest.CaptureFixture) -> None:

@@ -116,6 +116,40 @@ def test_replace_unknown_option_lists_valid_ones():
         assert f.name in msg
 
 
+def test_unknown_field_is_the_same_config_error_everywhere(tmp_path):
+    """Config(...), Config.replace(...) and compile(..., option=) give one message: the unknown
+    name, the closest field, every valid field (compile refuses before reading the model)."""
+    messages = []
+    for make in (lambda: Config(qauntize="int8"), lambda: Config().replace(qauntize="int8"),
+                 lambda: infercc.compile(tmp_path / "never-read.onnx", qauntize="int8")):
+        with pytest.raises(ConfigError) as info:
+            make()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] == messages[2]
+    assert messages[0].startswith("unknown option(s) ['qauntize'] (did you mean 'quantize'?); valid options: [")
+    for f in dataclasses.fields(Config):
+        assert repr(f.name) in messages[0]
+
+
+def test_several_unknown_fields_each_get_a_suggestion():
+    with pytest.raises(ConfigError) as info:
+        Config(optimise=False, strct=True, zzzz=1)
+    msg = str(info.value)
+    assert "['optimise', 'strct', 'zzzz'] (did you mean 'optimise' -> 'optimize', 'strct' -> 'strict'?)" in msg
+    with pytest.raises(ConfigError) as info:
+        Config(zzzz=1)
+    assert "did you mean" not in str(info.value)
+
+
+def test_config_still_copies_and_pickles():
+    import copy
+    import pickle
+
+    c = Config(strict=True, disable_passes=("constant_folding",))
+    assert pickle.loads(pickle.dumps(c)) == c and copy.deepcopy(c) == c and copy.copy(c) == c
+    assert Config(False).optimize is False  # positional fields still work
+
+
 def test_dict_round_trip():
     c = Config(strict=True, disable_passes=("constant_folding",), provider="cpu", intra_op_threads=2,
                check_tolerance=1e-3, fold_limit_bytes=1024)

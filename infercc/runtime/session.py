@@ -28,7 +28,12 @@ Tokens = str | Seq[int] | np.ndarray
 
 
 class SessionClosedError(InferccError):
-    """A closed session (or a sequence of one) was used."""
+    """A closed session (or a sequence of one, or a closed sequence) was used."""
+
+
+#: How a session gets closed without the user calling close(): said in every closed-session error.
+CLOSED_HOW = ("`with compiled.session() as s:` closes it at the end of the block (as session.close() does): "
+              "use its sequences inside the block")
 
 
 class Session:
@@ -83,7 +88,7 @@ class Session:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise SessionClosedError("this session is closed; make a new one with compiled.session()")
+            raise SessionClosedError(f"this session is closed: {CLOSED_HOW}, or make a new one with compiled.session()")
 
     def __enter__(self) -> Session:
         return self
@@ -117,6 +122,7 @@ class Sequence:
         position's logits [vocab], or every fed position's [n, vocab] when ``all_logits``
         (perplexity)."""
         with self._lock:
+            self._check_open("prefill")
             if self.length:
                 raise InputError("prefill() starts a sequence but this one already has tokens; "
                                  "use append() to add more, or reset() first")
@@ -126,12 +132,14 @@ class Sequence:
         """Feed more tokens (ids or text) after what the sequence holds; returns logits as
         ``prefill`` does."""
         with self._lock:
+            self._check_open("append")
             return self._feed(self._encode(tokens, first=self._cache.length == 0), False, all_logits)
 
     def decode(self) -> int:
         """Choose the next token from the last logits with this sequence's sampler, feed it, and
         return it (``logits`` then predict the token after it)."""
         with self._lock:
+            self._check_open("decode")
             if self.logits is None:
                 raise InputError("decode() needs logits: prefill() the sequence with a prompt first")
             token = self.sampler(self.logits, self.context, self.output)
@@ -139,7 +147,6 @@ class Sequence:
             return token
 
     def _feed(self, ids: list[int], generated: bool, all_logits: bool = False) -> np.ndarray:
-        self._check_open()
         if not ids:
             raise InputError("no tokens to feed (an empty prompt); pass at least one token id or some text")
         logits = self.session.runner.step(self._cache, [ids], all_logits)[0]
@@ -184,10 +191,11 @@ class Sequence:
     def reset(self) -> None:
         """Forget everything: the cache is freed, the sampler starts again from its seed."""
         with self._lock:
+            self._check_open("reset")
             self._clear()
 
     def close(self) -> None:
-        """Free the cache; the sequence cannot be used again."""
+        """Free the cache; the sequence cannot be used again (closing twice is harmless)."""
         with self._lock:
             self._clear()
             self.closed = True
@@ -197,10 +205,15 @@ class Sequence:
         self.context, self.output, self.logits = [], [], None
         self.sampler = Sampler(self.params)
 
-    def _check_open(self) -> None:
+    def _check_open(self, action: str) -> None:
+        """Refuse ``action`` on a closed sequence, naming which was closed: the session (the usual
+        cause: the sequence outlived a ``with`` block) or this sequence itself."""
+        if self.session.closed:
+            raise SessionClosedError(f"cannot {action}(): this sequence's session is closed: {CLOSED_HOW}, "
+                                     "or make a new session with compiled.session()")
         if self.closed:
-            raise SessionClosedError("this sequence is closed (its session was closed); make a new one")
-        self.session._check_open()
+            raise SessionClosedError(f"cannot {action}(): this sequence was closed with sequence.close(); make a "
+                                     "new one with session.sequence()")
 
     def __repr__(self) -> str:
         return f"<Sequence {self.length} tokens{' closed' if self.closed else ''}>"

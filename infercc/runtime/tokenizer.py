@@ -15,19 +15,27 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from . import chat_template
 from .tokenizer_backends import HFBackend, SentencePieceBPE, TokenizerBackend, gguf_byte_level_bpe
 
 Message = Mapping[str, str]
 
 
 class Tokenizer:
+    #: Wall-clock seconds and characters a chat template render may use (None: 1 Mi characters
+    #: plus four times the messages' size); see runtime/chat_template.py.
+    chat_template_seconds: float = chat_template.RENDER_SECONDS
+    chat_template_max_chars: int | None = None
+
     def __init__(self, backend: TokenizerBackend, *, bos_id: int | None, eos_ids: Sequence[int], add_bos: bool,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, chat_template_source: str | None = None) -> None:
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = list(dict.fromkeys(eos_ids))
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
+        #: Where the template came from, for error messages (the file and field).
+        self.chat_template_source = chat_template_source or "the chat template"
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -74,6 +82,7 @@ class Tokenizer:
             backend, bos_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_ids=eos_ids(reader),
             add_bos=bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
             chat_template=field(reader, "tokenizer.chat_template"),
+            chat_template_source=f"{path} (tokenizer.chat_template)",
         )
 
     @classmethod
@@ -96,12 +105,14 @@ class Tokenizer:
             with_special = backend.tokenizer.encode("a", add_special_tokens=True).ids
             add_bos = bos is not None and bool(with_special) and with_special[0] == bos
         template = config.get("chat_template")
+        source = f"{folder / 'tokenizer_config.json'} (chat_template)"
         if isinstance(template, list):
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
+            source = str(folder / "chat_template.jinja")
         return cls(backend, bos_id=bos, eos_ids=[e for e in eos_ids if e is not None], add_bos=bool(add_bos),
-                   chat_template=template)
+                   chat_template=template, chat_template_source=source)
 
     # -- text <-> ids -------------------------------------------------------------------------
     @property
@@ -127,10 +138,18 @@ class Tokenizer:
                             tokenize: bool = False, **extra: Any) -> str | list[int]:
         """The prompt for ``messages`` ([{"role": ..., "content": ...}]) with the model's jinja2
         template; without one, ChatML when the vocabulary has its tokens, else plain "Role: content"
-        lines. ``tokenize`` returns ids, with BOS added unless the template already wrote it."""
+        lines. ``tokenize`` returns ids, with BOS added unless the template already wrote it.
+        Malformed messages are an InputError naming the message; a template that fails, runs
+        too long or builds too much text is an error naming its source and line (see
+        runtime/chat_template.py for which are the model's fault and which the messages')."""
+        messages = chat_template.check_messages(messages, text_only=not self.chat_template)
         if self.chat_template:
-            text = _render(self.chat_template, messages, add_generation_prompt, self._token_text(self.bos_id),
-                           self._token_text(self.eos_ids[0] if self.eos_ids else None), extra)
+            text = chat_template.render(
+                self.chat_template, self.chat_template_source,
+                {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                 "bos_token": self._token_text(self.bos_id),
+                 "eos_token": self._token_text(self.eos_ids[0] if self.eos_ids else None), **extra},
+                seconds=self.chat_template_seconds, max_chars=self.chat_template_max_chars)
         elif self.backend.token_to_id("<|im_start|>") is not None:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             text += "<|im_start|>assistant\n" if add_generation_prompt else ""
@@ -176,25 +195,6 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
         return text[len(done):]
-
-
-def _render(template: str, messages: Sequence[Message], add_generation_prompt: bool, bos: str, eos: str,
-            extra: dict[str, Any]) -> str:
-    """Render a HF-style chat template in jinja2's sandbox, with the globals HF templates use."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    return env.from_string(template).render(
-        messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-        bos_token=bos, eos_token=eos, **extra,
-    )
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -201,6 +201,43 @@ def test_close_frees_everything_and_refuses_use(cached):
     assert other.closed
 
 
+USES = {
+    "prefill": lambda seq: seq.prefill([1]),
+    "append": lambda seq: seq.append([1]),
+    "decode": lambda seq: seq.decode(),
+    "reset": lambda seq: seq.reset(),
+}
+
+
+@pytest.mark.parametrize("name", USES)
+def test_a_sequence_that_outlived_its_with_block_says_the_session_is_closed(cached, name):
+    with cached.session() as session:
+        fresh, started = session.sequence(), session.sequence()
+        started.prefill([1, 2])
+    for seq in (fresh, started):  # a fresh one would otherwise say "prefill first" for decode
+        with pytest.raises(SessionClosedError) as info:
+            USES[name](seq)
+        message = str(info.value)
+        assert message.startswith(f"cannot {name}(): this sequence's session is closed")
+        assert "`with compiled.session() as s:` closes it at the end of the block" in message
+        assert "compiled.session()" in message
+
+
+@pytest.mark.parametrize("name", USES)
+def test_a_closed_sequence_says_it_was_closed_itself(cached, name):
+    with cached.session() as session:
+        seq = session.sequence()
+        seq.prefill([1, 2])
+        seq.close()
+        seq.close()  # twice is harmless
+        with pytest.raises(SessionClosedError, match=r"this sequence was closed with sequence.close\(\); make a new "
+                                                     r"one with session.sequence\(\)"):
+            USES[name](seq)
+        other = session.sequence()  # the session itself is still usable
+        other.prefill([1, 2])
+        assert len(other) == 2
+
+
 # -- the KV-cache manager --------------------------------------------------------------------------
 def test_cache_grows_by_doubling_and_feeds_views():
     spec = CacheSpec((CacheEntry("past_key_values.0.key", "present.0.key", np.dtype(np.float32), 2, 4),
