@@ -17,9 +17,8 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
-#: Default upper bound of integer fields: every dimension ONNX Runtime and real checkpoints use is
-#: below it, and it keeps a value from a file usable as an int32/int64 tensor element.
-INT32_MAX = 2**31 - 1
+#: Upper bound of integer fields: a value from a file must fit the int64 constants graphs are built
+#: from. Sizes are bounded by the tensors that must match them (``checks``), not by a cap here.
 INT64_MAX = 2**63 - 1
 _ABSENT = object()
 #: ``default`` of a field that must be present.
@@ -49,7 +48,7 @@ class Fields:
     def has(self, key: str) -> bool:
         return self._raw(key) is not _ABSENT
 
-    def integer(self, key: str, default: Any = REQUIRED, *, minimum: int = 1, maximum: int = INT32_MAX) -> Any:
+    def integer(self, key: str, default: Any = REQUIRED, *, minimum: int = 1, maximum: int = INT64_MAX) -> Any:
         """An integer in [minimum, maximum] (bools and integral floats are not integers)."""
         value = self._get(key, default)
         if value is _ABSENT:
@@ -85,7 +84,7 @@ class Fields:
             raise self.bad(key, value, "true or false")
         return value
 
-    def integers(self, key: str, default: Any = REQUIRED, *, minimum: int = 0, maximum: int = INT32_MAX) -> Any:
+    def integers(self, key: str, default: Any = REQUIRED, *, minimum: int = 0, maximum: int = INT64_MAX) -> Any:
         """A list of integers, each in [minimum, maximum]."""
         value = self._get(key, default)
         if value is _ABSENT:

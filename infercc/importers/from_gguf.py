@@ -19,7 +19,7 @@ from ..errors import ModelLoadError
 from ..ir import Model
 from .checks import check_layer_count, layer_indices, require
 from .dequant import SUPPORTED, dequantize
-from .fields import INT32_MAX, INT64_MAX, GGUFFields, known_ids
+from .fields import INT64_MAX, GGUFFields, known_ids
 from .llama_graph import LlamaSpec, build_llama, check_llama
 from .metadata import model_metadata
 
@@ -203,7 +203,7 @@ def eos_ids(f: GGUFFields, vocab_size: int) -> list[int]:
     the vocabulary are dropped with a warning (as llama.cpp does)."""
     declared = [f.integer(f"tokenizer.ggml.{k}_token_id", None, minimum=0) for k in ("eos", "eot", "eom")]
     tokens = f.texts("tokenizer.ggml.tokens", [])
-    types = f.integers("tokenizer.ggml.token_type", [], minimum=-INT32_MAX)
+    types = f.integers("tokenizer.ggml.token_type", [], minimum=-INT64_MAX)
     ends = [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3 and t in _END_TEXTS]
     found = [e for e in dict.fromkeys([*declared, *ends]) if e is not None]
     return known_ids(found, vocab_size, f.where("tokenizer.ggml.eos_token_id"))
@@ -216,7 +216,7 @@ def _metadata(path: Path, f: GGUFFields, arch: str, spec: LlamaSpec) -> dict[str
         architecture=arch, source=path, source_format="gguf", vocab_size=spec.vocab_size,
         bos_token_id=bos[0] if bos else None,
         eos_token_ids=eos_ids(f, spec.vocab_size),
-        context_length=f.integer(f"{arch}.context_length", None, maximum=INT64_MAX),
+        context_length=f.integer(f"{arch}.context_length", None),
         chat_template=f.text("tokenizer.chat_template", None),
         num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
         hidden_size=spec.hidden_size, head_dim=spec.head_dim,

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ModelLoadError
 from ..ir import Model
 from .checks import check_layer_count, check_optional, check_shapes, layer_indices, require
-from .fields import INT64_MAX, JsonFields, chat_template, known_ids
+from .fields import JsonFields, chat_template, known_ids
 from .gpt2_graph import Gpt2Spec, build_gpt2, gpt2_shapes
 from .llama_graph import LlamaSpec, build_llama, check_llama
 from .metadata import model_metadata
@@ -46,11 +46,13 @@ def import_hf(folder: Path) -> Model:
     source = str(folder)
     check_layer_count(spec.num_layers, layer_indices(weights.shapes, "model.layers."), source, keys["num_layers"],
                       "model.layers.")
+    # Per-layer windows only now that the layer count is known to match the tensors.
+    spec = dataclasses.replace(spec, sliding_windows=_sliding_windows(fields, spec.num_layers))
     check_llama(spec, weights.shapes, source, keys)
     return build_llama(spec, weights.get, _metadata(
         folder, fields, vocab=spec.vocab_size, layers=spec.num_layers, heads=spec.num_heads,
         kv_heads=spec.num_kv_heads, hidden=spec.hidden_size, head_dim=spec.head_dim,
-        context=fields.integer("max_position_embeddings", None, maximum=INT64_MAX)))
+        context=fields.integer("max_position_embeddings", None)))
 
 
 def _import_gpt2(folder: Path, f: JsonFields) -> Model:
@@ -110,17 +112,16 @@ def _llama_spec(folder: Path, f: JsonFields) -> tuple[LlamaSpec, dict[str, str]]
         rms_norm_eps=f.number("rms_norm_eps", 1e-6, minimum=0.0),
         rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0, positive=True), positive=True),
         tie_word_embeddings=f.flag("tie_word_embeddings", False),
-        sliding_windows=_sliding_windows(f, layers),
     )
     return spec, keys
 
 
 def _sliding_windows(f: JsonFields, layers: int) -> tuple[int | None, ...]:
     """Mistral slides every layer when sliding_window is set; Qwen2 only layers its layer_types
-    (or use_sliding_window) mark as sliding."""
-    window = f.integer("sliding_window", 0, minimum=0, maximum=INT64_MAX)
+    (or use_sliding_window) mark as sliding. Empty: no layer slides."""
+    window = f.integer("sliding_window", 0, minimum=0)
     if not window:
-        return (None,) * layers
+        return ()
     if f.text("model_type") == "mistral":
         return (window,) * layers
     kinds = f.texts("layer_types", None)
@@ -129,7 +130,7 @@ def _sliding_windows(f: JsonFields, layers: int) -> tuple[int | None, ...]:
     if f.flag("use_sliding_window", False):
         first_full = f.integer("max_window_layers", layers, minimum=0)
         return tuple(window if i >= first_full else None for i in range(layers))
-    return (None,) * layers
+    return ()
 
 
 def _metadata(folder: Path, config: JsonFields, *, vocab: int, layers: int, heads: int, kv_heads: int,
