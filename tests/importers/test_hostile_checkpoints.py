@@ -338,6 +338,13 @@ def test_tokenizer_files_linked_outside_are_refused(tmp_path, name):
     refused(lambda: Tokenizer.from_pretrained(folder), str(folder / name), str(outside))
 
 
+def test_folder_named_through_a_link_is_the_folder(tmp_path):
+    """The user's own path may be a link: confinement starts from the folder it resolves to."""
+    folder = write_hf(tmp_path / "real")
+    os.symlink(folder, tmp_path / "alias")
+    assert read_metadata(import_checkpoint(tmp_path / "alias"))["vocab_size"] == VOCAB
+
+
 def test_hub_cache_layout_links_into_its_blobs(tmp_path):
     """snapshot_download folders link every file to ../../blobs/<hash>: that (and only that) may
     leave the folder."""
