@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from ..ir import Model, Value
+from .checks import Expected
 from .graph_parts import (
     GraphBuilder,
     attention,
@@ -42,6 +43,26 @@ class Gpt2Spec:
     activation: str = "gelu_new"
     #: GPT-2's optional extra 1/(layer+1) attention scaling.
     scale_by_inverse_layer: bool = False
+
+
+def gpt2_shapes(spec: Gpt2Spec, inner: int, positions: int) -> Expected:
+    """Required tensors (names without ``transformer.``) -> (shape, the fields that determine it);
+    ``inner`` is the MLP width, ``positions`` the rows of the learned position table."""
+    n, h, i = spec.hidden_size, ("hidden_size",), ("inner",)
+    out: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+        "wte.weight": ((spec.vocab_size, n), ("vocab_size", *h)), "wpe.weight": ((positions, n), ("positions", *h)),
+        "ln_f.weight": ((n,), h), "ln_f.bias": ((n,), h)}
+    for layer in range(spec.num_layers):
+        p = f"h.{layer}"
+        out.update({
+            f"{p}.ln_1.weight": ((n,), h), f"{p}.ln_1.bias": ((n,), h), f"{p}.ln_2.weight": ((n,), h),
+            f"{p}.ln_2.bias": ((n,), h), f"{p}.attn.c_attn.weight": ((n, 3 * n), h),
+            f"{p}.attn.c_attn.bias": ((3 * n,), h), f"{p}.attn.c_proj.weight": ((n, n), h),
+            f"{p}.attn.c_proj.bias": ((n,), h), f"{p}.mlp.c_fc.weight": ((n, inner), (*h, *i)),
+            f"{p}.mlp.c_fc.bias": ((inner,), i), f"{p}.mlp.c_proj.weight": ((inner, n), (*i, *h)),
+            f"{p}.mlp.c_proj.bias": ((n,), h),
+        })
+    return out
 
 
 def build_gpt2(spec: Gpt2Spec, weight: WeightSource, metadata: dict[str, str]) -> Model:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..ir import Model, Value
+from .checks import Expected, check_optional, check_shapes, require
 from .graph_parts import (
     GraphBuilder,
     attention,
@@ -46,6 +47,49 @@ class LlamaSpec:
     tie_word_embeddings: bool = False
     #: Per layer: attention window (Mistral/Qwen2 sliding window) or None for full causal.
     sliding_windows: tuple[int | None, ...] = ()
+
+
+def check_llama(spec: LlamaSpec, shapes: dict[str, tuple[int, ...]], source: str, keys: dict[str, str],
+                tensor_name: Callable[[str], str] = lambda name: name) -> None:
+    """``spec`` against itself and the tensor shapes (HF names, HF layouts) before anything is
+    built; ``keys`` names each spec field as the file does. The layer count must already agree with
+    the tensors (``checks.check_layer_count``): this walks every layer."""
+    k = {**{f: f for f in dataclasses.asdict(spec)}, **keys}
+    require(spec.num_heads % spec.num_kv_heads == 0, source,
+            f"{k['num_heads']} {spec.num_heads} is not a multiple of {k['num_kv_heads']} {spec.num_kv_heads}")
+    require(spec.head_dim % 2 == 0, source,
+            f"the head size {spec.head_dim} ({k['head_dim']}) is odd; rotary embeddings rotate pairs of channels")
+    require(len(spec.sliding_windows) in (0, spec.num_layers), source,
+            f"{len(spec.sliding_windows)} per-layer attention types for {spec.num_layers} layers ({k['num_layers']})")
+    check_shapes(llama_shapes(spec), shapes, source, dataclasses.asdict(spec), k, tensor_name)
+    rows = {"q": spec.num_heads * spec.head_dim, "k": spec.num_kv_heads * spec.head_dim,
+            "v": spec.num_kv_heads * spec.head_dim, "o": spec.hidden_size}
+    for i in range(spec.num_layers):
+        for proj, size in rows.items():
+            check_optional(f"model.layers.{i}.self_attn.{proj}_proj.bias", (size,), shapes, source, tensor_name)
+
+
+def llama_shapes(spec: LlamaSpec) -> Expected:
+    """Required tensors (HF names) -> (shape in HF layout, the spec fields that determine it)."""
+    hidden, vocab, ffn = spec.hidden_size, spec.vocab_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    h, qf, kvf, ff = ("hidden_size",), ("num_heads", "head_dim"), ("num_kv_heads", "head_dim"), ("intermediate_size",)
+    out: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+        "model.embed_tokens.weight": ((vocab, hidden), ("vocab_size", *h)), "model.norm.weight": ((hidden,), h)}
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = ((vocab, hidden), ("vocab_size", *h))
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        out.update({
+            f"{p}.input_layernorm.weight": ((hidden,), h), f"{p}.post_attention_layernorm.weight": ((hidden,), h),
+            f"{p}.self_attn.q_proj.weight": ((q, hidden), (*qf, *h)),
+            f"{p}.self_attn.k_proj.weight": ((kv, hidden), (*kvf, *h)),
+            f"{p}.self_attn.v_proj.weight": ((kv, hidden), (*kvf, *h)),
+            f"{p}.self_attn.o_proj.weight": ((hidden, q), (*h, *qf)),
+            f"{p}.mlp.gate_proj.weight": ((ffn, hidden), (*ff, *h)), f"{p}.mlp.up_proj.weight": ((ffn, hidden), (*ff, *h)),
+            f"{p}.mlp.down_proj.weight": ((hidden, ffn), (*h, *ff)),
+        })
+    return out
 
 
 def build_llama(spec: LlamaSpec, weight: WeightSource, metadata: dict[str, str]) -> Model:

@@ -8,17 +8,19 @@ sequence (one character split over several byte tokens).
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
 from . import chat_template
-from .tokenizer_backends import HFBackend, SentencePieceBPE, TokenizerBackend, gguf_byte_level_bpe
+from .tokenizer_backends import BYTE, HFBackend, SentencePieceBPE, TokenizerBackend, gguf_byte_level_bpe
 
 Message = Mapping[str, str]
+#: The text of a BYTE-type token in a GGUF vocabulary (the decoder reads NN as the byte).
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Tokenizer:
@@ -59,29 +61,46 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
-        from ..importers.from_gguf import eos_ids, field, open_gguf
+        from ..importers.fields import known_ids
+        from ..importers.from_gguf import eos_ids, open_gguf
 
-        reader = open_gguf(Path(path))
-        kind = field(reader, "tokenizer.ggml.model")
-        tokens = field(reader, "tokenizer.ggml.tokens")
+        f = open_gguf(Path(path))
+        kind = f.text("tokenizer.ggml.model", None)
+        tokens = f.texts("tokenizer.ggml.tokens", None)
         if not tokens:
             raise ModelLoadError(f"{path}: the GGUF file has no embedded vocabulary (tokenizer.ggml.tokens).")
-        types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        count = len(tokens)
+        types = _per_token(f, "tokenizer.ggml.token_type", f.integers("tokenizer.ggml.token_type", None, minimum=-2**31),
+                           count, [1] * count)
+        for i, (token, token_type) in enumerate(zip(tokens, types)):
+            if token_type == BYTE and not _BYTE_TOKEN.fullmatch(token):
+                raise f.bad(f"tokenizer.ggml.tokens[{i}]", token, "a byte token written <0xNN> (its token_type is BYTE)")
         if kind == "llama":
+            scores = _per_token(f, "tokenizer.ggml.scores", f.numbers("tokenizer.ggml.scores", None), count, [0.0] * count)
+            unk = known_ids([f.integer("tokenizer.ggml.unknown_token_id", 0, minimum=0)], count,
+                            f.where("tokenizer.ggml.unknown_token_id"))
             backend: TokenizerBackend = SentencePieceBPE(
-                tokens, field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens), types,
-                unk_id=field(reader, "tokenizer.ggml.unknown_token_id", 0),
-                add_space_prefix=field(reader, "tokenizer.ggml.add_space_prefix", True),
+                tokens, scores, types, unk_id=unk[0] if unk else 0,
+                add_space_prefix=f.flag("tokenizer.ggml.add_space_prefix", True),
             )
         elif kind == "gpt2":
-            merges = field(reader, "tokenizer.ggml.merges") or []
-            backend = gguf_byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre", "default"))
+            merges = f.texts("tokenizer.ggml.merges", [])
+            bad = next((i for i, m in enumerate(merges) if len(m.split(" ")) != 2), None)
+            if bad is not None:
+                raise f.bad(f"tokenizer.ggml.merges[{bad}]", merges[bad], "two tokens separated by one space")
+            try:
+                backend = gguf_byte_level_bpe(tokens, merges, types, f.text("tokenizer.ggml.pre", "default"))
+            except Exception as exc:  # the tokenizers library rejects the vocabulary or merges
+                raise ModelLoadError(f"{path}: the GGUF vocabulary cannot be built into a BPE tokenizer ({exc}); "
+                                     f"{f.fix}") from None
         else:
             raise ModelLoadError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'llama', 'gpt2').")
+        bos = known_ids([f.integer("tokenizer.ggml.bos_token_id", None, minimum=0)], count,
+                        f.where("tokenizer.ggml.bos_token_id"))
         return cls(
-            backend, bos_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_ids=eos_ids(reader),
-            add_bos=bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
-            chat_template=field(reader, "tokenizer.chat_template"),
+            backend, bos_id=bos[0] if bos else None, eos_ids=eos_ids(f, count),
+            add_bos=f.flag("tokenizer.ggml.add_bos_token", kind == "llama"),
+            chat_template=f.text("tokenizer.chat_template", None),
             chat_template_source=f"{path} (tokenizer.chat_template)",
         )
 
@@ -89,30 +108,41 @@ class Tokenizer:
     def from_hf(cls, folder: str | os.PathLike) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
+        from ..importers.fields import JsonFields, known_ids
+        from ..importers.fields import chat_template as template_of
+        from ..importers.paths import confined, read_json_object, read_text
+
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
+        path = confined(folder, "tokenizer.json")
+        if not path.is_file():
             raise ModelLoadError(f"{folder}: no tokenizer.json; save the tokenizer with tokenizer.save_pretrained(folder).")
-        backend = HFBackend(HFTokenizer.from_file(str(folder / "tokenizer.json")))
-        config = _json(folder / "tokenizer_config.json")
-        model_config = _json(folder / "config.json")
-        generation = _json(folder / "generation_config.json")
-        bos = _token_id(backend, config.get("bos_token"), model_config.get("bos_token_id"))
+        try:
+            backend = HFBackend(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # the tokenizers library's own parse errors
+            raise ModelLoadError(f"{folder / 'tokenizer.json'} is not a readable tokenizer ({exc}); re-save it with "
+                                 "tokenizer.save_pretrained(folder).") from None
+        config = read_json_object(folder, "tokenizer_config.json", missing_ok=True)
+        model_config = JsonFields(read_json_object(folder, "config.json", missing_ok=True), folder / "config.json")
+        generation = JsonFields(read_json_object(folder, "generation_config.json", missing_ok=True),
+                                folder / "generation_config.json")
+        size = backend.vocab_size
+        bos = _token_id(backend, config.get("bos_token"),
+                        model_config.integer("bos_token_id", None, minimum=0))
         eos_ids = [_token_id(backend, config.get("eos_token"), None)]
-        for source in (generation.get("eos_token_id"), model_config.get("eos_token_id")):
-            eos_ids += source if isinstance(source, list) else [source]
-        add_bos = config.get("add_bos_token")
+        for source in (generation, model_config):
+            eos_ids += source.token_ids("eos_token_id", [])
+        add_bos = JsonFields(config, folder / "tokenizer_config.json").flag("add_bos_token", None)
+        bos = (known_ids([bos], size, f"{folder / 'config.json'}: bos_token_id") or [None])[0]
         if add_bos is None:  # let the tokenizer's post-processor tell whether it prepends BOS
             with_special = backend.tokenizer.encode("a", add_special_tokens=True).ids
             add_bos = bos is not None and bool(with_special) and with_special[0] == bos
-        template = config.get("chat_template")
+        template = template_of(config, folder / "tokenizer_config.json")
         source = f"{folder / 'tokenizer_config.json'} (chat_template)"
-        if isinstance(template, list):
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text()
+        if template is None:
+            template = read_text(folder, "chat_template.jinja")
             source = str(folder / "chat_template.jinja")
-        return cls(backend, bos_id=bos, eos_ids=[e for e in eos_ids if e is not None], add_bos=bool(add_bos),
-                   chat_template=template, chat_template_source=source)
+        return cls(backend, bos_id=bos, eos_ids=known_ids(eos_ids, size, f"{folder}: eos_token_id"),
+                   add_bos=bool(add_bos), chat_template=template, chat_template_source=source)
 
     # -- text <-> ids -------------------------------------------------------------------------
     @property
@@ -197,11 +227,13 @@ class StreamDecoder:
         return text[len(done):]
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc}); re-download it.") from None
+def _per_token(f, key: str, values: list | None, count: int, default: list) -> list:
+    """A per-token list (types, scores): one entry per token, or ``default`` when absent."""
+    if values is None:
+        return default
+    if len(values) != count:
+        raise f.bad(key, values, f"one entry per token ({count} tokens)")
+    return values
 
 
 def _token_id(backend: TokenizerBackend, token: Any, fallback: int | None) -> int | None:

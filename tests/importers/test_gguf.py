@@ -109,10 +109,19 @@ def write_llama_gguf(path, *, qtype=Q.F32, arch="llama", layers=2, hidden=64, he
 def test_synthetic_gguf_matches_reference(tmp_path, qtype, tied):
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(path, qtype=qtype, tied=tied)
-    compiled = infercc.compile(path)
     tokens = [1, 5, 17, 99, 3, 42, 8]
-    ours = compiled.run({"input_ids": np.array([tokens])})["logits"][0]
-    np.testing.assert_allclose(ours, ReferenceLlama(path).forward(tokens), atol=1e-4, rtol=0)
+    reference = ReferenceLlama(path).forward(tokens)
+    dequantized = infercc.compile(path, quantize=None)  # the importer alone: exact
+    ours = dequantized.run({"input_ids": np.array([tokens])})["logits"][0]
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+    # The default keeps the file's grids; MatMulNBits rounds activations to int8 (accuracy level 4),
+    # which is the only difference left: within 2% of the logits' range, same greedy tokens.
+    kept = infercc.compile(path)
+    record = kept.diagnostics["quantize_weights"]
+    assert (record.status == "applied") == (qtype != Q.F32)
+    ours = kept.run({"input_ids": np.array([tokens])})["logits"][0]
+    np.testing.assert_allclose(ours, reference, atol=0.02 * np.abs(reference).max(), rtol=0)
+    assert (ours.argmax(-1) == reference.argmax(-1)).all()
 
 
 def test_decode_graph_runs_shared_metadata_once(tmp_path):

@@ -126,10 +126,12 @@ def keep_native(w: Weight, config) -> bool:
         native = find_native(w.rows, bits)
         if native is None:
             continue
-        if native.offsets is not None and not w.linear:
-            return False  # GatherQuant has no offset form: an embedding table is re-quantized
+        if native.offsets is not None and not w.linear:  # an embedding table is re-quantized
+            w.fallback = f"on an int{bits} grid with per-block offsets (Q4_1-like), which GatherQuant cannot hold"
+            return False
         if native.offsets is not None and any(site.node.inputs[0].rank is None for site in w.sites):
-            return False  # the offset correction reshapes the activation: its rank must be known
+            w.fallback = f"on an int{bits} grid with per-block offsets, whose correction needs the activation's rank"
+            return False
         w.native, w.quantized, w.bits, w.method = native, native.quantized, bits, "native"
         w.rel_error = relative_error(w.rows, native.quantized) if native.offsets is None else _offset_error(w.rows, native)
         return True

@@ -132,7 +132,8 @@ class QuantizeWeights(Pass):
         weights = list({id(w): w for _, w in order}.values())
         if config.quantize == "auto":
             summary = _keep_native(weights, config, record)
-            refusals = {id(w): None if w.quantized is not None else _AUTO_FLOAT for w in weights}
+            refusals = {id(w): None if w.quantized is not None else f"{w.fallback}: stays float" if w.fallback
+                        else _AUTO_FLOAT for w in weights}
         else:
             summary = quantize_weights(weights, model, config, record)
             refusals = {id(w): self._limit(w, config) for w in weights}
@@ -243,9 +244,11 @@ def _keep_native(weights: list[Weight], config, record) -> dict:
         key = f"int{w.bits} ({'offset' if w.native.offsets is not None else 'zero point'})"
         kinds[key] = kinds.get(key, 0) + 1
     if kept:
+        held = sum(1 for w in weights if w.quantized is None and w.fallback)
         record.note(f"quantize='auto': {len(kept)} weight(s) kept on their source grids "
                     f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); "
-                    f"{len(weights) - len(kept)} float weight(s) stay float")
+                    f"{len(weights) - len(kept) - held} float weight(s) stay float"
+                    + (f"; {held} on a grid no kernel here holds stay float (exact)" if held else ""))
     return {"kept_native": kinds}
 
 
