@@ -15,6 +15,7 @@ from .families import detect_family
 from .ir import Model, load_model
 from .ir.shapes import infer_shapes
 from .passes import Diagnostics, Pass, PassManager, PassRecord, build_pipeline
+from .runtime.ort_check import check_ops
 from .runtime.providers import choose_providers
 
 
@@ -37,6 +38,7 @@ def compile(  # noqa: A001 - the public name users expect
     config = (config or Config()).replace(**options)
     choose_providers(config.provider)  # an unusable provider is an error before any work is done
     ir = import_model(model)
+    check_ops(ir)  # what onnxruntime would refuse at the first run() is refused now, by node
     diagnostics = Diagnostics()
     diagnostics.facts.update(detect_family(ir))
     pipeline = passes if passes is not None else build_pipeline(config)
