@@ -19,7 +19,7 @@ from .dtypes import DType
 from .graph import Graph
 from .model import Model
 from .node import Attr, Node
-from .onnx_validate import check_acyclic, check_tensors, check_text, check_value_types
+from .onnx_validate import check_acyclic, check_sparse, check_tensors, check_text, check_value_types
 from .tensor import Tensor, external_file
 from .value import Dim, Value
 
@@ -40,6 +40,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, base_dir: str | N
         _check_opsets(proto)
         check_tensors(proto)
         check_value_types(proto.graph)
+        check_sparse(proto.graph)
         _check_external_data(proto, base)
         model = from_proto(proto, base)
         check_acyclic(model.graph)
@@ -51,6 +52,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, base_dir: str | N
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
+    if "\0" in str(path):
+        raise ModelLoadError(f"{str(path)!r}: a path cannot contain a NUL byte; check the path.")
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file. Check the path, or export the model to ONNX first.")
     if path.is_dir():

@@ -152,6 +152,24 @@ def check_tensors(proto: onnx.ModelProto) -> None:
             )
 
 
+def check_sparse(graph: onnx.GraphProto) -> None:
+    """Sparse tensors are carried through verbatim, so their external data would be resolved by
+    whoever reads the exported model, relative to wherever that is: refuse it instead."""
+    sparse = list(graph.sparse_initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            sparse += ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                check_sparse(sub)
+    for sp in sparse:
+        for part in (sp.values, sp.indices):
+            if part.data_location == onnx.TensorProto.EXTERNAL:
+                raise ModelLoadError(
+                    f"sparse tensor {sp.values.name!r} in graph {graph.name!r} keeps its data in an external file, "
+                    "which infercc does not support: store sparse tensors inline (or as dense initializers)."
+                )
+
+
 def check_value_types(graph: onnx.GraphProto) -> None:
     """Declared tensor types of inputs, outputs and value_info must name real data types."""
     for info in (*graph.input, *graph.output, *graph.value_info):

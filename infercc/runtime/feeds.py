@@ -136,7 +136,8 @@ def _check_indices(name: str, value: Value, array: np.ndarray) -> None:
         raise InputError(
             f"input {name!r} holds {bad} at index {list(where)}, outside the valid range {low} to {rows - 1}: "
             f"it indexes the {rows} rows of {table!r} (node {node.name or node.op_type!r}); "
-            + ("token ids must be below the vocabulary size" if name == "input_ids" else "pass indices in that range")
+            + (f"token ids must be in 0 to {rows - 1} (vocabulary size {rows})" if name == "input_ids"
+               else "pass indices in that range")
         )
 
 

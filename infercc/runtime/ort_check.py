@@ -109,6 +109,11 @@ def _problem(node: Node, domain: str, version: int | None) -> tuple[str, str] | 
         if not low <= n <= high:
             expected = f"{low}" if low == high else f"{low} to {high}" if high < 2**31 - 1 else f"at least {low}"
             return f"{op}-{schema.since_version} takes {expected} {what} but the node has {n}", _MALFORMED
+    for i, (formal, value) in enumerate(zip(schema.inputs, node.inputs)):
+        if formal.option.name == "Variadic":
+            break
+        if value is None and formal.option.name == "Single":
+            return f"input {i} ({formal.name}) of {op}-{schema.since_version} is required but left empty", _MALFORMED
     missing = sorted(name for name, attr in schema.attributes.items() if attr.required and name not in node.attrs)
     if missing:
         return f"{op}-{schema.since_version} requires attribute(s) {', '.join(missing)}, which the node lacks", _MALFORMED
@@ -124,10 +129,14 @@ def _label(node: Node) -> str:
 _NODE_PATTERNS = [
     re.compile(p) for p in (
         r"Name:'([^']*)'", r"node with name '([^']*)'", r"In Node, \(\"([^\"]*)\"", r"Node \(([^)]*)\)",
-        r"Node\(([^)]*)\)",
+        r"Node\(([^)]*)\)", r"in node \(([^)]*)\)",
     )
 ]
-_OP_PATTERNS = [re.compile(p) for p in (r"Op \(([^)]*)\)", r"running (\w+) node", r"schema\(\w*::(\w+):")]
+_OP_PATTERNS = [
+    re.compile(p) for p in (
+        r"Op \(([^)]*)\)", r"running (\w+) node", r"schema\(\w*::(\w+):", r"Optype \((\w+)\)", r"operator \((\w+)\)",
+    )
+]
 
 
 def ort_error(exc: Exception, model: Model, *, loading: bool) -> InferccError:
@@ -152,8 +161,9 @@ def ort_error(exc: Exception, model: Model, *, loading: bool) -> InferccError:
 def _node_in(text: str, nodes: Iterable[Node]) -> str:
     ops = {n.name: n.op_type for n in nodes if n.name}
     names = [m.group(1) for p in _NODE_PATTERNS for m in p.finditer(text)]
+    op = next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
     if not names:
-        return ""
+        return f" at a node of type {op}" if op else ""
     name = next((n for n in names if n in ops), names[0])
-    op = ops.get(name) or next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
+    op = ops.get(name) or op
     return f" at node {name!r} ({op})" if op else f" at node {name!r}"
