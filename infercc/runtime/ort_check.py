@@ -25,10 +25,11 @@ from ..errors import InferccError, ModelLoadError, RunError
 from ..ir import Model, Node
 
 #: Every exception class onnxruntime's Python binding raises (Fail, InvalidArgument, InvalidGraph,
-#: RuntimeException, NotImplemented, EPFail, ...).
+#: RuntimeException, NotImplemented, EPFail, ...), and UnicodeDecodeError: the binding raises that
+#: instead when its message quotes bytes of the model that are not UTF-8.
 ORT_ERRORS: tuple[type[Exception], ...] = tuple(
     c for c in vars(_state).values() if isinstance(c, type) and issubclass(c, Exception)
-)
+) + (UnicodeDecodeError,)
 
 #: infercc's canonical ops: the passes lower them before anything runs.
 _CANONICAL = "ai.infercc"
@@ -114,6 +115,10 @@ def _problem(node: Node, domain: str, version: int | None) -> tuple[str, str] | 
             break
         if value is None and formal.option.name == "Single":
             return f"input {i} ({formal.name}) of {op}-{schema.since_version} is required but left empty", _MALFORMED
+    for attr in node.attrs.values():
+        values = attr.value if isinstance(attr.value, list) else [attr.value]
+        if any(isinstance(v, bytes) for v in values):
+            return f"attribute {attr.name!r} holds bytes that are not UTF-8 text ({values[0]!r:.40})", _MALFORMED
     missing = sorted(name for name, attr in schema.attributes.items() if attr.required and name not in node.attrs)
     if missing:
         return f"{op}-{schema.since_version} requires attribute(s) {', '.join(missing)}, which the node lacks", _MALFORMED
@@ -143,6 +148,8 @@ def ort_error(exc: Exception, model: Model, *, loading: bool) -> InferccError:
     """``exc`` from onnxruntime as a ModelLoadError (session creation: the model is refused) or a
     RunError (a run failed), naming the node and its op where onnxruntime's text names a node."""
     text = str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        text = "onnxruntime's error message quotes text of the model that is not valid UTF-8"
     first = " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(exc).__name__
     if len(first) > 600:
         first = first[:600] + "..."
