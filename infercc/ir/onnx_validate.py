@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import onnx
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from ..errors import ModelLoadError
 from .dtypes import DType
@@ -23,18 +22,19 @@ _REEXPORT = "the file is corrupt or its exporter is broken; re-export it"
 
 # ----------------------------------------------------------------------------- text fields
 #: Per message type: its string fields and its message fields, each as (name, repeated).
-_LAYOUT: dict[Descriptor, tuple[list[tuple[str, bool]], list[tuple[str, bool]]]] = {}
+_LAYOUT: dict[object, tuple[list[tuple[str, bool]], list[tuple[str, bool]]]] = {}
 
 
-def _layout(desc: Descriptor) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+def _layout(desc) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
     found = _LAYOUT.get(desc)
     if found is None:
         strings, messages = [], []
         for f in desc.fields:
-            repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == FieldDescriptor.LABEL_REPEATED
-            if f.type == FieldDescriptor.TYPE_STRING:
+            # (protobuf's descriptor constants, read off the field: protobuf is onnx's dependency, not ours)
+            repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+            if f.type == f.TYPE_STRING:
                 strings.append((f.name, repeated))
-            elif f.type == FieldDescriptor.TYPE_MESSAGE:
+            elif f.type == f.TYPE_MESSAGE:
                 messages.append((f.name, repeated))
         found = _LAYOUT[desc] = (strings, messages)
     return found
