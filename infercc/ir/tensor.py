@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -197,7 +197,10 @@ def external_file(proto: onnx.TensorProto, base_dir: str) -> tuple[str, int, int
     return path, offset, length
 
 
-def _whole_number(info: dict[str, str], key: str, default: int | None, bad) -> int | None:
+def _whole_number(
+    info: dict[str, str], key: str, default: int | None, bad: Callable[[str], ModelLoadError]
+) -> int | None:
+    """A strict decimal (no sign, no '1_000', no '0x10'): anything else is a malformed file."""
     raw = info.get(key)
     if raw is None:
         return default
