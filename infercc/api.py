@@ -12,9 +12,10 @@ from .compiled import CompiledModel
 from .config import Config
 from .errors import ConfigError, ModelLoadError
 from .families import detect_family
-from .ir import Model, load_model
+from .ir import Graph, Model, load_model
 from .ir.shapes import infer_shapes
 from .passes import Diagnostics, Pass, PassManager, PassRecord, build_pipeline
+from .runtime.ort_check import check_ops
 from .runtime.providers import choose_providers
 
 
@@ -37,6 +38,8 @@ def compile(  # noqa: A001 - the public name users expect
     config = (config or Config()).replace(**options)
     choose_providers(config.provider)  # an unusable provider is an error before any work is done
     ir = import_model(model)
+    check_ops(ir)  # what onnxruntime would refuse at the first run() is refused now, by node
+    _sort(ir.graph)  # onnxruntime runs unsorted (acyclic) files; passes and clone() need node order
     diagnostics = Diagnostics()
     diagnostics.facts.update(detect_family(ir))
     pipeline = passes if passes is not None else build_pipeline(config)
@@ -56,9 +59,19 @@ def compile(  # noqa: A001 - the public name users expect
     return CompiledModel(ir, config, diagnostics)
 
 
+def _sort(graph: Graph) -> None:
+    """Topological order in every graph; stable, so a sorted file keeps its order exactly."""
+    graph.sort()
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            _sort(sub)
+
+
 def import_model(model: Any) -> Model:
     """.onnx file or ModelProto -> ONNX import; .gguf file or Hugging Face folder -> importers."""
     if isinstance(model, (str, os.PathLike)):
+        if "\0" in str(os.fspath(model)):
+            raise ModelLoadError(f"{os.fspath(model)!r}: a path cannot contain a NUL byte; check the path.")
         from .importers import import_checkpoint, is_checkpoint
 
         if is_checkpoint(model):

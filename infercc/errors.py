@@ -22,3 +22,8 @@ class InputError(InferccError, ValueError):
 
 class PassError(InferccError):
     """A pass failed and ``strict=True`` asked for it to be fatal."""
+
+
+class RunError(InferccError, RuntimeError):
+    """ONNX Runtime failed while running a model that it had accepted (a shape or index that only
+    goes wrong with these inputs); the message names the node and op, and keeps the runtime's text."""

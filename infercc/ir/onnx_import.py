@@ -7,7 +7,6 @@ costs a user part of their model.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,8 @@ from .dtypes import DType
 from .graph import Graph
 from .model import Model
 from .node import Attr, Node
-from .tensor import Tensor
+from .onnx_validate import check_acyclic, check_sparse, check_tensors, check_text, check_value_types
+from .tensor import Tensor, external_file
 from .value import Dim, Value
 
 
@@ -31,16 +31,29 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, base_dir: str | N
     makes import cheap), so do not edit the proto after handing it over. External data of a
     ModelProto is looked up relative to ``base_dir`` (default: the working directory)."""
     if isinstance(source, onnx.ModelProto):
-        proto, base = source, base_dir or os.getcwd()
+        proto, base, where = source, base_dir or os.getcwd(), None
     else:
         path = Path(source)
-        proto, base = _read_proto(path), str(path.resolve().parent)
-    _check_opsets(proto)
-    _check_external_data(proto, base)
-    return from_proto(proto, base)
+        proto, base, where = _read_proto(path), str(path.resolve().parent), str(path)
+    try:
+        check_text(proto)
+        _check_opsets(proto)
+        check_tensors(proto)
+        check_value_types(proto.graph)
+        check_sparse(proto.graph)
+        _check_external_data(proto, base)
+        model = from_proto(proto, base)
+        check_acyclic(model.graph)
+    except ModelLoadError as exc:
+        if where is None:
+            raise
+        raise ModelLoadError(f"{where}: {exc}") from None  # name the file: the CLI prints one line
+    return model
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
+    if "\0" in str(path):
+        raise ModelLoadError(f"{str(path)!r}: a path cannot contain a NUL byte; check the path.")
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file. Check the path, or export the model to ONNX first.")
     if path.is_dir():
@@ -96,36 +109,12 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 
 def _check_external_data(proto: onnx.ModelProto, base: str) -> None:
+    """Every external-data reference resolves, after symbolic links, to a file inside the model's
+    folder, with an offset and length that fit it (``tensor.external_file``): checked before the
+    IR exists, so nothing downstream ever opens a path a hostile file chose."""
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        norm = os.path.normpath(location) if location else ""
-        if os.path.isabs(location) or norm == ".." or norm.startswith(".." + os.sep):
-            raise ModelLoadError(
-                f"initializer {tensor.name!r} keeps its data at {location!r}, outside the model's folder: onnx "
-                "and onnxruntime refuse such paths; move the data file next to the .onnx file and make its "
-                "location relative."
-            )
-        path = os.path.join(base, location)
-        if not location or not os.path.isfile(path):
-            raise ModelLoadError(
-                f"initializer {tensor.name!r} keeps its data in external file {location!r}, which is missing "
-                f"from {base}: put the data file next to the .onnx file (same relative path)."
-            )
-        length = info.get("length")
-        if length is None and tensor.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-            size = 1
-            for d in tensor.dims:
-                size *= d
-            length = math.ceil(size * DType(tensor.data_type).itemsize)
-        end = int(info.get("offset", 0)) + int(length or 0)
-        if os.path.getsize(path) < end:
-            raise ModelLoadError(
-                f"external data file {path} is {os.path.getsize(path)} bytes but initializer {tensor.name!r} "
-                f"needs bytes up to {end}: the data file is truncated; copy it again."
-            )
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            external_file(tensor, base)
 
 
 def from_proto(proto: onnx.ModelProto, base_dir: str) -> Model:

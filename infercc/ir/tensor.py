@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..errors import ModelLoadError
 from .dtypes import DType
 
 
@@ -68,13 +70,12 @@ class Tensor:
 
     @property
     def external_location(self) -> tuple[str, int, int | None] | None:
-        """(absolute file, offset, length) of external data, or None for inline data."""
+        """(real path of the file, offset, length) of external data, or None for inline data.
+        Checked on every call (see ``external_file``), because the files can change between import
+        and the moment they are read or copied."""
         if not self.is_external:
             return None
-        info = {e.key: e.value for e in self._proto.external_data}
-        path = os.path.join(self._base_dir or "", info["location"])
-        length = int(info["length"]) if "length" in info else None
-        return path, int(info.get("offset", 0)), length
+        return external_file(self._proto, self._base_dir or os.getcwd())
 
     def numpy(self) -> np.ndarray:
         """The data as a read-only array (memory-mapped for external data)."""
@@ -87,13 +88,18 @@ class Tensor:
         loc = self.external_location
         if loc is None:
             return numpy_helper.to_array(self._proto)
-        path, offset, _ = loc
+        path, offset, length = loc
         np_dtype = self._dtype.numpy
         if self._dtype.itemsize < 1 or self._dtype == DType.STRING:
-            # Packed 4-bit and string data have no direct memmap layout: go through onnx.
+            # Packed 4-bit and string data have no direct memmap layout: read the checked bytes
+            # ourselves (onnx's loader would resolve the location again, unchecked).
             proto = onnx.TensorProto()
             proto.CopyFrom(self._proto)
-            onnx.external_data_helper.load_external_data_for_tensor(proto, self._base_dir or "")
+            del proto.external_data[:]
+            proto.data_location = onnx.TensorProto.DEFAULT
+            with open(path, "rb") as f:
+                f.seek(offset)
+                proto.raw_data = f.read() if length is None else f.read(length)
             return numpy_helper.to_array(proto)
         if self.size == 0:
             return np.zeros(self._shape, np_dtype)
@@ -128,6 +134,90 @@ class Tensor:
     def __repr__(self) -> str:
         where = "external" if self.is_external else "inline"
         return f"Tensor({self.name!r}, {self._dtype}, {list(self._shape)}, {where})"
+
+
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+
+
+def external_file(proto: onnx.TensorProto, base_dir: str) -> tuple[str, int, int | None]:
+    """The (real path, offset, length) of a tensor's external data, or a ModelLoadError.
+
+    Files from users are hostile: the location must stay inside ``base_dir`` once symbolic links
+    are resolved (onnxruntime's rule; a link to /etc/passwd must not end up in a compiled model),
+    and offset and length must be whole numbers that fit the file, checked before anything is
+    read or memory-mapped. ``length`` is None only for string tensors stored without one."""
+    name = proto.name
+    info = {e.key: e.value for e in proto.external_data}
+    location = info.get("location", "")
+
+    def bad(problem: str, fix: str = "the model is malformed; re-export it") -> ModelLoadError:
+        return ModelLoadError(f"initializer {name!r} {problem}: {fix}.")
+
+    if not location:
+        raise bad("is marked as external data but names no file (no 'location' entry)")
+    if "\0" in location:
+        raise bad(f"keeps its data at {location!r}, a path containing a NUL byte", "the file is corrupt; re-export it")
+    norm = os.path.normpath(location)
+    if os.path.isabs(location) or norm == ".." or norm.startswith(".." + os.sep):
+        raise bad(
+            f"keeps its data at {location!r}, outside the model's folder (onnx and onnxruntime refuse such paths)",
+            "move the data file next to the .onnx file and make its location relative",
+        )
+    root = os.path.realpath(base_dir)
+    path = os.path.realpath(os.path.join(root, location))
+    if os.path.commonpath([root, path]) != root:
+        link, target = _first_link(root, location)
+        raise bad(
+            f"keeps its data at {location!r}, but {link!r} is a symbolic link to {target!r}, which leads outside "
+            f"the model's folder {root} (onnxruntime refuses such data too)",
+            "copy the data file itself into the model's folder in place of the link",
+        )
+    if not os.path.isfile(path):
+        raise bad(
+            f"keeps its data in external file {location!r}, which is missing from {root} (or is not a regular file)",
+            "put the data file next to the .onnx file (same relative path)",
+        )
+    offset = _whole_number(info, "offset", 0, bad)
+    expected = None
+    if proto.data_type != onnx.TensorProto.STRING:
+        expected = math.ceil(math.prod(proto.dims) * DType(proto.data_type).itemsize)
+    length = _whole_number(info, "length", expected, bad)
+    if expected is not None and length != expected:
+        raise bad(
+            f"has dims {list(proto.dims)} of {DType(proto.data_type)} ({expected} bytes) but its external data "
+            f"length is {length}"
+        )
+    size = os.path.getsize(path)
+    end = offset + (length or 0)
+    if size < end:
+        raise ModelLoadError(
+            f"external data file {path} is {size} bytes but initializer {name!r} needs bytes up to {end} "
+            f"(offset {offset} + length {length or 0}): the data file is truncated; copy it again."
+        )
+    return path, offset, length
+
+
+def _whole_number(
+    info: dict[str, str], key: str, default: int | None, bad: Callable[[str], ModelLoadError]
+) -> int | None:
+    """A strict decimal (no sign, no '1_000', no '0x10'): anything else is a malformed file."""
+    raw = info.get(key)
+    if raw is None:
+        return default
+    if not _WHOLE_NUMBER.fullmatch(raw):
+        raise bad(f"has external data {key} {raw!r}, which is not a non-negative whole number of bytes")
+    return int(raw)
+
+
+def _first_link(root: str, location: str) -> tuple[str, str]:
+    """The first symbolic link along ``location`` whose target leaves ``root``, and that target."""
+    parts = os.path.normpath(location).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        candidate = os.path.join(root, *parts[:i])
+        target = os.path.realpath(candidate)
+        if os.path.islink(candidate) and os.path.commonpath([root, target]) != root:
+            return os.path.join(*parts[:i]), target
+    return location, os.path.realpath(os.path.join(root, location))
 
 
 def _contiguous(array: np.ndarray) -> np.ndarray:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
 from ..errors import InputError
-from ..ir import DType, Graph, Value
+from ..ir import DType, Graph, Node, Value
 
 
 def signature(values: list[Value]) -> list[dict]:
@@ -70,6 +70,7 @@ def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.n
             if array.dtype != want:
                 if not np.can_cast(array.dtype, want, casting="same_kind"):
                     raise InputError(f"input {name!r} must be {value.dtype}, got {array.dtype}; convert it with .astype({want.name})")
+                _check_fits(name, array, want)
                 array = array.astype(want)
         if value.shape is not None:
             if array.ndim != len(value.shape):
@@ -85,9 +86,59 @@ def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.n
                         raise InputError(
                             f"inputs {seen[1]!r} and {name!r} disagree on dimension {dim!r}: {seen[0]} vs {size}"
                         )
+        if value.dtype is not None and value.dtype.is_integer:
+            _check_indices(name, value, array)
         out[name] = array
     _check_cache_lengths(graph, out)
     return out
+
+
+#: Inputs that carry a batch of token sequences: an empty one is always a mistake.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def _check_fits(name: str, array: np.ndarray, want: np.dtype) -> None:
+    """int64 ids given to an int32 input would wrap around silently when cast: refuse those."""
+    if array.dtype.kind in "iu" and want.kind in "iu" and array.size:
+        info = np.iinfo(want)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise InputError(
+                f"input {name!r} holds {bad}, which does not fit the model's {want.name} "
+                f"(range {info.min} to {info.max}); pass values in that range"
+            )
+
+
+def _check_indices(name: str, value: Value, array: np.ndarray) -> None:
+    """Token ids and other indices: no empty batch or sequence, every id a row of the table it
+    indexes (onnxruntime would fail inside the Gather with its own text, or, for some providers,
+    read out of bounds). Token ids must be >= 0; other indices may count from the end, as Gather
+    allows."""
+    tables = list(_index_tables(value))
+    if (tables or name in TOKEN_INPUTS) and 0 in array.shape:
+        axis = array.shape.index(0)
+        dim = value.shape[axis] if value.shape is not None else None
+        label = f" ({dim!r})" if isinstance(dim, str) else ""
+        raise InputError(
+            f"input {name!r} is empty: axis {axis}{label} has size 0 (shape {list(array.shape)}); "
+            "pass at least one sequence of at least one token"
+        )
+    if not tables or not array.size:
+        return
+    node, rows = min(tables, key=lambda t: t[1])
+    low = 0 if name == "input_ids" else -rows
+    smallest, largest = int(array.min()), int(array.max())
+    if smallest < low or largest >= rows:
+        bad = smallest if smallest < low else largest
+        where = tuple(int(i) for i in np.argwhere(array == bad)[0])
+        table = node.inputs[0].name
+        raise InputError(
+            f"input {name!r} holds {bad} at index {list(where)}, outside the valid range {low} to {rows - 1}: "
+            f"it indexes the {rows} rows of {table!r} (node {node.name or node.op_type!r}); "
+            + (f"token ids must be in 0 to {rows - 1} (vocabulary size {rows})" if name == "input_ids"
+               else "pass indices in that range")
+        )
 
 
 def _check_cache_lengths(graph: Graph, feeds: dict[str, np.ndarray]) -> None:
@@ -154,12 +205,23 @@ def _cache_dims(graph: Graph, dims: dict[str, int]) -> None:
 
 def _index_bound(value: Value) -> int:
     """Largest safe exclusive bound for an integer input: the smallest table it indexes."""
-    bound = 100
+    return max(min([100, *(rows for _, rows in _index_tables(value))]), 1)
+
+
+#: Ops whose input 1 indexes rows of input 0, with the attribute that names the axis.
+_GATHERS = {"Gather": "axis", "GatherElements": "axis", "GatherBlockQuantized": "gather_axis"}
+#: Ops that pass indices through unchanged in value.
+_INDEX_PASSTHROUGH = ("Cast", "Unsqueeze", "Reshape", "Flatten")
+
+
+def _index_tables(value: Value) -> Iterator[tuple[Node, int]]:
+    """(node, rows) for every table ``value`` indexes, directly or through shape-only ops: the
+    rows are the size of the gathered axis, where the graph knows it."""
     for node, i in value.uses:
-        if node.op_type in ("Gather", "GatherElements") and i == 1:
+        if node.op_type in _GATHERS and i == 1 and node.inputs[0] is not None:
             table = node.inputs[0].shape
-            if table and isinstance(table[node.attr("axis", 0)], int):
-                bound = min(bound, table[node.attr("axis", 0)])
-        elif node.op_type in ("Cast", "Unsqueeze", "Reshape", "Flatten") and i == 0:
-            bound = min(bound, _index_bound(node.outputs[0]))
-    return max(bound, 1)
+            axis = node.attr(_GATHERS[node.op_type], 0)
+            if table and -len(table) <= axis < len(table) and isinstance(table[axis], int):
+                yield node, table[axis]
+        elif node.op_type in _INDEX_PASSTHROUGH and i == 0:
+            yield from _index_tables(node.outputs[0])
