@@ -20,6 +20,7 @@ import os
 import resource
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TextIO
@@ -118,7 +119,7 @@ def run_variant(fmt: str, path: Path, verbose: bool = False) -> dict[str, Any]:
 
 
 #: what the harness's own test asks a "selftest" variant to do (seed modulo their number)
-SELFTEST = ("ok", "infercc_error", "value_error", "abort", "hang", "huge_allocation")
+SELFTEST = ("ok", "infercc_error", "value_error", "huge_allocation", "abort", "hang")
 
 
 def _selftest(kind: str) -> dict[str, Any]:
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         emit(event="start", seed=seed, mutation=mutation)
         path = write_variant(args.format, files, folder) if files else folder / mutation
+        began = time.monotonic()
         outcome = run_variant(args.format, path, verbose=args.keep)
-        emit(event="done", seed=seed, **outcome)
+        emit(event="done", seed=seed, seconds=round(time.monotonic() - began, 3), **outcome)
         if args.keep:
             print(f"seed {seed}: {mutation}\n  -> {json.dumps(outcome)}\n  files in {folder}", file=sys.stderr)
         else:

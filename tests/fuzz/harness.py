@@ -46,6 +46,7 @@ class Outcome:
     frames: list[str] = dataclasses.field(default_factory=list)
     multiline: bool = False
     note: str | None = None
+    seconds: float | None = None  # compile + run, as the child measured it
 
     @property
     def failed(self) -> bool:
@@ -173,11 +174,11 @@ def report(fmt: str, base: Path, outcomes: Sequence[Outcome], workdir: Path, exa
     return "\n".join(lines)
 
 
-def save_outcomes(outcomes: Sequence[Outcome], path: Path) -> None:
+def save_outcomes(fmt: str, base: Path, outcomes: Sequence[Outcome], path: Path) -> None:
     """Every outcome as a JSON line (INFERCC_FUZZ_REPORT): the raw material of a bug report."""
     with open(path, "a") as f:
         for o in outcomes:
-            f.write(json.dumps(dataclasses.asdict(o)) + "\n")
+            f.write(json.dumps({"format": fmt, "base": str(base), **dataclasses.asdict(o)}) + "\n")
 
 
 #: variants per base file in the default run (two bases per format: 30 variants per format)
@@ -199,6 +200,6 @@ def check_variants(fmt: str, base: Path, seeds: Iterable[int], workdir: Path) ->
     With INFERCC_FUZZ_REPORT set, every outcome is appended to that file as a JSON line."""
     outcomes = run_fuzz(fmt, base, seeds, workdir)
     if os.environ.get("INFERCC_FUZZ_REPORT"):
-        save_outcomes(outcomes, Path(os.environ["INFERCC_FUZZ_REPORT"]))
+        save_outcomes(fmt, base, outcomes, Path(os.environ["INFERCC_FUZZ_REPORT"]))
     assert not any(o.failed for o in outcomes), report(fmt, base, outcomes, workdir)
     return outcomes

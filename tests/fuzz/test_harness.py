@@ -17,7 +17,7 @@ from tests.fuzz.synthetic import write_tiny_gguf
 
 
 def test_harness_tells_each_failure_kind_apart(tmp_path: Path) -> None:
-    outcomes = run_fuzz("selftest", tmp_path, range(len(SELFTEST)), tmp_path / "work", timeout=3, memory_gib=2)
+    outcomes = run_fuzz("selftest", tmp_path, range(len(SELFTEST)), tmp_path / "work", timeout=2, memory_gib=2)
     status = {SELFTEST[o.seed]: o.status for o in outcomes}
     assert status == {"ok": "ok", "infercc_error": "error", "value_error": "bad", "abort": "crash", "hang": "timeout",
                       "huge_allocation": "bad"}, outcomes
