@@ -119,7 +119,7 @@ def run_variant(fmt: str, path: Path, verbose: bool = False) -> dict[str, Any]:
 
 
 #: what the harness's own test asks a "selftest" variant to do (seed modulo their number)
-SELFTEST = ("ok", "infercc_error", "value_error", "huge_allocation", "abort", "hang")
+SELFTEST = ("ok", "infercc_error", "value_error", "huge_allocation", "escape", "abort", "hang")
 
 
 def _selftest(kind: str) -> dict[str, Any]:
@@ -142,13 +142,13 @@ def _selftest(kind: str) -> dict[str, Any]:
 
 def write_variant(fmt: str, files: dict[str, Any], folder: Path) -> Path:
     """The variant's files in ``folder`` (links and directories as the mutation asked); the model path."""
-    from .onnx_mutate import MODEL, Directory, Link
+    from .onnx_mutate import ABSOLUTE, MODEL, Directory, Link
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         target = folder / name
         if isinstance(content, Link):
-            os.symlink(content.target, target)
+            os.symlink(content.target.replace(ABSOLUTE, str(folder.resolve().parent)), target)
         elif isinstance(content, Directory):
             target.mkdir()
         else:
@@ -180,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import infercc  # noqa: F401 - imported before the first variant so its time is not charged to one
 
+    from .onnx_mutate import ESCAPES, OUTSIDE, OUTSIDE_BYTES
+
     if args.format == "selftest":
 
         def make(seed: int):
-            return {}, SELFTEST[seed % len(SELFTEST)]
+            kind = SELFTEST[seed % len(SELFTEST)]
+            return {}, f"{kind} {ESCAPES}" if kind == "escape" else kind
     elif args.format == "gguf":
         from .gguf_mutate import mutate_gguf, parse
 
@@ -201,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return mutate_onnx(base, seed)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    from .onnx_mutate import OUTSIDE
 
-    (args.workdir / OUTSIDE).write_bytes(b"\x01" * 4096)  # what links out of a variant folder point at
+    (args.workdir / OUTSIDE).write_bytes(b"\x01" * OUTSIDE_BYTES)  # what links out of a variant folder point at
     for seed in args.seeds:
         try:
             files, mutation = make(seed)
@@ -218,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         path = write_variant(args.format, files, folder) if files else folder / mutation
         began = time.monotonic()
         outcome = run_variant(args.format, path, verbose=args.keep)
+        if outcome["status"] == "ok" and ESCAPES in mutation:
+            outcome = {"status": "accepted", "stage": outcome["stage"], "message": (
+                "compiled (and ran) although its weights lie outside the model's folder (a symbolic link or path "
+                "out of it): this must be a ModelLoadError")}
         emit(event="done", seed=seed, seconds=round(time.monotonic() - began, 3), **outcome)
         if args.keep:
             print(f"seed {seed}: {mutation}\n  -> {json.dumps(outcome)}\n  files in {folder}", file=sys.stderr)

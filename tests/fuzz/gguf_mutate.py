@@ -227,6 +227,18 @@ def set_slot(layout: Layout, rng: random.Random) -> tuple[bytes, str]:
     return bytes(out), f"set_slot({slot.label}: {original!r} -> {value!r})"
 
 
+def set_field(layout: Layout, label: str, value: int | float) -> bytes:
+    """The base file with the slot named ``label`` (e.g. ``kv[tokenizer.ggml.token_type].count``) set to
+    ``value``: a minimal reproducer for a failure a random variant found."""
+    slot = next(s for s in layout.slots if s.label == label)
+    size = struct.calcsize(slot.code)
+    if slot.code in "fd":
+        packed = struct.pack("<" + slot.code, value)
+    else:
+        packed = struct.pack("<" + {1: "B", 2: "H", 4: "I", 8: "Q"}[size], wrap(int(value), size, signed=False))
+    return layout.data[:slot.offset] + packed + layout.data[slot.offset + size:]
+
+
 def drop_kv(layout: Layout, rng: random.Random) -> tuple[bytes, str]:
     kvs = list(layout.kvs)
     dropped = kvs.pop(rng.randrange(len(kvs)))

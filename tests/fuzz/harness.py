@@ -38,7 +38,9 @@ PASSING = ("ok", "error")
 class Outcome:
     seed: int
     mutation: str
-    status: str  # ok | error (an InferccError) | bad (another exception) | crash | timeout | harness
+    #: ok | error (an InferccError) | bad (another exception) | crash | timeout | harness (the fuzzer
+    #: itself failed) | accepted (ran although it must fail: weights from outside the model's folder)
+    status: str
     stage: str | None = None
     type: str | None = None
     message: str = ""

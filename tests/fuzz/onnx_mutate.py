@@ -20,6 +20,10 @@ from onnx import AttributeProto, TensorProto
 from .mutate import INTERESTING_FLOATS, interesting_int, mutate_bytes
 
 OUTSIDE = "outside.bin"  # a file the child writes next to (outside of) every variant folder
+#: larger than any data file of the bases, so that only a confinement check (not a size check) refuses it
+OUTSIDE_BYTES = 4 << 20
+#: in a variant's description: its weights lie outside its folder, so compiling it must fail
+ESCAPES = "[escapes the folder]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +289,8 @@ def deep_nesting(proto: onnx.ModelProto, files: Files, rng: random.Random) -> st
     return f"deep_nesting({depth})"
 
 
+#: stands for the variant folder's parent in a link target; the child writes the real path
+ABSOLUTE = "{parent}"
 _LOCATIONS = ("../outside.bin", f"/tmp/../{OUTSIDE}", "missing.bin", "sub/../../outside.bin", "", ".", "link.bin",
               "model.onnx", "a\0b", "../" * 20 + "etc/passwd")
 
@@ -306,7 +312,8 @@ def hostile_external(proto: onnx.ModelProto, files: Files, rng: random.Random) -
         if loc == "link.bin":
             files["link.bin"] = Link(f"../{OUTSIDE}")
         entries["location"].value = loc
-        return f"external({t.name}: location = {loc!r})"
+        escapes = loc == "link.bin" or OUTSIDE in loc
+        return f"external({t.name}: location = {loc!r})" + (f" {ESCAPES}" if escapes else "")
     if how in ("offset", "length"):
         value = str(rng.choice((-1, 2**63 - 1, 2**40, 3, 0, "abc", "1e3", " 12")))
         entry = entries.get(how) or t.external_data.add(key=how)
@@ -333,14 +340,14 @@ def replace_data_file(proto: onnx.ModelProto, files: Files, rng: random.Random) 
     if how == "link_out":
         files[name] = Link(f"../{OUTSIDE}")
     elif how == "link_abs":
-        files[name] = Link("/etc/hostname")
+        files[name] = Link(f"{ABSOLUTE}/{OUTSIDE}")
     elif how == "directory":
         files[name] = Directory()
     elif how == "link_loop":
         files[name] = Link(name)
     else:
         del files[name]
-    return f"data_file({name}: {how})"
+    return f"data_file({name}: {how})" + (f" {ESCAPES}" if how.startswith("link_") and how != "link_loop" else "")
 
 
 MODEL = "model.onnx"  # the model file's name in every variant folder

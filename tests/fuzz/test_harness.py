@@ -20,13 +20,13 @@ def test_harness_tells_each_failure_kind_apart(tmp_path: Path) -> None:
     outcomes = run_fuzz("selftest", tmp_path, range(len(SELFTEST)), tmp_path / "work", timeout=2, memory_gib=2)
     status = {SELFTEST[o.seed]: o.status for o in outcomes}
     assert status == {"ok": "ok", "infercc_error": "error", "value_error": "bad", "abort": "crash", "hang": "timeout",
-                      "huge_allocation": "bad"}, outcomes
+                      "huge_allocation": "bad", "escape": "accepted"}, outcomes
     by_kind = {SELFTEST[o.seed]: o for o in outcomes}
     assert by_kind["huge_allocation"].type.endswith("MemoryError")
     assert "SIGABRT" in by_kind["abort"].message and by_kind["abort"].note == "alone: crash"
     assert by_kind["value_error"].where is None and by_kind["value_error"].frames[-1].endswith("_selftest")
     text = report("selftest", tmp_path, outcomes, tmp_path)
-    assert text.startswith(f"4 of {len(SELFTEST)} selftest variants") and len(group(outcomes)) == 4
+    assert text.startswith(f"5 of {len(SELFTEST)} selftest variants") and len(group(outcomes)) == 5
 
 
 @pytest.fixture(scope="module")
