@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 
 import onnxruntime as ort
-from onnx import defs
+from onnx import AttributeProto, defs
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from ..errors import InferccError, ModelLoadError, RunError
@@ -119,6 +119,12 @@ def _problem(node: Node, domain: str, version: int | None) -> tuple[str, str] | 
         values = attr.value if isinstance(attr.value, list) else [attr.value]
         if any(isinstance(v, bytes) for v in values):
             return f"attribute {attr.name!r} holds bytes that are not UTF-8 text ({values[0]!r:.40})", _MALFORMED
+    for attr in node.attrs.values():
+        formal = schema.attributes.get(attr.name)
+        if formal is not None and not attr.ref_attr_name and int(attr.type) != int(formal.type):
+            expected = AttributeProto.AttributeType.Name(int(formal.type))
+            return (f"attribute {attr.name!r} of {op}-{schema.since_version} must be {expected}, but the node "
+                    f"holds type {int(attr.type)}"), _MALFORMED
     missing = sorted(name for name, attr in schema.attributes.items() if attr.required and name not in node.attrs)
     if missing:
         return f"{op}-{schema.since_version} requires attribute(s) {', '.join(missing)}, which the node lacks", _MALFORMED
