@@ -104,3 +104,28 @@ def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
     np.testing.assert_allclose(compiled.run({"x": x})["y"], expected, atol=1e-5)
     off = infercc.compile(proto, strict=True, quantize=None)
     assert "com.microsoft::MatMulNBits" not in off.model.graph.op_histogram()
+
+
+def test_smollm2_q4_1_runs_at_4_bit_by_default() -> None:
+    """The demo's model: the Q4_1 file compiles to its own 4-bit grids (not to float), and its greedy
+    text follows the dequantized float model's. Teacher-forced on the float model's greedy
+    continuation, the 4-bit model picks the same token at >= 95% of the steps (the difference is
+    MatMulNBits' int8 activation rounding; the weights are the file's, exactly)."""
+    from tests.importers._models import SMOLLM2, require
+
+    path = require(SMOLLM2)
+    kept = infercc.compile(path)
+    record = kept.diagnostics["quantize_weights"]
+    assert record.status == "applied" and record.info["kept_native"] == {"int4 (offset)": 210, "int8 (zero point)": 1}
+    assert record.info["size"]["weights_after"] < 0.25 * record.info["size"]["weights_before"]
+    floats = infercc.compile(path, quantize=None)
+    messages = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
+    reference = floats.generate(messages, max_new_tokens=32)
+    prompt = reference.prompt_token_ids
+    ids = np.array([list(prompt) + list(reference.token_ids)], np.int64)
+
+    def greedy(compiled) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        return compiled.run(feeds)["logits"][0, len(prompt) - 1:-1].argmax(-1)
+
+    assert np.mean(greedy(kept) == greedy(floats)) >= 0.95
