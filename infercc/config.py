@@ -4,11 +4,10 @@ value is validated when the config is made, with an error naming the field and w
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, reject_unknown
 
 PROVIDERS = ("auto", "cpu", "cuda")
 LOWERINGS = ("ort", "onnx")
@@ -173,15 +172,6 @@ class Config:
 
 
 def check_option_names(names: Iterable[str]) -> None:
-    """ConfigError for names that are not Config fields: lists the valid ones and suggests the
-    closest (``Config(qauntize=...)``, ``compile(..., optimise=False)``)."""
-    fields = sorted(f.name for f in dataclasses.fields(Config))
-    unknown = sorted(set(names) - set(fields))
-    if not unknown:
-        return
-    matches = {name: close[0] for name in unknown if (close := difflib.get_close_matches(name, fields, n=1))}
-    if len(unknown) == 1 and matches:
-        hint = f" (did you mean {matches[unknown[0]]!r}?)"
-    else:
-        hint = f" (did you mean {', '.join(f'{k!r} -> {v!r}' for k, v in matches.items())}?)" if matches else ""
-    raise ConfigError(f"unknown option(s) {unknown}{hint}; valid options: {fields}")
+    """ConfigError for names that are not Config fields (``Config(qauntize=...)``,
+    ``compile(..., optimise=False)``), with the closest valid one suggested."""
+    reject_unknown(names, (f.name for f in dataclasses.fields(Config)))

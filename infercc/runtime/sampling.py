@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +77,13 @@ class SamplingParams:
 
     def replace(self, **changes) -> SamplingParams:
         """A copy with some fields changed; unknown names are an error listing the valid ones."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(f"unknown sampling option(s) {unknown}; valid options: {sorted(known)}")
+        reject_unknown(changes, (f.name for f in dataclasses.fields(self)), "sampling option")
         return dataclasses.replace(self, **changes)
+
+    def __new__(cls, *args, **options) -> SamplingParams:
+        """Unknown keywords are a ConfigError with the closest field suggested, as ``replace`` gives."""
+        reject_unknown(options, (f.name for f in dataclasses.fields(cls)), "sampling option")
+        return super().__new__(cls)
 
     @property
     def greedy(self) -> bool:

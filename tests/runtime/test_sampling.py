@@ -133,3 +133,10 @@ def test_penalties_change_the_distribution_and_greedy_choice():
     freq = np.bincount(got, minlength=3) / got.size
     np.testing.assert_allclose(freq, Sampler(SamplingParams(temperature=1.0, presence_penalty=2.0)).probabilities(
         logits, output=[0]), atol=0.03)
+
+
+def test_unknown_field_in_the_constructor_is_a_config_error_with_a_suggestion():
+    """Not the dataclass's bare TypeError: the same error replace() gives, with the closest field."""
+    with pytest.raises(ConfigError, match=r"unknown sampling option\(s\) \['tempreature'\] \(did you mean 'temperature'\?\)"):
+        SamplingParams(tempreature=1.0)
+    assert SamplingParams(temperature=0.5).temperature == 0.5
