@@ -22,7 +22,7 @@ from onnx import AttributeProto, defs
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from ..errors import InferccError, ModelLoadError, RunError
-from ..ir import Model, Node
+from ..ir import DType, Model, Node
 
 #: Every exception class onnxruntime's Python binding raises (Fail, InvalidArgument, InvalidGraph,
 #: RuntimeException, NotImplemented, EPFail, ...), and UnicodeDecodeError: the binding raises that
@@ -125,10 +125,18 @@ def _problem(node: Node, domain: str, version: int | None) -> tuple[str, str] | 
             expected = AttributeProto.AttributeType.Name(int(formal.type))
             return (f"attribute {attr.name!r} of {op}-{schema.since_version} must be {expected}, but the node "
                     f"holds type {int(attr.type)}"), _MALFORMED
+        if attr.name in _DTYPE_ATTRS and isinstance(attr.value, int) and attr.value not in _DTYPES:
+            return (f"attribute {attr.name!r} of {op}-{schema.since_version} is {attr.value}, which is no tensor "
+                    f"data type (onnx.TensorProto.DataType)"), _MALFORMED
     missing = sorted(name for name, attr in schema.attributes.items() if attr.required and name not in node.attrs)
     if missing:
         return f"{op}-{schema.since_version} requires attribute(s) {', '.join(missing)}, which the node lacks", _MALFORMED
     return None
+
+
+#: Attributes that hold an element type (Cast's ``to``, EyeLike's ``dtype``...) and the values they may take.
+_DTYPE_ATTRS = ("to", "dtype", "output_dtype")
+_DTYPES = frozenset(int(t) for t in DType)
 
 
 def _label(node: Node) -> str:

@@ -76,6 +76,8 @@ def test_op_in_a_domain_nobody_knows():
     (helper.make_node("Relu", ["x"], ["y", "z"], name="bad"), "takes 1 outputs but the node has 2"),
     (helper.make_node("Add", ["x", ""], ["y"], name="bad"), "input 1 (B) of Add-14 is required but left empty"),
     (helper.make_node("Cast", ["x"], ["y"], name="bad"), "requires attribute(s) to"),
+    (helper.make_node("Cast", ["x"], ["y"], name="bad", to=4096), "attribute 'to' of Cast-21 is 4096, which is no tensor"),
+    (helper.make_node("Cast", ["x"], ["y"], name="bad", to=1.0), "attribute 'to' of Cast-21 must be INT"),
 ])
 def test_malformed_node(node, expect):
     proto = _model([node], [_vec("x")], [_vec("y")])
