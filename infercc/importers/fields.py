@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
@@ -203,9 +204,13 @@ class JsonFields(Fields):
         return JsonFields(value, self.source, needs=self.needs, prefix=f"{self.prefix}{key}.")
 
 
-def chat_template(config: Mapping[str, Any], path: str | os.PathLike) -> str | None:
-    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} of which
-    the one named "default" is used. Another shape is a ModelLoadError naming the file."""
+def chat_template(folder: str | os.PathLike, config: Mapping[str, Any]) -> tuple[str | None, str]:
+    """A Hugging Face folder's chat template and where it came from: tokenizer_config.json's
+    chat_template (a string, or a list of {"name", "template"} of which the one named "default" is
+    used), else chat_template.jinja. Another shape is a ModelLoadError naming the file."""
+    from .paths import read_text
+
+    path = Path(folder) / "tokenizer_config.json"
     template = config.get("chat_template")
     if isinstance(template, list):
         if not all(isinstance(t, dict) and isinstance(t.get("template", ""), str) for t in template):
@@ -215,7 +220,9 @@ def chat_template(config: Mapping[str, Any], path: str | os.PathLike) -> str | N
     if template is not None and not isinstance(template, str):
         raise ModelLoadError(f"{path}: chat_template is a {type(template).__name__}, expected a string; fix that entry "
                              "or re-save the tokenizer with save_pretrained.")
-    return template
+    if template is not None:
+        return template, f"{path} (chat_template)"
+    return read_text(folder, "chat_template.jinja"), str(Path(folder) / "chat_template.jinja")
 
 
 def known_ids(ids: list[int | None], vocab_size: int, where: str) -> list[int]:

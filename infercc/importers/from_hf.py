@@ -16,7 +16,7 @@ from .fields import JsonFields, chat_template, known_ids
 from .gpt2_graph import Gpt2Spec, build_gpt2, gpt2_shapes
 from .llama_graph import LlamaSpec, build_llama, check_llama
 from .metadata import model_metadata
-from .paths import confined, read_json_object, read_text
+from .paths import confined, read_json_object
 
 #: config.json model_type -> builder family.
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
@@ -135,10 +135,7 @@ def _sliding_windows(f: JsonFields, layers: int) -> tuple[int | None, ...]:
 
 def _metadata(folder: Path, config: JsonFields, *, vocab: int, layers: int, heads: int, kv_heads: int,
               hidden: int, head_dim: int | None, context: int | None) -> dict[str, str]:
-    template = chat_template(read_json_object(folder, "tokenizer_config.json", missing_ok=True),
-                             folder / "tokenizer_config.json")
-    if template is None:
-        template = read_text(folder, "chat_template.jinja")
+    template, _ = chat_template(folder, read_json_object(folder, "tokenizer_config.json", missing_ok=True))
     generation = JsonFields(read_json_object(folder, "generation_config.json", missing_ok=True),
                             folder / "generation_config.json")
     source = generation if generation.has("eos_token_id") else config

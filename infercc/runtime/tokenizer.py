@@ -109,8 +109,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         from ..importers.fields import JsonFields, known_ids
-        from ..importers.fields import chat_template as template_of
-        from ..importers.paths import confined, read_json_object, read_text
+        from ..importers.fields import chat_template as hf_chat_template
+        from ..importers.paths import confined, read_json_object
 
         folder = Path(folder)
         path = confined(folder, "tokenizer.json")
@@ -136,11 +136,7 @@ class Tokenizer:
         if add_bos is None:  # let the tokenizer's post-processor tell whether it prepends BOS
             with_special = backend.tokenizer.encode("a", add_special_tokens=True).ids
             add_bos = bos is not None and bool(with_special) and with_special[0] == bos
-        template = template_of(config, folder / "tokenizer_config.json")
-        source = f"{folder / 'tokenizer_config.json'} (chat_template)"
-        if template is None:
-            template = read_text(folder, "chat_template.jinja")
-            source = str(folder / "chat_template.jinja")
+        template, source = hf_chat_template(folder, config)
         return cls(backend, bos_id=bos, eos_ids=known_ids(eos_ids, size, f"{folder}: eos_token_id"),
                    add_bos=bool(add_bos), chat_template=template, chat_template_source=source)
 
