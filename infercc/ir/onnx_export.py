@@ -79,7 +79,7 @@ def _value_info(value: Value) -> onnx.ValueInfoProto:
     return info
 
 
-def _export_tensor(t: Tensor, name: str, with_data: bool | str) -> onnx.TensorProto:
+def export_tensor(t: Tensor, name: str, with_data: bool | str) -> onnx.TensorProto:
     if t.is_external and with_data == "inline":
         return t.to_proto(name)
     if t.is_external:
@@ -102,7 +102,7 @@ def _export_graph(graph: Graph, with_data: bool) -> onnx.GraphProto:
     for k, v in graph.metadata_props.items():
         gp.metadata_props.add(key=k, value=v)
     gp.input.extend(_value_info(v) for v in graph.inputs)
-    gp.initializer.extend(_export_tensor(v.const, v.name, with_data) for v in graph.initializers.values())
+    gp.initializer.extend(export_tensor(v.const, v.name, with_data) for v in graph.initializers.values())
     declared = {id(v) for v in graph.inputs} | {id(v) for v in graph.outputs}
     if graph.value_info:
         defined = {id(v) for v in graph.values()}
@@ -111,7 +111,7 @@ def _export_graph(graph: Graph, with_data: bool) -> onnx.GraphProto:
                 gp.value_info.append(_value_info(v))
                 declared.add(id(v))
     for node in graph.nodes:
-        gp.node.append(_export_node(node, with_data))
+        gp.node.append(export_node(node, with_data))
         for v in node.outputs:
             if id(v) not in declared and (v.dtype is not None or v.type_proto is not None):
                 if not v.metadata_props.get("infercc.absent"):
@@ -122,7 +122,7 @@ def _export_graph(graph: Graph, with_data: bool) -> onnx.GraphProto:
     return gp
 
 
-def _export_node(node: Node, with_data: bool) -> onnx.NodeProto:
+def export_node(node: Node, with_data: bool) -> onnx.NodeProto:
     np_ = _make(
         onnx.NodeProto,
         op_type=node.op_type,

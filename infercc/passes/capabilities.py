@@ -74,6 +74,8 @@ class LoweringContext:
     target: str = "ort"
     opset: int = 20
     providers: tuple[str, ...] = (CPU,)
+    #: The model's maximum positions when its metadata says (sizes the rotary tables kernels read).
+    context_length: int | None = None
 
     @property
     def provider(self) -> str:

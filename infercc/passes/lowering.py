@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..ir import Graph, Model, Node
 from .base import Pass, PassContext
 from .canonical import DOMAIN, REGISTRY
-from .capabilities import LoweringContext, resolve_providers
+from .capabilities import MS, LoweringContext, resolve_providers
 from .rewrite import Builder
 
 
@@ -22,20 +22,27 @@ class LoweringBuilder(Builder):
     def __init__(self, graph: Graph, anchor: Node, name_hint: str, lowering: LoweringContext) -> None:
         super().__init__(graph, anchor, name_hint)
         self.lowering = lowering
+        #: What a lowering wants the diagnostics to say about its choice (a fallback and why).
+        self.notes: list[str] = []
 
 
 class LowerCanonicalOps(Pass):
     name = "lower_canonical_ops"
 
     def run(self, model: Model, ctx: PassContext) -> None:
+        from ..importers import read_metadata
+
         target = ctx.config.lowering
-        lowering = LoweringContext(target, model.opset("") or 1, tuple(resolve_providers(ctx.config.provider)))
+        context = read_metadata(model).get("context_length")
+        lowering = LoweringContext(target, model.opset("") or 1, tuple(resolve_providers(ctx.config.provider)),
+                                   context if isinstance(context, int) and context > 0 else None)
         if target == "ort":
             ctx.record.info["provider"] = lowering.provider
         graph = model.graph
         decomposed: dict[tuple[str, str], list[str]] = {}  # (op, reason) -> where: one warning each
-        for node in list(graph.nodes):
-            if node.domain != DOMAIN:
+        # Attention first: its lowering may absorb the rotary embeddings that feed it.
+        for node in sorted(graph.nodes, key=lambda n: n.op_type != "Attention"):
+            if node.domain != DOMAIN or node.graph is not graph:  # absorbed by a lowering before it
                 continue
             where = f"{node.op_type} {node.name!r}"
             op = REGISTRY.get(node.op_type)
@@ -54,7 +61,13 @@ class LowerCanonicalOps(Pass):
                 result = op.decompose(builder, node)
                 ctx.record.count(f"{node.op_type}_decomposed")
             else:
-                ctx.record.applied(where, f"{node.op_type}_lowered_{target}")
+                kernels = sorted({n.op_type for n in builder.nodes if n.domain == MS and n.op_type.endswith("Attention")})
+                ctx.record.applied(where + (f" -> {', '.join(kernels)}" if kernels else ""),
+                                   f"{node.op_type}_lowered_{target}")
+                for kernel in kernels:
+                    ctx.record.count(f"{node.op_type}_as_{kernel}")
+            for note in builder.notes:
+                ctx.record.skipped(where, note)
             for made in builder.nodes:
                 if made.domain:
                     model.require_opset(made.domain, 1)

@@ -45,6 +45,7 @@ from ..fusion.attention_lower import (
 from ..fusion.attention_op import AttentionSpec, bias, inputs, may_be_nan, past
 from ..fusion.build_util import i64
 from ..rewrite import Builder
+from .gqa import lower_gqa
 
 MS = "com.microsoft"
 
@@ -62,6 +63,11 @@ def lower_cached_ort(op: Builder, node: Node) -> list[Value] | str:
     if grouped > 1 and mask is not None and (mask.shape is None or mask.shape[1] != 1):
         return "a mask that differs per head cannot be shared by the query heads of one key/value head"
     q = node.inputs[0]
+    fused = lower_gqa(op, node)
+    if not isinstance(fused, str):
+        return fused
+    if hasattr(op, "notes"):
+        op.notes.append(f"MultiHeadAttention, not GroupQueryAttention: {fused}")
     missing = _kernel_missing(op, "MultiHeadAttention", q.dtype)
     return missing or _mha(op, node, spec, grouped)
 

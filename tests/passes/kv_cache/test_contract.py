@@ -159,7 +159,8 @@ def test_stateless_run_starts_an_empty_cache() -> None:
     feeds, stored = catalog.reference("gpt2_dynamo")
     out = cm.run(feeds)
     assert out["present.1.value"].shape == (2, 4, 16, 16)
-    assert float(np.abs(out["logits"] - stored["logits"]).max()) <= TOLERANCE
+    real = feeds["attention_mask"].astype(bool)  # padded positions are unspecified (passes/kv_cache/gqa.py)
+    assert float(np.abs(out["logits"] - stored["logits"])[real].max()) <= TOLERANCE
     with pytest.raises(InputError, match="attention_mask"):
         cm.run({**feeds, **empty_pasts(session(cm), 2), "attention_mask": feeds["attention_mask"][:, 1:]})
 
