@@ -45,7 +45,8 @@ def test_fixture_outputs_within_tolerance_and_lowerings_agree(name: str, bits: s
     assert rel <= max_rel and top1 >= min_top1, (rel, top1)
     key = next(iter(expected))
     span = float(expected[key].max() - expected[key].min())
-    assert float(np.abs(ort_out[key] - onnx_out[key]).max()) <= LOWERINGS_AGREE * span
+    real = real_token_mask(feeds)  # padded positions are unspecified on the ORT path (kv_cache/gqa.py)
+    assert float(np.abs(ort_out[key][real] - onnx_out[key][real]).max()) <= LOWERINGS_AGREE * span
 
 
 def test_graph_diagnostics_and_report() -> None:
@@ -88,7 +89,8 @@ def test_save_load_round_trip_holds_packed_weights_only(tmp_path: Path) -> None:
     fingerprints = {hashlib.sha1(np.ascontiguousarray(w).tobytes()).hexdigest() for w in quantized}
     fingerprints |= {hashlib.sha1(np.ascontiguousarray(w.T).tobytes()).hexdigest() for w in quantized}
     saved = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    floats = [numpy_helper.to_array(i) for i in saved.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    floats = [numpy_helper.to_array(i) for i in saved.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+              and not i.name.endswith(("cos_cache", "sin_cache"))]  # rotary tables: positions, not weights
     assert not {hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in floats} & fingerprints
     assert sum(a.size for a in floats) < 0.25 * sum(w.size for w in quantized)  # scales and norms only
 
