@@ -15,6 +15,10 @@ from benchmarks.harness import BenchOptions, run_case
 from benchmarks.machine import REPO_ROOT, pin_threads
 from benchmarks.report import format_table, write_all
 
+#: ``--threads`` of cases whose default is not 1. Kept here, not in the case modules: threads are
+#: pinned before any case (and so numpy) is imported.
+CASE_THREADS = {"smollm2": 2}
+
 
 def _parser(add_help: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -36,7 +40,9 @@ def _parser(add_help: bool) -> argparse.ArgumentParser:
         "--repeat", type=int, default=10, help="timed calls per round; the round keeps their median"
     )
     p.add_argument(
-        "--threads", type=int, default=1, help="intra-op/BLAS threads for every configuration (default 1)"
+        "--threads", type=int, default=None,
+        help="intra-op/BLAS threads for every configuration (default 1; "
+        + ", ".join(f"{case}: {n}" for case, n in CASE_THREADS.items()) + ")",
     )
     p.add_argument("--baseline", help="configuration the ratios are relative to (default: the case's)")
     p.add_argument("--only", help="comma-separated configurations to run (default: all)")
@@ -51,7 +57,8 @@ def _parser(add_help: bool) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pre, _ = _parser(add_help=False).parse_known_args(argv)
-    pinning = pin_threads(max(1, pre.threads))
+    threads = pre.threads if pre.threads is not None else CASE_THREADS.get(pre.case, 1)
+    pinning = pin_threads(max(1, threads))
     from benchmarks.cases import CASES  # imported after pinning on purpose
 
     if pre.list or not pre.case:
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if case_def.add_arguments:
         case_def.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.threads = threads
     if min(args.rounds, args.repeat, args.threads) < 1 or args.warmup < 0:
         parser.error("--rounds, --repeat and --threads must be >= 1, --warmup >= 0")
     args.out = Path(args.out) if args.out else REPO_ROOT / "bench_out" / args.case

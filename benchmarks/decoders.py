@@ -13,10 +13,13 @@ random-initialized model fall into short loops, so the logits are the stronger a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -171,16 +174,40 @@ def genai_generate(threads: int, model: str, prompt: list[int], new_tokens: int,
     return call, meta
 
 
+@contextlib.contextmanager
+def llama_cpp_model_params(**fields: Any) -> Iterator[None]:
+    """Within it, ``llama_cpp.Llama(...)`` loads with these ``llama_model_params`` fields changed:
+    its constructor exposes no ``use_extra_bufts``, and takes its params from this default."""
+    import llama_cpp.llama_cpp as api
+
+    default = api.llama_model_default_params
+
+    def changed() -> Any:
+        params = default()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    api.llama_model_default_params = changed
+    try:
+        yield
+    finally:
+        api.llama_model_default_params = default
+
+
 def llama_cpp_generate(threads: int, model: str, prompt: list[int], new_tokens: int, reference: list[int],
-                       reference_logits: list[float]) -> tuple[Callable[[], CallMetrics], dict]:
+                       reference_logits: list[float], extra_buffers: bool = True) -> tuple[Callable[[], CallMetrics], dict]:
     """llama.cpp through llama-cpp-python: ``eval`` the prompt in one batch, then one token per
-    ``eval``, argmax of the last logits. ``reset`` first, so no call reuses a previous prompt's cache."""
+    ``eval``, argmax of the last logits. ``reset`` first, so no call reuses a previous prompt's cache.
+    ``extra_buffers=False`` loads without llama.cpp's extra buffer types (AMX tiles, repacked
+    weights), for machines where they crash (`benchmarks.contenders.llama_cpp_extra_buffers`)."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise SkipConfig(f"llama-cpp-python is not installed: {exc}") from None
-    llm = llama_cpp.Llama(model_path=model, n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    with llama_cpp_model_params(use_extra_bufts=extra_buffers):
+        llm = llama_cpp.Llama(model_path=model, n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt),
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
 
     vocab = llm.n_vocab()
 
@@ -199,7 +226,8 @@ def llama_cpp_generate(threads: int, model: str, prompt: list[int], new_tokens: 
 
     first()
     meta = logits_check(last_logits().copy(), reference_logits)
-    meta["gguf_type"] = model.rsplit("-", 1)[-1].removesuffix(".gguf")
+    meta["gguf_type"] = Path(model).stem.replace(".", "-").rsplit("-", 1)[-1]  # model-q4_0, Name.Q4_1
+    meta["extra_buffers"] = extra_buffers
 
     def call() -> CallMetrics:
         return decode_metrics(_timed_loop(first, step, new_tokens), reference)

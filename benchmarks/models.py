@@ -9,7 +9,8 @@ Needs the ``export`` extra (torch==2.13.0, transformers, onnxscript).
 The LLaMA is also saved as a Hugging Face folder (``llama_hf``: safetensors plus an offline
 tokenizer) from the same seed and config, checked against the dynamo export's logits, so that the
 other runtimes of the decode case (onnxruntime-genai, llama.cpp; see ``benchmarks/contenders``)
-are built from exactly the weights the ONNX contenders run.
+are built from exactly the weights the ONNX contenders run. ``ensure_hf_from_gguf`` makes such a
+folder from a real GGUF checkpoint instead (the smollm2 case).
 """
 
 from __future__ import annotations
@@ -134,6 +135,37 @@ def ensure_hf_folder(family: str = "llama") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     save_offline_tokenizer(tmp, model.config.vocab_size)
+    shutil.rmtree(folder, ignore_errors=True)  # a folder left half-written by an interrupted run
+    tmp.rename(folder)
+    return folder
+
+
+def ensure_hf_from_gguf(gguf: Path, name: str) -> Path:
+    """A Hugging Face folder (``bench_out/models/<name>``: float32 safetensors plus the tokenizer)
+    made by transformers from the GGUF file, once: the other runtimes' builders read such folders.
+
+    Why not ``from_pretrained(gguf_file=...)``: that needs accelerate; this is what it does inside
+    (config, then ``load_gguf_checkpoint``'s dequantized, renamed tensors), with the one weight the
+    file leaves out checked to be the tied LM head."""
+    folder = CACHE / name
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    loaded = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    untied = set(loaded.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if untied or loaded.unexpected_keys:
+        raise RuntimeError(f"{gguf}: transformers' GGUF tensors do not fill {type(model).__name__}: "
+                           f"missing {sorted(untied)}, unexpected {sorted(loaded.unexpected_keys)}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)  # a folder left half-written by an interrupted run
     tmp.rename(folder)
     return folder

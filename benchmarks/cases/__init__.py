@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.cases import decode, matmul, packing, prefill, quant, roundtrip
+from benchmarks.cases import decode, matmul, packing, prefill, quant, roundtrip, smollm2
 from benchmarks.harness import Case
 
 
@@ -33,4 +33,5 @@ CASES: dict[str, CaseDef] = {
     "quant": CaseDef(quant.build_case, _first_line(quant.__doc__), quant.add_arguments),
     "decode": CaseDef(decode.build_case, _first_line(decode.__doc__), decode.add_arguments),
     "packing": CaseDef(packing.build_case, _first_line(packing.__doc__), packing.add_arguments),
+    "smollm2": CaseDef(smollm2.build_case, _first_line(smollm2.__doc__), smollm2.add_arguments),
 }

@@ -1,11 +1,15 @@
-"""Fast tests of the decode case's pure logic: token accounting, per-call figures in the harness and
-report, target checks, and the GGUF writer's rotary permutation; no model is built or run."""
+"""Fast tests of the decode cases' pure logic: token accounting, per-call figures in the harness and
+report, target checks (LLaMA and SmolLM2), the SmolLM2 case without its GGUF, and the GGUF writer's
+rotary permutation; no model is built or run."""
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import pytest
 
+from benchmarks.cases import smollm2
 from benchmarks.cases.decode import target_checks
 from benchmarks.decoders import Generated, _timed_loop, decode_metrics, logits_check, matching_prefix
 from benchmarks.gguf_export import gguf_name, permute_rotary
@@ -81,14 +85,40 @@ def test_failing_checks_keep_the_measurements() -> None:
     assert result.config("A").status == "ok" and result.checks[0].startswith("checks failed: KeyError")
 
 
-def test_target_checks_compare_decode_rates() -> None:
+def test_target_checks_compare_decode_rates_and_prefill_times() -> None:
     case = Case("t", "toy", [_metered("uncached-export", 5.0, 1.0), _metered("infercc", 60.0, 0.1),
-                             _metered("genai-fp32", 70.0, 0.1)], notes={"new_tokens": 4})
+                             _metered("genai-fp32", 70.0, 0.1), _metered("infercc-int4", 80.0, 0.08),
+                             _metered("genai-int4", 80.0, 0.05)], notes={"new_tokens": 4})
     result = run_case(case, BenchOptions(mode="inprocess", rounds=1, warmup=0, repeat=1))
     lines = target_checks(result)
-    assert "infercc vs uncached-export: decode 12.00x per-round median, 12.00x of medians (target >= 10x: met)" in lines
-    assert "infercc vs genai-fp32: decode 0.86x per-round median, 0.86x of medians (target >= 0.9x: MISSED)" in lines
-    assert not any(line.startswith("infercc-int4 vs") for line in lines)  # absent contenders are no verdict
+    assert ("infercc vs uncached-export: decode 12.00x per-round median, 12.00x of medians "
+            "(60.0 vs 5.0 tok/s, >1 = better; target >= 10x: met)") in lines
+    assert ("infercc vs genai-fp32: decode 0.86x per-round median, 0.86x of medians "
+            "(60.0 vs 70.0 tok/s, >1 = better; target >= 1x: MISSED)") in lines
+    assert ("infercc-int4 vs genai-int4: decode 1.00x per-round median, 1.00x of medians "
+            "(80.0 vs 80.0 tok/s, >1 = better; target >= 1x: met)") in lines  # equal is met
+    # prefill: a time, so the ratio is the other's / ours and a faster prefill reads > 1
+    assert ("infercc-int4 vs infercc: prefill 1.25x per-round median, 1.25x of medians "
+            "(80.0 vs 100.0 ms, >1 = better; target >= 1x: met)") in lines
+    assert ("infercc-int4 vs genai-int4: prefill 0.62x per-round median, 0.62x of medians "
+            "(80.0 vs 50.0 ms, >1 = better; target >= 1x: MISSED)") in lines
+    assert not any(line.startswith("infercc-export vs") for line in lines)  # absent contenders are no verdict
+
+
+def test_smollm2_targets_and_a_missing_gguf_skips_every_configuration(tmp_path) -> None:
+    missing = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    args = argparse.Namespace(gguf=str(missing), prompt_len=128, new_tokens=64, out=str(tmp_path), threads=2, only=None)
+    case = smollm2.build_case(args)
+    assert case.configs == [] and set(case.skipped) == set(smollm2.CONFIGS)
+    assert all(str(missing) in reason and "--gguf" in reason for reason in case.skipped.values())
+    result = run_case(case, BenchOptions(mode="inprocess", rounds=1, warmup=0, repeat=1))
+    assert {c.status for c in result.configs} == {"skipped"} and result.checks == []
+    toy = Case("t", "toy", [_metered("infercc-auto", 90.0, 0.05), _metered("infercc-fp32", 40.0, 0.1),
+                            _metered("genai-int4", 100.0, 0.04), _metered("genai-fp32", 30.0, 0.1)])
+    lines = case.checks(run_case(toy, BenchOptions(mode="inprocess", rounds=1, warmup=0, repeat=1)))
+    assert [line.split(":")[0] for line in lines] == [
+        "infercc-auto vs genai-int4", "infercc-fp32 vs genai-fp32", "infercc-auto vs infercc-fp32", "infercc-auto vs genai-int4"]
+    assert [line.endswith(": met)") for line in lines] == [False, True, True, False]
 
 
 def _rope_half(x: np.ndarray, pos: int) -> np.ndarray:
