@@ -86,6 +86,13 @@ class Config:
     #: Store weights that already sit on a grid of at most the asked bits (GGUF Q4_0/Q4_1/Q8_0
     #: checkpoints) on that grid, exactly, instead of rounding them a second time.
     quant_native: bool = True
+    #: How a grid with a float offset per block (GGUF Q4_1: w = d * q + m, m not a multiple of d)
+    #: is carried. False: moved to the nearest grid ONNX Runtime's MatMulNBits runs fast (an
+    #: integer zero point per block of 32, codes and scales re-fitted by least squares from the
+    #: source's; never farther from the source than rounding the zero point; not exact: the
+    #: diagnostics report its error). True: exact, with a correction MatMul beside each projection
+    #: (slower: more nodes and kernel time; see passes/quantize/native.py for the measurements).
+    quant_native_exact: bool = False
     #: Mixed precision: up to this fraction of the int4 weights' parameters stays int8, the weights
     #: whose int4 rounding costs the output most per parameter first (measured on calibration inputs,
     #: one forward pass per weight). 0 = every int4 weight is int4. The default 5% is the industry's
@@ -141,7 +148,7 @@ class Config:
             raise ConfigError(f"Config.quant_block_size must be one of {list(QUANT_BLOCKS)}, got {self.quant_block_size!r}")
         if self.quant_method not in QUANT_METHODS:
             raise ConfigError(f"Config.quant_method must be one of {list(QUANT_METHODS)}, got {self.quant_method!r}")
-        for name in ("quant_symmetric", "quant_native"):
+        for name in ("quant_symmetric", "quant_native", "quant_native_exact"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name} must be True or False, got {getattr(self, name)!r}")
         fraction = self.quant_int8_fraction

@@ -29,7 +29,7 @@ import dataclasses
 
 import numpy as np
 
-from .methods import Quantized
+from .methods import Quantized, refine_rows
 
 #: The block length of every GGUF format the importer reads (Q4_0, Q4_1, Q8_0).
 NATIVE_BLOCK = 32
@@ -44,7 +44,9 @@ class Native:
 
     quantized: Quantized
     offsets: np.ndarray | None
-    kind: str  # "zero_point" (exact as MatMulNBits' own form) or "offset"
+    #: "zero_point" (exact as MatMulNBits' own form), "offset" (exact with ``offsets``) or "fitted"
+    #: (an offset grid moved to integer zero points by :func:`fit_integer_grid`: not exact)
+    kind: str
 
     def dequantize(self) -> np.ndarray:
         values = self.quantized.dequantize()
@@ -122,3 +124,13 @@ def _float16(values: np.ndarray) -> np.ndarray:
     float32 recomputation is within rounding of it."""
     with np.errstate(over="ignore"):
         return values.astype(np.float16).astype(np.float32)
+
+
+def fit_integer_grid(rows: np.ndarray, native: Native, *, scale_dtype=np.float32, threads: int | None = None) -> Native:
+    """An offset grid (``native.kind == "offset"``) moved to the nearest grid MatMulNBits runs
+    fast: the same bits and blocks of 32 with an integer zero point each, codes and scales re-fitted
+    to ``rows`` by least squares from the source's own (d, rint(-m / d), q) (see
+    :func:`methods.refine_rows`: no block ends farther from ``rows`` than that start)."""
+    if native.offsets is None:
+        return native
+    return Native(refine_rows(rows, native.quantized, scale_dtype=scale_dtype, threads=threads), None, "fitted")
