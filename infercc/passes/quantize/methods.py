@@ -88,18 +88,20 @@ def refine_rows(
     Candidates per block: ``start``'s zero point z and z +- 1, each with its least-squares scale
     alternated three times with the nearest codes (each round can only lower the error; a fourth
     gains < 0.3%); the block keeps whichever of them and ``start`` has the lowest error, measured
-    exactly (float64, scales as ``scale_dtype`` stores them). ``start`` itself stays a candidate,
-    so nothing here can make a block worse than the grid it is given. Measured on SmolLM2's Q4_1
-    blocks (1 thread): ~40 ns per weight; adding the ``mse`` search from scratch as a candidate
-    lowers the relative error 0.0725 -> 0.0711 for ~100 ns per weight (10 s more per 100M weights),
-    so it is not tried.
+    exactly (float64, scales as ``scale_dtype`` stores them). ``start`` itself, its scales as
+    ``scale_dtype`` stores them, stays a candidate, so nothing here can make a block worse than the
+    grid it is given. Measured on SmolLM2's Q4_1 blocks (one thread): ~40 ns per weight; adding the
+    ``mse`` search from scratch as a candidate lowers the relative error 0.0725 -> 0.0711 for
+    ~60 ns more per weight (~6 s per 100M weights), so it is not tried.
     """
     qmax = (1 << start.bits) - 1
     block = start.block_size
     if rows.shape != (start.codes.shape[0], start.k):
         raise ValueError(f"rows {rows.shape} do not match the grid's [{start.codes.shape[0]}, {start.k}]")
-    scales, zeros = start.scales.reshape(-1, 1), start.zero_points.reshape(-1, 1).astype(np.float32)
     stored = np.dtype(scale_dtype)
+    # the start as it would be stored: the grid each block must not end farther from than
+    scales = _nonzero(start.scales.reshape(-1, 1).astype(stored).astype(np.float32))
+    zeros = start.zero_points.reshape(-1, 1).astype(np.float32)
 
     def solve(w: np.ndarray, _: int, at: slice) -> tuple[np.ndarray, np.ndarray]:
         buf = np.empty_like(w)
