@@ -38,6 +38,8 @@ def _compile_options(args: argparse.Namespace) -> dict:
         opts["quant_symmetric"] = True
     if getattr(args, "no_quant_native", False):
         opts["quant_native"] = False
+    if getattr(args, "exact_grids", False):
+        opts["quant_native_exact"] = True
     return opts
 
 
@@ -285,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed precision: keep int8 up to this fraction of int4 parameters, most sensitive first")
         q.add_argument("--no-quant-native", action="store_true",
                        help="re-round already-quantized (GGUF Q4_0/Q4_1/Q8_0) weights instead of keeping their grid")
+        q.add_argument("--exact-grids", action="store_true",
+                       help="keep offset grids (GGUF Q4_1) exact with a correction MatMul per projection (slower) "
+                            "instead of moving them to the nearest integer-zero-point grid")
 
     p = sub.add_parser("convert", help="compile an ONNX model into an optimized artifact folder")
     p.add_argument("model")

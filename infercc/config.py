@@ -62,10 +62,10 @@ class Config:
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
     #: Weight-only quantization: "auto" (keep the checkpoint's precision: weights already on a
-    #: quantized grid, as a GGUF's Q4_0/Q4_1/Q8_0 tensors, stay on it exactly; float weights stay
-    #: float), None (float everywhere: a quantized checkpoint is dequantized), "int8" (one scale per
-    #: output channel) or "int4" (blockwise). Quantized MatMul/Gemm weights become packed integers
-    #: (ORT MatMulNBits); see passes/quantize.
+    #: quantized grid, as a GGUF's Q4_0/Q4_1/Q8_0 tensors, stay on it, exactly but for Q4_1's (see
+    #: ``quant_native_exact``); float weights stay float), None (float everywhere: a quantized
+    #: checkpoint is dequantized), "int8" (one scale per output channel) or "int4" (blockwise).
+    #: Quantized MatMul/Gemm weights become packed integers (ORT MatMulNBits); see passes/quantize.
     quantize: str | None = "auto"
     #: int4 block length along the reduction axis (16, 32, 64 or 128): smaller is more accurate,
     #: larger is smaller and faster.
@@ -84,8 +84,17 @@ class Config:
     #: back to int8, and stays float if int8 exceeds it too.
     quant_max_error: float | None = None
     #: Store weights that already sit on a grid of at most the asked bits (GGUF Q4_0/Q4_1/Q8_0
-    #: checkpoints) on that grid, exactly, instead of rounding them a second time.
+    #: checkpoints) on that grid instead of rounding them a second time from scratch (exactly, but
+    #: for offset grids: see ``quant_native_exact``).
     quant_native: bool = True
+    #: How a grid with a float offset per block (GGUF Q4_1: w = d * q + m, m not a multiple of d)
+    #: is carried. False: moved to the nearest grid ONNX Runtime's MatMulNBits runs fast (an
+    #: integer zero point per block of 32, codes and scales re-fitted by least squares from the
+    #: source's; never farther from the source than rounding the zero point; not exact: the
+    #: diagnostics report its error; SmolLM2-135M Q4_1: perplexity +27% over exact). True: exact,
+    #: with a correction MatMul beside each projection (slower: 2.4x the graph nodes, decode ~1.25x
+    #: slower on SmolLM2; see passes/quantize/native.py for the measurements).
+    quant_native_exact: bool = False
     #: Mixed precision: up to this fraction of the int4 weights' parameters stays int8, the weights
     #: whose int4 rounding costs the output most per parameter first (measured on calibration inputs,
     #: one forward pass per weight). 0 = every int4 weight is int4. The default 5% is the industry's
@@ -141,7 +150,7 @@ class Config:
             raise ConfigError(f"Config.quant_block_size must be one of {list(QUANT_BLOCKS)}, got {self.quant_block_size!r}")
         if self.quant_method not in QUANT_METHODS:
             raise ConfigError(f"Config.quant_method must be one of {list(QUANT_METHODS)}, got {self.quant_method!r}")
-        for name in ("quant_symmetric", "quant_native"):
+        for name in ("quant_symmetric", "quant_native", "quant_native_exact"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name} must be True or False, got {getattr(self, name)!r}")
         fraction = self.quant_int8_fraction

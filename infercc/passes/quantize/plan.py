@@ -20,7 +20,7 @@ from .blas import single_threaded_blas
 from .calibrate import Calibration, NoCalibration, hessians, make_calibration, sensitivities
 from .gptq import gptq_rows, output_error
 from .methods import Quantized, quantize_rows, relative_error
-from .native import Native, find_native
+from .native import Native, find_native, fit_integer_grid
 
 #: Column orders GPTQ tries per weight (see gptq.py); the lower calibration output error wins.
 ACT_ORDERS = (False, True)
@@ -63,6 +63,10 @@ def quantize_weights(weights: list[Weight], model: Model, config, record) -> dic
 def _quantize_weights(weights: list[Weight], model: Model, config, record) -> dict:
     info: dict = {"seconds": {}}
     pending = [w for w in weights if not keep_native(w, config)]
+    fitted = fitted_summary(weights)
+    if fitted:
+        record.note(f"quantize={config.quantize!r}: {fitted[0]}")
+        info["native_fitted"] = fitted[1]
     calibration = None
     gptq_wanted = config.quant_method == "gptq" and any(w.activation is not None and w.bits == 4 for w in pending)
     if (config.quant_int8_fraction > 0 or gptq_wanted) and any(w.activation is not None for w in pending):
@@ -116,8 +120,11 @@ def _data_free(rows: np.ndarray, bits: int, config, method: str) -> Quantized:
                          method=method, threads=config.intra_op_threads or None)
 
 
-def keep_native(w: Weight, config) -> bool:
-    """Carry the weight's own grid when it has one of at most the asked bits."""
+def keep_native(w: Weight, config, threads: int | None = None) -> bool:
+    """Carry the weight's own grid when it has one of at most the asked bits. An offset grid
+    (Q4_1-like) stays exact, with its correction, only under ``quant_native_exact``; otherwise it
+    moves to the nearest integer-zero-point grid (native.py says why), its error measured against
+    the exact values."""
     if not config.quant_native:
         return False
     for bits in (4, 8):
@@ -129,13 +136,31 @@ def keep_native(w: Weight, config) -> bool:
         if native.offsets is not None and not w.linear:  # an embedding table is re-quantized
             w.fallback = f"on an int{bits} grid with per-block offsets (Q4_1-like), which GatherQuant cannot hold"
             return False
-        if native.offsets is not None and any(site.node.inputs[0].rank is None for site in w.sites):
+        if native.offsets is not None and not config.quant_native_exact:
+            native = fit_integer_grid(w.rows, native, scale_dtype=w.sites[0].weight.dtype.numpy,
+                                      threads=threads or config.intra_op_threads or None)
+        elif native.offsets is not None and any(site.node.inputs[0].rank is None for site in w.sites):
             w.fallback = f"on an int{bits} grid with per-block offsets, whose correction needs the activation's rank"
             return False
         w.native, w.quantized, w.bits, w.method = native, native.quantized, bits, "native"
         w.rel_error = relative_error(w.rows, native.quantized) if native.offsets is None else _offset_error(w.rows, native)
         return True
     return False
+
+
+def fitted_summary(weights: list[Weight]) -> tuple[str, dict] | None:
+    """The diagnostics' line and figures for the weights moved from an offset grid to integer zero
+    points (None when there are none): how many, and their relative error against the exact values."""
+    errors = [w.rel_error for w in weights if w.native is not None and w.native.kind == "fitted"]
+    if not errors:
+        return None
+    info = {"weights": len(errors), "rel_error_median": round(float(np.median(errors)), 6),
+            "rel_error_max": round(float(np.max(errors)), 6)}
+    note = (f"{len(errors)} weight(s) on an offset grid (Q4_1-like: a float minimum per block) moved to the nearest "
+            f"grid with integer zero points, which MatMulNBits runs fast: relative error ||W - W'|| / ||W|| against "
+            f"the exact values median {info['rel_error_median']:.4f}, max {info['rel_error_max']:.4f} "
+            "(quant_native_exact=True keeps them exact, at a speed cost: a correction MatMul per projection)")
+    return note, info
 
 
 def _offset_error(rows: np.ndarray, native: Native) -> float:

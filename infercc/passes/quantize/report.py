@@ -73,7 +73,9 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
     size = info["size"]
     before, after = size["weights_before"], size["weights_after"]
     if info["quantize"] == "auto":
-        header = "quantization: auto (weights on a quantized grid keep it exactly; float weights stay float)"
+        header = ("quantization: auto (weights on a quantized grid keep it "
+                  f"{'(offset grids: moved to integer zero points)' if info.get('native_fitted') else 'exactly'}; "
+                  "float weights stay float)")
     else:
         header = (f"quantization: {info['quantize']} ({info['method']}, "
                   f"{'symmetric' if info['symmetric'] else 'asymmetric'}, int4 block {info['block_size']}, "
@@ -91,6 +93,11 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
         kind = f"{layer['method']}{'/' + layer['native'] if layer.get('native') else ''} int{layer['bits']}"
         methods[kind] = methods.get(kind, 0) + 1
     lines.append("  methods    " + ", ".join(f"{n} {k}" for k, n in sorted(methods.items())))
+    fitted = info.get("native_fitted")
+    if fitted:
+        lines.append(f"  fitted     {fitted['weights']} offset-grid (Q4_1-like) weights moved to integer zero points "
+                     f"for MatMulNBits' fast kernel: relative error median {fitted['rel_error_median']:.4f}, max "
+                     f"{fitted['rel_error_max']:.4f} (quant_native_exact=True keeps them exact, slower)")
     mixed = info.get("mixed_precision")
     if mixed:
         lines.append(f"  mixed      {mixed['kept_int8']} of {mixed['candidates']} int4 weights kept int8 "

@@ -41,7 +41,7 @@ from . import ops
 from .methods import quantize_rows, relative_error
 from .native import Native, find_native
 from .pack import channel_block, reblock, to_nbits
-from .plan import Weight, keep_native, quantize_weights
+from .plan import Weight, fitted_summary, keep_native, quantize_weights
 from .report import end_to_end, weight_bytes
 
 #: Ops between an LM head's MatMul and the logits output that do not change values.
@@ -50,6 +50,8 @@ _FLOATS = (DType.FLOAT, DType.FLOAT16)
 _BITS = {"int8": 8, "int4": 4}
 #: Rows of a weight :meth:`Site.may_be_native` checks.
 _SAMPLE_ROWS = 8
+#: How the per-weight kinds of native.Native read in the quantize='auto' summary.
+_KINDS = {"zero_point": "zero point", "offset": "offset", "fitted": "offset -> zero point"}
 _AUTO_FLOAT = "float weight stays float: quantize='auto' keeps the checkpoint's precision (set 'int8' or 'int4' to quantize it)"
 
 
@@ -157,7 +159,7 @@ class QuantizeWeights(Pass):
         record.info.update({
             "quantize": config.quantize, "method": "native" if config.quantize == "auto" else config.quant_method, "block_size": config.quant_block_size,
             "symmetric": config.quant_symmetric, "lm_head": config.quant_lm_head, "embeddings": config.quant_embeddings,
-            "native": config.quant_native, "int8_fraction": config.quant_int8_fraction,
+            "native": config.quant_native, "native_exact": config.quant_native_exact, "int8_fraction": config.quant_int8_fraction,
             "size": {"weights_before": size_before, "weights_after": weight_bytes(graph)},
             **summary, "layers": layers, "skipped": skipped,
         })
@@ -237,19 +239,25 @@ def _keep_native(weights: list[Weight], config, record) -> dict:
     float (no calibration, no rounding of our own)."""
     workers = min(len(weights), config.intra_op_threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # numpy releases the GIL: grids are checked in parallel
-        found = list(pool.map(lambda w: keep_native(w, config), weights))
+        # one thread per weight: the pool already keeps the cores busy
+        found = list(pool.map(lambda w: keep_native(w, config, threads=1), weights))
     kept = [w for w, ok in zip(weights, found) if ok]
     kinds: dict[str, int] = {}
     for w in kept:
-        key = f"int{w.bits} ({'offset' if w.native.offsets is not None else 'zero point'})"
+        key = f"int{w.bits} ({_KINDS[w.native.kind]})"
         kinds[key] = kinds.get(key, 0) + 1
+    summary: dict = {"kept_native": kinds}
     if kept:
         held = sum(1 for w in weights if w.quantized is None and w.fallback)
+        fitted = fitted_summary(kept)
         record.note(f"quantize='auto': {len(kept)} weight(s) kept on their source grids "
                     f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); "
                     f"{len(weights) - len(kept) - held} float weight(s) stay float"
-                    + (f"; {held} on a grid no kernel here holds stay float (exact)" if held else ""))
-    return {"kept_native": kinds}
+                    + (f"; {held} on a grid no kernel here holds stay float (exact)" if held else "")
+                    + (f"; {fitted[0]}" if fitted else ""))
+        if fitted:
+            summary["native_fitted"] = fitted[1]
+    return summary
 
 
 def _layer(site: Site, w: Weight, entry: Packed) -> dict:

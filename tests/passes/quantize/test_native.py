@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
 import infercc
+from infercc.cli import main
 from infercc.importers.dequant import dequantize
-from infercc.passes.quantize.native import find_native
+from infercc.passes.quantize.methods import relative_error
+from infercc.passes.quantize.native import find_native, fit_integer_grid
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -58,12 +62,13 @@ def test_pass_carries_the_grid(kind: str, quantize: str) -> None:
     """int4 (and int8: a 4-bit grid is exact and smaller) stores the source's 4-bit blocks; the
     standard-ONNX lowering then computes x @ W exactly, and under ORT (whose MatMulNBits rounds
     activations to int8 at accuracy_level 4) the error is that rounding's alone, below what
-    re-rounding the weight adds to it."""
+    re-rounding the weight adds to it. A Q4_1 grid is exact under quant_native_exact=True (its
+    correction side path); the default moves it, see the next test."""
     rows = _grid(kind)
     proto = _matmul_model(rows)
     x = np.random.default_rng(1).standard_normal((2, 5, rows.shape[1])).astype(np.float32)
     expected = x @ rows.T
-    compiled = infercc.compile(proto, quantize=quantize, strict=True)
+    compiled = infercc.compile(proto, quantize=quantize, strict=True, quant_native_exact=True)
     layer = compiled.diagnostics["quantize_weights"].info["layers"][0]
     assert layer["method"] == "native" and layer["bits"] == 4 and layer["rel_error"] < 1e-6
     assert layer["native"] == ("offset" if kind == "Q4_1" else "zero_point")
@@ -74,13 +79,81 @@ def test_pass_carries_the_grid(kind: str, quantize: str) -> None:
         return float(np.abs(infercc.compile(proto, strict=True, **options).run({"x": x})["y"] - expected).mean())
 
     rerounded = {"quantize": "int4", "quant_native": False, "quant_method": "rtn"}
-    assert error(quantize=quantize, lowering="onnx") < 1e-3 * error(lowering="onnx", **rerounded)
-    assert error(quantize=quantize) < error(**rerounded)
+    exact = {"quantize": quantize, "quant_native_exact": True}
+    assert error(lowering="onnx", **exact) < 1e-3 * error(lowering="onnx", **rerounded)
+    assert error(**exact) < error(**rerounded)
+
+
+@pytest.mark.parametrize("quantize", ["auto", "int4"])
+def test_offset_grid_moves_to_integer_zero_points_by_default(quantize: str) -> None:
+    """The default (quant_native_exact=False): a Q4_1 weight becomes one MatMulNBits on the refitted
+    integer-zero-point grid, with no side path, and the diagnostics give its error against the
+    exact values, which is below rounding the zero point's."""
+    rows = _grid("Q4_1")
+    proto = _matmul_model(rows)
+    compiled = infercc.compile(proto, quantize=quantize, strict=True)
+    assert compiled.model.graph.op_histogram() == {"com.microsoft::MatMulNBits": 1}
+    record = compiled.diagnostics["quantize_weights"]
+    layer = record.info["layers"][0]
+    assert layer["method"] == "native" and layer["native"] == "fitted" and layer["bits"] == 4
+    native = find_native(rows, 4)
+    fitted = fit_integer_grid(rows, native).quantized
+    assert 0 < layer["rel_error"] == round(relative_error(rows, fitted), 6)
+    assert layer["rel_error"] < relative_error(rows, native.quantized)  # d * (q - rint(-m / d))
+    assert record.info["native_fitted"]["weights"] == 1 and record.info["native_fitted"]["rel_error_max"] == layer["rel_error"]
+    note = next(r for r in record.reasons if "offset grid" in r)
+    assert "integer zero points" in note and "quant_native_exact=True" in note and f"{layer['rel_error']:.4f}" in note
+    # What the graph computes is the refitted grid and nothing else (the standard-ONNX lowering is exact).
+    x = np.random.default_rng(1).standard_normal((2, 5, rows.shape[1])).astype(np.float32)
+    got = infercc.compile(proto, quantize=quantize, strict=True, lowering="onnx").run({"x": x})["y"]
+    np.testing.assert_allclose(got, x @ fitted.dequantize().T, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_dtype", [np.float32, np.float16])
+def test_fitted_grid_is_never_worse_than_rounding_the_zero_point(scale_dtype: type) -> None:
+    """Block by block, the refit's squared error is at most that of the source grid with its zero
+    point rounded (d * (q - rint(-m / d))), scales as the stored type holds them (a float16 weight's
+    constant block: its step need not be a float16)."""
+    rows = _grid("Q4_1", (96, 256), seed=3)
+    rows[:4] = _grid("Q4_1", (4, 256), seed=4) * 64  # other magnitudes (steps still exact in float16)
+    rows[4, :32] = rows[4, 0]  # a constant block
+    native = find_native(rows, 4)
+    assert native is not None and native.kind == "offset"
+    fitted = fit_integer_grid(rows, native, scale_dtype=scale_dtype)
+    q = fitted.quantized
+    assert fitted.kind == "fitted" and fitted.offsets is None and (q.bits, q.block_size, q.k) == (4, 32, 256)
+    assert q.codes.max() <= 15 and q.zero_points.max() <= 15
+    np.testing.assert_array_equal(q.scales.astype(scale_dtype).astype(np.float32), q.scales)
+
+    def block_errors(values: np.ndarray) -> np.ndarray:
+        return ((values.astype(np.float64) - rows).reshape(-1, 32) ** 2).sum(1)
+
+    start = dataclasses.replace(native.quantized, scales=native.quantized.scales.astype(scale_dtype).astype(np.float32))
+    rounded, refit = block_errors(start.dequantize()), block_errors(q.dequantize())
+    assert np.all(refit <= rounded * (1 + 1e-6) + 1e-12)  # float32 ties at most
+    assert np.mean(refit < rounded * 0.999) > 0.5 and refit.sum() < 0.85 * rounded.sum()
+
+
+def test_cli_exact_grids_keeps_the_side_path(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """``convert --exact-grids`` sets quant_native_exact (the saved model holds the correction);
+    without it the report says the offset grid moved."""
+    import json
+
+    source = tmp_path / "q41.onnx"
+    onnx.save(_matmul_model(_grid("Q4_1")), source)
+    assert main(["convert", str(source), "-o", str(tmp_path / "fast")]) == 0
+    assert "1 offset-grid (Q4_1-like) weights moved to integer zero points" in capsys.readouterr().out
+    assert main(["convert", str(source), "-o", str(tmp_path / "exact"), "--exact-grids"]) == 0
+    for folder, exact in (("fast", False), ("exact", True)):
+        manifest = json.loads((tmp_path / folder / "manifest.json").read_text())
+        assert manifest["config"]["quant_native_exact"] is exact
+        saved = onnx.load(str(tmp_path / folder / "model.onnx"))
+        assert any(n.op_type == "ReduceSum" for n in saved.graph.node) is exact
 
 
 def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
-    """quantize='auto' (the default): a weight on a Q4_1 / Q8_0 grid keeps it exactly, a float
-    weight beside it stays float, and the diagnostics say which and why."""
+    """quantize='auto' (the default): a weight on a Q4_1 (with quant_native_exact) / Q8_0 grid
+    keeps it exactly, a float weight beside it stays float, and the diagnostics say which and why."""
     q41, q80 = _grid("Q4_1", (64, 64)), _grid("Q8_0", (64, 64), seed=1)
     floats = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32) * 0.05
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("MatMul", ["h0", "w1"], ["h1"]),
@@ -91,7 +164,7 @@ def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
         [numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}") for i, w in enumerate((q41, q80, floats))],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    compiled = infercc.compile(proto, strict=True, lowering="onnx")
+    compiled = infercc.compile(proto, strict=True, lowering="onnx", quant_native_exact=True)
     record = compiled.diagnostics["quantize_weights"]
     layers = {layer["weight"]: layer for layer in record.info["layers"]}
     assert set(layers) == {"w0", "w1"} and record.info["quantize"] == "auto"
@@ -107,16 +180,17 @@ def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
 
 
 def test_smollm2_q4_1_runs_at_4_bit_by_default() -> None:
-    """The demo's model: the Q4_1 file compiles to its own 4-bit grids (not to float), and its greedy
-    text follows the dequantized float model's. Teacher-forced on the float model's greedy
-    continuation, the 4-bit model picks the same token at >= 95% of the steps (the difference is
-    MatMulNBits' int8 activation rounding; the weights are the file's, exactly)."""
+    """The demo's model: the Q4_1 file compiles to 4-bit grids (not to float), moved to integer zero
+    points by default, and its greedy text follows the dequantized float model's. Teacher-forced on
+    the float model's greedy continuation, the 4-bit model picks the same token at 21 of 32 steps
+    (0.66; with quant_native_exact=True, the file's weights exactly: >= 95%, the difference being
+    MatMulNBits' int8 activation rounding). Asserted: >= 0.6, the refit grid's measured cost."""
     from tests.importers._models import SMOLLM2, require
 
     path = require(SMOLLM2)
     kept = infercc.compile(path)
     record = kept.diagnostics["quantize_weights"]
-    assert record.status == "applied" and record.info["kept_native"] == {"int4 (offset)": 210, "int8 (zero point)": 1}
+    assert record.status == "applied" and record.info["kept_native"] == {"int4 (offset -> zero point)": 210, "int8 (zero point)": 1}
     assert record.info["size"]["weights_after"] < 0.25 * record.info["size"]["weights_before"]
     floats = infercc.compile(path, quantize=None)
     messages = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
@@ -128,4 +202,4 @@ def test_smollm2_q4_1_runs_at_4_bit_by_default() -> None:
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         return compiled.run(feeds)["logits"][0, len(prompt) - 1:-1].argmax(-1)
 
-    assert np.mean(greedy(kept) == greedy(floats)) >= 0.95
+    assert np.mean(greedy(kept) == greedy(floats)) >= 0.6

@@ -199,6 +199,8 @@ def test_tied_head_read_through_a_transpose_is_quantized() -> None:
     ({"quantize": "int4", "quant_block_size": 48}, "quant_block_size"),
     ({"quant_method": "awq"}, "quant_method"),
     ({"quant_native": "yes"}, "quant_native"),
+    ({"quant_native_exact": 1}, "quant_native_exact"),
+    ({"quant_native_exact": None}, "quant_native_exact"),
     ({"quant_int8_fraction": 1.5}, "quant_int8_fraction"),
     ({"quant_int8_fraction": True}, "quant_int8_fraction"),
     ({"quant_symmetric": 1}, "quant_symmetric"),
