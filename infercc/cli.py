@@ -38,8 +38,8 @@ def _compile_options(args: argparse.Namespace) -> dict:
         opts["quant_symmetric"] = True
     if getattr(args, "no_quant_native", False):
         opts["quant_native"] = False
-    if getattr(args, "exact_grids", False):
-        opts["quant_native_exact"] = True
+    if getattr(args, "fast_grids", False):
+        opts["quant_native_exact"] = False
     return opts
 
 
@@ -287,9 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed precision: keep int8 up to this fraction of int4 parameters, most sensitive first")
         q.add_argument("--no-quant-native", action="store_true",
                        help="re-round already-quantized (GGUF Q4_0/Q4_1/Q8_0) weights instead of keeping their grid")
-        q.add_argument("--exact-grids", action="store_true",
-                       help="keep offset grids (GGUF Q4_1) exact with a correction MatMul per projection (slower) "
-                            "instead of moving them to the nearest integer-zero-point grid")
+        q.add_argument("--fast-grids", action="store_true",
+                       help="move offset grids (GGUF Q4_1) to the nearest integer-zero-point grid: one MatMulNBits "
+                            "per projection, faster, not exact (SmolLM2: perplexity +27%%) instead of exact with a "
+                            "correction MatMul per projection")
 
     p = sub.add_parser("convert", help="compile an ONNX model into an optimized artifact folder")
     p.add_argument("model")

@@ -88,13 +88,14 @@ class Config:
     #: for offset grids: see ``quant_native_exact``).
     quant_native: bool = True
     #: How a grid with a float offset per block (GGUF Q4_1: w = d * q + m, m not a multiple of d)
-    #: is carried. False: moved to the nearest grid ONNX Runtime's MatMulNBits runs fast (an
-    #: integer zero point per block of 32, codes and scales re-fitted by least squares from the
-    #: source's; never farther from the source than rounding the zero point; not exact: the
-    #: diagnostics report its error; SmolLM2-135M Q4_1: perplexity +27% over exact). True: exact,
-    #: with a correction MatMul beside each projection (slower: 2.4x the graph nodes, decode ~1.25x
-    #: slower on SmolLM2; see passes/quantize/native.py for the measurements).
-    quant_native_exact: bool = False
+    #: is carried. True (default): exact, with a correction MatMul beside each projection (2.4x the
+    #: graph nodes, decode ~1.25x slower on SmolLM2 than the fast grid). False: moved to the nearest
+    #: grid ONNX Runtime's MatMulNBits runs in one op (an integer zero point per block of 32, codes
+    #: and scales re-fitted by least squares; never farther from the source than rounding the zero
+    #: point; the diagnostics report its error). Exact is the default because the fast grid is a
+    #: second 4-bit rounding: SmolLM2-135M Q4_1 perplexity +27% over exact (14.0 -> 17.9), outside
+    #: any tolerance we would call the checkpoint's precision. See passes/quantize/native.py.
+    quant_native_exact: bool = True
     #: Mixed precision: up to this fraction of the int4 weights' parameters stays int8, the weights
     #: whose int4 rounding costs the output most per parameter first (measured on calibration inputs,
     #: one forward pass per weight). 0 = every int4 weight is int4. The default 5% is the industry's

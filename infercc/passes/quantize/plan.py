@@ -122,9 +122,9 @@ def _data_free(rows: np.ndarray, bits: int, config, method: str) -> Quantized:
 
 def keep_native(w: Weight, config, threads: int | None = None) -> bool:
     """Carry the weight's own grid when it has one of at most the asked bits. An offset grid
-    (Q4_1-like) stays exact, with its correction, only under ``quant_native_exact``; otherwise it
-    moves to the nearest integer-zero-point grid (native.py says why), its error measured against
-    the exact values."""
+    (Q4_1-like) stays exact, with its correction, under ``quant_native_exact`` (the default);
+    otherwise it moves to the nearest integer-zero-point grid (native.py says why), its error
+    measured against the exact values."""
     if not config.quant_native:
         return False
     for bits in (4, 8):
@@ -159,7 +159,7 @@ def fitted_summary(weights: list[Weight]) -> tuple[str, dict] | None:
     note = (f"{len(errors)} weight(s) on an offset grid (Q4_1-like: a float minimum per block) moved to the nearest "
             f"grid with integer zero points, which MatMulNBits runs fast: relative error ||W - W'|| / ||W|| against "
             f"the exact values median {info['rel_error_median']:.4f}, max {info['rel_error_max']:.4f} "
-            "(quant_native_exact=True keeps them exact, at a speed cost: a correction MatMul per projection)")
+            "(quant_native_exact=True, the default, keeps them exact with a correction MatMul per projection)")
     return note, info
 
 
