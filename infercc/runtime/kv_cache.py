@@ -20,6 +20,13 @@ buffer reshaped to [batch, heads, length, head_size] is C-contiguous, so the cac
 Runtime a view without copying, and ORT writes ``present`` straight into the other buffer of the
 pair (bound with IOBinding); after the step the two swap. Buffers grow by doubling (capped at
 the model's context), so a long generation reallocates O(log n) times, never per token.
+
+Shared buffers (``CacheSpec.shared``): when every cache tensor is read and written only by
+GroupQueryAttention nodes (the ORT lowering's kernel, passes/kv_cache/gqa.py), one buffer
+[batch, heads, capacity, head_size] per tensor is bound as both past and present. The kernel
+takes the lengths from ``attention_mask`` (``seqlens_k``), writes only the new tokens' slots in
+place and never reads past the total length, so a step copies nothing of the past at all -- the
+ping-pong pair copies it once per step into the other buffer, O(length) per layer.
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ class CacheSpec:
     """The cache tensors of a compiled graph, found by the contract's names."""
 
     entries: tuple[CacheEntry, ...]
+    #: Past and present may be one buffer (every cache tensor read and written in place by
+    #: GroupQueryAttention); see the module docstring.
+    shared: bool = False
 
     @property
     def layers(self) -> int:
@@ -109,7 +119,22 @@ class CacheSpec:
                     "and the model's metadata does not give infercc.num_kv_heads/head_dim"
                 )
             entries.append(CacheEntry(value.name, out_name, np.dtype(value.dtype.numpy), int(heads), int(width)))
-        return cls(tuple(entries)) if entries else None
+        return cls(tuple(entries), shared_in_place(model, entries)) if entries else None
+
+
+def shared_in_place(model: Model, entries: list[CacheEntry]) -> bool:
+    """Whether each past input is read only by GroupQueryAttention nodes (as past_key/past_value)
+    and each present output is the same node's present: then one buffer can be both."""
+    outputs = {v.name: v for v in model.graph.outputs}
+    inputs = {v.name: v for v in model.graph.inputs}
+    for entry in entries:
+        past, present = inputs[entry.input], outputs[entry.output]
+        node = present.producer
+        if node is None or node.op_type != "GroupQueryAttention" or present.index not in (1, 2):
+            return False
+        if not past.uses or any(use is not node or slot != present.index + 2 for use, slot in past.uses):
+            return False
+    return True
 
 
 class KVCache:
@@ -149,6 +174,12 @@ class KVCache:
         self.ids = _grown(self.ids, capacity, self.length)
         self.mask = _grown(self.mask, capacity, self.length)
         for entry in self.spec.entries if self.spec else ():
+            if self.shared:  # one [batch, heads, capacity, width] buffer, slots kept in place
+                grown = np.empty((self.batch, entry.heads, capacity, entry.width), entry.dtype)
+                if self.length:
+                    grown[:, :, :self.length] = self._front[entry.input][:, :, :self.length]
+                self._front[entry.input] = grown
+                continue
             size = self.batch * entry.heads * capacity * entry.width
             front = np.empty(size, entry.dtype)
             used = self.batch * entry.heads * self.length * entry.width
@@ -158,18 +189,29 @@ class KVCache:
             self._back[entry.input] = np.empty(size, entry.dtype)
         self.capacity = capacity
 
+    @property
+    def shared(self) -> bool:
+        return bool(self.spec and self.spec.shared)
+
     # -- views for the runner -----------------------------------------------------------------
     def past(self) -> dict[str, np.ndarray]:
-        """Contiguous views [batch, heads, length, width] of the cached tensors, by input name."""
+        """Contiguous views [batch, heads, length, width] of the cached tensors, by input name
+        (shared buffers: the whole [batch, heads, capacity, width] buffer)."""
+        if self.shared:
+            return {e.input: self._front[e.input] for e in self._entries()}
         return {e.input: self._view(self._front[e.input], e, self.length) for e in self._entries()}
 
     def present(self, length: int) -> dict[str, np.ndarray]:
-        """Where the step writes its grown tensors, [batch, heads, length, width], by output name."""
+        """Where the step writes its grown tensors, [batch, heads, length, width], by output name
+        (shared buffers: the same buffers as ``past``, written in place)."""
+        if self.shared:
+            return {e.output: self._front[e.input] for e in self._entries()}
         return {e.output: self._view(self._back[e.input], e, length) for e in self._entries()}
 
     def commit(self, length: int) -> None:
         """The step wrote ``present``: it becomes the past; ``length`` slots are now in use."""
-        self._front, self._back = self._back, self._front
+        if not self.shared:
+            self._front, self._back = self._back, self._front
         self.length = length
 
     def advance(self, length: int) -> None:
@@ -190,6 +232,11 @@ class KVCache:
         self.mask[:, :length] = mask[:, start:]
         old_batch, self.batch = self.batch, len(rows)
         for entry in self._entries():
+            if self.shared:
+                kept = np.empty((self.batch, entry.heads, self.capacity, entry.width), entry.dtype)
+                kept[:, :, :length] = self._front[entry.input][rows, :, start:self.length]
+                self._front[entry.input] = kept
+                continue
             old = self._front[entry.input][: old_batch * entry.heads * self.length * entry.width]
             old = old.reshape(old_batch, entry.heads, self.length, entry.width)
             size = self.batch * entry.heads * self.capacity * entry.width

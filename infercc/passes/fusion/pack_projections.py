@@ -84,7 +84,8 @@ def _pack(graph, nodes: list[Node], *, quantized: bool) -> list[int]:
         packed = [_concat_rows([n.inputs[i].const.numpy() for n in nodes], widths) for i in range(1, len(first.inputs))]
         attrs = {name: a.value for name, a in first.attrs.items()}
         attrs["N"] = sum(widths)
-        consts = [op.const(array, hint=hint) for array, hint in zip(packed, ("packed_q", "packed_scales", "packed_zero_points"))]
+        hints = ("packed_q", "packed_scales", "packed_zero_points", "packed_rests")
+        consts = [op.const(array, hint=hint) for array, hint in zip(packed, hints)]
         out = getattr(op, MATMUL_QUANT)(first.inputs[0], *consts, _domain=DOMAIN, **attrs)
     else:
         weights = [n.inputs[1].const.numpy() for n in nodes]

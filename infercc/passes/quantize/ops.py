@@ -1,9 +1,12 @@
 """Canonical weight-only quantized ops (domain ai.infercc) and how each becomes ONNX Runtime or
 standard ONNX. Both hold their weight in MatMulNBits layout (see ``pack.py``):
 
-* ``MatMulQuant(A, B, scales, zero_points?)``: A [..., K] @ dequant(B) [K, N] -> [..., N].
+* ``MatMulQuant(A, B, scales, zero_points?, rests?)``: A [..., K] @ dequant(B) [K, N] -> [..., N].
   Attributes ``K``, ``N``, ``bits`` (4/8), ``block_size``, ``symmetric`` (no zero points: the
-  codes' middle is zero). ORT: ``com.microsoft::MatMulNBits`` (accuracy_level 4 on CPU: int8
+  codes' middle is zero). ``rests`` [N, K / block] (float, optional): a float added to every weight
+  of a block, w = scale * (code - zero_point) + rest -- how a GGUF Q4_1 grid (d * q + m) is held
+  exactly (native.py). It is part of the weight, so packed siblings concatenate it like scales; on
+  ORT it becomes MatMulNBits plus ``blocksum(A) @ rests^T`` (block sums computed once per A). ORT: ``com.microsoft::MatMulNBits`` (accuracy_level 4 on CPU: int8
   activations, int32 accumulation, the fast path). ONNX opset >= 21: ``DequantizeLinear`` with a
   blocked axis + ``MatMul``; older opsets: the dequantization written out (unpack nibbles, subtract,
   scale), which keeps the packed bytes as the only copy of the weight.
@@ -85,7 +88,24 @@ def _lower_matmul_ort(op: Builder, node: Node) -> list[Value] | str:
     s = Spec(node)
     inputs = list(node.inputs[:3]) + ([node.inputs[3]] if _opt(node, 3) is not None else [])
     level = ACCURACY_LEVEL.get(context_of(op).provider, 0)
-    return [op.MatMulNBits(*inputs, _domain=MS, K=s.k, N=s.n, bits=s.bits, block_size=s.block, accuracy_level=level)]
+    out = op.MatMulNBits(*inputs, _domain=MS, K=s.k, N=s.n, bits=s.bits, block_size=s.block, accuracy_level=level)
+    rests = _opt(node, 4)
+    return [out if rests is None else op.Add(out, _rest_correction(op, node, rests, s))]
+
+
+def _rest_correction(op: Builder, node: Node, rests: Value, s: Spec) -> Value:
+    """blocksum(A) @ rests^T [..., N]: A summed over each block of K (once per activation, shared by
+    every weight that reads it) times each output channel's per-block rest."""
+    x = node.inputs[0]
+
+    def block_sums() -> Value:
+        head = op.Shape(x, start=0, end=-1)
+        blocks = op.Reshape(x, op.Concat(head, _i64(op, [s.blocks, s.block]), axis=0))
+        return op.ReduceSum(blocks, _i64(op, [-1]), keepdims=0)
+
+    sums = _cached(op, x, f"blocksum{s.block}", block_sums)
+    table = op.const(np.ascontiguousarray(rests.const.numpy().reshape(s.n, s.blocks).T), hint="block_rests")
+    return op.MatMul(sums, table)
 
 
 def _lower_gather_ort(op: Builder, node: Node) -> list[Value] | str:
@@ -102,7 +122,7 @@ def _lower_gather_ort(op: Builder, node: Node) -> list[Value] | str:
 # -- standard ONNX --------------------------------------------------------------------------------
 def _lower_matmul_onnx(op: Builder, node: Node) -> list[Value] | str:
     """Blocked DequantizeLinear (opset 21) when the model has it, else the written-out form."""
-    if context_of(op).opset < 21 or node.inputs[1].const is None:
+    if context_of(op).opset < 21 or node.inputs[1].const is None or _opt(node, 4) is not None:
         return decompose_matmul(op, node)
     s = Spec(node)
     dtype = node.inputs[2].dtype.numpy
@@ -127,7 +147,7 @@ def _lower_matmul_onnx(op: Builder, node: Node) -> list[Value] | str:
 def decompose_matmul(op: Builder, node: Node) -> list[Value]:
     """Any opset >= 13: dequantize the packed rows in the graph, transpose, MatMul."""
     s = Spec(node)
-    rows = _dequantized_rows(op, node, node.inputs[1], node.inputs[2], _opt(node, 3), s)  # [N, blocks*block]
+    rows = _dequantized_rows(op, node, node.inputs[1], node.inputs[2], _opt(node, 3), s, rests=_opt(node, 4))
     if s.padded:
         rows = op.Slice(rows, _i64(op, [0]), _i64(op, [s.k]), _i64(op, [-1]))
     return [op.MatMul(node.inputs[0], op.Transpose(rows, perm=[1, 0]))]
@@ -148,6 +168,7 @@ def decompose_gather(op: Builder, node: Node) -> list[Value]:
 
 def _dequantized_rows(
     op: Builder, node: Node, packed: Value, scales: Value, zero_points: Value | None, s: Spec, ids: Value | None = None,
+    rests: Value | None = None,
 ) -> Value:
     """(codes - zero_point) * scale as codes * scale + offset, rows [M, blocks * block]. The offset
     (-zero_point * scale, one per block) is folded at compile time from the constant inputs; with
@@ -163,8 +184,8 @@ def _dequantized_rows(
     codes = op.Cast(op.Reshape(codes, _i64(op, [-1, s.blocks, s.block])), to=int(DType.from_numpy(dtype)))
     scale_table = _cached(op, scales, "scale3d", lambda: op.const(_scales(scales, s).astype(dtype)[..., None], hint="scales"))
     offset_table = _cached(
-        op, zero_points or scales, f"offset{s.bits}",
-        lambda: op.const(_offsets(scales, zero_points, s).astype(dtype)[..., None], hint="offsets"),
+        op, rests or zero_points or scales, f"offset{s.bits}",
+        lambda: op.const(_offsets(scales, zero_points, s, rests).astype(dtype)[..., None], hint="offsets"),
     )
     if ids is not None:
         scale_table = op.Gather(scale_table, ids, axis=0)
@@ -177,12 +198,15 @@ def _scales(scales: Value, s: Spec) -> np.ndarray:
     return scales.const.numpy().reshape(s.n, s.blocks).astype(np.float32)
 
 
-def _offsets(scales: Value, zero_points: Value | None, s: Spec) -> np.ndarray:
+def _offsets(scales: Value, zero_points: Value | None, s: Spec, rests: Value | None = None) -> np.ndarray:
     if zero_points is None:
         zeros = np.full((s.n, s.blocks), 1 << (s.bits - 1), np.float32)
     else:
         zeros = unpack_zero_points(zero_points.const.numpy().reshape(s.n, -1), s.bits, s.blocks).astype(np.float32)
-    return -zeros * _scales(scales, s)
+    offsets = -zeros * _scales(scales, s)
+    if rests is not None:  # exact in float64, rounded once
+        offsets = (offsets.astype(np.float64) + rests.const.numpy().reshape(s.n, s.blocks)).astype(np.float32)
+    return offsets
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -141,7 +141,6 @@ class QuantizeWeights(Pass):
             refusals = {id(w): self._limit(w, config) for w in weights}
         layers = []
         packed: dict[int, Packed] = {}
-        block_sums: dict[int, Value] = {}  # activation -> its block sums, shared by q/k/v, gate/up
         for site, w in order:
             refusal = refusals[id(w)]
             if refusal:
@@ -149,7 +148,7 @@ class QuantizeWeights(Pass):
                 skipped.append({"node": site.node.name, "weight": site.weight.name, "role": site.role, "reason": refusal})
                 continue
             entry = packed.get(id(w)) or packed.setdefault(id(w), self._pack(graph, site, w, config))
-            _replace(graph, site, entry, w.native, block_sums)
+            _replace(graph, site, entry, w.native)
             record.applied(site.where, "weights_quantized")
             layers.append(_layer(site, w, entry))
         if not layers:
@@ -374,7 +373,7 @@ def _feeds_output(node: Node) -> bool:
     return False
 
 
-def _replace(graph: Graph, site: Site, entry: Packed, native: Native | None, block_sums: dict[int, Value]) -> None:
+def _replace(graph: Graph, site: Site, entry: Packed, native: Native | None) -> None:
     node = site.node
     op = Builder(graph, node, node.name or node.op_type)
     zp = [entry.zero_points] if entry.zero_points is not None else []
@@ -383,9 +382,12 @@ def _replace(graph: Graph, site: Site, entry: Packed, native: Native | None, blo
     if site.role == "embedding":
         new = getattr(op, ops.GATHER)(entry.b, node.inputs[1], entry.scales, *zp, _domain=DOMAIN, **attrs)
     else:
-        new = getattr(op, ops.MATMUL)(node.inputs[0], entry.b, entry.scales, *zp, _domain=DOMAIN, **attrs)
-        if native is not None and native.offsets is not None:
-            new = op.Add(new, _offset_correction(op, node.inputs[0], native, entry, block_sums))
+        rests = []
+        if native is not None and native.offsets is not None:  # Q4_1-like: the per-block rests ride along
+            dtype = node.inputs[0].dtype.numpy if node.inputs[0].dtype is not None else np.float32
+            rests = [op.const(np.ascontiguousarray(native.offsets.astype(dtype)), hint="block_rests")]
+            zp = zp or [None]
+        new = getattr(op, ops.MATMUL)(node.inputs[0], entry.b, entry.scales, *zp, *rests, _domain=DOMAIN, **attrs)
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias, beta = node.inputs[2], float(node.attr("beta", 1.0))
             if beta != 1.0:
@@ -398,21 +400,3 @@ def _replace(graph: Graph, site: Site, entry: Packed, native: Native | None, blo
     graph.remove(node, force=True)
 
 
-def _offset_correction(op: Builder, x: Value, native: Native, entry: Packed, block_sums: dict[int, Value]) -> Value:
-    """blocksum(x) @ R^T: the per-block rests of a Q4_1-like weight (see native.py), applied to the
-    activation summed over each block of inputs (computed once per activation). R is stored in
-    float16 when that holds it exactly."""
-    blocks = entry.k // native.quantized.block_size
-    sums = block_sums.get(id(x))
-    if sums is None:
-        shape = op.const(np.array([0] * (x.rank - 1) + [blocks, native.quantized.block_size], np.int64), hint="blocks")
-        sums = op.ReduceSum(op.Reshape(x, shape), op.const(np.array([-1], np.int64), hint="axis"), keepdims=0)
-        block_sums[id(x)] = sums
-    rests = np.ascontiguousarray(native.offsets.T)  # [blocks, N]
-    dtype = x.dtype.numpy if x.dtype is not None else np.float32
-    half = rests.astype(np.float16)
-    if dtype != np.float16 and np.array_equal(half.astype(np.float32), rests):
-        table = op.Cast(op.const(half, hint="block_rests"), to=int(DType.from_numpy(dtype)))
-    else:
-        table = op.const(rests.astype(dtype), hint="block_rests")
-    return op.MatMul(sums, table)
