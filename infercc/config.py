@@ -69,10 +69,10 @@ class Config:
     quantize: str | None = "auto"
     #: int4 block length along the reduction axis (16, 32, 64 or 128): smaller is more accurate,
     #: larger is smaller and faster. Measured on the ~100M LLaMA (2 cores, onnxruntime 1.32, AVX-512
-    #: VNNI): block 128 prefills 128 tokens in 82 ms against 99 (float32: 96; MatMulNBits' int8 kernel
-    #: at block 32 runs 0.8x float32 SGEMM from 16 rows up) and decodes a step in 2.80 ms against
-    #: 3.29, but SmolLM2-135M's perplexity (its Q4_1 weights rounded again) moves +48% against +15%
-    #: (block 64: +27%), so 32 stays the default.
+    #: VNNI): block 128 prefills 128 tokens in 82 ms against 99 (float32: 96; MatMulNBits' int8
+    #: kernel at block 32 runs 0.8x float32 SGEMM from 16 rows up) and decodes a step (128 cached
+    #: tokens) in 2.80 ms against 3.29, but SmolLM2-135M's perplexity (its Q4_1 weights rounded
+    #: again) moves +48% against +15% (block 64: +27%), so 32 stays the default.
     quant_block_size: int = 32
     #: "gptq" (int4 weights: error feedback on calibration inputs the model generates itself; "mse"
     #: for int8 weights and where a weight has no activation, e.g. embedding tables), "mse"
@@ -97,14 +97,12 @@ class Config:
     quant_native: bool = True
     #: Mixed precision: up to this fraction of the int4 weights' parameters stays int8, the weights
     #: whose int4 rounding costs the output most per parameter first (measured on calibration inputs,
-    #: one forward pass per group of weights that read one activation, e.g. q/k/v: a group stays at
-    #: one width so that its projections still pack into one matmul). 0 = every int4 weight is int4
-    #: (~100M LLaMA: decoding +4%, stories260K's sampled-text perplexity +5.9% instead of +4.8% over
-    #: float). The default 5% is the industry's
-    #: int4 recipe (llama.cpp's Q4_K_M, onnxruntime-genai's k_quant_mixed keep their most sensitive
-    #: tensors at higher precision), chosen by measurement instead of by tensor name: it costs
-    #: ~0.005x of the float size and lifts all-MiniLM-L6-v2's int4 RTN cosine 0.976 -> 0.983 (measured
-    #: when weights were chosen one by one, before groups).
+    #: one forward pass per weight). 0 = every int4 weight is int4 (~100M LLaMA: decoding +4%,
+    #: prefill level; stories260K's sampled-text perplexity +5.9% over float instead of +4.8%).
+    #: The default 5% is the industry's int4 recipe (llama.cpp's Q4_K_M, onnxruntime-genai's
+    #: k_quant_mixed keep their most sensitive tensors at higher precision), chosen by measurement
+    #: instead of by tensor name: it costs ~0.005x of the float size and lifts all-MiniLM-L6-v2's
+    #: int4 RTN cosine 0.976 -> 0.983.
     quant_int8_fraction: float = 0.05
 
     def __new__(cls, *args: Any, **options: Any) -> Config:

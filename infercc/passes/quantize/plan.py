@@ -146,56 +146,34 @@ def _offset_error(rows: np.ndarray, native: Native) -> float:
 def _mixed_precision(pending: list[Weight], model: Model, config, calibration: Calibration) -> dict:
     """Keep int8 the int4 weights whose quantization costs the model's output the most per
     parameter, within ``quant_int8_fraction`` of the int4 parameters (greedy by measured error per
-    parameter: a knapsack heuristic).
-
-    The unit is a group, not a weight: the weights that read one activation (an attention layer's
-    q/k/v, an MLP's gate/up) are measured together and kept at one bit width, so that
-    PackProjections still packs them into one matmul. Why: a group split by its bits runs as two
-    MatMulNBits plus an extra Split per layer, which a decoding step pays in fixed costs. Measured
-    on the ~100M LLaMA (2 cores, 128 new tokens): per-weight selection kept 10 v projections int8
-    and split their layers' q/k/v, decoding at 291 tok/s against 309 with no int8 weights at all."""
+    parameter: a knapsack heuristic)."""
     candidates = [w for w in pending if w.bits == 4 and w.linear]
-    groups = _sibling_groups(candidates)
     probe = "rtn" if config.quant_method == "rtn" else "mse"
     probes = {}
-    for i, group in enumerate(groups):
-        probes[i] = {}
-        for w in group:
-            deq = _data_free(w.rows, 4, config, probe).dequantize()
-            probes[i].update({site.weight.name: site.layout(deq) for site in w.sites})
+    for i, w in enumerate(candidates):
+        deq = _data_free(w.rows, 4, config, probe).dequantize()
+        probes[i] = {site.weight.name: site.layout(deq) for site in w.sites}
     measured = sensitivities(model, config, calibration, probes)
-    sizes = [sum(w.rows.size for w in group) for group in groups]
-    total = sum(sizes)
+    total = sum(w.rows.size for w in candidates)
     budget = config.quant_int8_fraction * total
-    order = sorted(range(len(groups)), key=lambda i: -measured[i] / sizes[i])
+    order = sorted(range(len(candidates)), key=lambda i: -measured[i] / candidates[i].rows.size)
     used, chosen = 0, []
     for i in order:
-        for w in groups[i]:
-            w.sensitivity = measured[i]
-        if used + sizes[i] <= budget and measured[i] > 0:
-            used += sizes[i]
+        w = candidates[i]
+        w.sensitivity = measured[i]
+        if used + w.rows.size <= budget and measured[i] > 0:
+            used += w.rows.size
             chosen.append(i)
-    rank = {i: r for r, i in enumerate(sorted(range(len(groups)), key=lambda i: -measured[i]), 1)}
+    rank = {i: r for r, i in enumerate(sorted(range(len(candidates)), key=lambda i: -measured[i]), 1)}
     for i in chosen:
-        together = f", with the {len(groups[i]) - 1} other weight(s) reading its input" if len(groups[i]) > 1 else ""
-        for w in groups[i]:
-            w.bits, w.fallback = 8, f"int8: mixed precision, sensitivity rank {rank[i]} of {len(groups)}{together}"
+        w = candidates[i]
+        w.bits, w.fallback = 8, f"int8: mixed precision, sensitivity rank {rank[i]} of {len(candidates)}"
     return {
-        "int8_fraction": config.quant_int8_fraction, "candidates": len(candidates), "groups": len(groups),
-        "kept_int8": sum(len(groups[i]) for i in chosen),
+        "int8_fraction": config.quant_int8_fraction, "candidates": len(candidates), "kept_int8": len(chosen),
         "int8_parameters": int(used), "int4_parameters": int(total - used), "probe": probe,
         "measured_on": f"{calibration.output} ({'KL divergence' if calibration.logits else '1 - cosine'}, first "
-                       f"calibration tokens), each group of weights reading one activation alone quantized to int4 by {probe}",
+                       f"calibration tokens), each weight alone quantized to int4 by {probe}",
     }
-
-
-def _sibling_groups(weights: list[Weight]) -> list[list[Weight]]:
-    """The weights that read one activation (what PackProjections packs), in order; a weight read
-    with several activations (a tied table used twice) is a group of its own."""
-    groups: dict[int, list[Weight]] = {}
-    for w in weights:
-        groups.setdefault(id(w.activation) if w.activation is not None else id(w), []).append(w)
-    return list(groups.values())
 
 
 def _gptq(weights: list[Weight], model: Model, config, calibration: Calibration) -> None:

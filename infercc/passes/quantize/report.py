@@ -94,8 +94,7 @@ def format_report(info: dict[str, Any], top: int = 10) -> str:
     mixed = info.get("mixed_precision")
     if mixed:
         lines.append(f"  mixed      {mixed['kept_int8']} of {mixed['candidates']} int4 weights kept int8 "
-                     f"({mixed['int8_parameters']} parameters, limit {mixed['int8_fraction']:.0%}), by measured sensitivity "
-                     f"of {mixed.get('groups', mixed['candidates'])} groups reading one activation each")
+                     f"({mixed['int8_parameters']} parameters, limit {mixed['int8_fraction']:.0%}), by measured sensitivity")
     worst = sorted(info["layers"], key=lambda layer: -layer["rel_error"])[:top]
     lines.append(f"  worst {len(worst)} layers by relative reconstruction error ||W - Q(W)|| / ||W||"
                  f"{' (output error on calibration inputs)' if any('output_error' in x for x in worst) else ''}:")
