@@ -158,6 +158,9 @@ def _absorbed_rotary(op: Builder, spec: AttentionSpec, q: Value, k: Value):
     opset = getattr(ctx, "opset", None) or 17
     memo = _TABLES.setdefault(op.graph, {})
     key = (id(rq.inputs[1]), id(rq.inputs[2]), rdim, inter, length)
+    found = memo.get(key)
+    if isinstance(found, tuple) and not all(op.graph.initializers.get(t.name) is t for t in found):
+        del memo[key]  # a lowering that gave up removed the tables it made: make them again
     if key not in memo:
         table = rotary_table(op.graph, rq.inputs[1], rq.inputs[2], rdim, inter, length, opset)
         if not isinstance(table, str):
@@ -167,9 +170,6 @@ def _absorbed_rotary(op: Builder, spec: AttentionSpec, q: Value, k: Value):
     table = memo[key]
     if isinstance(table, str):
         return table
-    if not all(op.graph.initializers.get(t.name) is t for t in table):  # a lowering that gave up removed them
-        memo.pop(key)
-        return _absorbed_rotary(op, spec, q, k)
     return rq.inputs[0], rk.inputs[0], table, inter
 
 
@@ -184,11 +184,11 @@ def _packed(q: Value, k: Value, v: Value, spec: AttentionSpec) -> tuple[Value, N
     axis = int(split.attr("axis", 0))
     if x.shape is None or axis not in (-1, len(x.shape) - 1) or len(x.shape) != 3:
         return None
-    sizes = split.inputs[1].const.numpy().tolist() if len(split.inputs) > 1 and split.inputs[1] is not None \
-        and split.inputs[1].const is not None else None
+    given = split.inputs[1] if len(split.inputs) > 1 else None
+    sizes = given.const.numpy().tolist() if given is not None and given.const is not None else None
     d = spec.head_size
     wanted = [spec.num_heads * d, spec.kv_num_heads * d, spec.kv_num_heads * d]
-    equal = len(split.inputs) < 2 or split.inputs[1] is None  # no sizes: three equal parts
+    equal = given is None  # no sizes: three equal parts
     if sizes != wanted and not (equal and x.shape[-1] == sum(wanted) and len(set(wanted)) == 1):
         return None
     if any(len(o.uses) != 1 or o.is_graph_output for o in (q, k, v)):
