@@ -51,6 +51,8 @@ class ModelRunner:
             )
         self.has_mask = "attention_mask" in inputs
         self.has_positions = "position_ids" in inputs
+        # The cached contract's optional scalar: n > 0 = logits of the last n positions only.
+        self.keeps_logits = "logits_to_keep" in inputs
         # Whether left padding leaves every real token's position unchanged (see module docstring).
         self.pads_safely = self.has_mask and (
             self.has_positions or any(n.op_type == "CumSum" for n in model.graph.walk()))
@@ -91,7 +93,7 @@ class ModelRunner:
         past = cache.length
         cache.append(ids, mask)
         if self.cached:
-            logits = self._run_cached(cache, ids, past)
+            logits = self._run_cached(cache, ids, past, 0 if all_logits else 1)
             cache.commit(past + width)
         else:
             logits = self._run_uncached(cache, past + width, width)
@@ -99,9 +101,10 @@ class ModelRunner:
         return logits if all_logits else logits[:, -1]
 
     # -- the two paths ------------------------------------------------------------------------
-    def _run_cached(self, cache: KVCache, ids: np.ndarray, past: int) -> np.ndarray:
+    def _run_cached(self, cache: KVCache, ids: np.ndarray, past: int, keep: int) -> np.ndarray:
         """One run over the new tokens; past K/V go in as views, present K/V are written by ORT
-        into the cache's other buffer, logits into an array allocated here (no copies)."""
+        into the cache's other buffer, logits into an array allocated here (no copies). ``keep``
+        (0 = all) positions get logits when the graph takes ``logits_to_keep``."""
         total = past + ids.shape[1]
         session = self.backend.session
         binding = session.io_binding()
@@ -109,12 +112,16 @@ class ModelRunner:
         feeds = {"input_ids": ids, "attention_mask": mask, **cache.past()}
         if self.has_positions:
             feeds["position_ids"] = _positions(mask)[:, past:].copy()
+        width = ids.shape[1]
+        if self.keeps_logits:
+            feeds["logits_to_keep"] = np.asarray(keep, np.int64)
+            width = min(keep, width) if keep else width
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         vocab = self.vocab_size
         logits = None
         if vocab is not None:
-            logits = np.empty((cache.batch, ids.shape[1], vocab), self.logits_dtype)
+            logits = np.empty((cache.batch, width, vocab), self.logits_dtype)
             _bind_output(binding, "logits", logits)
         else:
             binding.bind_output("logits", "cpu")

@@ -26,6 +26,7 @@ from ..base import Pass, PassContext
 from ..fusion.attention_op import AttentionSpec, inputs, make_cached_node
 from ..rewrite import Builder
 from . import contract as c
+from .logits_keep import add_logits_to_keep
 from .positions import INT64_MAX, FullContext
 from .precision import KVFormat, dequantize, quantize, resolve, storage_for
 from .sequence import MASK_NAME, Refusal, SequenceWorld, Sink
@@ -61,6 +62,7 @@ class KVCacheInsertion(Pass):
         record.info.update(info)
         record.note(f"cached {len(info['layers'])} layer(s), {info['kv_cache_dtype']} cache: "
                     f"{info['bytes_per_token']} bytes per token ({info['kv_cache_dtype_reason']})")
+        record.note(f"logits_to_keep: {info['logits_to_keep']}")
 
 
 def _where(node: Node) -> str:
@@ -121,6 +123,7 @@ def _insert(model: Model, requested: str) -> dict:
     mask.shape = (batch, c.TOTAL_DIM)
     cache = _Cache(graph, fmt, storage_for(fmt, model_dtype), batch, seq, model.opset("") or 17)
     layer_info = [cache.layer(i, node) for i, node in enumerate(layers)]
+    kept = add_logits_to_keep(graph, world)
     graph.remove_dead()
     graph.sort()  # per-token readers of the mask may come before the nodes built here
     shapes = [(x["kv_heads"], x["head_size"], x["v_head_size"]) for x in layer_info]
@@ -130,6 +133,7 @@ def _insert(model: Model, requested: str) -> dict:
         "attention_mask": ("added: the source had none; it must be all ones (it gives the total length)" if added
                            else "[batch, past+seq]; per-token readers read its last seq columns"),
         "metadata": [f"{line} ({n} readers)" if n > 1 else line for line, n in described.items()],
+        "logits_to_keep": kept,
     }
 
 

@@ -175,14 +175,18 @@ def _logits_output(graph: Graph, vocab: int) -> Value | None:
 
 def _feeds(graph: Graph, ids: Value, tokens: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a batch of ``tokens`` [B, T]: masks all ones, positions 0..T-1, pasts (of a
-    cached graph) empty, any other input zeros, every symbolic dim read from the ids' shape."""
+    cached graph) empty, inputs with a default their default (the session runs them as plain
+    inputs), any other input zeros, every symbolic dim read from the ids' shape."""
     b, t = tokens.shape
     symbols = {}
     if ids.shape and len(ids.shape) == 2:
         symbols = {str(ids.shape[0]): b, str(ids.shape[1]): t}
     feeds = {ids.name: tokens.astype(ids.dtype.numpy)}
     for value in graph.inputs:
-        if value.const is not None or value is ids:
+        if value is ids:
+            continue
+        if value.const is not None:
+            feeds[value.name] = value.const.numpy()
             continue
         name = value.name.lower()
         shape = [_dim(d, i, symbols, b, t, "past" in name) for i, d in enumerate(value.shape or ())]

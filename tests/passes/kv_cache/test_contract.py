@@ -29,7 +29,7 @@ def test_interface_follows_the_contract() -> None:
     assert list(ins)[:2] == ["input_ids", "attention_mask"]
     assert ins["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
     assert ins["attention_mask"] == {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]}
-    assert outs["logits"]["shape"] == ["batch", "seq", 256]
+    assert outs["logits"]["shape"] == ["batch", "kept_sequence", 256]  # logits_to_keep (0 = seq)
     for layer in range(2):
         for what in ("key", "value"):
             assert ins[f"past_key_values.{layer}.{what}"]["shape"] == ["batch", 2, "past_sequence", 16]
