@@ -71,10 +71,16 @@ def test_logits_match_transformers_on_left_padded_batch(tmp_path, kind):
     model.save_pretrained(tmp_path)
     ids, mask = batch()
     expected = hf_logits(model, ids, mask)
-    got = infercc.compile(tmp_path).run({"input_ids": ids, "attention_mask": mask})["logits"]
+    compiled = infercc.compile(tmp_path)
+    got = compiled.run({"input_ids": ids, "attention_mask": mask})["logits"]
     real = mask.astype(bool)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got[real], expected[real], atol=TOLERANCE, rtol=0)
+    # the LM head (a Reshape -> Gemm -> Reshape on rows for tied heads) runs on the last position only
+    assert "computes only" in compiled.diagnostics["kv_cache_insertion"].info["logits_to_keep"]
+    last = compiled.run({"input_ids": ids, "attention_mask": mask, "logits_to_keep": np.asarray(1, np.int64)})
+    assert last["logits"].shape == (2, 1, expected.shape[-1])
+    np.testing.assert_allclose(last["logits"][:, 0], expected[:, -1], atol=TOLERANCE, rtol=0)
 
 
 def test_sharded_and_bfloat16_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 from ...ir import DType, Graph, Node, Tensor, Value
 from ..canonical import DOMAIN
 from ..rewrite import Builder
+from ..rewrite.matcher import const_value
 from .contract import LOGITS
 from .sequence import SequenceWorld
 
@@ -35,7 +36,7 @@ def add_logits_to_keep(graph: Graph, world: SequenceWorld) -> str:
         return "no logits output computed by a node"
     if any(v.name == INPUT for v in graph.inputs):
         return f"the model already takes {INPUT!r}"
-    tail = _tail(logits, world)
+    tail, unflatten = _tail(logits, world)
     if not tail:
         return "the logits are not computed position by position from one hidden state"
     first, index = tail[0]
@@ -50,32 +51,70 @@ def add_logits_to_keep(graph: Graph, world: SequenceWorld) -> str:
     sliced.dtype = hidden.dtype
     sliced.shape = (hidden.shape[0], KEPT_DIM, *hidden.shape[2:])
     first.set_input(index, sliced)
-    for node, _ in tail:  # the tail's values now span the kept positions
+    for node, _ in tail:  # the tail's [batch, sequence, ...] values now span the kept positions
         out = node.outputs[0]
+        if out.shape is not None and len(out.shape) >= 3:
+            out.shape = (out.shape[0], KEPT_DIM, *out.shape[2:])
+    if unflatten is not None:  # rows back to [batch, kept, ...]: the kept positions' leading dims
+        rows = unflatten.inputs[0]
+        at = Builder(graph, unflatten, "logits_to_keep")
+        unflatten.set_input(1, at.Concat(at.Shape(sliced, end=-1), at.Shape(rows, start=-1), axis=0))
+        out = unflatten.outputs[0]
         out.shape = None if out.shape is None else (out.shape[0], KEPT_DIM, *out.shape[2:])
     graph.sort()
     return f"the LM head ({first.op_type} {first.name!r} onwards) computes only the last {INPUT} positions"
 
 
-def _tail(logits: Value, world: SequenceWorld) -> list[tuple[Node, int]]:
+def _tail(logits: Value, world: SequenceWorld) -> tuple[list[tuple[Node, int]], Node | None]:
     """The chain of (node, index of its activation input) that ends in ``logits``, first node
     first: every node per position, each value in it read only by the next, and the chain's input
-    a [batch, sequence, ...] activation. Empty when there is none."""
+    a [batch, sequence, ...] activation; empty when there is none. A head that works on rows
+    (an importer's Reshape to [batch*sequence, hidden] -> Gemm -> Reshape back) is followed too:
+    the Reshape back is returned separately, its target shape is rebuilt from the sliced value."""
     chain: list[tuple[Node, int]] = []
     node = logits.producer
-    while node is not None and (index := _per_position(node, world)) is not None:
+    unflatten = None
+    if _is_reshape(node) and _rank(node.inputs[0]) == 2 and len(node.inputs[0].uses) == 1 and _rank(logits) == 3:
+        unflatten, node = node, node.inputs[0].producer
+    flatten_at = None
+    while node is not None:
+        if unflatten is not None and flatten_at is None and _flattens(node):
+            index = 0
+            flatten_at = len(chain)
+        elif (index := _per_position(node, world)) is None:
+            break
         chain.append((node, index))
         x = node.inputs[index]
         if x.producer is None or len(x.uses) != 1 or x.is_graph_output:
             break
         node = x.producer
     while chain:  # the slice goes where the sequence is axis 1 of a [batch, sequence, ...] value
+        if unflatten is not None and (flatten_at is None or len(chain) <= flatten_at):
+            return [], None
         first, index = chain[-1]
         x = first.inputs[index]
         if x.shape is not None and len(x.shape) >= 3 and world.act_seq_axis(x) == 1:
-            return chain[::-1]
+            return chain[::-1], unflatten
         chain.pop()
-    return []
+    return [], None
+
+
+def _rank(value: Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _is_reshape(node: Node | None) -> bool:
+    return node is not None and node.op_type == "Reshape" and not node.domain and len(node.inputs) >= 2
+
+
+def _flattens(node: Node) -> bool:
+    """A Reshape of [batch, sequence, hidden] to [rows, hidden] by a constant shape."""
+    if not _is_reshape(node):
+        return False
+    x, shape = node.inputs[0], const_value(node.inputs[1])
+    if shape is None or shape.shape != (2,) or _rank(x) != 3 or node.attr("allowzero", 0):
+        return False
+    return int(shape[0]) == -1 and isinstance(x.shape[-1], int) and int(shape[1]) == x.shape[-1]
 
 
 def _per_position(node: Node, world: SequenceWorld) -> int | None:

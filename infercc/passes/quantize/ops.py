@@ -99,6 +99,9 @@ def _rest_correction(op: Builder, node: Node, rests: Value, s: Spec) -> Value:
     x = node.inputs[0]
 
     def block_sums() -> Value:
+        if x.shape is not None:  # leading dims copied by 0s: one constant shape, no shape arithmetic
+            blocks = op.Reshape(x, _i64(op, [0] * (len(x.shape) - 1) + [s.blocks, s.block]))
+            return op.ReduceSum(blocks, _i64(op, [-1]), keepdims=0)
         head = op.Shape(x, start=0, end=-1)
         blocks = op.Reshape(x, op.Concat(head, _i64(op, [s.blocks, s.block]), axis=0))
         return op.ReduceSum(blocks, _i64(op, [-1]), keepdims=0)
