@@ -1,0 +1,74 @@
+"""Compiling generated C: the compiler, its flags, and a build cache in the user cache directory.
+
+The cache key is (source, flags, compiler version): the same model on the same machine builds once.
+``-march=native`` for libraries built where they run; ``PORTABLE`` flags for artifacts that move.
+Writes are atomic (build in a temporary file, rename), so concurrent builds of one model are safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+NATIVE = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=gnu11")
+PORTABLE = ("-O3", "-march=x86-64-v2", "-fopenmp", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=gnu11")
+
+
+class BuildError(Exception):
+    """The C compiler is missing or rejected the source (the message holds its first errors)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("INFERCC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "infercc")
+    path = Path(root) / "c"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compiler() -> str:
+    """$CC, else gcc, else clang; BuildError when none is installed."""
+    for candidate in (os.environ.get("CC"), "gcc", "clang", "cc"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise BuildError("no C compiler found (install gcc, or set CC); the model runs on ONNX Runtime instead")
+
+
+@functools.cache
+def compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[0]
+
+
+def build(source: str, flags: tuple[str, ...] = NATIVE) -> Path:
+    """The shared library for ``source`` (from the cache when built before)."""
+    cc = compiler()
+    key = hashlib.sha256("\0".join([source, " ".join(flags), compiler_version(cc)]).encode()).hexdigest()[:32]
+    target = cache_dir() / f"model-{key}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="infercc-c-") as tmp:
+        src = Path(tmp) / "model.c"
+        src.write_text(source)
+        out = Path(tmp) / "model.so"
+        done = subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line][:3]
+            raise BuildError(f"{cc} could not build the generated C: {' | '.join(errors) or done.stderr[:300]}")
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(out, partial)
+        os.replace(partial, target)
+    return target
+
+
+def warnings_of(source: str, flags: tuple[str, ...] = NATIVE) -> list[str]:
+    """The compiler's warnings for ``source`` (for tests: generated C must compile cleanly)."""
+    with tempfile.TemporaryDirectory(prefix="infercc-c-") as tmp:
+        src = Path(tmp) / "model.c"
+        src.write_text(source)
+        done = subprocess.run([compiler(), *flags, "-fsyntax-only", str(src)], capture_output=True, text=True, check=False)
+    return [line for line in done.stderr.splitlines() if "warning" in line or "error" in line]

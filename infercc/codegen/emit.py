@@ -1,0 +1,128 @@
+"""IR -> one C translation unit (templates/model.c.j2) plus its weight blob.
+
+Every value of the graph becomes a slot ``V[i]`` (generated index; model names appear only in
+sanitized comments). Inputs are bound per call, constants once at load (pointers into the weight
+blob), every other value is allocated by the kernel that produces it and released right after its
+last reader: liveness is computed here, per buffer (a Reshape's output is a view of its input, so
+the buffer lives until the last reader of either). Same IR -> byte-identical source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from ..ir import Model, Value
+from . import ops_transformer  # noqa: F401 - registers the canonical ops' emitters
+from .ops import ALIASES, DT, TABLE, Site, Unsupported, dtype_code
+from .packing import Blob
+
+HERE = Path(__file__).parent
+#: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
+HEADERS = ("tensor.h", "elementwise.h", "layout.h", "api.h", "transformer.h")
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
+                          undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+@dataclasses.dataclass
+class Program:
+    source: str
+    blob: Blob
+    inputs: list[tuple[str, np.dtype]]   # graph inputs in order: name, element type
+    outputs: list[str]
+
+
+def sanitize(text: str, limit: int = 60) -> str:
+    """A model-provided name made safe for a C comment: [A-Za-z0-9_ .-] only, no comment end."""
+    return re.sub(r"[^A-Za-z0-9_ .\-]", "_", str(text))[:limit]
+
+
+def kernels_source() -> str:
+    parts = []
+    for name in HEADERS:
+        text = (HERE / "kernels" / name).read_text()
+        parts.append(re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M))
+    return "\n".join(parts)
+
+
+def emit(model: Model) -> Program:
+    """The C program for ``model``; raises Unsupported naming the first op without a kernel."""
+    graph = model.graph
+    index: dict[int, int] = {}
+
+    def slot(v: Value) -> int:
+        if id(v) not in index:
+            index[id(v)] = len(index)
+        return index[id(v)]
+
+    inputs = list(graph.inputs)
+    for v in inputs:
+        slot(v)
+    blob = Blob()
+    consts: dict[int, dict] = {}
+
+    def bind(node, i: int) -> None:
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is None or v.const is None or v.is_graph_input or id(v) in consts:
+            return
+        array = v.const.numpy()
+        code = dtype_code(v)
+        data = np.ascontiguousarray(array)
+        offset = blob.add(("const", id(v)), lambda: data)
+        dims = ", ".join(str(int(d)) for d in data.shape) or "0"
+        consts[id(v)] = {"index": slot(v), "offset": offset, "rank": data.ndim, "dims": dims, "dt": code}
+
+    steps = []
+    for position, node in enumerate(graph.nodes):
+        emitter = TABLE.get((node.domain or "", node.op_type))
+        where = f"{node.domain + '::' if node.domain else ''}{node.op_type} {sanitize(node.name)!r}"
+        if emitter is None:
+            raise Unsupported(f"no C kernel for {where}")
+        ins = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.inputs]
+        outs = [f"(&V[{slot(v)}])" if v is not None and (v.uses or v.is_graph_output) else "NULL" for v in node.outputs]
+        site = Site(node, ins, outs, blob)
+        try:
+            lines = emitter(site)
+        except Unsupported as exc:
+            raise Unsupported(f"{where}: {exc}") from None
+        used = {int(k) for k in re.findall(r"\(&V\[(\d+)\]\)", "\n".join(lines))}
+        for i, v in enumerate(node.inputs):  # constants the C reads as tensors go into the blob
+            if v is not None and slot(v) in used:
+                bind(node, i)
+        steps.append({"comment": f"{position}: {where}", "lines": lines, "release": []})
+    _plan_releases(model, steps, index, consts)
+    outputs = [slot(v) for v in graph.outputs]
+    source = _ENV.get_template("model.c.j2").render(
+        summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
+        kernels=kernels_source(), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
+        inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs)
+    return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs])
+
+
+def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], consts: dict[int, dict]) -> None:
+    """Release each produced buffer after the last node that reads it or any view of it."""
+    graph = model.graph
+    root: dict[int, int] = {}
+    keep: set[int] = {id(v) for v in graph.inputs} | set(consts)
+    last: dict[int, int] = {}
+    for position, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            if v is not None and id(v) in index:
+                r = root.get(id(v), id(v))
+                last[r] = position
+        alias = (node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+        for v in node.outputs:
+            if v is None:
+                continue
+            source = node.inputs[0] if alias and node.inputs and node.inputs[0] is not None else None
+            root[id(v)] = root.get(id(source), id(source)) if source is not None else id(v)
+            last.setdefault(root[id(v)], position)
+            if v.is_graph_output:
+                keep.add(root[id(v)])
+    for r, position in sorted(last.items(), key=lambda item: index.get(item[0], 0)):
+        if r not in keep and r in index:
+            steps[position]["release"].append(index[r])

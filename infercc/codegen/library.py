@@ -1,0 +1,72 @@
+"""A built model library loaded with ctypes: inputs in as pointers to numpy data (no copy),
+outputs read back as numpy arrays."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .emit import Program
+
+_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16}
+
+
+class RunError(Exception):
+    """A kernel reported a problem (shape mismatch, index out of range): node and message."""
+
+
+class Library:
+    def __init__(self, path: Path, program: Program, threads: int = 0) -> None:
+        self.lib = ctypes.CDLL(str(path))
+        self.program = program
+        self.weights = program.blob.array()  # kept alive: the library points into it
+        self.lib.icc_run.restype = ctypes.c_int
+        self.lib.icc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)]
+        self.lib.icc_output.restype = ctypes.c_int
+        self.lib.icc_output.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                                        ctypes.POINTER(ctypes.c_int)]
+        self.lib.icc_error.restype = ctypes.c_char_p
+        self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
+        self.lib.icc_set_threads(ctypes.c_int(threads))
+        self.lock = threading.Lock()  # one run at a time: the library's value slots are global
+        n = len(program.inputs)
+        self._ptrs = (ctypes.c_void_p * max(n, 1))()
+        self._dims = (ctypes.c_int64 * (8 * max(n, 1)))()
+        self._ranks = (ctypes.c_int * max(n, 1))()
+
+    def run(self, arrays: list[np.ndarray], outputs: dict[int, np.ndarray] | None = None) -> list[np.ndarray | None]:
+        """Outputs in graph order; those given in ``outputs`` (by position) are written there."""
+        with self.lock:
+            keep = []
+            for i, (array, (name, dtype)) in enumerate(zip(arrays, self.program.inputs)):
+                a = np.ascontiguousarray(array, dtype=dtype)
+                if a.ndim > 8:
+                    raise RunError(f"input {name!r} has rank {a.ndim} (at most 8)")
+                keep.append(a)
+                self._ptrs[i] = a.ctypes.data
+                self._ranks[i] = a.ndim
+                for j, d in enumerate(a.shape):
+                    self._dims[8 * i + j] = d
+            status = self.lib.icc_run(self._ptrs, self._dims, self._ranks)
+            if status != 0:
+                message = self.lib.icc_error().decode(errors="replace")
+                raise RunError(f"generated C failed at step {status}: {message}")
+            results: list[np.ndarray | None] = []
+            ptr, dims, rank = ctypes.c_void_p(), (ctypes.c_int64 * 8)(), ctypes.c_int()
+            for k in range(len(self.program.outputs)):
+                code = self.lib.icc_output(k, ctypes.byref(ptr), dims, ctypes.byref(rank))
+                shape = tuple(dims[j] for j in range(rank.value))
+                dtype = np.dtype(_NUMPY[code])
+                size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                view = (np.ctypeslib.as_array((ctypes.c_uint8 * (size * dtype.itemsize)).from_address(ptr.value))
+                        .view(dtype).reshape(shape) if size else np.empty(shape, dtype))
+                if outputs is not None and k in outputs:
+                    np.copyto(outputs[k], view)
+                    results.append(outputs[k])
+                else:
+                    results.append(view.copy())
+            del keep
+            return results

@@ -1,0 +1,110 @@
+"""Emitters of the canonical transformer ops: norms, rotary, attention (with its KV cache)."""
+
+from __future__ import annotations
+
+from ..ir import DType
+from ..passes.canonical import DOMAIN
+from ..passes.fusion.attention_op import AttentionSpec
+from .ops import Site, Unsupported, _float_only, emits, lit
+
+
+def _ptr(site: Site, i: int) -> str:
+    return f"(const float *){site.ins[i]}->p" if site.has(i) else "NULL"
+
+
+def _norm(site: Site, skip: bool, rms: bool) -> list[str]:
+    n = site.node
+    _float_only(site, *range(len(n.inputs)))
+    eps = lit(float(n.attr("epsilon", 1e-5)))
+    x, o = site.ins[0], site.outs[0]
+    if skip:  # SkipLayerNorm(x, skip, scale, bias?, skip_bias?) / SkipRMSNorm(x, skip, scale, skip_bias?)
+        scale, bias = _ptr(site, 2), ("NULL" if rms else _ptr(site, 3))
+        skip_bias = _ptr(site, 3) if rms else _ptr(site, 4)
+        total = site.outs[1] if len(site.outs) > 1 and site.outs[1] != "NULL" else None
+        lines = ["{", f"if (icc_numel({x}) != icc_numel({site.ins[1]})) icc_fail(\"{n.op_type}: skip shape differs\");",
+                 (f"icc_t *sum = {total};" if total else "icc_t sum_tmp = {0}; icc_t *sum = &sum_tmp;"),
+                 f"sum->dt = ICC_F32; icc_set_shape(sum, {x}->r, {x}->d); icc_alloc(sum);",
+                 f"{o}->dt = ICC_F32; icc_set_shape({o}, {x}->r, {x}->d); icc_alloc({o});",
+                 f"icc_norm(icc_numel({x}) / {x}->d[{x}->r - 1], {x}->d[{x}->r - 1], (const float *){x}->p, "
+                 f"(const float *){site.ins[1]}->p, {skip_bias}, {scale}, {bias}, {eps}, {int(rms)}, (float *){o}->p, (float *)sum->p);"]
+        if total is None:
+            lines.append("icc_release(&sum_tmp);")
+        return lines + ["}"]
+    scale, bias = _ptr(site, 1), ("NULL" if rms else _ptr(site, 2))
+    return [f"{o}->dt = ICC_F32; icc_set_shape({o}, {x}->r, {x}->d); icc_alloc({o});",
+            f"icc_norm(icc_numel({x}) / {x}->d[{x}->r - 1], {x}->d[{x}->r - 1], (const float *){x}->p, NULL, NULL, "
+            f"{scale}, {bias}, {eps}, {int(rms)}, (float *){o}->p, NULL);"]
+
+
+@emits("RMSNorm", domain=DOMAIN)
+def _rms(site: Site) -> list[str]:
+    return _norm(site, skip=False, rms=True)
+
+
+@emits("LayerNorm", domain=DOMAIN)
+def _layer(site: Site) -> list[str]:
+    return _norm(site, skip=False, rms=False)
+
+
+@emits("SkipRMSNorm", domain=DOMAIN)
+def _skip_rms(site: Site) -> list[str]:
+    return _norm(site, skip=True, rms=True)
+
+
+@emits("SkipLayerNorm", domain=DOMAIN)
+def _skip_layer(site: Site) -> list[str]:
+    return _norm(site, skip=True, rms=False)
+
+
+@emits("RotaryEmbedding", domain=DOMAIN)
+def _rotary(site: Site) -> list[str]:
+    n = site.node
+    _float_only(site, 0, 1, 2)
+    heads, rdim, interleaved = int(n.attr("num_heads", 0)), int(n.attr("rotary_dim")), int(n.attr("interleaved", 0))
+    x = site.ins[0]
+    return [f"{site.outs[0]}->dt = ICC_F32;",
+            f"if ({x}->r != {3 if heads else 4} || {site.ins[1]}->r != 3) icc_fail(\"RotaryEmbedding: unexpected ranks\");",
+            f"icc_rotary({site.outs[0]}, {x}, {site.ins[1]}, {site.ins[2]}, {heads}, {rdim}, {interleaved});"]
+
+
+@emits("Attention", domain=DOMAIN)
+def _attention(site: Site) -> list[str]:
+    n = site.node
+    spec = AttentionSpec.of(n)
+    if spec.softmax_precision not in (0, 1):
+        raise Unsupported("Attention with a 16-bit softmax")
+    _float_only(site, 0, 1, 2)
+    q, k, v = site.ins[:3]
+    mask = site.ins[3] if site.has(3) else None
+    cached = site.has(4) and site.has(5)
+    lines = ["{", "icc_attention_args A = {0};",
+             f"A.B = {q}->d[0]; A.S = {q}->d[1]; A.H = {spec.num_heads}; A.Hkv = {spec.kv_num_heads};",
+             f"A.D = {spec.head_size}; A.Dv = {spec.v_head_size}; A.scale = {lit(spec.scale)}; A.softcap = {lit(spec.softcap)};",
+             f"A.mask_value = {lit(spec.mask_value)}; A.causal = {int(spec.causal)}; A.left_window = {spec.left_window};",
+             f"A.q = (const float *){q}->p; A.k = (const float *){k}->p; A.v = (const float *){v}->p;",
+             f"if ({q}->r != 3 || {k}->r != 3) icc_fail(\"Attention: q and k must be [batch, sequence, hidden]\");"]
+    if cached:
+        past_k, past_v = site.ins[4], site.ins[5]
+        storage = n.inputs[4].dtype
+        if storage not in (DType.FLOAT, DType.FLOAT16) or n.inputs[5].dtype != storage:
+            raise Unsupported(f"Attention with a {storage} cache")
+        code = 1 if storage == DType.FLOAT16 else 0
+        lines += [f"A.P = {past_k}->d[2]; A.cache_dtype = {code}; A.past_k = {past_k}->p; A.past_v = {past_v}->p;",
+                  f"A.past_cap = A.P; A.present_cap = A.P + A.S;"]
+        for i, (out, width) in enumerate(((site.outs[1], "A.D"), (site.outs[2], "A.Dv"))):
+            if out == "NULL":
+                raise Unsupported("Attention whose present key/value is not used")
+            lines.append(f"{out}->dt = {10 if code else 1}; {out}->r = 4; {out}->d[0] = A.B; {out}->d[1] = A.Hkv; "
+                         f"{out}->d[2] = A.P + A.S; {out}->d[3] = {width}; icc_alloc({out});")
+        lines.append(f"A.present_k = {site.outs[1]}->p; A.present_v = {site.outs[2]}->p;")
+    if mask is not None:
+        if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
+            raise Unsupported("Attention mask that is neither bool nor float")
+        field = "mask_bool = (const uint8_t *)" if n.inputs[3].dtype == DType.BOOL else "mask_float = (const float *)"
+        lines += [f"{{ icc_t full = {{.r = 4, .d = {{A.B, A.H, A.S, A.P + A.S}}}};",
+                  f"  if ({mask}->r != 4) icc_fail(\"Attention: the mask must have rank 4\");",
+                  f"  icc_bstrides({mask}, &full, A.mask_stride); A.{field}{mask}->p; }}"]
+    o = site.outs[0]
+    lines += [f"{o}->dt = ICC_F32; {o}->r = 3; {o}->d[0] = A.B; {o}->d[1] = A.S; {o}->d[2] = A.H * A.Dv; icc_alloc({o});",
+              f"A.out = (float *){o}->p;", "if (!icc_err) icc_attention(&A);", "}"]
+    return lines
