@@ -106,6 +106,8 @@ def _unary(site: Site) -> list[str]:
 @emits("SiLU", domain=DOMAIN)
 def _silu(site: Site) -> list[str]:
     _float_only(site, 0)
+    if len(site.node.inputs) > 1:
+        raise Unsupported("SiLU with more than one input")
     return [f"{site.outs[0]}->dt = ICC_F32;", f"icc_unary({site.outs[0]}, {site.ins[0]}, ICC_SILU);"]
 
 
@@ -113,7 +115,10 @@ def _silu(site: Site) -> list[str]:
 def _gelu(site: Site) -> list[str]:
     _float_only(site, 0)
     kind = "ICC_GELU_TANH" if site.node.attr("approximate", "none") == "tanh" else "ICC_GELU"
-    return [f"{site.outs[0]}->dt = ICC_F32;", f"icc_unary({site.outs[0]}, {site.ins[0]}, {kind});"]
+    bias = site.ins[1] if site.has(1) else "NULL"
+    if site.has(1) and len(site.node.inputs[1].shape or ()) != 1:
+        raise Unsupported("Gelu with a bias that is not one row")
+    return [f"{site.outs[0]}->dt = ICC_F32;", f"icc_unary_bias({site.outs[0]}, {site.ins[0]}, {bias}, {kind});"]
 
 
 @emits("Cast")

@@ -21,12 +21,15 @@ def _norm(site: Site, skip: bool, rms: bool) -> list[str]:
         scale, bias = _ptr(site, 2), ("NULL" if rms else _ptr(site, 3))
         skip_bias = _ptr(site, 3) if rms else _ptr(site, 4)
         total = site.outs[1] if len(site.outs) > 1 and site.outs[1] != "NULL" else None
-        lines = ["{", f"if (icc_numel({x}) != icc_numel({site.ins[1]})) icc_fail(\"{n.op_type}: skip shape differs\");",
-                 (f"icc_t *sum = {total};" if total else "icc_t sum_tmp = {0}; icc_t *sum = &sum_tmp;"),
-                 f"sum->dt = ICC_F32; icc_set_shape(sum, {x}->r, {x}->d); icc_alloc(sum);",
-                 f"{o}->dt = ICC_F32; icc_set_shape({o}, {x}->r, {x}->d); icc_alloc({o});",
-                 f"icc_norm(icc_numel({x}) / {x}->d[{x}->r - 1], {x}->d[{x}->r - 1], (const float *){x}->p, "
-                 f"(const float *){site.ins[1]}->p, {skip_bias}, {scale}, {bias}, {eps}, {int(rms)}, (float *){o}->p, (float *)sum->p);"]
+        skip_in = site.ins[1]
+        lines = ["{", (f"icc_t *sum = {total};" if total else "icc_t sum_tmp = {0}; icc_t *sum = &sum_tmp;"),
+                 "const float *xin, *skp; sum->dt = ICC_F32;",
+                 f"if (icc_numel({x}) == icc_numel({skip_in})) {{ icc_set_shape(sum, {x}->r, {x}->d); icc_alloc(sum); "
+                 f"xin = (const float *){x}->p; skp = (const float *){skip_in}->p; }}",
+                 f"else {{ icc_binary(sum, {x}, {skip_in}, ICC_ADD); xin = (const float *)sum->p; skp = NULL; }}",
+                 f"{o}->dt = ICC_F32; icc_set_shape({o}, sum->r, sum->d); icc_alloc({o});",
+                 f"if (!icc_err) icc_norm(icc_numel(sum) / sum->d[sum->r - 1], sum->d[sum->r - 1], xin, skp, {skip_bias}, "
+                 f"{scale}, {bias}, {eps}, {int(rms)}, (float *){o}->p, (float *)sum->p);"]
         if total is None:
             lines.append("icc_release(&sum_tmp);")
         return lines + ["}"]

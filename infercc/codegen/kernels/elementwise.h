@@ -146,6 +146,19 @@ static void icc_unary(icc_t *o, const icc_t *a, int op) {
     } else icc_fail("unary op on an unsupported element type");
 }
 
+/* y = f(x + bias) with bias [W] over the last axis (a fused BiasGelu); bias NULL: f(x) */
+static void icc_unary_bias(icc_t *o, const icc_t *a, const icc_t *bias, int op) {
+    if (!bias) { icc_unary(o, a, op); return; }
+    o->r = a->r;
+    memcpy(o->d, a->d, sizeof(o->d));
+    icc_alloc(o);
+    int64_t n = icc_numel(o), w = icc_numel(bias);
+    const float *x = (const float *)a->p, *b = (const float *)bias->p;
+    float *y = (float *)o->p;
+    #pragma omp parallel for if (n > 16384)
+    for (int64_t k = 0; k < n; k++) y[k] = icc_ufop(op, x[k] + b[k % w]);
+}
+
 static void icc_cast(icc_t *o, const icc_t *a) {
     o->r = a->r;
     memcpy(o->d, a->d, sizeof(o->d));
