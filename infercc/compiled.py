@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from .config import Config
 from .errors import InputError, ModelLoadError
 from .ir import Model, load_model, save_model, to_proto
 from .passes.diagnostics import Diagnostics
+from .passes.lowering import lower_for_ort, wants_c
+from .runtime.c_backend import CBackend, CUnavailable
 from .runtime.feeds import check_feeds, signature
 from .runtime.ort_backend import OrtBackend
 from .runtime.providers import choose_providers
@@ -42,7 +45,9 @@ class CompiledModel:
         self.model = model
         self.config = config
         self.diagnostics = diagnostics
-        self._backend: OrtBackend | None = None
+        self._backend: OrtBackend | CBackend | None = None
+        #: Why the model runs where it runs (set when the backend is created).
+        self.runtime_reason: str | None = None
         self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()
         providers, why = choose_providers(config.provider)
@@ -59,15 +64,35 @@ class CompiledModel:
         return signature(self.model.graph.outputs)
 
     @property
-    def backend(self) -> OrtBackend:
-        """Created on first use: compiling or loading should not pay for a session nobody runs."""
+    def backend(self) -> OrtBackend | CBackend:
+        """Created on first use: compiling or loading should not pay for a session nobody runs.
+        A graph compiled for the C runtime that cannot run there is lowered for ONNX Runtime."""
         with self._lock:
             if self._backend is None:
-                self._backend = OrtBackend(
-                    self.model, self._providers,
-                    intra_op_threads=self.config.intra_op_threads, inter_op_threads=self.config.inter_op_threads,
-                )
+                self._backend = self._make_backend()
             return self._backend
+
+    @property
+    def runtime(self) -> str:
+        """"c" (generated C) or "ort" (ONNX Runtime): which runtime runs the model."""
+        return "c" if isinstance(self.backend, CBackend) else "ort"
+
+    def _make_backend(self) -> OrtBackend | CBackend:
+        model = self.model
+        if wants_c(self.config):
+            try:
+                backend = CBackend(model, intra_op_threads=self.config.intra_op_threads)
+                self.runtime_reason = "generated C: every op has a C kernel"
+                return backend
+            except CUnavailable as exc:
+                self.runtime_reason = f"ONNX Runtime: the generated-C runtime cannot run this model ({exc})"
+                if self.config.backend == "c":
+                    warnings.warn(f"backend='c': {self.runtime_reason}", stacklevel=3)
+                model = lower_for_ort(model, self.config)
+        else:
+            self.runtime_reason = f"ONNX Runtime: Config.backend={self.config.backend!r}"
+        return OrtBackend(model, self._providers, intra_op_threads=self.config.intra_op_threads,
+                          inter_op_threads=self.config.inter_op_threads)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stateless inference: feeds by input name -> outputs by output name."""

@@ -11,6 +11,7 @@ from .errors import ConfigError, reject_unknown
 
 PROVIDERS = ("auto", "cpu", "cuda")
 LOWERINGS = ("ort", "onnx")
+BACKENDS = ("ort", "c", "auto")
 QUANTIZE = ("auto", None, "int8", "int4")
 QUANT_BLOCKS = (16, 32, 64, 128)
 QUANT_METHODS = ("gptq", "mse", "rtn")
@@ -41,6 +42,13 @@ class Config:
     #: Lower canonical ops to ONNX Runtime contrib ops ("ort", fastest under ORT) or to standard
     #: ONNX only ("onnx", a portable artifact any runtime loads).
     lowering: str = "ort"
+    #: The runtime: "ort" (ONNX Runtime), "c" (the generated-C kernel runtime: the canonical ops are
+    #: kept, the graph becomes one C file built by gcc; a model it cannot run -- an op without a C
+    #: kernel, no compiler -- falls back to ONNX Runtime with a warning saying why), "auto" (C on a
+    #: CPU when every op is covered, else ONNX Runtime, silently; CUDA is always ONNX Runtime).
+    #: ``CompiledModel.runtime`` says which one runs. Default "ort" until the C kernels beat
+    #: ONNX Runtime on the benchmarks (see codegen/).
+    backend: str = "ort"
     #: Attention masking: "auto" keeps what each attention's mask computes (causal where the model
     #: builds a causal triangle; encoders stay bidirectional), "causal" forces a causal mask,
     #: "none" removes the causal triangle and sliding window (padding masks stay). A policy that
@@ -142,6 +150,8 @@ class Config:
             raise ConfigError(f"Config.provider must be one of {list(PROVIDERS)}, got {self.provider!r}")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"Config.lowering must be one of {list(LOWERINGS)}, got {self.lowering!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Config.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.masking not in MASKINGS:
             raise ConfigError(f"Config.masking must be one of {list(MASKINGS)}, got {self.masking!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -93,8 +93,8 @@ def _attention(site: Site) -> list[str]:
             raise Unsupported(f"Attention with a {storage} cache")
         code = 1 if storage == DType.FLOAT16 else 0
         lines += [f"A.P = {past_k}->d[2]; A.cache_dtype = {code}; A.past_k = {past_k}->p; A.past_v = {past_v}->p;",
-                  f"A.past_cap = A.P; A.present_cap = A.P + A.S;"]
-        for i, (out, width) in enumerate(((site.outs[1], "A.D"), (site.outs[2], "A.Dv"))):
+                  "A.past_cap = A.P; A.present_cap = A.P + A.S;"]
+        for out, width in ((site.outs[1], "A.D"), (site.outs[2], "A.Dv")):
             if out == "NULL":
                 raise Unsupported("Attention whose present key/value is not used")
             lines.append(f"{out}->dt = {10 if code else 1}; {out}->r = 4; {out}->d[0] = A.B; {out}->d[1] = A.Hkv; "
@@ -104,7 +104,7 @@ def _attention(site: Site) -> list[str]:
         if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
             raise Unsupported("Attention mask that is neither bool nor float")
         field = "mask_bool = (const uint8_t *)" if n.inputs[3].dtype == DType.BOOL else "mask_float = (const float *)"
-        lines += [f"{{ icc_t full = {{.r = 4, .d = {{A.B, A.H, A.S, A.P + A.S}}}};",
+        lines += ["{ icc_t full = {.r = 4, .d = {A.B, A.H, A.S, A.P + A.S}};",
                   f"  if ({mask}->r != 4) icc_fail(\"Attention: the mask must have rank 4\");",
                   f"  icc_bstrides({mask}, &full, A.mask_stride); A.{field}{mask}->p; }}"]
     o = site.outs[0]

@@ -26,6 +26,27 @@ class LoweringBuilder(Builder):
         self.notes: list[str] = []
 
 
+def lower_for_ort(model: Model, config) -> Model:
+    """A copy of a graph compiled for the C runtime, lowered for ONNX Runtime (the fallback)."""
+    import dataclasses
+
+    from .cleanup.cse import PostLoweringCSE
+    from .cleanup.dce import DeadCodeElimination
+    from .manager import PassManager
+
+    ort_config = dataclasses.replace(config, backend="ort")
+    lowered, _ = PassManager([LowerCanonicalOps(), PostLoweringCSE(), DeadCodeElimination()], ort_config).run(model.clone())
+    return lowered
+
+
+def wants_c(config) -> bool:
+    """Whether the compiled graph is meant for the generated-C runtime (keeps canonical ops)."""
+    backend = getattr(config, "backend", "ort")
+    if backend == "c":
+        return True
+    return backend == "auto" and resolve_providers(config.provider)[0] == "CPUExecutionProvider"
+
+
 class LowerCanonicalOps(Pass):
     name = "lower_canonical_ops"
 
@@ -33,6 +54,10 @@ class LowerCanonicalOps(Pass):
         from ..importers import read_metadata
 
         target = ctx.config.lowering
+        if wants_c(ctx.config):
+            ctx.record.note(f"canonical ops kept for the generated-C runtime (backend={ctx.config.backend!r}); "
+                            "lowered for ONNX Runtime only if the C runtime cannot run the model")
+            return
         context = read_metadata(model).get("context_length")
         lowering = LoweringContext(target, model.opset("") or 1, tuple(resolve_providers(ctx.config.provider)),
                                    context if isinstance(context, int) and context > 0 else None)

@@ -1,4 +1,5 @@
-"""The model runner: one forward step of a batch of sequences through the ONNX Runtime backend.
+"""The model runner: one forward step of a batch of sequences through a backend (ONNX Runtime or
+generated C: both take feeds and write the outputs into arrays given to them).
 
 It knows the graph's text interface (``input_ids``, optional ``attention_mask`` and
 ``position_ids``, and the cache tensors of the cached-graph contract) and nothing about
@@ -23,7 +24,6 @@ import numpy as np
 from ..errors import InputError
 from ..ir import Model
 from .kv_cache import CacheSpec, KVCache
-from .ort_backend import OrtBackend
 
 #: Id written into padding slots: any valid id works, the mask hides it.
 PAD_ID = 0
@@ -33,7 +33,7 @@ KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 class ModelRunner:
     """Stateless over a backend: any number of threads may call ``step`` with their own caches."""
 
-    def __init__(self, backend: OrtBackend, model: Model, max_context: int | None = None) -> None:
+    def __init__(self, backend, model: Model, max_context: int | None = None) -> None:
         from ..importers import read_metadata
 
         self.backend = backend
@@ -106,8 +106,6 @@ class ModelRunner:
         into the cache's other buffer, logits into an array allocated here (no copies). ``keep``
         (0 = all) positions get logits when the graph takes ``logits_to_keep``."""
         total = past + ids.shape[1]
-        session = self.backend.session
-        binding = session.io_binding()
         mask = np.ascontiguousarray(cache.mask[:, :total])
         feeds = {"input_ids": ids, "attention_mask": mask, **cache.past()}
         if self.has_positions:
@@ -116,20 +114,12 @@ class ModelRunner:
         if self.keeps_logits:
             feeds["logits_to_keep"] = np.asarray(keep, np.int64)
             width = min(keep, width) if keep else width
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
         vocab = self.vocab_size
-        logits = None
-        if vocab is not None:
-            logits = np.empty((cache.batch, width, vocab), self.logits_dtype)
-            _bind_output(binding, "logits", logits)
-        else:
-            binding.bind_output("logits", "cpu")
-        for name, view in cache.present(total).items():
-            _bind_output(binding, name, view)
-        session.run_with_iobinding(binding)
-        if logits is None:
-            logits = binding.get_outputs()[0].numpy()
+        outputs: dict[str, np.ndarray | None] = {
+            "logits": None if vocab is None else np.empty((cache.batch, width, vocab), self.logits_dtype)}
+        outputs.update(cache.present(total))
+        logits = self.backend.run_bound(feeds, outputs)["logits"]
+        if vocab is None:
             self.vocab_size = int(logits.shape[-1])
         return logits
 
@@ -167,10 +157,6 @@ class ModelRunner:
             out[row, width - new:] = logits
         assert out is not None  # step() refuses an all-empty batch
         return out
-
-
-def _bind_output(binding, name: str, array: np.ndarray) -> None:
-    binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
 
 
 def _positions(mask: np.ndarray) -> np.ndarray:

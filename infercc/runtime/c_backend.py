@@ -1,0 +1,74 @@
+"""The generated-C backend: a compiled model's graph (canonical ops kept) as C, built and loaded.
+
+Same doors as ``OrtBackend``: ``run(feeds)`` and ``run_bound(feeds, outputs)`` (outputs written
+into the caller's arrays). Creating it raises ``CUnavailable`` with the reason (an op without a C
+kernel, no compiler, a failed build); the caller then runs the model on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..codegen.build import BuildError, build
+from ..codegen.emit import emit
+from ..codegen.library import Library, RunError
+from ..codegen.ops import Unsupported
+from ..errors import InferccError
+from ..ir import Model
+
+
+class CUnavailable(Exception):
+    """Why this model cannot run on the generated-C runtime."""
+
+
+class CRunError(InferccError):
+    """A generated kernel stopped the run (shape mismatch, index out of range)."""
+
+
+class CBackend:
+    def __init__(self, model: Model, *, intra_op_threads: int = 0) -> None:
+        try:
+            self.program = emit(model)
+        except Unsupported as exc:
+            raise CUnavailable(str(exc)) from None
+        try:
+            path = build(self.program.source)
+        except BuildError as exc:
+            raise CUnavailable(str(exc)) from None
+        self.library = Library(path, self.program, intra_op_threads)
+        self.model = model
+        self.defaults = {v.name: v.const.numpy() for v in model.graph.inputs if v.const is not None}
+        self.output_names = list(self.program.outputs)
+        self.providers = ["generated C"]
+
+    @property
+    def source(self) -> str:
+        return self.program.source
+
+    def _arrays(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = []
+        for name, _ in self.program.inputs:
+            if name in feeds:
+                arrays.append(feeds[name])
+            elif name in self.defaults:
+                arrays.append(self.defaults[name])
+            else:
+                raise CRunError(f"missing input {name!r}: feed it (inputs: {[n for n, _ in self.program.inputs]})")
+        return arrays
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.library.run(self._arrays(feeds))
+        except RunError as exc:
+            raise CRunError(str(exc)) from None
+        return dict(zip(self.output_names, results))
+
+    def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        """Outputs named in ``outputs`` (arrays of the right shape, or None to allocate) only."""
+        index = {name: i for i, name in enumerate(self.output_names)}
+        bound = {index[name]: array for name, array in outputs.items() if array is not None}
+        try:
+            results = self.library.run(self._arrays(feeds), bound)
+        except RunError as exc:
+            raise CRunError(str(exc)) from None
+        return {name: results[index[name]] for name in outputs}
