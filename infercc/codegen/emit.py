@@ -71,7 +71,7 @@ def emit(model: Model) -> Program:
             return
         array = v.const.numpy()
         code = dtype_code(v)
-        data = np.ascontiguousarray(array)
+        data = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
         offset = blob.add(("const", id(v)), lambda: data)
         dims = ", ".join(str(int(d)) for d in data.shape) or "0"
         consts[id(v)] = {"index": slot(v), "offset": offset, "rank": data.ndim, "dims": dims, "dt": code}
@@ -83,7 +83,7 @@ def emit(model: Model) -> Program:
         if emitter is None:
             raise Unsupported(f"no C kernel for {where}")
         ins = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.inputs]
-        outs = [f"(&V[{slot(v)}])" if v is not None and (v.uses or v.is_graph_output) else "NULL" for v in node.outputs]
+        outs = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.outputs]
         site = Site(node, ins, outs, blob)
         try:
             lines = emitter(site)

@@ -164,19 +164,7 @@ static void icc_cast(icc_t *o, const icc_t *a) {
     memcpy(o->d, a->d, sizeof(o->d));
     icc_alloc(o);
     int64_t n = icc_numel(o);
-    for (int64_t k = 0; k < n; k++) {
-        double v = icc_get(a, k);
-        switch (o->dt) {
-        case ICC_F32: ((float *)o->p)[k] = (float)v; break;
-        case ICC_F16: ((uint16_t *)o->p)[k] = icc_f2h((float)v); break;
-        case ICC_I64: ((int64_t *)o->p)[k] = (int64_t)v; break;
-        case ICC_I32: ((int32_t *)o->p)[k] = (int32_t)v; break;
-        case ICC_BOOL: ((uint8_t *)o->p)[k] = v != 0; break;
-        case ICC_U8: ((uint8_t *)o->p)[k] = (uint8_t)v; break;
-        case ICC_I8: ((int8_t *)o->p)[k] = (int8_t)v; break;
-        default: icc_fail("cast to an unsupported element type"); return;
-        }
-    }
+    for (int64_t k = 0; k < n; k++) icc_put(o, k, icc_get(a, k));
 }
 
 /* o = c ? a : b with three-way broadcasting */

@@ -228,7 +228,7 @@ static void icc_range(icc_t *o, const icc_t *start, const icc_t *limit, const ic
     icc_alloc(o);
     for (int64_t k = 0; k < o->d[0]; k++) {
         if (o->dt == ICC_F32) ((float *)o->p)[k] = (float)(s + k * d);
-        else ((int64_t *)o->p)[k] = (int64_t)s + k * (int64_t)d;
+        else icc_put(o, k, (double)((int64_t)s + k * (int64_t)d));
     }
 }
 
@@ -245,8 +245,7 @@ static void icc_cumsum(icc_t *o, const icc_t *x, const icc_t *axis_t, int exclus
                 int64_t j = reverse ? dim - 1 - t : t, k = (a * dim + j) * inner + c;
                 double v = icc_get(x, k);
                 if (!exclusive) acc += v;
-                if (o->dt == ICC_F32) ((float *)o->p)[k] = (float)acc;
-                else ((int64_t *)o->p)[k] = (int64_t)acc;
+                icc_put(o, k, acc);
                 if (exclusive) acc += v;
             }
         }

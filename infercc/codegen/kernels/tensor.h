@@ -79,6 +79,8 @@ static int64_t icc_i(const icc_t *t, int64_t k) { /* element k of an integer ten
     }
 }
 
+static void icc_put(icc_t *t, int64_t k, double v); /* (defined after the half converters) */
+
 static int64_t icc_axis(int64_t a, int r) { return a < 0 ? a + r : a; }
 
 /* ---- half precision (IEEE binary16), round to nearest even -------------------------------- */
@@ -114,6 +116,19 @@ static uint16_t icc_f2h(float f) {
     uint32_t v = ((ax >> 13) - ((127 - 15) << 10)), rem = ax & 0x1fff;
     if (rem > 0x1000 || (rem == 0x1000 && (v & 1))) v++;
     return (uint16_t)(sign | v);
+}
+
+static void icc_put(icc_t *t, int64_t k, double v) { /* element k of t set to v in t's type */
+    switch (t->dt) {
+    case ICC_F32: ((float *)t->p)[k] = (float)v; break;
+    case ICC_F16: ((uint16_t *)t->p)[k] = icc_f2h((float)v); break;
+    case ICC_I64: ((int64_t *)t->p)[k] = (int64_t)v; break;
+    case ICC_I32: ((int32_t *)t->p)[k] = (int32_t)v; break;
+    case ICC_BOOL: ((uint8_t *)t->p)[k] = v != 0; break;
+    case ICC_U8: ((uint8_t *)t->p)[k] = (uint8_t)v; break;
+    case ICC_I8: ((int8_t *)t->p)[k] = (int8_t)v; break;
+    default: icc_fail("unsupported element type"); break;
+    }
 }
 
 /* ---- broadcasting ------------------------------------------------------------------------ */
