@@ -83,7 +83,8 @@ _BINARY = {"Add": "ICC_ADD", "Sub": "ICC_SUB", "Mul": "ICC_MUL", "Div": "ICC_DIV
            "Greater": "ICC_GT", "GreaterOrEqual": "ICC_GE", "And": "ICC_AND", "Or": "ICC_OR", "Xor": "ICC_XOR"}
 _UNARY = {"Neg": "ICC_NEG", "Sqrt": "ICC_SQRT", "Exp": "ICC_EXP", "Log": "ICC_LOG", "Tanh": "ICC_TANH", "Cos": "ICC_COS",
           "Sin": "ICC_SIN", "Erf": "ICC_ERF", "Relu": "ICC_RELU", "Sigmoid": "ICC_SIGMOID", "Abs": "ICC_ABS",
-          "Reciprocal": "ICC_RECIP", "Not": "ICC_NOT", "Floor": "ICC_FLOOR", "Ceil": "ICC_CEIL"}
+          "Reciprocal": "ICC_RECIP", "Not": "ICC_NOT", "Floor": "ICC_FLOOR", "Ceil": "ICC_CEIL",
+          "Round": "ICC_ROUND"}
 
 
 @emits(*_BINARY)
@@ -125,6 +126,17 @@ def _gelu(site: Site) -> list[str]:
 def _cast(site: Site) -> list[str]:
     dtype_code(site.node.inputs[0])
     return [f"{site.outs[0]}->dt = {dtype_code(site.node.outputs[0])};", f"icc_cast({site.outs[0]}, {site.ins[0]});"]
+
+
+@emits("Clip")
+def _clip(site: Site) -> list[str]:
+    _float_only(site, 0)
+    n = site.node
+    if n.attr("min", None) is not None or n.attr("max", None) is not None:
+        raise Unsupported("Clip with min/max attributes (opset < 11)")
+    lo = site.ins[1] if site.has(1) else "NULL"
+    hi = site.ins[2] if site.has(2) else "NULL"
+    return [f"{site.outs[0]}->dt = ICC_F32;", f"icc_clip({site.outs[0]}, {site.ins[0]}, {lo}, {hi});"]
 
 
 @emits("Where")

@@ -90,6 +90,6 @@ class PassManager:
         if not any(n.domain == DOMAIN for n in model.graph.walk()):
             return model
         copy = model.clone()
-        config = self.config.replace(provider="cpu")
+        config = self.config.replace(provider="cpu", backend="ort")
         LowerCanonicalOps().run(copy, PassContext(config, PassRecord(LowerCanonicalOps.name)))
         return copy

@@ -101,7 +101,7 @@ static void icc_binary(icc_t *o, const icc_t *a, const icc_t *b, int op) {
 }
 
 enum { ICC_NEG, ICC_SQRT, ICC_EXP, ICC_LOG, ICC_TANH, ICC_COS, ICC_SIN, ICC_ERF, ICC_RELU, ICC_SIGMOID,
-       ICC_ABS, ICC_RECIP, ICC_NOT, ICC_FLOOR, ICC_CEIL, ICC_SILU, ICC_GELU, ICC_GELU_TANH, ICC_IDENTITY };
+       ICC_ABS, ICC_RECIP, ICC_NOT, ICC_FLOOR, ICC_CEIL, ICC_ROUND, ICC_SILU, ICC_GELU, ICC_GELU_TANH, ICC_IDENTITY };
 
 static inline float icc_ufop(int op, float x) {
     switch (op) {
@@ -119,6 +119,7 @@ static inline float icc_ufop(int op, float x) {
     case ICC_RECIP: return 1.f / x;
     case ICC_FLOOR: return floorf(x);
     case ICC_CEIL: return ceilf(x);
+    case ICC_ROUND: return rintf(x); /* half to even, as ONNX Round */
     case ICC_SILU: return x / (1.f + expf(-x));
     case ICC_GELU: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
     case ICC_GELU_TANH: return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
@@ -157,6 +158,18 @@ static void icc_unary_bias(icc_t *o, const icc_t *a, const icc_t *bias, int op) 
     float *y = (float *)o->p;
     #pragma omp parallel for if (n > 16384)
     for (int64_t k = 0; k < n; k++) y[k] = icc_ufop(op, x[k] + b[k % w]);
+}
+
+/* Clip of a float tensor; lo / hi NULL for no bound */
+static void icc_clip(icc_t *o, const icc_t *a, const icc_t *lo, const icc_t *hi) {
+    o->r = a->r;
+    memcpy(o->d, a->d, sizeof(o->d));
+    icc_alloc(o);
+    int64_t n = icc_numel(o);
+    float l = lo ? (float)icc_get(lo, 0) : -INFINITY, h = hi ? (float)icc_get(hi, 0) : INFINITY;
+    const float *x = (const float *)a->p;
+    float *y = (float *)o->p;
+    for (int64_t k = 0; k < n; k++) y[k] = x[k] < l ? l : x[k] > h ? h : x[k];
 }
 
 static void icc_cast(icc_t *o, const icc_t *a) {

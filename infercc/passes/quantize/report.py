@@ -33,7 +33,8 @@ def runnable(model: Model, config) -> Model:
 
     copy = model.clone()
     if any(n.domain == DOMAIN for n in copy.graph.walk()):
-        LowerCanonicalOps().run(copy, PassContext(config.replace(provider="cpu"), PassRecord(LowerCanonicalOps.name)))
+        ort_cpu = config.replace(provider="cpu", backend="ort")  # whatever runtime the model is compiled for
+        LowerCanonicalOps().run(copy, PassContext(ort_cpu, PassRecord(LowerCanonicalOps.name)))
     return copy
 
 

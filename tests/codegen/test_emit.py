@@ -1,0 +1,86 @@
+"""The generated source: warning-free under -Wall -Wextra, deterministic, model names never
+reaching it raw, a portable build, and an op without a C kernel falling back to ONNX Runtime."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import infercc
+from infercc.codegen.build import PORTABLE, build, warnings_of
+from infercc.codegen.emit import emit
+from tests.fixtures import catalog
+
+HOSTILE = ['x"; system("rm -rf /"); //', "a*/b/*c", "new\nline\\", "naïve ünïcode ✓", "#define x 1"]
+
+
+def _hostile_model(path) -> None:
+    """Add -> Relu -> Softmax with every name taken from HOSTILE."""
+    x, y, mid, act = HOSTILE[0], HOSTILE[1], HOSTILE[2], HOSTILE[3]
+    nodes = [helper.make_node("Add", [x, "bias"], [mid], name=HOSTILE[4]),
+             helper.make_node("Relu", [mid], [act], name=HOSTILE[1] + "n"),
+             helper.make_node("Softmax", [act], [y], name=HOSTILE[2] + "m", axis=-1)]
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [4], [0.5, -1.0, 2.0, 0.0])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["n", 4])], [bias])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_hostile_names_never_reach_the_source(tmp_path) -> None:
+    _hostile_model(tmp_path / "hostile.onnx")
+    compiled = infercc.compile(tmp_path / "hostile.onnx", backend="c")
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    got = compiled.run({HOSTILE[0]: x})[HOSTILE[1]]
+    assert compiled.runtime == "c", compiled.runtime_reason
+    shifted = np.maximum(x + np.array([0.5, -1.0, 2.0, 0.0], np.float32), 0)
+    expected = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    source = emit(compiled.model).source
+    for name in HOSTILE:
+        assert name not in source
+    assert "system(" not in source and "rm -rf" not in source and "✓" not in source
+    body = source[source.index("int icc_run("):]
+    assert body.count("/*") == body.count("*/")  # no comment was closed early by a name
+
+
+def test_generated_source_is_deterministic_and_warning_free() -> None:
+    source = str(catalog.fixture_path("llama_dynamo"))
+    first = emit(infercc.compile(source, backend="c", quantize="int4").model).source
+    second = emit(infercc.compile(source, backend="c", quantize="int4").model).source
+    assert first == second
+    assert warnings_of(first) == []
+
+
+def test_portable_flags_build_and_run_the_same(tmp_path) -> None:
+    compiled = infercc.compile(catalog.fixture_path("gpt2_dynamo"), backend="c")
+    program = emit(compiled.model)
+    assert build(program.source, PORTABLE).exists()
+    assert warnings_of(program.source, PORTABLE) == []
+
+
+def test_an_op_without_a_kernel_falls_back_to_ort_with_the_reason(tmp_path) -> None:
+    node = helper.make_node("Einsum", ["a", "b"], ["c"], equation="ij,jk->ik")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
+                                            helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 2])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "einsum.onnx")
+    a, b = np.ones((2, 3), np.float32), np.arange(6, dtype=np.float32).reshape(3, 2)
+    compiled = infercc.compile(tmp_path / "einsum.onnx", backend="c")
+    with pytest.warns(UserWarning, match="Einsum"):
+        out = compiled.run({"a": a, "b": b})["c"]
+    assert compiled.runtime == "ort" and "no C kernel for Einsum" in compiled.runtime_reason
+    np.testing.assert_allclose(out, a @ b)
+    quiet = infercc.compile(tmp_path / "einsum.onnx", backend="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.run({"a": a, "b": b})
+    assert quiet.runtime == "ort"
+
+
+def test_backend_is_validated() -> None:
+    with pytest.raises(infercc.errors.ConfigError, match="backend"):
+        infercc.Config(backend="gpu")
