@@ -23,7 +23,8 @@ from .packing import Blob
 
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
-HEADERS = ("tensor.h", "elementwise.h", "layout.h", "api.h", "transformer.h")
+HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
+           "transformer.h")
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined, autoescape=False)
 

@@ -341,8 +341,13 @@ def _quant_weight(site: Site, codes: int, scales: int, zero_points: int, rests: 
     r = site.const(rests) if rests is not None and site.has(rests) else None
     if b is None or s is None or (site.has(zero_points) and zp is None) or (rests is not None and site.has(rests) and r is None):
         raise Unsupported(f"{n.op_type} with a non-constant weight")
+    if bits not in (4, 8) or block < 16 or block & (block - 1):
+        raise Unsupported(f"{n.op_type} with {bits}-bit blocks of {block} (kernels: 4 or 8 bits, power-of-two blocks >= 16)")
+    blocks = -(-k // block)
     key = ("quant", id(n.inputs[codes]), id(n.inputs[scales]), r is not None)
-    offset = site.blob.add(key, lambda: pack_quant(b, s, zp, r, k, cols, bits, block))
+    offset = site.blob.add(key, lambda: pack_quant(
+        b.reshape(cols, blocks, -1), s.reshape(cols, blocks), zp, None if r is None else r.reshape(cols, blocks),
+        k, cols, bits, block))
     return offset, k, cols, bits, block
 
 

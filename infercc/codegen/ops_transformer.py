@@ -67,7 +67,7 @@ def _rotary(site: Site) -> list[str]:
     x = site.ins[0]
     return [f"{site.outs[0]}->dt = ICC_F32;",
             f"if ({x}->r != {3 if heads else 4} || {site.ins[1]}->r != 3) icc_fail(\"RotaryEmbedding: unexpected ranks\");",
-            f"icc_rotary({site.outs[0]}, {x}, {site.ins[1]}, {site.ins[2]}, {heads}, {rdim}, {interleaved});"]
+            f"icc_rotary_op({site.outs[0]}, {x}, {site.ins[1]}, {site.ins[2]}, {heads}, {rdim}, {interleaved});"]
 
 
 @emits("Attention", domain=DOMAIN)

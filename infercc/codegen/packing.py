@@ -1,11 +1,34 @@
-"""Weights laid out for the C kernels, in one 64-byte-aligned blob.
+"""Weights re-laid at compile time into the layouts the C kernels read (kernels/gemm.h, qgemm.h).
 
-* ``pack_f32``: a float weight [K, N] as panels of ``PANEL`` output channels, each [K, PANEL]
-  contiguous (the last zero-padded), so a GEMV streams each panel once and a GEMM keeps one in
-  cache for several rows (kernels/transformer.h, ``icc_gemm_f32``).
-* ``pack_quant``: a MatMulNBits-layout weight (passes/quantize/pack.py) as per-block scales, per-block
-  offsets (w = scale * code + offset: the zero point, and a GGUF Q4_1 rest, folded in, exactly in
-  float64 then rounded once) and the codes as they are (``icc_matmul_q`` / ``icc_gather_q``).
+Both layouts are the same on every machine (the blob does not depend on ``-march``); only the
+kernels reading them change with the instruction set.
+
+fp32 (:func:`pack_f32`): W [K, N] becomes ceil(N / 16) *panels* of 16 output columns, each [K, 16]
+contiguous, the last one padded with zero columns. A GEMV then streams every panel once from
+start to end (one sequential stream per thread, what hardware prefetchers follow best) and keeps
+16 outputs in one AVX-512 register (two AVX2 ones); a GEMM reuses one panel from cache against a
+tile of rows. 16 columns is the narrowest panel that fills a 512-bit register, so the padding of a
+small N stays small.
+
+Quantized (:func:`pack_quant`): a 64-byte header (int32 little-endian: magic, version, bits, block,
+K, N, flags, panel stride in bytes), then ceil(N / 16) panels of 16 output columns, each
+``panel_stride`` bytes (a multiple of 64) holding, for its ``blocks = ceil(K / block)`` blocks:
+
+* codes, ``block * 16 * bits / 8`` bytes per block, as integer dot products want them: the block's
+  k = 4g .. 4g+3 of column c sit at byte ``64 g + 4 c + (k - 4g)`` (``_mm512_dpbusd_epi32`` /
+  ``_mm256_maddubs_epi16`` then sum four consecutive k of one column into its int32 lane, so 16
+  columns come out in one register and no horizontal sum is needed). 4-bit: groups 2h and 2h+1
+  share 64 bytes, the even group in the low nibbles. Codes are unsigned (0 .. 2^bits - 1); K is
+  padded with the block's zero point, so padding adds nothing;
+* scales float32 [blocks, 16], or float16 (flag 4) when every scale is exactly a float16 (GGUF
+  steps are): 32 instead of 64 bytes per block, ~10% less to stream for 4-bit blocks of 32;
+* zero points uint8 [blocks, 16] (flag 1; absent = 2^(bits-1) everywhere);
+* rests float32 [blocks, 16] (flag 2: w = scale * (code - zero point) + rest, exact GGUF Q4_1).
+
+The kernels find every part from (N, K, bits, block) and the header's flags and stride.
+
+:class:`Blob` assembles every packed array and constant of one model into the 64-byte-aligned
+weight blob the generated code points into.
 """
 
 from __future__ import annotations
@@ -14,13 +37,25 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from ..passes.quantize.pack import unpack_zero_points
+from ..passes.quantize.pack import unpack_codes, unpack_zero_points
 
-PANEL = 64
+#: Output columns per panel, both layouts (ICC_PANEL in kernels/common.h).
+PANEL = 16
+#: Bytes before the first quantized panel (ICC_QHEADER).
+HEADER = 64
+MAGIC = 0x31434349  # "ICC1"
+VERSION = 1
+FLAG_ZERO_POINTS = 1
+FLAG_RESTS = 2
+FLAG_F16_SCALES = 4
+#: Alignment of every array in the weight blob (a cache line; AVX-512 loads).
 ALIGN = 64
 
 
 def pack_f32(w: np.ndarray) -> np.ndarray:
+    """W [K, N] -> float32 [ceil(N / 16), K, 16] (see the module docstring)."""
+    if w.ndim != 2:
+        raise ValueError(f"pack_f32 expects a [K, N] matrix, got shape {w.shape}")
     k, n = w.shape
     panels = -(-n // PANEL)
     padded = np.zeros((k, panels * PANEL), np.float32)
@@ -28,18 +63,76 @@ def pack_f32(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
 
 
-def pack_quant(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, rests: np.ndarray | None,
-               k: int, n: int, bits: int, block: int) -> np.ndarray:
+def quant_panel_stride(k: int, bits: int, block: int, flags: int) -> int:
+    """Bytes of one quantized panel (``icc_q_panel_stride`` in qgemm.h computes the same)."""
     blocks = -(-k // block)
-    s = scales.astype(np.float64).reshape(n, blocks)
+    size = blocks * (block * PANEL * bits // 8 + (2 if flags & FLAG_F16_SCALES else 4) * PANEL)
+    size += blocks * PANEL if flags & FLAG_ZERO_POINTS else 0
+    size += blocks * 4 * PANEL if flags & FLAG_RESTS else 0
+    return -(-size // 64) * 64
+
+
+def pack_quant(
+    B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, rests: np.ndarray | None,
+    K: int, N: int, bits: int, block: int,
+) -> np.ndarray:
+    """MatMulNBits layout (``passes/quantize/pack.py``: B uint8 [N, blocks, block * bits / 8],
+    scales [N, blocks], zero points packed or None = symmetric, rests [N, blocks] or None) ->
+    the uint8 array qgemm.h reads (header + panels, see the module docstring)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    blocks = -(-K // block)
+    if B.shape != (N, blocks, block * bits // 8):
+        raise ValueError(f"B has shape {B.shape}, expected {(N, blocks, block * bits // 8)} for K={K}, N={N}")
+    if scales.shape != (N, blocks) or (rests is not None and rests.shape != (N, blocks)):
+        raise ValueError(f"scales/rests must be [{N}, {blocks}]")
+    codes = unpack_codes(np.asarray(B, np.uint8), bits)  # [N, blocks, block]
     if zero_points is None:
-        zp = np.full((n, blocks), 2 ** (bits - 1), np.float64)
+        zeros = np.full((N, blocks), 1 << (bits - 1), np.uint8)
     else:
-        zp = unpack_zero_points(zero_points.reshape(n, -1), bits, blocks).astype(np.float64)
-    offsets = -s * zp + (0.0 if rests is None else rests.astype(np.float64).reshape(n, blocks))
-    body = np.ascontiguousarray(codes, np.uint8).reshape(-1)
-    return np.concatenate([s.astype(np.float32).reshape(-1).view(np.uint8),
-                           offsets.astype(np.float32).reshape(-1).view(np.uint8), body])
+        zeros = unpack_zero_points(np.asarray(zero_points, np.uint8), bits, blocks)
+    # K padded to whole blocks by the quantizer: make the padding the zero point so it adds nothing
+    # whatever the padded activations hold (ours are zero; this is belt and braces).
+    if blocks * block > K:
+        flat = codes.reshape(N, blocks * block).copy()
+        flat[:, K:] = zeros[:, -1:]
+        codes = flat.reshape(N, blocks, block)
+    scales = np.asarray(scales, np.float32)
+    with np.errstate(over="ignore"):
+        half = scales.astype(np.float16)
+    exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
+    flags = (FLAG_ZERO_POINTS if zero_points is not None else 0) | (FLAG_RESTS if rests is not None else 0)
+    flags |= FLAG_F16_SCALES if exact_half else 0
+    panels = -(-N // PANEL)
+    pad_n = panels * PANEL - N
+
+    def columns(a: np.ndarray, fill) -> np.ndarray:
+        """[N, ...] -> [panels, 16, ...] with padded columns ``fill``."""
+        if pad_n:
+            a = np.concatenate([a, np.full((pad_n, *a.shape[1:]), fill, a.dtype)])
+        return a.reshape(panels, PANEL, *a.shape[1:])
+
+    # codes: [panels, 16 cols, blocks, groups, 4] -> [panels, blocks, groups, 16 cols, 4]
+    c = columns(codes, 0).reshape(panels, PANEL, blocks, block // 4, 4).transpose(0, 2, 3, 1, 4)
+    if bits == 4:  # pair groups: even group in the low nibble
+        c = c.reshape(panels, blocks, block // 8, 2, PANEL, 4)
+        c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
+    parts = [np.ascontiguousarray(c).reshape(panels, -1)]
+    as_bytes = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(panels, -1).view(np.uint8)  # noqa: E731
+    parts.append(as_bytes(columns(half if exact_half else scales, 0.0)))
+    if flags & FLAG_ZERO_POINTS:
+        parts.append(as_bytes(columns(zeros, 0)))
+    if flags & FLAG_RESTS:
+        parts.append(as_bytes(columns(np.asarray(rests, np.float32), 0.0)))
+    stride = quant_panel_stride(K, bits, block, flags)
+    body = np.zeros((panels, stride), np.uint8)
+    used = np.concatenate(parts, axis=1)
+    body[:, : used.shape[1]] = used
+    header = np.zeros(HEADER // 4, np.int32)
+    header[:8] = [MAGIC, VERSION, bits, block, K, N, flags, stride]
+    return np.concatenate([header.view(np.uint8), body.reshape(-1)])
 
 
 class Blob:

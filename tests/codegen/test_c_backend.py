@@ -63,15 +63,17 @@ def test_architecture_outputs_equal_ort(name: str) -> None:
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
 @pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_torchscript", "phi_dynamo"])
-def test_quantized_weights_equal_the_exact_dequantization(name: str, quantize: str) -> None:
-    """The C kernels compute with the stored grid exactly (float activations); the same graph
-    lowered to standard ONNX (dequantization + MatMul) does the same, so both agree to rounding."""
-    c_model = infercc.compile(str(catalog.fixture_path(name)), quantize=quantize, backend="c")
+def test_quantized_weights_equal_ort_matmulnbits(name: str, quantize: str) -> None:
+    """The C kernels quantize activations to int8 per block and take integer dot products, as ORT's
+    MatMulNBits does at its accuracy level 4: both agree to float rounding (measured <= 2.4e-7),
+    while either is ~4e-3..7e-3 from the exact dequantized product (the activation rounding)."""
+    ort_model, c_model = pair(str(catalog.fixture_path(name)), quantize=quantize)
     assert c_model.runtime == "c", c_model.runtime_reason
     assert any(n.op_type == "MatMulQuant" for n in c_model.model.graph.nodes)
-    exact = OrtBackend(lower_for_ort(c_model.model, c_model.config.replace(lowering="onnx")), ["CPUExecutionProvider"])
     feeds = catalog.random_feeds(name, 2, 5, padding=True, seed=4)
-    _compare(exact.run(check_feeds(c_model.model.graph, feeds)), c_model.run(feeds), feeds.get("attention_mask"), TOLERANCE)
+    _compare(ort_model.run(feeds), c_model.run(feeds), feeds.get("attention_mask"), TOLERANCE)
+    exact = OrtBackend(lower_for_ort(c_model.model, c_model.config.replace(lowering="onnx")), ["CPUExecutionProvider"])
+    _compare(exact.run(check_feeds(c_model.model.graph, feeds)), c_model.run(feeds), feeds.get("attention_mask"), 2e-2)
 
 
 @pytest.mark.parametrize("name", catalog.list_fixtures(kind="decoder"))

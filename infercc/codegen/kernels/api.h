@@ -68,4 +68,16 @@ typedef struct {
  * materialized (online softmax over key tiles). */
 static void icc_attention(const icc_attention_args *a);
 
+/* ---- rotary.h: canonical RotaryEmbedding (fusion/rotary_op.py defines the semantics) ------------
+ * Added by the attention kernel's branch (h-cattn), not in the first contract: the op the Q/K
+ * projections feed before attention. x and out are [B, S, H, D] (heads_first = 0: the canonical
+ * [B, S, H*D] layout, num_heads = H) or [B, H, S, D] (heads_first = 1: num_heads = 0, H from the
+ * shape); cos and sin are the model's full-width factors [B|1, S, R], row (b, s) at
+ * b * cs_batch_stride + s * R (cs_batch_stride 0 when the batch axis broadcasts). The first R
+ * channels of every head are rotated, out[:R] = x[:R] * cos + rotate(x[:R]) * sin, rotate pairing
+ * c with c + R/2 (interleaved = 0) or 2c with 2c + 1 (interleaved = 1); channels R.. are copied.
+ * out may be x (in place). */
+static void icc_rotary(int64_t B, int64_t S, int64_t H, int64_t D, int64_t R, int interleaved, int heads_first,
+                       const float *x, const float *cos, const float *sin, int64_t cs_batch_stride, float *out);
+
 #endif

@@ -1,0 +1,645 @@
+/* infercc generated-C runtime: the canonical Attention (semantics: passes/fusion/attention_op.py;
+ * contract: api.h, icc_attention).
+ *
+ * Flash-style: each work unit is (batch, kv head, a chunk of up to ICC_AT_MR query rows of that kv
+ * head's group, a key split). Rows are ordered query-position-major (t = i * rep + r), so the rep
+ * query heads sharing a kv head read each K/V tile once, and rows of one chunk have neighbouring
+ * causal bounds. Keys stream in tiles of ICC_AT_TK with an online softmax (running max, running
+ * sum, rescaled accumulator): no [S, P+S] matrix. When there are fewer units than threads can
+ * share evenly (decode: S = 1, few kv heads), the keys are split and the partial (max, sum, acc)
+ * merged afterwards (flash-decoding). An fp16 cache tile is converted once per tile to fp32 and
+ * shared by every row of the chunk.
+ *
+ * Scores follow the decomposition's order of operations: q is scaled first, s = cap(q' . k), then
+ * s + (where(allowed, 0, mask_value) + mask_float). Disallowed keys are skipped (whole tiles)
+ * only when mask_value is -inf; a row whose scores are all -inf outputs 0.
+ *
+ * Vector paths: AVX-512F, AVX2+FMA, plain C; fp16 <-> fp32 with F16C when __F16C__ is defined,
+ * else a portable bit-exact (round-to-nearest-even) converter.
+ */
+#ifndef ICC_ATTENTION_H
+#define ICC_ATTENTION_H
+#include "api.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define ICC_AT_MR 32 /* query rows (heads x positions) per unit */
+#define ICC_AT_TK 64 /* keys per tile */
+#define ICC_AT_MIN_SPLIT 128 /* fewest keys a split gets */
+/* Below this many multiply-adds (rows x keys x (D + Dv)) a call runs on the calling thread: the
+ * fork/join costs more than it saves, and on a loaded machine a parked worker can stall the call
+ * by a scheduler time slice (measured: decode of a 128-token cache, 12 heads of 64, ~200K). */
+#define ICC_AT_SERIAL_WORK (1 << 18)
+
+/* ---- fp16 <-> fp32 ------------------------------------------------------------------------- */
+/* Portable converters (F. Giesen's, round-to-nearest-even, bit-exact with F16C on every finite
+ * value and infinity; NaN becomes a quiet NaN). */
+static inline uint16_t icc_at_f32_to_f16(float value) {
+    union { float f; uint32_t u; } x, magic;
+    x.f = value;
+    uint32_t sign = x.u & 0x80000000u;
+    uint16_t out;
+    x.u ^= sign;
+    if (x.u >= (uint32_t)(127 + 16) << 23) {
+        out = x.u > 0x7f800000u ? 0x7e00 : 0x7c00;
+    } else if (x.u < (uint32_t)113 << 23) { /* subnormal or zero: the FPU rounds for us */
+        magic.u = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+        x.f += magic.f;
+        out = (uint16_t)(x.u - magic.u);
+    } else {
+        uint32_t odd = (x.u >> 13) & 1u;
+        x.u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        out = (uint16_t)(x.u >> 13);
+    }
+    return (uint16_t)(out | (sign >> 16));
+}
+
+static inline float icc_at_f16_to_f32(uint16_t h) {
+    union { float f; uint32_t u; } o, magic;
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    magic.u = (uint32_t)113 << 23;
+    o.u = (uint32_t)(h & 0x7fffu) << 13;
+    uint32_t e = shifted_exp & o.u;
+    o.u += (uint32_t)(127 - 15) << 23;
+    if (e == shifted_exp) {
+        o.u += (uint32_t)(128 - 16) << 23;
+    } else if (e == 0) {
+        o.u += 1u << 23;
+        o.f -= magic.f;
+    }
+    o.u |= (uint32_t)(h & 0x8000u) << 16;
+    return o.f;
+}
+
+static inline void icc_at_to_f16(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = icc_at_f32_to_f16(src[i]);
+}
+
+static inline void icc_at_from_f16(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 32 <= n; i += 32) {
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+        _mm512_storeu_ps(dst + i + 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i + 16))));
+    }
+#endif
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = icc_at_f16_to_f32(src[i]);
+}
+
+/* ---- vector helpers -------------------------------------------------------------------------- */
+#if defined(__AVX512F__)
+#define ICC_AT_VW 16
+typedef __m512 icc_at_v;
+#define icc_at_load _mm512_loadu_ps
+#define icc_at_store _mm512_storeu_ps
+#define icc_at_set1 _mm512_set1_ps
+#define icc_at_zero _mm512_setzero_ps
+#define icc_at_fma _mm512_fmadd_ps
+#define icc_at_mul _mm512_mul_ps
+#define icc_at_add _mm512_add_ps
+#define icc_at_vmax _mm512_max_ps
+static inline __m256 icc_at_half(__m512 x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+static inline float icc_at_hmax(__m512 x) { return _mm512_reduce_max_ps(x); }
+static inline float icc_at_hsum(__m512 x) { return _mm512_reduce_add_ps(x); }
+/* exp(x) for x <= 0 (Cephes polynomial, ~1 ulp); exactly 0 below -87.3 (and for -inf). */
+static inline __m512 icc_at_vexp(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, y);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ICC_AT_VW 8
+typedef __m256 icc_at_v;
+#define icc_at_load _mm256_loadu_ps
+#define icc_at_store _mm256_storeu_ps
+#define icc_at_set1 _mm256_set1_ps
+#define icc_at_zero _mm256_setzero_ps
+#define icc_at_fma _mm256_fmadd_ps
+#define icc_at_mul _mm256_mul_ps
+#define icc_at_add _mm256_add_ps
+#define icc_at_vmax _mm256_max_ps
+static inline __m256 icc_at_half(__m256 x) { return x; }
+static inline float icc_at_hsum(__m256 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float icc_at_hmax(__m256 x) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+static inline __m256 icc_at_vexp(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(y, keep);
+}
+#endif
+
+#ifdef ICC_AT_VW
+/* Four horizontal sums at once: (sum a, sum b, sum c, sum d). */
+static inline __m128 icc_at_hsum4(icc_at_v a, icc_at_v b, icc_at_v c, icc_at_v d) {
+    __m256 ab = _mm256_hadd_ps(icc_at_half(a), icc_at_half(b));
+    __m256 cd = _mm256_hadd_ps(icc_at_half(c), icc_at_half(d));
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+#endif
+
+/* out[j] = q . K[j] for j < n (K rows `ks` floats apart). */
+static inline void icc_at_dots(const float *q, const float *kb, int64_t ks, int64_t n, int64_t D,
+                               float *out) {
+    int64_t j = 0;
+#ifdef ICC_AT_VW
+    const int64_t dv = D - D % ICC_AT_VW;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+        icc_at_v a0 = icc_at_zero(), a1 = icc_at_zero(), a2 = icc_at_zero(), a3 = icc_at_zero();
+        for (int64_t d = 0; d < dv; d += ICC_AT_VW) {
+            icc_at_v x = icc_at_load(q + d);
+            a0 = icc_at_fma(x, icc_at_load(k0 + d), a0);
+            a1 = icc_at_fma(x, icc_at_load(k1 + d), a1);
+            a2 = icc_at_fma(x, icc_at_load(k2 + d), a2);
+            a3 = icc_at_fma(x, icc_at_load(k3 + d), a3);
+        }
+        _mm_storeu_ps(out + j, icc_at_hsum4(a0, a1, a2, a3));
+        for (int64_t d = dv; d < D; d++) {
+            out[j] += q[d] * k0[d];
+            out[j + 1] += q[d] * k1[d];
+            out[j + 2] += q[d] * k2[d];
+            out[j + 3] += q[d] * k3[d];
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        const float *kr = kb + j * ks;
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; d++) s += q[d] * kr[d];
+        out[j] = s;
+    }
+}
+
+static inline float icc_at_rowmax(const float *s, int64_t n) {
+    float m = -INFINITY;
+    int64_t j = 0;
+#ifdef ICC_AT_VW
+    if (n >= ICC_AT_VW) {
+        icc_at_v vm = icc_at_load(s);
+        for (j = ICC_AT_VW; j + ICC_AT_VW <= n; j += ICC_AT_VW) vm = icc_at_vmax(vm, icc_at_load(s + j));
+        m = icc_at_hmax(vm);
+    }
+#endif
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    return m;
+}
+
+/* s[j] = exp(s[j] - m) in place; returns the sum. */
+static inline float icc_at_expsum(float *s, int64_t n, float m) {
+    float sum = 0.0f;
+    int64_t j = 0;
+#ifdef ICC_AT_VW
+    icc_at_v vs = icc_at_zero(), vm = icc_at_set1(-m);
+    for (; j + ICC_AT_VW <= n; j += ICC_AT_VW) {
+        icc_at_v e = icc_at_vexp(icc_at_add(icc_at_load(s + j), vm));
+        icc_at_store(s + j, e);
+        vs = icc_at_add(vs, e);
+    }
+    sum = icc_at_hsum(vs);
+#endif
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - m);
+        sum += s[j];
+    }
+    return sum;
+}
+
+/* acc[0:Dv] = acc * alpha + sum_j p[j] * V[j] (V rows `vs` floats apart). */
+static inline void icc_at_pv(float *acc, float alpha, const float *p, const float *vb, int64_t vs,
+                             int64_t n, int64_t Dv) {
+    int64_t d = 0;
+#ifdef ICC_AT_VW
+    const icc_at_v va = icc_at_set1(alpha);
+    for (; d + 4 * ICC_AT_VW <= Dv; d += 4 * ICC_AT_VW) {
+        icc_at_v a0 = icc_at_mul(va, icc_at_load(acc + d));
+        icc_at_v a1 = icc_at_mul(va, icc_at_load(acc + d + ICC_AT_VW));
+        icc_at_v a2 = icc_at_mul(va, icc_at_load(acc + d + 2 * ICC_AT_VW));
+        icc_at_v a3 = icc_at_mul(va, icc_at_load(acc + d + 3 * ICC_AT_VW));
+        const float *vr = vb + d;
+        for (int64_t j = 0; j < n; j++, vr += vs) {
+            icc_at_v pj = icc_at_set1(p[j]);
+            a0 = icc_at_fma(pj, icc_at_load(vr), a0);
+            a1 = icc_at_fma(pj, icc_at_load(vr + ICC_AT_VW), a1);
+            a2 = icc_at_fma(pj, icc_at_load(vr + 2 * ICC_AT_VW), a2);
+            a3 = icc_at_fma(pj, icc_at_load(vr + 3 * ICC_AT_VW), a3);
+        }
+        icc_at_store(acc + d, a0);
+        icc_at_store(acc + d + ICC_AT_VW, a1);
+        icc_at_store(acc + d + 2 * ICC_AT_VW, a2);
+        icc_at_store(acc + d + 3 * ICC_AT_VW, a3);
+    }
+    for (; d + ICC_AT_VW <= Dv; d += ICC_AT_VW) {
+        icc_at_v a0 = icc_at_mul(va, icc_at_load(acc + d));
+        const float *vr = vb + d;
+        for (int64_t j = 0; j < n; j++, vr += vs) a0 = icc_at_fma(icc_at_set1(p[j]), icc_at_load(vr), a0);
+        icc_at_store(acc + d, a0);
+    }
+#endif
+    for (; d < Dv; d++) {
+        float a = acc[d] * alpha;
+        for (int64_t j = 0; j < n; j++) a += p[j] * vb[j * vs + d];
+        acc[d] = a;
+    }
+}
+
+#ifdef ICC_AT_VW
+#if ICC_AT_VW == 16
+#define ICC_AT_QK_RB 4 /* query rows per QK step (x 4 keys: 16 accumulators of 32 registers) */
+#define ICC_AT_PV_DB 4 /* vectors of Dv per PV step (x 4 rows: 16 accumulators) */
+#else
+#define ICC_AT_QK_RB 2 /* AVX2 has 16 registers */
+#define ICC_AT_PV_DB 2
+#endif
+/* rb rows (q rows D apart) against 4 keys at a time: each K load serves rb rows. */
+static inline __attribute__((always_inline)) void icc_at_qk_rows(const float *q, int64_t D, int rb, const float *kb,
+                                                               int64_t ks, int64_t n, float *s) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+        icc_at_v acc[ICC_AT_QK_RB][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < rb; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = icc_at_zero();
+        for (int64_t d = 0; d < D; d += ICC_AT_VW) {
+            const icc_at_v x0 = icc_at_load(k0 + d), x1 = icc_at_load(k1 + d), x2 = icc_at_load(k2 + d),
+                           x3 = icc_at_load(k3 + d);
+#pragma GCC unroll 4
+            for (int r = 0; r < rb; r++) {
+                const icc_at_v qv = icc_at_load(q + r * D + d);
+                acc[r][0] = icc_at_fma(qv, x0, acc[r][0]);
+                acc[r][1] = icc_at_fma(qv, x1, acc[r][1]);
+                acc[r][2] = icc_at_fma(qv, x2, acc[r][2]);
+                acc[r][3] = icc_at_fma(qv, x3, acc[r][3]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < rb; r++)
+            _mm_storeu_ps(s + r * ICC_AT_TK + j, icc_at_hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    }
+    for (int r = 0; r < rb; r++) icc_at_dots(q + r * D, kb + j * ks, ks, n - j, D, s + r * ICC_AT_TK + j);
+}
+
+/* acc[r] = acc[r] * alpha[r] + p[r] @ V for rb rows: each V load serves rb rows. */
+static inline __attribute__((always_inline)) void icc_at_pv_rows(float *acc, int64_t Dv, int rb, const float *alpha,
+                                                               const float *p, const float *vb, int64_t vs,
+                                                               int64_t n) {
+    int64_t d = 0;
+    for (; d + ICC_AT_PV_DB * ICC_AT_VW <= Dv; d += ICC_AT_PV_DB * ICC_AT_VW) {
+        icc_at_v a[4][ICC_AT_PV_DB];
+#pragma GCC unroll 4
+        for (int r = 0; r < rb; r++) {
+            const icc_at_v va = icc_at_set1(alpha[r]);
+#pragma GCC unroll 4
+            for (int c = 0; c < ICC_AT_PV_DB; c++) a[r][c] = icc_at_mul(va, icc_at_load(acc + r * Dv + d + c * ICC_AT_VW));
+        }
+        const float *vr = vb + d;
+        for (int64_t j = 0; j < n; j++, vr += vs) {
+            icc_at_v x[ICC_AT_PV_DB];
+#pragma GCC unroll 4
+            for (int c = 0; c < ICC_AT_PV_DB; c++) x[c] = icc_at_load(vr + c * ICC_AT_VW);
+#pragma GCC unroll 4
+            for (int r = 0; r < rb; r++) {
+                const icc_at_v pj = icc_at_set1(p[r * ICC_AT_TK + j]);
+#pragma GCC unroll 4
+                for (int c = 0; c < ICC_AT_PV_DB; c++) a[r][c] = icc_at_fma(pj, x[c], a[r][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < rb; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < ICC_AT_PV_DB; c++) icc_at_store(acc + r * Dv + d + c * ICC_AT_VW, a[r][c]);
+    }
+    for (int r = 0; r < rb && d < Dv; r++) /* the rest of Dv, row by row */
+        icc_at_pv(acc + r * Dv + d, alpha[r], p + r * ICC_AT_TK, vb + d, vs, n, Dv - d);
+}
+#endif
+
+/* S[m][j] = q_m . K[j] for the M rows (D apart) of a tile of n keys (S rows ICC_AT_TK apart). */
+static inline void icc_at_qk(const float *q, int64_t D, int64_t M, const float *kb, int64_t ks, int64_t n, float *s) {
+    int64_t m = 0;
+#ifdef ICC_AT_VW
+    if (D % ICC_AT_VW == 0) {
+        for (; m + ICC_AT_QK_RB <= M; m += ICC_AT_QK_RB)
+            icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, ks, n, s + m * ICC_AT_TK);
+#if ICC_AT_QK_RB == 4
+        if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, ks, n, s + m * ICC_AT_TK);
+        if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, ks, n, s + m * ICC_AT_TK);
+#endif
+        if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, ks, n, s + m * ICC_AT_TK);
+        return;
+    }
+#endif
+    for (; m < M; m++) icc_at_dots(q + m * D, kb, ks, n, D, s + m * ICC_AT_TK);
+}
+
+/* acc[m] = acc[m] * alpha[m] + p[m] @ V for the M rows (acc rows Dv apart, p rows ICC_AT_TK apart). */
+static inline void icc_at_pv_all(float *acc, int64_t Dv, int64_t M, const float *alpha, const float *p,
+                                 const float *vb, int64_t vs, int64_t n) {
+    int64_t m = 0;
+#ifdef ICC_AT_VW
+    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, vs, n);
+    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, vs, n);
+    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, vs, n);
+    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, vs, n);
+    return;
+#endif
+    for (; m < M; m++) icc_at_pv(acc + m * Dv, alpha[m], p + m * ICC_AT_TK, vb, vs, n, Dv);
+}
+
+/* ---- the kernel -------------------------------------------------------------------------------- */
+/* Head bh's rows of one cache tensor: the past copied into present (unless in place), then the S
+ * new rows appended in the cache's type. Called inside the kernel's parallel region. */
+static inline void icc_at_append(const icc_attention_args *a, int64_t bh, const void *past, void *present,
+                                 const float *src, int64_t size) {
+    const int64_t S = a->S, P = a->P, Hkv = a->Hkv, b = bh / Hkv, g = bh % Hkv;
+    const size_t esz = a->cache_dtype ? 2 : 4;
+    char *dst = (char *)present + (size_t)(bh * a->present_cap * size) * esz;
+    if (past != present && P > 0)
+        memcpy(dst, (const char *)past + (size_t)(bh * a->past_cap * size) * esz, (size_t)(P * size) * esz);
+    for (int64_t i = 0; i < S; i++) {
+        const float *row = src + ((b * S + i) * Hkv + g) * size;
+        char *at = dst + (size_t)((P + i) * size) * esz;
+        if (a->cache_dtype)
+            icc_at_to_f16((uint16_t *)at, row, size);
+        else
+            memcpy(at, row, (size_t)size * sizeof(float));
+    }
+}
+
+typedef struct {
+    float *q, *s, *acc, *m, *l, *alpha, *kt, *vt;
+    int64_t *lo, *hi, *moff;
+} icc_at_ws;
+
+/* Rows t0 .. t0+M-1 of kv head group bg against keys [kb, ke): online softmax into w. */
+static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_t bg, int64_t t0,
+                               int64_t M, int64_t kb, int64_t ke) {
+    const int64_t S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv, rep = H / Hkv;
+    const int cached = a->present_k != NULL, half = cached && a->cache_dtype == 1;
+    const int64_t Skv = (cached ? a->P : 0) + S, off = Skv - S;
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    const float mv = a->mask_value, cap = a->softcap;
+    const int skip = isinf(mv) && mv < 0;
+    const int has_mask = a->mask_bool != NULL || a->mask_float != NULL;
+    const int64_t *ms = a->mask_stride;
+    int64_t klo = Skv, khi = -1;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t t = t0 + m, i = t / rep, h = g * rep + t % rep;
+        const float *qr = a->q + (b * S + i) * H * D + h * D;
+        float *qs = w->q + m * D;
+        for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * a->scale;
+        int64_t lo = a->left_window >= 0 ? i + off - a->left_window : 0;
+        int64_t hi = a->causal ? i + off : Skv - 1;
+        w->lo[m] = lo < 0 ? 0 : lo;
+        w->hi[m] = hi > Skv - 1 ? Skv - 1 : hi;
+        w->moff[m] = has_mask ? b * ms[0] + h * ms[1] + i * ms[2] : 0; /* strides unset without a mask */
+        w->m[m] = -INFINITY;
+        w->l[m] = 0.0f;
+        memset(w->acc + m * Dv, 0, (size_t)Dv * sizeof(float));
+        if (w->lo[m] < klo) klo = w->lo[m];
+        if (w->hi[m] > khi) khi = w->hi[m];
+    }
+    if (skip) { /* keys no row may see are never read */
+        if (kb < klo) kb = klo;
+        if (ke > khi + 1) ke = khi + 1;
+    }
+    const float *kbase = NULL, *vbase = NULL; /* fp32 keys and values read in place */
+    int64_t ks = D, vs = Dv;
+    if (cached && !half) {
+        kbase = (const float *)a->present_k + bg * a->present_cap * D;
+        vbase = (const float *)a->present_v + bg * a->present_cap * Dv;
+    } else if (!cached) {
+        kbase = a->k + b * S * Hkv * D + g * D;
+        vbase = a->v + b * S * Hkv * Dv + g * Dv;
+        ks = Hkv * D;
+        vs = Hkv * Dv;
+    }
+    for (int64_t j0 = kb; j0 < ke; j0 += ICC_AT_TK) {
+        const int64_t n = (ke - j0 < ICC_AT_TK) ? ke - j0 : ICC_AT_TK;
+        const float *kt;
+        if (half) {
+            icc_at_from_f16(w->kt, (const uint16_t *)a->present_k + (bg * a->present_cap + j0) * D, n * D);
+            kt = w->kt;
+        } else {
+            kt = kbase + j0 * ks;
+        }
+        int any = 0;
+        for (int64_t m = 0; m < M && !any; m++) any = !skip || (j0 + n > w->lo[m] && j0 <= w->hi[m]);
+        if (!any) continue;
+        icc_at_qk(w->q, D, M, kt, ks, n, w->s);
+        any = 0;
+        for (int64_t m = 0; m < M; m++) {
+            float *s = w->s + m * ICC_AT_TK;
+            w->alpha[m] = 1.0f;
+            if (skip && (j0 + n <= w->lo[m] || j0 > w->hi[m])) { /* nothing this row may see */
+                memset(s, 0, (size_t)n * sizeof(float));
+                continue;
+            }
+            if (cap != 0.0f)
+                for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
+            if (has_mask || j0 < w->lo[m] || j0 + n - 1 > w->hi[m]) {
+                const int64_t o = w->moff[m];
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t kj = j0 + j;
+                    int ok = kj >= w->lo[m] && kj <= w->hi[m];
+                    if (a->mask_bool) ok = ok && a->mask_bool[o + kj * ms[3]];
+                    float bias = ok ? 0.0f : mv;
+                    if (a->mask_float) bias += a->mask_float[o + kj * ms[3]];
+                    s[j] += bias;
+                }
+            }
+            const float mt = icc_at_rowmax(s, n);
+            if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
+                memset(s, 0, (size_t)n * sizeof(float));
+                continue;
+            }
+            const float mnew = mt > w->m[m] ? mt : w->m[m];
+            const float alpha = isinf(w->m[m]) ? 0.0f : expf(w->m[m] - mnew);
+            w->l[m] = w->l[m] * alpha + icc_at_expsum(s, n, mnew);
+            w->m[m] = mnew;
+            w->alpha[m] = alpha;
+            any = 1;
+        }
+        if (!any) continue;
+        const float *vt;
+        if (half) {
+            icc_at_from_f16(w->vt, (const uint16_t *)a->present_v + (bg * a->present_cap + j0) * Dv, n * Dv);
+            vt = w->vt;
+        } else {
+            vt = vbase + j0 * vs;
+        }
+        icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, vt, half ? Dv : vs, n);
+    }
+}
+
+static void icc_attention(const icc_attention_args *a) {
+    const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
+    if (B <= 0 || S <= 0 || H <= 0) return;
+    const int cached = a->present_k != NULL;
+    const int half = cached && a->cache_dtype == 1;
+    const int64_t Skv = (cached ? a->P : 0) + S;
+    const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
+    const int parallel = B * H * S * Skv * (D + Dv) >= ICC_AT_SERIAL_WORK;
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel) threads = omp_get_max_threads();
+#endif
+    /* split the keys when there are too few units to share evenly among the threads */
+    const int64_t base_units = B * Hkv * chunks;
+    int64_t nsplit = 1;
+    if (threads > 1 && base_units < 4 * (int64_t)threads) {
+        nsplit = (4 * (int64_t)threads + base_units - 1) / base_units;
+        if (nsplit > Skv / ICC_AT_MIN_SPLIT) nsplit = Skv / ICC_AT_MIN_SPLIT;
+        if (nsplit < 1) nsplit = 1;
+    }
+    const int64_t split_len = (Skv + nsplit - 1) / nsplit;
+    /* per row and split: (max, sum, acc[Dv]) */
+    float *part = NULL;
+    if (nsplit > 1) {
+        part = (float *)malloc((size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
+        if (!part) nsplit = 1; /* no room for the partials: unsplit */
+    }
+    const int64_t units = base_units * nsplit;
+    const int64_t HDv = H * Dv;
+
+#pragma omp parallel if (parallel)
+    {
+        if (cached) { /* the cache first (the implicit barrier orders it before any read) */
+#pragma omp for schedule(static)
+            for (int64_t x = 0; x < 2 * B * Hkv; x++) {
+                if (x % 2 == 0)
+                    icc_at_append(a, x / 2, a->past_k, a->present_k, a->k, D);
+                else
+                    icc_at_append(a, x / 2, a->past_v, a->present_v, a->v, Dv);
+            }
+        }
+        icc_at_ws w;
+        memset(&w, 0, sizeof w);
+        size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 3) + (half ? ICC_AT_TK * (D + Dv) : 0));
+        nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
+        float *mem = (float *)malloc(nf * sizeof(float) + 3 * ICC_AT_MR * sizeof(int64_t));
+        if (mem) {
+            w.q = mem;
+            w.s = w.q + ICC_AT_MR * D;
+            w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
+            w.m = w.acc + ICC_AT_MR * Dv;
+            w.l = w.m + ICC_AT_MR;
+            w.alpha = w.l + ICC_AT_MR;
+            w.kt = w.alpha + ICC_AT_MR;
+            w.vt = w.kt + (half ? ICC_AT_TK * D : 0);
+            w.lo = (int64_t *)(void *)(mem + nf);
+            w.hi = w.lo + ICC_AT_MR;
+            w.moff = w.hi + ICC_AT_MR;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
+            const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
+            const int64_t kb = sp * split_len, ke = (kb + split_len < Skv) ? kb + split_len : Skv;
+            if (mem) icc_at_unit(a, &w, bg, t0, M, kb, ke);
+            const int64_t b = bg / Hkv, g = bg % Hkv;
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t t = t0 + m;
+                float *o = nsplit > 1 ? part + ((bg * R + t) * nsplit + sp) * (Dv + 2)
+                                      : a->out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
+                if (!mem) { /* out of memory (a few KB): NaN rows, never silently wrong numbers */
+                    for (int64_t d = 0; d < (nsplit > 1 ? Dv + 2 : Dv); d++) o[d] = NAN;
+                    continue;
+                }
+                const float *acc = w.acc + m * Dv;
+                if (nsplit > 1) { /* this split's (max, sum, acc) */
+                    o[0] = w.m[m];
+                    o[1] = w.l[m];
+                    memcpy(o + 2, acc, (size_t)Dv * sizeof(float));
+                } else {
+                    const float inv = w.l[m] > 0.0f ? 1.0f / w.l[m] : 0.0f;
+                    for (int64_t d = 0; d < Dv; d++) o[d] = acc[d] * inv;
+                }
+            }
+        }
+        free(mem);
+        if (nsplit > 1) {
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < B * Hkv * R; row++) { /* merge the splits */
+                const int64_t bg = row / R, t = row % R, b = bg / Hkv, g = bg % Hkv;
+                const float *pr = part + row * nsplit * (Dv + 2);
+                float mx = -INFINITY, l = 0.0f;
+                for (int64_t sp = 0; sp < nsplit; sp++) { /* a NaN (failed split) stays NaN */
+                    const float ms = pr[sp * (Dv + 2)];
+                    mx = (ms > mx || ms != ms) ? ms : mx;
+                }
+                float *o = a->out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
+                for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
+                if (isinf(mx) && mx < 0) continue;
+                for (int64_t sp = 0; sp < nsplit; sp++) {
+                    const float *ps = pr + sp * (Dv + 2);
+                    if (isinf(ps[0]) && ps[0] < 0) continue;
+                    const float f = expf(ps[0] - mx);
+                    l += ps[1] * f;
+                    for (int64_t d = 0; d < Dv; d++) o[d] += ps[2 + d] * f;
+                }
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
+            }
+        }
+    }
+    free(part);
+}
+
+#endif

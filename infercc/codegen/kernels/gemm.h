@@ -1,0 +1,208 @@
+/* fp32 matmul against a constant weight packed by codegen/packing.py pack_f32: panels of
+ * ICC_PANEL (16) output columns, each [K, 16] contiguous, the last padded with zero columns.
+ *
+ * One tile = up to ICC_F32_MR rows of x times ICC_F32_NP adjacent panels, accumulated over all of
+ * K in registers (no K blocking: a panel pair of K = 2048 is 256 KB and stays in L2 across the
+ * row tiles that reuse it). M = 1 (decode) is the same code with one row: every panel is streamed
+ * once, front to back, the threads splitting the panels between them. The row and panel counts
+ * are compile-time constants in each instantiation, so gcc unrolls them into registers:
+ *   AVX-512: 12 rows x 2 panels = 24 zmm accumulators, per k 2 weight loads + 12 broadcasts;
+ *   AVX2:    6 rows x 1 panel  = 12 ymm accumulators, per k 2 weight loads + 6 broadcasts;
+ *   plain C: 4 rows x 1 panel, left to the auto-vectorizer. */
+#ifndef ICC_GEMM_H
+#define ICC_GEMM_H
+#include "common.h"
+
+#ifndef ICC_F32_PREFETCH
+#define ICC_F32_PREFETCH 2048 /* bytes ahead in a panel's stream (GEMV) */
+#endif
+#if defined(__AVX512F__)
+#define ICC_F32_MR 12
+#define ICC_F32_NP 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ICC_F32_MR 6
+#define ICC_F32_NP 1
+#else
+#define ICC_F32_MR 4
+#define ICC_F32_NP 1
+#endif
+
+/* y[0:R, 0:ncols] = x[0:R, :] @ panels[0:NP] (+ bias); ps = floats per panel (K * 16). */
+ICC_INLINE void icc_gemm_f32_tile(const int R, const int NP, int64_t K, const float *x, int64_t ldx,
+                                  const float *w, int64_t ps, const float *bias, float *y,
+                                  int64_t ldy, int64_t ncols) {
+#if defined(__AVX512F__)
+    __m512 acc[ICC_F32_MR][ICC_F32_NP];
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < NP; p++) acc[r][p] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 b[ICC_F32_NP];
+        for (int p = 0; p < NP; p++) b[p] = _mm512_loadu_ps(w + p * ps + k * ICC_PANEL);
+        for (int r = 0; r < R; r++) {
+            __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+            for (int p = 0; p < NP; p++) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        int64_t left = ncols - p * ICC_PANEL;
+        if (left <= 0) break;
+        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + p * ICC_PANEL) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++)
+            _mm512_mask_storeu_ps(y + r * ldy + p * ICC_PANEL, m, _mm512_add_ps(acc[r][p], bv));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[ICC_F32_MR][2 * ICC_F32_NP];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2 * NP; h++) acc[r][h] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 b[2 * ICC_F32_NP];
+        for (int p = 0; p < NP; p++) {
+            b[2 * p] = _mm256_loadu_ps(w + p * ps + k * ICC_PANEL);
+            b[2 * p + 1] = _mm256_loadu_ps(w + p * ps + k * ICC_PANEL + 8);
+        }
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+            for (int h = 0; h < 2 * NP; h++) acc[r][h] = _mm256_fmadd_ps(a, b[h], acc[r][h]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float out[ICC_F32_NP * ICC_PANEL];
+        for (int h = 0; h < 2 * NP; h++) _mm256_storeu_ps(out + 8 * h, acc[r][h]);
+        for (int64_t c = 0; c < ncols; c++) y[r * ldy + c] = out[c] + (bias ? bias[c] : 0.0f);
+    }
+#else
+    float acc[ICC_F32_MR][ICC_F32_NP * ICC_PANEL];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NP * ICC_PANEL; c++) acc[r][c] = 0.0f;
+    for (int64_t k = 0; k < K; k++)
+        for (int p = 0; p < NP; p++) {
+            const float *b = w + p * ps + k * ICC_PANEL;
+            for (int r = 0; r < R; r++) {
+                float a = x[r * ldx + k];
+                for (int c = 0; c < ICC_PANEL; c++) acc[r][p * ICC_PANEL + c] += a * b[c];
+            }
+        }
+    for (int r = 0; r < R; r++)
+        for (int64_t c = 0; c < ncols; c++) y[r * ldy + c] = acc[r][c] + (bias ? bias[c] : 0.0f);
+#endif
+}
+
+/* M = 1: y[0:ncols] = x @ panels[0:NP]. Memory-bound: each panel is read once, front to back, and
+ * the FMA latency must not throttle the stream, so 4 k-phases accumulate separately (4 x NP
+ * independent chains) and meet at the end. */
+ICC_INLINE void icc_gemv_f32_tile(const int NP, int64_t K, const float *x, const float *w, int64_t ps,
+                                  const float *bias, float *y, int64_t ncols) {
+#if defined(__AVX512F__)
+    __m512 acc[4][ICC_F32_NP];
+    for (int j = 0; j < 4; j++)
+        for (int p = 0; p < NP; p++) acc[j][p] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4)
+        for (int j = 0; j < 4; j++)
+            for (int p = 0; p < NP; p++) {
+                _mm_prefetch((const char *)(w + p * ps + (k + j) * ICC_PANEL) + ICC_F32_PREFETCH, _MM_HINT_T0);
+                acc[j][p] = _mm512_fmadd_ps(_mm512_set1_ps(x[k + j]), _mm512_loadu_ps(w + p * ps + (k + j) * ICC_PANEL), acc[j][p]);
+            }
+    for (; k < K; k++)
+        for (int p = 0; p < NP; p++)
+            acc[0][p] = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_loadu_ps(w + p * ps + k * ICC_PANEL), acc[0][p]);
+    for (int p = 0; p < NP; p++) {
+        int64_t left = ncols - p * ICC_PANEL;
+        if (left <= 0) break;
+        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][p], acc[1][p]), _mm512_add_ps(acc[2][p], acc[3][p]));
+        if (bias) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(m, bias + p * ICC_PANEL));
+        _mm512_mask_storeu_ps(y + p * ICC_PANEL, m, sum);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[4][2 * ICC_F32_NP];
+    for (int j = 0; j < 4; j++)
+        for (int h = 0; h < 2 * NP; h++) acc[j][h] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4)
+        for (int j = 0; j < 4; j++) {
+            __m256 a = _mm256_broadcast_ss(x + k + j);
+            for (int h = 0; h < 2 * NP; h++)
+                acc[j][h] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + (h >> 1) * ps + (k + j) * ICC_PANEL + 8 * (h & 1)), acc[j][h]);
+        }
+    for (; k < K; k++) {
+        __m256 a = _mm256_broadcast_ss(x + k);
+        for (int h = 0; h < 2 * NP; h++)
+            acc[0][h] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + (h >> 1) * ps + k * ICC_PANEL + 8 * (h & 1)), acc[0][h]);
+    }
+    float out[ICC_F32_NP * ICC_PANEL];
+    for (int h = 0; h < 2 * NP; h++)
+        _mm256_storeu_ps(out + 8 * h, _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]), _mm256_add_ps(acc[2][h], acc[3][h])));
+    for (int64_t c = 0; c < ncols; c++) y[c] = out[c] + (bias ? bias[c] : 0.0f);
+#else
+    icc_gemm_f32_tile(1, NP, K, x, K, w, ps, bias, y, 0, ncols);
+#endif
+}
+
+/* One tile of `rows` (1 .. ICC_F32_MR) rows and `np` (1 .. ICC_F32_NP) panels: constant
+ * arguments for every case, so each is its own unrolled instantiation. */
+static void icc_gemm_f32_rows(int rows, int np, int64_t K, const float *x, const float *w, int64_t ps,
+                              const float *bias, float *y, int64_t ldy, int64_t ncols) {
+#define ICC_F32_CASE(R)                                                                          \
+    case R:                                                                                      \
+        if (np == ICC_F32_NP) icc_gemm_f32_tile(R, ICC_F32_NP, K, x, K, w, ps, bias, y, ldy, ncols); \
+        else icc_gemm_f32_tile(R, 1, K, x, K, w, ps, bias, y, ldy, ncols);                       \
+        break;
+    if (rows == 1) {
+        if (np == ICC_F32_NP) icc_gemv_f32_tile(ICC_F32_NP, K, x, w, ps, bias, y, ncols);
+        else icc_gemv_f32_tile(1, K, x, w, ps, bias, y, ncols);
+        return;
+    }
+    switch (rows) {
+#if ICC_F32_MR >= 12
+        ICC_F32_CASE(12)
+        ICC_F32_CASE(11)
+        ICC_F32_CASE(10)
+        ICC_F32_CASE(9)
+#endif
+#if ICC_F32_MR >= 8
+        ICC_F32_CASE(8)
+        ICC_F32_CASE(7)
+#endif
+#if ICC_F32_MR >= 6
+        ICC_F32_CASE(6)
+        ICC_F32_CASE(5)
+#endif
+        ICC_F32_CASE(4)
+        ICC_F32_CASE(3)
+        ICC_F32_CASE(2)
+        default: break;
+    }
+#undef ICC_F32_CASE
+}
+
+static void icc_gemm_f32(int64_t M, int64_t N, int64_t K, const float *x, const void *w,
+                         const float *bias, float *y) {
+    if (M <= 0 || N <= 0) return;
+    const float *W = (const float *)w;
+    const int64_t ps = K * ICC_PANEL;
+    const int64_t panels = (N + ICC_PANEL - 1) / ICC_PANEL;
+    const int64_t groups = (panels + ICC_F32_NP - 1) / ICC_F32_NP;
+    const int64_t tiles = (M + ICC_F32_MR - 1) / ICC_F32_MR;
+    if (K <= 0) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] = bias ? bias[n] : 0.0f;
+        return;
+    }
+    /* groups outer, row tiles inner: a static schedule hands each thread whole panel groups, which
+     * stay in its cache across all their row tiles. */
+#pragma omp parallel for collapse(2) schedule(static) if (M * N * K >= ICC_PARALLEL_MIN_MACS)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t p0 = g * ICC_F32_NP, m0 = t * ICC_F32_MR;
+            int np = (int)(panels - p0 < ICC_F32_NP ? panels - p0 : ICC_F32_NP);
+            int rows = (int)(M - m0 < ICC_F32_MR ? M - m0 : ICC_F32_MR);
+            int64_t n0 = p0 * ICC_PANEL, ncols = N - n0 < np * ICC_PANEL ? N - n0 : np * ICC_PANEL;
+            icc_gemm_f32_rows(rows, np, K, x + m0 * K, W + p0 * ps, ps, bias ? bias + n0 : NULL,
+                              y + m0 * N + n0, N, ncols);
+        }
+    }
+}
+
+#endif

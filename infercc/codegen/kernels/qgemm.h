@@ -1,0 +1,413 @@
+/* Weight-only quantized matmul and gather, on the layout of codegen/packing.py pack_quant:
+ * a 64-byte header, then panels of ICC_PANEL (16) output columns; per panel and K block the codes
+ * (4 consecutive k of one column in one 32-bit lane, 16 columns per 64 bytes, 4-bit: two such
+ * groups per 64 bytes, low nibbles first), then all scales [blocks][16] float (flag 4: fp16, when
+ * every scale is exactly an fp16 -- GGUF's are -- 10% fewer bytes to stream), zero points
+ * [blocks][16] uint8 (header flag 1, else 2^(bits-1)), rests [blocks][16] float (flag 2).
+ *
+ * The method is ggml's (llama.cpp vec_dot_q4_1_q8_1): each activation row is quantized to int8 in
+ * the weight's blocks (d = max|x| / 127, q = round(x / d)), every block is one integer dot product
+ * per column, and the block's float terms are folded in afterwards:
+ *     sum_k x_k (s (c_k - z) + r) ~= s d (sum_k q_k c_k - z sum_k q_k) + r sum_k x_k
+ * (the zero point against the *quantized* sum, so the only error is sum_k e_k s (c_k - z), e_k the
+ * activation's rounding, |e_k| <= d / 2; the rest against the exact float sum). Because a 32-bit
+ * lane sums 4 consecutive k of *one* column, a register of lanes is 16 (AVX2: 8) columns and no
+ * horizontal sum is ever needed: per 4 k one broadcast of 4 activation bytes feeds
+ *   AVX-512 VNNI: _mm512_dpbusd_epi32 (u8 codes x s8 activations, no saturation);
+ *   AVX2: _mm256_maddubs_epi16 + _mm256_madd_epi16 (or AVX-VNNI's dpbusd); 8-bit codes go
+ *         through the sign trick (|c - 128| x sign(q, c - 128)) since u8 255 x s8 127 x 2
+ *         saturates int16;
+ *   plain C: int32 loops.
+ * M > 1: all rows are quantized once, then each panel's blocks are used against ICC_Q_MR rows at
+ * a time while in L1 (the 4-bit unpacking is shared by those rows too). Threads split the panels. */
+#ifndef ICC_QGEMM_H
+#define ICC_QGEMM_H
+#include "common.h"
+
+#define ICC_QHEADER 64
+#define ICC_QFLAG_ZP 1
+#define ICC_QFLAG_REST 2
+#define ICC_QFLAG_F16_SCALES 4
+#define ICC_Q_MR 4
+#ifndef ICC_Q_PREFETCH
+#define ICC_Q_PREFETCH 4096
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ICC_Q_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ICC_Q_AVX2 1
+#endif
+
+/* Where one panel's parts are. */
+typedef struct {
+    const uint8_t *codes;
+    const float *scales, *rests; /* scales NULL when they are fp16 (scales16) */
+    const uint16_t *scales16;
+    const uint8_t *zps;
+} icc_qpanel;
+
+static inline icc_qpanel icc_q_panel(const void *w, int64_t p, int64_t nb, int64_t code_bytes) {
+    const int32_t *h = (const int32_t *)w;
+    const int flags = h[6];
+    const uint8_t *base = (const uint8_t *)w + ICC_QHEADER + p * (int64_t)h[7];
+    icc_qpanel q;
+    q.codes = base;
+    base += nb * code_bytes;
+    q.scales = (flags & ICC_QFLAG_F16_SCALES) ? NULL : (const float *)base;
+    q.scales16 = (flags & ICC_QFLAG_F16_SCALES) ? (const uint16_t *)base : NULL;
+    base += nb * ICC_PANEL * ((flags & ICC_QFLAG_F16_SCALES) ? 2 : 4);
+    q.zps = (flags & ICC_QFLAG_ZP) ? base : NULL;
+    base += (flags & ICC_QFLAG_ZP) ? nb * ICC_PANEL : 0;
+    q.rests = (flags & ICC_QFLAG_REST) ? (const float *)base : NULL;
+    return q;
+}
+
+/* IEEE binary16 -> float, exactly (every half is a float). */
+static inline float icc_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | (man << 13); /* inf / nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else { /* subnormal half: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { m <<= 1; e++; } while (!(m & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float icc_q_scale(icc_qpanel P, int64_t i) {
+    return P.scales ? P.scales[i] : icc_half_to_float(P.scales16[i]);
+}
+
+/* Activations quantized per block: q [M][nb * block] int8 (zero past K), and per (row, block) the
+ * scale d, d * sum(q) and the float sum of x. */
+typedef struct {
+    int8_t *q;
+    float *d, *dq, *sx;
+    void *mem;
+} icc_qact;
+
+static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t *q, float *d,
+                               float *dq, float *sx) {
+    float amax = 0.0f, sum = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        vsum = _mm512_add_ps(vsum, v);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; i < n; i++) {
+        float a = x[i] < 0 ? -x[i] : x[i];
+        sum += x[i];
+        amax = a > amax ? a : amax;
+    }
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t qsum = 0;
+    i = 0;
+#if defined(__AVX512F__)
+    __m512i vq = _mm512_setzero_si512();
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(id)));
+        vq = _mm512_add_epi32(vq, v);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(v));
+    }
+    qsum = _mm512_reduce_add_epi32(vq);
+#endif
+    for (; i < n; i++) {
+        float v = x[i] * id;
+        int32_t r = (int32_t)(v >= 0.0f ? v + 0.5f : v - 0.5f);
+        r = r > 127 ? 127 : (r < -127 ? -127 : r);
+        q[i] = (int8_t)r;
+        qsum += r;
+    }
+    for (; i < block; i++) q[i] = 0;
+    *d = amax / 127.0f;
+    *dq = *d * (float)qsum;
+    *sx = sum;
+}
+
+static int icc_quantize_act(int64_t M, int64_t K, int64_t block, const float *x, icc_qact *a) {
+    const int64_t nb = (K + block - 1) / block, kp = nb * block;
+    const size_t qbytes = ((size_t)(M * kp) + 63) & ~(size_t)63;
+    a->mem = icc_scratch(qbytes + 3 * sizeof(float) * (size_t)(M * nb));
+    if (!a->mem) return 0;
+    a->q = (int8_t *)a->mem;
+    a->d = (float *)((char *)a->mem + qbytes);
+    a->dq = a->d + M * nb;
+    a->sx = a->dq + M * nb;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 14))
+    for (int64_t i = 0; i < M * nb; i++) {
+        int64_t m = i / nb, b = i % nb, k0 = b * block;
+        icc_quantize_block(x + m * K + k0, K - k0 < block ? K - k0 : block, block, a->q + m * kp + k0,
+                           a->d + i, a->dq + i, a->sx + i);
+    }
+    return 1;
+}
+
+static inline int32_t icc_load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* acc + per 32-bit lane sum of 4 u8 codes x 4 s8 activations (8-bit codes without VNNI: through
+ * the sign trick, |c - 128| x sign(q, c - 128), the caller moving the zero point by 128). */
+#if defined(ICC_Q_AVX2)
+ICC_INLINE __m256i icc_dot_u8s8_256(__m256i acc, __m256i w, __m256i x, const int BITS) {
+#if defined(__AVXVNNI__)
+    (void)BITS;
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+    __m256i prod;
+    if (BITS == 8) {
+        const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+        prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
+    } else {
+        prod = _mm256_maddubs_epi16(w, x);
+    }
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
+/* y[0:R, 0:ncols] = x[0:R] @ one panel. BITS constant per instantiation; xq/d/dq/sx point at row 0
+ * of the tile, rows kp (resp. nb) apart. */
+ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t nb, icc_qpanel P,
+                           const int8_t *xq, int64_t kp, const float *d, const float *dq,
+                           const float *sx, float *y, int64_t ldy, int64_t ncols) {
+    const int64_t cb = block * ICC_PANEL * BITS / 8;
+    const float zdefault = (float)(1 << (BITS - 1));
+#if defined(ICC_Q_AVX512)
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 yacc[ICC_Q_MR];
+    for (int r = 0; r < R; r++) yacc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *c = P.codes + b * cb;
+        const int8_t *xb = xq + b * block;
+        /* the panel is one sequential stream (codes, then its scales and zero points, then the next
+         * panel): fetching ICC_Q_PREFETCH bytes ahead hides the L3 / DRAM latency the hardware
+         * prefetcher alone leaves exposed at one stream per core */
+        for (int64_t off = 0; off < cb; off += 64) _mm_prefetch((const char *)c + ICC_Q_PREFETCH + off, _MM_HINT_T0);
+        __m512i a0[ICC_Q_MR], a1[ICC_Q_MR];
+        for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_si512();
+        for (int64_t h = 0; h < block / 8; h++) {
+            __m512i lo, hi;
+            if (BITS == 4) {
+                __m512i v = _mm512_loadu_si512(c + 64 * h);
+                lo = _mm512_and_si512(v, m4);
+                hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            } else {
+                lo = _mm512_loadu_si512(c + 128 * h);
+                hi = _mm512_loadu_si512(c + 128 * h + 64);
+            }
+            for (int r = 0; r < R; r++) {
+                a0[r] = _mm512_dpbusd_epi32(a0[r], lo, _mm512_set1_epi32(icc_load_i32(xb + r * kp + 8 * h)));
+                a1[r] = _mm512_dpbusd_epi32(a1[r], hi, _mm512_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4)));
+            }
+        }
+        const __m512 s = P.scales ? _mm512_loadu_ps(P.scales + b * ICC_PANEL)
+                                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.scales16 + b * ICC_PANEL)));
+        const __m512 z = P.zps ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(P.zps + b * ICC_PANEL))))
+                               : _mm512_set1_ps(zdefault);
+        for (int r = 0; r < R; r++) {
+            /* s d (sum q c) - s z (d sum q): both integer sums are exact in float */
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r]));
+            __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(dq[r * nb + b]), _mm512_mul_ps(dot, _mm512_set1_ps(d[r * nb + b])));
+            yacc[r] = _mm512_fmadd_ps(s, t, yacc[r]);
+        }
+        if (P.rests) {
+            const __m512 rest = _mm512_loadu_ps(P.rests + b * ICC_PANEL);
+            for (int r = 0; r < R; r++) yacc[r] = _mm512_fmadd_ps(rest, _mm512_set1_ps(sx[r * nb + b]), yacc[r]);
+        }
+    }
+    const __mmask16 mask = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + r * ldy, mask, yacc[r]);
+#else
+    float yacc[ICC_Q_MR][ICC_PANEL];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < ICC_PANEL; j++) yacc[r][j] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *c = P.codes + b * cb;
+        const int8_t *xb = xq + b * block;
+#if defined(ICC_Q_AVX2)
+        /* 8-bit without VNNI: codes as c - 128 (sign trick), so the zero point moves by 128 too */
+#if defined(__AVXVNNI__)
+        const int shift8 = 0;
+#else
+        const int shift8 = BITS == 8 ? 128 : 0;
+#endif
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        __m256i acc[ICC_Q_MR][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        /* one 64-byte chunk = groups 2h and 2h+1 (4-bit: low and high nibbles; 8-bit: two loads) */
+        for (int64_t h = 0; h < block / 8; h++) {
+            for (int half = 0; half < 2; half++) {
+                __m256i w0, w1;
+                if (BITS == 4) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h + 32 * half));
+                    w0 = _mm256_and_si256(v, m4);
+                    w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                } else {
+                    w0 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 32 * half));
+                    w1 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 64 + 32 * half));
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m256i x0 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h));
+                    const __m256i x1 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4));
+                    acc[r][half] = icc_dot_u8s8_256(icc_dot_u8s8_256(acc[r][half], w0, x0, BITS), w1, x1, BITS);
+                }
+            }
+        }
+        for (int half = 0; half < 2; half++) {
+            const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + b * ICC_PANEL + 8 * half)
+                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + b * ICC_PANEL + 8 * half)));
+            const __m256 z = _mm256_sub_ps(
+                P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + b * ICC_PANEL + 8 * half))))
+                      : _mm256_set1_ps(zdefault),
+                _mm256_set1_ps((float)shift8));
+            for (int r = 0; r < R; r++) {
+                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][half]), _mm256_set1_ps(d[r * nb + b]));
+                t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
+                __m256 yv = _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yacc[r] + 8 * half));
+                if (P.rests)
+                    yv = _mm256_fmadd_ps(_mm256_loadu_ps(P.rests + b * ICC_PANEL + 8 * half), _mm256_set1_ps(sx[r * nb + b]), yv);
+                _mm256_storeu_ps(yacc[r] + 8 * half, yv);
+            }
+        }
+#else
+        int32_t dot[ICC_Q_MR][ICC_PANEL];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < ICC_PANEL; j++) dot[r][j] = 0;
+        for (int64_t g = 0; g < block / 4; g++) {
+            const uint8_t *cg = BITS == 4 ? c + 64 * (g >> 1) : c + 64 * g;
+            const int nib = BITS == 4 ? (int)(g & 1) * 4 : 0;
+            for (int r = 0; r < R; r++) {
+                const int8_t *xg = xb + r * kp + 4 * g;
+                for (int j = 0; j < ICC_PANEL; j++) {
+                    int32_t s = 0;
+                    for (int e = 0; e < 4; e++) {
+                        int code = BITS == 4 ? (cg[4 * j + e] >> nib) & 0x0F : cg[4 * j + e];
+                        s += code * xg[e];
+                    }
+                    dot[r][j] += s;
+                }
+            }
+        }
+        float s[ICC_PANEL];
+        for (int j = 0; j < ICC_PANEL; j++) s[j] = icc_q_scale(P, b * ICC_PANEL + j);
+        for (int j = 0; j < ICC_PANEL; j++) {
+            const float z = P.zps ? (float)P.zps[b * ICC_PANEL + j] : zdefault;
+            const float rest = P.rests ? P.rests[b * ICC_PANEL + j] : 0.0f;
+            for (int r = 0; r < R; r++) {
+                float t = (float)dot[r][j] * d[r * nb + b] - z * dq[r * nb + b];
+                yacc[r][j] += s[j] * t + rest * sx[r * nb + b];
+            }
+        }
+#endif
+    }
+    for (int r = 0; r < R; r++)
+        for (int64_t j = 0; j < ncols; j++) y[r * ldy + j] = yacc[r][j];
+#endif
+}
+
+/* Every (rows, bits, block) its own instantiation: with the block a constant the dot product over
+ * one block unrolls completely and the compiler schedules the blocks' chains into each other. */
+#define ICC_Q_BLOCKS(R, BITS)                                                                        \
+    switch (block) {                                                                                 \
+        case 16: icc_q_tile(R, BITS, 16, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;            \
+        case 32: icc_q_tile(R, BITS, 32, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;            \
+        case 64: icc_q_tile(R, BITS, 64, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;            \
+        case 128: icc_q_tile(R, BITS, 128, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;          \
+        default: icc_q_tile(R, BITS, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;         \
+    }
+#define ICC_Q_ROWS(R)                              \
+    static void icc_q_rows##R(int bits, int64_t block, int64_t nb, icc_qpanel P, const int8_t *xq, \
+                              int64_t kp, const float *d, const float *dq, const float *sx, float *y, \
+                              int64_t ldy, int64_t ncols) {                                        \
+        if (bits == 4) { ICC_Q_BLOCKS(R, 4) } else { ICC_Q_BLOCKS(R, 8) }                          \
+    }
+ICC_Q_ROWS(1)
+ICC_Q_ROWS(2)
+ICC_Q_ROWS(3)
+ICC_Q_ROWS(4)
+#undef ICC_Q_ROWS
+#undef ICC_Q_BLOCKS
+
+static void icc_q_rows(int rows, int bits, int64_t block, int64_t nb, icc_qpanel P, const int8_t *xq,
+                       int64_t kp, const float *d, const float *dq, const float *sx, float *y,
+                       int64_t ldy, int64_t ncols) {
+    switch (rows) {
+        case 4: icc_q_rows4(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+        case 3: icc_q_rows3(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+        case 2: icc_q_rows2(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+        default: icc_q_rows1(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+    }
+}
+
+static void icc_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t block, const float *x,
+                         const void *w, float *y) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        memset(y, 0, sizeof(float) * (size_t)(M * N));
+        return;
+    }
+    icc_qact a;
+    if (!icc_quantize_act(M, K, block, x, &a)) { /* out of memory: NaN, never stale values */
+        for (int64_t i = 0; i < M * N; i++) y[i] = __builtin_nanf("");
+        return;
+    }
+    const int64_t nb = (K + block - 1) / block, kp = nb * block, cb = block * ICC_PANEL * bits / 8;
+    const int64_t panels = (N + ICC_PANEL - 1) / ICC_PANEL;
+    const int64_t tiles = (M + ICC_Q_MR - 1) / ICC_Q_MR;
+#pragma omp parallel for collapse(2) schedule(static) if (M * N * K >= ICC_PARALLEL_MIN_MACS)
+    for (int64_t p = 0; p < panels; p++) {
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t m0 = t * ICC_Q_MR, n0 = p * ICC_PANEL;
+            const int rows = (int)(M - m0 < ICC_Q_MR ? M - m0 : ICC_Q_MR);
+            const int64_t ncols = N - n0 < ICC_PANEL ? N - n0 : ICC_PANEL;
+            icc_q_rows(rows, bits, block, nb, icc_q_panel(w, p, nb, cb), a.q + m0 * kp, kp,
+                       a.d + m0 * nb, a.dq + m0 * nb, a.sx + m0 * nb, y + m0 * N + n0, N, ncols);
+        }
+    }
+    free(a.mem);
+}
+
+/* (code - z) * s, then + rest, as two roundings (numpy's dequantization): no fused multiply-add. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void icc_gather_q(int64_t n_ids, const int64_t *ids, int64_t N, int64_t K, int bits,
+                         int64_t block, const void *w, float *out) {
+    if (n_ids <= 0 || N <= 0) return;
+    const int64_t nb = (K + block - 1) / block, cb = block * ICC_PANEL * bits / 8;
+    for (int64_t i = 0; i < n_ids; i++) {
+        int64_t n = ids[i] < 0 ? ids[i] + N : ids[i];
+        n = n < 0 ? 0 : (n >= N ? N - 1 : n);
+        const icc_qpanel P = icc_q_panel(w, n / ICC_PANEL, nb, cb);
+        const int64_t j = n % ICC_PANEL;
+        float *o = out + i * K;
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t b = k / block, g = (k % block) / 4, e = k % 4;
+            int code;
+            if (bits == 4) code = (P.codes[b * cb + 64 * (g >> 1) + 4 * j + e] >> ((g & 1) * 4)) & 0x0F;
+            else code = P.codes[b * cb + 64 * g + 4 * j + e];
+            const float z = P.zps ? (float)P.zps[b * ICC_PANEL + j] : (float)(1 << (bits - 1));
+            float v = ((float)code - z) * icc_q_scale(P, b * ICC_PANEL + j);
+            if (P.rests) v = v + P.rests[b * ICC_PANEL + j];
+            o[k] = v;
+        }
+    }
+}
+
+#endif

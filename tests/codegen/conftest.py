@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+from ._cbuild import MARCHES
+from ._drivers import kernels
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cbuild")
+
+
+@pytest.fixture(scope="session", params=MARCHES)
+def lib(request: pytest.FixtureRequest, build_dir: Path) -> ctypes.CDLL:
+    """The kernels built for each code path: -march=native (AVX-512 VNNI where the CPU has it),
+    haswell (AVX2 + FMA, no VNNI) and x86-64 (plain C)."""
+    return kernels(request.param, build_dir)
