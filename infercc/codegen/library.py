@@ -4,6 +4,7 @@ outputs read back as numpy arrays."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -32,10 +33,26 @@ class RunError(Exception):
     """A kernel reported a problem (shape mismatch, index out of range): node and message."""
 
 
+@dataclasses.dataclass
+class StepTimes:
+    """The timers of one run of a profiling build: ns since the first profiled run, the run's
+    length, and each executed step's start (ns into the run) and elapsed ns (program step order)."""
+    start_ns: int
+    total_ns: int
+    step_start_ns: np.ndarray
+    step_ns: np.ndarray
+
+
 class Library:
-    def __init__(self, path: Path, program: Program, threads: int = 0) -> None:
+    def __init__(self, path: Path, program: Program, threads: int = 0, profile: bool = False) -> None:
         _tame_openmp()
         self.lib = ctypes.CDLL(str(path))
+        #: With ``profile`` (a library built with build.PROFILE): the timers of the last run.
+        self.profile = profile
+        self.last_times: StepTimes | None = None
+        if profile:
+            self.lib.icc_profile.restype = ctypes.c_int
+            self.lib.icc_profile.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3
         self.program = program
         self.weights = program.blob.array()  # kept alive: the library points into it
         self.lib.icc_run.restype = ctypes.c_int
@@ -69,6 +86,8 @@ class Library:
             if status != 0:
                 message = self.lib.icc_error().decode(errors="replace")
                 raise RunError(f"generated C failed at step {status}: {message}")
+            if self.profile:
+                self.last_times = self._times()
             results: list[np.ndarray | None] = []
             ptr, dims, rank = ctypes.c_void_p(), (ctypes.c_int64 * 8)(), ctypes.c_int()
             for k in range(len(self.program.outputs)):
@@ -85,3 +104,10 @@ class Library:
                     results.append(view.copy())
             del keep
             return results
+
+    def _times(self) -> StepTimes:
+        """Copy the last run's timers out of the library (a profiling build's ``icc_profile``)."""
+        n = max(len(self.program.steps), 1)
+        starts, ns, run = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)(), (ctypes.c_int64 * 2)()
+        done = self.lib.icc_profile(starts, ns, run)
+        return StepTimes(int(run[0]), int(run[1]), np.array(starts[:done], np.int64), np.array(ns[:done], np.int64))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codegen.build import BuildError, build
+from ..codegen.build import NATIVE, PROFILE, BuildError, build
 from ..codegen.emit import emit
 from ..codegen.library import Library, RunError
 from ..codegen.ops import Unsupported
@@ -26,16 +26,18 @@ class CRunError(InferccError):
 
 
 class CBackend:
-    def __init__(self, model: Model, *, intra_op_threads: int = 0) -> None:
+    def __init__(self, model: Model, *, intra_op_threads: int = 0, profile: bool = False) -> None:
+        """``profile``: build with per-step timers (build.PROFILE); ``library.last_times`` then
+        holds the last run's (runtime/profiler.py reads them)."""
         try:
             self.program = emit(model)
         except Unsupported as exc:
             raise CUnavailable(str(exc)) from None
         try:
-            path = build(self.program.source)
+            path = build(self.program.source, NATIVE + (PROFILE,) if profile else NATIVE)
         except BuildError as exc:
             raise CUnavailable(str(exc)) from None
-        self.library = Library(path, self.program, intra_op_threads)
+        self.library = Library(path, self.program, intra_op_threads, profile)
         self.model = model
         self.defaults = {v.name: v.const.numpy() for v in model.graph.inputs if v.const is not None}
         self.output_names = list(self.program.outputs)
