@@ -19,10 +19,16 @@ class RunError(Exception):
 
 
 class Library:
-    def __init__(self, path: Path, program: Program, threads: int = 0) -> None:
+    def __init__(self, path: Path, program: Program, threads: int = 0, weights: np.ndarray | None = None) -> None:
+        """``weights``: the blob's bytes when they come from elsewhere (a read-only memory map of a
+        saved weights.bin, ``artifact.open_weights``), else ``program.blob`` is packed here."""
         self.lib = ctypes.CDLL(str(path))
         self.program = program
-        self.weights = program.blob.array()  # kept alive: the library points into it
+        if weights is not None and (weights.dtype != np.uint8 or weights.ndim != 1 or len(weights) != program.blob.size
+                                    or weights.ctypes.data % 64):
+            raise ValueError(f"weights must be {program.blob.size} bytes, 64-byte aligned (the blob's layout)")
+        # kept alive: the library points into it (the kernels only read it, so a read-only map does)
+        self.weights = program.blob.array() if weights is None else weights
         self.lib.icc_run.restype = ctypes.c_int
         self.lib.icc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)]
         self.lib.icc_output.restype = ctypes.c_int

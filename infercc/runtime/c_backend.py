@@ -7,10 +7,12 @@ kernel, no compiler, a failed build); the caller then runs the model on ONNX Run
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 
 from ..codegen.build import BuildError, build
-from ..codegen.emit import emit
+from ..codegen.emit import Program, emit
 from ..codegen.library import Library, RunError
 from ..codegen.ops import Unsupported
 from ..errors import InferccError
@@ -26,16 +28,25 @@ class CRunError(InferccError):
 
 
 class CBackend:
-    def __init__(self, model: Model, *, intra_op_threads: int = 0) -> None:
+    def __init__(self, model: Model, *, intra_op_threads: int = 0, kernels: Mapping | None = None,
+                 weights_from: Callable[[Program], np.ndarray | None] | None = None) -> None:
+        """``kernels``: the user kernels to use (None: the registry now). ``weights_from``: given a
+        program whose blob was only planned, the blob's bytes from elsewhere (a saved weights.bin)
+        or None to pack them here."""
+        weights = None
         try:
-            self.program = emit(model)
+            if weights_from is not None:
+                self.program = emit(model, kernels, pack=False)
+                weights = weights_from(self.program)
+            if weights is None:
+                self.program = emit(model, kernels)
         except Unsupported as exc:
             raise CUnavailable(str(exc)) from None
         try:
             path = build(self.program.source)
         except BuildError as exc:
             raise CUnavailable(str(exc)) from None
-        self.library = Library(path, self.program, intra_op_threads)
+        self.library = Library(path, self.program, intra_op_threads, weights)
         self.model = model
         self.defaults = {v.name: v.const.numpy() for v in model.graph.inputs if v.const is not None}
         self.output_names = list(self.program.outputs)
