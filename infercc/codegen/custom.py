@@ -253,7 +253,8 @@ def _check(kernel: Kernel, n_inputs: int, n_outputs: int) -> None:
         cc = compiler()
     except BuildError:
         return  # no compiler: nothing can be checked, and no model will run on the C runtime anyway
-    flags = [f for f in NATIVE if f not in ("-shared", "-O3")]
+    # an undeclared function is only a warning in C, then an unresolved symbol when the library loads
+    flags = [f for f in NATIVE if f not in ("-shared", "-O3")] + ["-Werror=implicit-function-declaration"]
     with tempfile.TemporaryDirectory(prefix="infercc-kernel-") as tmp:
         path = Path(tmp) / "kernel.c"
         path.write_text(source)

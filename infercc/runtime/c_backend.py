@@ -46,7 +46,10 @@ class CBackend:
             path = build(self.program.source)
         except BuildError as exc:
             raise CUnavailable(str(exc)) from None
-        self.library = Library(path, self.program, intra_op_threads, weights)
+        try:
+            self.library = Library(path, self.program, intra_op_threads, weights)
+        except OSError as exc:  # e.g. a user kernel calling a function nothing defines
+            raise CUnavailable(f"the built library does not load: {exc}") from None
         self.model = model
         self.defaults = {v.name: v.const.numpy() for v in model.graph.inputs if v.const is not None}
         self.output_names = list(self.program.outputs)
