@@ -14,6 +14,10 @@ from .emit import Program
 _NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16}
 
 
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
 class RunError(Exception):
     """A kernel reported a problem (shape mismatch, index out of range): node and message."""
 
@@ -35,9 +39,13 @@ class Library:
         self.lib.icc_output.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                         ctypes.POINTER(ctypes.c_int)]
         self.lib.icc_error.restype = ctypes.c_char_p
-        self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
-        self.lib.icc_set_threads(ctypes.c_int(threads))
-        self.lock = threading.Lock()  # one run at a time: the library's value slots are global
+        self.threads = threads
+        # One run at a time per loaded library: its value slots and weight pointer are globals, and
+        # two Library objects of the same source (the same model compiled twice, or compiled and
+        # loaded) share one library (dlopen returns the same handle), so the lock is per path and
+        # each run points the library at its own weights first.
+        with _LOCKS_LOCK:
+            self.lock = _LOCKS.setdefault(str(Path(path).resolve()), threading.Lock())
         n = len(program.inputs)
         self._ptrs = (ctypes.c_void_p * max(n, 1))()
         self._dims = (ctypes.c_int64 * (8 * max(n, 1)))()
@@ -56,6 +64,8 @@ class Library:
                 self._ranks[i] = a.ndim
                 for j, d in enumerate(a.shape):
                     self._dims[8 * i + j] = d
+            self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
+            self.lib.icc_set_threads(ctypes.c_int(self.threads))
             status = self.lib.icc_run(self._ptrs, self._dims, self._ranks)
             if status != 0:
                 message = self.lib.icc_error().decode(errors="replace")
