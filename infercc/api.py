@@ -43,7 +43,13 @@ def compile(  # noqa: A001 - the public name users expect
     kernels = custom.snapshot()  # user C kernels: registered now, used for this model from now on
     # What onnxruntime would refuse at the first run() is refused now, by node; custom ops with a
     # registered C kernel are skipped when the model is meant for the C runtime.
-    check_ops(ir, skip=custom.custom_ops(ir, kernels) if wants_c(config) else ())
+    try:
+        check_ops(ir, skip=custom.custom_ops(ir, kernels) if wants_c(config) else ())
+    except ModelLoadError as exc:
+        if custom.custom_ops(ir, kernels):  # say how the registered kernel would run it
+            raise ModelLoadError(f"{exc} Its C kernel (register_kernel) runs on the generated-C runtime only: compile "
+                                 "with backend='c' (or 'auto' on CPU).") from None
+        raise
     custom.annotate(ir, kernels)
     _sort(ir.graph)  # onnxruntime runs unsorted (acyclic) files; passes and clone() need node order
     diagnostics = Diagnostics()
