@@ -64,6 +64,14 @@ def test_round_trip_maps_the_saved_weights(compiled, feeds, tmp_path) -> None:
     _same(compiled.run(feeds), loaded.run(feeds))
 
 
+def test_quantized_weights_round_trip_mapped(feeds, tmp_path) -> None:
+    quantized = infercc.compile(catalog.fixture_path(NAME), backend="c", quantize="int4")
+    quantized.save(tmp_path / "q")
+    loaded = _loaded_quietly(tmp_path / "q")
+    assert isinstance(loaded.backend.library.weights, np.memmap)
+    _same(quantized.run(feeds), loaded.run(feeds))
+
+
 def test_saving_a_loaded_model_back_into_its_folder_keeps_it_running(compiled, feeds, tmp_path) -> None:
     compiled.save(tmp_path / "m")
     loaded = _loaded_quietly(tmp_path / "m")

@@ -151,3 +151,16 @@ def test_attribute_literals_render_as_c() -> None:
         assert kernel.render([], [], dict(kernel.attributes), [])[1] == "INFINITY 1099511627776LL {1, 2.5f} -3 2.5f"
     finally:
         unregister_kernel("Lit", "com.example")
+
+
+def test_a_saved_custom_op_model_loads_with_its_kernel_registered(example, tmp_path) -> None:
+    bias = example["build_model"](tmp_path / "m.onnx", 2.0)
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    infercc.compile(tmp_path / "m.onnx", backend="c").save(tmp_path / "saved")
+    loaded = infercc.load(tmp_path / "saved")
+    np.testing.assert_allclose(loaded.run({"x": x})["y"], 2.0 * np.tanh(x + bias) * bias, atol=1e-6)
+    assert loaded.runtime == "c"
+    unregister_kernel("ScaledTanh", example["DOMAIN"])
+    without = infercc.load(tmp_path / "saved")
+    with pytest.warns(UserWarning, match="no C kernel"), pytest.raises(ModelLoadError, match="ScaledTanh"):
+        without.run({"x": x})
