@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from .codegen import custom
 from .compiled import CompiledModel
 from .config import Config
 from .errors import ConfigError, ModelLoadError
@@ -15,6 +16,7 @@ from .families import detect_family
 from .ir import Graph, Model, load_model
 from .ir.shapes import infer_shapes
 from .passes import Diagnostics, Pass, PassManager, PassRecord, build_pipeline
+from .passes.lowering import wants_c
 from .runtime.ort_check import check_ops
 from .runtime.providers import choose_providers
 
@@ -38,7 +40,17 @@ def compile(  # noqa: A001 - the public name users expect
     config = (config or Config()).replace(**options)
     choose_providers(config.provider)  # an unusable provider is an error before any work is done
     ir = import_model(model)
-    check_ops(ir)  # what onnxruntime would refuse at the first run() is refused now, by node
+    kernels = custom.snapshot()  # user C kernels: registered now, used for this model from now on
+    # What onnxruntime would refuse at the first run() is refused now, by node; custom ops with a
+    # registered C kernel are skipped when the model is meant for the C runtime.
+    try:
+        check_ops(ir, skip=custom.custom_ops(ir, kernels) if wants_c(config) else ())
+    except ModelLoadError as exc:
+        if custom.custom_ops(ir, kernels):  # say how the registered kernel would run it
+            raise ModelLoadError(f"{exc} Its C kernel (register_kernel) runs on the generated-C runtime only: compile "
+                                 "with backend='c' (or 'auto' on CPU).") from None
+        raise
+    custom.annotate(ir, kernels)
     _sort(ir.graph)  # onnxruntime runs unsorted (acyclic) files; passes and clone() need node order
     diagnostics = Diagnostics()
     diagnostics.facts.update(detect_family(ir))
@@ -56,7 +68,7 @@ def compile(  # noqa: A001 - the public name users expect
         check = NumericCheck(ir.clone(), config.check_tolerance)
     manager = PassManager(pipeline, config, check=check, on_pass=on_pass)
     ir, diagnostics = manager.run(ir, diagnostics)
-    return CompiledModel(ir, config, diagnostics)
+    return CompiledModel(ir, config, diagnostics, kernels)
 
 
 def _sort(graph: Graph) -> None:

@@ -1,8 +1,10 @@
 """CompiledModel: the optimized graph, the config it was built with, what the passes did, and a
-backend to run it. Saved as a folder: model.onnx (+ external data) and manifest.json."""
+backend to run it. Saved as a folder: model.onnx (+ external data) and manifest.json, and when the
+model runs on the generated-C runtime model.c + weights.bin (codegen/artifact.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .codegen import artifact, custom
 from .config import Config
 from .errors import InputError, ModelLoadError
 from .ir import Model, load_model, save_model, to_proto
@@ -22,6 +25,7 @@ from .passes.lowering import lower_for_ort, wants_c
 from .runtime.c_backend import CBackend, CUnavailable
 from .runtime.feeds import check_feeds, signature
 from .runtime.ort_backend import OrtBackend
+from .runtime.ort_check import check_ops
 from .runtime.providers import choose_providers
 
 if TYPE_CHECKING:
@@ -37,14 +41,20 @@ FORMAT_NAME = "infercc-compiled"
 FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 #: Files save() may write (what an overwrite may replace or remove; nothing else is touched).
-SAVED_FILES = (MODEL_FILE, MODEL_FILE + ".data")
+SAVED_FILES = (MODEL_FILE, MODEL_FILE + ".data", artifact.SOURCE_FILE, artifact.WEIGHTS_FILE)
 
 
 class CompiledModel:
-    def __init__(self, model: Model, config: Config, diagnostics: Diagnostics) -> None:
+    def __init__(self, model: Model, config: Config, diagnostics: Diagnostics,
+                 kernels: Mapping[tuple[str, str], custom.Kernel] | None = None) -> None:
         self.model = model
         self.config = config
         self.diagnostics = diagnostics
+        #: The user C kernels (register_kernel) this model runs with: those registered when it was
+        #: compiled or loaded; a later registration does not change an existing model.
+        self.kernels = custom.snapshot() if kernels is None else dict(kernels)
+        #: (folder, manifest entry) of a saved C artifact whose weights.bin load may map.
+        self._saved_c: tuple[Path, Any] | None = None
         self._backend: OrtBackend | CBackend | None = None
         #: Why the model runs where it runs (set when the backend is created).
         self.runtime_reason: str | None = None
@@ -80,8 +90,10 @@ class CompiledModel:
     def _make_backend(self) -> OrtBackend | CBackend:
         model = self.model
         if wants_c(self.config):
+            saved = functools.partial(artifact.open_weights, *self._saved_c) if self._saved_c else None
             try:
-                backend = CBackend(model, intra_op_threads=self.config.intra_op_threads)
+                backend = CBackend(model, intra_op_threads=self.config.intra_op_threads, kernels=self.kernels,
+                                   weights_from=saved)
                 self.runtime_reason = "generated C: every op has a C kernel"
                 return backend
             except CUnavailable as exc:
@@ -89,6 +101,7 @@ class CompiledModel:
                 if self.config.backend == "c":
                     warnings.warn(f"backend='c': {self.runtime_reason}", stacklevel=3)
                 model = lower_for_ort(model, self.config)
+                _require_ort_kernels(model, self.runtime_reason)
         else:
             self.runtime_reason = f"ONNX Runtime: Config.backend={self.config.backend!r}"
         return OrtBackend(model, self._providers, intra_op_threads=self.config.intra_op_threads,
@@ -151,6 +164,10 @@ class CompiledModel:
         previous = _previous_save(directory)
         directory.mkdir(parents=True, exist_ok=True)
         files = save_model(self.model, directory / MODEL_FILE)
+        c_runtime = None
+        if wants_c(self.config) and isinstance(self.backend, CBackend):  # the C artifact, for load to map
+            c_runtime = artifact.write(directory, self.backend.source, self.backend.library.weights)
+            files += [str(directory / artifact.SOURCE_FILE), str(directory / artifact.WEIGHTS_FILE)]
         written = {os.path.basename(f) for f in files}
         for stale in previous - written:  # e.g. the old model.onnx.data when the new model has none
             (directory / stale).unlink(missing_ok=True)
@@ -164,6 +181,8 @@ class CompiledModel:
             "facts": self.diagnostics.facts,
             "diagnostics": self.diagnostics.to_list(),
         }
+        if c_runtime is not None:
+            manifest[artifact.MANIFEST_KEY] = c_runtime
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         return directory
 
@@ -189,7 +208,10 @@ class CompiledModel:
         # model must be the saved one exactly (inferred value_info would change what onnxruntime's
         # optimizer does, and so the outputs).
         model = load_model(directory / MODEL_FILE)
-        return cls(model, config, diagnostics)
+        loaded = cls(model, config, diagnostics)
+        if artifact.MANIFEST_KEY in manifest:  # checked when the backend is made (a warning, never an error)
+            loaded._saved_c = (directory, manifest[artifact.MANIFEST_KEY])
+        return loaded
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CompiledModel):
@@ -205,6 +227,17 @@ class CompiledModel:
     def __repr__(self) -> str:
         g = self.model.graph
         return f"<CompiledModel {len(g.nodes)} nodes, inputs {[v['name'] for v in self.inputs]}>"
+
+
+def _require_ort_kernels(model: Model, reason: str) -> None:
+    """ModelLoadError naming the op when the ONNX Runtime fallback has no kernel for an op (a
+    custom op whose only kernel is a registered C kernel), instead of onnxruntime's own message."""
+    try:
+        check_ops(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{reason}; and ONNX Runtime cannot run it either: {exc} A custom op needs its C "
+                             "kernel (infercc.codegen.register_kernel, registered before compile/load) and a working "
+                             "C compiler.") from None
 
 
 def _check_format(manifest: dict[str, Any], path: Path) -> None:

@@ -16,3 +16,7 @@ Rooms (one concept per module):
 
 The backend that runs a compiled model on it lives in ``runtime/c_backend.py``.
 """
+
+from .custom import Kernel, register_kernel, unregister_kernel
+
+__all__ = ["Kernel", "register_kernel", "unregister_kernel"]

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import jinja2
 import numpy as np
 
 from ..ir import Model, Value
-from . import ops_transformer  # noqa: F401 - registers the canonical ops' emitters
+from . import custom, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
+from .custom import Kernel
 from .ops import ALIASES, DT, TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
 from .profile import layer_table, op_name
@@ -54,9 +56,15 @@ def kernels_source() -> str:
     return "\n".join(parts)
 
 
-def emit(model: Model) -> Program:
-    """The C program for ``model``; raises Unsupported naming the first op without a kernel."""
+def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, *, pack: bool = True) -> Program:
+    """The C program for ``model``; raises Unsupported naming the first op without a kernel.
+
+    ``kernels``: user kernels (``custom.register_kernel``) that come before the built-in table;
+    None means the registry as it is now. ``pack=False`` plans the weight blob's layout without
+    keeping its data (loading a saved artifact whose weights.bin is memory-mapped)."""
     graph = model.graph
+    kernels = custom.snapshot() if kernels is None else kernels
+    table = {**TABLE, **custom.emitters(kernels)}
     index: dict[int, int] = {}
 
     def slot(v: Value) -> int:
@@ -67,7 +75,7 @@ def emit(model: Model) -> Program:
     inputs = list(graph.inputs)
     for v in inputs:
         slot(v)
-    blob = Blob()
+    blob = Blob(pack=pack)
     consts: dict[int, dict] = {}
 
     def bind(node, i: int) -> None:
@@ -77,13 +85,13 @@ def emit(model: Model) -> Program:
         array = v.const.numpy()
         code = dtype_code(v)
         data = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
-        offset = blob.add(("const", id(v)), lambda: data)
+        offset = blob.add(("const", id(v)), lambda: data, nbytes=data.nbytes)
         dims = ", ".join(str(int(d)) for d in data.shape) or "0"
         consts[id(v)] = {"index": slot(v), "offset": offset, "rank": data.ndim, "dims": dims, "dt": code}
 
     steps = []
     for position, node in enumerate(graph.nodes):
-        emitter = TABLE.get((node.domain or "", node.op_type))
+        emitter = table.get((node.domain or "", node.op_type))
         where = f"{node.domain + '::' if node.domain else ''}{node.op_type} {sanitize(node.name)!r}"
         if emitter is None:
             raise Unsupported(f"no C kernel for {where}")
@@ -103,7 +111,7 @@ def emit(model: Model) -> Program:
     outputs = [slot(v) for v in graph.outputs]
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
-        kernels=kernels_source(), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
+        kernels=kernels_source() + custom.helpers_for(model, kernels), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
         inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs)
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]

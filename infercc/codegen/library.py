@@ -16,6 +16,9 @@ from .emit import Program
 _NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16}
 
 
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
 #: libgomp's spin before a waiting worker sleeps, unless the user set one: its default (300,000
 #: spins, ~0.5 ms) makes an idle worker hold a core between the hundreds of short parallel regions
 #: of a decode step, which starves the calling thread whenever the machine has other work (measured
@@ -44,7 +47,10 @@ class StepTimes:
 
 
 class Library:
-    def __init__(self, path: Path, program: Program, threads: int = 0, profile: bool = False) -> None:
+    def __init__(self, path: Path, program: Program, threads: int = 0, weights: np.ndarray | None = None,
+                 profile: bool = False) -> None:
+        """``weights``: the blob's bytes when they come from elsewhere (a read-only memory map of a
+        saved weights.bin, ``artifact.open_weights``), else ``program.blob`` is packed here."""
         _tame_openmp()
         self.lib = ctypes.CDLL(str(path))
         #: With ``profile`` (a library built with build.PROFILE): the timers of the last run.
@@ -54,16 +60,24 @@ class Library:
             self.lib.icc_profile.restype = ctypes.c_int
             self.lib.icc_profile.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3
         self.program = program
-        self.weights = program.blob.array()  # kept alive: the library points into it
+        if weights is not None and (weights.dtype != np.uint8 or weights.ndim != 1 or len(weights) != program.blob.size
+                                    or weights.ctypes.data % 64):
+            raise ValueError(f"weights must be {program.blob.size} bytes, 64-byte aligned (the blob's layout)")
+        # kept alive: the library points into it (the kernels only read it, so a read-only map does)
+        self.weights = program.blob.array() if weights is None else weights
         self.lib.icc_run.restype = ctypes.c_int
         self.lib.icc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)]
         self.lib.icc_output.restype = ctypes.c_int
         self.lib.icc_output.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                         ctypes.POINTER(ctypes.c_int)]
         self.lib.icc_error.restype = ctypes.c_char_p
-        self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
-        self.lib.icc_set_threads(ctypes.c_int(threads))
-        self.lock = threading.Lock()  # one run at a time: the library's value slots are global
+        self.threads = threads
+        # One run at a time per loaded library: its value slots and weight pointer are globals, and
+        # two Library objects of the same source (the same model compiled twice, or compiled and
+        # loaded) share one library (dlopen returns the same handle), so the lock is per path and
+        # each run points the library at its own weights first.
+        with _LOCKS_LOCK:
+            self.lock = _LOCKS.setdefault(str(Path(path).resolve()), threading.Lock())
         n = len(program.inputs)
         self._ptrs = (ctypes.c_void_p * max(n, 1))()
         self._dims = (ctypes.c_int64 * (8 * max(n, 1)))()
@@ -82,6 +96,8 @@ class Library:
                 self._ranks[i] = a.ndim
                 for j, d in enumerate(a.shape):
                     self._dims[8 * i + j] = d
+            self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
+            self.lib.icc_set_threads(ctypes.c_int(self.threads))
             status = self.lib.icc_run(self._ptrs, self._dims, self._ranks)
             if status != 0:
                 message = self.lib.icc_error().decode(errors="replace")

@@ -136,26 +136,37 @@ def pack_quant(
 
 
 class Blob:
-    """The weight blob being assembled: each array once (by key), at a 64-byte-aligned offset."""
+    """The weight blob being assembled: each array once (by key), at a 64-byte-aligned offset.
 
-    def __init__(self) -> None:
+    ``pack=False`` plans the layout only (offsets and size, no data kept): loading a saved
+    artifact regenerates the source this way and memory-maps its weights.bin instead. A caller
+    that knows a part's size without making it passes ``nbytes`` and ``make`` is then not called
+    when planning; otherwise ``make`` runs and its data is dropped right away."""
+
+    def __init__(self, *, pack: bool = True) -> None:
         self.parts: list[np.ndarray] = []
         self.offsets: dict[Hashable, int] = {}
         self.size = 0
+        self.pack = pack
 
-    def add(self, key: Hashable, make: Callable[[], np.ndarray]) -> int:
+    def add(self, key: Hashable, make: Callable[[], np.ndarray], nbytes: int | None = None) -> int:
         if key not in self.offsets:
-            data = np.ascontiguousarray(make()).reshape(-1).view(np.uint8)
+            if self.pack or nbytes is None:
+                data = np.ascontiguousarray(make()).reshape(-1).view(np.uint8)
+                nbytes = len(data)
+                if self.pack:
+                    self.parts.append(data)
             self.offsets[key] = self.size
-            self.parts.append(data)
-            pad = -len(data) % ALIGN
-            if pad:
+            pad = -nbytes % ALIGN
+            if pad and self.pack:
                 self.parts.append(np.zeros(pad, np.uint8))
-            self.size += len(data) + pad
+            self.size += nbytes + pad
         return self.offsets[key]
 
     def array(self) -> np.ndarray:
         """One buffer whose data starts 64-byte aligned (offsets are relative to it)."""
+        if not self.pack:
+            raise ValueError("a planned Blob (pack=False) holds no data")
         raw = np.empty(self.size + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
         out = raw[start:start + self.size]

@@ -7,10 +7,12 @@ kernel, no compiler, a failed build); the caller then runs the model on ONNX Run
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 
 from ..codegen.build import NATIVE, PROFILE, BuildError, build
-from ..codegen.emit import emit
+from ..codegen.emit import Program, emit
 from ..codegen.library import Library, RunError
 from ..codegen.ops import Unsupported
 from ..errors import InferccError
@@ -26,18 +28,29 @@ class CRunError(InferccError):
 
 
 class CBackend:
-    def __init__(self, model: Model, *, intra_op_threads: int = 0, profile: bool = False) -> None:
-        """``profile``: build with per-step timers (build.PROFILE); ``library.last_times`` then
-        holds the last run's (runtime/profiler.py reads them)."""
+    def __init__(self, model: Model, *, intra_op_threads: int = 0, kernels: Mapping | None = None,
+                 weights_from: Callable[[Program], np.ndarray | None] | None = None, profile: bool = False) -> None:
+        """``kernels``: the user kernels to use (None: the registry now). ``weights_from``: given a
+        program whose blob was only planned, the blob's bytes from elsewhere (a saved weights.bin)
+        or None to pack them here. ``profile``: build with per-step timers (build.PROFILE);
+        ``library.last_times`` then holds the last run's (runtime/profiler.py reads them)."""
+        weights = None
         try:
-            self.program = emit(model)
+            if weights_from is not None:
+                self.program = emit(model, kernels, pack=False)
+                weights = weights_from(self.program)
+            if weights is None:
+                self.program = emit(model, kernels)
         except Unsupported as exc:
             raise CUnavailable(str(exc)) from None
         try:
             path = build(self.program.source, NATIVE + (PROFILE,) if profile else NATIVE)
         except BuildError as exc:
             raise CUnavailable(str(exc)) from None
-        self.library = Library(path, self.program, intra_op_threads, profile)
+        try:
+            self.library = Library(path, self.program, intra_op_threads, weights, profile)
+        except OSError as exc:  # e.g. a user kernel calling a function nothing defines
+            raise CUnavailable(f"the built library does not load: {exc}") from None
         self.model = model
         self.defaults = {v.name: v.const.numpy() for v in model.graph.inputs if v.const is not None}
         self.output_names = list(self.program.outputs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import onnxruntime as ort
 from onnx import AttributeProto, defs
@@ -59,14 +59,15 @@ def _domains() -> dict[str, list[str]]:
     return names
 
 
-def check_ops(model: Model) -> None:
-    """Raise ModelLoadError for the first node onnxruntime's schema check would refuse."""
+def check_ops(model: Model, skip: Collection[tuple[str, str]] = ()) -> None:
+    """Raise ModelLoadError for the first node onnxruntime's schema check would refuse; ``skip``:
+    (domain, op type) pairs not to check (custom ops with a C kernel, codegen/custom.py)."""
     functions = {(f.domain, f.name) for f in model.functions}
     imports = dict(model.opset_imports)
     if "ai.onnx" in imports:
         imports.setdefault("", imports["ai.onnx"])
     for node in model.graph.walk():
-        if (node.domain, node.op_type) in functions or node.domain == _CANONICAL:
+        if (node.domain, node.op_type) in functions or node.domain == _CANONICAL or (node.domain, node.op_type) in skip:
             continue
         domain = "" if node.domain == "ai.onnx" else node.domain
         found = _problem(node, domain, imports.get(domain))
