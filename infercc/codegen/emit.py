@@ -18,7 +18,7 @@ import numpy as np
 
 from ..ir import Model, Value
 from . import ops_transformer  # noqa: F401 - registers the canonical ops' emitters
-from .ops import ALIASES, DT, TABLE, Site, Unsupported, dtype_code
+from .ops import ALIASES, TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
 
 HERE = Path(__file__).parent
@@ -99,7 +99,7 @@ def emit(model: Model) -> Program:
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source(), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
-        inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs)
+        inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs)
     return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs])
 
 

@@ -336,4 +336,36 @@ static void icc_matmul(icc_t *o, const icc_t *a, const icc_t *b) {
         }
     }
 }
+
+/* Gemm's definition, for the cases the packed constant-weight path does not take (B an activation,
+ * transA, alpha, a C broadcast over rows): y = alpha * op(A) @ op(B) + beta * C, C unidirectionally
+ * broadcast to [M, N]. Accumulates in double: this is the reference path, not the fast one. */
+static void icc_gemm_ref(icc_t *o, const icc_t *a, const icc_t *b, const icc_t *c, int trans_a, int trans_b,
+                         float alpha, float beta) {
+    if (a->r != 2 || b->r != 2) { icc_fail("Gemm: A and B must be matrices"); return; }
+    int64_t M = trans_a ? a->d[1] : a->d[0], K = trans_a ? a->d[0] : a->d[1];
+    int64_t N = trans_b ? b->d[0] : b->d[1], Kb = trans_b ? b->d[1] : b->d[0];
+    if (K != Kb) { icc_fail("Gemm: the inner dimensions of A and B differ"); return; }
+    o->r = 2; o->d[0] = M; o->d[1] = N;
+    int64_t sc[ICC_MAX_RANK] = {0};
+    if (c) {
+        icc_t full;
+        if (!icc_broadcast_shape(&full, c, o) || full.r != 2 || full.d[0] != M || full.d[1] != N) {
+            icc_fail("Gemm: C does not broadcast to [M, N]"); return;
+        }
+        icc_bstrides(c, o, sc);
+    }
+    icc_alloc(o);
+    const float *x = (const float *)a->p, *w = (const float *)b->p;
+    float *y = (float *)o->p;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double acc = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                acc += (double)x[trans_a ? k * M + m : m * K + k] * (double)w[trans_b ? n * K + k : k * N + n];
+            double v = alpha * acc;
+            if (c) v += beta * icc_get(c, m * sc[0] + n * sc[1]);
+            y[m * N + n] = (float)v;
+        }
+}
 #endif
