@@ -36,20 +36,36 @@ CLAIMED = claimed_ops()
 
 
 @functools.cache
-def _cases() -> dict[str, list]:
-    """Claimed op -> its node-test cases (one-node models only: a function-expanded variant tests
-    the ops of the function body, which have their own cases)."""
+def _all_cases() -> tuple:
     from onnx.backend.test.case.node import collect_testcases
 
     with warnings.catch_warnings():  # the generators compute edge cases (1/0, log(-1)) on purpose
         warnings.simplefilter("ignore")
-        cases = collect_testcases()
+        return tuple(collect_testcases())
+
+
+def _standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in CLAIMED
+
+
+@functools.cache
+def _cases() -> dict[str, list]:
+    """Claimed op -> its node-test cases (one-node models; the function-expanded variants, several
+    nodes, are in ``_expanded_cases``)."""
     by_op: dict[str, list] = {op: [] for op in CLAIMED}
-    for case in cases:
+    for case in _all_cases():
         nodes = case.model.graph.node
-        if len(nodes) == 1 and nodes[0].domain in ("", "ai.onnx") and nodes[0].op_type in by_op:
+        if len(nodes) == 1 and _standard(nodes[0]):
             by_op[nodes[0].op_type].append(case)
     return {op: sorted(found, key=lambda c: c.name) for op, found in by_op.items()}
+
+
+def _expanded_cases() -> list:
+    """Function-expanded node tests (a function op written as several standard nodes: Clip as
+    Less/Where, ReduceL1 as Abs/ReduceSum...) made only of claimed ops and claimed types: they run
+    multi-node graphs, so they also test the emitter's slots and liveness, not just one kernel."""
+    return [c for c in _all_cases() if len(c.model.graph.node) > 1 and all(map(_standard, c.model.graph.node))
+            and exclusion_for(c.model) is None]
 
 
 def _claimed_cases(op: str) -> list:
@@ -105,16 +121,34 @@ def test_fixed_case(name: str) -> None:
     _check(found[0])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("op", CLAIMED)
-def test_every_claimed_case(op: str) -> None:
+def test_a_function_expanded_case() -> None:
+    """One multi-node graph in the default run (the others under -m slow)."""
+    found = [c for c in _expanded_cases() if c.name == "test_reduce_l1_keep_dims_random_expanded"]
+    assert len(found) == 1
+    _check(found[0])
+
+
+def _check_all(cases: list) -> None:
     failures = []
-    for case in _claimed_cases(op):
+    for case in cases:
         try:
             _check(case)
         except (AssertionError, BackendUnsupported) as exc:
             failures.append(f"{case.name}: {' '.join(str(exc).split())[:300]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", CLAIMED)
+def test_every_claimed_case(op: str) -> None:
+    _check_all(_claimed_cases(op))
+
+
+@pytest.mark.slow
+def test_every_function_expanded_case_of_claimed_ops() -> None:
+    cases = _expanded_cases()
+    assert len(cases) >= 40  # onnx 1.23 has 41: a filter gone wrong must not pass by testing nothing
+    _check_all(cases)
 
 
 def test_excluded_cases_are_refused_not_run_wrong() -> None:
