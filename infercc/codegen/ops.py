@@ -115,8 +115,18 @@ def _variadic(site: Site, ins: list[str], op: str) -> list[str]:
     return lines + [f"{o}->dt = {dt}; icc_binary({o}, &acc, {ins[-1]}, {op}); icc_release(&acc);", "}"]
 
 
+#: What the unary kernel computes on integer inputs (the rest are float math; Not is bool only).
+_UNARY_INT = {"Neg", "Abs", "Relu"}
+
+
 @emits(*_UNARY)
 def _unary(site: Site) -> list[str]:
+    n = site.node
+    dt = n.inputs[0].dtype
+    dtype_code(n.inputs[0])
+    if (n.op_type == "Not") != (dt == DType.BOOL) or (dt not in (DType.FLOAT, DType.FLOAT16, DType.BOOL)
+                                                      and n.op_type not in _UNARY_INT):
+        raise Unsupported(f"{n.op_type} on {dt}")
     return [f"{site.outs[0]}->dt = {dtype_code(site.node.outputs[0])};",
             f"icc_unary({site.outs[0]}, {site.ins[0]}, {_UNARY[site.node.op_type]});"]
 

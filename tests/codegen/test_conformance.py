@@ -207,3 +207,30 @@ def test_inspect_without_model_or_ops_is_one_line_error(capsys) -> None:
     assert main(["inspect"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--ops" in err and err.count("\n") == 1
+
+
+def _one_node(op: str, dtype: np.dtype, **attrs) -> onnx.ModelProto:
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    node = onnx.helper.make_node(op, ["x"], ["y"], name=f"{op.lower()}0", **attrs)
+    graph = onnx.helper.make_graph([node], op, [onnx.helper.make_tensor_value_info("x", elem, [2, 3])],
+                                   [onnx.helper.make_tensor_value_info("y", elem, [2, 3])])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 14)])
+
+
+@pytest.mark.parametrize(("op", "dtype", "fn"), [
+    ("Neg", np.int32, np.negative), ("Abs", np.int8, np.abs), ("Relu", np.int8, lambda x: np.maximum(x, 0)),
+    ("Sqrt", np.float16, np.sqrt), ("Exp", np.float16, np.exp), ("Neg", np.float16, np.negative)])
+def test_unary_kernels_beyond_float32(op: str, dtype, fn) -> None:
+    """Integer Neg / Abs / Relu and float16 math (the node tests only have float32 cases of these):
+    integers exactly, float16 computed in float32 and rounded once."""
+    x = np.array([[-3, -1, 0], [1, 2, 100]], dtype)
+    got = GeneratedCBackend.run_model(_one_node(op, dtype), [x])[0]
+    with np.errstate(all="ignore"):  # sqrt(-1) and exp(100) in half are the edge cases meant
+        expected = fn(x.astype(np.float32)).astype(dtype) if dtype == np.float16 else fn(x)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("op", "dtype"), [("Sqrt", np.int32), ("Exp", np.int64), ("Floor", np.int8), ("Not", np.float32)])
+def test_unary_math_on_types_it_does_not_compute_is_refused(op: str, dtype) -> None:
+    assert not GeneratedCBackend.is_compatible(_one_node(op, dtype))

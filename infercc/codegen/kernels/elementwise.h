@@ -163,10 +163,12 @@ static void icc_unary(icc_t *o, const icc_t *a, int op) {
         for (int64_t k = 0; k < n; k++) y[k] = icc_ufop(op, x[k]);
     } else if (a->dt == ICC_BOOL && op == ICC_NOT) {
         for (int64_t k = 0; k < n; k++) ((uint8_t *)o->p)[k] = !((const uint8_t *)a->p)[k];
-    } else if (a->dt == ICC_I64) {
-        for (int64_t k = 0; k < n; k++) {
-            int64_t v = ((const int64_t *)a->p)[k];
-            ((int64_t *)o->p)[k] = op == ICC_NEG ? -v : op == ICC_ABS ? (v < 0 ? -v : v) : op == ICC_RELU ? (v > 0 ? v : 0) : v;
+    } else if (a->dt == ICC_F16) { /* computed in float32, rounded once to half */
+        for (int64_t k = 0; k < n; k++) icc_put(o, k, icc_ufop(op, (float)icc_get(a, k)));
+    } else if (icc_is_int(a->dt) && a->dt != ICC_BOOL && (op == ICC_NEG || op == ICC_ABS || op == ICC_RELU)) {
+        for (int64_t k = 0; k < n; k++) { /* the emitter lets only these three through on integers */
+            int64_t v = icc_i(a, k);
+            icc_iput(o, k, op == ICC_NEG ? -v : op == ICC_ABS ? (v < 0 ? -v : v) : (v > 0 ? v : 0));
         }
     } else icc_fail("unary op on an unsupported element type");
 }
