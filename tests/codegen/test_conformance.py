@@ -234,3 +234,21 @@ def test_unary_kernels_beyond_float32(op: str, dtype, fn) -> None:
 @pytest.mark.parametrize(("op", "dtype"), [("Sqrt", np.int32), ("Exp", np.int64), ("Floor", np.int8), ("Not", np.float32)])
 def test_unary_math_on_types_it_does_not_compute_is_refused(op: str, dtype) -> None:
     assert not GeneratedCBackend.is_compatible(_one_node(op, dtype))
+
+
+def test_int64_compares_and_casts_are_exact_above_2_to_the_53() -> None:
+    """Token ids and hashes are int64: compared or cast through a double, 2**53 + 1 == 2**53."""
+    big = np.array([2**53, 2**53 + 1, -(2**62) - 1], np.int64)
+    x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT64, [3]) for n in ("x", "y"))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Equal", ["x", "y"], ["eq"]), onnx.helper.make_node("Less", ["x", "y"], ["lt"]),
+         onnx.helper.make_node("Cast", ["x"], ["c"], to=onnx.TensorProto.INT32)], "g", [x, y],
+        [onnx.helper.make_tensor_value_info("eq", onnx.TensorProto.BOOL, [3]),
+         onnx.helper.make_tensor_value_info("lt", onnx.TensorProto.BOOL, [3]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.INT32, [3])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])
+    other = big + np.array([1, 0, 0], np.int64)
+    eq, lt, cast = GeneratedCBackend.run_model(model, {"x": big, "y": other})
+    np.testing.assert_array_equal(eq, big == other)
+    np.testing.assert_array_equal(lt, big < other)
+    np.testing.assert_array_equal(cast, big.astype(np.int32))  # wraps, as ONNX Runtime and numpy do

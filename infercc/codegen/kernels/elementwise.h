@@ -52,6 +52,17 @@ static inline int icc_cmp(int op, double a, double b) {
     }
 }
 
+static inline int icc_icmp(int op, int64_t a, int64_t b) {
+    switch (op) {
+    case ICC_EQ: return a == b;
+    case ICC_LT: return a < b;
+    case ICC_LE: return a <= b;
+    case ICC_GT: return a > b;
+    case ICC_GE: return a >= b;
+    default: return icc_cmp(op, (double)(a != 0), (double)(b != 0)); /* And / Or / Xor */
+    }
+}
+
 static double icc_get(const icc_t *t, int64_t k) {
     switch (t->dt) {
     case ICC_F32: return ((const float *)t->p)[k];
@@ -86,10 +97,11 @@ static void icc_binary(icc_t *o, const icc_t *a, const icc_t *b, int op) {
     int same = icc_numel(a) == n && icc_numel(b) == n;
     if (o->dt == ICC_BOOL) {
         uint8_t *y = (uint8_t *)o->p;
+        int ints = icc_is_int(a->dt) && icc_is_int(b->dt); /* int64 compares: doubles round above 2^53 */
         for (int64_t k = 0; k < n; k++) {
             int64_t ia = k, ib = k;
             if (!same) icc_offsets(k, o, sa, sb, &ia, &ib);
-            y[k] = (uint8_t)icc_cmp(op, icc_get(a, ia), icc_get(b, ib));
+            y[k] = (uint8_t)(ints ? icc_icmp(op, icc_i(a, ia), icc_i(b, ib)) : icc_cmp(op, icc_get(a, ia), icc_get(b, ib)));
         }
     } else if (o->dt == ICC_F32 && a->dt == ICC_F32 && b->dt == ICC_F32) {
         float *y = (float *)o->p;
@@ -223,6 +235,10 @@ static void icc_cast(icc_t *o, const icc_t *a) {
     memcpy(o->d, a->d, sizeof(o->d));
     icc_alloc(o);
     int64_t n = icc_numel(o);
+    if (icc_is_int(a->dt) && icc_is_int(o->dt)) { /* through int64, not double: exact above 2^53 */
+        for (int64_t k = 0; k < n; k++) icc_iput(o, k, icc_i(a, k));
+        return;
+    }
     for (int64_t k = 0; k < n; k++) icc_put(o, k, icc_get(a, k));
 }
 
