@@ -113,8 +113,34 @@ class GeneratedCBackend(Backend):
     def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU",
                  outputs_info: Sequence[tuple[Any, tuple[int, ...]]] | None = None,
                  **kwargs: Any) -> tuple[np.ndarray, ...]:
-        raise BackendUnsupported("run_node: the generated-C runtime needs typed graph outputs; wrap the node in a "
-                                 "model with onnx.helper.make_model and call run_model")
+        """One node on the given arrays: wrapped in a model (inputs typed from the arrays, outputs
+        typed by onnx's shape inference, or by ``outputs_info`` as (numpy dtype, shape) pairs)."""
+        arrays = [_array(x) for x in inputs]
+        present = [name for name in node.input if name]
+        if len(arrays) != len(present):
+            raise BackendUnsupported(f"run_node {node.op_type}: {len(arrays)} inputs given for {len(present)} named inputs")
+        graph_inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                        for name, a in zip(present, arrays)]
+        outputs = [name for name in node.output if name]
+        if outputs_info is not None:
+            typed = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt)), shape)
+                     for name, (dt, shape) in zip(outputs, outputs_info)]
+        else:
+            typed = [onnx.helper.make_empty_tensor_value_info(name) for name in outputs]
+        opset = int(kwargs.get("opset_version", onnx.defs.onnx_opset_version()))
+        graph = onnx.helper.make_graph([node], f"run_node_{node.op_type}", graph_inputs, typed)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(node.domain, opset)])
+        if outputs_info is None:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            known = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]
+                     if v.type.tensor_type.elem_type}
+            missing = [name for name in outputs if name not in known]
+            if missing:
+                raise BackendUnsupported(f"run_node {node.op_type}: onnx cannot infer the type of {missing}; "
+                                         "pass outputs_info=[(dtype, shape), ...]")
+            del model.graph.output[:]
+            model.graph.output.extend(known[name] for name in outputs)
+        return cls.run_model(model, arrays, device, **kwargs)
 
     @classmethod
     def supports_device(cls, device: str) -> bool:
@@ -125,3 +151,4 @@ prepare = GeneratedCBackend.prepare
 run_model = GeneratedCBackend.run_model
 supports_device = GeneratedCBackend.supports_device
 is_compatible = GeneratedCBackend.is_compatible
+run_node = GeneratedCBackend.run_node

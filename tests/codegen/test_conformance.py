@@ -252,3 +252,16 @@ def test_int64_compares_and_casts_are_exact_above_2_to_the_53() -> None:
     np.testing.assert_array_equal(eq, big == other)
     np.testing.assert_array_equal(lt, big < other)
     np.testing.assert_array_equal(cast, big.astype(np.int32))  # wraps, as ONNX Runtime and numpy do
+
+
+def test_run_node_types_outputs_by_inference() -> None:
+    """``Backend.run_node``: a bare node, typed from its input arrays and onnx's shape inference."""
+    x = np.arange(30, dtype=np.float32).reshape(2, 15)
+    node = onnx.helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)
+    got = GeneratedCBackend.run_node(node, [x], opset_version=18)
+    assert [g.shape for g in got] == [(2, 5)] * 3
+    for g, e in zip(got, np.split(x, 3, axis=1)):
+        np.testing.assert_array_equal(g, e)
+    det = onnx.helper.make_node("Det", ["x"], ["y"])
+    with pytest.raises(BackendUnsupported, match="no C kernel for Det"):
+        GeneratedCBackend.run_node(det, [x[:, :2]])
