@@ -2,16 +2,17 @@
 package, run through the ``onnx.backend`` adapter (infercc/codegen/onnx_backend.py) for every
 standard op the runtime claims (infercc/codegen/claims.py).
 
-The onnx wheel ships the node tests as generators (``onnx.backend.test.case.node``), not as the
-``data/node`` folder that ``onnx.backend.test.BackendTest`` loads, so the cases are collected in
-memory with ``collect_testcases()`` (each: a one-node model, inputs, expected outputs) and compared
-with the same tolerances the runner uses (rtol 1e-3, atol 1e-7), plus exact dtype and shape.
+The onnx wheel ships the node tests as generators (``onnx.backend.test.case.node``; there is no
+``data/node`` folder): ``collect_testcases()`` gives each case in memory (a model, inputs, expected
+outputs), which is also what ``onnx.backend.test.BackendTest`` runs. Outputs are compared with the
+runner's tolerances (rtol 1e-3, atol 1e-7) and exact dtype and shape.
 
 Cost: each case builds one shared library (~0.2-0.5 s of gcc on these small sources). The default
 run takes one representative case per claimed op plus the cases the kernel fixes of this suite
 were made for (~75 builds, ~15 s on 2 cores) and checks, without building, that every case an
-exclusion matches is refused cleanly; ``-m slow`` runs every claimed case (~320 builds, ~45 s
-alone on 2 cores: too much to add to the default suite's budget while others share the cores).
+exclusion matches is refused cleanly; ``-m slow`` runs every claimed case through onnx's own
+runner, ``onnx.backend.test.BackendTest`` (~360 builds, ~75 s alone on 2 cores: too much for the
+default suite's budget while others share the cores).
 The builds use the production flags (NATIVE): a lower -O would test a different compilation of
 the same kernels, and -O3 is barely slower here (unused static kernels are dropped early). The build cache is a per-session temporary folder, so a run
 always compiles what it tests.
@@ -20,7 +21,10 @@ always compiles what it tests.
 from __future__ import annotations
 
 import functools
+import io
 import json
+import re
+import unittest
 import warnings
 
 import numpy as np
@@ -128,27 +132,26 @@ def test_a_function_expanded_case() -> None:
     _check(found[0])
 
 
-def _check_all(cases: list) -> None:
-    failures = []
-    for case in cases:
-        try:
-            _check(case)
-        except (AssertionError, BackendUnsupported) as exc:
-            failures.append(f"{case.name}: {' '.join(str(exc).split())[:300]}")
-    assert not failures, "\n".join(failures)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("op", CLAIMED)
-def test_every_claimed_case(op: str) -> None:
-    _check_all(_claimed_cases(op))
+def test_onnx_backend_test_runner_passes_every_claimed_case() -> None:
+    """The full set through onnx's own runner (``onnx.backend.test.BackendTest``, which takes the node
+    cases from the same generators): every one-node case of a claimed op and every function-expanded
+    case made of claimed ops, outside the exclusions, runs and passes; none is skipped."""
+    import onnx.backend.test
 
+    from infercc.codegen import onnx_backend
 
-@pytest.mark.slow
-def test_every_function_expanded_case_of_claimed_ops() -> None:
-    cases = _expanded_cases()
-    assert len(cases) >= 40  # onnx 1.23 has 41: a filter gone wrong must not pass by testing nothing
-    _check_all(cases)
+    names = [c.name for c in _all_cases() if all(map(_standard, c.model.graph.node)) and exclusion_for(c.model) is None]
+    assert len(names) >= 350  # onnx 1.23: 359; a filter gone wrong must not pass by testing nothing
+    runner = onnx.backend.test.BackendTest(onnx_backend, __name__)
+    runner.include("^(" + "|".join(re.escape(n) for n in names) + ")_cpu$")
+    suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(case) for case in runner.test_cases.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)
+    failed = [f"{test.id().rsplit('.', 1)[-1]}: {text.strip().splitlines()[-1][:300]}" for test, text in result.failures + result.errors]
+    assert not failed, "\n".join(failed)
+    assert result.testsRun - len(result.skipped) == len(names)
 
 
 def test_excluded_cases_are_refused_not_run_wrong() -> None:
