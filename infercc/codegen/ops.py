@@ -337,8 +337,10 @@ def _gemm(site: Site) -> list[str]:
     n = site.node
     _float_only(site, 0)
     w, c = site.const(1), site.const(2) if site.has(2) else None
-    if n.attr("transA", 0) or w is None or float(n.attr("alpha", 1.0)) != 1.0 or (site.has(2) and c is None) \
-            or (c is not None and (c.size not in (1, w.shape[0 if n.attr("transB", 0) else 1]) or c.shape[-1:] not in ((), (c.size,)))):
+    cols = None if w is None or w.ndim != 2 else w.shape[0 if n.attr("transB", 0) else 1]
+    bias_row = c is None or (c.size in (1, cols) and c.shape[-1:] in ((), (c.size,)))  # C broadcast as one row
+    if n.attr("transA", 0) or cols is None or float(n.attr("alpha", 1.0)) != 1.0 or (site.has(2) and c is None) \
+            or not bias_row:
         return _gemm_general(site)
     if n.attr("transB", 0):
         w = w.T
