@@ -47,9 +47,8 @@ class Exclusion:
     ops: tuple[str, ...]
     what: str
     reason: str
-    dtypes: frozenset[int] = frozenset()        # a graph input or output has one of these element types
-    input_dtypes: frozenset[int] = frozenset()  # the node's first input has one of these element types
-    non_tensor: bool = False                    # a graph input or output is a sequence / optional / map
+    dtypes: frozenset[int] = frozenset()  # a graph input or output has one of these element types
+    non_tensor: bool = False              # a graph input or output is a sequence / optional / map
 
     def matches(self, model: onnx.ModelProto) -> bool:
         graph = model.graph
@@ -58,13 +57,8 @@ class Exclusion:
         values = list(graph.input) + list(graph.output)
         if self.non_tensor and any(v.type.WhichOneof("value") != "tensor_type" for v in values):
             return True
-        if self.dtypes and any(v.type.tensor_type.elem_type in self.dtypes for v in values
-                               if v.type.WhichOneof("value") == "tensor_type"):
-            return True
-        if self.input_dtypes and graph.node:
-            first = {v.name: v for v in values}.get(graph.node[0].input[0] if graph.node[0].input else "")
-            return first is not None and first.type.tensor_type.elem_type in self.input_dtypes
-        return False
+        return bool(self.dtypes) and any(v.type.tensor_type.elem_type in self.dtypes for v in values
+                                         if v.type.WhichOneof("value") == "tensor_type")
 
 
 EXCLUSIONS: tuple[Exclusion, ...] = (
@@ -76,10 +70,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     Exclusion(("*",), "sequence, optional and map values",
               "the runtime's values are dense tensors (pointer, dims, element type); no compiled transformer graph "
               "carries sequences or optionals", non_tensor=True),
-    Exclusion(("ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum"), "reductions of non-float32 inputs",
-              "the reduce kernel accumulates float32 activations; integer and bool reductions (shape arithmetic) "
-              "are folded at compile time or run on ONNX Runtime",
-              input_dtypes=CLAIMED_DTYPES - {onnx.TensorProto.FLOAT}),
 )
 
 

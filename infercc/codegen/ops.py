@@ -309,8 +309,8 @@ _REDUCE = {"ReduceSum": "ICC_RSUM", "ReduceMean": "ICC_RMEAN", "ReduceMax": "ICC
 
 @emits(*_REDUCE)
 def _reduce(site: Site) -> list[str]:
-    _float_only(site, 0)
     n = site.node
+    dtype_code(n.inputs[0])
     pre, axes = _axes_input(site, 1, "axes")
     return ["{", *pre, _set_dt(site), f"icc_reduce({site.outs[0]}, {site.ins[0]}, {axes}, {int(n.attr('keepdims', 1))}, "
                                       f"{_REDUCE[n.op_type]}, {int(n.attr('noop_with_empty_axes', 0))});", "}"]

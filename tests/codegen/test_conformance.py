@@ -110,12 +110,12 @@ def test_representative_case_of_each_claimed_op(op: str) -> None:
 #: fixes stay covered without -m slow): Clip with min > max and on int8, Mod fmod=1 on integers and
 #: fmod=0 on floats and float16, binary ops on int8 / uint8 / float16, Pow with an integer exponent,
 #: Max / Min of one and of three inputs, Gemm with an activation B, transA, alpha, beta and a matrix C,
-#: Cast fed as a TensorProto.
+#: Cast fed as a TensorProto, reductions of bool inputs.
 REGRESSIONS = ("test_clip_min_greater_than_max", "test_clip_default_int8_min", "test_mod_int64_fmod",
                "test_mod_mixed_sign_float32", "test_mod_float_edge_cases_fmod_0_float16", "test_add_int8", "test_mul_uint8",
                "test_max_float16", "test_pow_types_float32_int64", "test_max_one_input", "test_min_example",
                "test_gemm_all_attributes", "test_gemm_default_matrix_bias", "test_gemm_transposeA",
-               "test_cast_FLOAT_to_FLOAT16")
+               "test_cast_FLOAT_to_FLOAT16", "test_reduce_max_bool_inputs", "test_reduce_min_bool_inputs")
 
 
 @pytest.mark.parametrize("name", REGRESSIONS)
@@ -268,3 +268,22 @@ def test_run_node_types_outputs_by_inference() -> None:
     det = onnx.helper.make_node("Det", ["x"], ["y"])
     with pytest.raises(BackendUnsupported, match="no C kernel for Det"):
         GeneratedCBackend.run_node(det, [x[:, :2]])
+
+
+def test_integer_reductions_are_exact_and_empty_ones_give_the_type_identity() -> None:
+    """int64 sums exact above 2**53, an integer mean truncates (ONNX's reference casts np.mean), and
+    ReduceMax over an empty axis of an int32 gives int32's minimum, not int64's wrapped."""
+    x = np.array([[2**53, 1], [-5, 0]], np.int64)
+    models = {}
+    for op, elem, shape in (("ReduceSum", onnx.TensorProto.INT64, [2, 2]), ("ReduceMean", onnx.TensorProto.INT64, [2, 2]),
+                            ("ReduceMax", onnx.TensorProto.INT32, [2, 0])):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)], op,
+            [onnx.helper.make_tensor_value_info("x", elem, shape)], [onnx.helper.make_tensor_value_info("y", elem, [2])],
+            [onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")])
+        models[op] = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    np.testing.assert_array_equal(GeneratedCBackend.run_model(models["ReduceSum"], [x])[0], [2**53 + 1, -5])
+    np.testing.assert_array_equal(GeneratedCBackend.run_model(models["ReduceMean"], [x])[0], [(2**53 + 1) // 2, -2])
+    empty = GeneratedCBackend.run_model(models["ReduceMax"], [np.zeros((2, 0), np.int32)])[0]
+    assert empty.dtype == np.int32
+    np.testing.assert_array_equal(empty, [np.iinfo(np.int32).min] * 2)

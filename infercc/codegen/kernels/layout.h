@@ -3,6 +3,7 @@
 #ifndef ICC_LAYOUT_H
 #define ICC_LAYOUT_H
 #include "tensor.h"
+#include "elementwise.h"
 
 static void icc_set_shape(icc_t *o, int r, const int64_t *d) {
     o->r = r;
@@ -253,6 +254,61 @@ static void icc_cumsum(icc_t *o, const icc_t *x, const icc_t *axis_t, int exclus
 
 enum { ICC_RSUM, ICC_RMEAN, ICC_RMAX, ICC_RMIN };
 
+/* output offset of input element k (reduced axes dropped, `full` the keepdims shape) */
+static inline int64_t icc_reduce_offset(int64_t k, const icc_t *x, const int *red, const icc_t *full) {
+    int64_t off = 0, stride = 1;
+    for (int i = x->r - 1; i >= 0; i--) {
+        int64_t c = k % x->d[i];
+        k /= x->d[i];
+        if (!red[i]) off += c * stride;
+        stride *= full->d[i];
+    }
+    return off;
+}
+
+/* the smallest / largest value of an integer element type (the identities of Max / Min over an
+ * empty set, as ONNX defines them) */
+static void icc_int_range(int dt, int64_t *lo, int64_t *hi) {
+    switch (dt) {
+    case ICC_I32: *lo = INT32_MIN; *hi = INT32_MAX; break;
+    case ICC_I8: *lo = INT8_MIN; *hi = INT8_MAX; break;
+    case ICC_U8: *lo = 0; *hi = UINT8_MAX; break;
+    case ICC_BOOL: *lo = 0; *hi = 1; break;
+    default: *lo = INT64_MIN; *hi = INT64_MAX; break;
+    }
+}
+
+/* reductions of float16 (accumulated in double) and integer / bool inputs (in int64, exact; a mean
+ * divides truncating, as the integer result of ONNX's reference does) */
+static void icc_reduce_other(icc_t *o, const icc_t *x, const int *red, const icc_t *full, int op, int64_t n, int64_t count) {
+    int ints = icc_is_int(x->dt);
+    int64_t lo, hi, total = icc_numel(x);
+    icc_int_range(x->dt, &lo, &hi);
+    void *acc = malloc((size_t)(n ? n : 1) * 8);
+    if (!acc) { icc_fail("out of memory"); return; }
+    int64_t *ia = (int64_t *)acc;
+    double *da = (double *)acc;
+    for (int64_t k = 0; k < n; k++) {
+        if (ints) ia[k] = op == ICC_RMAX ? lo : op == ICC_RMIN ? hi : 0;
+        else da[k] = op == ICC_RMAX ? -INFINITY : op == ICC_RMIN ? INFINITY : 0.0;
+    }
+    for (int64_t k = 0; k < total; k++) {
+        int64_t off = icc_reduce_offset(k, x, red, full);
+        if (ints) {
+            int64_t v = icc_i(x, k);
+            ia[off] = op == ICC_RMAX ? (v > ia[off] ? v : ia[off]) : op == ICC_RMIN ? (v < ia[off] ? v : ia[off]) : ia[off] + v;
+        } else {
+            double v = icc_get(x, k);
+            da[off] = op == ICC_RMAX ? (v > da[off] ? v : da[off]) : op == ICC_RMIN ? (v < da[off] ? v : da[off]) : da[off] + v;
+        }
+    }
+    for (int64_t k = 0; k < n; k++) {
+        if (ints) icc_iput(o, k, op == ICC_RMEAN ? (count ? ia[k] / count : 0) : ia[k]);
+        else icc_put(o, k, op == ICC_RMEAN ? da[k] / (double)count : da[k]);
+    }
+    free(acc);
+}
+
 static void icc_reduce(icc_t *o, const icc_t *x, const icc_t *axes, int keepdims, int op, int noop_empty) {
     int red[ICC_MAX_RANK] = {0}, any = axes && icc_numel(axes) > 0;
     if (!any && noop_empty) { icc_set_shape(o, x->r, x->d); icc_alias(o, x); return; }
@@ -267,17 +323,12 @@ static void icc_reduce(icc_t *o, const icc_t *x, const icc_t *axes, int keepdims
     }
     icc_alloc(o);
     int64_t n = icc_numel(o), count = icc_numel(x) / (n ? n : 1);
+    if (x->dt != ICC_F32) { icc_reduce_other(o, x, red, &full, op, n, count); return; }
     float *y = (float *)o->p;
     for (int64_t k = 0; k < n; k++) y[k] = op == ICC_RMAX ? -INFINITY : op == ICC_RMIN ? INFINITY : 0.f;
     const float *src = (const float *)x->p;
     for (int64_t k = 0; k < icc_numel(x); k++) {
-        int64_t rem = k, off = 0, stride = 1;
-        for (int i = x->r - 1; i >= 0; i--) {
-            int64_t c = rem % x->d[i];
-            rem /= x->d[i];
-            if (!red[i]) off += c * stride;
-            stride *= full.d[i];
-        }
+        int64_t off = icc_reduce_offset(k, x, red, &full);
         float v = src[k];
         y[off] = op == ICC_RMAX ? (v > y[off] ? v : y[off]) : op == ICC_RMIN ? (v < y[off] ? v : y[off]) : y[off] + v;
     }
