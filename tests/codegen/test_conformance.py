@@ -11,7 +11,7 @@ Cost: each case builds one shared library (~0.2-0.5 s of gcc on these small sour
 run takes one representative case per claimed op plus the cases the kernel fixes of this suite
 were made for (~75 builds, ~15 s on 2 cores) and checks, without building, that every case an
 exclusion matches is refused cleanly; ``-m slow`` runs every claimed case through onnx's own
-runner, ``onnx.backend.test.BackendTest`` (~360 builds, ~75 s alone on 2 cores: too much for the
+runner, ``onnx.backend.test.BackendTest`` (~360 builds, ~35-75 s alone on 2 cores: too much for the
 default suite's budget while others share the cores).
 The builds use the production flags (NATIVE): a lower -O would test a different compilation of
 the same kernels, and -O3 is barely slower here (unused static kernels are dropped early). The build cache is a per-session temporary folder, so a run
@@ -142,7 +142,7 @@ def test_onnx_backend_test_runner_passes_every_claimed_case() -> None:
     from infercc.codegen import onnx_backend
 
     names = [c.name for c in _all_cases() if all(map(_standard, c.model.graph.node)) and exclusion_for(c.model) is None]
-    assert len(names) >= 350  # onnx 1.23: 359; a filter gone wrong must not pass by testing nothing
+    assert len(names) >= 350  # onnx 1.23: 362; a filter gone wrong must not pass by testing nothing
     runner = onnx.backend.test.BackendTest(onnx_backend, __name__)
     runner.include("^(" + "|".join(re.escape(n) for n in names) + ")_cpu$")
     suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(case) for case in runner.test_cases.values())
