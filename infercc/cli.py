@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InferccError, InputError, ModelLoadError
+from .errors import ConfigError, InferccError, InputError, ModelLoadError
 
 
 def _compile_options(args: argparse.Namespace) -> dict:
@@ -87,6 +87,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .compiled import MANIFEST
     from .families import detect_family
 
+    if args.ops:
+        return _print_ops(args.json)
+    if args.model is None:
+        raise ConfigError("infercc inspect needs a MODEL (.onnx file, .gguf, Hugging Face folder or a folder written "
+                          "by convert), or --ops to list the ops the generated-C runtime claims")
     path = Path(args.model)
     compiled_folder = (path / MANIFEST).is_file()
     if compiled_folder:
@@ -128,6 +133,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(diagnostics.table(sites=args.sites))
     for warning in diagnostics.warnings:
         print(f"WARNING {warning}")
+    return 0
+
+
+def _print_ops(as_json: bool) -> int:
+    """The generated-C runtime's claim: standard ops with a kernel (held to the ONNX node tests by
+    tests/codegen/test_conformance.py), canonical infercc ops with a kernel, and the exclusions."""
+    from .codegen.claims import CLAIMED_DTYPES, EXCLUSIONS, claimed_ops, dtype_names, kernel_ops
+    from .passes.canonical import DOMAIN
+
+    standard, canonical = claimed_ops(), kernel_ops()
+    exclusions = [{"ops": list(e.ops), "what": e.what, "reason": e.reason} for e in EXCLUSIONS]
+    if as_json:
+        print(json.dumps({"standard": standard, DOMAIN: canonical, "dtypes": dtype_names(CLAIMED_DTYPES).split(", "),
+                          "exclusions": exclusions}, indent=2))
+        return 0
+
+    def table(names: list[str], columns: int = 5) -> None:
+        width = max(len(n) for n in names) + 2
+        for i in range(0, len(names), columns):
+            print("  " + "".join(n.ljust(width) for n in names[i:i + columns]).rstrip())
+
+    print(f"generated-C runtime: {len(standard)} standard ONNX ops (ai.onnx) with a C kernel, "
+          "each passing the ONNX backend node tests outside the exclusions below")
+    table(standard)
+    print(f"\n{len(canonical)} canonical {DOMAIN} ops (produced by infercc's fusion passes) with a C kernel")
+    table(canonical)
+    print(f"\nelement types: {dtype_names(CLAIMED_DTYPES)}")
+    print("\nnot claimed (such a model runs on ONNX Runtime):")
+    for e in exclusions:
+        ops = "every op" if e["ops"] == ["*"] else ", ".join(e["ops"])
+        print(f"  - {e['what']} [{ops}]: {e['reason']}")
     return 0
 
 
@@ -354,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("inspect", help="show a model's structure and what each pass would do")
-    p.add_argument("model", help=".onnx file or a folder written by convert")
+    p.add_argument("model", nargs="?", help=".onnx file or a folder written by convert (not needed with --ops)")
+    p.add_argument("--ops", action="store_true", help="list the ops the generated-C runtime claims, and its exclusions")
     p.add_argument("--json", action="store_true")
     p.add_argument("--sites", action="store_true", help="list every site each pass looked at")
     optimization_flags(p)

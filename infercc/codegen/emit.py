@@ -20,7 +20,7 @@ import numpy as np
 from ..ir import Model, Value
 from . import custom, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .custom import Kernel
-from .ops import ALIASES, DT, TABLE, Site, Unsupported, dtype_code
+from .ops import ALIASES, TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
 from .profile import layer_table, op_name
 
@@ -111,8 +111,9 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     outputs = [slot(v) for v in graph.outputs]
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
-        kernels=kernels_source() + custom.helpers_for(model, kernels), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
-        inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs)
+        kernels=kernels_source() + custom.helpers_for(model, kernels), nv=max(len(index), 1),
+        consts=sorted(consts.values(), key=lambda c: c["index"]),
+        inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs)
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]
     return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],

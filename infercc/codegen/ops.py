@@ -90,16 +90,43 @@ _UNARY = {"Neg": "ICC_NEG", "Sqrt": "ICC_SQRT", "Exp": "ICC_EXP", "Log": "ICC_LO
 @emits(*_BINARY)
 def _binary(site: Site) -> list[str]:
     n = site.node
-    if n.op_type in ("Max", "Min") and len(n.inputs) != 2:
-        raise Unsupported(f"{n.op_type} of {len(n.inputs)} inputs")
-    if n.op_type == "Mod" and n.attr("fmod", 0) == 0 and n.inputs[0].dtype == DType.FLOAT:
-        raise Unsupported("integer Mod semantics on floats")
+    for v in n.inputs:
+        if v is not None:
+            dtype_code(v)  # an input type the kernels do not read is refused here, not at run time
+    op = "ICC_FMOD" if n.op_type == "Mod" and n.attr("fmod", 0) else _BINARY[n.op_type]
+    ins = [x for x in site.ins if x != "NULL"]
+    if n.op_type in ("Max", "Min") and len(ins) != 2:
+        return _variadic(site, ins, op)
     return [f"{site.outs[0]}->dt = {dtype_code(n.outputs[0])};",
-            f"icc_binary({site.outs[0]}, {site.ins[0]}, {site.ins[1]}, {_BINARY[n.op_type]});"]
+            f"icc_binary({site.outs[0]}, {site.ins[0]}, {site.ins[1]}, {op});"]
+
+
+def _variadic(site: Site, ins: list[str], op: str) -> list[str]:
+    """Max / Min of one or of three and more inputs: folded pairwise through a temporary (one
+    input: Max(x, x), which is x, NaN included)."""
+    if not ins:
+        raise Unsupported(f"{site.node.op_type} without inputs")
+    o, dt = site.outs[0], dtype_code(site.node.outputs[0])
+    if len(ins) == 1:
+        return [f"{o}->dt = {dt};", f"icc_binary({o}, {ins[0]}, {ins[0]}, {op});"]
+    lines = ["{", f"icc_t acc = {{.dt = {dt}}}, next = {{.dt = {dt}}};", f"icc_binary(&acc, {ins[0]}, {ins[1]}, {op});"]
+    for x in ins[2:-1]:
+        lines.append(f"icc_binary(&next, &acc, {x}, {op}); icc_release(&acc); acc = next; next = (icc_t){{.dt = {dt}}};")
+    return lines + [f"{o}->dt = {dt}; icc_binary({o}, &acc, {ins[-1]}, {op}); icc_release(&acc);", "}"]
+
+
+#: What the unary kernel computes on integer inputs (the rest are float math; Not is bool only).
+_UNARY_INT = {"Neg", "Abs", "Relu"}
 
 
 @emits(*_UNARY)
 def _unary(site: Site) -> list[str]:
+    n = site.node
+    dt = n.inputs[0].dtype
+    dtype_code(n.inputs[0])
+    if (n.op_type == "Not") != (dt == DType.BOOL) or (dt not in (DType.FLOAT, DType.FLOAT16, DType.BOOL)
+                                                      and n.op_type not in _UNARY_INT):
+        raise Unsupported(f"{n.op_type} on {dt}")
     return [f"{site.outs[0]}->dt = {dtype_code(site.node.outputs[0])};",
             f"icc_unary({site.outs[0]}, {site.ins[0]}, {_UNARY[site.node.op_type]});"]
 
@@ -130,13 +157,13 @@ def _cast(site: Site) -> list[str]:
 
 @emits("Clip")
 def _clip(site: Site) -> list[str]:
-    _float_only(site, 0)
     n = site.node
+    dtype_code(n.inputs[0])
     if n.attr("min", None) is not None or n.attr("max", None) is not None:
         raise Unsupported("Clip with min/max attributes (opset < 11)")
     lo = site.ins[1] if site.has(1) else "NULL"
     hi = site.ins[2] if site.has(2) else "NULL"
-    return [f"{site.outs[0]}->dt = ICC_F32;", f"icc_clip({site.outs[0]}, {site.ins[0]}, {lo}, {hi});"]
+    return [_set_dt(site), f"icc_clip({site.outs[0]}, {site.ins[0]}, {lo}, {hi});"]
 
 
 @emits("Where")
@@ -282,8 +309,8 @@ _REDUCE = {"ReduceSum": "ICC_RSUM", "ReduceMean": "ICC_RMEAN", "ReduceMax": "ICC
 
 @emits(*_REDUCE)
 def _reduce(site: Site) -> list[str]:
-    _float_only(site, 0)
     n = site.node
+    dtype_code(n.inputs[0])
     pre, axes = _axes_input(site, 1, "axes")
     return ["{", *pre, _set_dt(site), f"icc_reduce({site.outs[0]}, {site.ins[0]}, {axes}, {int(n.attr('keepdims', 1))}, "
                                       f"{_REDUCE[n.op_type]}, {int(n.attr('noop_with_empty_axes', 0))});", "}"]
@@ -310,16 +337,27 @@ def _gemm(site: Site) -> list[str]:
     n = site.node
     _float_only(site, 0)
     w, c = site.const(1), site.const(2) if site.has(2) else None
-    if n.attr("transA", 0) or w is None or float(n.attr("alpha", 1.0)) != 1.0 or (site.has(2) and c is None):
-        raise Unsupported("Gemm with transA, alpha != 1 or a non-constant B/C")
+    cols = None if w is None or w.ndim != 2 else w.shape[0 if n.attr("transB", 0) else 1]
+    bias_row = c is None or (c.size in (1, cols) and c.shape[-1:] in ((), (c.size,)))  # C broadcast as one row
+    if n.attr("transA", 0) or cols is None or float(n.attr("alpha", 1.0)) != 1.0 or (site.has(2) and c is None) \
+            or not bias_row:
+        return _gemm_general(site)
     if n.attr("transB", 0):
         w = w.T
     bias = None
     if c is not None:
-        if c.size not in (1, w.shape[1]):
-            raise Unsupported("Gemm with a C that is not a bias row")
         bias = np.broadcast_to(c.reshape(-1).astype(np.float32) * float(n.attr("beta", 1.0)), (w.shape[1],))
     return _gemm_const(site, np.ascontiguousarray(w, np.float32), bias)
+
+
+def _gemm_general(site: Site) -> list[str]:
+    """Gemm with an activation B, transA, alpha or a C that is not a bias row: the reference kernel
+    (the packed-weight path above is for the constant B that linear layers have)."""
+    n = site.node
+    _float_only(site, 0, 1, *([2] if site.has(2) else []))
+    c = site.ins[2] if site.has(2) else "NULL"
+    return [_set_dt(site), f"icc_gemm_ref({site.outs[0]}, {site.ins[0]}, {site.ins[1]}, {c}, {int(n.attr('transA', 0))}, "
+                           f"{int(n.attr('transB', 0))}, {lit(float(n.attr('alpha', 1.0)))}, {lit(float(n.attr('beta', 1.0)))});"]
 
 
 def _gemm_const(site: Site, w: np.ndarray, bias: np.ndarray | None) -> list[str]:

@@ -3,6 +3,7 @@
 #ifndef ICC_LAYOUT_H
 #define ICC_LAYOUT_H
 #include "tensor.h"
+#include "elementwise.h"
 
 static void icc_set_shape(icc_t *o, int r, const int64_t *d) {
     o->r = r;
@@ -253,6 +254,61 @@ static void icc_cumsum(icc_t *o, const icc_t *x, const icc_t *axis_t, int exclus
 
 enum { ICC_RSUM, ICC_RMEAN, ICC_RMAX, ICC_RMIN };
 
+/* output offset of input element k (reduced axes dropped, `full` the keepdims shape) */
+static inline int64_t icc_reduce_offset(int64_t k, const icc_t *x, const int *red, const icc_t *full) {
+    int64_t off = 0, stride = 1;
+    for (int i = x->r - 1; i >= 0; i--) {
+        int64_t c = k % x->d[i];
+        k /= x->d[i];
+        if (!red[i]) off += c * stride;
+        stride *= full->d[i];
+    }
+    return off;
+}
+
+/* the smallest / largest value of an integer element type (the identities of Max / Min over an
+ * empty set, as ONNX defines them) */
+static void icc_int_range(int dt, int64_t *lo, int64_t *hi) {
+    switch (dt) {
+    case ICC_I32: *lo = INT32_MIN; *hi = INT32_MAX; break;
+    case ICC_I8: *lo = INT8_MIN; *hi = INT8_MAX; break;
+    case ICC_U8: *lo = 0; *hi = UINT8_MAX; break;
+    case ICC_BOOL: *lo = 0; *hi = 1; break;
+    default: *lo = INT64_MIN; *hi = INT64_MAX; break;
+    }
+}
+
+/* reductions of float16 (accumulated in double) and integer / bool inputs (in int64, exact; a mean
+ * divides truncating, as the integer result of ONNX's reference does) */
+static void icc_reduce_other(icc_t *o, const icc_t *x, const int *red, const icc_t *full, int op, int64_t n, int64_t count) {
+    int ints = icc_is_int(x->dt);
+    int64_t lo, hi, total = icc_numel(x);
+    icc_int_range(x->dt, &lo, &hi);
+    void *acc = malloc((size_t)(n ? n : 1) * 8);
+    if (!acc) { icc_fail("out of memory"); return; }
+    int64_t *ia = (int64_t *)acc;
+    double *da = (double *)acc;
+    for (int64_t k = 0; k < n; k++) {
+        if (ints) ia[k] = op == ICC_RMAX ? lo : op == ICC_RMIN ? hi : 0;
+        else da[k] = op == ICC_RMAX ? -INFINITY : op == ICC_RMIN ? INFINITY : 0.0;
+    }
+    for (int64_t k = 0; k < total; k++) {
+        int64_t off = icc_reduce_offset(k, x, red, full);
+        if (ints) {
+            int64_t v = icc_i(x, k);
+            ia[off] = op == ICC_RMAX ? (v > ia[off] ? v : ia[off]) : op == ICC_RMIN ? (v < ia[off] ? v : ia[off]) : ia[off] + v;
+        } else {
+            double v = icc_get(x, k);
+            da[off] = op == ICC_RMAX ? (v > da[off] ? v : da[off]) : op == ICC_RMIN ? (v < da[off] ? v : da[off]) : da[off] + v;
+        }
+    }
+    for (int64_t k = 0; k < n; k++) {
+        if (ints) icc_iput(o, k, op == ICC_RMEAN ? (count ? ia[k] / count : 0) : ia[k]);
+        else icc_put(o, k, op == ICC_RMEAN ? da[k] / (double)count : da[k]);
+    }
+    free(acc);
+}
+
 static void icc_reduce(icc_t *o, const icc_t *x, const icc_t *axes, int keepdims, int op, int noop_empty) {
     int red[ICC_MAX_RANK] = {0}, any = axes && icc_numel(axes) > 0;
     if (!any && noop_empty) { icc_set_shape(o, x->r, x->d); icc_alias(o, x); return; }
@@ -267,17 +323,12 @@ static void icc_reduce(icc_t *o, const icc_t *x, const icc_t *axes, int keepdims
     }
     icc_alloc(o);
     int64_t n = icc_numel(o), count = icc_numel(x) / (n ? n : 1);
+    if (x->dt != ICC_F32) { icc_reduce_other(o, x, red, &full, op, n, count); return; }
     float *y = (float *)o->p;
     for (int64_t k = 0; k < n; k++) y[k] = op == ICC_RMAX ? -INFINITY : op == ICC_RMIN ? INFINITY : 0.f;
     const float *src = (const float *)x->p;
     for (int64_t k = 0; k < icc_numel(x); k++) {
-        int64_t rem = k, off = 0, stride = 1;
-        for (int i = x->r - 1; i >= 0; i--) {
-            int64_t c = rem % x->d[i];
-            rem /= x->d[i];
-            if (!red[i]) off += c * stride;
-            stride *= full.d[i];
-        }
+        int64_t off = icc_reduce_offset(k, x, red, &full);
         float v = src[k];
         y[off] = op == ICC_RMAX ? (v > y[off] ? v : y[off]) : op == ICC_RMIN ? (v < y[off] ? v : y[off]) : y[off] + v;
     }
@@ -335,5 +386,37 @@ static void icc_matmul(icc_t *o, const icc_t *a, const icc_t *b) {
             for (int64_t n = 0; n < N; n++) y[n] += xv * wr[n];
         }
     }
+}
+
+/* Gemm's definition, for the cases the packed constant-weight path does not take (B an activation,
+ * transA, alpha, a C broadcast over rows): y = alpha * op(A) @ op(B) + beta * C, C unidirectionally
+ * broadcast to [M, N]. Accumulates in double: this is the reference path, not the fast one. */
+static void icc_gemm_ref(icc_t *o, const icc_t *a, const icc_t *b, const icc_t *c, int trans_a, int trans_b,
+                         float alpha, float beta) {
+    if (a->r != 2 || b->r != 2) { icc_fail("Gemm: A and B must be matrices"); return; }
+    int64_t M = trans_a ? a->d[1] : a->d[0], K = trans_a ? a->d[0] : a->d[1];
+    int64_t N = trans_b ? b->d[0] : b->d[1], Kb = trans_b ? b->d[1] : b->d[0];
+    if (K != Kb) { icc_fail("Gemm: the inner dimensions of A and B differ"); return; }
+    o->r = 2; o->d[0] = M; o->d[1] = N;
+    int64_t sc[ICC_MAX_RANK] = {0};
+    if (c) {
+        icc_t full;
+        if (!icc_broadcast_shape(&full, c, o) || full.r != 2 || full.d[0] != M || full.d[1] != N) {
+            icc_fail("Gemm: C does not broadcast to [M, N]"); return;
+        }
+        icc_bstrides(c, o, sc);
+    }
+    icc_alloc(o);
+    const float *x = (const float *)a->p, *w = (const float *)b->p;
+    float *y = (float *)o->p;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double acc = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                acc += (double)x[trans_a ? k * M + m : m * K + k] * (double)w[trans_b ? n * K + k : k * N + n];
+            double v = alpha * acc;
+            if (c) v += beta * icc_get(c, m * sc[0] + n * sc[1]);
+            y[m * N + n] = (float)v;
+        }
 }
 #endif
