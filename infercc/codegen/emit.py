@@ -18,6 +18,7 @@ import numpy as np
 
 from ..ir import Model, Value
 from . import ops_transformer  # noqa: F401 - registers the canonical ops' emitters
+from .decode import plan as decode_plan
 from .ops import ALIASES, DT, TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
 
@@ -34,6 +35,12 @@ class Program:
     blob: Blob
     inputs: list[tuple[str, np.dtype]]   # graph inputs in order: name, element type
     outputs: list[str]
+    #: Why the library has no decode loop (codegen/decode.py); "" when it has one.
+    decode_reason: str = ""
+
+    @property
+    def has_decode(self) -> bool:
+        return not self.decode_reason
 
 
 def sanitize(text: str, limit: int = 60) -> str:
@@ -47,6 +54,10 @@ def kernels_source() -> str:
         text = (HERE / "kernels" / name).read_text()
         parts.append(re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M))
     return "\n".join(parts)
+
+
+def _strip_includes(text: str) -> str:
+    return re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M)
 
 
 def emit(model: Model) -> Program:
@@ -96,11 +107,14 @@ def emit(model: Model) -> Program:
         steps.append({"comment": f"{position}: {where}", "lines": lines, "release": []})
     _plan_releases(model, steps, index, consts)
     outputs = [slot(v) for v in graph.outputs]
+    decode, decode_reason = decode_plan(model, index)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source(), nv=max(len(index), 1), consts=sorted(consts.values(), key=lambda c: c["index"]),
-        inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs)
-    return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs])
+        inputs=[{"index": index[id(v)], "dt": DT[v.dtype]} for v in inputs], steps=steps, outputs=outputs,
+        decode=decode, sampler=_strip_includes((HERE / "kernels" / "sample.h").read_text()) if decode else "")
+    return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],
+                   decode_reason)
 
 
 def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], consts: dict[int, dict]) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..codegen.build import BuildError, build
 from ..codegen.emit import emit
-from ..codegen.library import Library, RunError
+from ..codegen.library import Decoding, Library, RunError
 from ..codegen.ops import Unsupported
 from ..errors import InferccError
 from ..ir import Model
@@ -72,3 +72,8 @@ class CBackend:
         except RunError as exc:
             raise CRunError(str(exc)) from None
         return {name: results[index[name]] for name in outputs}
+
+    def decoding(self, prompt: list[int], **options) -> Decoding:
+        """A generation of ``prompt`` in the library's decode loop (options: see ``Decoding``);
+        RunError when the library has none (``program.decode_reason`` says why)."""
+        return Decoding(self.library, prompt, **options)
