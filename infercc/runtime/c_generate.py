@@ -84,18 +84,27 @@ class CGeneration(Generation):
             raise CRunError(str(exc)) from None
         pieces: list[str] = []
         clock = {"start": time.perf_counter(), "first": 0.0}
+        # Without a stream or stop strings nothing needs the text per token: the callback only
+        # keeps the clock, and the tokens go through the row's rules (the same ones C applied:
+        # stop ids, max tokens, context) once the loop is done.
+        seen: list[int] | None = [] if not pause and not params.stop else None
 
-        def on_token(token: int) -> int:
+        def on_token_rules(token: int) -> None:
             row.take(token)
             if row.finish_reason is None and runner.max_context is not None \
                     and len(row.prompt) + len(row.output) >= runner.max_context:
                 row.finish("length")
+
+        def on_token(token: int) -> int:
             now = time.perf_counter()
             if not clock["first"]:
                 clock["first"] = now
                 self.prompt_seconds = now - clock["start"]
-            else:
-                self.decode_seconds = now - clock["first"]
+            self.decode_seconds = now - clock["first"]
+            if seen is not None:
+                seen.append(token)
+                return GO_ON
+            on_token_rules(token)
             if row.finish_reason is not None:
                 return STOP
             if pause:
@@ -115,6 +124,9 @@ class CGeneration(Generation):
                 for piece in pieces:
                     yield 0, piece
                 pieces.clear()
+            for token in seen or ():
+                if row.finish_reason is None:
+                    on_token_rules(token)
             if row.finish_reason is None:  # the C loop ended on its own rule (max tokens): same as take's
                 row.finish("length")
             piece = row.piece()
