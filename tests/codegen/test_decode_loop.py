@@ -248,3 +248,17 @@ def test_bad_prompt_ids_are_an_input_error() -> None:
     _, c_model = fixture()
     with pytest.raises(infercc.errors.InputError, match="outside the vocabulary"):
         c_model.generate([1, 10**9], max_new_tokens=3)
+
+
+def test_cli_run_with_the_c_backend_streams_the_ort_text(capsys: pytest.CaptureFixture) -> None:
+    from infercc import cli
+
+    path = require(STORIES)
+    ort_model, _ = pair(str(path))
+    args = ["run", str(path), "--prompt", "Once upon a time", "--max-new-tokens", "24"]
+    assert cli.main([*args, "--backend", "c"]) == 0
+    out = capsys.readouterr()
+    assert out.out == ort_model.generate("Once upon a time", max_new_tokens=24).text + "\n"
+    assert "c loop" in out.err.strip().splitlines()[-1]
+    assert cli.main(args) == 0
+    assert "python loop" in capsys.readouterr().err.strip().splitlines()[-1]
