@@ -262,3 +262,9 @@ def test_cli_run_with_the_c_backend_streams_the_ort_text(capsys: pytest.CaptureF
     assert "c loop" in out.err.strip().splitlines()[-1]
     assert cli.main(args) == 0
     assert "python loop" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_huge_token_budget_allocates_as_it_goes() -> None:
+    _, c_model = fixture()
+    d = decoding(c_model, max_new_tokens=10**30, max_context=len(PROMPT) + 300)
+    assert d.next() and len(d.tokens()) == 300  # the token buffer grew past its first 256 slots
