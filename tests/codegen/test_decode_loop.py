@@ -12,7 +12,7 @@ import pytest
 
 import infercc
 from infercc.codegen.library import PAUSE, STOP, Decoding
-from infercc.runtime.generate import Generation
+from infercc.runtime.generate import Generation, _generation
 from infercc.runtime.model_runner import ModelRunner
 from infercc.runtime.sampling import SamplingParams
 from tests.fixtures import catalog
@@ -231,6 +231,11 @@ def test_requests_the_c_loop_does_not_serve_use_the_python_loop() -> None:
     assert penalized.token_ids == ort_model.generate(PROMPT, max_new_tokens=6, repetition_penalty=1.3).token_ids
     batch = c_model.generate([PROMPT, [11, 4]], max_new_tokens=4)
     assert [r.decode_loop for r in batch] == ["python", "python"]
+    why = _generation(c_model, [PROMPT], {"frequency_penalty": 0.5}).loop_reason
+    assert "frequency_penalty is not implemented by the C sampler" in why
+    assert "batch" in _generation(c_model, [PROMPT, PROMPT], {}).loop_reason
+    assert "ONNX Runtime" in _generation(ort_model, [PROMPT], {}).loop_reason
+    assert _generation(c_model, [PROMPT], {"temperature": 0.7, "top_k": 5}).loop_reason is None
     assert python_loop(c_model, PROMPT, max_new_tokens=6, ignore_eos=True).token_ids == \
         c_model.generate(PROMPT, max_new_tokens=6, ignore_eos=True).token_ids
 
