@@ -5,8 +5,6 @@ distribution check), and the requests that stay on the Python loop."""
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -15,16 +13,11 @@ from infercc.codegen.library import PAUSE, STOP, Decoding
 from infercc.runtime.generate import Generation, _generation
 from infercc.runtime.model_runner import ModelRunner
 from infercc.runtime.sampling import SamplingParams
+from tests.codegen.test_c_backend import pair  # (ORT, C) compiles, cached across both files
 from tests.fixtures import catalog
 from tests.importers._models import SMOLLM2, STORIES, require
 
 PROMPT = [5, 9, 13, 2, 7]
-
-
-@functools.cache
-def pair(source: str, **options) -> tuple[infercc.CompiledModel, infercc.CompiledModel]:
-    """(ONNX Runtime, generated C) compiles of one source with the same options."""
-    return infercc.compile(source, **options), infercc.compile(source, backend="c", **options)
 
 
 def fixture(name: str = "llama_dynamo", **options) -> tuple[infercc.CompiledModel, infercc.CompiledModel]:
