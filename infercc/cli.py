@@ -197,14 +197,18 @@ def _print_speed(result) -> None:
     print(
         f"prompt {len(result.prompt_token_ids)} tokens in {result.prompt_seconds:.2f} s "
         f"({result.prompt_tokens_per_second:.1f} tokens/s); decode {len(result.token_ids)} tokens in "
-        f"{result.decode_seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s); finish: {result.finish_reason}",
+        f"{result.decode_seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s, {result.decode_loop} loop); "
+        f"finish: {result.finish_reason}",
         file=sys.stderr,
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Generate text from a prompt, streaming it to stdout; speed goes to stderr."""
-    compiled = _load_for_run(args.model, _compile_options(args))
+    options = _compile_options(args)
+    if args.backend:  # the generated-C runtime runs the decode loop inside its library
+        options["backend"] = args.backend
+    compiled = _load_for_run(args.model, options)
     if args.tokenizer:
         from .runtime.tokenizer import Tokenizer
 
@@ -410,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--tokenizer", help="tokenizer source (.gguf, HF folder) for a model that has none")
+    p.add_argument("--backend", choices=["ort", "c", "auto"],
+                   help="runtime when compiling (a compiled folder keeps its own): ort (default), c (generated C, "
+                        "decode loop inside the library) or auto")
     optimization_flags(p)
     p.set_defaults(fn=cmd_run)
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..ir import Model, Value
 from . import custom, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .custom import Kernel
+from .decode import plan as decode_plan
 from .ops import ALIASES, TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
 from .profile import layer_table, op_name
@@ -41,6 +42,12 @@ class Program:
     #: One entry per step of ``icc_run`` (graph node order): {"name", "op", "layer"}, for the
     #: profiler's tables (the timers of a -DICC_PROFILE build are indexed the same way).
     steps: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    #: Why the library has no decode loop (codegen/decode.py); "" when it has one.
+    decode_reason: str = ""
+
+    @property
+    def has_decode(self) -> bool:
+        return not self.decode_reason
 
 
 def sanitize(text: str, limit: int = 60) -> str:
@@ -56,6 +63,10 @@ def kernels_source() -> str:
     return "\n".join(parts)
 
 
+def _strip_includes(text: str) -> str:
+    return re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M)
+
+
 def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, *, pack: bool = True) -> Program:
     """The C program for ``model``; raises Unsupported naming the first op without a kernel.
 
@@ -64,6 +75,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     keeping its data (loading a saved artifact whose weights.bin is memory-mapped)."""
     graph = model.graph
     kernels = custom.snapshot() if kernels is None else kernels
+    custom.annotate(model, kernels)  # shape inference knows nothing of custom ops: their outputs' types
     table = {**TABLE, **custom.emitters(kernels)}
     index: dict[int, int] = {}
 
@@ -109,15 +121,17 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         steps.append({"comment": f"{position}: {where}", "lines": lines, "release": []})
     _plan_releases(model, steps, index, consts)
     outputs = [slot(v) for v in graph.outputs]
+    decode, decode_reason = decode_plan(model, index)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source() + custom.helpers_for(model, kernels), nv=max(len(index), 1),
         consts=sorted(consts.values(), key=lambda c: c["index"]),
-        inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs)
+        inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
+        decode=decode, sampler=_strip_includes((HERE / "kernels" / "sample.h").read_text()) if decode else "")
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]
     return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],
-                   table)
+                   table, decode_reason)
 
 
 def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], consts: dict[int, dict]) -> None:

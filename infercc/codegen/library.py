@@ -78,6 +78,10 @@ class Library:
         # each run points the library at its own weights first.
         with _LOCKS_LOCK:
             self.lock = _LOCKS.setdefault(str(Path(path).resolve()), threading.Lock())
+        if program.has_decode:
+            from .decoding import declare
+
+            declare(self.lib)
         n = len(program.inputs)
         self._ptrs = (ctypes.c_void_p * max(n, 1))()
         self._dims = (ctypes.c_int64 * (8 * max(n, 1)))()
@@ -96,8 +100,7 @@ class Library:
                 self._ranks[i] = a.ndim
                 for j, d in enumerate(a.shape):
                     self._dims[8 * i + j] = d
-            self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
-            self.lib.icc_set_threads(ctypes.c_int(self.threads))
+            self.bind()
             status = self.lib.icc_run(self._ptrs, self._dims, self._ranks)
             if status != 0:
                 message = self.lib.icc_error().decode(errors="replace")
@@ -127,3 +130,8 @@ class Library:
         starts, ns, run = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)(), (ctypes.c_int64 * 2)()
         done = self.lib.icc_profile(starts, ns, run)
         return StepTimes(int(run[0]), int(run[1]), np.array(starts[:done], np.int64), np.array(ns[:done], np.int64))
+
+    def bind(self) -> None:
+        """Point the (possibly shared) library at this model's weights and thread count; call under ``lock``."""
+        self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
+        self.lib.icc_set_threads(ctypes.c_int(self.threads))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from ..codegen.build import NATIVE, PROFILE, BuildError, build
+from ..codegen.decoding import Decoding
 from ..codegen.emit import Program, emit
 from ..codegen.library import Library, RunError
 from ..codegen.ops import Unsupported
@@ -87,3 +88,8 @@ class CBackend:
         except RunError as exc:
             raise CRunError(str(exc)) from None
         return {name: results[index[name]] for name in outputs}
+
+    def decoding(self, prompt: list[int], **options) -> Decoding:
+        """A generation of ``prompt`` in the library's decode loop (options: see ``Decoding``);
+        RunError when the library has none (``program.decode_reason`` says why)."""
+        return Decoding(self.library, prompt, **options)

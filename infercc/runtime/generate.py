@@ -44,6 +44,8 @@ class GenerationResult:
     prompt_seconds: float = 0.0
     #: Time for the remaining tokens (one forward step each).
     decode_seconds: float = 0.0
+    #: Where the per-token loop ran: "c" (inside the generated library, c_generate.py) or "python".
+    decode_loop: str = "python"
 
     @property
     def tokens_per_second(self) -> float:
@@ -123,6 +125,10 @@ class _Row:
 class Generation:
     """A run over one or more prompts. Iterating yields (row, text piece); ``results`` after."""
 
+    #: Where the per-token loop runs (CGeneration: "c"), and why not in C when it could have.
+    loop = "python"
+    loop_reason: str | None = None
+
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, prompts: list[list[int]],
                  params: SamplingParams) -> None:
         self.runner = runner
@@ -182,7 +188,7 @@ class Generation:
             GenerationResult(
                 text=r.text, token_ids=list(r.output), prompt_token_ids=list(r.prompt),
                 finish_reason=r.finish_reason or "length", stop_reason=r.stop_reason,
-                prompt_seconds=self.prompt_seconds, decode_seconds=self.decode_seconds,
+                prompt_seconds=self.prompt_seconds, decode_seconds=self.decode_seconds, decode_loop=self.loop,
             )
             for r in self.rows
         ]
@@ -227,7 +233,9 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
     params = options.pop("params", None) or SamplingParams()
     params = params.replace(**options) if options else params
     runner = ModelRunner(compiled.backend, compiled.model, max_context)
-    return Generation(runner, _tokenizer_or_none(compiled), prompts, params)
+    from .c_generate import make_generation  # (imports this module)
+
+    return make_generation(runner, _tokenizer_or_none(compiled), prompts, params)
 
 
 def _tokenizer_or_none(compiled: CompiledModel) -> Tokenizer | None:

@@ -5,6 +5,10 @@ A ``Session`` (``compiled.session()``) owns the model runner and every ``Sequenc
 KV cache, token history, sampler (params + seeded generator) and lock. Sequences never share
 state, so several threads may drive several sequences at once (ONNX Runtime's ``run`` is
 thread-safe); the lock makes a single sequence safe to share too, one step at a time.
+
+Sequences step in Python on every runtime: a sequence hands out its logits and keeps its cache after
+each ``prefill``/``append``/``decode``, which the generated-C decode loop (runtime/c_generate.py,
+used by ``generate``/``stream``) keeps inside the library; each step is still one C forward run.
 """
 
 from __future__ import annotations
