@@ -42,7 +42,13 @@ TARGETS = (("decode_tok_per_s", "infercc", "uncached-export", 10.0),
            ("decode_tok_per_s", "infercc", "genai-fp32", 1.0), ("decode_tok_per_s", "infercc-export", "genai-fp32", 1.0),
            ("decode_tok_per_s", "infercc-int4", "genai-int4", 1.0),
            ("decode_tok_per_s", "infercc-int4-head4", "genai-int4", 1.0),
-           ("prefill_s", "infercc-int4", "infercc", 1.0), ("prefill_s", "infercc-int4", "genai-int4", 1.0))
+           ("prefill_s", "infercc-int4", "infercc", 1.0), ("prefill_s", "infercc-int4", "genai-int4", 1.0),
+           # the generated-C runtime (backend="c"): decode >= 1.3x genai int4, >= 1x fp32, >= 1.2x int8;
+           # prefill <= 0.8x genai's time (a '>1 = better' ratio of 1.25) at every precision
+           ("decode_tok_per_s", "infercc-c", "genai-fp32", 1.0), ("decode_tok_per_s", "infercc-c-int4", "genai-int4", 1.3),
+           ("decode_tok_per_s", "infercc-c-int8", "genai-int8", 1.2), ("decode_tok_per_s", "infercc-c", "infercc", 1.0),
+           ("prefill_s", "infercc-c", "genai-fp32", 1.25), ("prefill_s", "infercc-c-int4", "genai-int4", 1.25),
+           ("prefill_s", "infercc-c-int8", "genai-int8", 1.25))
 #: How a target's figure is named and shown: (word, unit, scale of the shown medians).
 FIGURES = {"decode_tok_per_s": ("decode", "tok/s", 1.0), "prefill_s": ("prefill", "ms", 1e3)}
 
@@ -108,7 +114,10 @@ def build_case(args: argparse.Namespace) -> Case:
                                   ("infercc-int4", folder, {**CACHED, **int4}),
                                   # genai's int4 recipe: the LM head int4 too, no weights kept int8
                                   ("infercc-int4-head4", folder, {**CACHED, **int4, "quant_lm_head": "int4",
-                                                                  "quant_int8_fraction": 0.0})):
+                                                                  "quant_int8_fraction": 0.0}),
+                                  ("infercc-c", folder, {**CACHED, "backend": "c"}),
+                                  ("infercc-c-int4", folder, {**CACHED, **int4, "backend": "c"}),
+                                  ("infercc-c-int8", folder, {**CACHED, "quantize": "int8", "backend": "c"})):
         if wanted is None or name in wanted:  # compiling takes minutes: only what runs
             notes["infercc"][name] = compile_infercc(source, artifacts / name, args.threads, **options)
     vocab = 32000
@@ -127,7 +136,9 @@ def build_case(args: argparse.Namespace) -> Case:
     configs += [spec(name, "infercc_generate", f"infercc.compile({Path(info['source']).name}, {info['options']})"
                      ".generate", artifact=str(artifacts / name)) for name, info in notes["infercc"].items()]
     skipped: dict[str, str] = {}
-    for precision in ("fp32", "int4"):
+    for precision in ("fp32", "int4", "int8"):
+        if wanted is not None and f"genai-{precision}" not in wanted:
+            continue
         path, note = ensure_genai(precision, folder)
         notes[f"genai-{precision}"] = note
         if path is None:
@@ -135,7 +146,7 @@ def build_case(args: argparse.Namespace) -> Case:
         else:
             configs.append(spec(f"genai-{precision}", "genai_generate", f"onnxruntime-genai {precision} (model builder)",
                                 model=str(path)))
-    for kind in ("F32", "Q4_0"):
+    for kind in ("F32", "Q4_0", "Q8_0"):
         name = f"llama.cpp-{kind.lower()}"
         path, note = ensure_gguf(kind) if importlib.util.find_spec("llama_cpp") else (None, "llama-cpp-python not installed")
         notes[name] = note

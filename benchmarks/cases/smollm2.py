@@ -31,15 +31,19 @@ from benchmarks.machine import REPO_ROOT
 #: The shared models folder beside the repo, as the tests find it (tests/importers/_models.py).
 DEFAULT_GGUF = (REPO_ROOT / ".." / "shared" / "models" / "smollm2-135m-instruct-q4_1"
                 / "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
-CONFIGS = ("infercc-auto", "infercc-fp32", "genai-int4", "genai-fp32", "llama.cpp-q4_1")
+CONFIGS = ("infercc-auto", "infercc-fp32", "infercc-c", "infercc-c-fp32", "genai-int4", "genai-fp32", "llama.cpp-q4_1")
 BASELINE = "genai-fp32"
 #: ``infercc.compile`` options per configuration: the defaults (quantize="auto"), and float.
-INFERCC = {"infercc-auto": {}, "infercc-fp32": {"quantize": None}}
+INFERCC = {"infercc-auto": {}, "infercc-fp32": {"quantize": None},
+           "infercc-c": {"backend": "c"}, "infercc-c-fp32": {"quantize": None, "backend": "c"}}
 #: (figure, config, compared with, minimum '>1 = better' ratio); see decode.TARGETS.
 TARGETS = (("decode_tok_per_s", "infercc-auto", "genai-int4", 1.0),
            ("decode_tok_per_s", "infercc-fp32", "genai-fp32", 1.0),
            ("prefill_s", "infercc-auto", "infercc-fp32", 1.0),
-           ("prefill_s", "infercc-auto", "genai-int4", 1.0))
+           ("prefill_s", "infercc-auto", "genai-int4", 1.0),
+           # the generated-C runtime, Q4_1 grid kept: >= 1.3x genai int4, prefill <= 0.8x genai's time
+           ("decode_tok_per_s", "infercc-c", "genai-int4", 1.3), ("decode_tok_per_s", "infercc-c-fp32", "genai-fp32", 1.0),
+           ("prefill_s", "infercc-c", "genai-int4", 1.25), ("prefill_s", "infercc-c-fp32", "genai-fp32", 1.25))
 #: The prompt: plain prose (written for this benchmark), cut to ``--prompt-len`` tokens; repeated
 #: when a longer prompt is asked for.
 TEXT = (

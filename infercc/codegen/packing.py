@@ -164,14 +164,20 @@ class Blob:
         return self.offsets[key]
 
     def array(self) -> np.ndarray:
-        """One buffer whose data starts 64-byte aligned (offsets are relative to it)."""
+        """One buffer whose data starts 64-byte aligned (offsets are relative to it). The parts
+        are released as they are copied, so the weights are held once (peak RSS), not twice;
+        a second call is an error."""
         if not self.pack:
             raise ValueError("a planned Blob (pack=False) holds no data")
+        if self.size and not self.parts:
+            raise ValueError("the blob's parts were released by an earlier array() call")
         raw = np.empty(self.size + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
         out = raw[start:start + self.size]
         at = 0
-        for part in self.parts:
+        parts, self.parts = self.parts, []
+        while parts:
+            part = parts.pop(0)
             out[at:at + len(part)] = part
             at += len(part)
         return out
