@@ -24,7 +24,6 @@ import numpy as np
 from ...ir import DType, Graph, Model, Node, Value
 from ..base import Pass, PassContext
 from ..fusion.attention_op import AttentionSpec, inputs, make_cached_node
-from ..lowering import wants_c
 from ..rewrite import Builder
 from . import contract as c
 from .logits_keep import add_logits_to_keep
@@ -49,7 +48,7 @@ class KVCacheInsertion(Pass):
             return
         work = model.clone()
         try:
-            info = _insert(work, getattr(ctx.config, "kv_cache_dtype", "auto"), wants_c(ctx.config))
+            info = _insert(work, getattr(ctx.config, "kv_cache_dtype", "auto"))
         except Refusal as exc:
             record.note(f"left alone: {exc}")
             for node in c.attention_nodes(model.graph):
@@ -97,14 +96,14 @@ def _check(graph: Graph, world: SequenceWorld, layers: list[Node]) -> None:
         raise _refuse(f"output(s) {extra} are not computed from the tokens; their meaning with a cache is unknown")
 
 
-def _insert(model: Model, requested: str, c_runtime: bool = False) -> dict:
+def _insert(model: Model, requested: str) -> dict:
     graph = model.graph
     world = SequenceWorld(graph)
     layers = c.attention_nodes(graph)
     _check(graph, world, layers)
     sinks = world.sinks()
     model_dtype = layers[0].inputs[0].dtype
-    fmt = resolve(requested, model_dtype, c_runtime)
+    fmt = resolve(requested, model_dtype)
     op = Builder(graph, layers[0], "kv_cache")
     mask, added = _mask_input(graph, world)
     readers = [] if world.mask is None else list(world.mask.uses)
