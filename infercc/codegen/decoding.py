@@ -43,13 +43,13 @@ class Decoding:
             raise RunError(f"this library has no decode loop: {library.program.decode_reason}")
         self.library = library
         ids = np.ascontiguousarray(prompt, np.int64)
-        stops = np.ascontiguousarray(sorted(set(stop_ids)) or [0], np.int64)
+        distinct = sorted(set(stop_ids))
+        stops = np.ascontiguousarray(distinct or [0], np.int64)
         params = (ctypes.c_double * 4)(float(temperature), float(top_k), float(top_p), float(min_p))
         p64 = ctypes.POINTER(ctypes.c_int64)
         self.handle = library.lib.icc_gen_new(ids.ctypes.data_as(p64), ids.size, min(int(max_new_tokens), 2**62),
                                               min(int(max_context or 0), 2**62), stops.ctypes.data_as(p64),
-                                              len(set(stop_ids)),
-                                              params, ctypes.c_uint64(seed % 2**64))
+                                              len(distinct), params, ctypes.c_uint64(seed % 2**64))
         if not self.handle:
             raise RunError("the decode loop could not start (out of memory, or an empty prompt)")
         self.done = False

@@ -18,6 +18,8 @@ _NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: n
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
+#: Per loaded library path: the token of the Library whose weights and threads it points at now.
+_BOUND: dict[str, object] = {}
 
 #: libgomp's spin before a waiting worker sleeps, unless the user set one: its default (300,000
 #: spins, ~0.5 ms) makes an idle worker hold a core between the hundreds of short parallel regions
@@ -76,8 +78,9 @@ class Library:
         # two Library objects of the same source (the same model compiled twice, or compiled and
         # loaded) share one library (dlopen returns the same handle), so the lock is per path and
         # each run points the library at its own weights first.
+        self._key, self._token = str(Path(path).resolve()), object()
         with _LOCKS_LOCK:
-            self.lock = _LOCKS.setdefault(str(Path(path).resolve()), threading.Lock())
+            self.lock = _LOCKS.setdefault(self._key, threading.Lock())
         if program.has_decode:
             from .decoding import declare
 
@@ -132,6 +135,10 @@ class Library:
         return StepTimes(int(run[0]), int(run[1]), np.array(starts[:done], np.int64), np.array(ns[:done], np.int64))
 
     def bind(self) -> None:
-        """Point the (possibly shared) library at this model's weights and thread count; call under ``lock``."""
+        """Point the (possibly shared) library at this model's weights and thread count, unless
+        this Library was the last to do so (the per-step hot path); call under ``lock``."""
+        if _BOUND.get(self._key) is self._token:
+            return
         self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
         self.lib.icc_set_threads(ctypes.c_int(self.threads))
+        _BOUND[self._key] = self._token
