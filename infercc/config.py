@@ -18,6 +18,7 @@ QUANT_METHODS = ("gptq", "mse", "rtn")
 QUANT_ROLES = ("keep", "int8", "int4")
 MASKINGS = ("auto", "causal", "none")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
+KV_CACHE_LAYOUTS = ("paged", "contiguous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,21 @@ class Config:
     #: "int8" (about a quarter: int8 values plus one float32 scale per token and head, carried as
     #: extra ``*_scale`` inputs/outputs). The diagnostics report the bytes per token.
     kv_cache_dtype: str = "auto"
+    #: How the serving engine (runtime/engine.py: sessions, batched ``generate``, ``infercc serve``)
+    #: stores K/V: "paged" (the default, as vLLM and TGI: one pool of fixed-size blocks shared by all
+    #: requests, per-sequence block tables, prefix caching, no per-sequence max-length reservation)
+    #: or "contiguous" (each sequence owns a buffer that grows by doubling).
+    kv_cache_layout: str = "paged"
+    #: Tokens per KV block of the paged layout.
+    kv_block_size: int = 16
+    #: Bytes of KV cache the serving engine may hold (all requests together); 0 = auto (a quarter of
+    #: the memory available when the engine starts, at most 4 GiB).
+    kv_cache_memory: int = 0
+    #: Tokens one engine step computes at most (decode tokens of running requests first, then
+    #: chunks of waiting prompts: chunked prefill).
+    max_batch_tokens: int = 1024
+    #: Requests running at once at most; more wait in the queue.
+    max_num_seqs: int = 64
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
@@ -156,7 +172,13 @@ class Config:
             raise ConfigError(f"Config.masking must be one of {list(MASKINGS)}, got {self.masking!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"Config.kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        for name in ("intra_op_threads", "inter_op_threads", "fold_limit_bytes"):
+        if self.kv_cache_layout not in KV_CACHE_LAYOUTS:
+            raise ConfigError(f"Config.kv_cache_layout must be one of {list(KV_CACHE_LAYOUTS)}, got {self.kv_cache_layout!r}")
+        for name in ("kv_block_size", "max_batch_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Config.{name} must be an integer >= 1, got {value!r}")
+        for name in ("intra_op_threads", "inter_op_threads", "fold_limit_bytes", "kv_cache_memory"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"Config.{name} must be an integer >= 0, got {value!r}")
