@@ -145,7 +145,9 @@ def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], const
             if v is not None and id(v) in index:
                 r = root.get(id(v), id(v))
                 last[r] = position
-        alias = (node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+        # outputs that may be views of input 0 (Split: when the pieces are contiguous runs) keep it alive
+        alias = ((node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+                 or (node.op_type == "Split" and not node.domain))
         for v in node.outputs:
             if v is None:
                 continue
