@@ -4,6 +4,8 @@ operation sequences checked step by step against a model of what the pool must h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -251,8 +253,11 @@ def test_report_string():
 
 
 # -- random operation sequences against a model of the pool -------------------------------------
-BS, BLOCKS = 4, 10
-BASES = [[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
+BS, BLOCKS = 4, 8
+#: Prompt starts that share whole blocks: a common first block, and a common second block behind a
+#: different first one (the same tokens under another prefix must not hit).
+BASES = [[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [9, 9, 9, 9, 5, 6, 7, 8],
+         [7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -269,6 +274,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.done: dict[int, int] = {}
         self.pool: dict[int, tuple[int, ...]] = {}
         self.next_id = 0
+        self.seen: list[tuple[list[int], Callable[[], int]]] = []
 
     def _pick(self, data) -> int | None:
         return data.draw(st.sampled_from(sorted(self.tokens))) if self.tokens else None
@@ -279,10 +285,13 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), base=st.sampled_from(BASES), suffix=st.lists(st.integers(0, 2), max_size=6))
     def allocate(self, data, base, suffix):
-        if self.tokens and data.draw(st.booleans()):          # a prompt sharing a live sequence's prefix
-            src = self.tokens[self._pick(data)]
+        must_hit = 0
+        if self.seen and data.draw(st.booleans()):            # a prompt sharing a seen sequence's prefix
+            src, keyed = data.draw(st.sampled_from(self.seen))
             base = src[:data.draw(st.integers(0, len(src)))]
+            must_hit = min(keyed(), len(base) // BS)          # a live one's keyed blocks cannot be evicted
         prompt = base + suffix or [0]
+        must_hit = min(must_hit, (len(prompt) - 1) // BS) * BS
         sid, before = self._new_id(), snapshot(self.bm)
         if not self.bm.can_allocate(prompt):
             with pytest.raises(OutOfBlocks):
@@ -292,13 +301,28 @@ class PoolMachine(RuleBasedStateMachine):
         cached = self.bm.allocate(sid, prompt)
         assert cached % BS == 0 and cached <= (len(prompt) - 1) // BS * BS
         assert cached == 0 or self.prefix_caching
-        self.tokens[sid], self.done[sid] = list(prompt), cached
+        assert cached >= must_hit
+        self._track(sid, list(prompt), cached)
+
+    def _track(self, sid: int, tokens: list[int], done: int) -> None:
+        """A new live sequence; ``seen`` keeps its token list (shared, so it grows) for later prompts,
+        with how many of its leading blocks are in the prefix cache."""
+        def keyed() -> int:
+            if sid not in self.tokens:
+                return 0
+            table = self.bm.block_table(sid)
+            return next((i for i, b in enumerate(table) if self.bm._key[b] is None), len(table))
+        self.tokens[sid], self.done[sid] = tokens, done
+        self.seen.append((tokens, keyed))
 
     @rule(data=st.data(), new=st.lists(st.integers(0, 2), min_size=1, max_size=6))
     def append(self, data, new):
         sid = self._pick(data)
         if sid is None:
             return
+        self._append(sid, new)
+
+    def _append(self, sid: int, new: list[int]) -> None:
         before = snapshot(self.bm)
         if not self.bm.can_append(sid, len(new)):
             with pytest.raises(OutOfBlocks):
@@ -316,6 +340,9 @@ class PoolMachine(RuleBasedStateMachine):
         sid = self._pick(data)
         if sid is None:
             return
+        self._compute(sid, chunk)
+
+    def _compute(self, sid: int, chunk: int) -> None:
         tokens = self.tokens[sid]
         end = min(len(tokens), self.done[sid] + chunk)
         for pos in range(self.done[sid], end):
@@ -328,9 +355,26 @@ class PoolMachine(RuleBasedStateMachine):
         sid = self._pick(data)
         if sid is None:
             return
+        self._fork(sid)
+
+    def _fork(self, sid: int) -> int:
         child = self._new_id()
         self.bm.fork(sid, child)
-        self.tokens[child], self.done[child] = list(self.tokens[sid]), self.done[sid]
+        self._track(child, list(self.tokens[sid]), self.done[sid])
+        return child
+
+    @rule(data=st.data(), a=st.integers(0, 2), b=st.integers(3, 5))
+    def fork_and_diverge(self, data, a, b):
+        """n > 1 sampling after prefill: the parent and its child each add a different token."""
+        sid = self._pick(data)
+        if sid is None:
+            return
+        self._compute(sid, 99)
+        child = self._fork(sid)
+        for seq, token in ((child, a), (sid, b)):
+            if self.bm.can_append(seq, 1):
+                self._append(seq, [token])
+                self._compute(seq, 9)
 
     @rule(data=st.data())
     def free(self, data):
@@ -357,6 +401,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert all(holders[b] == 0 and bm._key[b] is None for b in free)
         assert all(holders[b] == 0 and bm._key[b] is not None for b in cached)
         assert all(bm._cache[bm._key[b]] == b for b in range(BLOCKS) if bm._key[b] is not None)
+        assert all(bm._key[b] == key for key, b in bm._cache.items())
         report = bm.report()
         assert report.free + report.cached + report.used == BLOCKS
         assert report.used == sum(1 for h in holders if h) and report.free == len(free)
@@ -376,7 +421,8 @@ class PoolMachineNoCache(PoolMachine):
     prefix_caching = False
 
 
-_SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None,
+# database=None: no .hypothesis folder left in the checkout; failures print their reproducing steps
+_SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None,
                      suppress_health_check=[HealthCheck.too_slow])
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = _SETTINGS
