@@ -120,9 +120,11 @@ class BlockManager:
         fresh = self.blocks_needed(len(prompt)) - len(hits)
         available = self.num_free() - sum(1 for b in hits if b in self._evictable)
         if fresh > available:
+            never = self.blocks_needed(len(prompt)) > self.num_blocks
+            fix = ("it can never fit: shorten the prompt or raise Config.kv_cache_memory" if never else
+                   "finish or preempt a sequence, or raise Config.kv_cache_memory")
             raise OutOfBlocks(f"a prompt of {len(prompt)} tokens needs {fresh} more KV blocks, {available} of "
-                              f"{self.num_blocks} are free; finish or preempt a sequence, or raise "
-                              "Config.kv_cache_memory")
+                              f"{self.num_blocks} are free; {fix}")
         return hits, keys, fresh
 
     def can_allocate(self, prompt: Sequence[int]) -> bool:

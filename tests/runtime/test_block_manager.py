@@ -54,6 +54,10 @@ def test_blocks_needed_and_can_append():
     bm.allocate("a", [1, 2, 3])
     assert bm.can_append("a", 5) and not bm.can_append("a", 6)
     assert bm.can_allocate([1] * 4) and not bm.can_allocate([1] * 5)
+    with pytest.raises(OutOfBlocks, match="needs 2 more KV blocks, 1 of 2 are free; finish or preempt"):
+        bm.allocate("b", [1] * 5)
+    with pytest.raises(OutOfBlocks, match="9 tokens needs 3 more KV blocks.*can never fit: shorten"):
+        bm.allocate("b", [1] * 9)
 
 
 @pytest.mark.parametrize("kwargs", [{"num_blocks": 0}, {"num_blocks": 4, "block_size": 0},
