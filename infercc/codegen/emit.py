@@ -28,7 +28,7 @@ from .profile import layer_table, op_name
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
 HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
-           "transformer.h")
+           "transformer.h", "paged_attention.h")
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined, autoescape=False)
 
