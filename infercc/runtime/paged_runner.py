@@ -156,7 +156,7 @@ class PagedRunner:
             if row.seq_id in seen:
                 raise InputError(f"{where} appears twice in one step; give each sequence one row per step")
             seen.add(row.seq_id)
-            if not row.tokens:
+            if len(row.tokens) == 0:
                 raise InputError(f"{where} has no new tokens; leave it out of the step")
             if not isinstance(row.start, (int, np.integer)) or row.start < 0:
                 raise InputError(f"{where} has start {row.start!r}; it must be the number of tokens already cached (>= 0)")
