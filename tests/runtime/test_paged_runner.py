@@ -25,6 +25,7 @@ from infercc.runtime.kv_cache import CacheSpec, ContextOverflowError
 from infercc.runtime.model_runner import ModelRunner
 from infercc.runtime.paged_runner import PagedRow, PagedRunner
 from tests.fixtures import catalog
+from tests.importers._models import STORIES, require
 
 from ._hf_models import write_hf
 
@@ -251,3 +252,13 @@ def test_more_models_equal_each_prompt_alone(folders: dict, name: str, options: 
     assert runner.form == ("c-paged" if form == "auto" and options.get("backend") == "c" else "ort-gather")
     half = options.get("kv_cache_dtype") == "fp16"
     assert_alone(model, runner, tolerance=1e-2 if half else TOLERANCE, varied=name != "gpt2_torchscript")
+
+
+@pytest.mark.slow
+def test_stories260k_checkpoint() -> None:
+    """A real GGUF checkpoint (LLaMA, GQA) on the C runtime: c-paged, rows of different past lengths
+    in one call, each prompt's tokens as alone."""
+    model = compiled(str(require(STORIES)), backend="c")
+    runner = PagedRunner(model, 32, 16)
+    assert runner.form == "c-paged" and runner.padding is None, (runner.reason, runner.padding)
+    assert_alone(model, runner)
