@@ -428,6 +428,43 @@ typedef struct {
 } icc_at_ws;
 
 /* ---- shared by the attention kernels (this one and paged_attention.h) ------------------------------ */
+/* Row m's scores s[0..n) for keys jt .. jt+n-1 (already q.k): softcap, causal/window bounds
+ * [lo, hi] and masks (bias mv where disallowed), then the online-softmax update of (m, l) with
+ * alpha the old accumulator's factor. Returns 0 when the row sees none of these keys (s zeroed). */
+static inline int icc_at_row(icc_at_ws *w, int64_t m, int64_t jt, int64_t n, int skip, float cap, int has_mask,
+                             const uint8_t *mask_bool, const float *mask_float, int64_t mstride, float mv) {
+    float *s = w->s + m * ICC_AT_TK;
+    w->alpha[m] = 1.0f;
+    if (skip && (jt + n <= w->lo[m] || jt > w->hi[m])) { /* nothing this row may see */
+        memset(s, 0, (size_t)n * sizeof(float));
+        return 0;
+    }
+    if (cap != 0.0f)
+        for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
+    if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m]) {
+        const int64_t o = w->moff[m];
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t kj = jt + j;
+            int ok = kj >= w->lo[m] && kj <= w->hi[m];
+            if (mask_bool) ok = ok && mask_bool[o + kj * mstride];
+            float bias = ok ? 0.0f : mv;
+            if (mask_float) bias += mask_float[o + kj * mstride];
+            s[j] += bias;
+        }
+    }
+    const float mt = icc_at_rowmax(s, n);
+    if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
+        memset(s, 0, (size_t)n * sizeof(float));
+        return 0;
+    }
+    const float mnew = mt > w->m[m] ? mt : w->m[m];
+    const float alpha = isinf(w->m[m]) ? 0.0f : expf(w->m[m] - mnew);
+    w->l[m] = w->l[m] * alpha + icc_at_expsum(s, n, mnew);
+    w->m[m] = mnew;
+    w->alpha[m] = alpha;
+    return 1;
+}
+
 /* Rows t0 .. t0+M-1 of kv group bg after a unit over split sp: their outputs (acc / l) into out
  * [B, S, H*Dv], or, with nsplit > 1, this split's (max, sum, acc[Dv]) into part. ok = 0 (the
  * workspace could not be allocated): NaN rows, never silently wrong numbers. */
@@ -554,38 +591,8 @@ static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_
         if (!any) continue;
         icc_at_qk(w->q, D, M, kt, ks, n, w->s);
         any = 0;
-        for (int64_t m = 0; m < M; m++) {
-            float *s = w->s + m * ICC_AT_TK;
-            w->alpha[m] = 1.0f;
-            if (skip && (j0 + n <= w->lo[m] || j0 > w->hi[m])) { /* nothing this row may see */
-                memset(s, 0, (size_t)n * sizeof(float));
-                continue;
-            }
-            if (cap != 0.0f)
-                for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
-            if (has_mask || j0 < w->lo[m] || j0 + n - 1 > w->hi[m]) {
-                const int64_t o = w->moff[m];
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t kj = j0 + j;
-                    int ok = kj >= w->lo[m] && kj <= w->hi[m];
-                    if (a->mask_bool) ok = ok && a->mask_bool[o + kj * ms[3]];
-                    float bias = ok ? 0.0f : mv;
-                    if (a->mask_float) bias += a->mask_float[o + kj * ms[3]];
-                    s[j] += bias;
-                }
-            }
-            const float mt = icc_at_rowmax(s, n);
-            if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
-                memset(s, 0, (size_t)n * sizeof(float));
-                continue;
-            }
-            const float mnew = mt > w->m[m] ? mt : w->m[m];
-            const float alpha = isinf(w->m[m]) ? 0.0f : expf(w->m[m] - mnew);
-            w->l[m] = w->l[m] * alpha + icc_at_expsum(s, n, mnew);
-            w->m[m] = mnew;
-            w->alpha[m] = alpha;
-            any = 1;
-        }
+        for (int64_t m = 0; m < M; m++)
+            any |= icc_at_row(w, m, j0, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
         if (!any) continue;
         const float *vt;
         if (half) {

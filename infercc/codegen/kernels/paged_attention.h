@@ -179,38 +179,8 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
                 icc_at_qk(w->q, D, M, (const float *)(const void *)seg[s].k, D, seg[s].n, w->s + seg[s].off);
         }
         any = 0;
-        for (int64_t m = 0; m < M; m++) {
-            float *s = w->s + m * ICC_AT_TK;
-            w->alpha[m] = 1.0f;
-            if (skip && (jt + n <= w->lo[m] || jt > w->hi[m])) { /* nothing this row may see */
-                memset(s, 0, (size_t)n * sizeof(float));
-                continue;
-            }
-            if (cap != 0.0f)
-                for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
-            if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m]) {
-                const int64_t o = w->moff[m];
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t kj = jt + j;
-                    int ok = kj >= w->lo[m] && kj <= w->hi[m];
-                    if (a->mask_bool) ok = ok && a->mask_bool[o + kj * ms[3]];
-                    float bias = ok ? 0.0f : mv;
-                    if (a->mask_float) bias += a->mask_float[o + kj * ms[3]];
-                    s[j] += bias;
-                }
-            }
-            const float mt = icc_at_rowmax(s, n);
-            if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
-                memset(s, 0, (size_t)n * sizeof(float));
-                continue;
-            }
-            const float mnew = mt > w->m[m] ? mt : w->m[m];
-            const float alpha = isinf(w->m[m]) ? 0.0f : expf(w->m[m] - mnew);
-            w->l[m] = w->l[m] * alpha + icc_at_expsum(s, n, mnew);
-            w->m[m] = mnew;
-            w->alpha[m] = alpha;
-            any = 1;
-        }
+        for (int64_t m = 0; m < M; m++)
+            any |= icc_at_row(w, m, jt, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
         if (!any) continue;
         if (half) {
             for (int s = 0; s < nseg; s++)
