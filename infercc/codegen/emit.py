@@ -18,7 +18,8 @@ import jinja2
 import numpy as np
 
 from ..ir import Model, Value
-from . import custom, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
+from ..passes.canonical import DOMAIN
+from . import custom, fuse, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .custom import Kernel
 from .decode import plan as decode_plan
 from .ops import ALIASES, TABLE, Site, Unsupported, dtype_code
@@ -29,6 +30,8 @@ HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
 HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
            "transformer.h")
+#: Ops a fusion of fuse.py replaces: a user kernel for one of them turns fusions off (theirs wins).
+_FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul")}
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined, autoescape=False)
 
@@ -102,6 +105,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         consts[id(v)] = {"index": slot(v), "offset": offset, "rank": data.ndim, "dims": dims, "dt": code}
 
     steps = []
+    fused = fuse.plan(graph) if not any(k in kernels for k in _FUSED_OPS) else {}
     for position, node in enumerate(graph.nodes):
         emitter = table.get((node.domain or "", node.op_type))
         where = f"{node.domain + '::' if node.domain else ''}{node.op_type} {sanitize(node.name)!r}"
@@ -110,8 +114,15 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         ins = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.inputs]
         outs = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.outputs]
         site = Site(node, ins, outs, blob)
+        group = fused.get(id(node))
         try:
-            lines = emitter(site)
+            if group is None:
+                lines = emitter(site)
+            elif group.anchor is node:
+                lines = group.emit(lambda v: f"(&V[{slot(v)}])")
+                where += f" + {len(group.members)} node(s): {group.name}"
+            else:
+                lines, where = [], where + f" (fused into {group.name} at {sanitize(group.anchor.name)!r})"
         except Unsupported as exc:
             raise Unsupported(f"{where}: {exc}") from None
         used = {int(k) for k in re.findall(r"\(&V\[(\d+)\]\)", "\n".join(lines))}
@@ -145,7 +156,9 @@ def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], const
             if v is not None and id(v) in index:
                 r = root.get(id(v), id(v))
                 last[r] = position
-        alias = (node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+        # outputs that may be views of input 0 (Split: when the pieces are contiguous runs) keep it alive
+        alias = ((node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+                 or (node.op_type == "Split" and not node.domain))
         for v in node.outputs:
             if v is None:
                 continue

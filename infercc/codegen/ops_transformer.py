@@ -70,6 +70,14 @@ def _rotary(site: Site) -> list[str]:
             f"icc_rotary_op({site.outs[0]}, {x}, {site.ins[1]}, {site.ins[2]}, {heads}, {rdim}, {interleaved});"]
 
 
+def cache_in_place(node) -> bool:
+    """Whether a cached Attention may write its new K/V rows into the past's own buffer: nothing
+    else reads the past, and the presents are graph outputs nothing in the graph reads."""
+    return (len(node.inputs) > 5 and len(node.outputs) > 2
+            and all(v is not None and len(v.uses) == 1 for v in node.inputs[4:6])
+            and all(v is not None and not v.uses and v.is_graph_output for v in node.outputs[1:3]))
+
+
 @emits("Attention", domain=DOMAIN)
 def _attention(site: Site) -> list[str]:
     n = site.node
@@ -93,12 +101,24 @@ def _attention(site: Site) -> list[str]:
             raise Unsupported(f"Attention with a {storage} cache")
         code = 1 if storage == DType.FLOAT16 else 0
         lines += [f"A.P = {past_k}->d[2]; A.cache_dtype = {code}; A.past_k = {past_k}->p; A.past_v = {past_v}->p;",
-                  "A.past_cap = A.P; A.present_cap = A.P + A.S;"]
-        for out, width in ((site.outs[1], "A.D"), (site.outs[2], "A.Dv")):
+                  f"A.past_cap = {past_k}->cap ? {past_k}->cap : A.P; A.present_cap = A.P + A.S;",
+                  f"if ({past_k}->cap != {past_v}->cap) icc_fail(\"Attention: past key and value differ in room\");"]
+        for out in site.outs[1:3]:
             if out == "NULL":
                 raise Unsupported("Attention whose present key/value is not used")
-            lines.append(f"{out}->dt = {10 if code else 1}; {out}->r = 4; {out}->d[0] = A.B; {out}->d[1] = A.Hkv; "
-                         f"{out}->d[2] = A.P + A.S; {out}->d[3] = {width}; icc_alloc({out});")
+        allocate = []
+        for out, width in ((site.outs[1], "A.D"), (site.outs[2], "A.Dv")):
+            allocate.append(f"{out}->dt = {10 if code else 1}; {out}->r = 4; {out}->d[0] = A.B; {out}->d[1] = A.Hkv; "
+                            f"{out}->d[2] = A.P + A.S; {out}->d[3] = {width};")
+        if cache_in_place(n):
+            # The decode loop binds its caches with room to grow: the new rows are written into the
+            # past's buffer and the present is that buffer, so a step copies no past rows.
+            lines.append(f"if ({past_k}->cap >= A.P + A.S) {{ A.present_cap = A.past_cap;")
+            for out, past, shape in ((site.outs[1], past_k, allocate[0]), (site.outs[2], past_v, allocate[1])):
+                lines.append(f"  {shape} {out}->p = {past}->p; {out}->owned = 0; {out}->cap = {past}->cap;")
+            lines.append("} else { " + " ".join(f"{a} icc_alloc({o});" for a, o in zip(allocate, site.outs[1:3])) + " }")
+        else:
+            lines += [f"{a} icc_alloc({o});" for a, o in zip(allocate, site.outs[1:3])]
         lines.append(f"A.present_k = {site.outs[1]}->p; A.present_v = {site.outs[2]}->p;")
     if mask is not None:
         if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
