@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..errors import InferccError, InputError
+from .block_manager import BlockReport, OutOfBlocks
 from .kv_cache import CacheSpec, KVCache
 from .model_runner import ModelRunner
-from .shim import BlockReport, OutOfBlocks
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel

@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, InferccError, InputError
+from .block_manager import BlockManager, BlockReport
 from .contiguous_runner import ContiguousRunner, ReservedBlocks
 from .generate import Generation, _Row, _tokenizer_or_none, stop_ids_for
 from .kv_cache import check_context
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler
-from .shim import BlockManager, BlockReport, PagedRow, PagedRunner
+from .shim import PagedRow, PagedRunner
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -316,7 +317,7 @@ def _choose_runner(config: Config, probe: ModelRunner) -> tuple[type, str]:
     if not probe.pads_safely:
         return ContiguousRunner, ("the graph counts positions itself instead of from attention_mask, so batching "
                                   "rows of different lengths would shift them: rows run one by one")
-    if PagedRunner is None or BlockManager is None:
+    if PagedRunner is None:
         return ContiguousRunner, "the paged runner is not built into this infercc yet"
     return PagedRunner, "Config.kv_cache_layout='paged'"
 

@@ -9,11 +9,9 @@ import random
 import pytest
 
 from infercc import InputError
+from infercc.runtime.block_manager import BlockManager
 from infercc.runtime.contiguous_runner import ReservedBlocks
 from infercc.runtime.scheduler import RUNNING, WAITING, Request, Scheduler, SchedulerOutput
-from infercc.runtime.shim import BlockManager
-
-needs_paged = pytest.mark.skipif(BlockManager is None, reason="runtime/block_manager.py has not landed yet")
 
 
 def request(rid: str, prompt_len: int, max_new: int = 8) -> Request:
@@ -104,7 +102,6 @@ def test_finish_frees_blocks_of_running_and_forgets_waiting():
     assert blocks.report().used == 0 and not scheduler.has_unfinished()
 
 
-@needs_paged
 def test_out_of_blocks_preempts_the_newest_to_the_front_of_the_queue():
     blocks = BlockManager(4, 4, prefix_caching=False)
     scheduler = Scheduler(blocks, max_batch_tokens=100, max_num_seqs=8)
@@ -126,7 +123,6 @@ def test_out_of_blocks_preempts_the_newest_to_the_front_of_the_queue():
     assert sizes(out) == [("b", 5, 1), ("c", 0, 5)]
 
 
-@needs_paged
 def test_a_request_that_must_preempt_itself_waits():
     blocks = BlockManager(2, 4, prefix_caching=False)
     scheduler = Scheduler(blocks, max_batch_tokens=100, max_num_seqs=8)
@@ -141,7 +137,6 @@ def test_a_request_that_must_preempt_itself_waits():
     assert sizes(scheduler.schedule()) == [("b", 0, 5)]
 
 
-@needs_paged
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workload_finishes_everything_and_returns_every_block(seed):
     """Random arrivals, lengths and aborts on a small pool with prefix caching: the budget and
