@@ -314,9 +314,6 @@ def _choose_runner(config: Config, probe: ModelRunner) -> tuple[type, str]:
     if not probe.cached:
         return ContiguousRunner, ("the graph has no KV cache (compiled with kv_cache=False, or the pass could not "
                                   "insert one): each sequence is recomputed step by step on its own")
-    if not probe.pads_safely:
-        return ContiguousRunner, ("the graph counts positions itself instead of from attention_mask, so batching "
-                                  "rows of different lengths would shift them: rows run one by one")
     if PagedRunner is None:
         return ContiguousRunner, "the paged runner is not built into this infercc yet"
     return PagedRunner, "Config.kv_cache_layout='paged'"

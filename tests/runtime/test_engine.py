@@ -22,6 +22,8 @@ LAYOUTS = ("paged", "contiguous")
 #: Prompts of different lengths (ids of the tiny model's 273-token vocabulary) and their max_tokens.
 PROMPTS = [[1] + list(range(10 + i, 10 + i + n)) for i, n in enumerate((3, 17, 1, 30, 8, 12, 40, 5))]
 MAX_NEW = [6, 12, 20, 3, 16, 9, 10, 14]
+#: A KV block of the tiny model: 16 tokens x 2 layers x K+V x 2 kv heads x 8 dims x 4 bytes.
+BLOCK_BYTES = 16 * 256
 #: TEMPORARY until runtime/block_manager.py lands on main (the paged layout falls back until then).
 needs_paged = pytest.mark.skipif(__import__("infercc.runtime.shim").runtime.shim.PagedRunner is None,
                                  reason="runtime/paged_runner.py has not landed yet")
@@ -104,9 +106,8 @@ def test_chunked_prefill_gives_the_same_tokens(tiny, alone, layout):
 def test_tiny_pool_completes_a_burst_through_preemption(tiny, alone):
     """Four blocks of 16 tokens hold one 64-token context: the burst cannot fit and requests are
     preempted (recomputed later), yet each finishes with its own tokens."""
-    bytes_per_block = Engine(tiny).blocks.block_size * 256  # 256 bytes per token (2 layers, 2 kv heads)
-    eng = engine(tiny, "paged", kv_cache_memory=5 * bytes_per_block)
-    assert eng.blocks.num_blocks == 5
+    eng = engine(tiny, "paged", kv_cache_memory=5 * BLOCK_BYTES)
+    assert eng.blocks.num_blocks == 5 and eng.stats().runner == "ort-gather"
     submit(eng)
     outputs = run(eng)
     assert tokens(outputs) == alone
@@ -114,9 +115,29 @@ def test_tiny_pool_completes_a_burst_through_preemption(tiny, alone):
     all_blocks_back(eng)
 
 
+@needs_paged
+def test_c_paged_engine_matches_the_c_decode_loop(tmp_path_factory):
+    """On the generated-C runtime the pool is read and written in place by the PagedAttention
+    kernel: batched, chunked and preempted requests still give the C decode loop's tokens."""
+    compiled = infercc.compile(write_tiny_gguf(tmp_path_factory.mktemp("engine_c") / "tiny.gguf"), backend="c")
+    if compiled.runtime != "c":
+        pytest.skip(f"the generated-C runtime is not available here: {compiled.runtime_reason}")
+    alone = []
+    for prompt, max_new in zip(PROMPTS, MAX_NEW):
+        result = compiled.generate(prompt, max_new_tokens=max_new, ignore_eos=True)
+        assert result.decode_loop == "c"
+        alone.append(result.token_ids)
+    for knobs in ({}, {"kv_cache_memory": 5 * BLOCK_BYTES, "max_batch_tokens": 7}):
+        eng = engine(compiled, **knobs)
+        submit(eng)
+        assert tokens(run(eng)) == alone and eng.stats().runner == "c-paged"
+        all_blocks_back(eng)
+    assert eng.stats().preemptions > 0
+
+
 def test_contiguous_layout_reserves_a_whole_context_per_sequence(tiny, alone):
     """The same pool holds a single contiguous sequence at a time: requests wait, never preempt."""
-    eng = engine(tiny, "contiguous", kv_cache_memory=5 * 16 * 256)
+    eng = engine(tiny, "contiguous", kv_cache_memory=5 * BLOCK_BYTES)
     submit(eng)
     peak = 0
     outputs: dict[str, list[RequestOutput]] = {}
@@ -265,7 +286,7 @@ def test_bad_requests_are_explained(tiny):
 def test_a_pool_too_small_for_one_context_names_the_field(tiny):
     with pytest.raises(ConfigError, match=r"Config.kv_cache_memory=1000 bytes .* needs 4; set kv_cache_memory to at least 16384"):
         engine(tiny, kv_cache_memory=1000)
-    assert engine(tiny, kv_cache_memory=16384).blocks.num_blocks == 4
+    assert engine(tiny, kv_cache_memory=4 * BLOCK_BYTES).blocks.num_blocks == 4
     assert engine(tiny).blocks.num_blocks > 4  # auto: a share of the available memory
 
 
