@@ -29,7 +29,9 @@ from .profile import layer_table, op_name
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
 HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
-           "transformer.h")
+           "transformer.h", "paged_attention.h")
+#: Headers only a model with one of these ops needs (the rest of the models compile without them).
+OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}
 #: Ops a fusion of fuse.py replaces: a user kernel for one of them turns fusions off (theirs wins).
 _FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul")}
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
@@ -58,9 +60,13 @@ def sanitize(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9_ .\-]", "_", str(text))[:limit]
 
 
-def kernels_source() -> str:
+def kernels_source(ops: set[str] | None = None) -> str:
+    """The kernel headers inlined; ``ops`` (op types of the model) leaves out the optional headers
+    no op of the model needs (None: all of them)."""
     parts = []
     for name in HEADERS:
+        if ops is not None and name in OPTIONAL_HEADERS and OPTIONAL_HEADERS[name] not in ops:
+            continue
         text = (HERE / "kernels" / name).read_text()
         parts.append(re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M))
     return "\n".join(parts)
@@ -135,7 +141,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     decode, decode_reason = decode_plan(model, index)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
-        kernels=kernels_source() + custom.helpers_for(model, kernels), nv=max(len(index), 1),
+        kernels=kernels_source({n.op_type for n in graph.nodes}) + custom.helpers_for(model, kernels), nv=max(len(index), 1),
         consts=sorted(consts.values(), key=lambda c: c["index"]),
         inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
         decode=decode, sampler=_strip_includes((HERE / "kernels" / "sample.h").read_text()) if decode else "")
