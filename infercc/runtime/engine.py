@@ -40,9 +40,9 @@ from .contiguous_runner import ContiguousRunner, ReservedBlocks
 from .generate import Generation, _Row, _tokenizer_or_none, stop_ids_for
 from .kv_cache import check_context
 from .model_runner import ModelRunner
+from .paged_runner import PagedRow, PagedRunner
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler
-from .shim import PagedRow, PagedRunner
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -314,8 +314,6 @@ def _choose_runner(config: Config, probe: ModelRunner) -> tuple[type, str]:
     if not probe.cached:
         return ContiguousRunner, ("the graph has no KV cache (compiled with kv_cache=False, or the pass could not "
                                   "insert one): each sequence is recomputed step by step on its own")
-    if PagedRunner is None:
-        return ContiguousRunner, "the paged runner is not built into this infercc yet"
     return PagedRunner, "Config.kv_cache_layout='paged'"
 
 

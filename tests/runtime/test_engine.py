@@ -24,9 +24,6 @@ PROMPTS = [[1] + list(range(10 + i, 10 + i + n)) for i, n in enumerate((3, 17, 1
 MAX_NEW = [6, 12, 20, 3, 16, 9, 10, 14]
 #: A KV block of the tiny model: 16 tokens x 2 layers x K+V x 2 kv heads x 8 dims x 4 bytes.
 BLOCK_BYTES = 16 * 256
-#: TEMPORARY until runtime/block_manager.py lands on main (the paged layout falls back until then).
-needs_paged = pytest.mark.skipif(__import__("infercc.runtime.shim").runtime.shim.PagedRunner is None,
-                                 reason="runtime/paged_runner.py has not landed yet")
 STORY_PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park to play", "One day, a little bird"]
 
 
@@ -102,7 +99,6 @@ def test_chunked_prefill_gives_the_same_tokens(tiny, alone, layout):
     assert eng.stats().computed_tokens >= sum(map(len, PROMPTS))
 
 
-@needs_paged
 def test_tiny_pool_completes_a_burst_through_preemption(tiny, alone):
     """Four blocks of 16 tokens hold one 64-token context: the burst cannot fit and requests are
     preempted (recomputed later), yet each finishes with its own tokens."""
@@ -115,7 +111,6 @@ def test_tiny_pool_completes_a_burst_through_preemption(tiny, alone):
     all_blocks_back(eng)
 
 
-@needs_paged
 def test_c_paged_engine_matches_the_c_decode_loop(tmp_path_factory):
     """On the generated-C runtime the pool is read and written in place by the PagedAttention
     kernel: batched, chunked and preempted requests still give the C decode loop's tokens."""
@@ -149,7 +144,6 @@ def test_contiguous_layout_reserves_a_whole_context_per_sequence(tiny, alone):
     assert eng.stats().runner == "contiguous" and "kv_cache_layout='contiguous'" in eng.stats().runner_reason
 
 
-@needs_paged
 def test_prefix_cache_serves_a_repeated_prompt(tiny):
     prompt = PROMPTS[6]  # 41 tokens: two full blocks of 16
     eng = engine(tiny)
