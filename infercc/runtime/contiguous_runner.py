@@ -3,8 +3,8 @@
 ``ContiguousRunner`` has the paged runner's door (runtime/paged_runner.py: ``step(rows)`` -> each
 row's last-token logits, ``copy_blocks``, ``release``) over what generation used before the paged
 cache: one ``ModelRunner`` and one batch-1 ``KVCache`` per sequence, keyed by the engine's sequence
-id. It runs when the layout is "contiguous", and when the paged runner cannot (a graph without a KV
-cache, or one that counts positions itself so that left padding would shift them).
+id. It runs when the layout is "contiguous", and for a graph without a KV cache (nothing to page:
+each step recomputes the sequence).
 
 Each row is stepped alone, on its own cache. That is always correct (no padding, no shared
 buffers) and it is the baseline the paged layout is measured against; batching rows into one run
