@@ -145,6 +145,7 @@ class Engine:
             self.blocks = ReservedBlocks(num_blocks, block_size, reserve or num_blocks * block_size)
         else:
             self.runner = runner_class(compiled, num_blocks, block_size)
+            self.runner.max_context = self.max_context  # (max_context overrides the model's, as in sessions)
             self.blocks = BlockManager(num_blocks, block_size, prefix_caching=True)
             why = getattr(self.runner, "reason", None)
             if why:
@@ -170,6 +171,8 @@ class Engine:
             raise InputError(f"a request id must be a non-empty string, got {request_id!r}")
         if request_id in self._live or any(o.request_id == request_id for o in self._pending):
             raise InputError(f"request id {request_id!r} is already in use; give each request its own id")
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}")
         prompt = self._check_prompt(request_id, prompt)
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0
                                      or (self.vocab_size is not None and logprobs > self.vocab_size)):

@@ -250,6 +250,15 @@ def test_logprobs_are_the_models_distribution(tiny):
     assert outputs["none"][0].logprobs is None and outputs["none"][0].top_logprobs is None
 
 
+def test_max_context_override_reaches_the_runner(tiny):
+    """Engine(max_context=N), as session(max_context=N), lets sequences past the model's context."""
+    prompt = [1] + list(range(20, 80))  # 61 tokens: 10 more would pass the model's 64
+    eng = Engine(tiny, max_context=80)
+    eng.add_request("long", prompt, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    out = run(eng)["long"][-1]
+    assert out.finish_reason == "length" and len(out.token_ids) == 10
+
+
 def test_context_end_finishes_with_length(tiny):
     prompt = [1] + list(range(20, 80))  # 61 of 64 tokens
     eng = engine(tiny)
@@ -274,6 +283,8 @@ def test_bad_requests_are_explained(tiny):
     for rid, prompt, extra, needle in cases:
         with pytest.raises(InputError, match=needle):
             eng.add_request(rid, prompt, SamplingParams(max_new_tokens=2), **extra)
+    with pytest.raises(InputError, match="params must be a SamplingParams, got dict"):
+        eng.add_request("g", [1, 2], {"max_new_tokens": 2})
     assert [r.request_id for r in eng.scheduler.waiting] == ["a"]  # nothing half-added
 
 
@@ -294,3 +305,12 @@ def test_generate_of_a_batch_runs_on_the_engine(tiny):
     assert [r.token_ids for r in results] == [tiny.generate(p, max_new_tokens=12, ignore_eos=True).token_ids
                                               for p in PROMPTS[:4]]
     assert all(r.finish_reason == "length" and r.prompt_seconds > 0 for r in results)
+
+
+def test_a_graph_without_a_cache_runs_on_the_contiguous_runner(tmp_path):
+    compiled = infercc.compile(write_tiny_gguf(tmp_path / "tiny.gguf"), kv_cache=False)
+    eng = engine(compiled)  # paged asked for, but there is nothing to page
+    assert eng.stats().runner == "contiguous" and "no KV cache" in eng.stats().runner_reason
+    submit(eng, PROMPTS[:3], MAX_NEW[:3])
+    assert tokens(run(eng), 3) == [compiled.generate(p, max_new_tokens=m, ignore_eos=True).token_ids
+                                   for p, m in zip(PROMPTS[:3], MAX_NEW[:3])]
