@@ -243,12 +243,7 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
 #endif
     /* split the keys when there are too few units to share evenly among the threads */
     const int64_t base_units = B * Hkv * chunks;
-    int64_t nsplit = 1;
-    if (threads > 1 && base_units < 4 * (int64_t)threads) {
-        nsplit = (4 * (int64_t)threads + base_units - 1) / base_units;
-        if (nsplit > max_skv / ICC_AT_MIN_SPLIT) nsplit = max_skv / ICC_AT_MIN_SPLIT;
-        if (nsplit < 1) nsplit = 1;
-    }
+    int64_t nsplit = icc_at_splits(threads, base_units, max_skv);
     const int64_t split_len = (max_skv + nsplit - 1) / nsplit;
     float *part = NULL; /* per row and split: (max, sum, acc[Dv]) */
     if (nsplit > 1) {
@@ -256,7 +251,6 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
         if (!part) nsplit = 1;
     }
     const int64_t units = base_units * nsplit;
-    const int64_t HDv = H * Dv;
 
 #pragma omp parallel if (parallel)
     {
@@ -290,51 +284,10 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
             const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
             const int64_t kb = sp * split_len, ke = kb + split_len;
             if (mem) icc_pa_unit(a, &w, ones, bg, t0, M, kb, ke);
-            const int64_t b = bg / Hkv, g = bg % Hkv;
-            for (int64_t m = 0; m < M; m++) {
-                const int64_t t = t0 + m;
-                float *o = nsplit > 1 ? part + ((bg * R + t) * nsplit + sp) * (Dv + 2)
-                                      : a->out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
-                if (!mem) { /* out of memory (a few KB): NaN rows, never silently wrong numbers */
-                    for (int64_t d = 0; d < (nsplit > 1 ? Dv + 2 : Dv); d++) o[d] = NAN;
-                    continue;
-                }
-                const float *acc = w.acc + m * Dv;
-                if (nsplit > 1) { /* this split's (max, sum, acc) */
-                    o[0] = w.m[m];
-                    o[1] = w.l[m];
-                    memcpy(o + 2, acc, (size_t)Dv * sizeof(float));
-                } else {
-                    const float inv = w.l[m] > 0.0f ? 1.0f / w.l[m] : 0.0f;
-                    for (int64_t d = 0; d < Dv; d++) o[d] = acc[d] * inv;
-                }
-            }
+            icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
         }
         free(mem);
-        if (nsplit > 1) {
-#pragma omp for schedule(static)
-            for (int64_t row = 0; row < B * Hkv * R; row++) { /* merge the splits */
-                const int64_t bg = row / R, t = row % R, b = bg / Hkv, g = bg % Hkv;
-                const float *pr = part + row * nsplit * (Dv + 2);
-                float mx = -INFINITY, l = 0.0f;
-                for (int64_t sp = 0; sp < nsplit; sp++) { /* a NaN (failed split) stays NaN */
-                    const float m = pr[sp * (Dv + 2)];
-                    mx = (m > mx || m != m) ? m : mx;
-                }
-                float *o = a->out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
-                for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
-                if (isinf(mx) && mx < 0) continue;
-                for (int64_t sp = 0; sp < nsplit; sp++) {
-                    const float *ps = pr + sp * (Dv + 2);
-                    if (isinf(ps[0]) && ps[0] < 0) continue;
-                    const float f = expf(ps[0] - mx);
-                    l += ps[1] * f;
-                    for (int64_t d = 0; d < Dv; d++) o[d] += ps[2 + d] * f;
-                }
-                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-                for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
-            }
-        }
+        if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
     }
     free(part);
 }
