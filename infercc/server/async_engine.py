@@ -124,6 +124,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closing
 
+    @property
+    def live_requests(self) -> int:
+        """Engine requests added and neither finished nor aborted yet."""
+        return len(self._live)
+
     def snapshot(self) -> Any:
         """The engine's last ``EngineStats`` (taken by the engine thread after steps and when idle)."""
         return self._stats

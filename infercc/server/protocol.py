@@ -162,39 +162,60 @@ def parse(model: type[_Sampling], body: Any) -> Any:
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
-        raise RequestError(describe_validation(exc), param=_loc(exc.errors()[0]["loc"])) from None
+        first = exc.errors()[0]["loc"]
+        raise RequestError(describe_validation(exc), param=_union_field(first) or _loc(first)) from None
     request.check()
     return request
 
 
+#: What a field of several accepted types must be (pydantic reports one error per union branch).
+UNION_KINDS = {
+    "prompt": "a string, a list of token ids (integers), or a list of one string or of one list of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string, a list of {'type': 'text', 'text': ...} parts, or null",
+}
+
+
 def describe_validation(exc: ValidationError) -> str:
-    """pydantic's errors as one line: the first error per field, ``field: problem (got value)``."""
+    """pydantic's errors as one line: the first error per field, ``field: problem (got value)``;
+    a field of several accepted types says what it accepts instead of each branch's complaint."""
     seen: dict[str, str] = {}
     for error in exc.errors():
-        loc = _loc(error["loc"])
-        if loc in seen:
-            continue
-        if error["type"] == "missing":
-            seen[loc] = f"'{loc}' is required"
-        else:
-            got = "" if error["type"] == "missing" else f" (got {error.get('input')!r:.60})"
-            seen[loc] = f"'{loc}': {error['msg'][0].lower() + error['msg'][1:]}{got}"
+        loc, branch = _loc(error["loc"]), _union_field(error["loc"])
+        got = f" (got {error.get('input')!r:.60})"
+        if branch is not None:
+            loc = branch
+            if loc not in seen:
+                kind = UNION_KINDS.get(loc.rsplit(".", 1)[-1], "of another type")
+                seen[loc] = f"'{loc}' must be {kind}{got}"
+        elif loc not in seen:
+            seen[loc] = f"'{loc}' is required" if error["type"] == "missing" else \
+                f"'{loc}': {error['msg'][0].lower() + error['msg'][1:]}{got}"
     fields = list(seen.values())
     more = f" and {len(fields) - 3} more" if len(fields) > 3 else ""
     return "invalid request: " + "; ".join(fields[:3]) + more
 
 
+def _union_field(loc: Sequence[Any]) -> str | None:
+    """The field a union-branch error belongs to (its location up to the branch), else None."""
+    for i, part in enumerate(loc):
+        if _is_branch(part):
+            return _loc(loc[:i])
+    return None
+
+
+def _is_branch(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _loc(loc: Sequence[Any]) -> str:
-    """pydantic's location (('messages', 0, 'content'); union branches like 'str' or
-    'list[int]' dropped) as ``messages[0].content``."""
+    """pydantic's location (('messages', 0, 'content')) as ``messages[0].content``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "function-after")):
-            continue  # a union branch pydantic names by its type
-        else:
-            out += f".{part}" if out else part
+        elif not _is_branch(part):
+            out += f".{part}" if out else str(part)
     return out or "body"
 
 
