@@ -60,7 +60,7 @@ class EngineCollector(Collector):
         for state in ("used", "cached", "free"):
             kv.add_metric([state], getattr(blocks, state))
         yield kv
-        yield gauge("kv_blocks_total", "KV-cache blocks in the pool.", blocks.total)
+        yield gauge("kv_pool_blocks", "KV-cache blocks in the pool (used + cached + free).", blocks.total)
         yield gauge("kv_cache_usage", "Fraction of the KV-cache blocks in use.", blocks.used / blocks.total if blocks.total else 0.0)
         yield gauge("kv_block_waste", "Fraction of the used blocks' slots that hold no token.", blocks.waste)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.prefix_queries)
