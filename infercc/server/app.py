@@ -137,14 +137,7 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
             message += "; the routes are /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics"
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=exc.status_code)
 
-    def guard(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        @functools.wraps(fn)
-        async def handler(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except Exception as exc:  # noqa: BLE001 - every failure is this request's answer
-                return _error_response(server, exc)
-        return handler
+    guard = functools.partial(guarded, server)
 
     @app.get("/health")
     async def health() -> Response:
@@ -209,6 +202,18 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
         return await _generate(server, request, body, ids, max_tokens, formatter, logprobs)
 
     return app
+
+
+def guarded(server: Server, fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """``fn`` answering every failure itself: OpenAI's error JSON with the status ``_describe``
+    gives (a bug in one request is a 500 for that request, never a dead server)."""
+    @functools.wraps(fn)
+    async def handler(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except Exception as exc:  # noqa: BLE001 - every failure is this request's answer
+            return _error_response(server, exc)
+    return handler
 
 
 async def _generate(server: Server, request: Request, body: Any, ids: list[int], max_tokens: int,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from infercc.server import Server, build_app
 from infercc.server.app import Server as State
@@ -31,10 +32,13 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(compiled: Any, **options: Any) -> Iterator[Running]:
-    """Serve ``compiled`` (``build_app`` options) until the block ends; the engine drains on exit."""
+def running(compiled: Any, setup: Callable[[FastAPI], None] | None = None, **options: Any) -> Iterator[Running]:
+    """Serve ``compiled`` (``build_app`` options; ``setup(app)`` before it starts) until the block
+    ends; the engine drains on exit."""
     options.setdefault("model_name", "stories")
     app = build_app(compiled, **options)
+    if setup is not None:
+        setup(app)
     server = Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
