@@ -50,23 +50,33 @@ class EngineCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
+        info = GaugeMetricFamily(f"{PREFIX}_engine_info", "The engine's model-runner form (c-paged, ort-gather "
+                                 "or contiguous); always 1.", labels=["runner"])
+        info.add_metric([stats.runner], 1)
+        yield info
         yield gauge("requests_running", "Requests the engine is running (holding KV blocks).", stats.running)
         yield gauge("requests_waiting", "Requests waiting in the engine's queue.", stats.waiting)
-        yield counter("prompt_tokens", "Prompt tokens computed (prefill), all requests.", stats.prompt_tokens)
+        yield counter("prompt_tokens", "Prompt tokens of the requests admitted, all requests.", stats.prompt_tokens)
+        yield counter("prompt_tokens_cached", "Prompt tokens the prefix cache served (not computed).",
+                      stats.cached_tokens)
         yield counter("generation_tokens", "Tokens generated, all requests.", stats.generation_tokens)
+        yield counter("computed_tokens", "Tokens run through the model (prompts, decodes, recomputation).",
+                      stats.computed_tokens)
+        yield counter("engine_steps", "Engine steps run.", stats.steps)
         yield counter("preemptions", "Running requests preempted (blocks freed, recomputed later).", stats.preemptions)
+        yield gauge("prefix_cache_hit_rate", "Share of admitted prompt tokens the prefix cache served.",
+                    stats.prefix_hit_rate)
         kv = GaugeMetricFamily(f"{PREFIX}_kv_blocks", "KV-cache blocks by state: used (referenced by a sequence), "
                                "cached (unreferenced, in the prefix cache, evictable), free (empty).", labels=["state"])
         for state in ("used", "cached", "free"):
             kv.add_metric([state], getattr(blocks, state))
         yield kv
         yield gauge("kv_pool_blocks", "KV-cache blocks in the pool (used + cached + free).", blocks.total)
-        yield gauge("kv_cache_usage", "Fraction of the KV-cache blocks in use.", blocks.used / blocks.total if blocks.total else 0.0)
+        yield gauge("kv_cache_usage", "Fraction of the KV-cache blocks in use.",
+                    blocks.used / blocks.total if blocks.total else 0.0)
         yield gauge("kv_block_waste", "Fraction of the used blocks' slots that hold no token.", blocks.waste)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.prefix_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", blocks.prefix_hits)
-        rate = blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0
-        yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries (prompt tokens) since start.", rate)
 
 
 class Metrics:

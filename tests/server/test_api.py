@@ -179,7 +179,8 @@ def test_metrics_parse_and_count(served, client):
     wait_idle(served.state)
     text = httpx.get(served.url + "/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("requests_running", "requests_waiting", "prompt_tokens", "generation_tokens", "preemptions",
+    for name in ("engine_info", "requests_running", "requests_waiting", "prompt_tokens", "prompt_tokens_cached",
+                 "generation_tokens", "computed_tokens", "engine_steps", "preemptions",
                  "kv_blocks", "kv_pool_blocks", "prefix_cache_hit_rate", "prefix_cache_queries",
                  "time_to_first_token_seconds", "inter_token_latency_seconds", "requests", "request_latency_seconds"):
         assert f"infercc_{name}" in families, name
@@ -196,3 +197,5 @@ def test_metrics_parse_and_count(served, client):
     ttft = next(s.value for s in families["infercc_time_to_first_token_seconds"].samples if s.name.endswith("_count"))
     assert ttft >= 1
     assert 0 <= value("prefix_cache_hit_rate") <= 1
+    assert [s.labels["runner"] for s in families["infercc_engine_info"].samples] == \
+        [served.state.engine.snapshot().runner]
