@@ -57,6 +57,9 @@ log = logging.getLogger("infercc.server")
 
 #: Largest request body read (bytes): a prompt of the largest context fits many times over.
 MAX_BODY_BYTES = 32 << 20
+#: A text longer than context x this many characters cannot fit the context (no token is that
+#: long), so it is refused before the tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 128
 
 
 class Server:
@@ -104,6 +107,11 @@ class Server:
         if self.tokenizer is None:
             raise RequestError(f"this model has no tokenizer, so '{field}' cannot be text; send token ids "
                                "(/v1/completions with a list of ints as prompt)", param=field)
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if self.context is not None and chars > self.context * MAX_CHARS_PER_TOKEN:
+            raise RequestError(f"the {field} has {chars:,} characters, more than this model's maximum context "
+                               f"length of {self.context} tokens can hold; shorten the {field}", param=field,
+                               code="context_length_exceeded")
         return encode_prompt(self.compiled, prompt)
 
 

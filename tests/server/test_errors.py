@@ -86,6 +86,8 @@ def test_prompt_over_the_context_says_both_lengths(served):
     long = [{"role": "user", "content": "the dog ran " * 1000}]
     error = error_of(post(served, "/chat/completions", {"model": "stories", "messages": long}), 400)
     assert error["param"] == "messages" and "maximum context length is 2048" in error["message"]
+    error = error_of(post(served, "/completions", {"model": "stories", "prompt": "x" * 2048 * 129}), 400)
+    assert error["message"].startswith("the prompt has 264,192 characters, more than this model's maximum context")
     with openai.OpenAI(api_key="x", base_url=served.base_url, max_retries=0) as client:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model="stories", prompt="Once upon a time", max_tokens=4000)
