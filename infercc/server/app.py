@@ -24,10 +24,9 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
 from ..errors import InferccError, ModelLoadError
 from ..runtime.generate import encode_prompt
@@ -137,13 +136,17 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
     app = FastAPI(title="infercc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        server.metrics.error(exc.status_code)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        if exc.status_code == 404:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        """The router's own 404 and 405, in OpenAI's error JSON."""
+        status = getattr(exc, "status_code", 500)
+        server.metrics.error(status)
+        message = f"{request.method} {request.url.path}: {getattr(exc, 'detail', exc)}"
+        if status == 404:
             message += "; the routes are /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics"
-        return JSONResponse(error_body(message, "invalid_request_error"), status_code=exc.status_code)
+        return JSONResponse(error_body(message, "invalid_request_error"), status_code=status)
+
+    app.add_exception_handler(404, http_error)
+    app.add_exception_handler(405, http_error)
 
     guard = functools.partial(guarded, server)
 
