@@ -183,25 +183,45 @@ class AsyncEngine:
 
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        engine = self.engine
         while True:
-            with self._wake:
-                while not self._commands and not engine.has_unfinished() and not self._closing:
-                    self._record_stats(force=True)
-                    self._wake.wait()
-                commands = list(self._commands)
-                self._commands.clear()
-                closing, abort_all = self._closing, self._abort_all
-            for command in commands:
-                self._apply(command)
-            if abort_all:
-                for request_id in list(self._live):
-                    self._abort(request_id)
-            if engine.has_unfinished():
-                self._step()
-            elif closing and not self._commands:
+            try:
+                if self._cycle():
+                    return
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
+                log.exception("engine: the loop failed; failing the %d running request(s)", len(self._live))
+                self._fail_live(exc)
+
+    def _cycle(self) -> bool:
+        """Wait for work, apply the commands, run a step; True once closed and drained."""
+        engine = self.engine
+        with self._wake:
+            while not self._commands and not engine.has_unfinished() and not self._closing:
                 self._record_stats(force=True)
-                return
+                self._wake.wait()
+            commands = list(self._commands)
+            self._commands.clear()
+            closing, abort_all = self._closing, self._abort_all
+        for command in commands:
+            self._apply(command)
+        if abort_all:
+            for request_id in list(self._live):
+                self._abort(request_id)
+        if engine.has_unfinished():
+            self._step()
+        elif closing and not self._commands:
+            self._record_stats(force=True)
+            return True
+        return False
+
+    def _fail_live(self, exc: BaseException) -> None:
+        """Abort every live request and end its stream with EngineFailure (a 500 for it)."""
+        failure = EngineFailure(f"the engine failed while generating ({type(exc).__name__}: {exc}); the request "
+                                "was dropped, retry it")
+        for request_id, live in list(self._live.items()):
+            self._abort(request_id, count=False)
+            if self.metrics is not None:
+                self.metrics.finished(live.arrival, "error")
+            _put(live.job, failure)
 
     def _apply(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
@@ -250,16 +270,7 @@ class AsyncEngine:
             self.metrics.finished(live.arrival, "abort")
 
     def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
-            log.exception("engine: step failed; failing the %d running request(s)", len(self._live))
-            failure = EngineFailure(f"the engine failed while generating ({type(exc).__name__}: {exc}); the "
-                                    "request was dropped, retry it")
-            for request_id, live in list(self._live.items()):
-                self._abort(request_id, count=False)
-                _put(live.job, failure)
-            return
+        outputs = self.engine.step()  # an exception fails the live requests (_run)
         now = time.monotonic()
         for output in outputs:
             live = self._live.get(output.request_id)
