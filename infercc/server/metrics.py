@@ -91,7 +91,8 @@ class Metrics:
         self.latency = Histogram(f"{PREFIX}_request_latency_seconds", "Arrival to the end of a request.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter(f"{PREFIX}_requests", "Engine requests ended, by finish reason (stop, length, "
-                                "abort: the client left; error: the engine failed).", ["finish_reason"], registry=self.registry)
+                                "abort: the client left; error: the engine failed).", ["finish_reason"],
+                                registry=self.registry)
         self.errors = Counter(f"{PREFIX}_http_errors", "Requests answered with an error, by HTTP status.",
                               ["status"], registry=self.registry)
         for reason in ("stop", "length", "abort", "error"):
