@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import infercc
 import infercc.server.app as server_app
 from tests.importers._models import STORIES, require
-from tests.server._server import running
+from tests.server._server import running, wait_idle
 
 CHAT = [{"role": "user", "content": "Hi"}]
 
@@ -172,3 +172,27 @@ def test_failures_inside_a_request_are_500_for_it_alone():
         assert "rejected the messages" in error["message"] and "only one message" in error["message"]
         response = post(served, "/completions", {"model": "stories", "prompt": "Once", "max_tokens": 3})
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+
+
+def test_an_engine_failure_is_a_500_for_its_requests_and_the_server_goes_on():
+    """A model that lies about its context (positions past its table of 48 fail inside ONNX
+    Runtime): the request that gets there fails with a 500 (streamed: an error event, then
+    [DONE]); its blocks come back and shorter requests still work."""
+    from onnx import helper
+
+    from tests.runtime._cached_model import tiny_lm
+
+    proto = tiny_lm(cached=True, context=48)
+    helper.set_model_props(proto, {"infercc.context_length": "256", "infercc.vocab_size": "32"})
+    liar = infercc.compile(proto, optimize=False)
+    with running(liar, model_name="liar") as served:
+        body = {"model": "liar", "prompt": [1, 2, 3], "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+        error = error_of(post(served, "/completions", body), 500)
+        assert error["type"] == "server_error" and error["code"] == "engine_failure"
+        assert "the engine failed while generating" in error["message"]
+        with httpx.stream("POST", served.base_url + "/completions", json={**body, "stream": True}) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and '"code":"engine_failure"' in events[-2]
+        ok = post(served, "/completions", {**body, "max_tokens": 8})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+        assert wait_idle(served.state).blocks.used == 0
