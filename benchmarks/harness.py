@@ -45,8 +45,9 @@ class CallMetrics(dict):
     """Figures measured inside one timed call, name -> number; returned by the callable.
 
     Naming says how a figure compares with the baseline: ``*_per_s`` is a rate (higher is better,
-    ratio = config / baseline), any other ``*_s`` a time (ratio = baseline / config), so that every
-    ratio reads ">1 = better" as the wall-time ratios do; other figures (counts) get no ratio.
+    ratio = config / baseline), any other ``*_s`` a time and ``*_mib`` a memory size (ratio = baseline /
+    config), so that every ratio reads ">1 = better" as the wall-time ratios do; other figures
+    (counts) get no ratio.
     """
 
 
@@ -54,7 +55,7 @@ def metric_ratio(name: str, baseline: float, value: float) -> float | None:
     """The '>1 = better' ratio of one figure (see `CallMetrics`), None where it has none."""
     if name.endswith("_per_s"):
         return value / baseline if baseline else None
-    if name.endswith("_s"):
+    if name.endswith(("_s", "_mib")):
         return baseline / value if value else None
     return None
 
@@ -210,11 +211,21 @@ def run_job(spec: ConfigSpec, threads: int, warmup: int, repeat: int) -> dict[st
         call, meta = prepare(spec, threads)
         setup_s = time.perf_counter() - t0
         median, metrics = measure_round(call, warmup, repeat)
+        metrics["peak_rss_mib"] = peak_rss_mib()
     except SkipConfig as exc:
         return {"status": "skipped", "error": str(exc)}
     except BaseException as exc:  # anything, even SystemExit from a library, is a failed config
         return _failure(exc)
     return {"status": "ok", "median_s": median, "setup_s": setup_s, "metadata": meta, "metrics": metrics}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (MiB) so far: in a fresh worker, what loading the model and
+    running it cost in memory, comparable across contenders since each round is its own process."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024.0
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:

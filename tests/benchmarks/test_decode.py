@@ -68,6 +68,10 @@ def test_call_metrics_reach_results_ratios_and_table(mode: str) -> None:
     result = run_case(case, BenchOptions(mode=mode, rounds=2 if mode == "inprocess" else 1, warmup=1, repeat=2))
     b = result.config("B")
     assert b.metric_rounds["decode_tok_per_s"] == [25.0] * len(b.rounds_s)
+    if mode == "fresh":  # each worker process reports its own peak resident memory
+        assert 10 < b.metrics.pop("peak_rss_mib") < 100_000
+        assert b.metric_ratios.pop("peak_rss_mib") > 0
+        b.metric_paired.pop("peak_rss_mib")
     assert b.metrics == {"decode_tok_per_s": 25.0, "prefill_s": 0.1, "new_tokens": 4.0}
     assert b.metric_ratios == {"decode_tok_per_s": pytest.approx(2.5), "prefill_s": pytest.approx(2.0)}
     assert b.metric_paired == b.metric_ratios
