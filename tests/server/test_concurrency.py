@@ -12,6 +12,7 @@ import pytest
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from infercc.runtime.paged_runner import PagedRunner
 from tests.server._server import running, wait_idle
 
 STORY = ("Lily and Tom went to the park to play with their red ball. The sun was warm and the birds sang in the "
@@ -24,8 +25,11 @@ CANCELLED = (3, 14, 25)  # ~10%: closed after their first chunk
 
 @pytest.fixture(scope="module")
 def served(stories):
-    # A small step budget: prompts are prefilled in chunks beside other requests' decode tokens.
-    with running(stories, config=stories.config.replace(max_batch_tokens=64)) as server:
+    """A small step budget (prompts prefill in chunks beside other requests' decode tokens) and
+    the smallest pool the engine takes (one sequence of the whole context: 128 blocks), so long
+    requests at once preempt each other."""
+    pool = PagedRunner.bytes_per_token(stories) * 2048
+    with running(stories, config=stories.config.replace(max_batch_tokens=64, kv_cache_memory=pool)) as server:
         yield server
 
 
@@ -67,6 +71,23 @@ def test_concurrent_greedy_requests_equal_each_alone(served):
     alone, together = asyncio.run(run())
     assert together == alone
     assert {f for _, f in alone} <= {"stop", "length"} and len({t for t, _ in alone}) > 20
+
+
+def test_preempted_streams_equal_each_alone(served):
+    """10 streams of 200 tokens need ~140 blocks of the 128: the newest are preempted (freed,
+    recomputed later) and their streams go on where they were, equal to each request alone."""
+    cases = [(" ".join(STORY[:8 + 3 * i]), 200) for i in range(10)]
+    before = served.state.engine.snapshot().preemptions
+
+    async def run() -> tuple[list, list]:
+        async with client_for(served) as client:
+            alone = [await complete(client, p, m) for p, m in cases]
+            together = await asyncio.gather(*(stream(client, p, m) for p, m in cases))
+        return alone, list(together)
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+    assert wait_idle(served.state).preemptions > before
 
 
 def test_streams_closed_midway_abort_and_the_rest_complete(served):
