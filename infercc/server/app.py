@@ -61,7 +61,7 @@ MAX_BODY_BYTES = 32 << 20
 MAX_CHARS_PER_TOKEN = 128
 
 
-class Server:
+class ServerState:
     """What the routes share: the model, its engine thread, metrics, the served name and key."""
 
     def __init__(self, compiled: CompiledModel, engine: Engine, model_name: str, api_key: str | None,
@@ -123,7 +123,7 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
         from ..runtime.engine import Engine
 
         engine = Engine(compiled, config)
-    server = Server(compiled, engine, model_name, api_key, drain_seconds)
+    server = ServerState(compiled, engine, model_name, api_key, drain_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -215,7 +215,10 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
     return app
 
 
-def guarded(server: Server, fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(server: ServerState, fn: Handler) -> Handler:
     """``fn`` answering every failure itself: OpenAI's error JSON with the status ``_describe``
     gives (a bug in one request is a 500 for that request, never a dead server)."""
     @functools.wraps(fn)
@@ -227,7 +230,7 @@ def guarded(server: Server, fn: Callable[[Request], Awaitable[Response]]) -> Cal
     return handler
 
 
-async def _generate(server: Server, request: Request, body: Any, ids: list[int], max_tokens: int,
+async def _generate(server: ServerState, request: Request, body: Any, ids: list[int], max_tokens: int,
                     formatter: Completion | Chat, logprobs: int | None) -> Response:
     """Submit the request's n choices and answer: a stream of chunks or one JSON response."""
     params = [sampling_params(body, max_tokens, i) for i in range(body.n)]
@@ -245,7 +248,8 @@ async def _generate(server: Server, request: Request, body: Any, ids: list[int],
     return JSONResponse(formatter.response())
 
 
-async def _sse(server: Server, job: Job, watcher: asyncio.Task, formatter: Completion | Chat) -> AsyncIterator[str]:
+async def _sse(server: ServerState, job: Job, watcher: asyncio.Task,
+               formatter: Completion | Chat) -> AsyncIterator[str]:
     """Server-sent events: ``data: {json}`` per chunk, the usage chunk when asked, ``data: [DONE]``."""
     try:
         async for index, output in job:
@@ -317,7 +321,7 @@ def _describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
                            "server log has the traceback", "server_error", code="internal_error")
 
 
-def _error_response(server: Server, exc: BaseException) -> JSONResponse:
+def _error_response(server: ServerState, exc: BaseException) -> JSONResponse:
     status, body = _describe(exc)
     server.metrics.error(status)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None

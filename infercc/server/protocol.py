@@ -48,7 +48,8 @@ class RequestError(InputError):
         return error_body(str(self), self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
+def error_body(message: str, type: str, param: str | None = None,  # noqa: A002 - OpenAI's field name
+               code: str | None = None) -> dict[str, Any]:
     """OpenAI's error JSON."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

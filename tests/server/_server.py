@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from infercc.server import Server, build_app
-from infercc.server.app import Server as State
+from infercc.server.app import ServerState
 
 START_SECONDS = 30.0
 STOP_SECONDS = 30.0
@@ -23,7 +23,7 @@ STOP_SECONDS = 30.0
 @dataclass
 class Running:
     url: str
-    state: State
+    state: ServerState
     server: Server
 
     @property
@@ -55,7 +55,7 @@ def running(compiled: Any, setup: Callable[[FastAPI], None] | None = None, **opt
         assert not thread.is_alive(), "the test server did not stop"
 
 
-def wait_idle(state: State, seconds: float = 20.0) -> Any:
+def wait_idle(state: ServerState, seconds: float = 20.0) -> Any:
     """The engine's stats once it runs and queues nothing (and holds no live request)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

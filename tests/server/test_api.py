@@ -59,7 +59,8 @@ def test_token_id_prompts_equal_text_prompts(stories, client):
     for prompt in (ids, [ids]):
         response = client.completions.create(model="stories", prompt=prompt, temperature=0, max_tokens=12)
         assert response.choices[0].text == text and response.usage.prompt_tokens == len(ids)
-    assert client.completions.create(model="stories", prompt=[PROMPT], temperature=0, max_tokens=12).choices[0].text == text
+    listed = client.completions.create(model="stories", prompt=[PROMPT], temperature=0, max_tokens=12)
+    assert listed.choices[0].text == text
 
 
 def test_streamed_completion_equals_the_whole_and_ends_with_usage(client):
@@ -99,7 +100,8 @@ def test_chat_completion_and_max_completion_tokens(stories, client):
     response = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=10,
                                               temperature=0)
     choice = response.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content == stories.generate(CHAT, max_new_tokens=10).text
+    assert choice.message.role == "assistant"
+    assert choice.message.content == stories.generate(CHAT, max_new_tokens=10).text
     assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
     assert choice.finish_reason == "length" and response.usage.completion_tokens == 10
     streamed = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=10, temperature=0,

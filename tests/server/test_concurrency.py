@@ -114,7 +114,8 @@ def test_a_client_leaving_a_plain_request_aborts_it(served):
     before = aborted(served)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(served.base_url + "/completions", timeout=0.2,
-                   json={"model": "stories", "prompt": "Once", "max_tokens": 2000, "ignore_eos": True, "temperature": 0})
+                   json={"model": "stories", "prompt": "Once", "max_tokens": 2000, "ignore_eos": True,
+                         "temperature": 0})
     stats = wait_idle(served.state, seconds=10)
     assert stats.blocks.used == 0
     assert aborted(served) == before + 1
