@@ -222,10 +222,17 @@ def run_job(spec: ConfigSpec, threads: int, warmup: int, repeat: int) -> dict[st
 def peak_rss_mib() -> float:
     """This process's peak resident set (MiB) so far: in a fresh worker, what loading the model and
     running it cost in memory, comparable across contenders since each round is its own process."""
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak across fork + exec into
+    # ru_maxrss, so every worker of one harness would report the harness's own peak.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB elsewhere (an upper bound)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
