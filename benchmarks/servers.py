@@ -95,9 +95,9 @@ class ServerProcess:
     def start(self) -> None:
         """Start and wait until ready; on failure the process group is stopped before raising."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # the command beside the log, not in it: a failed start's message quotes the log's last lines
+        self.log_path.with_suffix(".cmd").write_text(" ".join(self.spec.cmd) + "\n")
         with self.log_path.open("wb") as log:
-            log.write((" ".join(self.spec.cmd) + "\n").encode())
-            log.flush()
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(self.spec.cmd, env=self.spec.env, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,

@@ -63,7 +63,8 @@ LLAMA_LAUNCH = (
     "import runpy, sys\n"
     "if sys.argv.pop(1) != 'extra-buffers':\n"
     "    from benchmarks.decoders import llama_cpp_model_params\n"
-    "    llama_cpp_model_params(use_extra_bufts=False).__enter__()\n"
+    "    params = llama_cpp_model_params(use_extra_bufts=False)  # kept: collecting it would undo the change\n"
+    "    params.__enter__()\n"
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
 )
 INFERCC_LAUNCH = "import sys\nfrom infercc.cli import main\nsys.exit(main(sys.argv[1:]))\n"
