@@ -176,8 +176,8 @@ def test_real_streams_through_the_openai_client_timings_and_usage() -> None:
     assert all(b["temperature"] == 0 and b["stream_options"] == {"include_usage": True} for b in server.bodies)
     assert stats.completed == 6 and stats.errors == 0 and stats.token_count == "usage" and stats.out_tokens == 30
     assert all(r.finish_reason == "length" and r.prompt_tokens == 3 and len(r.chunk_times) == 5 for r in records)
-    assert 0.08 <= stats.ttft_p50_s < 0.6  # the server's first-token delay, plus loopback and parsing
-    assert 0.015 <= stats.itl_p50_s < 0.2 and 0.015 <= stats.tpot_p50_s < 0.2
+    assert 0.08 <= stats.ttft_p50_s < 2.0  # the server's first-token delay, plus loopback and parsing
+    assert 0.015 <= stats.itl_p50_s < 1.0 and 0.015 <= stats.tpot_p50_s < 1.0
     assert wall >= 2 * (0.08 + 4 * 0.02)  # 6 requests over 3 clients: two after another on each
     assert stats.req_per_s == pytest.approx(6 / wall)
 
