@@ -213,7 +213,7 @@ def memory(result: RunResult, out: Path, levels: list[dict[str, Any]]) -> list[s
         if not peak.get("used_blocks") or not peak.get("running"):
             continue
         per_seq = peak["used_blocks"] / peak["running"]
-        line = (f"memory measured ({name} /metrics at its busiest): {peak['running']:.0f} requests running in "
+        line = (f"memory measured ({name} /metrics at its busiest): {peak['running']:.0f} request(s) running in "
                 f"{peak['used_blocks']:.0f} of {peak['total_blocks']:.0f} blocks ({per_seq:.1f} blocks each) -> "
                 f"{GIB / (per_seq * block * bpt):.1f} sequences per GiB")
         if "waste" in peak:
