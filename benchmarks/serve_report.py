@@ -125,15 +125,16 @@ def _x(pair: tuple[float | None, float | None]) -> str:
 
 
 def ratios(result: RunResult, levels: list[dict[str, Any]]) -> list[str]:
-    """Every other contender against vLLM and llama.cpp at each concurrency (>1 = better)."""
+    """Every other contender against vLLM and llama.cpp at each concurrency (>1 = better), and
+    llama.cpp against vLLM."""
     ok = {c.name: c for c in _ok(result)}
     lines = []
     for ref_name in REFERENCES:
         if ref_name not in ok:
             continue
         for name, x in ok.items():
-            if name == ref_name:
-                continue
+            if name == ref_name or (name in REFERENCES and REFERENCES.index(name) < REFERENCES.index(ref_name)):
+                continue  # the references against each other once (llama.cpp vs vLLM), not both ways
             for level in levels:
                 p = level["label"]
                 if level["cancel"] or f"{p}_out_tok_per_s" not in x.metrics:
