@@ -18,7 +18,8 @@ import jinja2
 import numpy as np
 
 from ..ir import Model, Value
-from . import custom, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
+from ..passes.canonical import DOMAIN
+from . import custom, fuse, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .custom import Kernel
 from .decode import plan as decode_plan
 from .ops import ALIASES, TABLE, Site, Unsupported, dtype_code
@@ -28,7 +29,11 @@ from .profile import layer_table, op_name
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
 HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
-           "transformer.h")
+           "transformer.h", "paged_attention.h")
+#: Headers only a model with one of these ops needs (the rest of the models compile without them).
+OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}
+#: Ops a fusion of fuse.py replaces: a user kernel for one of them turns fusions off (theirs wins).
+_FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul")}
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined, autoescape=False)
 
@@ -55,9 +60,13 @@ def sanitize(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9_ .\-]", "_", str(text))[:limit]
 
 
-def kernels_source() -> str:
+def kernels_source(ops: set[str] | None = None) -> str:
+    """The kernel headers inlined; ``ops`` (op types of the model) leaves out the optional headers
+    no op of the model needs (None: all of them)."""
     parts = []
     for name in HEADERS:
+        if ops is not None and name in OPTIONAL_HEADERS and OPTIONAL_HEADERS[name] not in ops:
+            continue
         text = (HERE / "kernels" / name).read_text()
         parts.append(re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M))
     return "\n".join(parts)
@@ -102,6 +111,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         consts[id(v)] = {"index": slot(v), "offset": offset, "rank": data.ndim, "dims": dims, "dt": code}
 
     steps = []
+    fused = fuse.plan(graph) if not any(k in kernels for k in _FUSED_OPS) else {}
     for position, node in enumerate(graph.nodes):
         emitter = table.get((node.domain or "", node.op_type))
         where = f"{node.domain + '::' if node.domain else ''}{node.op_type} {sanitize(node.name)!r}"
@@ -110,8 +120,15 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         ins = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.inputs]
         outs = [f"(&V[{slot(v)}])" if v is not None else "NULL" for v in node.outputs]
         site = Site(node, ins, outs, blob)
+        group = fused.get(id(node))
         try:
-            lines = emitter(site)
+            if group is None:
+                lines = emitter(site)
+            elif group.anchor is node:
+                lines = group.emit(lambda v: f"(&V[{slot(v)}])")
+                where += f" + {len(group.members)} node(s): {group.name}"
+            else:
+                lines, where = [], where + f" (fused into {group.name} at {sanitize(group.anchor.name)!r})"
         except Unsupported as exc:
             raise Unsupported(f"{where}: {exc}") from None
         used = {int(k) for k in re.findall(r"\(&V\[(\d+)\]\)", "\n".join(lines))}
@@ -124,7 +141,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     decode, decode_reason = decode_plan(model, index)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
-        kernels=kernels_source() + custom.helpers_for(model, kernels), nv=max(len(index), 1),
+        kernels=kernels_source({n.op_type for n in graph.nodes}) + custom.helpers_for(model, kernels), nv=max(len(index), 1),
         consts=sorted(consts.values(), key=lambda c: c["index"]),
         inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
         decode=decode, sampler=_strip_includes((HERE / "kernels" / "sample.h").read_text()) if decode else "")
@@ -145,7 +162,9 @@ def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], const
             if v is not None and id(v) in index:
                 r = root.get(id(v), id(v))
                 last[r] = position
-        alias = (node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+        # outputs that may be views of input 0 (Split: when the pieces are contiguous runs) keep it alive
+        alias = ((node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
+                 or (node.op_type == "Split" and not node.domain))
         for v in node.outputs:
             if v is None:
                 continue

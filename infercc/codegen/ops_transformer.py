@@ -70,6 +70,14 @@ def _rotary(site: Site) -> list[str]:
             f"icc_rotary_op({site.outs[0]}, {x}, {site.ins[1]}, {site.ins[2]}, {heads}, {rdim}, {interleaved});"]
 
 
+def cache_in_place(node) -> bool:
+    """Whether a cached Attention may write its new K/V rows into the past's own buffer: nothing
+    else reads the past, and the presents are graph outputs nothing in the graph reads."""
+    return (len(node.inputs) > 5 and len(node.outputs) > 2
+            and all(v is not None and len(v.uses) == 1 for v in node.inputs[4:6])
+            and all(v is not None and not v.uses and v.is_graph_output for v in node.outputs[1:3]))
+
+
 @emits("Attention", domain=DOMAIN)
 def _attention(site: Site) -> list[str]:
     n = site.node
@@ -93,12 +101,24 @@ def _attention(site: Site) -> list[str]:
             raise Unsupported(f"Attention with a {storage} cache")
         code = 1 if storage == DType.FLOAT16 else 0
         lines += [f"A.P = {past_k}->d[2]; A.cache_dtype = {code}; A.past_k = {past_k}->p; A.past_v = {past_v}->p;",
-                  "A.past_cap = A.P; A.present_cap = A.P + A.S;"]
-        for out, width in ((site.outs[1], "A.D"), (site.outs[2], "A.Dv")):
+                  f"A.past_cap = {past_k}->cap ? {past_k}->cap : A.P; A.present_cap = A.P + A.S;",
+                  f"if ({past_k}->cap != {past_v}->cap) icc_fail(\"Attention: past key and value differ in room\");"]
+        for out in site.outs[1:3]:
             if out == "NULL":
                 raise Unsupported("Attention whose present key/value is not used")
-            lines.append(f"{out}->dt = {10 if code else 1}; {out}->r = 4; {out}->d[0] = A.B; {out}->d[1] = A.Hkv; "
-                         f"{out}->d[2] = A.P + A.S; {out}->d[3] = {width}; icc_alloc({out});")
+        allocate = []
+        for out, width in ((site.outs[1], "A.D"), (site.outs[2], "A.Dv")):
+            allocate.append(f"{out}->dt = {10 if code else 1}; {out}->r = 4; {out}->d[0] = A.B; {out}->d[1] = A.Hkv; "
+                            f"{out}->d[2] = A.P + A.S; {out}->d[3] = {width};")
+        if cache_in_place(n):
+            # The decode loop binds its caches with room to grow: the new rows are written into the
+            # past's buffer and the present is that buffer, so a step copies no past rows.
+            lines.append(f"if ({past_k}->cap >= A.P + A.S) {{ A.present_cap = A.past_cap;")
+            for out, past, shape in ((site.outs[1], past_k, allocate[0]), (site.outs[2], past_v, allocate[1])):
+                lines.append(f"  {shape} {out}->p = {past}->p; {out}->owned = 0; {out}->cap = {past}->cap;")
+            lines.append("} else { " + " ".join(f"{a} icc_alloc({o});" for a, o in zip(allocate, site.outs[1:3])) + " }")
+        else:
+            lines += [f"{a} icc_alloc({o});" for a, o in zip(allocate, site.outs[1:3])]
         lines.append(f"A.present_k = {site.outs[1]}->p; A.present_v = {site.outs[2]}->p;")
     if mask is not None:
         if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
@@ -110,4 +130,50 @@ def _attention(site: Site) -> list[str]:
     o = site.outs[0]
     lines += [f"{o}->dt = ICC_F32; {o}->r = 3; {o}->d[0] = A.B; {o}->d[1] = A.S; {o}->d[2] = A.H * A.Dv; icc_alloc({o});",
               f"A.out = (float *){o}->p;", "if (!icc_err) icc_attention(&A);", "}"]
+    return lines
+
+
+@emits("PagedAttention", domain=DOMAIN)
+def _paged_attention(site: Site) -> list[str]:
+    """passes/kv_cache/paged_op.py: the pools (inputs 4, 5) are written in place by the kernel."""
+    n = site.node
+    spec = AttentionSpec.of(n)
+    if spec.softmax_precision not in (0, 1):
+        raise Unsupported("PagedAttention with a 16-bit softmax")
+    _float_only(site, 0, 1, 2)
+    pools = n.inputs[4].dtype, n.inputs[5].dtype
+    if pools[0] not in (DType.FLOAT, DType.FLOAT16) or pools[1] != pools[0]:
+        raise Unsupported(f"PagedAttention with {pools[0]} / {pools[1]} pools (float32 or float16, both alike)")
+    for i in (6, 7):
+        if n.inputs[i].dtype != DType.INT32:
+            raise Unsupported(f"PagedAttention with {n.inputs[i].dtype} block tables / lengths (int32)")
+    q, k, v = site.ins[:3]
+    kp, vp, tables, lens = site.ins[4:8]
+    mask = site.ins[3] if site.has(3) else None
+    block = int(n.attr("block_size"))
+    lines = ["{", "icc_paged_attention_args A = {0};",
+             f"A.B = {q}->d[0]; A.S = {q}->d[1]; A.H = {spec.num_heads}; A.Hkv = {spec.kv_num_heads};",
+             f"A.D = {spec.head_size}; A.Dv = {spec.v_head_size}; A.scale = {lit(spec.scale)}; A.softcap = {lit(spec.softcap)};",
+             f"A.mask_value = {lit(spec.mask_value)}; A.causal = {int(spec.causal)}; A.left_window = {spec.left_window};",
+             f"A.q = (const float *){q}->p; A.k = (const float *){k}->p; A.v = (const float *){v}->p;",
+             f"if ({q}->r != 3 || {k}->r != 3 || {v}->r != 3 || {k}->d[0] != A.B || {k}->d[1] != A.S) "
+             "icc_fail(\"PagedAttention: q, k and v must be [batch, sequence, hidden] alike\");",
+             f"if ({kp}->r != 4 || {vp}->r != 4 || {kp}->d[1] != A.Hkv || {kp}->d[2] != {block} || {kp}->d[3] != A.D "
+             f"|| {vp}->d[0] != {kp}->d[0] || {vp}->d[1] != A.Hkv || {vp}->d[2] != {block} || {vp}->d[3] != A.Dv) "
+             f"icc_fail(\"PagedAttention: the pools must be [num_blocks, {spec.kv_num_heads}, {block}, head_size]\");",
+             f"if ({tables}->r != 2 || {tables}->d[0] != A.B || {lens}->r != 1 || {lens}->d[0] != A.B) "
+             "icc_fail(\"PagedAttention: kv_block_tables must be [batch, max_blocks] and kv_past_lens [batch]\");",
+             f"A.cache_dtype = {1 if pools[0] == DType.FLOAT16 else 0}; A.key_pool = {kp}->p; A.value_pool = {vp}->p;",
+             f"A.num_blocks = {kp}->d[0]; A.block_size = {block}; A.block_tables = (const int32_t *){tables}->p;",
+             f"A.max_blocks = {tables}->d[1]; A.past_lens = (const int32_t *){lens}->p;"]
+    if mask is not None:
+        if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
+            raise Unsupported("PagedAttention mask that is neither bool nor float")
+        field = "mask_bool = (const uint8_t *)" if n.inputs[3].dtype == DType.BOOL else "mask_float = (const float *)"
+        lines += [f"if ({mask}->r != 4) icc_fail(\"PagedAttention: the mask must have rank 4\");",
+                  f"else {{ icc_t full = {{.r = 4, .d = {{A.B, A.H, A.S, {mask}->d[3]}}}};",
+                  f"  icc_bstrides({mask}, &full, A.mask_stride); A.mask_len = {mask}->d[3]; A.{field}{mask}->p; }}"]
+    o = site.outs[0]
+    lines += [f"{o}->dt = ICC_F32; {o}->r = 3; {o}->d[0] = A.B; {o}->d[1] = A.S; {o}->d[2] = A.H * A.Dv; icc_alloc({o});",
+              f"A.out = (float *){o}->p;", "if (!icc_err) icc_paged_attention(&A);", "}"]
     return lines

@@ -58,6 +58,19 @@ class GenerationResult:
         return len(self.prompt_token_ids) / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
 
+def stop_ids_for(params: SamplingParams, tokenizer: Tokenizer | None, metadata: Mapping[str, Any]) -> set[int]:
+    """The ids that end a row: ``params.stop_token_ids`` and, unless ``ignore_eos``, the model's EOS
+    ids (the tokenizer's, else the metadata's). InputError for stop strings without a tokenizer
+    (text is what they are searched in)."""
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        eos = tokenizer.eos_ids if tokenizer is not None else metadata.get("eos_token_ids", [])
+        stop_ids.update(int(e) for e in eos)
+    if params.stop and tokenizer is None:
+        raise InputError("stop strings need the model's tokenizer; set compiled.tokenizer or use stop_token_ids")
+    return stop_ids
+
+
 class _Row:
     """One prompt's progress: ids, sampler, text so far, how much of it was handed out."""
 
@@ -133,12 +146,7 @@ class Generation:
                  params: SamplingParams) -> None:
         self.runner = runner
         self.params = params
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            eos = tokenizer.eos_ids if tokenizer is not None else runner.metadata.get("eos_token_ids", [])
-            stop_ids.update(int(e) for e in eos)
-        if params.stop and tokenizer is None:
-            raise InputError("stop strings need the model's tokenizer; set compiled.tokenizer or use stop_token_ids")
+        stop_ids = stop_ids_for(params, tokenizer, runner.metadata)
         self.rows = [_Row(p, params, stop_ids, tokenizer.stream(p) if tokenizer else None) for p in prompts]
         self.prompt_seconds = self.decode_seconds = 0.0
 
@@ -233,6 +241,10 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
     params = options.pop("params", None) or SamplingParams()
     params = params.replace(**options) if options else params
     runner = ModelRunner(compiled.backend, compiled.model, max_context)
+    if len(prompts) > 1 and runner.cached:  # several prompts batch on the serving engine
+        from .engine import EngineGeneration  # (imports this module)
+
+        return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params)
     from .c_generate import make_generation  # (imports this module)
 
     return make_generation(runner, _tokenizer_or_none(compiled), prompts, params)

@@ -46,6 +46,17 @@ def test_greedy_tokens_equal_ort_on_decoder_fixtures(name: str) -> None:
     assert got.token_ids == expected.token_ids and got.finish_reason == expected.finish_reason == "length"
 
 
+def test_caches_grow_in_place_across_several_doublings() -> None:
+    """The loop appends K/V into buffers with room (64, 128, 256 rows): no present per step, and
+    the tokens after each growth (the rows moved once) equal ONNX Runtime's."""
+    ort_model, c_model = fixture()
+    assert "icc_gen_room(&g->past[i]" in c_model.backend.source  # the in-place plan was chosen
+    assert "A.present_cap = A.past_cap" in c_model.backend.source
+    got = c_model.generate(PROMPT, max_new_tokens=150, ignore_eos=True)
+    assert got.decode_loop == "c" and len(got.token_ids) == 150
+    assert got.token_ids == ort_model.generate(PROMPT, max_new_tokens=150, ignore_eos=True).token_ids
+
+
 @pytest.mark.parametrize("kv", ["fp16", "int8"])
 def test_smaller_kv_caches_give_ort_tokens_in_the_c_loop(kv: str) -> None:
     ort_model, c_model = fixture(kv_cache_dtype=kv)

@@ -427,6 +427,113 @@ typedef struct {
     int64_t *lo, *hi, *moff;
 } icc_at_ws;
 
+/* ---- shared by the attention kernels (this one and paged_attention.h) ------------------------------ */
+/* Row m's scores s[0..n) for keys jt .. jt+n-1 (already q.k): softcap, causal/window bounds
+ * [lo, hi] and masks (bias mv where disallowed), then the online-softmax update of (m, l) with
+ * alpha the old accumulator's factor. Returns 0 when the row sees none of these keys (s zeroed). */
+static inline int icc_at_row(icc_at_ws *w, int64_t m, int64_t jt, int64_t n, int skip, float cap, int has_mask,
+                             const uint8_t *mask_bool, const float *mask_float, int64_t mstride, float mv) {
+    float *s = w->s + m * ICC_AT_TK;
+    w->alpha[m] = 1.0f;
+    if (skip && (jt + n <= w->lo[m] || jt > w->hi[m])) { /* nothing this row may see */
+        memset(s, 0, (size_t)n * sizeof(float));
+        return 0;
+    }
+    if (cap != 0.0f)
+        for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
+    if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m]) {
+        const int64_t o = w->moff[m];
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t kj = jt + j;
+            int ok = kj >= w->lo[m] && kj <= w->hi[m];
+            if (mask_bool) ok = ok && mask_bool[o + kj * mstride];
+            float bias = ok ? 0.0f : mv;
+            if (mask_float) bias += mask_float[o + kj * mstride];
+            s[j] += bias;
+        }
+    }
+    const float mt = icc_at_rowmax(s, n);
+    if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
+        memset(s, 0, (size_t)n * sizeof(float));
+        return 0;
+    }
+    const float mnew = mt > w->m[m] ? mt : w->m[m];
+    const float alpha = isinf(w->m[m]) ? 0.0f : expf(w->m[m] - mnew);
+    w->l[m] = w->l[m] * alpha + icc_at_expsum(s, n, mnew);
+    w->m[m] = mnew;
+    w->alpha[m] = alpha;
+    return 1;
+}
+
+/* Rows t0 .. t0+M-1 of kv group bg after a unit over split sp: their outputs (acc / l) into out
+ * [B, S, H*Dv], or, with nsplit > 1, this split's (max, sum, acc[Dv]) into part. ok = 0 (the
+ * workspace could not be allocated): NaN rows, never silently wrong numbers. */
+static inline void icc_at_unit_out(const icc_at_ws *w, int ok, float *out, float *part, int64_t bg, int64_t t0,
+                                   int64_t M, int64_t sp, int64_t nsplit, int64_t R, int64_t S, int64_t Hkv,
+                                   int64_t rep, int64_t Dv) {
+    const int64_t b = bg / Hkv, g = bg % Hkv, HDv = Hkv * rep * Dv;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t t = t0 + m;
+        float *o = nsplit > 1 ? part + ((bg * R + t) * nsplit + sp) * (Dv + 2)
+                              : out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
+        if (!ok) {
+            for (int64_t d = 0; d < (nsplit > 1 ? Dv + 2 : Dv); d++) o[d] = NAN;
+            continue;
+        }
+        const float *acc = w->acc + m * Dv;
+        if (nsplit > 1) {
+            o[0] = w->m[m];
+            o[1] = w->l[m];
+            memcpy(o + 2, acc, (size_t)Dv * sizeof(float));
+        } else {
+            const float inv = w->l[m] > 0.0f ? 1.0f / w->l[m] : 0.0f;
+            for (int64_t d = 0; d < Dv; d++) o[d] = acc[d] * inv;
+        }
+    }
+}
+
+/* How many parts the keys are split into when too few (row chunk, kv group) units exist to share
+ * evenly among the threads (each part at least ICC_AT_MIN_SPLIT keys). */
+static inline int64_t icc_at_splits(int threads, int64_t base_units, int64_t keys) {
+    int64_t nsplit = 1;
+    if (threads > 1 && base_units < 4 * (int64_t)threads) {
+        nsplit = (4 * (int64_t)threads + base_units - 1) / base_units;
+        if (nsplit > keys / ICC_AT_MIN_SPLIT) nsplit = keys / ICC_AT_MIN_SPLIT;
+        if (nsplit < 1) nsplit = 1;
+    }
+    return nsplit;
+}
+
+/* The splits' partial (max, sum, acc) merged into out; an orphaned `omp for`: call it inside the
+ * kernel's parallel region (or outside one, serially). */
+static inline void icc_at_merge(const float *part, float *out, int64_t B, int64_t S, int64_t Hkv, int64_t R,
+                                int64_t rep, int64_t Dv, int64_t nsplit) {
+    const int64_t HDv = Hkv * rep * Dv;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < B * Hkv * R; row++) {
+        const int64_t bg = row / R, t = row % R, b = bg / Hkv, g = bg % Hkv;
+        const float *pr = part + row * nsplit * (Dv + 2);
+        float mx = -INFINITY, l = 0.0f;
+        for (int64_t sp = 0; sp < nsplit; sp++) { /* a NaN (failed split) stays NaN */
+            const float ms = pr[sp * (Dv + 2)];
+            mx = (ms > mx || ms != ms) ? ms : mx;
+        }
+        float *o = out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
+        for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
+        if (isinf(mx) && mx < 0) continue;
+        for (int64_t sp = 0; sp < nsplit; sp++) {
+            const float *ps = pr + sp * (Dv + 2);
+            if (isinf(ps[0]) && ps[0] < 0) continue;
+            const float f = expf(ps[0] - mx);
+            l += ps[1] * f;
+            for (int64_t d = 0; d < Dv; d++) o[d] += ps[2 + d] * f;
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
+    }
+}
+
+
 /* Rows t0 .. t0+M-1 of kv head group bg against keys [kb, ke): online softmax into w. */
 static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_t bg, int64_t t0,
                                int64_t M, int64_t kb, int64_t ke) {
@@ -484,38 +591,8 @@ static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_
         if (!any) continue;
         icc_at_qk(w->q, D, M, kt, ks, n, w->s);
         any = 0;
-        for (int64_t m = 0; m < M; m++) {
-            float *s = w->s + m * ICC_AT_TK;
-            w->alpha[m] = 1.0f;
-            if (skip && (j0 + n <= w->lo[m] || j0 > w->hi[m])) { /* nothing this row may see */
-                memset(s, 0, (size_t)n * sizeof(float));
-                continue;
-            }
-            if (cap != 0.0f)
-                for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
-            if (has_mask || j0 < w->lo[m] || j0 + n - 1 > w->hi[m]) {
-                const int64_t o = w->moff[m];
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t kj = j0 + j;
-                    int ok = kj >= w->lo[m] && kj <= w->hi[m];
-                    if (a->mask_bool) ok = ok && a->mask_bool[o + kj * ms[3]];
-                    float bias = ok ? 0.0f : mv;
-                    if (a->mask_float) bias += a->mask_float[o + kj * ms[3]];
-                    s[j] += bias;
-                }
-            }
-            const float mt = icc_at_rowmax(s, n);
-            if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
-                memset(s, 0, (size_t)n * sizeof(float));
-                continue;
-            }
-            const float mnew = mt > w->m[m] ? mt : w->m[m];
-            const float alpha = isinf(w->m[m]) ? 0.0f : expf(w->m[m] - mnew);
-            w->l[m] = w->l[m] * alpha + icc_at_expsum(s, n, mnew);
-            w->m[m] = mnew;
-            w->alpha[m] = alpha;
-            any = 1;
-        }
+        for (int64_t m = 0; m < M; m++)
+            any |= icc_at_row(w, m, j0, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
         if (!any) continue;
         const float *vt;
         if (half) {
@@ -542,12 +619,7 @@ static void icc_attention(const icc_attention_args *a) {
 #endif
     /* split the keys when there are too few units to share evenly among the threads */
     const int64_t base_units = B * Hkv * chunks;
-    int64_t nsplit = 1;
-    if (threads > 1 && base_units < 4 * (int64_t)threads) {
-        nsplit = (4 * (int64_t)threads + base_units - 1) / base_units;
-        if (nsplit > Skv / ICC_AT_MIN_SPLIT) nsplit = Skv / ICC_AT_MIN_SPLIT;
-        if (nsplit < 1) nsplit = 1;
-    }
+    int64_t nsplit = icc_at_splits(threads, base_units, Skv);
     const int64_t split_len = (Skv + nsplit - 1) / nsplit;
     /* per row and split: (max, sum, acc[Dv]) */
     float *part = NULL;
@@ -556,7 +628,6 @@ static void icc_attention(const icc_attention_args *a) {
         if (!part) nsplit = 1; /* no room for the partials: unsplit */
     }
     const int64_t units = base_units * nsplit;
-    const int64_t HDv = H * Dv;
 
 #pragma omp parallel if (parallel)
     {
@@ -593,51 +664,10 @@ static void icc_attention(const icc_attention_args *a) {
             const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
             const int64_t kb = sp * split_len, ke = (kb + split_len < Skv) ? kb + split_len : Skv;
             if (mem) icc_at_unit(a, &w, bg, t0, M, kb, ke);
-            const int64_t b = bg / Hkv, g = bg % Hkv;
-            for (int64_t m = 0; m < M; m++) {
-                const int64_t t = t0 + m;
-                float *o = nsplit > 1 ? part + ((bg * R + t) * nsplit + sp) * (Dv + 2)
-                                      : a->out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
-                if (!mem) { /* out of memory (a few KB): NaN rows, never silently wrong numbers */
-                    for (int64_t d = 0; d < (nsplit > 1 ? Dv + 2 : Dv); d++) o[d] = NAN;
-                    continue;
-                }
-                const float *acc = w.acc + m * Dv;
-                if (nsplit > 1) { /* this split's (max, sum, acc) */
-                    o[0] = w.m[m];
-                    o[1] = w.l[m];
-                    memcpy(o + 2, acc, (size_t)Dv * sizeof(float));
-                } else {
-                    const float inv = w.l[m] > 0.0f ? 1.0f / w.l[m] : 0.0f;
-                    for (int64_t d = 0; d < Dv; d++) o[d] = acc[d] * inv;
-                }
-            }
+            icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
         }
         free(mem);
-        if (nsplit > 1) {
-#pragma omp for schedule(static)
-            for (int64_t row = 0; row < B * Hkv * R; row++) { /* merge the splits */
-                const int64_t bg = row / R, t = row % R, b = bg / Hkv, g = bg % Hkv;
-                const float *pr = part + row * nsplit * (Dv + 2);
-                float mx = -INFINITY, l = 0.0f;
-                for (int64_t sp = 0; sp < nsplit; sp++) { /* a NaN (failed split) stays NaN */
-                    const float ms = pr[sp * (Dv + 2)];
-                    mx = (ms > mx || ms != ms) ? ms : mx;
-                }
-                float *o = a->out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
-                for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
-                if (isinf(mx) && mx < 0) continue;
-                for (int64_t sp = 0; sp < nsplit; sp++) {
-                    const float *ps = pr + sp * (Dv + 2);
-                    if (isinf(ps[0]) && ps[0] < 0) continue;
-                    const float f = expf(ps[0] - mx);
-                    l += ps[1] * f;
-                    for (int64_t d = 0; d < Dv; d++) o[d] += ps[2 + d] * f;
-                }
-                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-                for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
-            }
-        }
+        if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
     }
     free(part);
 }

@@ -126,8 +126,16 @@ static void icc_split(icc_t *o, const icc_t *x, int64_t axis, const int64_t *siz
     o->r = x->r;
     memcpy(o->d, x->d, sizeof(o->d));
     o->d[axis] = sizes[which];
+    int64_t outer = 1;
+    for (int i = 0; i < axis; i++) outer *= x->d[i];
+    const char *from = (const char *)x->p + start * st[axis] * icc_esize(x->dt);
+    if (outer == 1) { /* each piece is one contiguous run of x (a decode step's fused QKV or gate/up): a view */
+        o->p = (void *)from;
+        o->owned = 0;
+        return;
+    }
     icc_alloc(o);
-    icc_copy_strided(o->p, (const char *)x->p + start * st[axis] * icc_esize(x->dt), o->r, o->d, st, icc_esize(x->dt));
+    icc_copy_strided(o->p, from, o->r, o->d, st, icc_esize(x->dt));
 }
 
 /* equal split sizes (Split without a sizes input) */

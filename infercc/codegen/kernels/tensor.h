@@ -21,6 +21,10 @@ typedef struct {
     int r;
     int dt;
     int owned; /* allocated here (freed by icc_release), else a view of an input, weight or value */
+    /* A KV-cache tensor [B, heads, rows, width] bound with room to grow (the decode loop's caches):
+     * rows of room per head along axis 2, heads `cap` rows apart; 0 = dense (heads d[2] rows apart).
+     * Only the cached Attention reads it (the emitter checks no other node does). */
+    int64_t cap;
 } icc_t;
 
 static int icc_err = 0;          /* first error code of a call (0 = none) */
@@ -52,6 +56,7 @@ static void icc_alloc(icc_t *t) {
     int64_t bytes = icc_numel(t) * icc_esize(t->dt);
     t->p = aligned_alloc(64, (size_t)((bytes + 63) / 64 * 64 + 64));
     t->owned = 1;
+    t->cap = 0;
     if (!t->p) icc_fail("out of memory");
 }
 

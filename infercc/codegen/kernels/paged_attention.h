@@ -1,0 +1,265 @@
+/* infercc generated-C runtime: the canonical PagedAttention (semantics: passes/kv_cache/paged_op.py).
+ *
+ * The keys and values of every sequence live in two block pools shared by all of them, [num_blocks,
+ * Hkv, block_size, D|Dv]; a row finds its blocks through its block table. One call:
+ *
+ * 1. writes each row's S new keys/values into the pools at positions past_len .. past_len+S-1
+ *    (block_tables[b][t / block_size], slot t % block_size; fp16 pools round to nearest even).
+ *    THE POOLS ARE INPUTS WRITTEN IN PLACE: the paged runtime relies on this side effect;
+ * 2. attends, for each row, over its past_len + S keys read from the blocks in place (no gather
+ *    copy), with attention.h's flash loop: a key tile is up to ICC_AT_TK keys made of whole blocks
+ *    (a block larger than a tile is cut), online softmax across tiles, the same work units
+ *    (row, kv head, chunk of query rows, key split) and the same vector helpers. An fp16 tile is
+ *    converted once into the unit's workspace and is then contiguous; an fp32 tile is read block
+ *    by block where it lies.
+ *
+ * Per row, off = past_len: the causal triangle and the window are bottom-right aligned on that row's
+ * own keys, and the mask (when given) is read at column (mask_len - (past_len + S)) + j for key j,
+ * the last past_len + S columns (the runner left-pads the attention_mask of shorter rows).
+ *
+ * Every block id a call may touch is checked (0 <= id < num_blocks) and every row's table must
+ * cover its past_len + S tokens before anything is written: a bad table fails the call
+ * (icc_fail) and leaves the pools as they were. Two rows of one call must not write the same slot
+ * (the block manager copies a shared block before a row appends to it).
+ *
+ * The contract lives here, not in api.h, because this op exists only for the paged runtime.
+ */
+#ifndef ICC_PAGED_ATTENTION_H
+#define ICC_PAGED_ATTENTION_H
+#include "tensor.h"
+#include "attention.h"
+
+typedef struct {
+    int64_t B, S;              /* rows, new tokens per row (the same for every row of a call) */
+    int64_t H, Hkv, D, Dv;     /* query heads, kv heads (H % Hkv == 0), key and value head sizes */
+    float scale, softcap, mask_value;
+    int causal;                /* key j visible to query i of row b iff j <= i + past_lens[b] */
+    int64_t left_window;       /* -1 unbounded, else keys j >= i + past_lens[b] - left_window */
+    const float *q;            /* [B, S, H*D] */
+    const float *k, *v;        /* new keys/values [B, S, Hkv*D], [B, S, Hkv*Dv] */
+    /* mask: bool (uint8, 1 = may attend) or float (added), broadcast over [B, H, S, mask_len]
+     * with element strides (0 on broadcast axes); both NULL without a mask. */
+    const uint8_t *mask_bool;
+    const float *mask_float;
+    int64_t mask_stride[4];
+    int64_t mask_len;
+    int cache_dtype;           /* pools: 0 = fp32, 1 = fp16 */
+    void *key_pool, *value_pool; /* [num_blocks, Hkv, block_size, D|Dv], written in place */
+    int64_t num_blocks, block_size;
+    const int32_t *block_tables; /* [B, max_blocks] */
+    int64_t max_blocks;
+    const int32_t *past_lens;  /* [B] */
+    float *out;                /* [B, S, H*Dv] */
+} icc_paged_attention_args;
+
+/* Every row's lengths and blocks valid (else icc_fail and 0), before the pools are touched. */
+static int icc_pa_check(const icc_paged_attention_args *a) {
+    const int64_t bs = a->block_size;
+    if (bs <= 0 || a->Hkv <= 0 || a->H % a->Hkv) {
+        icc_fail("PagedAttention: block_size must be positive and num_heads a multiple of kv_num_heads");
+        return 0;
+    }
+    const int has_mask = a->mask_bool != NULL || a->mask_float != NULL;
+    for (int64_t b = 0; b < a->B; b++) {
+        const int64_t p = a->past_lens[b], total = p + a->S, need = (total + bs - 1) / bs;
+        if (p < 0) {
+            icc_fail("PagedAttention: kv_past_lens holds a negative length");
+            return 0;
+        }
+        if (need > a->max_blocks) {
+            icc_fail("PagedAttention: a row's block table is shorter than its past + new tokens");
+            return 0;
+        }
+        if (has_mask && a->mask_len < total) {
+            icc_fail("PagedAttention: the mask is shorter than a row's past + new tokens");
+            return 0;
+        }
+        for (int64_t t = 0; t < need; t++) {
+            const int64_t id = a->block_tables[b * a->max_blocks + t];
+            if (id < 0 || id >= a->num_blocks) {
+                icc_fail("PagedAttention: kv_block_tables holds a block id outside the pool");
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* Row b = bg / Hkv, kv head g = bg % Hkv: its S new keys (is_v = 0) or values into the pool. */
+static inline void icc_pa_write(const icc_paged_attention_args *a, int64_t bg, int is_v) {
+    const int64_t S = a->S, Hkv = a->Hkv, bs = a->block_size, b = bg / Hkv, g = bg % Hkv;
+    const int64_t size = is_v ? a->Dv : a->D, p = a->past_lens[b];
+    const float *src = is_v ? a->v : a->k;
+    char *pool = (char *)(is_v ? a->value_pool : a->key_pool);
+    const size_t esz = a->cache_dtype ? 2 : 4;
+    const int32_t *table = a->block_tables + b * a->max_blocks;
+    for (int64_t i = 0; i < S; i++) {
+        const int64_t pos = p + i, blk = table[pos / bs];
+        const float *row = src + ((b * S + i) * Hkv + g) * size;
+        char *at = pool + (size_t)(((blk * Hkv + g) * bs + pos % bs) * size) * esz;
+        if (a->cache_dtype)
+            icc_at_to_f16((uint16_t *)at, row, size);
+        else
+            memcpy(at, row, (size_t)size * sizeof(float));
+    }
+}
+
+/* One piece of a key tile: n keys of one block, at offset `off` of the tile. */
+typedef struct {
+    const char *k, *v;
+    int64_t off, n;
+} icc_pa_seg;
+
+/* Rows t0 .. t0+M-1 of kv head group bg against keys [kb, ke) of its row: online softmax into w
+ * (icc_at_unit's loop with tiles gathered from blocks). `ones` holds M ones (later pieces of a
+ * tile add to the accumulator without rescaling it again). */
+static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, const float *ones, int64_t bg,
+                               int64_t t0, int64_t M, int64_t kb, int64_t ke) {
+    const int64_t S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv, rep = H / Hkv, bs = a->block_size;
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    const int64_t off = a->past_lens[b], Skv = off + S;
+    const int half = a->cache_dtype == 1;
+    const size_t esz = half ? 2 : 4;
+    const float mv = a->mask_value, cap = a->softcap;
+    const int skip = isinf(mv) && mv < 0;
+    const int has_mask = a->mask_bool != NULL || a->mask_float != NULL;
+    const int64_t *ms = a->mask_stride;
+    const int64_t mcol = has_mask ? (a->mask_len - Skv) * ms[3] : 0; /* this row's first key column */
+    const int32_t *table = a->block_tables + b * a->max_blocks;
+    if (ke > Skv) ke = Skv;
+    int64_t klo = Skv, khi = -1;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t t = t0 + m, i = t / rep, h = g * rep + t % rep;
+        const float *qr = a->q + (b * S + i) * H * D + h * D;
+        float *qs = w->q + m * D;
+        for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * a->scale;
+        int64_t lo = a->left_window >= 0 ? i + off - a->left_window : 0;
+        int64_t hi = a->causal ? i + off : Skv - 1;
+        w->lo[m] = lo < 0 ? 0 : lo;
+        w->hi[m] = hi > Skv - 1 ? Skv - 1 : hi;
+        w->moff[m] = has_mask ? b * ms[0] + h * ms[1] + i * ms[2] + mcol : 0;
+        w->m[m] = -INFINITY;
+        w->l[m] = 0.0f;
+        memset(w->acc + m * Dv, 0, (size_t)Dv * sizeof(float));
+        if (w->lo[m] < klo) klo = w->lo[m];
+        if (w->hi[m] > khi) khi = w->hi[m];
+    }
+    if (skip) { /* keys no row may see are never read */
+        if (kb < klo) kb = klo;
+        if (ke > khi + 1) ke = khi + 1;
+    }
+    icc_pa_seg seg[ICC_AT_TK];
+    for (int64_t j0 = kb; j0 < ke;) {
+        int64_t n = 0;
+        int nseg = 0;
+        while (j0 + n < ke && n < ICC_AT_TK) { /* the tile: whole blocks, cut at ke and at ICC_AT_TK */
+            const int64_t j = j0 + n, within = j % bs, blk = table[j / bs];
+            int64_t len = bs - within;
+            if (len > ke - j) len = ke - j;
+            if (len > ICC_AT_TK - n) len = ICC_AT_TK - n;
+            const size_t at = (size_t)((blk * Hkv + g) * bs + within);
+            seg[nseg].k = (const char *)a->key_pool + at * (size_t)D * esz;
+            seg[nseg].v = (const char *)a->value_pool + at * (size_t)Dv * esz;
+            seg[nseg].off = n;
+            seg[nseg].n = len;
+            nseg++;
+            n += len;
+        }
+        const int64_t jt = j0;
+        j0 += n;
+        int any = 0;
+        for (int64_t m = 0; m < M && !any; m++) any = !skip || (jt + n > w->lo[m] && jt <= w->hi[m]);
+        if (!any) continue;
+        if (half) {
+            for (int s = 0; s < nseg; s++)
+                icc_at_from_f16(w->kt + seg[s].off * D, (const uint16_t *)(const void *)seg[s].k, seg[s].n * D);
+            icc_at_qk(w->q, D, M, w->kt, D, n, w->s);
+        } else {
+            for (int s = 0; s < nseg; s++)
+                icc_at_qk(w->q, D, M, (const float *)(const void *)seg[s].k, D, seg[s].n, w->s + seg[s].off);
+        }
+        any = 0;
+        for (int64_t m = 0; m < M; m++)
+            any |= icc_at_row(w, m, jt, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
+        if (!any) continue;
+        if (half) {
+            for (int s = 0; s < nseg; s++)
+                icc_at_from_f16(w->vt + seg[s].off * Dv, (const uint16_t *)(const void *)seg[s].v, seg[s].n * Dv);
+            icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, w->vt, Dv, n);
+        } else {
+            for (int s = 0; s < nseg; s++)
+                icc_at_pv_all(w->acc, Dv, M, s == 0 ? w->alpha : ones, w->s + seg[s].off,
+                              (const float *)(const void *)seg[s].v, Dv, seg[s].n);
+        }
+    }
+}
+
+static void icc_paged_attention(const icc_paged_attention_args *a) {
+    const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
+    if (B <= 0 || S <= 0 || H <= 0) return;
+    if (!icc_pa_check(a)) return;
+    const int half = a->cache_dtype == 1;
+    int64_t max_skv = 0, keys = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t skv = a->past_lens[b] + S;
+        max_skv = skv > max_skv ? skv : max_skv;
+        keys += skv;
+    }
+    const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
+    const int parallel = H * S * keys * (D + Dv) >= ICC_AT_SERIAL_WORK;
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel) threads = omp_get_max_threads();
+#endif
+    /* split the keys when there are too few units to share evenly among the threads */
+    const int64_t base_units = B * Hkv * chunks;
+    int64_t nsplit = icc_at_splits(threads, base_units, max_skv);
+    const int64_t split_len = (max_skv + nsplit - 1) / nsplit;
+    float *part = NULL; /* per row and split: (max, sum, acc[Dv]) */
+    if (nsplit > 1) {
+        part = (float *)malloc((size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
+        if (!part) nsplit = 1;
+    }
+    const int64_t units = base_units * nsplit;
+
+#pragma omp parallel if (parallel)
+    {
+        /* the new keys and values first (the implicit barrier orders them before any read) */
+#pragma omp for schedule(static)
+        for (int64_t x = 0; x < 2 * B * Hkv; x++) icc_pa_write(a, x / 2, (int)(x % 2));
+        icc_at_ws w;
+        memset(&w, 0, sizeof w);
+        size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 4) + (half ? ICC_AT_TK * (D + Dv) : 0));
+        nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
+        float *mem = (float *)malloc(nf * sizeof(float) + 3 * ICC_AT_MR * sizeof(int64_t));
+        float *ones = NULL;
+        if (mem) {
+            w.q = mem;
+            w.s = w.q + ICC_AT_MR * D;
+            w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
+            w.m = w.acc + ICC_AT_MR * Dv;
+            w.l = w.m + ICC_AT_MR;
+            w.alpha = w.l + ICC_AT_MR;
+            ones = w.alpha + ICC_AT_MR;
+            w.kt = ones + ICC_AT_MR;
+            w.vt = w.kt + (half ? ICC_AT_TK * D : 0);
+            w.lo = (int64_t *)(void *)(mem + nf);
+            w.hi = w.lo + ICC_AT_MR;
+            w.moff = w.hi + ICC_AT_MR;
+            for (int i = 0; i < ICC_AT_MR; i++) ones[i] = 1.0f;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
+            const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
+            const int64_t kb = sp * split_len, ke = kb + split_len;
+            if (mem) icc_pa_unit(a, &w, ones, bg, t0, M, kb, ke);
+            icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
+        }
+        free(mem);
+        if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
+    }
+    free(part);
+}
+
+#endif

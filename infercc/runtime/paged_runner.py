@@ -1,0 +1,348 @@
+"""The paged model runner (issue 12's model-runner room): one forward step over rows of many
+sequences whose keys and values live in one block pool, each row found through its block table.
+
+The engine (``runtime/engine.py``) decides which rows run and which blocks they own (the block
+manager); this runner only computes. A step takes ``PagedRow`` s -- a row's new tokens (a decode
+token or a prompt chunk), how many of its tokens the pool already holds, and its blocks -- and
+returns each row's last logits, the rows' new K/V written into the pool at their slots.
+
+Two forms, chosen once (``form`` and ``reason`` say which and why):
+
+* ``"c-paged"``: the model runs on the generated-C runtime. ``PagedCacheLowering`` turns a clone
+  of the compiled graph into one whose attention is ``PagedAttention`` (``kernels/
+  paged_attention.h``): the pools go in as inputs without a copy, and the kernel writes the new
+  K/V into them and reads every past key in place.
+* ``"ort-gather"``: anything else (ONNX Runtime, an int8 cache, a graph the lowering refused):
+  per call, every row's blocks are gathered into a contiguous past [B, kv_heads, P, head_size]
+  (left-padded to the longest row), the compiled cached graph runs as ``ModelRunner._run_cached``
+  runs it, and the new tokens' K/V are scattered from the presents back into the pool.
+
+Rows of one call share their number of new tokens (the graph's ``sequence`` axis); the runner
+groups them by it. Rows with different past lengths share a call only when left padding cannot
+change their results (``padding_problem``): each step pads afresh to its longest row, so positions
+must come from the mask's values (a CumSum, as our importers' graphs compute them) or from
+``position_ids``; a graph that counts positions over the mask's length (torch exports) runs such
+rows in calls of their own (``padding`` says why). Either way every row's result is its result
+alone.
+
+Not thread-safe: one engine thread steps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+from ..ir import Model, Value
+from ..passes.diagnostics import APPLIED, PassRecord
+from .c_backend import CBackend, CUnavailable
+from .kv_cache import CacheSpec, check_context
+from .model_runner import ModelRunner, _ids
+
+if TYPE_CHECKING:
+    from ..compiled import CompiledModel
+
+log = logging.getLogger(__name__)
+FORMS = ("c-paged", "ort-gather")
+
+
+@dataclasses.dataclass
+class PagedRow:
+    seq_id: Hashable        # the engine's sequence id
+    tokens: list[int]       # new token ids of this sequence this step (>= 1: a decode token or a prompt chunk)
+    start: int              # position of tokens[0] = tokens already in this sequence's cache
+    block_table: list[int]  # its blocks, covering positions [0, start + len(tokens))
+
+
+class PagedRunner:
+    """Owns the pool (one array per cached tensor, [num_blocks, kv_heads, block_size, width]) and
+    runs steps over it; see the module docstring."""
+
+    def __init__(self, compiled: CompiledModel, num_blocks: int, block_size: int, *, form: str = "auto") -> None:
+        """``form``: "auto" (c-paged where possible, else ort-gather), or one of ``FORMS`` to insist
+        (ConfigError when "c-paged" is not possible, with the reason)."""
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"PagedRunner: {name} must be a positive integer, got {value!r}")
+        if form not in ("auto", *FORMS):
+            raise ConfigError(f"PagedRunner: form must be 'auto' or one of {list(FORMS)}, got {form!r}")
+        self.compiled = compiled
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.cache_spec = _spec(compiled)
+        #: K+V bytes of all layers for block_size tokens (to size the pool from Config.kv_cache_memory).
+        self.bytes_per_block = self.cache_spec.bytes_per_token * block_size
+        #: The paged-cache lowering's record (per layer: applied, or skipped with the reason); None
+        #: when the lowering was not tried (ONNX Runtime, or form="ort-gather").
+        self.lowering: PassRecord | None = None
+        self.paged_model: Model | None = None
+        backend, why = (None, "form='ort-gather' was asked for") if form == "ort-gather" else self._paged_backend()
+        if backend is not None:
+            self.form = "c-paged"
+            self.reason = "generated C: PagedAttention writes the new K/V into the pool and reads the past in place"
+        elif form == "c-paged":
+            raise ConfigError(f"PagedRunner: form='c-paged' is not possible for this model: {why}; use form='auto'")
+        else:
+            backend = compiled.backend
+            self.form = "ort-gather"
+            self.reason = (f"blocks gathered into the contiguous cached graph ({compiled.runtime_reason or compiled.runtime}) "
+                           f"and the new K/V scattered back: {why}")
+        self.backend = backend
+        #: The cached graph's interface (inputs it takes, vocabulary, context) as the contiguous runner reads it.
+        self.interface = ModelRunner(backend, compiled.model)
+        self.max_context = self.interface.max_context
+        #: Why rows with different past lengths run in separate calls (None: they share calls).
+        self.padding = padding_problem(compiled.model, masked_keys=self.form == "ort-gather")
+        self.pools = self._allocate()
+        #: Graph runs so far (a step runs one per group of rows; for tests and metrics).
+        self.runs = 0
+        log.info("paged KV cache: %s (%s); %d blocks of %d tokens, %d bytes each%s", self.form, self.reason,
+                 num_blocks, block_size, self.bytes_per_block,
+                 f"; rows of different past lengths run apart: {self.padding}" if self.padding else "")
+
+    # -- the door -------------------------------------------------------------------------------
+    @staticmethod
+    def bytes_per_token(compiled: CompiledModel) -> int:
+        """Cache bytes one token of one sequence takes (all layers, keys and values, int8 scales)."""
+        return _spec(compiled).bytes_per_token
+
+    def step(self, rows: list[PagedRow]) -> np.ndarray:
+        """float32 logits of each row's last token [len(rows), vocab]; the rows' new K/V are written
+        into the pool at their slots. InputError (nothing written) for a malformed row."""
+        if not rows:
+            raise InputError("PagedRunner.step: no rows to run")
+        ids = self._check(rows)
+        groups: dict[tuple[int, int | None], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((len(row.tokens), row.start if self.padding else None), []).append(i)
+        out: np.ndarray | None = None
+        for members in groups.values():
+            logits = self._run([rows[i] for i in members], np.stack([ids[i] for i in members]))
+            if out is None:
+                out = np.empty((len(rows), logits.shape[-1]), np.float32)
+            out[members] = logits
+        assert out is not None
+        return out
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: pool block src -> dst for each (src, dst), in every layer's keys and values."""
+        if not pairs:
+            return
+        src, dst = (np.asarray([p[i] for p in pairs], np.int64) for i in (0, 1))
+        bad = [p for p in pairs if not all(isinstance(x, (int, np.integer)) and 0 <= x < self.num_blocks for x in p)]
+        if bad:
+            raise InputError(f"PagedRunner.copy_blocks: pair {bad[0]} names a block outside the pool of "
+                             f"{self.num_blocks} blocks (ids 0..{self.num_blocks - 1})")
+        for pool in self.pools.values():
+            pool[dst] = pool[src]
+
+    def release(self, seq_id: Hashable) -> None:
+        """The sequence ended or was preempted: nothing to do (no per-sequence state; the block
+        manager owns the blocks)."""
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _check(self, rows: list[PagedRow]) -> list[np.ndarray]:
+        """Each row's token ids (int64, checked against the vocabulary), or InputError naming the
+        row and the fix, before anything is written."""
+        seen: set = set()
+        ids = []
+        bs = self.block_size
+        for i, row in enumerate(rows):
+            where = f"PagedRunner.step: row {i} (sequence {row.seq_id!r})"
+            if row.seq_id in seen:
+                raise InputError(f"{where} appears twice in one step; give each sequence one row per step")
+            seen.add(row.seq_id)
+            if len(row.tokens) == 0:
+                raise InputError(f"{where} has no new tokens; leave it out of the step")
+            if not isinstance(row.start, (int, np.integer)) or row.start < 0:
+                raise InputError(f"{where} has start {row.start!r}; it must be the number of tokens already cached (>= 0)")
+            total = int(row.start) + len(row.tokens)
+            check_context(total, self.max_context)
+            need = -(-total // bs)
+            if len(row.block_table) < need:
+                raise InputError(f"{where} has {len(row.block_table)} block(s) for {total} tokens; it needs {need} of "
+                                 f"{bs} tokens (allocate them before the step)")
+            table = row.block_table[:need]
+            bad = [b for b in table if not isinstance(b, (int, np.integer)) or not 0 <= b < self.num_blocks]
+            if bad:
+                raise InputError(f"{where} names block {bad[0]!r}, outside the pool of {self.num_blocks} blocks "
+                                 f"(ids 0..{self.num_blocks - 1})")
+            try:
+                ids.append(_ids(row.tokens, self.interface.vocab_size))
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
+        return ids
+
+    # -- running ----------------------------------------------------------------------------------
+    def _feeds(self, rows: list[PagedRow], ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+        """input_ids, attention_mask left-padded to the longest past, position_ids and
+        logits_to_keep as the graph takes them; and the rows' past lengths and the longest."""
+        pasts = np.asarray([row.start for row in rows], np.int64)
+        width = int(pasts.max())
+        s = ids.shape[1]
+        mask = (np.arange(width + s)[None, :] >= (width - pasts)[:, None]).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.interface.has_positions:
+            feeds["position_ids"] = pasts[:, None] + np.arange(s, dtype=np.int64)[None, :]
+        if self.interface.keeps_logits:
+            feeds["logits_to_keep"] = np.asarray(1, np.int64)
+        return feeds, pasts, width
+
+    def _logits_buffer(self, batch: int, s: int) -> np.ndarray | None:
+        vocab = self.interface.vocab_size
+        width = 1 if self.interface.keeps_logits else s
+        return None if vocab is None else np.empty((batch, width, vocab), self.interface.logits_dtype)
+
+    def _run(self, rows: list[PagedRow], ids: np.ndarray) -> np.ndarray:
+        feeds, pasts, width = self._feeds(rows, ids)
+        self.runs += 1
+        s = ids.shape[1]
+        if self.form == "c-paged":
+            logits = self._run_paged(rows, feeds, pasts, s)
+        else:
+            logits = self._run_gather(rows, feeds, pasts, width, s)
+        if self.interface.vocab_size is None:
+            self.interface.vocab_size = int(logits.shape[-1])
+        return logits[:, -1].astype(np.float32, copy=False)
+
+    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int) -> np.ndarray:
+        from ..passes.kv_cache.paged import BLOCK_TABLES, PAST_LENS, pool_for
+
+        need = -(-(pasts + s) // self.block_size)
+        tables = np.zeros((len(rows), int(need.max())), np.int32)  # padded with block 0 (never read)
+        for b, row in enumerate(rows):
+            tables[b, :need[b]] = row.block_table[:need[b]]
+        feeds[BLOCK_TABLES] = tables
+        feeds[PAST_LENS] = pasts.astype(np.int32)
+        for name, pool in self.pools.items():  # the pools themselves: the kernel writes into them
+            feeds[pool_for(name)] = pool
+        return self.backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), s)})["logits"]
+
+    def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int) -> np.ndarray:
+        bs = self.block_size
+        slots = []  # per row: (blocks, offsets) of its past, and of its new tokens
+        for row in rows:
+            past, new = np.arange(row.start), np.arange(row.start, row.start + s)
+            table = np.asarray(row.block_table, np.int64)
+            slots.append(((table[past // bs], past % bs), (table[new // bs], new % bs)))
+        outputs: dict[str, np.ndarray | None] = {"logits": self._logits_buffer(len(rows), s)}
+        for entry in self.cache_spec.entries:
+            pool = self.pools[entry.input]
+            past = np.zeros((len(rows), entry.heads, width, entry.width), entry.dtype)
+            for b, ((blocks, offsets), _) in enumerate(slots):
+                if len(blocks):  # left-padded: the row's tokens are the last ones
+                    past[b, :, width - len(blocks):] = pool[blocks, :, offsets].transpose(1, 0, 2)
+            feeds[entry.input] = past
+            outputs[entry.output] = None
+        result = self.backend.run_bound(feeds, outputs)
+        for entry in self.cache_spec.entries:
+            present, pool = result[entry.output], self.pools[entry.input]
+            for b, (_, (blocks, offsets)) in enumerate(slots):
+                pool[blocks, :, offsets] = present[b, :, width:width + s].transpose(1, 0, 2)
+        return result["logits"]
+
+    def _allocate(self) -> dict[str, np.ndarray]:
+        """One zeroed pool per cached tensor, by its past input's name (np.zeros: pages are touched
+        only when blocks are written)."""
+        total = self.bytes_per_block * self.num_blocks
+        try:
+            return {e.input: np.zeros((self.num_blocks, e.heads, self.block_size, e.width), e.dtype)
+                    for e in self.cache_spec.entries}
+        except MemoryError:
+            raise ConfigError(f"PagedRunner: a KV pool of {self.num_blocks} blocks x {self.bytes_per_block} bytes "
+                              f"({total} bytes) does not fit in memory; lower Config.kv_cache_memory") from None
+
+    def _paged_backend(self) -> tuple[CBackend | None, str]:
+        """The C library of the paged graph, or (None, why not)."""
+        from ..passes.cleanup.dce import DeadCodeElimination
+        from ..passes.kv_cache.paged import PagedCacheLowering
+        from ..passes.lowering import wants_c
+        from ..passes.manager import PassManager
+
+        compiled, config = self.compiled, self.compiled.config
+        if not wants_c(config):
+            return None, (f"the model runs on ONNX Runtime (Config.backend={config.backend!r}); PagedAttention is a "
+                          "generated-C kernel")
+        made = getattr(compiled, "_backend", None)  # the C runtime already failed for this model
+        if made is not None and not isinstance(made, CBackend):
+            return None, compiled.runtime_reason or "the model runs on ONNX Runtime"
+        manager = PassManager([PagedCacheLowering(self.block_size), DeadCodeElimination()], config.replace(strict=False))
+        paged, diagnostics = manager.run(compiled.model.clone())
+        self.lowering = diagnostics[PagedCacheLowering.name]
+        if self.lowering.status != APPLIED:
+            return None, f"the paged lowering left the graph alone ({'; '.join(self.lowering.reasons)})"
+        try:
+            backend = CBackend(paged, intra_op_threads=config.intra_op_threads, kernels=compiled.kernels)
+        except CUnavailable as exc:
+            return None, f"the generated-C runtime cannot run the paged graph ({exc})"
+        self.paged_model = paged
+        return backend, ""
+
+
+def _spec(compiled: CompiledModel) -> CacheSpec:
+    spec = CacheSpec.from_model(compiled.model)
+    if spec is None:
+        raise ConfigError("the model was compiled without a KV cache (no past_key_values.* inputs), so it has nothing "
+                          "to page; compile it with kv_cache=True (the default for causal LMs)")
+    return spec
+
+
+# -- when rows of different past lengths may share a call ------------------------------------------
+def padding_problem(model: Model, *, masked_keys: bool) -> str | None:
+    """Why left-padding rows to the longest past in one call could change a row's results, else
+    None. Each step pads afresh, so a row's padding changes between steps: positions must come from
+    ``position_ids`` or from the mask's values (a CumSum); positions counted over the mask's length
+    (a Range, as torch exports count them) would shift -- rotary ones too, since keys already in the
+    pool were rotated with the padding of their own step. ``masked_keys``: the padded past is
+    attended over (ort-gather), so every attention must also mask keys by the mask's values."""
+    from ..passes.kv_cache import contract as c
+    from ..passes.kv_cache.sequence import MASK_NAME, POSITIONS_NAME, Refusal, SequenceWorld
+
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    if MASK_NAME not in inputs:
+        return f"the graph has no {MASK_NAME!r} input"
+    try:
+        world = SequenceWorld(graph)
+        sinks = world.sinks()
+    except (Refusal, KeyError) as exc:
+        return f"how the graph derives positions could not be analysed ({exc})"
+    positions = inputs.get(POSITIONS_NAME)
+    for sink in sinks:
+        x = sink.node.inputs[sink.index]
+        if sink.kind == "shape" or (sink.kind == "mask" and not masked_keys):
+            continue
+        if sink.kind == "mask":
+            if not _reaches(x, lambda v: v is inputs[MASK_NAME]):
+                return f"the attention mask %{x.name} does not read {MASK_NAME!r}'s values, so padding would be attended"
+            continue
+        if not _reaches(x, lambda v: v is positions or (v.producer is not None and v.producer.op_type == "CumSum")):
+            return (f"the {sink.kind} operand %{x.name} of {sink.node.op_type} {sink.node.name!r} counts positions over "
+                    f"the sequence's length, not from {MASK_NAME!r}'s values or {POSITIONS_NAME!r}: padding would shift them")
+    if masked_keys:
+        for node in c.attention_nodes(graph):
+            if len(node.inputs) < 4 or node.inputs[3] is None:
+                return f"attention {node.name!r} takes no mask, so padded keys would be attended"
+    return None
+
+
+def _reaches(value: Value, found, limit: int = 10000) -> bool:
+    """Whether ``found`` holds for ``value`` or anything it is computed from through data edges
+    (a Shape or Size reads only its input's shape: not followed)."""
+    seen: set[int] = set()
+    stack = [value]
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if found(v):
+            return True
+        node = v.producer
+        if node is not None and not (node.op_type in ("Shape", "Size") and not node.domain):
+            stack.extend(x for x in node.inputs if x is not None)
+    return False
