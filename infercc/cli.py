@@ -354,6 +354,41 @@ def _demo_tiny() -> int:
     return 0
 
 
+# -- serve: the OpenAI-compatible HTTP server --------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve MODEL over OpenAI's HTTP API until SIGTERM or Ctrl-C; both drain first (no new
+    connections, in-flight requests finish), then the command returns."""
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"serve: --port must be in [0, 65535] (0 = any free port), got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("serve: --api-key is empty; pass a non-empty key, or leave the option out to serve "
+                         "without authentication")
+    options = _compile_options(args)
+    if args.backend:
+        options["backend"] = args.backend
+    compiled = _load_for_run(args.model, options)
+    if args.tokenizer:
+        from .runtime.tokenizer import Tokenizer
+
+        compiled.tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    knobs = {name: getattr(args, name) for name in ("max_batch_tokens", "kv_cache_memory")
+             if getattr(args, name) is not None}
+    config = compiled.config.replace(**knobs)  # validated here: a bad value is a ConfigError naming the field
+    from .server import model_name_for, serve
+
+    print("building the runtime and the KV-cache pool ...", file=sys.stderr)
+    name = args.model_name or model_name_for(args.model)
+
+    def ready(url: str) -> None:
+        print(f"serving {name!r} at {url}/v1 (OpenAI-compatible; health {url}/health, metrics {url}/metrics); "
+              "Ctrl-C or SIGTERM drains and stops", flush=True)
+
+    serve(compiled, host=args.host, port=args.port, model_name=name, api_key=args.api_key, config=config,
+          on_ready=ready)
+    print("stopped: every request in flight finished", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercc", description="Inference-optimizing compiler for transformer models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -435,6 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="op types listed in the profile (the rest summed)")
     optimization_flags(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions)")
+    p.add_argument("model", help=".gguf file, Hugging Face folder, .onnx file or a folder written by convert")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--max-batch-tokens", type=int, help="tokens one engine step computes at most (default 1024)")
+    p.add_argument("--kv-cache-memory", type=int, metavar="BYTES",
+                   help="bytes of the KV-cache block pool (default 0 = sized automatically)")
+    p.add_argument("--api-key", default=os.environ.get("INFERCC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $INFERCC_API_KEY; none = open)")
+    p.add_argument("--model-name", help="model id clients send and /v1/models lists (default: the file or folder name)")
+    p.add_argument("--tokenizer", help="tokenizer source (.gguf, HF folder) for a model that has none")
+    p.add_argument("--backend", choices=["auto", "c", "ort"],
+                   help="runtime when compiling (a compiled folder keeps its own): ort (default), c or auto")
+    optimization_flags(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="compile SmolLM2-135M-Instruct and stream a chat answer (--tiny: built-in model)")
     p.add_argument("--tiny", action="store_true", help="compile and run a built-in tiny transformer instead")

@@ -270,17 +270,23 @@ class PagedRunner:
         made = getattr(compiled, "_backend", None)  # the C runtime already failed for this model
         if made is not None and not isinstance(made, CBackend):
             return None, compiled.runtime_reason or "the model runs on ONNX Runtime"
-        manager = PassManager([PagedCacheLowering(self.block_size), DeadCodeElimination()], config.replace(strict=False))
-        paged, diagnostics = manager.run(compiled.model.clone())
-        self.lowering = diagnostics[PagedCacheLowering.name]
-        if self.lowering.status != APPLIED:
-            return None, f"the paged lowering left the graph alone ({'; '.join(self.lowering.reasons)})"
-        try:
-            backend = CBackend(paged, intra_op_threads=config.intra_op_threads, kernels=compiled.kernels)
-        except CUnavailable as exc:
-            return None, f"the generated-C runtime cannot run the paged graph ({exc})"
-        self.paged_model = paged
-        return backend, ""
+        # One paged library per compiled model and block size: every engine (each generate([...])
+        # call, the server's) reuses it instead of lowering and loading the graph again.
+        memo = compiled.__dict__.setdefault("_paged_backends", {})
+        if self.block_size not in memo:
+            manager = PassManager([PagedCacheLowering(self.block_size), DeadCodeElimination()], config.replace(strict=False))
+            paged, diagnostics = manager.run(compiled.model.clone())
+            lowering, backend, why = diagnostics[PagedCacheLowering.name], None, ""
+            if lowering.status != APPLIED:
+                why = f"the paged lowering left the graph alone ({'; '.join(lowering.reasons)})"
+            else:
+                try:
+                    backend = CBackend(paged, intra_op_threads=config.intra_op_threads, kernels=compiled.kernels)
+                except CUnavailable as exc:
+                    why = f"the generated-C runtime cannot run the paged graph ({exc})"
+            memo[self.block_size] = (lowering, paged if backend is not None else None, backend, why)
+        self.lowering, self.paged_model, backend, why = memo[self.block_size]
+        return backend, why
 
 
 def _spec(compiled: CompiledModel) -> CacheSpec:
