@@ -48,7 +48,9 @@ def kv_sample(kind: str, samples: list[tuple[str, dict[str, str], float]]) -> di
     """Blocks in use, blocks in the pool, block size and running requests from one scrape of
     infercc's or vLLM's /metrics; None when the scrape lacks them."""
     if kind == "infercc":
-        used, total = _first(samples, "infercc_kv_blocks", state="used"), _first(samples, "infercc_kv_blocks_total")
+        used = _first(samples, "infercc_kv_blocks", state="used")
+        total = _first(samples, "infercc_kv_pool_blocks")
+        total = _first(samples, "infercc_kv_blocks_total") if total is None else total  # the name before the merge
         running = _first(samples, "infercc_requests_running")
         if used is None or total is None or running is None:
             return None
@@ -173,20 +175,35 @@ def cancel_effect(result: RunResult, levels: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _kv_peaks(out: Path, started: str) -> dict[str, dict[str, float]]:
-    """The largest KV peak (most running requests) each contender's calls of this run recorded."""
-    peaks: dict[str, dict[str, float]] = {}
+def _calls(out: Path, started: str) -> list[dict[str, Any]]:
+    """The per-call detail files (`benchmarks.cases.serve.sweep`) this run wrote."""
     try:
         since = datetime.fromisoformat(started).timestamp()
     except ValueError:
         since = 0.0
+    calls = []
     for path in sorted((out / "servers").glob("*-call*.json")):
         if path.stat().st_mtime < since:
             continue  # an earlier run's file in the same folder
         try:
-            data = json.loads(path.read_text())
+            calls.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
+    return calls
+
+
+def runner_forms(out: Path, started: str) -> list[str]:
+    """Which model-runner form infercc's engine used (``infercc_engine_info{runner=...}``)."""
+    forms = sorted({lab["runner"] for data in _calls(out, started) if data.get("metrics_text")
+                    for name, lab, _ in parse_prometheus(data["metrics_text"])
+                    if name == "infercc_engine_info" and "runner" in lab})
+    return [f"infercc's engine ran the {' / '.join(forms)} runner"] if forms else []
+
+
+def _kv_peaks(out: Path, started: str) -> dict[str, dict[str, float]]:
+    """The largest KV peak (most running requests) each contender's calls of this run recorded."""
+    peaks: dict[str, dict[str, float]] = {}
+    for data in _calls(out, started):
         for load in data.get("loads", []):
             peak = load.get("kv_peak")
             best = peaks.get(data.get("contender"), {})
@@ -280,6 +297,7 @@ def report(result: RunResult, out: Path, levels: list[dict[str, Any]]) -> list[s
     lines = table(result, levels)
     lines += ["", *ratios(result, levels)] if _ok(result) else []
     lines += cancel_effect(result, levels) + memory(result, out, levels) + load_line(result)
+    lines += runner_forms(out, result.started_at)
     png = plot(result, levels, out / "throughput.png")
     if png is not None:
         lines.append(f"plot: {png}")

@@ -216,7 +216,7 @@ def build_case(args: argparse.Namespace) -> Case:
     per_call = sum(level["requests"] for level in plan)
     calls = args.warmup + args.repeat
     prompts = make_prompts(tokenizer.encode, tokenizer.decode, per_call * calls, args.prompt_len)
-    warm = make_prompts(tokenizer.encode, tokenizer.decode, 4, args.prompt_len, start=10**6)
+    warm = make_prompts(tokenizer.encode, tokenizer.decode, 5, args.prompt_len, start=10**6)
     notes: dict[str, Any] = {
         "gguf": str(gguf), "levels": plan, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "kv_cache_gib": args.kv_cache_gib, "kv": kv_geometry(gguf), "eos_ids": tokenizer.eos_ids,
@@ -268,8 +268,8 @@ def sweep(threads: int, contender: str, server: dict[str, Any], prompts: list[st
                                  extra_body=server["extra_body"], cancel=frozenset(cancel_indices(len(prompt_list), cancel)),
                                  cancel_after=max(1, max_tokens // 2)), monitor=monitor)
 
-    warm1, _ = load(warm_prompts[:1], 1, max_tokens=8)
-    warm4, _ = load(warm_prompts, min(4, len(warm_prompts)), max_tokens=8)
+    warm1, _ = load(warm_prompts[:1], 1, max_tokens=8)  # each warm-up prompt once: no prefix-cache hit later
+    warm4, _ = load(warm_prompts[1:], min(4, len(warm_prompts) - 1), max_tokens=8)
     if warm4.completed == 0:
         raise RuntimeError(f"{contender}: every warm-up request failed: {warm4.first_error or warm1.first_error}")
     meta = {"ready_s": round(proc.ready_s or 0.0, 2), "port": port, "log": str(proc.log_path),

@@ -206,7 +206,7 @@ def test_kv_figures_from_a_real_prometheus_exposition() -> None:
             for state, value in (("used", 42), ("cached", 3), ("free", 100)):
                 kv.add_metric([state], value)
             yield kv
-            yield GaugeMetricFamily("infercc_kv_blocks_total", "total", value=145)
+            yield GaugeMetricFamily("infercc_kv_pool_blocks", "total", value=145)
             yield GaugeMetricFamily("infercc_requests_running", "running", value=4)
             yield GaugeMetricFamily("infercc_kv_block_waste", "waste", value=0.25)
 
