@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import ConfigResult, RunResult, summarize
-from benchmarks.serve_report import memory, report
+from benchmarks.serve_report import memory, report, runner_forms
 
 LEVELS = [{"label": "c1", "concurrency": 1, "requests": 8, "cancel": 0.0},
           {"label": "c4", "concurrency": 4, "requests": 16, "cancel": 0.0},
@@ -55,7 +55,9 @@ def test_memory_line_paged_vs_contiguous_and_measured(tmp_path: Path) -> None:
     calls = tmp_path / "servers"
     calls.mkdir()
     peak = {"used_blocks": 88, "total_blocks": 1456, "running": 8, "waste": 0.1}
-    (calls / "infercc-x-call0.json").write_text(json.dumps({"contender": "infercc", "loads": [{"kv_peak": peak}]}))
+    info = '# TYPE infercc_engine_info gauge\ninfercc_engine_info{runner="c-paged"} 1.0\n'
+    (calls / "infercc-x-call0.json").write_text(json.dumps({"contender": "infercc", "loads": [{"kv_peak": peak}],
+                                                            "metrics_text": info}))
     old = calls / "infercc-y-call0.json"  # an earlier run's file: ignored
     old.write_text(json.dumps({"contender": "infercc", "loads": [{"kv_peak": {**peak, "running": 99}}]}))
     os.utime(old, (time.time() - 3600, time.time() - 3600))
@@ -66,6 +68,7 @@ def test_memory_line_paged_vs_contiguous_and_measured(tmp_path: Path) -> None:
     assert len(lines) == 2 and "8 request(s) running in 88 of 1456 blocks (11.0 blocks each)" in lines[1]
     assert f"-> {2**30 / (11 * 16 * 46080):.1f} sequences per GiB, 10.0% of used slots empty" in lines[1]
     assert f"= {2**30 / 1456 / 1024:.0f} KiB/block (computed: 720 KiB)" in lines[1]
+    assert runner_forms(tmp_path, result.started_at) == ["infercc's engine ran the c-paged runner"]
 
 
 def test_memory_line_needs_the_geometry(tmp_path: Path) -> None:
