@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.cases import decode, matmul, packing, prefill, quant, roundtrip, smollm2, stories
+from benchmarks.cases import decode, matmul, packing, prefill, quant, roundtrip, serve, smollm2, stories
 from benchmarks.harness import Case
 
 
@@ -35,4 +35,5 @@ CASES: dict[str, CaseDef] = {
     "packing": CaseDef(packing.build_case, _first_line(packing.__doc__), packing.add_arguments),
     "smollm2": CaseDef(smollm2.build_case, _first_line(smollm2.__doc__), smollm2.add_arguments),
     "stories": CaseDef(stories.build_case, _first_line(stories.__doc__), stories.add_arguments),
+    "serve": CaseDef(serve.build_case, _first_line(serve.__doc__), serve.add_arguments),
 }
