@@ -23,7 +23,10 @@ K, N, flags, panel stride in bytes), then ceil(N / 16) panels of 16 output colum
 * scales float32 [blocks, 16], or float16 (flag 4) when every scale is exactly a float16 (GGUF
   steps are): 32 instead of 64 bytes per block, ~10% less to stream for 4-bit blocks of 32;
 * zero points uint8 [blocks, 16] (flag 1; absent = 2^(bits-1) everywhere);
-* rests float32 [blocks, 16] (flag 2: w = scale * (code - zero point) + rest, exact GGUF Q4_1).
+* rests float32 [blocks, 16] (flag 2: w = scale * (code - zero point) + rest, exact GGUF Q4_1),
+  or float16 (flag 8) when the zero points fold into them exactly: w = scale * code + min with
+  the zero point 0 (flag 16, no zero-point array) -- GGUF Q4_1's own form (d * q + m, m a float16),
+  352 -> 320 bytes per 4-bit block of 16 columns, ~10% less to stream.
 
 The kernels find every part from (N, K, bits, block) and the header's flags and stride.
 
@@ -48,6 +51,8 @@ VERSION = 1
 FLAG_ZERO_POINTS = 1
 FLAG_RESTS = 2
 FLAG_F16_SCALES = 4
+FLAG_F16_RESTS = 8
+FLAG_ZERO_IS_0 = 16
 #: Alignment of every array in the weight blob (a cache line; AVX-512 loads).
 ALIGN = 64
 
@@ -68,7 +73,7 @@ def quant_panel_stride(k: int, bits: int, block: int, flags: int) -> int:
     blocks = -(-k // block)
     size = blocks * (block * PANEL * bits // 8 + (2 if flags & FLAG_F16_SCALES else 4) * PANEL)
     size += blocks * PANEL if flags & FLAG_ZERO_POINTS else 0
-    size += blocks * 4 * PANEL if flags & FLAG_RESTS else 0
+    size += blocks * (2 if flags & FLAG_F16_RESTS else 4) * PANEL if flags & FLAG_RESTS else 0
     return -(-size // 64) * 64
 
 
@@ -105,6 +110,14 @@ def pack_quant(
     exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
     flags = (FLAG_ZERO_POINTS if zero_points is not None else 0) | (FLAG_RESTS if rests is not None else 0)
     flags |= FLAG_F16_SCALES if exact_half else 0
+    mins = _half_mins(scales, zeros, rests) if rests is not None and exact_half else None
+    if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
+        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_ZERO_IS_0
+        zeros, rests = np.zeros_like(zeros), mins
+        if blocks * block > K:  # the padding is the new zero point's code, 0
+            flat = codes.reshape(N, blocks * block).copy()
+            flat[:, K:] = 0
+            codes = flat.reshape(N, blocks, block)
     panels = -(-N // PANEL)
     pad_n = panels * PANEL - N
 
@@ -125,7 +138,7 @@ def pack_quant(
     if flags & FLAG_ZERO_POINTS:
         parts.append(as_bytes(columns(zeros, 0)))
     if flags & FLAG_RESTS:
-        parts.append(as_bytes(columns(np.asarray(rests, np.float32), 0.0)))
+        parts.append(as_bytes(columns(np.asarray(rests, np.float16 if flags & FLAG_F16_RESTS else np.float32), 0.0)))
     stride = quant_panel_stride(K, bits, block, flags)
     body = np.zeros((panels, stride), np.uint8)
     used = np.concatenate(parts, axis=1)
@@ -133,6 +146,19 @@ def pack_quant(
     header = np.zeros(HEADER // 4, np.int32)
     header[:8] = [MAGIC, VERSION, bits, block, K, N, flags, stride]
     return np.concatenate([header.view(np.uint8), body.reshape(-1)])
+
+
+def _half_mins(scales: np.ndarray, zeros: np.ndarray, rests: np.ndarray) -> np.ndarray | None:
+    """rest - scale * zero as float16 [N, blocks] when that is exact to the rest's float32 rounding
+    for every block (a GGUF Q4_1 minimum that the importer moved to an integer zero point), else None."""
+    r = np.asarray(rests, np.float64)
+    mins = r - np.asarray(scales, np.float64) * zeros.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = mins.astype(np.float16)
+    # the rest was rounded to float32 once: allow that rounding (an ulp of it), no more
+    slack = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
+    ok = np.isfinite(half) & (np.abs(half.astype(np.float64) - mins) <= slack)
+    return half if bool(ok.all()) else None
 
 
 class Blob:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from infercc.codegen.packing import FLAG_F16_SCALES, FLAG_RESTS, FLAG_ZERO_POINTS, HEADER, MAGIC, pack_quant
+from infercc.codegen.packing import FLAG_F16_RESTS, FLAG_F16_SCALES, FLAG_RESTS, FLAG_ZERO_IS_0, FLAG_ZERO_POINTS, HEADER, MAGIC, pack_quant
 from infercc.passes.quantize.methods import quantize_rows
 from infercc.passes.quantize.native import find_native
 from infercc.passes.quantize.pack import to_nbits
@@ -52,6 +52,11 @@ class Grid:
 
 def make_grid(kind: str, n: int, k: int, block: int, seed: int = 0) -> Grid:
     rng = np.random.default_rng(seed)
+    if kind == "q4_1_f32_min":  # minimums that are no float16: packed with zero points and float32 rests
+        g = make_grid("q4_1", n, k, block, seed)
+        g.rests = g.rests + np.float32(1e-5)
+        g.rows = (g.rows.astype(np.float64) + 1e-5).astype(np.float32)
+        return g
     if kind == "q4_1":  # GGUF Q4_1: d * q + m per block of 32, m not a multiple of d
         d = (rng.uniform(0.01, 0.05, (n, k // 32, 1))).astype(np.float16).astype(np.float32)
         m = rng.uniform(-0.5, 0.0, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
@@ -95,7 +100,7 @@ def run_q(lib: ctypes.CDLL, x: np.ndarray, g: Grid, packed: np.ndarray | None = 
 
 
 CASES = [("int4_sym", 40, 100, 32), ("int4_zp", 37, 96, 16), ("int8", 40, 100, 64), ("int8_sym", 16, 256, 256),
-         ("int4_zp", 33, 300, 128), ("q4_1", 24, 96, 32), ("int4_f16", 20, 64, 32)]
+         ("int4_zp", 33, 300, 128), ("q4_1", 24, 96, 32), ("q4_1_f32_min", 24, 96, 32), ("int4_f16", 20, 64, 32)]
 
 
 @pytest.mark.parametrize("m", [1, 5, 128])
@@ -147,7 +152,10 @@ def test_gather_q_exact(lib: ctypes.CDLL, kind: str, n: int, k: int, block: int)
     packed = g.packed()  # alive across the call
     lib.t_gather_q(len(ids), ptr(ids), n, k, g.bits, g.block, ptr(packed), ptr(out))
     expected = g.rows[np.clip(np.where(ids < 0, ids + n, ids), 0, n - 1)]
-    np.testing.assert_array_equal(out, expected)
+    if kind.startswith("q4_1"):  # q4_1: packed in GGUF's own form, d * q + m: the same values but for float32 rounding
+        np.testing.assert_allclose(out, expected, rtol=0, atol=4 * np.spacing(np.abs(expected).max()))
+    else:
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_pack_quant_rejects_mismatched_shapes() -> None:
@@ -160,9 +168,12 @@ def test_pack_quant_rejects_mismatched_shapes() -> None:
 
 @pytest.mark.parametrize(("kind", "flags"), [("int4_sym", 0), ("int4_zp", FLAG_ZERO_POINTS),
                                              ("int4_f16", FLAG_ZERO_POINTS | FLAG_F16_SCALES),
-                                             ("q4_1", FLAG_ZERO_POINTS | FLAG_RESTS | FLAG_F16_SCALES)])
+                                             ("q4_1", FLAG_RESTS | FLAG_F16_SCALES | FLAG_F16_RESTS | FLAG_ZERO_IS_0),
+                                             ("q4_1_f32_min", FLAG_ZERO_POINTS | FLAG_RESTS | FLAG_F16_SCALES)])
 def test_pack_quant_header(kind: str, flags: int) -> None:
-    """Scales go to float16 only when every one of them is exactly a float16 (GGUF steps are)."""
+    """Scales go to float16 only when every one of them is exactly a float16 (GGUF steps are); a
+    Q4_1 grid whose minimums are float16 (GGUF's) is packed as d * q + m with half minimums and no
+    zero points, one whose minimums are not stays scale * (code - zero) + float32 rest."""
     g = make_grid(kind, 20, 64, 32)
     packed = pack_quant(g.b, g.scales, g.zero_points, g.rests, 64, 20, 4, 32)
     header = packed[:HEADER].view(np.int32)
