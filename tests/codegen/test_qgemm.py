@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from infercc.codegen.packing import FLAG_F16_RESTS, FLAG_F16_SCALES, FLAG_RESTS, FLAG_ZERO_IS_0, FLAG_ZERO_POINTS, HEADER, MAGIC, pack_quant
+from infercc.codegen.packing import (
+    FLAG_F16_RESTS,
+    FLAG_F16_SCALES,
+    FLAG_RESTS,
+    FLAG_ZERO_IS_0,
+    FLAG_ZERO_POINTS,
+    HEADER,
+    MAGIC,
+    pack_quant,
+)
 from infercc.passes.quantize.methods import quantize_rows
 from infercc.passes.quantize.native import find_native
 from infercc.passes.quantize.pack import to_nbits
