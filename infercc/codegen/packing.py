@@ -24,9 +24,11 @@ K, N, flags, panel stride in bytes), then ceil(N / 16) panels of 16 output colum
   steps are): 32 instead of 64 bytes per block, ~10% less to stream for 4-bit blocks of 32;
 * zero points uint8 [blocks, 16] (flag 1; absent = 2^(bits-1) everywhere);
 * rests float32 [blocks, 16] (flag 2: w = scale * (code - zero point) + rest, exact GGUF Q4_1),
-  or float16 (flag 8) when the zero points fold into them exactly: w = scale * code + min with
-  the zero point 0 (flag 16, no zero-point array) -- GGUF Q4_1's own form (d * q + m, m a float16),
-  352 -> 320 bytes per 4-bit block of 16 columns, ~10% less to stream.
+  or, when the zero points fold into them exactly, the block minimums as float16 (flags 8 and 16,
+  no zero-point array): w = scale * code + min, GGUF Q4_1's own form (d * q + m, m a float16),
+  352 -> 320 bytes per 4-bit block of 16 columns, ~10% less to stream. The kernel still centres
+  the codes at 2^(bits-1) against the int8 activations (and adds min + 2^(bits-1) * scale to the
+  float sum), so the activation rounding's error stays that of centred codes.
 
 The kernels find every part from (N, K, bits, block) and the header's flags and stride.
 
@@ -52,7 +54,7 @@ FLAG_ZERO_POINTS = 1
 FLAG_RESTS = 2
 FLAG_F16_SCALES = 4
 FLAG_F16_RESTS = 8
-FLAG_ZERO_IS_0 = 16
+FLAG_MINS = 16
 #: Alignment of every array in the weight blob (a cache line; AVX-512 loads).
 ALIGN = 64
 
@@ -112,11 +114,11 @@ def pack_quant(
     flags |= FLAG_F16_SCALES if exact_half else 0
     mins = _half_mins(scales, zeros, rests) if rests is not None and exact_half else None
     if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
-        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_ZERO_IS_0
-        zeros, rests = np.zeros_like(zeros), mins
-        if blocks * block > K:  # the padding is the new zero point's code, 0
+        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_MINS
+        rests = mins
+        if blocks * block > K:  # the padding is the centre code (adds nothing against it)
             flat = codes.reshape(N, blocks * block).copy()
-            flat[:, K:] = 0
+            flat[:, K:] = 1 << (bits - 1)
             codes = flat.reshape(N, blocks, block)
     panels = -(-N // PANEL)
     pad_n = panels * PANEL - N

@@ -20,8 +20,8 @@ from onnx import helper
 from infercc.codegen.packing import (
     FLAG_F16_RESTS,
     FLAG_F16_SCALES,
+    FLAG_MINS,
     FLAG_RESTS,
-    FLAG_ZERO_IS_0,
     FLAG_ZERO_POINTS,
     HEADER,
     MAGIC,
@@ -177,7 +177,7 @@ def test_pack_quant_rejects_mismatched_shapes() -> None:
 
 @pytest.mark.parametrize(("kind", "flags"), [("int4_sym", 0), ("int4_zp", FLAG_ZERO_POINTS),
                                              ("int4_f16", FLAG_ZERO_POINTS | FLAG_F16_SCALES),
-                                             ("q4_1", FLAG_RESTS | FLAG_F16_SCALES | FLAG_F16_RESTS | FLAG_ZERO_IS_0),
+                                             ("q4_1", FLAG_RESTS | FLAG_F16_SCALES | FLAG_F16_RESTS | FLAG_MINS),
                                              ("q4_1_f32_min", FLAG_ZERO_POINTS | FLAG_RESTS | FLAG_F16_SCALES)])
 def test_pack_quant_header(kind: str, flags: int) -> None:
     """Scales go to float16 only when every one of them is exactly a float16 (GGUF steps are); a

@@ -3,8 +3,9 @@
  * (4 consecutive k of one column in one 32-bit lane, 16 columns per 64 bytes, 4-bit: two such
  * groups per 64 bytes, low nibbles first), then all scales [blocks][16] float (flag 4: fp16, when
  * every scale is exactly an fp16 -- GGUF's are -- 10% fewer bytes to stream), zero points
- * [blocks][16] uint8 (header flag 1, else 2^(bits-1), or 0 with flag 16), rests [blocks][16] float
- * (flag 2; fp16 with flag 8: GGUF Q4_1's d * q + m with m a half, packing.py folds it so).
+ * [blocks][16] uint8 (header flag 1, else 2^(bits-1)), rests [blocks][16] float (flag 2; fp16 with
+ * flag 8); flag 16: the rests are block minimums m of w = s * c + m (GGUF Q4_1's own form), used as
+ * s * (c - 2^(bits-1)) + (m + 2^(bits-1) s): codes centred against the int8 activations.
  *
  * The method is ggml's (llama.cpp vec_dot_q4_1_q8_1): each activation row is quantized to int8 in
  * the weight's blocks (d = max|x| / 127, q = round(x / d)), every block is one integer dot product
@@ -30,7 +31,7 @@
 #define ICC_QFLAG_REST 2
 #define ICC_QFLAG_F16_SCALES 4
 #define ICC_QFLAG_F16_RESTS 8
-#define ICC_QFLAG_ZERO_IS_0 16
+#define ICC_QFLAG_MINS 16
 #define ICC_Q_MR 4
 #ifndef ICC_Q_PREFETCH
 #define ICC_Q_PREFETCH 4096
@@ -48,7 +49,8 @@ typedef struct {
     const float *scales, *rests; /* scales NULL when they are fp16 (scales16) */
     const uint16_t *scales16, *rests16; /* rests16: fp16 rests (then rests is NULL) */
     const uint8_t *zps;
-    float z0; /* the zero point without a zero-point array: 2^(bits-1), or 0 (flag 16) */
+    float z0;  /* the zero point without a zero-point array: 2^(bits-1) */
+    int mins;  /* the rests are minimums: the rest used is min + z0 * scale */
 } icc_qpanel;
 
 static inline icc_qpanel icc_q_panel(const void *w, int64_t p, int64_t nb, int64_t code_bytes) {
@@ -65,7 +67,8 @@ static inline icc_qpanel icc_q_panel(const void *w, int64_t p, int64_t nb, int64
     base += (flags & ICC_QFLAG_ZP) ? nb * ICC_PANEL : 0;
     q.rests = (flags & ICC_QFLAG_REST) && !(flags & ICC_QFLAG_F16_RESTS) ? (const float *)base : NULL;
     q.rests16 = (flags & ICC_QFLAG_REST) && (flags & ICC_QFLAG_F16_RESTS) ? (const uint16_t *)base : NULL;
-    q.z0 = (flags & ICC_QFLAG_ZERO_IS_0) ? 0.0f : (float)(1 << (h[2] - 1));
+    q.z0 = (float)(1 << (h[2] - 1));
+    q.mins = (flags & ICC_QFLAG_MINS) != 0;
     return q;
 }
 
@@ -92,7 +95,8 @@ static inline float icc_q_scale(icc_qpanel P, int64_t i) {
 }
 
 static inline float icc_q_rest(icc_qpanel P, int64_t i) {
-    return P.rests ? P.rests[i] : P.rests16 ? icc_half_to_float(P.rests16[i]) : 0.0f;
+    const float r = P.rests ? P.rests[i] : P.rests16 ? icc_half_to_float(P.rests16[i]) : 0.0f;
+    return P.mins ? r + P.z0 * icc_q_scale(P, i) : r;
 }
 
 /* Activations quantized per block: q [M][nb * block] int8 (zero past K), and per (row, block) the
@@ -237,8 +241,9 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
             yacc[r] = _mm512_fmadd_ps(s, t, yacc[r]);
         }
         if (P.rests || P.rests16) {
-            const __m512 rest = P.rests ? _mm512_loadu_ps(P.rests + b * ICC_PANEL)
-                                        : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.rests16 + b * ICC_PANEL)));
+            __m512 rest = P.rests ? _mm512_loadu_ps(P.rests + b * ICC_PANEL)
+                                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.rests16 + b * ICC_PANEL)));
+            if (P.mins) rest = _mm512_fmadd_ps(_mm512_set1_ps(P.z0), s, rest);
             for (int r = 0; r < R; r++) yacc[r] = _mm512_fmadd_ps(rest, _mm512_set1_ps(sx[r * nb + b]), yacc[r]);
         }
     }
@@ -291,11 +296,12 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
                 __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][half]), _mm256_set1_ps(d[r * nb + b]));
                 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
                 __m256 yv = _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yacc[r] + 8 * half));
-                if (P.rests)
-                    yv = _mm256_fmadd_ps(_mm256_loadu_ps(P.rests + b * ICC_PANEL + 8 * half), _mm256_set1_ps(sx[r * nb + b]), yv);
-                else if (P.rests16)
-                    yv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + b * ICC_PANEL + 8 * half))),
-                                         _mm256_set1_ps(sx[r * nb + b]), yv);
+                if (P.rests || P.rests16) {
+                    __m256 rest = P.rests ? _mm256_loadu_ps(P.rests + b * ICC_PANEL + 8 * half)
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + b * ICC_PANEL + 8 * half)));
+                    if (P.mins) rest = _mm256_fmadd_ps(_mm256_set1_ps(P.z0), s, rest);
+                    yv = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv);
+                }
                 _mm256_storeu_ps(yacc[r] + 8 * half, yv);
             }
         }
@@ -417,8 +423,13 @@ static void icc_gather_q(int64_t n_ids, const int64_t *ids, int64_t N, int64_t K
             if (bits == 4) code = (P.codes[b * cb + 64 * (g >> 1) + 4 * j + e] >> ((g & 1) * 4)) & 0x0F;
             else code = P.codes[b * cb + 64 * g + 4 * j + e];
             const float z = P.zps ? (float)P.zps[b * ICC_PANEL + j] : P.z0;
-            float v = ((float)code - z) * icc_q_scale(P, b * ICC_PANEL + j);
-            if (P.rests || P.rests16) v = v + icc_q_rest(P, b * ICC_PANEL + j);
+            float v;
+            if (P.mins) /* GGUF's own d * q + m */
+                v = (float)code * icc_q_scale(P, b * ICC_PANEL + j) + icc_half_to_float(P.rests16[b * ICC_PANEL + j]);
+            else {
+                v = ((float)code - z) * icc_q_scale(P, b * ICC_PANEL + j);
+                if (P.rests) v = v + P.rests[b * ICC_PANEL + j];
+            }
             o[k] = v;
         }
     }
