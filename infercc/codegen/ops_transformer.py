@@ -78,22 +78,36 @@ def cache_in_place(node) -> bool:
             and all(v is not None and not v.uses and v.is_graph_output for v in node.outputs[1:3]))
 
 
+def _attention_args(site: Site, struct: str) -> tuple[AttentionSpec, list[str]]:
+    """The attention kernels' shared arguments (Attention and PagedAttention): the spec's attributes
+    and q, k, v, opening a C block that declares ``A`` of type ``struct``."""
+    spec = AttentionSpec.of(site.node)
+    if spec.softmax_precision not in (0, 1):
+        raise Unsupported(f"{site.node.op_type} with a 16-bit softmax")
+    _float_only(site, 0, 1, 2)
+    q, k, v = site.ins[:3]
+    return spec, ["{", f"{struct} A = {{0}};",
+                  f"A.B = {q}->d[0]; A.S = {q}->d[1]; A.H = {spec.num_heads}; A.Hkv = {spec.kv_num_heads};",
+                  f"A.D = {spec.head_size}; A.Dv = {spec.v_head_size}; A.scale = {lit(spec.scale)}; A.softcap = {lit(spec.softcap)};",
+                  f"A.mask_value = {lit(spec.mask_value)}; A.causal = {int(spec.causal)}; A.left_window = {spec.left_window};",
+                  f"A.q = (const float *){q}->p; A.k = (const float *){k}->p; A.v = (const float *){v}->p;"]
+
+
+def _mask_field(site: Site) -> str:
+    """The kernel argument a mask input fills: bool (may attend) or float (added)."""
+    if site.node.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
+        raise Unsupported(f"{site.node.op_type} mask that is neither bool nor float")
+    return "mask_bool = (const uint8_t *)" if site.node.inputs[3].dtype == DType.BOOL else "mask_float = (const float *)"
+
+
 @emits("Attention", domain=DOMAIN)
 def _attention(site: Site) -> list[str]:
     n = site.node
-    spec = AttentionSpec.of(n)
-    if spec.softmax_precision not in (0, 1):
-        raise Unsupported("Attention with a 16-bit softmax")
-    _float_only(site, 0, 1, 2)
-    q, k, v = site.ins[:3]
+    spec, lines = _attention_args(site, "icc_attention_args")
+    q, k = site.ins[:2]
     mask = site.ins[3] if site.has(3) else None
     cached = site.has(4) and site.has(5)
-    lines = ["{", "icc_attention_args A = {0};",
-             f"A.B = {q}->d[0]; A.S = {q}->d[1]; A.H = {spec.num_heads}; A.Hkv = {spec.kv_num_heads};",
-             f"A.D = {spec.head_size}; A.Dv = {spec.v_head_size}; A.scale = {lit(spec.scale)}; A.softcap = {lit(spec.softcap)};",
-             f"A.mask_value = {lit(spec.mask_value)}; A.causal = {int(spec.causal)}; A.left_window = {spec.left_window};",
-             f"A.q = (const float *){q}->p; A.k = (const float *){k}->p; A.v = (const float *){v}->p;",
-             f"if ({q}->r != 3 || {k}->r != 3) icc_fail(\"Attention: q and k must be [batch, sequence, hidden]\");"]
+    lines.append(f"if ({q}->r != 3 || {k}->r != 3) icc_fail(\"Attention: q and k must be [batch, sequence, hidden]\");")
     if cached:
         past_k, past_v = site.ins[4], site.ins[5]
         storage = n.inputs[4].dtype
@@ -121,9 +135,7 @@ def _attention(site: Site) -> list[str]:
             lines += [f"{a} icc_alloc({o});" for a, o in zip(allocate, site.outs[1:3])]
         lines.append(f"A.present_k = {site.outs[1]}->p; A.present_v = {site.outs[2]}->p;")
     if mask is not None:
-        if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
-            raise Unsupported("Attention mask that is neither bool nor float")
-        field = "mask_bool = (const uint8_t *)" if n.inputs[3].dtype == DType.BOOL else "mask_float = (const float *)"
+        field = _mask_field(site)
         lines += ["{ icc_t full = {.r = 4, .d = {A.B, A.H, A.S, A.P + A.S}};",
                   f"  if ({mask}->r != 4) icc_fail(\"Attention: the mask must have rank 4\");",
                   f"  icc_bstrides({mask}, &full, A.mask_stride); A.{field}{mask}->p; }}"]
@@ -137,26 +149,18 @@ def _attention(site: Site) -> list[str]:
 def _paged_attention(site: Site) -> list[str]:
     """passes/kv_cache/paged_op.py: the pools (inputs 4, 5) are written in place by the kernel."""
     n = site.node
-    spec = AttentionSpec.of(n)
-    if spec.softmax_precision not in (0, 1):
-        raise Unsupported("PagedAttention with a 16-bit softmax")
-    _float_only(site, 0, 1, 2)
     pools = n.inputs[4].dtype, n.inputs[5].dtype
     if pools[0] not in (DType.FLOAT, DType.FLOAT16) or pools[1] != pools[0]:
         raise Unsupported(f"PagedAttention with {pools[0]} / {pools[1]} pools (float32 or float16, both alike)")
     for i in (6, 7):
         if n.inputs[i].dtype != DType.INT32:
             raise Unsupported(f"PagedAttention with {n.inputs[i].dtype} block tables / lengths (int32)")
+    spec, lines = _attention_args(site, "icc_paged_attention_args")
     q, k, v = site.ins[:3]
     kp, vp, tables, lens = site.ins[4:8]
     mask = site.ins[3] if site.has(3) else None
     block = int(n.attr("block_size"))
-    lines = ["{", "icc_paged_attention_args A = {0};",
-             f"A.B = {q}->d[0]; A.S = {q}->d[1]; A.H = {spec.num_heads}; A.Hkv = {spec.kv_num_heads};",
-             f"A.D = {spec.head_size}; A.Dv = {spec.v_head_size}; A.scale = {lit(spec.scale)}; A.softcap = {lit(spec.softcap)};",
-             f"A.mask_value = {lit(spec.mask_value)}; A.causal = {int(spec.causal)}; A.left_window = {spec.left_window};",
-             f"A.q = (const float *){q}->p; A.k = (const float *){k}->p; A.v = (const float *){v}->p;",
-             f"if ({q}->r != 3 || {k}->r != 3 || {v}->r != 3 || {k}->d[0] != A.B || {k}->d[1] != A.S) "
+    lines += [f"if ({q}->r != 3 || {k}->r != 3 || {v}->r != 3 || {k}->d[0] != A.B || {k}->d[1] != A.S) "
              "icc_fail(\"PagedAttention: q, k and v must be [batch, sequence, hidden] alike\");",
              f"if ({kp}->r != 4 || {vp}->r != 4 || {kp}->d[1] != A.Hkv || {kp}->d[2] != {block} || {kp}->d[3] != A.D "
              f"|| {vp}->d[0] != {kp}->d[0] || {vp}->d[1] != A.Hkv || {vp}->d[2] != {block} || {vp}->d[3] != A.Dv) "
@@ -167,9 +171,7 @@ def _paged_attention(site: Site) -> list[str]:
              f"A.num_blocks = {kp}->d[0]; A.block_size = {block}; A.block_tables = (const int32_t *){tables}->p;",
              f"A.max_blocks = {tables}->d[1]; A.past_lens = (const int32_t *){lens}->p;"]
     if mask is not None:
-        if n.inputs[3].dtype not in (DType.BOOL, DType.FLOAT):
-            raise Unsupported("PagedAttention mask that is neither bool nor float")
-        field = "mask_bool = (const uint8_t *)" if n.inputs[3].dtype == DType.BOOL else "mask_float = (const float *)"
+        field = _mask_field(site)
         lines += [f"if ({mask}->r != 4) icc_fail(\"PagedAttention: the mask must have rank 4\");",
                   f"else {{ icc_t full = {{.r = 4, .d = {{A.B, A.H, A.S, {mask}->d[3]}}}};",
                   f"  icc_bstrides({mask}, &full, A.mask_stride); A.mask_len = {mask}->d[3]; A.{field}{mask}->p; }}"]

@@ -465,6 +465,37 @@ static inline int icc_at_row(icc_at_ws *w, int64_t m, int64_t jt, int64_t n, int
     return 1;
 }
 
+/* The start of a unit: rows t0 .. t0+M-1 of kv group (b, g) get their scaled query, the key bounds
+ * [lo, hi] of the causal triangle / window (off = keys before the first query; Skv keys in all),
+ * their mask offset (mcol: the mask column of key 0) and a fresh online-softmax state; with skip,
+ * [kb, ke) is narrowed to the keys some row may see. */
+static inline void icc_at_begin(icc_at_ws *w, const float *q, float scale, int64_t b, int64_t g, int64_t t0,
+                                int64_t M, int64_t rep, int64_t S, int64_t H, int64_t D, int64_t Dv, int64_t off,
+                                int64_t Skv, int causal, int64_t left_window, int has_mask, const int64_t *ms,
+                                int64_t mcol, int skip, int64_t *kb, int64_t *ke) {
+    int64_t klo = Skv, khi = -1;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t t = t0 + m, i = t / rep, h = g * rep + t % rep;
+        const float *qr = q + (b * S + i) * H * D + h * D;
+        float *qs = w->q + m * D;
+        for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * scale;
+        int64_t lo = left_window >= 0 ? i + off - left_window : 0;
+        int64_t hi = causal ? i + off : Skv - 1;
+        w->lo[m] = lo < 0 ? 0 : lo;
+        w->hi[m] = hi > Skv - 1 ? Skv - 1 : hi;
+        w->moff[m] = has_mask ? b * ms[0] + h * ms[1] + i * ms[2] + mcol : 0; /* strides unset without a mask */
+        w->m[m] = -INFINITY;
+        w->l[m] = 0.0f;
+        memset(w->acc + m * Dv, 0, (size_t)Dv * sizeof(float));
+        if (w->lo[m] < klo) klo = w->lo[m];
+        if (w->hi[m] > khi) khi = w->hi[m];
+    }
+    if (skip) { /* keys no row may see are never read */
+        if (*kb < klo) *kb = klo;
+        if (*ke > khi + 1) *ke = khi + 1;
+    }
+}
+
 /* Rows t0 .. t0+M-1 of kv group bg after a unit over split sp: their outputs (acc / l) into out
  * [B, S, H*Dv], or, with nsplit > 1, this split's (max, sum, acc[Dv]) into part. ok = 0 (the
  * workspace could not be allocated): NaN rows, never silently wrong numbers. */
@@ -545,27 +576,8 @@ static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_
     const int skip = isinf(mv) && mv < 0;
     const int has_mask = a->mask_bool != NULL || a->mask_float != NULL;
     const int64_t *ms = a->mask_stride;
-    int64_t klo = Skv, khi = -1;
-    for (int64_t m = 0; m < M; m++) {
-        const int64_t t = t0 + m, i = t / rep, h = g * rep + t % rep;
-        const float *qr = a->q + (b * S + i) * H * D + h * D;
-        float *qs = w->q + m * D;
-        for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * a->scale;
-        int64_t lo = a->left_window >= 0 ? i + off - a->left_window : 0;
-        int64_t hi = a->causal ? i + off : Skv - 1;
-        w->lo[m] = lo < 0 ? 0 : lo;
-        w->hi[m] = hi > Skv - 1 ? Skv - 1 : hi;
-        w->moff[m] = has_mask ? b * ms[0] + h * ms[1] + i * ms[2] : 0; /* strides unset without a mask */
-        w->m[m] = -INFINITY;
-        w->l[m] = 0.0f;
-        memset(w->acc + m * Dv, 0, (size_t)Dv * sizeof(float));
-        if (w->lo[m] < klo) klo = w->lo[m];
-        if (w->hi[m] > khi) khi = w->hi[m];
-    }
-    if (skip) { /* keys no row may see are never read */
-        if (kb < klo) kb = klo;
-        if (ke > khi + 1) ke = khi + 1;
-    }
+    icc_at_begin(w, a->q, a->scale, b, g, t0, M, rep, S, H, D, Dv, off, Skv, a->causal, a->left_window, has_mask, ms,
+                 0, skip, &kb, &ke);
     const float *kbase = NULL, *vbase = NULL; /* fp32 keys and values read in place */
     int64_t ks = D, vs = Dv;
     if (cached && !half) {

@@ -127,27 +127,8 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
     const int64_t mcol = has_mask ? (a->mask_len - Skv) * ms[3] : 0; /* this row's first key column */
     const int32_t *table = a->block_tables + b * a->max_blocks;
     if (ke > Skv) ke = Skv;
-    int64_t klo = Skv, khi = -1;
-    for (int64_t m = 0; m < M; m++) {
-        const int64_t t = t0 + m, i = t / rep, h = g * rep + t % rep;
-        const float *qr = a->q + (b * S + i) * H * D + h * D;
-        float *qs = w->q + m * D;
-        for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * a->scale;
-        int64_t lo = a->left_window >= 0 ? i + off - a->left_window : 0;
-        int64_t hi = a->causal ? i + off : Skv - 1;
-        w->lo[m] = lo < 0 ? 0 : lo;
-        w->hi[m] = hi > Skv - 1 ? Skv - 1 : hi;
-        w->moff[m] = has_mask ? b * ms[0] + h * ms[1] + i * ms[2] + mcol : 0;
-        w->m[m] = -INFINITY;
-        w->l[m] = 0.0f;
-        memset(w->acc + m * Dv, 0, (size_t)Dv * sizeof(float));
-        if (w->lo[m] < klo) klo = w->lo[m];
-        if (w->hi[m] > khi) khi = w->hi[m];
-    }
-    if (skip) { /* keys no row may see are never read */
-        if (kb < klo) kb = klo;
-        if (ke > khi + 1) ke = khi + 1;
-    }
+    icc_at_begin(w, a->q, a->scale, b, g, t0, M, rep, S, H, D, Dv, off, Skv, a->causal, a->left_window, has_mask, ms,
+                 mcol, skip, &kb, &ke);
     icc_pa_seg seg[ICC_AT_TK];
     for (int64_t j0 = kb; j0 < ke;) {
         int64_t n = 0;
