@@ -224,6 +224,39 @@ class BlockManager:
                 self._cache[key] = block
                 self._key[block] = key
 
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep the sequence's first ``num_tokens`` tokens and drop the rest (rejected speculated
+        tokens, a rewind): blocks past the new end lose this reference (freed, or parked when
+        cached: their K/V still match their key); a kept last block that is cached and will be
+        written again leaves the prefix cache, since its slots are about to change (a shared one is
+        copied on the next ``append`` instead, as any shared last block is)."""
+        table = self._seq(seq_id, "truncate")
+        tokens = self._tokens[seq_id]
+        if not 0 < num_tokens <= len(tokens):
+            raise InputError(f"BlockManager.truncate: sequence {seq_id!r} has {len(tokens)} tokens, cannot keep "
+                             f"{num_tokens}; pass a count in 1..{len(tokens)}")
+        keep = self.blocks_needed(num_tokens)
+        for block in reversed(table[keep:]):
+            self._release(block)
+        del table[keep:]
+        del tokens[num_tokens:]
+        bs = self.block_size
+        self._computed[seq_id] = min(self._computed[seq_id], num_tokens)
+        del self._digests[seq_id][num_tokens // bs:]
+        last = table[-1]
+        if num_tokens % bs and self._refs[last] == 1 and self._key[last] is not None:
+            del self._cache[self._key[last]]
+            self._key[last] = None
+
+    def _release(self, block: int) -> None:
+        """Drop one reference; at zero a cached block is parked (evictable), any other freed."""
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if self._key[block] is not None:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` shares all of ``parent``'s blocks and tokens (copy-on-write on append)."""
         table = self._seq(parent, "fork")
@@ -241,12 +274,7 @@ class BlockManager:
         parked for reuse when it is cached, else freed; tail blocks first, so they are evicted first."""
         table = self._seq(seq_id, "free")
         for block in reversed(table):
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                if self._key[block] is not None:
-                    self._evictable[block] = None
-                else:
-                    self._free.append(block)
+            self._release(block)
         for state in (self._tables, self._tokens, self._computed, self._digests):
             del state[seq_id]
 

@@ -42,6 +42,7 @@ class Row(Protocol):
     tokens: list[int]
     start: int
     block_table: list[int]
+    num_logits: int
 
 
 class ContiguousRunner:
@@ -64,23 +65,27 @@ class ContiguousRunner:
         return spec.bytes_per_token if spec else UNCACHED_BYTES_PER_TOKEN
 
     def step(self, rows: Sequence[Row]) -> np.ndarray:
-        """Feed each row's new tokens to its own cache; float32 logits of each row's last token."""
-        out: np.ndarray | None = None
-        for i, row in enumerate(rows):
+        """Feed each row's new tokens to its own cache; float32 logits of each row's last
+        ``num_logits`` tokens (default 1), stacked [sum(num_logits), vocab]. A row that starts
+        before its cache's end rolls the cache back to ``start`` first (rejected speculation)."""
+        out: list[np.ndarray] = []
+        for row in rows:
             cache = self.caches.get(row.seq_id)
             if cache is None:
                 cache = self.caches[row.seq_id] = self.runner.new_cache(1)
-            if cache.length != row.start:
+            if cache.length < row.start:
                 raise InferccError(
                     f"internal error: sequence {row.seq_id!r} has {cache.length} cached tokens but the step starts it "
                     f"at {row.start}; a preempted or ended sequence must be released before it runs again")
-            logits = self.runner.step(cache, [row.tokens])[0]
-            if out is None:
-                out = np.empty((len(rows), logits.shape[-1]), np.float32)
-            out[i] = logits
-        if out is None:
+            cache.truncate(row.start)
+            keep = row.num_logits
+            if keep == 1:
+                out.append(self.runner.step(cache, [row.tokens])[0][None])
+            else:
+                out.append(self.runner.step(cache, [row.tokens], all_logits=True)[0, -keep:])
+        if not out:
             raise InputError("nothing to run: the step has no rows")
-        return out
+        return np.concatenate(out).astype(np.float32, copy=False)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Nothing is shared between contiguous caches, so there is never anything to copy."""
@@ -135,6 +140,14 @@ class ReservedBlocks:
 
     def computed(self, seq_id: Hashable, num_tokens: int) -> None:
         self.num_tokens(seq_id)  # (checks the id) nothing is cached for reuse
+
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` tokens; the reservation stays whole."""
+        length = self.num_tokens(seq_id)
+        if not 0 < num_tokens <= length:
+            raise InputError(f"cannot truncate sequence {seq_id!r} of {length} tokens to {num_tokens}; "
+                             f"keep 1..{length}")
+        self._tokens[seq_id] = num_tokens
 
     def free(self, seq_id: Hashable) -> None:
         self.num_tokens(seq_id)

@@ -35,7 +35,7 @@ import dataclasses
 
 import numpy as np
 
-from ..errors import InferccError, ModelLoadError
+from ..errors import InferccError, InputError, ModelLoadError
 from ..ir import Model
 
 #: Smallest capacity allocated: short prompts do not pay for repeated early doublings.
@@ -216,6 +216,23 @@ class KVCache:
 
     def advance(self, length: int) -> None:
         """Uncached graphs: the appended ids are the whole state."""
+        self.length = length
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on (speculated tokens that were rejected, a user's
+        rewind): later steps write there again. In-place buffers only move the length; a ping-pong
+        pair is laid out by length, so the kept slots are copied once into the other buffer."""
+        if not 0 <= length <= self.length:
+            raise InputError(f"cannot truncate a cache of {self.length} slots to {length}; keep 0..{self.length}")
+        if length == self.length:
+            return
+        self.ids[:, length:self.length] = 0
+        self.mask[:, length:self.length] = 0
+        if not self.shared:
+            for entry in self._entries():
+                old = self._view(self._front[entry.input], entry, self.length)
+                self._view(self._back[entry.input], entry, length)[:] = old[:, :, :length]
+            self._front, self._back = self._back, self._front
         self.length = length
 
     def keep(self, rows: list[int]) -> None:

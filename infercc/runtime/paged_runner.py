@@ -57,6 +57,9 @@ class PagedRow:
     tokens: list[int]       # new token ids of this sequence this step (>= 1: a decode token or a prompt chunk)
     start: int              # position of tokens[0] = tokens already in this sequence's cache
     block_table: list[int]  # its blocks, covering positions [0, start + len(tokens))
+    #: Logits of this many trailing tokens come back (1..len(tokens)): 1 for a decode or prompt
+    #: chunk; k + 1 to verify k speculated tokens; len(tokens) for a prompt's per-token scores.
+    num_logits: int = 1
 
 
 class PagedRunner:
@@ -111,20 +114,24 @@ class PagedRunner:
         return _spec(compiled).bytes_per_token
 
     def step(self, rows: list[PagedRow]) -> np.ndarray:
-        """float32 logits of each row's last token [len(rows), vocab]; the rows' new K/V are written
-        into the pool at their slots. InputError (nothing written) for a malformed row."""
+        """float32 logits of each row's last ``num_logits`` tokens, rows in order, stacked
+        [sum(num_logits), vocab] ([len(rows), vocab] when every row asks for one); the rows' new K/V
+        are written into the pool at their slots. InputError (nothing written) for a malformed row."""
         if not rows:
             raise InputError("PagedRunner.step: no rows to run")
         ids = self._check(rows)
         groups: dict[tuple[int, int | None], list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault((len(row.tokens), row.start if self.padding else None), []).append(i)
+        offsets = np.cumsum([0] + [row.num_logits for row in rows])
         out: np.ndarray | None = None
         for members in groups.values():
-            logits = self._run([rows[i] for i in members], np.stack([ids[i] for i in members]))
+            group = [rows[i] for i in members]
+            logits = self._run(group, np.stack([ids[i] for i in members]), max(r.num_logits for r in group))
             if out is None:
-                out = np.empty((len(rows), logits.shape[-1]), np.float32)
-            out[members] = logits
+                out = np.empty((int(offsets[-1]), logits.shape[-1]), np.float32)
+            for b, i in enumerate(members):
+                out[offsets[i]:offsets[i + 1]] = logits[b, logits.shape[1] - rows[i].num_logits:]
         assert out is not None
         return out
 
@@ -158,6 +165,9 @@ class PagedRunner:
             seen.add(row.seq_id)
             if len(row.tokens) == 0:
                 raise InputError(f"{where} has no new tokens; leave it out of the step")
+            if not isinstance(row.num_logits, (int, np.integer)) or not 1 <= row.num_logits <= len(row.tokens):
+                raise InputError(f"{where} asks for {row.num_logits!r} logits; it must be in 1..{len(row.tokens)} "
+                                 "(at most one per new token)")
             if not isinstance(row.start, (int, np.integer)) or row.start < 0:
                 raise InputError(f"{where} has start {row.start!r}; it must be the number of tokens already cached (>= 0)")
             total = int(row.start) + len(row.tokens)
@@ -178,9 +188,10 @@ class PagedRunner:
         return ids
 
     # -- running ----------------------------------------------------------------------------------
-    def _feeds(self, rows: list[PagedRow], ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    def _feeds(self, rows: list[PagedRow], ids: np.ndarray, keep: int) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
         """input_ids, attention_mask left-padded to the longest past, position_ids and
-        logits_to_keep as the graph takes them; and the rows' past lengths and the longest."""
+        logits_to_keep (``keep`` trailing positions) as the graph takes them; and the rows' past
+        lengths and the longest."""
         pasts = np.asarray([row.start for row in rows], np.int64)
         width = int(pasts.max())
         s = ids.shape[1]
@@ -189,27 +200,28 @@ class PagedRunner:
         if self.interface.has_positions:
             feeds["position_ids"] = pasts[:, None] + np.arange(s, dtype=np.int64)[None, :]
         if self.interface.keeps_logits:
-            feeds["logits_to_keep"] = np.asarray(1, np.int64)
+            feeds["logits_to_keep"] = np.asarray(keep, np.int64)
         return feeds, pasts, width
 
-    def _logits_buffer(self, batch: int, s: int) -> np.ndarray | None:
+    def _logits_buffer(self, batch: int, width: int) -> np.ndarray | None:
         vocab = self.interface.vocab_size
-        width = 1 if self.interface.keeps_logits else s
         return None if vocab is None else np.empty((batch, width, vocab), self.interface.logits_dtype)
 
-    def _run(self, rows: list[PagedRow], ids: np.ndarray) -> np.ndarray:
-        feeds, pasts, width = self._feeds(rows, ids)
+    def _run(self, rows: list[PagedRow], ids: np.ndarray, keep: int) -> np.ndarray:
+        """float32 logits of the group's last ``keep`` positions [len(rows), keep, vocab]."""
+        feeds, pasts, width = self._feeds(rows, ids, keep)
         self.runs += 1
         s = ids.shape[1]
+        out_width = keep if self.interface.keeps_logits else s
         if self.form == "c-paged":
-            logits = self._run_paged(rows, feeds, pasts, s)
+            logits = self._run_paged(rows, feeds, pasts, s, out_width)
         else:
-            logits = self._run_gather(rows, feeds, pasts, width, s)
+            logits = self._run_gather(rows, feeds, pasts, width, s, out_width)
         if self.interface.vocab_size is None:
             self.interface.vocab_size = int(logits.shape[-1])
-        return logits[:, -1].astype(np.float32, copy=False)
+        return logits[:, logits.shape[1] - keep:].astype(np.float32, copy=False)
 
-    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int) -> np.ndarray:
+    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, out_width: int) -> np.ndarray:
         from ..passes.kv_cache.paged import BLOCK_TABLES, PAST_LENS, pool_for
 
         need = -(-(pasts + s) // self.block_size)
@@ -220,16 +232,17 @@ class PagedRunner:
         feeds[PAST_LENS] = pasts.astype(np.int32)
         for name, pool in self.pools.items():  # the pools themselves: the kernel writes into them
             feeds[pool_for(name)] = pool
-        return self.backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), s)})["logits"]
+        return self.backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
 
-    def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int) -> np.ndarray:
+    def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int,
+                    out_width: int) -> np.ndarray:
         bs = self.block_size
         slots = []  # per row: (blocks, offsets) of its past, and of its new tokens
         for row in rows:
             past, new = np.arange(row.start), np.arange(row.start, row.start + s)
             table = np.asarray(row.block_table, np.int64)
             slots.append(((table[past // bs], past % bs), (table[new // bs], new % bs)))
-        outputs: dict[str, np.ndarray | None] = {"logits": self._logits_buffer(len(rows), s)}
+        outputs: dict[str, np.ndarray | None] = {"logits": self._logits_buffer(len(rows), out_width)}
         for entry in self.cache_spec.entries:
             pool = self.pools[entry.input]
             past = np.zeros((len(rows), entry.heads, width, entry.width), entry.dtype)

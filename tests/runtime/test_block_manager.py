@@ -246,6 +246,23 @@ def test_append_out_of_blocks_leaves_state():
     assert snapshot(bm) == before
 
 
+def test_truncate_frees_tail_blocks_and_unkeys_a_rewritten_last_block():
+    bm = BlockManager(8, 4)
+    bm.allocate("a", list(range(10)))
+    bm.computed("a", 10)                      # blocks 0 and 1 full and keyed, block 2 partial
+    table = bm.block_table("a")
+    bm.truncate("a", 6)                       # block 2 goes; block 1 is kept half and rewritten
+    assert bm.block_table("a") == table[:2] and bm.num_tokens("a") == 6
+    assert bm._key[table[1]] is None and bm._key[table[0]] is not None
+    assert table[2] in bm._free
+    assert bm.append("a", [99]) == []         # its own block: no copy
+    with pytest.raises(InputError, match="pass a count in 1..7"):
+        bm.truncate("a", 0)
+    bm.fork("a", "b")
+    bm.truncate("b", 5)                       # shared last block: copied on b's next append
+    assert bm.append("b", [42]) == [(table[1], bm.block_table("b")[1])]
+
+
 def test_report_string():
     bm = BlockManager(4, 16)
     run(bm, "a", PROMPT)
@@ -379,6 +396,17 @@ class PoolMachine(RuleBasedStateMachine):
             if self.bm.can_append(seq, 1):
                 self._append(seq, [token])
                 self._compute(seq, 9)
+
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Speculated tokens rejected (or a rewind): the tail goes, the kept prefix reads back."""
+        sid = self._pick(data)
+        if sid is None:
+            return
+        keep = data.draw(st.integers(1, len(self.tokens[sid])))
+        self.bm.truncate(sid, keep)
+        del self.tokens[sid][keep:]                            # in place: ``seen`` shares the list
+        self.done[sid] = min(self.done[sid], keep)
 
     @rule(data=st.data())
     def free(self, data):

@@ -191,6 +191,37 @@ def test_copy_on_write_fork(folders: dict) -> None:
         np.testing.assert_allclose(out[row], reference.step(cache, [[2]])[0], atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("form", ["auto", "ort-gather", "contiguous", "contiguous-ort"])
+def test_trailing_logits_and_rewrite_after_rollback(folders: dict, form: str) -> None:
+    """What speculative verification needs: a row asks for the logits of its last k + 1 tokens
+    (stacked after the other rows' one each), equal to the contiguous runner's every-position
+    logits; then a rollback (the next step starts inside the written tokens: rejected ones are
+    overwritten) gives the logits of the sequence as if the rejected tokens never ran."""
+    from infercc.runtime.contiguous_runner import ContiguousRunner
+
+    model = compiled(str(folders["llama"]), backend="ort" if form == "contiguous-ort" else "c")
+    contiguous = form.startswith("contiguous")
+    runner = ContiguousRunner(model, 24, BLOCK) if contiguous else PagedRunner(model, 24, BLOCK, form=form)
+    prompt, drafts = [1, 5, 9, 13, 7], [22, 3, 40]
+    out = runner.step([PagedRow("a", prompt, 0, [7, 2]), PagedRow("b", [4, 8], 0, [11])])
+    assert out.shape[0] == 2
+    out = runner.step([PagedRow("b", [15], 2, [11]), PagedRow("a", drafts, 5, [7, 2], num_logits=3)])
+    reference = ModelRunner(model.backend, model.model)
+    cache = reference.new_cache(1)
+    reference.step(cache, [prompt])
+    want = reference.step(cache, [drafts], all_logits=True)[0]
+    assert out.shape[0] == 4
+    np.testing.assert_allclose(out[1:], want, atol=TOLERANCE, rtol=0)
+    # keep prompt + drafts[0]; drafts[1:] were rejected: the next step writes from position 6 on
+    again = runner.step([PagedRow("a", [17, 2], 6, [7, 2], num_logits=2)])
+    cache.truncate(6)
+    want = reference.step(cache, [[17, 2]], all_logits=True)[0]
+    np.testing.assert_allclose(again, want, atol=TOLERANCE, rtol=0)
+    if not contiguous:
+        with pytest.raises(InputError, match="asks for 3 logits; it must be in 1..2"):
+            runner.step([PagedRow("a", [1, 2], 8, [7, 2], num_logits=3)])
+
+
 # -- refusals -------------------------------------------------------------------------------------
 def test_bad_rows_are_refused_before_anything_is_written(folders: dict) -> None:
     model = compiled(str(folders["llama"]))
