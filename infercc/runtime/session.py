@@ -1,10 +1,26 @@
 """Sessions and sequences: stateful, step-by-step use of a compiled model.
 
 A ``Session`` (``compiled.session()``) owns the model runner and every ``Sequence`` made from it;
-``session.close()`` frees all their caches. A ``Sequence`` is one independent text: its own
-KV cache, token history, sampler (params + seeded generator) and lock. Sequences never share
-state, so several threads may drive several sequences at once (ONNX Runtime's ``run`` is
-thread-safe); the lock makes a single sequence safe to share too, one step at a time.
+``session.close()`` frees all their caches. A ``Sequence`` is one independent text: its token
+history, sampler (params + seeded generator) and lock; the lock makes a single sequence safe to
+share between threads, one step at a time.
+
+Where a sequence's keys and values live:
+
+* Paged (``Config.kv_cache_layout == "paged"``, the default, on a graph with a KV cache): the
+  session owns one block pool (runtime/session_pool.py), sized from ``Config.kv_cache_memory`` as
+  the engine's (``compiled.session(kv_cache_memory=...)`` overrides it), and each sequence is a
+  sequence id in it. Sequences whose prompts start alike share the computed full blocks (prefix
+  caching: the second computes only the rest); ``fork()`` shares every block copy-on-write; the
+  steps of several sequences run together -- ``session.decode([...])`` advances many sequences in
+  one model step, and concurrent ``seq.decode()`` calls from several threads are batched the same
+  way. Every sequence's tokens are the ones it gives alone.
+* Contiguous (``kv_cache_layout="contiguous"``): each sequence its own growing cache
+  (runtime/kv_cache.py), as before the pool: the layout asked for when the block indirection is
+  not wanted (e.g. comparing against it). A graph without a KV cache has nothing to page: each
+  step recomputes the sequence's whole history, so sequences keep their own token lists. In both,
+  several threads may drive several sequences at once (ONNX Runtime's ``run`` is thread-safe), one
+  model call each.
 
 Sequences step in Python on every runtime: a sequence hands out its logits and keeps its cache after
 each ``prefill``/``append``/``decode``, which the generated-C decode loop (runtime/c_generate.py,
@@ -13,16 +29,22 @@ used by ``generate``/``stream``) keeps inside the library; each step is still on
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import threading
 import weakref
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InferccError, InputError
+from .kv_cache import check_context
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplingParams
+from .session_pool import Feed, SessionPool, check_pool_memory
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -35,15 +57,33 @@ class SessionClosedError(InferccError):
     """A closed session (or a sequence of one, or a closed sequence) was used."""
 
 
+#: A forked child's default seed: the parent's seed + FORK_SEED_OFFSET * k for its k-th fork (k = 1,
+#: 2, ...), so n samples forked from one prompt with one seed draw n different, reproducible texts.
+FORK_SEED_OFFSET = 1
+
 #: How a session gets closed without the user calling close(): said in every closed-session error.
 CLOSED_HOW = ("`with compiled.session() as s:` closes it at the end of the block (as session.close() does): "
               "use its sequences inside the block")
 
 
 class Session:
-    def __init__(self, compiled: CompiledModel, *, max_context: int | None = None) -> None:
+    def __init__(self, compiled: CompiledModel, *, max_context: int | None = None,
+                 kv_cache_memory: int | None = None) -> None:
+        """``max_context`` overrides the model's context length; ``kv_cache_memory`` the pool's bytes
+        (default ``Config.kv_cache_memory``; paged layout only)."""
         self.compiled = compiled
+        #: The model runner over per-sequence caches: the contiguous layout's and uncached graphs'
+        #: steps, and the model's interface (context, vocabulary) for the pool.
         self.runner = ModelRunner(compiled.backend, compiled.model, max_context)
+        #: Whether the sequences live in one paged pool (made at the first feed: a session that only
+        #: asks ``cached`` or steps ``runner`` itself never lowers or allocates it).
+        self.paged = self.runner.cached and compiled.config.kv_cache_layout == "paged"
+        self._pool: SessionPool | None = None
+        self._kv_cache_memory = kv_cache_memory
+        if kv_cache_memory is not None:
+            check_pool_memory(kv_cache_memory)
+        self._ids = itertools.count()
+        self._dead: list[int] = []  # sequences garbage-collected unclosed: their blocks go at the next booking
         self._sequences: weakref.WeakSet[Sequence] = weakref.WeakSet()
         self._lock = threading.Lock()
         self.closed = False
@@ -61,6 +101,22 @@ class Session:
         """Whether the model keeps a KV cache (else each step recomputes the whole sequence)."""
         return self.runner.cached
 
+    @property
+    def layout(self) -> str:
+        """Where the sequences' K/V live: "paged" (one pool), "contiguous" (one cache each) or
+        "uncached" (no K/V: recomputed every step)."""
+        return "paged" if self.paged else "contiguous" if self.cached else "uncached"
+
+    @property
+    def pool(self) -> SessionPool | None:
+        """The sequences' paged pool (made now if not yet); None unless ``layout == "paged"``."""
+        if self.paged and self._pool is None:
+            with self._lock:
+                self._check_open()
+                if self._pool is None:
+                    self._pool = SessionPool(self.compiled, self.runner, self._kv_cache_memory, self._dead)
+        return self._pool
+
     def sequence(self, params: SamplingParams | None = None, **sampling) -> Sequence:
         """A new, empty sequence; ``params`` or keyword sampling options choose how ``decode``
         picks tokens (default greedy)."""
@@ -71,6 +127,25 @@ class Session:
             self._sequences.add(seq)
         return seq
 
+    def decode(self, sequences: Iterable[Sequence]) -> list[int]:
+        """Advance each sequence by one token (its own sampler), all in ONE model step on the paged
+        pool (one step per sequence otherwise); returns the tokens in order. Each sequence gets the
+        token its own ``decode()`` would give. On the pool, an error (a closed or unprefilled
+        sequence, the context, a full pool) changes no sequence."""
+        seqs = list(sequences)
+        for i, seq in enumerate(seqs):
+            if not isinstance(seq, Sequence) or seq.session is not self:
+                raise InputError(f"session.decode: item {i} is {seq!r}, not a sequence of this session; pass "
+                                 "sequences made by this session's sequence()")
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise InputError("session.decode: a sequence appears twice; each advances by one token per call")
+        if not self.paged:
+            return [seq.decode() for seq in seqs]
+        with contextlib.ExitStack() as stack:
+            for seq in sorted(seqs, key=id):  # one lock order for every caller: no deadlock
+                stack.enter_context(seq._lock)
+            return Sequence._decode_paged(seqs)
+
     @property
     def bytes_per_token(self) -> int:
         """KV-cache bytes one token of one sequence takes (0 when the model has no cache)."""
@@ -78,7 +153,11 @@ class Session:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the caches of the open sequences."""
+        """Bytes held by the caches of the open sequences (paged: the blocks they hold, a shared
+        block once, times the bytes per block)."""
+        if self.paged:
+            pool = self._pool
+            return pool.report().used * pool.bytes_per_block if pool is not None else 0
         with self._lock:
             return sum(s.memory_bytes for s in list(self._sequences))
 
@@ -89,6 +168,8 @@ class Session:
             sequences = list(self._sequences)
         for seq in sequences:
             seq.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -102,7 +183,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._sequences)} sequences"
-        return f"<Session {'cached' if self.cached else 'uncached'}, {state}>"
+        return f"<Session {self.layout}, {state}>"
 
 
 class Sequence:
@@ -114,7 +195,16 @@ class Sequence:
         self.params = params
         self.sampler = Sampler(params)
         self._lock = threading.Lock()
-        self._cache = session.runner.new_cache(1)
+        self._paged = session.paged
+        if self._paged:
+            self._id = next(session._ids)
+            self._history: list[int] = []  # every id fed, in order (the pool keeps no token lists for us)
+            # A sequence dropped without close() gives its blocks back at the pool's next booking
+            # (a finalizer may run in any thread, even one inside the pool: it only appends).
+            self._finalizer = weakref.finalize(self, session._dead.append, self._id)
+        else:
+            self._cache = session.runner.new_cache(1)
+        self._forks = 0
         self.context: list[int] = []  # ids fed by prefill/append
         self.output: list[int] = []  # ids chosen by decode
         self.logits: np.ndarray | None = None
@@ -124,7 +214,8 @@ class Sequence:
     def prefill(self, tokens: Tokens, all_logits: bool = False) -> np.ndarray:
         """Feed the prompt (ids or text; text gets the tokenizer's BOS). Returns the last
         position's logits [vocab], or every fed position's [n, vocab] when ``all_logits``
-        (perplexity)."""
+        (perplexity). On the paged pool, full blocks another sequence already computed for the
+        same leading tokens are reused (not computed again) unless ``all_logits``."""
         with self._lock:
             self._check_open("prefill")
             if self.length:
@@ -137,23 +228,59 @@ class Sequence:
         ``prefill`` does."""
         with self._lock:
             self._check_open("append")
-            return self._feed(self._encode(tokens, first=self._cache.length == 0), False, all_logits)
+            return self._feed(self._encode(tokens, first=self.length == 0), False, all_logits)
 
     def decode(self) -> int:
         """Choose the next token from the last logits with this sequence's sampler, feed it, and
-        return it (``logits`` then predict the token after it)."""
+        return it (``logits`` then predict the token after it). On the paged pool, decodes of
+        other sequences running at the same time (other threads) share the model step."""
         with self._lock:
+            if self._paged:
+                return Sequence._decode_paged([self])[0]
             self._check_open("decode")
-            if self.logits is None:
-                raise InputError("decode() needs logits: prefill() the sequence with a prompt first")
+            self._check_decode()
             token = self.sampler(self.logits, self.context, self.output)
             self._feed([token], True)
             return token
 
+    def _check_decode(self) -> None:
+        if self.logits is None:
+            raise InputError("decode() needs logits: prefill() the sequence with a prompt first")
+        check_context(self.length + 1, self.session.max_context)
+
+    @staticmethod
+    def _decode_paged(seqs: list[Sequence]) -> list[int]:
+        """One token for each of ``seqs`` (their locks held) in one pool feed; samplers are put back
+        as they were when the feed fails, so a failed decode changes nothing."""
+        for seq in seqs:
+            seq._check_open("decode")
+            seq._check_decode()
+        samplers = [copy.deepcopy(seq.sampler) for seq in seqs]
+        tokens = [seq.sampler(seq.logits, seq.context, seq.output) for seq in seqs]
+        pool = seqs[0].session.pool
+        assert pool is not None
+        try:
+            results = pool.feed([Feed(seq._id, seq.length, [t]) for seq, t in zip(seqs, tokens)])
+        except BaseException:
+            for seq, sampler in zip(seqs, samplers):
+                seq.sampler = sampler
+            raise
+        for seq, token, logits in zip(seqs, tokens, results):
+            seq.logits = logits
+            seq.output.append(token)
+            seq._history.append(token)
+        return tokens
+
     def _feed(self, ids: list[int], generated: bool, all_logits: bool = False) -> np.ndarray:
         if not ids:
             raise InputError("no tokens to feed (an empty prompt); pass at least one token id or some text")
-        logits = self.session.runner.step(self._cache, [ids], all_logits)[0]
+        if self._paged:
+            pool = self.session.pool
+            assert pool is not None
+            logits = pool.feed([Feed(self._id, self.length, ids, all_logits)])[0]
+            self._history.extend(ids)
+        else:
+            logits = self.session.runner.step(self._cache, [ids], all_logits)[0]
         self.logits = logits[-1] if all_logits else logits
         (self.output if generated else self.context).extend(ids)
         return logits
@@ -165,11 +292,36 @@ class Sequence:
             return [int(tokens)]
         return [int(t) for t in np.asarray(tokens).reshape(-1)]
 
+    # -- forking ------------------------------------------------------------------------------
+    def fork(self, params: SamplingParams | None = None, **sampling) -> Sequence:
+        """A new sequence of the same session holding everything this one holds (tokens, logits),
+        continuing on its own. On the paged pool it shares every block copy-on-write (nothing is
+        copied until one of them writes into a shared, partly filled block); otherwise its cache
+        is computed again from the tokens. Its sampler: ``params`` / keyword options when given
+        (over this sequence's params), else this sequence's params with the seed moved by
+        ``FORK_SEED_OFFSET`` per fork (the k-th fork gets seed + k; no seed stays no seed)."""
+        with self._lock:
+            self._check_open("fork")
+            self._forks += 1
+            if params is None and not sampling:
+                seed = self.params.seed
+                params = self.params.replace(seed=None if seed is None else seed + FORK_SEED_OFFSET * self._forks)
+            child = self.session.sequence(params or self.params, **sampling)
+            if self.length:
+                if self._paged:
+                    self.session.pool.fork(self._id, child._id)  # type: ignore[union-attr]
+                    child._history = list(self._history)
+                else:
+                    self.session.runner.step(child._cache, [self.tokens])
+                child.context, child.output = list(self.context), list(self.output)
+                child.logits = None if self.logits is None else self.logits.copy()
+            return child
+
     # -- state --------------------------------------------------------------------------------
     @property
     def tokens(self) -> list[int]:
         """Every id fed so far, in order."""
-        return self._cache.tokens()
+        return list(self._history) if self._paged else self._cache.tokens()
 
     @property
     def length(self) -> int:
@@ -185,12 +337,16 @@ class Sequence:
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes of the cache this sequence holds (paged: its blocks, shared ones included)."""
+        if self._paged:
+            pool = self.session._pool
+            return pool.blocks_held(self._id) * pool.bytes_per_block if pool is not None else 0
         return self._cache.nbytes
 
     @property
     def bytes_per_token(self) -> int:
         """KV-cache bytes one more token costs (0 when the model has no cache)."""
-        return self._cache.bytes_per_token
+        return self.session.bytes_per_token if self._paged else self._cache.bytes_per_token
 
     def reset(self) -> None:
         """Forget everything: the cache is freed, the sampler starts again from its seed."""
@@ -201,11 +357,19 @@ class Sequence:
     def close(self) -> None:
         """Free the cache; the sequence cannot be used again (closing twice is harmless)."""
         with self._lock:
-            self._clear()
+            if not self.closed:
+                self._clear()
             self.closed = True
+            if self._paged:
+                self._finalizer.detach()
 
     def _clear(self) -> None:
-        self._cache.free()
+        if self._paged:
+            if self.session._pool is not None:
+                self.session._pool.release(self._id)
+            self._history = []
+        else:
+            self._cache.free()
         self.context, self.output, self.logits = [], [], None
         self.sampler = Sampler(self.params)
 
