@@ -139,7 +139,7 @@ class Session:
                                  "sequences made by this session's sequence()")
         if len({id(s) for s in seqs}) != len(seqs):
             raise InputError("session.decode: a sequence appears twice; each advances by one token per call")
-        if not self.paged:
+        if not self.paged or not seqs:
             return [seq.decode() for seq in seqs]
         with contextlib.ExitStack() as stack:
             for seq in sorted(seqs, key=id):  # one lock order for every caller: no deadlock

@@ -15,8 +15,11 @@ Batching (leader/follower): a thread feeding a sequence books its blocks under t
 queues its row. If no step is running, it becomes the leader: it takes EVERY queued row, runs them
 in one runner step with the lock released (so other threads queue meanwhile), then records the
 result under the lock and wakes the others. A thread whose row another leader ran just returns its
-logits; one whose row is still queued when the step ends leads the next step. So N threads
-decoding N sequences cost about one step per round, not N.
+logits; one whose row is still queued when the step ends leads the next step. A leader that finds
+fewer rows queued than sequences fed in the last two steps waits up to ``BATCH_WAIT_S`` for the
+others (they are between two decodes: sampling, Python): without that, threads drift into
+alternating half-full steps. So N threads decoding N sequences cost about one step per round, not
+N, and a single thread never waits (its row is all the last steps held).
 
 Copy-on-write copies are made at booking time, not by the leader: the destination is a fresh block
 no one else holds and the source's slots that are copied (the shared tokens) are never written
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
+from collections import deque
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
@@ -45,6 +50,10 @@ from .paged_runner import PagedRow, PagedRunner
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
+
+
+#: Longest a leader waits for the rows of sequences that were in the last steps (seconds).
+BATCH_WAIT_S = 0.002
 
 
 def check_pool_memory(memory: object) -> int:
@@ -98,6 +107,7 @@ class SessionPool:
         self._busy = False
         self._known: set[int] = set()   # sequence ids the block manager holds
         self._dead = dead if dead is not None else []
+        self._recent: deque[set[int]] = deque(maxlen=2)  # sequence ids of the last steps
         #: Runner steps so far, and tokens run through the model (prompt tokens served by the
         #: prefix cache are not): how much work the sessions' feeds cost.
         self.steps = 0
@@ -151,6 +161,8 @@ class SessionPool:
             self._release(self._dead.pop())
 
     def _release(self, seq_id: Hashable) -> None:
+        for recent in self._recent:  # a leader no longer waits for it
+            recent.discard(seq_id)
         if seq_id in self._known:
             self._known.discard(seq_id)
             self.blocks.free(seq_id)
@@ -171,11 +183,15 @@ class SessionPool:
                     self._undo(job)
                 raise
             self._pending.extend(jobs)
+            self._cond.notify_all()  # a leader may be waiting for these rows
             while not all(job.done for job in jobs):
                 if self._busy:
                     self._cond.wait()
                     continue
-                batch, self._pending, self._busy = self._pending, [], True
+                self._busy = True
+                self._gather()
+                batch, self._pending = self._pending, []
+                self._recent.append({job.feed.seq_id for job in batch})
                 self._cond.release()
                 try:
                     self._run(batch)
@@ -188,6 +204,16 @@ class SessionPool:
             if job.error is not None:
                 raise job.error
         return [job.logits for job in jobs]  # type: ignore[misc]
+
+    def _gather(self) -> None:
+        """As the leader (under the lock): wait a little for rows of the sequences that ran lately."""
+        expect = set().union(*self._recent)
+        deadline = time.monotonic() + BATCH_WAIT_S
+        while not expect <= {job.feed.seq_id for job in self._pending}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _run(self, batch: list[_Job]) -> None:
         """One runner step over ``batch`` (the lock released); results or the error on each job."""
