@@ -30,7 +30,6 @@ used by ``generate``/``stream``) keeps inside the library; each step is still on
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import threading
 import weakref
@@ -255,15 +254,15 @@ class Sequence:
         for seq in seqs:
             seq._check_open("decode")
             seq._check_decode()
-        samplers = [copy.deepcopy(seq.sampler) for seq in seqs]
+        states = [seq.sampler.rng.bit_generator.state for seq in seqs]  # (a dict: cheap, unlike a deepcopy)
         tokens = [seq.sampler(seq.logits, seq.context, seq.output) for seq in seqs]
         pool = seqs[0].session.pool
         assert pool is not None
         try:
             results = pool.feed([Feed(seq._id, seq.length, [t]) for seq, t in zip(seqs, tokens)])
         except BaseException:
-            for seq, sampler in zip(seqs, samplers):
-                seq.sampler = sampler
+            for seq, state in zip(seqs, states):
+                seq.sampler.rng.bit_generator.state = state
             raise
         for seq, token, logits in zip(seqs, tokens, results):
             seq.logits = logits

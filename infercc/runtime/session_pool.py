@@ -16,10 +16,11 @@ queues its row. If no step is running, it becomes the leader: it takes EVERY que
 in one runner step with the lock released (so other threads queue meanwhile), then records the
 result under the lock and wakes the others. A thread whose row another leader ran just returns its
 logits; one whose row is still queued when the step ends leads the next step. A leader that finds
-fewer rows queued than sequences fed in the last two steps waits up to ``BATCH_WAIT_S`` for the
-others (they are between two decodes: sampling, Python): without that, threads drift into
+no row queued yet from some thread that fed in the last two steps waits up to ``BATCH_WAIT_S`` for
+it (that thread is between two decodes: sampling, Python): without that, threads drift into
 alternating half-full steps. So N threads decoding N sequences cost about one step per round, not
-N, and a single thread never waits (its row is all the last steps held).
+N; a single thread, even one stepping many sequences in turn, never waits (threads are awaited,
+not sequences).
 
 Copy-on-write copies are made at booking time, not by the leader: the destination is a fresh block
 no one else holds and the source's slots that are copied (the shared tokens) are never written
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from ..compiled import CompiledModel
 
 
-#: Longest a leader waits for the rows of sequences that were in the last steps (seconds).
+#: Longest a leader waits for rows of the threads that fed the last steps (seconds).
 BATCH_WAIT_S = 0.002
 
 
@@ -78,6 +79,7 @@ class Feed:
 class _Job:
     feed: Feed
     row: PagedRow
+    thread: int = dataclasses.field(default_factory=threading.get_ident)
     logits: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -107,7 +109,7 @@ class SessionPool:
         self._busy = False
         self._known: set[int] = set()   # sequence ids the block manager holds
         self._dead = dead if dead is not None else []
-        self._recent: deque[set[int]] = deque(maxlen=2)  # sequence ids of the last steps
+        self._recent: deque[set[int]] = deque(maxlen=2)  # the threads that fed the last steps
         #: Runner steps so far, and tokens run through the model (prompt tokens served by the
         #: prefix cache are not): how much work the sessions' feeds cost.
         self.steps = 0
@@ -161,8 +163,6 @@ class SessionPool:
             self._release(self._dead.pop())
 
     def _release(self, seq_id: Hashable) -> None:
-        for recent in self._recent:  # a leader no longer waits for it
-            recent.discard(seq_id)
         if seq_id in self._known:
             self._known.discard(seq_id)
             self.blocks.free(seq_id)
@@ -191,7 +191,7 @@ class SessionPool:
                 self._busy = True
                 self._gather()
                 batch, self._pending = self._pending, []
-                self._recent.append({job.feed.seq_id for job in batch})
+                self._recent.append({job.thread for job in batch})
                 self._cond.release()
                 try:
                     self._run(batch)
@@ -206,10 +206,10 @@ class SessionPool:
         return [job.logits for job in jobs]  # type: ignore[misc]
 
     def _gather(self) -> None:
-        """As the leader (under the lock): wait a little for rows of the sequences that ran lately."""
+        """As the leader (under the lock): wait a little for rows of the threads that fed lately."""
         expect = set().union(*self._recent)
         deadline = time.monotonic() + BATCH_WAIT_S
-        while not expect <= {job.feed.seq_id for job in self._pending}:
+        while not expect <= {job.thread for job in self._pending}:
             left = deadline - time.monotonic()
             if left <= 0:
                 return

@@ -167,13 +167,26 @@ def test_chat_logprobs(client):
     assert plain.choices[0].logprobs is None
 
 
-def test_repeated_prompt_is_served_from_the_prefix_cache(stories, client):
+def prefix_counters(served) -> dict[str, float]:
+    """The prefix-cache counters of /metrics (tokens), once the engine is idle."""
+    wait_idle(served.state)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
+    return {name: next(s.value for s in families[f"infercc_{name}"].samples if s.name.endswith("_total"))
+            for name in ("prompt_tokens_cached", "prefix_cache_hits", "prefix_cache_queries")}
+
+
+def test_repeated_prompt_is_served_from_the_prefix_cache(stories, served, client):
     prompt = "Lily and Tom went to the park to play with their red ball. " * 4  # > 2 blocks of 16 tokens
     first = client.completions.create(model="stories", prompt=prompt, temperature=0, max_tokens=4)
+    before = prefix_counters(served)
     second = client.completions.create(model="stories", prompt=prompt, temperature=0, max_tokens=4)
     assert second.choices[0].text == first.choices[0].text
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 16 <= cached < second.usage.prompt_tokens and cached % 16 == 0
+    after = prefix_counters(served)  # the metrics count what usage reported
+    assert after["prompt_tokens_cached"] - before["prompt_tokens_cached"] == cached
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == cached
+    assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == second.usage.prompt_tokens
 
 
 def test_metrics_parse_and_count(served, client):
