@@ -338,7 +338,11 @@ static void icc_gemm_f32_packed(int64_t M, int64_t N, int64_t K, const float *x,
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) icc_gemm_f32_pack_rows(M, K, x, t * ICC_F32_MR, ap + t * K * ICC_F32_MR);
-#pragma omp for schedule(static)
+    /* handed out dynamically in chunks of ~1/8 of a thread's share: a thread descheduled by another
+     * process (2 shared cores) delays the call by one chunk, not by its whole static share, and
+     * within a chunk the next item's weights are the ones the last block prefetches */
+    const int64_t chunk = (items + 8 * threads - 1) / (8 * threads);
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t it = 0; it < items; it++) {
             const int64_t g = it / splits, t0 = (it % splits) * per;
             const int64_t t1 = t0 + per < tiles ? t0 + per : tiles;
