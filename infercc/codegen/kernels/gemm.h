@@ -1,9 +1,10 @@
 /* fp32 matmul against a constant weight packed by codegen/packing.py pack_f32: panels of
  * ICC_PANEL (16) output columns, each [K, 16] contiguous, the last padded with zero columns.
  *
- * One tile = up to ICC_F32_MR rows of x times ICC_F32_NP adjacent panels, accumulated over all of
- * K in registers (no K blocking: a panel pair of K = 2048 is 256 KB and stays in L2 across the
- * row tiles that reuse it). M = 1 (decode) is the same code with one row: every panel is streamed
+ * M >= ICC_F32_PACK_MIN_M (prefill) takes the cache-blocked path further down (rows packed per
+ * call, K-blocks, weight prefetch). Below it, one tile = up to ICC_F32_MR rows of x times
+ * ICC_F32_NP adjacent panels, accumulated over all of K in registers, reading x in place (packing
+ * a few rows would not pay). M = 1 (decode) is the same code with one row: every panel is streamed
  * once, front to back, the threads splitting the panels between them. The row and panel counts
  * are compile-time constants in each instantiation, so gcc unrolls them into registers:
  *   AVX-512: 12 rows x 2 panels = 24 zmm accumulators, per k 2 weight loads + 12 broadcasts;
