@@ -43,6 +43,20 @@ def test_gemm_f32_matches_numpy(lib: ctypes.CDLL, m: int, n: int, k: int) -> Non
     assert np.all(np.abs(got - ref) <= 1e-5 * scale + 1e-30), np.max(np.abs(got - ref) / scale)
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(8, 40, 600), (30, 77, 517), (128, 48, 300)])
+def test_gemm_f32_packed_rows_k_blocks(lib: ctypes.CDLL, m: int, n: int, k: int) -> None:
+    """M at or above the packed-rows threshold with K over one block (ICC_F32_KC = 256): partial
+    sums carried in y between K-blocks, bias added once, ragged row tiles and column panels."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = run_gemm(lib, x, w, bias)
+    ref = x.astype(np.float64) @ w + bias
+    scale = np.abs(x).astype(np.float64) @ np.abs(w) + np.abs(bias)
+    assert np.all(np.abs(got - ref) <= 1e-5 * scale), np.max(np.abs(got - ref) / scale)
+
+
 def test_gemm_f32_empty_and_k0(lib: ctypes.CDLL) -> None:
     y = np.full((2, 3), np.nan, np.float32)
     bias = np.array([1, 2, 3], np.float32)
