@@ -27,6 +27,7 @@ from .sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
+    from .speculative.policy import SpeculationStats
     from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -44,8 +45,11 @@ class GenerationResult:
     prompt_seconds: float = 0.0
     #: Time for the remaining tokens (one forward step each).
     decode_seconds: float = 0.0
-    #: Where the per-token loop ran: "c" (inside the generated library, c_generate.py) or "python".
+    #: Where the per-token loop ran: "c" (inside the generated library, c_generate.py), "python",
+    #: or "speculative" (speculative/loop.py).
     decode_loop: str = "python"
+    #: Speculative decoding's proposed/accepted tokens (None: it was off for this request).
+    speculation: SpeculationStats | None = None
 
     @property
     def tokens_per_second(self) -> float:
