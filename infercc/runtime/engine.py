@@ -241,9 +241,9 @@ class Engine:
         live = self._live.pop(request_id, None)
         if live is None:
             return
-        self._end(live)
         live.row.finish("abort")
         self._pending.append(self._output(live, [], None))
+        self._end(live)
 
     def _end(self, live: _Live) -> None:
         self.scheduler.finish(live.request)
@@ -330,10 +330,11 @@ class Engine:
             self.scheduler.accepted(item, len(emitted) - 1)
         new = row.output[before:]
         self._counts["generation_tokens"] += len(new)
+        output = self._output(live, new, logits[:len(new)] if live.logprobs is not None and new else None)
         if row.finish_reason is not None:
             self._live.pop(live.request.request_id)
             self._end(live)
-        return self._output(live, new, logits[:len(new)] if live.logprobs is not None and new else None)
+        return output
 
     def _output(self, live: _Live, new: list[int], logits: np.ndarray | None) -> RequestOutput:
         row, request = live.row, live.request
