@@ -1,14 +1,186 @@
-"""The self-speculative draft (placeholder until the proposer lands)."""
+"""The self-speculative draft: the target's first L layers, its final norm and its LM head, cut
+from the compiled graph itself, so every cached decoder has a draft without a second download.
+
+How the cut is found, for any graph that follows the cached-graph contract (whichever importer or
+exporter made it, before or after lowering):
+
+* the layers are numbered by the cache inputs ``past_key_values.{i}.*``; layer L's attention is
+  the node reading ``past_key_values.{L}.key`` (through casts);
+* layer L's input norm is the one norm reached walking back from that attention over non-constant
+  inputs; the residual stream entering layer L is that norm's input (a plain norm) or its residual
+  sum output (a skip norm: the sum the stream continues with);
+* the final norm is the norm reached walking back from ``logits`` along single non-constant
+  inputs (the LM head and any reshapes); a plain norm of the kind the first layer uses (its node
+  as the template) with the final norm's weights now normalizes layer L's input stream instead,
+  and everything downstream of the cut that the logits no longer need is removed, with the cache
+  inputs and outputs of layers L.. .
+
+A graph where any step finds something else (no norm, two norms, a stream that reaches a later
+layer) gets no self-draft: (None, reason) and plain decoding -- a wrong cut would only cost
+acceptance, never correctness (verification decides every token), but it would be a slow draft.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
+
+from ...ir import Model, Node, Value
+from ...passes.diagnostics import Diagnostics
+from .draft import DraftProposer, weight_bytes
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
     from ...config import Config
     from .proposer import Proposer
 
+PLAIN_NORMS = {"RMSNorm", "LayerNorm", "SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization"}
+#: Skip norms: the residual sum's output index, and where the norm weights start among the inputs.
+SKIP_NORMS = {"SkipRMSNorm": 1, "SkipLayerNorm": 1,
+              "SkipSimplifiedLayerNormalization": 3, "SkipLayerNormalization": 3}
+NORMS = PLAIN_NORMS | set(SKIP_NORMS)
+_CACHE_NAME = re.compile(r"^(?:past_key_values|present)\.(\d+)\.")
+
+
+class CutError(Exception):
+    """The graph has no cut the self-draft recognizes (the message says what was found)."""
+
 
 def make_self_draft(compiled: CompiledModel, config: Config) -> tuple[Proposer | None, str]:
-    return None, "self_draft: the self-speculative draft is not implemented yet"
+    """The self-draft proposer of ``compiled`` (``config.draft_layers`` layers, 0 = a quarter), or
+    (None, why not)."""
+    from ...compiled import CompiledModel as Compiled
+
+    layers = num_layers(compiled.model)
+    if layers < 2:
+        return None, f"self_draft: the model has {layers} cached layer(s); a draft needs fewer layers than the model"
+    keep = config.draft_layers or max(1, layers // 4)
+    if keep >= layers:
+        return None, (f"self_draft: Config.draft_layers={keep} is not below the model's {layers} layers; "
+                      f"choose 1..{layers - 1} (0 = a quarter)")
+    try:
+        model = cut_layers(compiled.model, keep)
+    except CutError as exc:
+        return None, f"self_draft: {exc}"
+    diagnostics = Diagnostics()
+    diagnostics.facts["self_draft"] = f"the first {keep} of {layers} layers"
+    draft = Compiled(model, compiled.config, diagnostics, compiled.kernels)
+    cost = weight_bytes(model) / max(weight_bytes(compiled.model), 1)
+    return (DraftProposer("self_draft", draft, cost=cost),
+            f"self_draft: the first {keep} of {layers} layers + the final norm and LM head")
+
+
+def num_layers(model: Model) -> int:
+    found = {int(m.group(1)) for v in model.graph.inputs if (m := _CACHE_NAME.match(v.name))}
+    return len(found)
+
+
+def cut_layers(source: Model, keep: int) -> Model:
+    """A copy of ``source`` computing the logits from the residual stream after ``keep`` layers."""
+    model = source.clone()
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    first = _input_norm(_attention(inputs, 0))
+    norm = _input_norm(_attention(inputs, keep))
+    if first.op_type not in PLAIN_NORMS:
+        raise CutError(f"the first layer's input norm is a {first.op_type}, not a plain norm to use as the template")
+    stream = norm.inputs[0] if norm.op_type in PLAIN_NORMS else norm.outputs[SKIP_NORMS[norm.op_type]]
+    final = _final_norm(graph)
+    if final is norm or final is first:
+        raise CutError("the final norm is a layer's input norm: no layers between them to cut")
+    later = {id(_attention(inputs, i)) for i in range(keep, num_layers(model))}
+    if _reaches(stream, later):
+        raise CutError(f"the stream into layer {keep} depends on a later layer's attention")
+    start = 1 if final.op_type in PLAIN_NORMS else 2  # where the final norm's weights start
+    weights = final.inputs[start:start + len(first.inputs) - 1]
+    if final.op_type in SKIP_NORMS and len(weights) < len(first.inputs) - 1:
+        raise CutError(f"the final norm ({final.op_type}) has fewer weights than the template ({first.op_type})")
+    attrs = {name: attr.value for name, attr in first.attrs.items()}
+    if "epsilon" in final.attrs:
+        attrs["epsilon"] = final.attr("epsilon")
+    head_in = graph.make_node(first.op_type, [stream, *weights], num_outputs=len(first.outputs),
+                              domain=first.domain, attrs=attrs, name=graph.names.fresh("self_draft_norm"))
+    for new, old in zip(head_in.outputs, first.outputs):
+        new.metadata_props = dict(old.metadata_props)
+    head_in.outputs[0].dtype, head_in.outputs[0].shape = final.outputs[0].dtype, final.outputs[0].shape
+    final.outputs[0].replace_all_uses_with(head_in.outputs[0])
+    graph.outputs = [v for v in graph.outputs if not _dropped(v, keep)]
+    graph.remove_dead()
+    used = [v.name for v in graph.inputs if _dropped(v, keep) and v.uses]
+    if used:
+        raise CutError(f"{used[0]} is still read after the cut: the layers do not separate at layer {keep}")
+    graph.inputs = [v for v in graph.inputs if not _dropped(v, keep)]
+    graph.sort()
+    return model
+
+
+def _dropped(value: Value, keep: int) -> bool:
+    m = _CACHE_NAME.match(value.name)
+    return m is not None and int(m.group(1)) >= keep
+
+
+def _attention(inputs: dict[str, Value], layer: int) -> Node:
+    """The node reading layer ``layer``'s past keys (through casts and reshapes of them)."""
+    value = inputs.get(f"past_key_values.{layer}.key")
+    if value is None:
+        raise CutError(f"the graph has no input past_key_values.{layer}.key")
+    for _ in range(8):
+        users = [n for n in value.consumers() if n.op_type not in ("Shape", "Size")]  # (lengths, not data)
+        if len(users) != 1:
+            raise CutError(f"past_key_values.{layer}.key is read by {len(users)} nodes, not one attention")
+        node = users[0]
+        if node.op_type not in ("Cast", "Reshape", "Identity", "Transpose"):
+            return node
+        value = node.outputs[0]
+    raise CutError(f"no attention found behind past_key_values.{layer}.key")
+
+
+def _input_norm(attention: Node) -> Node:
+    """The one norm found walking back from ``attention`` over non-constant inputs."""
+    found: dict[int, Node] = {}
+    seen: set[int] = set()
+    stack = [v for v in attention.inputs if v is not None]
+    while stack:
+        value = stack.pop()
+        node = value.producer
+        if node is None or value.is_const or id(node) in seen or node.op_type in ("Shape", "Size"):
+            continue  # (a shape is not data: reshapes size themselves from other layers' tensors)
+        seen.add(id(node))
+        if node.op_type in NORMS:
+            found[id(node)] = node
+            continue
+        stack.extend(v for v in node.inputs if v is not None and not v.is_const)
+    if len(found) != 1:
+        raise CutError(f"{len(found)} norms feed the attention {attention.name!r}; expected its one input norm")
+    return next(iter(found.values()))
+
+
+def _final_norm(graph) -> Node:
+    """The norm before the LM head: back from ``logits`` along single non-constant float inputs."""
+    value = next((v for v in graph.outputs if v.name == "logits"), None)
+    for _ in range(16):
+        node = value.producer if value is not None else None
+        if node is None:
+            break
+        if node.op_type in NORMS:
+            return node
+        data = [v for v in node.inputs if v is not None and not v.is_const and (v.dtype is None or v.dtype.is_float)]
+        if len(data) != 1:  # (integer inputs are indices and lengths: logits_to_keep's slice)
+            break
+        value = data[0]
+    raise CutError("no norm found right before the LM head")
+
+
+def _reaches(value: Value, targets: set[int]) -> bool:
+    """Whether ``value`` is computed from (the outputs of) any node in ``targets``."""
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        node = stack.pop().producer
+        if node is None or id(node) in seen:
+            continue
+        if id(node) in targets:
+            return True
+        seen.add(id(node))
+        stack.extend(v for v in node.inputs if v is not None)
+    return False
