@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import ConfigError, InferccError, InputError
 from .block_manager import BlockManager, BlockReport
 from .contiguous_runner import ContiguousRunner, ReservedBlocks
-from .generate import Generation, _Row, _tokenizer_or_none, stop_ids_for
+from .generate import Generation, GenerationResult, _Row, _tokenizer_or_none, stop_ids_for
 from .kv_cache import check_context
 from .model_runner import ModelRunner
 from .paged_runner import PagedRow, PagedRunner
@@ -424,10 +424,13 @@ class EngineGeneration(Generation):
 
     def __init__(self, compiled: CompiledModel, runner: ModelRunner, tokenizer, prompts: list[list[int]],
                  params: SamplingParams, speculation: str | None = None) -> None:
-        """``speculation``: every prompt's ``Engine.add_request(speculation=...)``."""
+        """``speculation``: every prompt's ``Engine.add_request(speculation=...)`` (None: the
+        model's ``Config.speculation``; "off": none)."""
         super().__init__(runner, tokenizer, prompts, params)
         self.compiled = compiled
         self.speculation = speculation
+        self._spec_stats: dict[int, SpeculationStats | None] = {}
+        self._spec_notes: dict[str, str] = {}
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         max_context, params = self.runner.max_context, self.params
@@ -446,6 +449,7 @@ class EngineGeneration(Generation):
             for out in engine.step():
                 index = int(out.request_id)
                 waiting.discard(index)
+                self._spec_stats[index] = out.speculation
                 if out.new_text:
                     yield index, out.new_text
             now = time.perf_counter()
@@ -454,3 +458,12 @@ class EngineGeneration(Generation):
                     self.prompt_seconds, first = now - start, now
             else:
                 self.decode_seconds = now - first
+        self._spec_notes = engine.stats().speculation_notes
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        """The ``Generation``'s, with each prompt's speculation counts (and why a method that was
+        asked for decoded plainly)."""
+        why = "; ".join(self._spec_notes.values()) or self.speculation_reason
+        return [dataclasses.replace(r, speculation=self._spec_stats.get(i), speculation_reason=why)
+                for i, r in enumerate(super().results)]

@@ -237,3 +237,18 @@ def test_seeded_sampling_with_speculation_finishes_and_returns_blocks(tiny):
         assert all(len(t) == m for t, m in zip(runs[-1], MAX_NEW))
         all_blocks_back(eng)
     assert runs[0] == runs[1]
+
+
+def test_generate_of_a_batch_speculates_on_the_engine(tiny, alone):
+    """``EngineGeneration`` (generate of several prompts) passes the speculation on and reports
+    each prompt's counts in its result."""
+    from infercc.runtime.engine import EngineGeneration
+    from infercc.runtime.model_runner import ModelRunner
+
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    generation = EngineGeneration(tiny, ModelRunner(tiny.backend, tiny.model), None, PROMPTS[:4], params,
+                                  speculation="prompt_lookup")
+    results = generation.run()
+    assert [r.token_ids for r in results] == [a[:16] for a in alone[:4]]
+    assert all(r.speculation is not None for r in results) and sum(r.speculation.proposed for r in results) > 0
+    assert results[0].speculation_reason is None
