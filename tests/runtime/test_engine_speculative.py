@@ -252,3 +252,15 @@ def test_generate_of_a_batch_speculates_on_the_engine(tiny, alone):
     assert [r.token_ids for r in results] == [a[:16] for a in alone[:4]]
     assert all(r.speculation is not None for r in results) and sum(r.speculation.proposed for r in results) > 0
     assert results[0].speculation_reason is None
+
+
+def test_a_graph_without_a_cache_speculates_by_recomputing(tmp_path):
+    """Without a KV cache the contiguous runner recomputes each sequence; a verified row rolls
+    its token record back to the accepted length all the same."""
+    compiled = infercc.compile(write_tiny_gguf(tmp_path / "tiny.gguf"), kv_cache=False)
+    eng = engine(compiled)
+    assert eng.form == "contiguous"
+    submit(eng, PROMPTS[:4], MAX_NEW[:4])
+    assert tokens(run(eng), 4) == [compiled.generate(p, max_new_tokens=m, ignore_eos=True).token_ids
+                                   for p, m in zip(PROMPTS[:4], MAX_NEW[:4])]
+    assert eng.stats().speculation.accepted > 0
