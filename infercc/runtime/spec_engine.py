@@ -78,6 +78,7 @@ class _Seq:
     """One request's speculation: its proposer, the proposal of this step, its counts."""
 
     proposer: Any
+    policy: DepthPolicy
     stats: SpeculationStats = dataclasses.field(default_factory=SpeculationStats)
     proposal: Proposal | None = None
 
@@ -88,12 +89,14 @@ class EngineSpeculation:
     def __init__(self, compiled: CompiledModel, config: Config) -> None:
         self.compiled = compiled
         self.config = config
-        self.policy = DepthPolicy(config)
         self.max_depth = config.num_speculative_tokens
         self.totals = SpeculationStats()
         #: Why a method decodes plainly here (its proposer could not be made), by method.
         self.notes: dict[str, str] = {}
         self._proposers: dict[str, Any] = {}
+        #: One policy per method: a model draft's proposing cost (``proposer.cost``, relative to a
+        #: target step) enters its depth choice; prompt lookup's is nothing.
+        self._policies: dict[str, DepthPolicy] = {}
         self._seqs: dict[Hashable, _Seq] = {}
         self._drafted: list[Request] = []
 
@@ -116,16 +119,18 @@ class EngineSpeculation:
             self._proposers[method] = proposer
             if proposer is None:
                 self.notes[method] = why
+            else:
+                self._policies[method] = DepthPolicy(self.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
         proposer = self._proposers[method]
         if proposer is not None:
-            self._seqs[seq_id] = _Seq(proposer)
+            self._seqs[seq_id] = _Seq(proposer, self._policies[method])
 
     def release(self, seq_id: Hashable) -> None:
         """The request ended (finished or aborted)."""
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
             seq.proposer.release(seq_id)
-            self.policy.release(seq_id)
+            seq.policy.release(seq_id)
 
     # -- a step -------------------------------------------------------------------------------
     def propose(self, scheduler: Scheduler, row_of: Callable[[str], _Row], max_context: int | None) -> None:
@@ -140,7 +145,7 @@ class EngineSpeculation:
             if seq is None or request.num_tokens - request.num_computed != 1:
                 continue
             row = row_of(request.request_id)
-            k = min(self.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free),
+            k = min(seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free),
                     self.max_depth, row.params.max_new_tokens - len(row.output) - 1)
             if max_context is not None:
                 k = min(k, max_context - request.num_tokens)
@@ -171,7 +176,7 @@ class EngineSpeculation:
         proposal = Proposal(list(item.draft), None if probs is None else probs[:k])
         emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
         accepted = len(emitted) - 1
-        self.policy.record(item.request.seq_id, k, accepted)
+        seq.policy.record(item.request.seq_id, k, accepted)
         seq.stats.add(k, accepted)
         self.totals.add(k, accepted)
         return emitted

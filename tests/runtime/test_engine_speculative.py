@@ -264,3 +264,21 @@ def test_a_graph_without_a_cache_speculates_by_recomputing(tmp_path):
     assert tokens(run(eng), 4) == [compiled.generate(p, max_new_tokens=m, ignore_eos=True).token_ids
                                    for p, m in zip(PROMPTS[:4], MAX_NEW[:4])]
     assert eng.stats().speculation.accepted > 0
+
+
+def test_model_drafts_in_the_batch_and_a_missing_draft_falls_back(tiny, alone, tmp_path):
+    """The self-draft (the model's first layers) runs inside the batch with the same tokens; a
+    draft model that cannot load decodes plainly with the reason in the stats."""
+    eng = engine(tiny, speculation="self_draft")
+    submit(eng, PROMPTS[:6], MAX_NEW[:6])
+    assert tokens(run(eng), 6) == alone[:6]
+    # The draft's cost enters the depth choice (on the tiny model, where the embedding and LM head
+    # are most of the weights, it costs about as much as the target: the policy may keep k at 0).
+    assert eng.stats().speculation is not None and not eng.stats().speculation_notes
+    assert 0 < eng.speculation._policies["self_draft"].draft_cost
+    all_blocks_back(eng)
+    eng = engine(tiny, speculation="draft", draft_model=str(tmp_path / "missing.gguf"))
+    submit(eng, PROMPTS[:3], MAX_NEW[:3])
+    outputs = run(eng)
+    assert tokens(outputs, 3) == alone[:3] and outputs["0"][-1].speculation is None
+    assert "missing.gguf" in eng.stats().speculation_notes["draft"]
