@@ -216,6 +216,7 @@ class Engine:
             from .spec_engine import EngineSpeculation, spec_budget
 
             self.speculation = EngineSpeculation(self.compiled, self.config)
+            self.speculation.uniform = isinstance(self.runner, PagedRunner) and self.runner.padding is None
             self.scheduler.spec_budget = spec_budget(self.config)
         return self.speculation
 

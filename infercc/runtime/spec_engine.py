@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 #: A request's ``speculation`` that turns it off whatever ``Config.speculation`` says.
 OFF = "off"
+#: Most padding positions (rows without a proposal x the step's draft width) worth adding to keep
+#: a step's decode rows in one forward run: one more verified position costs ~0.08 of a step at
+#: batch 1 on a CPU (speculative/policy.py VERIFY_COST), a second run about a whole step.
+PAD_LIMIT = 8
 
 
 def check_method(config: Config, speculation: Any, where: str) -> str | None:
@@ -99,6 +103,9 @@ class EngineSpeculation:
         self._policies: dict[str, DepthPolicy] = {}
         self._seqs: dict[Hashable, _Seq] = {}
         self._drafted: list[Request] = []
+        #: Whether a step's speculating rows are given one width (``_one_width``): the paged
+        #: runner's decode rows share a forward run only when their lengths agree.
+        self.uniform = False
 
     @property
     def active(self) -> bool:
@@ -140,22 +147,48 @@ class EngineSpeculation:
             return
         running, waiting = len(scheduler.running), len(scheduler.waiting)
         free = _free_fraction(scheduler.blocks)
+        drafted: list[tuple[Request, _Seq, int]] = []  # (request, its speculation, most tokens it may take)
+        plain: list[tuple[Request, _Seq, int]] = []
         for request in scheduler.running:
             seq = self._seqs.get(request.seq_id)
             if seq is None or request.num_tokens - request.num_computed != 1:
                 continue
             row = row_of(request.request_id)
-            k = min(seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free),
-                    self.max_depth, row.params.max_new_tokens - len(row.output) - 1)
+            cap = min(self.max_depth, row.params.max_new_tokens - len(row.output) - 1)
             if max_context is not None:
-                k = min(k, max_context - request.num_tokens)
-            if k <= 0:
-                continue
-            proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params)
-            if proposal.tokens:
+                cap = min(cap, max_context - request.num_tokens)
+            k = min(seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free), cap)
+            proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params) if k > 0 else None
+            if proposal is not None and proposal.tokens:
                 seq.proposal = proposal
                 request.draft = [int(t) for t in proposal.tokens[:k]]
-                self._drafted.append(request)
+                drafted.append((request, seq, cap))
+            elif cap > 0:
+                plain.append((request, seq, cap))
+        if drafted and self.uniform:
+            drafted = self._one_width(drafted, plain)
+        self._drafted = [request for request, _, _ in drafted]
+
+    def _one_width(self, drafted: list[tuple[Request, _Seq, int]],
+                   plain: list[tuple[Request, _Seq, int]]) -> list[tuple[Request, _Seq, int]]:
+        """Give every speculating decode row of the step the same width, so that they still run
+        as one forward run (the paged runner runs rows of one length per graph run: rows of k+1
+        tokens beside rows of 1 would read the weights once more). Shorter drafts are padded with
+        their last token (a guess like any other: verification keeps the output exact); decode
+        rows without a proposal are padded too while that is cheaper than the extra run
+        (``PAD_LIMIT`` positions), else nobody speculates this step."""
+        width = max(len(request.draft) for request, _, _ in drafted)
+        if plain and len(plain) * width > PAD_LIMIT:
+            for request, seq, _ in drafted:
+                request.draft, seq.proposal = [], None
+            return []
+        for request, seq, cap in plain:
+            seq.proposal = Proposal([])
+            request.draft = [request.tokens(request.num_tokens - 1)[0]]
+            drafted.append((request, seq, cap))
+        for request, _, cap in drafted:
+            request.draft += [request.draft[-1]] * (min(width, cap) - len(request.draft))
+        return drafted
 
     def clear(self) -> None:
         """Forget this step's drafts (after the step, or before proposing anew)."""
@@ -172,13 +205,17 @@ class EngineSpeculation:
         seq = self._seqs[item.request.seq_id]
         assert seq.proposal is not None, "a draft was booked without a proposal"
         k = len(item.draft)
+        real = min(len(seq.proposal.tokens), k)  # the proposer's tokens; any after them are padding
         probs = seq.proposal.probs
+        if probs is not None and k > real:  # padding is a point mass: q = 1 on its token
+            probs = np.concatenate([probs[:real], np.eye(probs.shape[1])[list(item.draft[real:])]])
         proposal = Proposal(list(item.draft), None if probs is None else probs[:k])
         emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
-        accepted = len(emitted) - 1
-        seq.policy.record(item.request.seq_id, k, accepted)
-        seq.stats.add(k, accepted)
-        self.totals.add(k, accepted)
+        accepted = min(len(emitted) - 1, real)  # what the proposer earned (padding that stood is a bonus)
+        if real:
+            seq.policy.record(item.request.seq_id, real, accepted)
+        seq.stats.add(real, accepted)
+        self.totals.add(real, accepted)
         return emitted
 
 

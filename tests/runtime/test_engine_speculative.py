@@ -282,3 +282,24 @@ def test_model_drafts_in_the_batch_and_a_missing_draft_falls_back(tiny, alone, t
     outputs = run(eng)
     assert tokens(outputs, 3) == alone[:3] and outputs["0"][-1].speculation is None
     assert "missing.gguf" in eng.stats().speculation_notes["draft"]
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_speculating_decode_rows_share_one_forward_run(tiny_c, uniform):
+    """Rows of one length share a graph run of the c-paged runner (whose rows of different past
+    lengths share runs): drafts of a step are given one width (shorter ones padded, rows without
+    a proposal too while cheap), so speculation widens the decode run instead of adding runs.
+    ``uniform=False`` shows what it saves."""
+    alone = [tiny_c.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS[:4]]
+    eng = engine(tiny_c)
+    assert eng._speculation().uniform  # the engine's choice on this form
+    eng.speculation = None
+    eng._speculation().uniform = uniform
+    submit(eng, PROMPTS[:4], [16] * 4)
+    while any(not r.output for r in eng.scheduler.running) or eng.scheduler.waiting:  # prompts done
+        eng.step()
+    runs, steps = eng.runner.runs, eng.stats().steps
+    outputs = run(eng)
+    assert [outputs[str(i)][-1].token_ids for i in range(4)] == alone
+    per_step = (eng.runner.runs - runs) / (eng.stats().steps - steps)
+    assert per_step < 1.3 if uniform else per_step > 1.3, per_step
