@@ -78,8 +78,10 @@ class _Rate:
 class DepthPolicy:
     """Depth k per sequence from its acceptance rate and the load (see the module docstring)."""
 
-    def __init__(self, config: Config, *, draft_cost: float = 0.0) -> None:
+    def __init__(self, config: Config, *, draft_cost: float = 0.0, fixed: int | None = None) -> None:
         self.config = config
+        #: Always this depth, whatever the acceptance (measurements of acceptance; tests).
+        self.fixed = fixed
         self.max_depth = config.num_speculative_tokens
         self.policy = config.speculation_policy
         #: Cost of proposing one token relative to a target step (a model draft's).
@@ -88,6 +90,8 @@ class DepthPolicy:
 
     def depth(self, seq_id: Hashable, *, running: int = 1, waiting: int = 0, free_fraction: float = 1.0) -> int:
         """k for ``seq_id``'s next step: 0 = decode one token without speculating."""
+        if self.fixed is not None:
+            return self.fixed
         rate = self._rates.setdefault(seq_id, _Rate())
         running = max(running, 1)
         limit = self.max_depth
