@@ -12,7 +12,7 @@ speculation off where it would not pay, and it rises again on its own: while off
 rate decays toward the prior, so the sequence probes again after a while.
 
 ``a`` is a decaying count of accepted proposals over trials (accepted + the rejected one, if
-any: the maximum-likelihood rate of the geometric model), started from a prior worth two trials.
+any: the maximum-likelihood rate of the geometric model), started from a prior worth half a trial.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ if TYPE_CHECKING:
 #: (measured on SmolLM2-135M Q4_1, C backend, 2 threads: a 6-token step ~1.4x a 1-token one).
 VERIFY_COST = 0.08
 #: The acceptance rate assumed before anything was measured, and its weight in trials.
-PRIOR_RATE, PRIOR_WEIGHT = 0.6, 2.0
-#: Weight kept by past measurements at each record (and at each step spent off).
-DECAY = 0.8
+PRIOR_RATE, PRIOR_WEIGHT = 0.6, 0.5
+#: Weight kept by past measurements at each record: about the last ten trials count.
+DECAY = 0.9
+#: ... and at each step spent off: the rate creeps back toward the prior, so a sequence whose
+#: proposals failed probes again after a few dozen steps (the text may have changed character).
+OFF_DECAY = 0.97
 
 
 @dataclasses.dataclass
@@ -70,9 +73,9 @@ class _Rate:
     def value(self) -> float:
         return (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.trials + PRIOR_WEIGHT)
 
-    def decay(self) -> None:
-        self.accepted *= DECAY
-        self.trials *= DECAY
+    def decay(self, factor: float = DECAY) -> None:
+        self.accepted *= factor
+        self.trials *= factor
 
 
 class DepthPolicy:
@@ -112,7 +115,7 @@ class DepthPolicy:
             limit = min(limit, budget // running)
         k = best_depth(rate.value, verify_cost + self.draft_cost, limit)
         if k == 0:
-            rate.decay()  # drift back toward the prior: probe again later
+            rate.decay(OFF_DECAY)  # drift back toward the prior: probe again later
         return k
 
     def record(self, seq_id: Hashable, proposed: int, accepted: int) -> None:
