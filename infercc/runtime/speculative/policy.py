@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ...config import Config
 
-#: Extra cost of one more verified position relative to a one-token step, at batch 1 on a CPU
-#: (measured on SmolLM2-135M Q4_1, C backend, 2 threads: a 6-token step ~1.4x a 1-token one).
+#: Extra cost of one more verified position relative to a one-token step at batch 1 on a CPU: an
+#: estimate (a decode step of a small model is bound by reading its weights once, whatever the
+#: number of positions; the attention and the LM head grow with them). Not measured on a quiet
+#: machine yet: the benchmark case ``speculative`` reports what the policy achieves with it.
 VERIFY_COST = 0.08
 #: The acceptance rate assumed before anything was measured, and its weight in trials.
 PRIOR_RATE, PRIOR_WEIGHT = 0.6, 0.5
