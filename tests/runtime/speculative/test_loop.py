@@ -24,6 +24,7 @@ from infercc.runtime.speculative.loop import SpeculativeGeneration
 from tests.fixtures import catalog
 from tests.fuzz.synthetic import write_tiny_gguf
 from tests.importers._models import SMOLLM2, STORIES, require
+from tests.runtime._cached_model import tiny_lm
 from tests.runtime._hf_models import write_hf
 
 #: Prompts with repeats (prompt lookup finds matches) in the tiny models' 64-token vocabulary.
@@ -155,6 +156,14 @@ def test_missing_or_mismatched_draft_decodes_plainly_with_the_reason(hf, tmp_pat
         compiled.generate(PROMPTS[0], max_new_tokens=4)
     with pytest.raises(ConfigError, match="speculation must be one of"):
         compiled.generate(PROMPTS[0], speculation="medusa")
+
+
+def test_uncached_model_and_batches_decode_plainly_with_the_reason():
+    compiled = infercc.compile(tiny_lm(cached=False), optimize=False)
+    plain = compiled.generate([1, 2, 3, 1, 2], max_new_tokens=6, ignore_eos=True)
+    with pytest.warns(RuntimeWarning, match="no KV cache"):
+        result = compiled.generate([1, 2, 3, 1, 2], max_new_tokens=6, ignore_eos=True, speculation="prompt_lookup")
+    assert result.token_ids == plain.token_ids and "no KV cache" in result.speculation_reason
 
 
 def test_config_speculation_applies_and_a_request_turns_it_off(tmp_path):
