@@ -16,6 +16,7 @@ stays the path when speculation is off).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 
-#: The proposer's key for the one sequence this loop runs.
-SEQ_ID = "generate"
+#: Sequence ids for proposers: a proposer is shared by every generation on its compiled model
+#: (threads may generate at once), so each generation has its own key.
+_SEQ_IDS = itertools.count()
 
 
 class SpeculativeGeneration(Generation):
@@ -55,6 +57,7 @@ class SpeculativeGeneration(Generation):
         self.proposer = proposer
         self.policy = policy
         self.stats = SpeculationStats()
+        self.seq_id = ("generate", next(_SEQ_IDS))
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         row, runner = self.rows[0], self.runner
@@ -75,14 +78,14 @@ class SpeculativeGeneration(Generation):
                     break
                 sequence = row.prompt + row.output
                 k = self._depth(len(sequence))
-                proposal = self.proposer.propose(SEQ_ID, sequence, k, self.params) if k else Proposal([])
+                proposal = self.proposer.propose(self.seq_id, sequence, k, self.params) if k else Proposal([])
                 proposal = _clipped(proposal, k)
                 logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True)[0]
                 if proposal.tokens:
                     emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
                     accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
                     self.stats.add(len(proposal.tokens), accepted)
-                    self.policy.record(SEQ_ID, len(proposal.tokens), accepted)
+                    self.policy.record(self.seq_id, len(proposal.tokens), accepted)
                     cache.truncate(len(sequence) + accepted)  # rejected proposals' K/V go
                 else:
                     emitted = [row.sampler(logits[-1], row.prompt, row.output)]
@@ -90,14 +93,14 @@ class SpeculativeGeneration(Generation):
                 self.decode_seconds = time.perf_counter() - decode_start
         finally:
             cache.free()
-            self.proposer.release(SEQ_ID)
-            self.policy.release(SEQ_ID)
+            self.proposer.release(self.seq_id)
+            self.policy.release(self.seq_id)
 
     def _depth(self, length: int) -> int:
         """The policy's k, clipped so the step neither verifies tokens that could never be emitted
         (``max_new_tokens``) nor outgrows the context (the cache would hold length + k slots)."""
         row, runner = self.rows[0], self.runner
-        k = self.policy.depth(SEQ_ID)
+        k = self.policy.depth(self.seq_id)
         k = min(k, self.params.max_new_tokens - len(row.output) - 1)
         if runner.max_context is not None:
             k = min(k, runner.max_context - length)

@@ -12,7 +12,7 @@ speculation off where it would not pay, and it rises again on its own: while off
 rate decays toward the prior, so the sequence probes again after a while.
 
 ``a`` is a decaying count of accepted proposals over trials (accepted + the rejected one, if
-any: the maximum-likelihood rate of the geometric model), started from a prior worth two trials.
+any: the maximum-likelihood rate of the geometric model), started from a prior worth half a trial.
 """
 
 from __future__ import annotations
@@ -24,13 +24,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ...config import Config
 
-#: Extra cost of one more verified position relative to a one-token step, at batch 1 on a CPU
-#: (measured on SmolLM2-135M Q4_1, C backend, 2 threads: a 6-token step ~1.4x a 1-token one).
+#: Extra cost of one more verified position relative to a one-token step at batch 1 on a CPU: an
+#: estimate (a decode step of a small model is bound by reading its weights once, whatever the
+#: number of positions; the attention and the LM head grow with them). Not measured on a quiet
+#: machine yet: the benchmark case ``speculative`` reports what the policy achieves with it.
 VERIFY_COST = 0.08
 #: The acceptance rate assumed before anything was measured, and its weight in trials.
-PRIOR_RATE, PRIOR_WEIGHT = 0.6, 2.0
-#: Weight kept by past measurements at each record (and at each step spent off).
-DECAY = 0.8
+PRIOR_RATE, PRIOR_WEIGHT = 0.6, 0.5
+#: Weight kept by past measurements at each record: about the last ten trials count.
+DECAY = 0.9
+#: ... and at each step spent off: the rate creeps back toward the prior, so a sequence whose
+#: proposals failed probes again after a few dozen steps (the text may have changed character).
+OFF_DECAY = 0.97
 
 
 @dataclasses.dataclass
@@ -70,16 +75,18 @@ class _Rate:
     def value(self) -> float:
         return (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.trials + PRIOR_WEIGHT)
 
-    def decay(self) -> None:
-        self.accepted *= DECAY
-        self.trials *= DECAY
+    def decay(self, factor: float = DECAY) -> None:
+        self.accepted *= factor
+        self.trials *= factor
 
 
 class DepthPolicy:
     """Depth k per sequence from its acceptance rate and the load (see the module docstring)."""
 
-    def __init__(self, config: Config, *, draft_cost: float = 0.0) -> None:
+    def __init__(self, config: Config, *, draft_cost: float = 0.0, fixed: int | None = None) -> None:
         self.config = config
+        #: Always this depth, whatever the acceptance (measurements of acceptance; tests).
+        self.fixed = fixed
         self.max_depth = config.num_speculative_tokens
         self.policy = config.speculation_policy
         #: Cost of proposing one token relative to a target step (a model draft's).
@@ -88,6 +95,8 @@ class DepthPolicy:
 
     def depth(self, seq_id: Hashable, *, running: int = 1, waiting: int = 0, free_fraction: float = 1.0) -> int:
         """k for ``seq_id``'s next step: 0 = decode one token without speculating."""
+        if self.fixed is not None:
+            return self.fixed
         rate = self._rates.setdefault(seq_id, _Rate())
         running = max(running, 1)
         limit = self.max_depth
@@ -108,7 +117,7 @@ class DepthPolicy:
             limit = min(limit, budget // running)
         k = best_depth(rate.value, verify_cost + self.draft_cost, limit)
         if k == 0:
-            rate.decay()  # drift back toward the prior: probe again later
+            rate.decay(OFF_DECAY)  # drift back toward the prior: probe again later
         return k
 
     def record(self, seq_id: Hashable, proposed: int, accepted: int) -> None:

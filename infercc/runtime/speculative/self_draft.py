@@ -7,13 +7,13 @@ exporter made it, before or after lowering):
 * the layers are numbered by the cache inputs ``past_key_values.{i}.*``; layer L's attention is
   the node reading ``past_key_values.{L}.key`` (through casts);
 * layer L's input norm is the one norm reached walking back from that attention over non-constant
-  inputs; the residual stream entering layer L is that norm's input (a plain norm) or its residual
-  sum output (a skip norm: the sum the stream continues with);
+  inputs; it computes the residual stream entering layer L (a plain norm from its input, a skip
+  norm from the sum of its first two inputs);
 * the final norm is the norm reached walking back from ``logits`` along single non-constant
-  inputs (the LM head and any reshapes); a plain norm of the kind the first layer uses (its node
-  as the template) with the final norm's weights now normalizes layer L's input stream instead,
-  and everything downstream of the cut that the logits no longer need is removed, with the cache
-  inputs and outputs of layers L.. .
+  float inputs (the LM head, reshapes, logits_to_keep's slice);
+* a copy of layer L's input norm (plain or skip: it computes the stream it normalizes) with the
+  final norm's weights feeds the LM head instead, and everything the logits no longer need is
+  removed, with the cache inputs and outputs of layers L.. .
 
 A graph where any step finds something else (no norm, two norms, a stream that reaches a later
 layer) gets no self-draft: (None, reason) and plain decoding -- a wrong cut would only cost
@@ -34,11 +34,17 @@ if TYPE_CHECKING:
     from ...config import Config
     from .proposer import Proposer
 
-PLAIN_NORMS = {"RMSNorm", "LayerNorm", "SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization"}
-#: Skip norms: the residual sum's output index, and where the norm weights start among the inputs.
-SKIP_NORMS = {"SkipRMSNorm": 1, "SkipLayerNorm": 1,
-              "SkipSimplifiedLayerNormalization": 3, "SkipLayerNormalization": 3}
-NORMS = PLAIN_NORMS | set(SKIP_NORMS)
+#: Each norm op (canonical, ONNX Runtime's, standard ONNX) and the input slots of its weights:
+#: (scale,) for RMS norms, (scale, bias) for layer norms. A skip norm's other inputs are the
+#: residual stream and the layer output added to it (and that output's bias).
+WEIGHTS = {
+    "RMSNorm": (1,), "SimplifiedLayerNormalization": (1,), "RMSNormalization": (1,),
+    "LayerNorm": (1, 2), "LayerNormalization": (1, 2),
+    "SkipRMSNorm": (2,), "SkipSimplifiedLayerNormalization": (2,),
+    "SkipLayerNorm": (2, 3), "SkipLayerNormalization": (2, 3),
+}
+SKIP_NORMS = {name for name in WEIGHTS if name.startswith("Skip")}
+NORMS = set(WEIGHTS)
 _CACHE_NAME = re.compile(r"^(?:past_key_values|present)\.(\d+)\.")
 
 
@@ -80,29 +86,31 @@ def cut_layers(source: Model, keep: int) -> Model:
     model = source.clone()
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
-    first = _input_norm(_attention(inputs, 0))
     norm = _input_norm(_attention(inputs, keep))
-    if first.op_type not in PLAIN_NORMS:
-        raise CutError(f"the first layer's input norm is a {first.op_type}, not a plain norm to use as the template")
-    stream = norm.inputs[0] if norm.op_type in PLAIN_NORMS else norm.outputs[SKIP_NORMS[norm.op_type]]
     final = _final_norm(graph)
-    if final is norm or final is first:
+    if final is norm:
         raise CutError("the final norm is a layer's input norm: no layers between them to cut")
+    if _family(norm) != _family(final):
+        raise CutError(f"layer {keep}'s input norm is a {norm.op_type} but the final norm a {final.op_type}")
     later = {id(_attention(inputs, i)) for i in range(keep, num_layers(model))}
-    if _reaches(stream, later):
+    if any(_reaches(v, later) for v in norm.inputs if v is not None):
         raise CutError(f"the stream into layer {keep} depends on a later layer's attention")
-    start = 1 if final.op_type in PLAIN_NORMS else 2  # where the final norm's weights start
-    weights = final.inputs[start:start + len(first.inputs) - 1]
-    if final.op_type in SKIP_NORMS and len(weights) < len(first.inputs) - 1:
-        raise CutError(f"the final norm ({final.op_type}) has fewer weights than the template ({first.op_type})")
-    attrs = {name: attr.value for name, attr in first.attrs.items()}
+    # Layer ``keep``'s input norm again, with the final norm's weights: it normalizes the stream
+    # entering layer ``keep`` as the final norm would, and the LM head reads it.
+    operands = list(norm.inputs)
+    for mine, theirs in zip(WEIGHTS[norm.op_type], WEIGHTS[final.op_type]):
+        operands += [None] * (mine + 1 - len(operands))
+        operands[mine] = final.inputs[theirs] if theirs < len(final.inputs) else None
+    while operands and operands[-1] is None:
+        operands.pop()
+    attrs = {name: attr.value for name, attr in norm.attrs.items()}
     if "epsilon" in final.attrs:
         attrs["epsilon"] = final.attr("epsilon")
-    head_in = graph.make_node(first.op_type, [stream, *weights], num_outputs=len(first.outputs),
-                              domain=first.domain, attrs=attrs, name=graph.names.fresh("self_draft_norm"))
-    for new, old in zip(head_in.outputs, first.outputs):
+    head_in = graph.make_node(norm.op_type, operands, num_outputs=len(norm.outputs), domain=norm.domain,
+                              attrs=attrs, name=graph.names.fresh("self_draft_norm"))
+    for new, old in zip(head_in.outputs, norm.outputs):
         new.metadata_props = dict(old.metadata_props)
-    head_in.outputs[0].dtype, head_in.outputs[0].shape = final.outputs[0].dtype, final.outputs[0].shape
+        new.dtype, new.shape = old.dtype, old.shape
     final.outputs[0].replace_all_uses_with(head_in.outputs[0])
     graph.outputs = [v for v in graph.outputs if not _dropped(v, keep)]
     graph.remove_dead()
@@ -112,6 +120,10 @@ def cut_layers(source: Model, keep: int) -> Model:
     graph.inputs = [v for v in graph.inputs if not _dropped(v, keep)]
     graph.sort()
     return model
+
+
+def _family(node: Node) -> str:
+    return "rms" if len(WEIGHTS[node.op_type]) == 1 else "layer"
 
 
 def _dropped(value: Value, keep: int) -> bool:
