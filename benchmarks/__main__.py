@@ -17,7 +17,7 @@ from benchmarks.report import format_table, write_all
 
 #: ``--threads`` of cases whose default is not 1. Kept here, not in the case modules: threads are
 #: pinned before any case (and so numpy) is imported.
-CASE_THREADS = {"smollm2": 2, "stories": 2, "serve": 2}
+CASE_THREADS = {"smollm2": 2, "stories": 2, "serve": 2, "speculative": 2}
 
 
 def _parser(add_help: bool) -> argparse.ArgumentParser:

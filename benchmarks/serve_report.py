@@ -147,6 +147,51 @@ def ratios(result: RunResult, levels: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: Issue 13: infercc with ``--speculation auto`` keeps at least this share of plain infercc's
+#: throughput at the highest concurrency.
+SPEC_TARGET = 0.95
+
+
+def speculation(result: RunResult, out: Path, levels: list[dict[str, Any]]) -> list[str]:
+    """infercc-spec against plain infercc at each concurrency (out tok/s, TPOT), and its acceptance
+    as its last /metrics scrape of this run says."""
+    ok = {c.name: c for c in _ok(result)}
+    if "infercc-spec" not in ok or "infercc" not in ok:
+        return []
+    spec, plain = ok["infercc-spec"], ok["infercc"]
+    plain_levels = [level for level in levels if not level["cancel"]]
+    top = max((level["concurrency"] for level in plain_levels), default=None)
+    lines = []
+    for level in plain_levels:
+        p = level["label"]
+        if f"{p}_out_tok_per_s" not in spec.metrics or f"{p}_out_tok_per_s" not in plain.metrics:
+            continue
+        pair = _ratio(spec, plain, f"{p}_out_tok_per_s")
+        target = ""
+        if level["concurrency"] == top and pair[0] is not None:
+            target = f" (target >= x{SPEC_TARGET:.2f}: {'met' if pair[0] >= SPEC_TARGET else 'MISSED'})"
+        lines.append(f"infercc-spec vs infercc at {p}: out tok/s {_x(pair)}{target}, "
+                     f"TPOT p50 {_x(_ratio(spec, plain, f'{p}_tpot_p50_s'))}")
+    counts = [data for data in _calls(out, result.started_at)
+              if data.get("contender") == "infercc-spec" and data.get("metrics_text")]
+    if counts:
+        samples = parse_prometheus(counts[-1]["metrics_text"])
+        proposed, accepted, steps = (_counter(samples, f"infercc_spec_{n}") for n in
+                                     ("proposed_tokens", "accepted_tokens", "verify_steps"))
+        if proposed is not None:
+            rate = f"{accepted / proposed:.1%}" if proposed and accepted is not None else "-"
+            per_step = f"{((accepted or 0) + steps) / steps:.2f}" if steps else "-"
+            lines.append(f"infercc-spec speculation (server lifetime, last call): {int(proposed)} proposed, "
+                         f"{int(accepted or 0)} accepted ({rate}), {per_step} tokens per verify step")
+    return lines
+
+
+def _counter(samples: list[tuple[str, dict[str, str], float]], name: str) -> float | None:
+    """A counter's value, as prometheus_client exposes it (``_total``) or as written."""
+    value = _first(samples, f"{name}_total")
+    return _first(samples, name) if value is None else value
+
+
 def _relative(m: dict[str, float], plain: str, variant: str) -> Any:
     """figure -> 'xR' of the variant's median over the plain load's (R = variant / plain)."""
     def rel(figure: str) -> str:
@@ -296,6 +341,7 @@ def report(result: RunResult, out: Path, levels: list[dict[str, Any]]) -> list[s
     out.mkdir(parents=True, exist_ok=True)
     lines = table(result, levels)
     lines += ["", *ratios(result, levels)] if _ok(result) else []
+    lines += speculation(result, out, levels)
     lines += cancel_effect(result, levels) + memory(result, out, levels) + load_line(result)
     lines += runner_forms(out, result.started_at)
     png = plot(result, levels, out / "throughput.png")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import SPECULATION_POLICIES, SPECULATIONS
 from .errors import ConfigError, InferccError, InputError, ModelLoadError
 
 
@@ -371,7 +372,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .runtime.tokenizer import Tokenizer
 
         compiled.tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    knobs = {name: getattr(args, name) for name in ("max_batch_tokens", "kv_cache_memory")
+    knobs = {name: getattr(args, name) for name in ("max_batch_tokens", "kv_cache_memory", "speculation",
+                                                     "speculation_policy")
              if getattr(args, name) is not None}
     config = compiled.config.replace(**knobs)  # validated here: a bad value is a ConfigError naming the field
     from .server import model_name_for, serve
@@ -478,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, help="tokens one engine step computes at most (default 1024)")
     p.add_argument("--kv-cache-memory", type=int, metavar="BYTES",
                    help="bytes of the KV-cache block pool (default 0 = sized automatically)")
+    p.add_argument("--speculation", choices=[m for m in SPECULATIONS if m is not None],
+                   help="speculative decoding for every request unless its body says otherwise (field "
+                        "'speculation'; default off): auto (prompt lookup, depth following acceptance and load), "
+                        "prompt_lookup, draft, self_draft")
+    p.add_argument("--speculation-policy", choices=list(SPECULATION_POLICIES),
+                   help="how deep to speculate under load (default auto: less as the batch grows, off when it "
+                        "would not pay)")
     p.add_argument("--api-key", default=os.environ.get("INFERCC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $INFERCC_API_KEY; none = open)")
     p.add_argument("--model-name", help="model id clients send and /v1/models lists (default: the file or folder name)")

@@ -4,6 +4,7 @@ value is validated when the config is made, with an error naming the field and w
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +20,8 @@ QUANT_ROLES = ("keep", "int8", "int4")
 MASKINGS = ("auto", "causal", "none")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
 KV_CACHE_LAYOUTS = ("paged", "contiguous")
+SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft")
+SPECULATION_POLICIES = ("auto", "latency", "throughput")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,34 @@ class Config:
     max_batch_tokens: int = 1024
     #: Requests running at once at most; more wait in the queue.
     max_num_seqs: int = 64
+    #: Speculative decoding (runtime/speculative/): each step a cheap proposer guesses up to
+    #: ``num_speculative_tokens`` next tokens and the model checks them all in one forward run
+    #: (decoding a small model on a CPU is bound by reading the weights once per step, so a step
+    #: over k+1 tokens costs little more than over one). The output is the same as without it:
+    #: greedy tokens identical, sampled ones from the same distribution (rejection sampling).
+    #: None (off), "prompt_lookup" (n-gram match of the last tokens in the prompt and output so
+    #: far: no extra model; pays off on input-grounded text: summaries, answers from a passage,
+    #: code edits), "draft" (a smaller model, ``draft_model``; without one, the target's own first
+    #: ``draft_layers`` layers: "self_draft"), "self_draft", or "auto" (prompt lookup, its depth
+    #: following the measured acceptance rate: switched off where guesses keep failing). Default
+    #: None: a rejected guess costs a wider step, and on free-form chat prompt lookup rarely
+    #: matches, so speculation is asked for per model or per request (``speculation=``).
+    speculation: str | None = None
+    #: How deep to speculate: "latency" (batch 1 thinking: keep the full depth while acceptance
+    #: pays), "throughput" (speculate only while the batch is small and the queue empty), "auto"
+    #: (latency alone, less as the batch and queue grow and when free KV blocks run short).
+    speculation_policy: str = "auto"
+    #: Most tokens proposed per step (the depth k; the policy lowers it per sequence).
+    num_speculative_tokens: int = 5
+    #: Most of a step's computed tokens that may be speculated ones (the engine's budget: with a
+    #: large batch the extra positions stop being free).
+    max_speculation_compute_fraction: float = 0.5
+    #: Path of the draft model for ``speculation="draft"``: any source ``infercc.compile``
+    #: accepts, with the target's vocabulary. None with "draft" = the self-speculative draft.
+    draft_model: str | None = None
+    #: Layers of the self-speculative draft (the target's first layers + its final norm and LM
+    #: head); 0 = auto (a quarter of the layers, at least one).
+    draft_layers: int = 0
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
@@ -182,10 +213,32 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"Config.{name} must be an integer >= 0, got {value!r}")
+        self._check_speculation()
         tolerance = self.check_tolerance
         if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
             raise ConfigError(f"Config.check_tolerance must be a number > 0, got {self.check_tolerance!r}")
         self._check_quantization()
+
+    def _check_speculation(self) -> None:
+        if self.speculation not in SPECULATIONS:
+            raise ConfigError(f"Config.speculation must be one of {list(SPECULATIONS)}, got {self.speculation!r}")
+        if self.speculation_policy not in SPECULATION_POLICIES:
+            raise ConfigError(f"Config.speculation_policy must be one of {list(SPECULATION_POLICIES)}, "
+                              f"got {self.speculation_policy!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
+            raise ConfigError(f"Config.num_speculative_tokens must be an integer in [1, 64], got {k!r}")
+        layers = self.draft_layers
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+            raise ConfigError(f"Config.draft_layers must be an integer >= 0 (0 = auto), got {layers!r}")
+        fraction = self.max_speculation_compute_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+            raise ConfigError(f"Config.max_speculation_compute_fraction must be a number in [0, 1], got {fraction!r}")
+        draft = self.draft_model
+        if draft is not None and not (isinstance(draft, (str, os.PathLike)) and str(draft)):
+            raise ConfigError(f"Config.draft_model must be None or the path of a model, got {draft!r}")
+        if draft is not None:
+            object.__setattr__(self, "draft_model", os.fspath(draft))
 
     def _check_quantization(self) -> None:
         if self.quantize not in QUANTIZE:

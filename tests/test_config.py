@@ -166,3 +166,25 @@ def test_from_dict_rejects_unknown_or_invalid_fields():
         Config.from_dict({"bogus": 1})
     with pytest.raises(ConfigError, match="Config.strict"):
         Config.from_dict({"strict": "no"})
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("speculation", "medusa", "Config.speculation must be one of"),
+    ("speculation_policy", "fast", "Config.speculation_policy must be one of"),
+    ("num_speculative_tokens", 0, r"Config.num_speculative_tokens must be an integer in \[1, 64\]"),
+    ("num_speculative_tokens", True, "Config.num_speculative_tokens"),
+    ("draft_layers", -1, "Config.draft_layers must be an integer >= 0"),
+    ("max_speculation_compute_fraction", 1.5, r"Config.max_speculation_compute_fraction must be a number in \[0, 1\]"),
+    ("draft_model", "", "Config.draft_model must be None or the path of a model"),
+])
+def test_speculation_fields_are_validated(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**{field: value})
+
+
+def test_speculation_fields_round_trip(tmp_path):
+    config = Config(speculation="draft", draft_model=tmp_path / "draft.gguf", draft_layers=3,
+                    num_speculative_tokens=8, speculation_policy="latency", max_speculation_compute_fraction=0.25)
+    assert config.draft_model == str(tmp_path / "draft.gguf")
+    assert Config.from_dict(config.to_dict()) == config
+    assert Config().speculation is None

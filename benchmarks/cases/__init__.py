@@ -9,7 +9,18 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.cases import decode, matmul, packing, prefill, quant, roundtrip, serve, smollm2, stories
+from benchmarks.cases import (
+    decode,
+    matmul,
+    packing,
+    prefill,
+    quant,
+    roundtrip,
+    serve,
+    smollm2,
+    speculative,
+    stories,
+)
 from benchmarks.harness import Case
 
 
@@ -36,4 +47,5 @@ CASES: dict[str, CaseDef] = {
     "smollm2": CaseDef(smollm2.build_case, _first_line(smollm2.__doc__), smollm2.add_arguments),
     "stories": CaseDef(stories.build_case, _first_line(stories.__doc__), stories.add_arguments),
     "serve": CaseDef(serve.build_case, _first_line(serve.__doc__), serve.add_arguments),
+    "speculative": CaseDef(speculative.build_case, _first_line(speculative.__doc__), speculative.add_arguments),
 }

@@ -1,5 +1,8 @@
 """Serving under load: N concurrent streaming clients against `infercc serve`, llama.cpp's server and
 vLLM's CPU build, SmolLM2-135M-Instruct, prompts of ~100 tokens + 64 greedy tokens, concurrency 1/4/16.
+``infercc-spec`` is infercc with ``--speculation auto`` (prompt lookup, depth from the acceptance
+rate and the load): its ratio to plain infercc at each concurrency is what speculation costs or
+gains under load (issue 13's target: >= 0.95x at concurrency 16), with its acceptance rate.
 
 Why a case of its own: the decode cases time one sequence in-process; a server's worth is what it
 does with many streams at once (batching, scheduling, the KV cache's memory), measured from the
@@ -48,7 +51,7 @@ DEFAULT_GGUF = (REPO_ROOT / ".." / "shared" / "models" / "smollm2-135m-instruct-
 #: beside the repository (vLLM pins its own torch, so it never goes into the project's venv).
 DEFAULT_VLLM_VENV = (REPO_ROOT / ".." / "vllm-venv").resolve()
 VLLM_ENV = "INFERCC_BENCH_VLLM_PYTHON"
-CONTENDERS = ("infercc", "llama.cpp", "vllm")
+CONTENDERS = ("infercc", "infercc-spec", "llama.cpp", "vllm")
 BASELINE = "llama.cpp"
 MODEL_NAME = "smollm2"
 LLAMA_SERVER_MODULES = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
@@ -143,12 +146,15 @@ def _contender(name: str, args: argparse.Namespace, gguf: Path, eos: list[int],
                notes: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     """(server description for `sweep`, note) or (None, why it cannot run here)."""
     threads = args.threads
-    if name == "infercc":
+    if name in ("infercc", "infercc-spec"):
         cmd = [sys.executable, "-c", INFERCC_LAUNCH, "serve", str(gguf), "--host", "127.0.0.1", "--port", "{port}",
                "--model-name", MODEL_NAME, "--kv-cache-memory", str(args.kv_cache_gib * 2**30),
                "--backend", args.infercc_backend]
+        spec = name == "infercc-spec"
+        if spec:
+            cmd += ["--speculation", "auto"]
         return {"cmd": cmd, "env": _clean_env(), "extra_body": {"ignore_eos": True}, "scrape": "infercc"}, \
-            "infercc serve (this checkout), ignore_eos"
+            "infercc serve (this checkout), ignore_eos" + (", --speculation auto" if spec else "")
     if name == "llama.cpp":
         missing = [m for m in LLAMA_SERVER_MODULES if importlib.util.find_spec(m) is None]
         if missing:

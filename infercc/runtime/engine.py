@@ -13,9 +13,14 @@ give alone: greedy equals ``compiled.generate(prompt)`` token for token, and a s
 the same sequence whatever else runs (one generator per request, advanced only by its own draws,
 kept across preemptions).
 
-A step: schedule -> release preempted sequences in the runner -> copy-on-write copies -> run the
-rows -> record the computed tokens (full blocks enter the prefix cache) -> sample every request
-whose known tokens are all computed -> finished requests give their blocks back at once.
+A step: (speculation: propose drafts) -> schedule -> release preempted sequences in the runner ->
+copy-on-write copies -> run the rows -> record the computed tokens (full blocks enter the prefix
+cache) -> sample every request whose known tokens are all computed (a speculative row: verify and
+emit 1..k+1 tokens, keep only the accepted tokens' K/V) -> finished requests give their blocks
+back at once.
+
+Speculative decoding (``Config.speculation`` or a request's ``speculation``) lives in
+runtime/spec_engine.py; it is made on first use, so an engine without it pays nothing.
 
 Pool size: ``Config.kv_cache_memory`` bytes (0 = auto: a quarter of the memory available now, at
 most 4 GiB) over the runner's bytes per block, and never less than one sequence of the model's
@@ -37,16 +42,18 @@ import numpy as np
 from ..errors import ConfigError, InferccError, InputError
 from .block_manager import BlockManager, BlockReport
 from .contiguous_runner import ContiguousRunner, ReservedBlocks
-from .generate import Generation, _Row, _tokenizer_or_none, stop_ids_for
+from .generate import Generation, GenerationResult, _Row, _tokenizer_or_none, stop_ids_for
 from .kv_cache import check_context
 from .model_runner import ModelRunner
 from .paged_runner import PagedRow, PagedRunner
 from .sampling import SamplingParams
-from .scheduler import Request, Scheduler
+from .scheduler import Request, Scheduled, Scheduler, SchedulerOutput
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
     from ..config import Config
+    from .spec_engine import EngineSpeculation
+    from .speculative.policy import SpeculationStats
 
 #: Auto pool size: this share of MemAvailable, at most AUTO_POOL_CAP bytes.
 AUTO_POOL_SHARE = 4
@@ -79,6 +86,8 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None = None
     #: Which stop id or string ended the request ("stop" only).
     stop_reason: int | str | None = None
+    #: The request's speculation counts so far (a copy; None when it decodes plainly).
+    speculation: SpeculationStats | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +108,10 @@ class EngineStats:
     computed_tokens: int
     steps: int
     blocks: BlockReport
+    #: Speculative decoding, all requests: proposed and accepted tokens, verify steps (None: no
+    #: request asked for it yet); and why a method decodes plainly here, by method.
+    speculation: SpeculationStats | None = None
+    speculation_notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -156,6 +169,7 @@ class Engine:
         self._pending: list[RequestOutput] = []  # aborted requests, reported by the next step
         self._counts = dict(preemptions=0, prompt_tokens=0, cached_tokens=0, generation_tokens=0,
                             computed_tokens=0, steps=0)
+        self.speculation: EngineSpeculation | None = None  # made by the first request that speculates
 
     @property
     def form(self) -> str:
@@ -163,10 +177,12 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, *,
-                    logprobs: int | None = None) -> None:
+                    logprobs: int | None = None, speculation: str | None = None) -> None:
         """Queue a request. InputError when the id is taken, a token id is outside the vocabulary,
         the prompt is longer than the context, or the request could never fit the pool.
-        ``max_new_tokens`` is clipped at the context (the request then ends with "length")."""
+        ``max_new_tokens`` is clipped at the context (the request then ends with "length").
+        ``speculation``: a method of ``Config.speculation`` for this request, "off", or None (the
+        config's); a method that cannot run here decodes plainly (``stats().speculation_notes``)."""
         if not isinstance(request_id, str) or not request_id:
             raise InputError(f"a request id must be a non-empty string, got {request_id!r}")
         if request_id in self._live or any(o.request_id == request_id for o in self._pending):
@@ -178,6 +194,11 @@ class Engine:
                                      or (self.vocab_size is not None and logprobs > self.vocab_size)):
             raise InputError(f"request {request_id!r}: logprobs must be None or an integer in 0..{self.vocab_size} "
                              f"(0 = the chosen token's only), got {logprobs!r}")
+        method = None
+        if speculation is not None or self.config.speculation is not None:
+            from .spec_engine import check_method
+
+            method = check_method(self.config, speculation, f"request {request_id!r}")
         stop_ids = stop_ids_for(params, self.tokenizer, self.metadata)
         decoder = self.tokenizer.stream(prompt) if self.tokenizer is not None else None
         row = _Row(prompt, params, stop_ids, decoder)
@@ -187,6 +208,17 @@ class Engine:
         request = Request(request_id, prompt, max_len, output=row.output)
         self.scheduler.add(request)
         self._live[request_id] = _Live(request, row, logprobs)
+        if method is not None:
+            self._speculation().start(request.seq_id, method)
+
+    def _speculation(self) -> EngineSpeculation:
+        if self.speculation is None:
+            from .spec_engine import EngineSpeculation, spec_budget
+
+            self.speculation = EngineSpeculation(self.compiled, self.config)
+            self.speculation.uniform = isinstance(self.runner, PagedRunner) and self.runner.padding is None
+            self.scheduler.spec_budget = spec_budget(self.config)
+        return self.speculation
 
     def _check_prompt(self, request_id: str, prompt: list[int]) -> list[int]:
         ids = [int(t) for t in prompt] if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
@@ -210,13 +242,15 @@ class Engine:
         live = self._live.pop(request_id, None)
         if live is None:
             return
-        self._end(live)
         live.row.finish("abort")
         self._pending.append(self._output(live, [], None))
+        self._end(live)
 
     def _end(self, live: _Live) -> None:
         self.scheduler.finish(live.request)
         self.runner.release(live.request.seq_id)
+        if self.speculation is not None:
+            self.speculation.release(live.request.seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
@@ -225,7 +259,17 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduler step; an output for every request that got tokens or finished."""
         outputs, self._pending = self._pending, []
-        plan = self.scheduler.schedule()
+        spec = self.speculation if self.speculation is not None and self.speculation.active else None
+        if spec is not None:
+            spec.propose(self.scheduler, lambda request_id: self._live[request_id].row, self.max_context)
+        try:
+            self._step(self.scheduler.schedule(), outputs)
+        finally:
+            if spec is not None:
+                spec.clear()
+        return outputs
+
+    def _step(self, plan: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         for request in plan.preempted:
             self.runner.release(request.seq_id)
         self._counts["preemptions"] += len(plan.preempted)
@@ -235,9 +279,9 @@ class Engine:
             if self.scheduler.has_unfinished() and not plan.preempted:
                 raise InferccError(f"internal error: {len(self.scheduler.waiting)} waiting requests but nothing "
                                    f"could be scheduled ({self.blocks.report()})")
-            return outputs
-        rows = [PagedRow(s.request.seq_id, s.request.tokens(s.start, s.start + s.num_tokens), s.start,
-                         self.blocks.block_table(s.request.seq_id)) for s in plan.scheduled]
+            return
+        rows = [PagedRow(s.request.seq_id, s.tokens(), s.start, self.blocks.block_table(s.request.seq_id),
+                         num_logits=len(s.draft) + 1) for s in plan.scheduled]
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
@@ -254,52 +298,70 @@ class Engine:
         self.scheduler.computed(plan)
         self._counts["steps"] += 1
         self._counts["computed_tokens"] += plan.num_tokens
-        for index, item in enumerate(plan.scheduled):
+        at = 0
+        for item in plan.scheduled:
             request, live = item.request, self._live[item.request.request_id]
+            width = len(item.draft) + 1
             if not live.admitted:
                 live.admitted = True
                 self._counts["prompt_tokens"] += len(request.prompt)
                 self._counts["cached_tokens"] += request.cached_tokens or 0
             if request.prefilled:
-                outputs.append(self._sample(live, logits[index]))
-        return outputs
+                outputs.append(self._sample(live, logits[at:at + width], item))
+            at += width
 
-    def _sample(self, live: _Live, logits: np.ndarray) -> RequestOutput:
-        row = live.row
+    def _sample(self, live: _Live, logits: np.ndarray, item: Scheduled) -> RequestOutput:
+        """Emit the next token(s) from ``logits`` [1 + len(draft), vocab]: one sampled token, or
+        a speculative row's verified tokens (each through ``take``, so a stop lands exactly)."""
+        row, spec = live.row, self.speculation
         before = len(row.output)
-        token = row.sampler(logits, row.prompt, row.output)
-        row.take(token)
-        if row.finish_reason is None and self.max_context is not None \
-                and len(row.prompt) + len(row.output) >= self.max_context:
-            row.finish("length")
+        if item.draft:
+            assert spec is not None
+            emitted = spec.verify(item, logits, row)
+        else:
+            emitted = [row.sampler(logits[0], row.prompt, row.output)]
+        for token in emitted:
+            row.take(token)
+            if row.finish_reason is None and self.max_context is not None \
+                    and len(row.prompt) + len(row.output) >= self.max_context:
+                row.finish("length")
+            if row.finish_reason is not None:
+                break
+        if item.draft:
+            self.scheduler.accepted(item, len(emitted) - 1)
         new = row.output[before:]
         self._counts["generation_tokens"] += len(new)
+        output = self._output(live, new, logits[:len(new)] if live.logprobs is not None and new else None)
         if row.finish_reason is not None:
             self._live.pop(live.request.request_id)
             self._end(live)
-        return self._output(live, new, logits if live.logprobs is not None and new else None)
+        return output
 
     def _output(self, live: _Live, new: list[int], logits: np.ndarray | None) -> RequestOutput:
         row, request = live.row, live.request
         logprobs = top = None
         if live.logprobs is not None:
             logprobs, top = [], ([] if live.logprobs > 0 else None)
-            if logits is not None:
-                values = log_softmax(logits)
-                logprobs = [float(values[t]) for t in new]
+            for token, row_logits in zip(new, logits if logits is not None else ()):
+                values = log_softmax(row_logits)  # each new token's own position
+                logprobs.append(float(values[token]))
                 if top is not None:
                     best = np.argsort(-values, kind="stable")[:live.logprobs]
-                    top = [{int(i): float(values[i]) for i in best} for _ in new]
+                    top.append({int(i): float(values[i]) for i in best})
         return RequestOutput(
             request_id=request.request_id, new_token_ids=list(new), new_text=row.piece(),
             token_ids=list(row.output), finished=row.finish_reason is not None, finish_reason=row.finish_reason,
             prompt_tokens=len(request.prompt), cached_tokens=request.cached_tokens or 0,
-            logprobs=logprobs, top_logprobs=top, stop_reason=row.stop_reason)
+            logprobs=logprobs, top_logprobs=top, stop_reason=row.stop_reason,
+            speculation=self.speculation.copy(request.seq_id) if self.speculation is not None else None)
 
     def stats(self) -> EngineStats:
+        spec = self.speculation
         return EngineStats(runner=self.runner.form, runner_reason=self.runner_reason,
                            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           blocks=self.blocks.report(), **self._counts)
+                           blocks=self.blocks.report(), **self._counts,
+                           speculation=dataclasses.replace(spec.totals) if spec is not None else None,
+                           speculation_notes=dict(spec.notes) if spec is not None else {})
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -362,9 +424,14 @@ class EngineGeneration(Generation):
     loop_reason = "a batch of prompts runs on the serving engine (continuous batching)"
 
     def __init__(self, compiled: CompiledModel, runner: ModelRunner, tokenizer, prompts: list[list[int]],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, speculation: str | None = None) -> None:
+        """``speculation``: every prompt's ``Engine.add_request(speculation=...)`` (None: the
+        model's ``Config.speculation``; "off": none)."""
         super().__init__(runner, tokenizer, prompts, params)
         self.compiled = compiled
+        self.speculation = speculation
+        self._spec_stats: dict[int, SpeculationStats | None] = {}
+        self._spec_notes: dict[str, str] = {}
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         max_context, params = self.runner.max_context, self.params
@@ -375,7 +442,7 @@ class EngineGeneration(Generation):
             lengths = [max(min(n, max_context), len(r.prompt)) for n, r in zip(lengths, self.rows)]
         engine = Engine(self.compiled, max_context=max_context, fit=lengths)
         for i, row in enumerate(self.rows):
-            engine.add_request(str(i), row.prompt, params)
+            engine.add_request(str(i), row.prompt, params, speculation=self.speculation)
         self.rows = [engine._live[str(i)].row for i in range(len(self.rows))]
         waiting = set(range(len(self.rows)))  # rows without a first token yet
         start = first = time.perf_counter()
@@ -383,6 +450,7 @@ class EngineGeneration(Generation):
             for out in engine.step():
                 index = int(out.request_id)
                 waiting.discard(index)
+                self._spec_stats[index] = out.speculation
                 if out.new_text:
                     yield index, out.new_text
             now = time.perf_counter()
@@ -391,3 +459,12 @@ class EngineGeneration(Generation):
                     self.prompt_seconds, first = now - start, now
             else:
                 self.decode_seconds = now - first
+        self._spec_notes = engine.stats().speculation_notes
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        """The ``Generation``'s, with each prompt's speculation counts (and why a method that was
+        asked for decoded plainly)."""
+        why = "; ".join(self._spec_notes.values()) or self.speculation_reason
+        return [dataclasses.replace(r, speculation=self._spec_stats.get(i), speculation_reason=why)
+                for i, r in enumerate(super().results)]

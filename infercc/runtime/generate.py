@@ -27,6 +27,7 @@ from .sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
+    from .speculative.policy import SpeculationStats
     from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -44,8 +45,13 @@ class GenerationResult:
     prompt_seconds: float = 0.0
     #: Time for the remaining tokens (one forward step each).
     decode_seconds: float = 0.0
-    #: Where the per-token loop ran: "c" (inside the generated library, c_generate.py) or "python".
+    #: Where the per-token loop ran: "c" (inside the generated library, c_generate.py), "python",
+    #: or "speculative" (speculative/loop.py).
     decode_loop: str = "python"
+    #: Speculative decoding's proposed/accepted tokens (None: it was off for this request).
+    speculation: SpeculationStats | None = None
+    #: Why speculation asked for did not run (no draft, a batch, ...); None when it ran or was off.
+    speculation_reason: str | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -141,6 +147,8 @@ class Generation:
     #: Where the per-token loop runs (CGeneration: "c"), and why not in C when it could have.
     loop = "python"
     loop_reason: str | None = None
+    #: Why speculative decoding was asked for but is not used (GenerationResult.speculation_reason).
+    speculation_reason: str | None = None
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, prompts: list[list[int]],
                  params: SamplingParams) -> None:
@@ -197,6 +205,7 @@ class Generation:
                 text=r.text, token_ids=list(r.output), prompt_token_ids=list(r.prompt),
                 finish_reason=r.finish_reason or "length", stop_reason=r.stop_reason,
                 prompt_seconds=self.prompt_seconds, decode_seconds=self.decode_seconds, decode_loop=self.loop,
+                speculation_reason=self.speculation_reason,
             )
             for r in self.rows
         ]
@@ -238,6 +247,7 @@ def stream(compiled: CompiledModel, prompt: Any, **options: Any) -> TextStream:
 
 def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict[str, Any]) -> Generation:
     max_context = options.pop("max_context", None)
+    speculation = options.pop("speculation", compiled.config.speculation)
     params = options.pop("params", None) or SamplingParams()
     params = params.replace(**options) if options else params
     runner = ModelRunner(compiled.backend, compiled.model, max_context)
@@ -245,9 +255,19 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
         from .engine import EngineGeneration  # (imports this module)
 
         return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params)
+    reason = None
+    if speculation is not None:
+        from .speculative.loop import speculative_generation  # (imports this module)
+
+        generation, reason = speculative_generation(compiled, runner, _tokenizer_or_none(compiled), prompts,
+                                                    params, speculation)
+        if generation is not None:
+            return generation
     from .c_generate import make_generation  # (imports this module)
 
-    return make_generation(runner, _tokenizer_or_none(compiled), prompts, params)
+    generation = make_generation(runner, _tokenizer_or_none(compiled), prompts, params)
+    generation.speculation_reason = reason
+    return generation
 
 
 def _tokenizer_or_none(compiled: CompiledModel) -> Tokenizer | None:

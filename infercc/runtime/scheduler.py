@@ -17,6 +17,13 @@ of the difference. The step's token budget (``Config.max_batch_tokens``) is spen
    their tokens skipped) and computes a chunk of min(tokens left, budget left). Admission stops at
    the first request the pool cannot hold (FCFS: a small request does not overtake), at
    ``max_num_seqs`` running requests, or when the budget is spent.
+3. Speculated tokens, last (speculative decoding, runtime/spec_engine.py): a decode request the
+   engine gave a ``draft`` (k proposed tokens) computes its decode token and as many of them as
+   the budget left over (at most ``spec_budget`` in all per step) and the free blocks allow: k
+   shrinks, down to 0, and a draft never preempts anyone nor takes a block or a budget token
+   from a decode or a prompt (they were booked first). The step reports what a speculative row
+   computed through ``accepted`` once verified: only the accepted tokens count as computed (the
+   prefix cache must never key a block on a rejected token's K/V) and the rest are dropped.
 
 The scheduler only books: the engine runs the model on its ``SchedulerOutput``, then reports the
 computed tokens back (``computed``), samples, and ends requests (``finish``). The block manager is
@@ -47,6 +54,7 @@ class Blocks(Protocol):
     def can_append(self, seq_id: Hashable, n: int = 1) -> bool: ...
     def append(self, seq_id: Hashable, tokens: Sequence[int]) -> list[tuple[int, int]]: ...
     def computed(self, seq_id: Hashable, num_tokens: int) -> None: ...
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None: ...
     def free(self, seq_id: Hashable) -> None: ...
     def block_table(self, seq_id: Hashable) -> list[int]: ...
     def num_tokens(self, seq_id: Hashable) -> int: ...
@@ -69,6 +77,9 @@ class Request:
     cached_tokens: int | None = None
     preemptions: int = 0
     status: str = WAITING
+    #: Tokens proposed to follow the last one, set by the engine before ``schedule`` (speculative
+    #: decoding); the scheduler books as many as fit and the engine clears it after the step.
+    draft: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def seq_id(self) -> Hashable:
@@ -93,11 +104,18 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Scheduled:
-    """Compute ``num_tokens`` tokens of ``request`` from position ``start`` this step."""
+    """Compute ``num_tokens`` tokens of ``request`` from position ``start`` this step: its known
+    tokens, then ``draft`` (speculated tokens, counted in ``num_tokens``)."""
 
     request: Request
     start: int
     num_tokens: int
+    draft: tuple[int, ...] = ()
+
+    def tokens(self) -> list[int]:
+        """The ids this row feeds."""
+        known = self.num_tokens - len(self.draft)
+        return self.request.tokens(self.start, self.start + known) + list(self.draft)
 
 
 @dataclasses.dataclass
@@ -114,10 +132,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: Blocks, max_batch_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, blocks: Blocks, max_batch_tokens: int, max_num_seqs: int, spec_budget: int = 0) -> None:
+        """``spec_budget``: most speculated tokens one step computes (all requests together)."""
         self.blocks = blocks
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
+        self.spec_budget = spec_budget
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -182,7 +202,28 @@ class Scheduler:
             n = min(len(tokens) - cached, budget)
             out.scheduled.append(Scheduled(request, cached, n))
             budget -= n
+        if self.spec_budget and budget > 0:
+            self._book_drafts(out, min(budget, self.spec_budget))
         return out
+
+    def _book_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Give decode rows with a draft as many of its tokens as ``budget`` and the free blocks
+        allow, oldest request first; never preempting (a draft that does not fit shrinks)."""
+        for index, item in enumerate(out.scheduled):
+            request = item.request
+            if budget <= 0:
+                break
+            if not request.draft or item.num_tokens != 1 or item.start + 1 != request.num_tokens:
+                continue  # not a decode (a prompt chunk, a recomputation)
+            k = min(len(request.draft), budget)
+            while k and not self.blocks.can_append(request.seq_id, k):
+                k -= 1
+            if not k:
+                continue
+            draft = tuple(request.draft[:k])
+            out.copies.extend(self.blocks.append(request.seq_id, draft))
+            out.scheduled[index] = Scheduled(request, item.start, 1 + k, draft)
+            budget -= k
 
     def _reserve_slots(self, request: Request, end: int, out: SchedulerOutput) -> bool:
         """Cache slots for ``request``'s tokens up to ``end`` (a decode token needs one; prompt
@@ -215,5 +256,15 @@ class Scheduler:
         the prefix cache)."""
         for item in out.scheduled:
             request = item.request
-            request.num_computed = item.start + item.num_tokens
+            request.num_computed = item.start + item.num_tokens - len(item.draft)
             self.blocks.computed(request.seq_id, request.num_computed)
+
+    def accepted(self, item: Scheduled, accepted: int) -> None:
+        """A speculative row was verified: the first ``accepted`` of its draft tokens (now part of
+        the request's output) hold K/V; the rejected rest leave the block manager (their slots are
+        written again by later steps), and none of them was ever marked computed before."""
+        request = item.request
+        keep = item.start + 1 + accepted
+        request.num_computed = keep
+        self.blocks.truncate(request.seq_id, keep)
+        self.blocks.computed(request.seq_id, keep)

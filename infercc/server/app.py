@@ -234,7 +234,7 @@ async def _generate(server: ServerState, request: Request, body: Any, ids: list[
                     formatter: Completion | Chat, logprobs: int | None) -> Response:
     """Submit the request's n choices and answer: a stream of chunks or one JSON response."""
     params = [sampling_params(body, max_tokens, i) for i in range(body.n)]
-    job = await server.engine.submit(ids, params, formatter.id, logprobs)
+    job = await server.engine.submit(ids, params, formatter.id, logprobs, body.speculation)
     watcher = asyncio.create_task(_abort_on_disconnect(request, job))
     if body.stream:
         return StreamingResponse(_sse(server, job, watcher, formatter), media_type="text/event-stream",

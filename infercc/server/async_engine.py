@@ -134,16 +134,17 @@ class AsyncEngine:
         return self._stats
 
     async def submit(self, prompt: list[int], params: list[SamplingParams], request_id: str,
-                     logprobs: int | None = None) -> Job:
-        """Add one engine request per entry of ``params`` (ids ``{request_id}-{i}``). Raises
-        RequestError (400) when the engine refuses the prompt, 503 once the server is closing."""
+                     logprobs: int | None = None, speculation: str | None = None) -> Job:
+        """Add one engine request per entry of ``params`` (ids ``{request_id}-{i}``; each with
+        ``speculation``, see ``Engine.add_request``). Raises RequestError (400) when the engine
+        refuses the prompt, 503 once the server is closing."""
         if self._closing:
             raise RequestError("the server is shutting down and takes no new requests; retry on another server",
                                status=503, type="server_error", code="server_shutting_down")
         loop = asyncio.get_running_loop()
         job = Job(self, [f"{request_id}-{i}" for i in range(len(params))], loop)
         added = loop.create_future()
-        self._send(("add", job, prompt, params, logprobs, added))
+        self._send(("add", job, prompt, params, logprobs, speculation, added))
         try:
             await added
         except asyncio.CancelledError:  # the client left while waiting: undo the add
@@ -238,12 +239,12 @@ class AsyncEngine:
             _resolve(future, result, error)
 
     def _add(self, job: Job, prompt: list[int], params: list[SamplingParams], logprobs: int | None,
-             added: asyncio.Future) -> None:
+             speculation: str | None, added: asyncio.Future) -> None:
         now = time.monotonic()
         done: list[str] = []
         try:
             for index, (request_id, p) in enumerate(zip(job.request_ids, params)):
-                self.engine.add_request(request_id, list(prompt), p, logprobs=logprobs)
+                self.engine.add_request(request_id, list(prompt), p, logprobs=logprobs, speculation=speculation)
                 self._live[request_id] = _Live(job, index, now)
                 done.append(request_id)
         except Exception as exc:  # noqa: BLE001 - the request's error, not the loop's

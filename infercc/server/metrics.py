@@ -77,6 +77,17 @@ class EngineCollector(Collector):
         yield gauge("kv_block_waste", "Fraction of the used blocks' slots that hold no token.", blocks.waste)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.prefix_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", blocks.prefix_hits)
+        spec = stats.speculation
+        proposed, accepted, steps = (spec.proposed, spec.accepted, spec.steps) if spec is not None else (0, 0, 0)
+        yield counter("spec_proposed_tokens", "Tokens proposed by speculative decoding (verified by the model).",
+                      proposed)
+        yield counter("spec_accepted_tokens", "Proposed tokens the model accepted (emitted without a step of "
+                      "their own).", accepted)
+        yield counter("spec_verify_steps", "Speculative rows verified (each emits its accepted tokens + 1).", steps)
+        yield gauge("spec_acceptance_rate", "Accepted / proposed tokens so far (0 before any proposal).",
+                    accepted / proposed if proposed else 0.0)
+        yield gauge("spec_tokens_per_step", "Mean tokens a speculative row emitted per verify step.",
+                    (accepted + steps) / steps if steps else 0.0)
 
 
 class Metrics:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..config import SPECULATIONS
 from ..errors import ConfigError, InputError
 from ..runtime.sampling import SamplingParams
+from ..runtime.spec_engine import OFF as SPECULATION_OFF
 
 #: Largest ``n`` (choices per request): each choice is a request in the engine.
 MAX_N = 16
@@ -33,6 +35,8 @@ DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_CHAT_TOKENS = 1024
 #: A log-probability JSON can carry in place of -inf (JSON has no infinities; vLLM uses the same).
 MIN_LOGPROB = -9999.0
+#: Values of the request field ``speculation`` (null or absent: the server's ``--speculation``).
+SPECULATION_VALUES = (*(m for m in SPECULATIONS if m is not None), SPECULATION_OFF)
 
 
 class RequestError(InputError):
@@ -83,10 +87,17 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
+    #: infercc's: speculative decoding for this request (a method, "off", or null: the server's).
+    #: The output is the same either way (greedy identical, sampling the same distribution).
+    speculation: str | None = None
 
     def _unsupported(self) -> None:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported by this server; remove it", param="logit_bias")
+        if self.speculation is not None and self.speculation not in SPECULATION_VALUES:
+            raise RequestError(f"speculation {self.speculation!r} is not a speculation method; use one of "
+                               f"{list(SPECULATION_VALUES)} or leave it out for the server's default",
+                               param="speculation")
         if self.stop is not None and not isinstance(self.stop, str) and len(self.stop) > MAX_STOP:
             raise RequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOP} are allowed", param="stop")
 

@@ -167,3 +167,14 @@ def test_gguf_names_and_offline_vocabulary() -> None:
     assert len(tokens) == len(set(tokens)) == 400 and tuple(tokens[:3]) == SPECIALS
     with pytest.raises(ValueError):
         vocabulary(100)
+
+
+def test_speculative_case_without_the_gguf_skips_every_configuration(tmp_path) -> None:
+    from benchmarks.cases import speculative
+
+    args = argparse.Namespace(gguf=str(tmp_path / "missing.gguf"), out=str(tmp_path), threads=2, new_tokens=8,
+                              groups="grounded,chat")
+    case = speculative.build_case(args)
+    assert case.configs == [] and len(case.skipped) == 10
+    assert all("missing.gguf" in reason for reason in case.skipped.values())
+    assert {"infercc-lookup-grounded", "llama.cpp-lookup-chat"} <= set(case.skipped)

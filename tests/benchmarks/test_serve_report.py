@@ -75,3 +75,23 @@ def test_memory_line_needs_the_geometry(tmp_path: Path) -> None:
     result = _result(tmp_path)
     del result.notes["kv"]
     assert memory(result, tmp_path, LEVELS) == []
+
+
+def test_speculation_lines_against_plain_infercc(tmp_path: Path) -> None:
+    """infercc-spec (``--speculation auto``) is reported against plain infercc at each load, the
+    highest concurrency against the 0.95x target, with the acceptance its /metrics counted."""
+    result = _result(tmp_path)
+    spec = _config("infercc-spec", {"c1_out_tok_per_s": [200, 240], "c1_ttft_p50_s": [0.1, 0.1],
+                                    "c4_out_tok_per_s": [270, 270], "c4_tpot_p50_s": [0.013, 0.013]})
+    result.configs.append(spec)
+    calls = tmp_path / "servers"
+    calls.mkdir()
+    counters = ("# TYPE infercc_spec_proposed_tokens counter\ninfercc_spec_proposed_tokens_total 400.0\n"
+                "# TYPE infercc_spec_accepted_tokens counter\ninfercc_spec_accepted_tokens_total 100.0\n"
+                "# TYPE infercc_spec_verify_steps counter\ninfercc_spec_verify_steps_total 50.0\n")
+    (calls / "infercc-spec-x-call0.json").write_text(json.dumps({"contender": "infercc-spec", "loads": [],
+                                                                 "metrics_text": counters}))
+    text = "\n".join(report(result, tmp_path, LEVELS))
+    assert "infercc-spec vs infercc at c1: out tok/s x2.00 (paired x2.00)" in text
+    assert "infercc-spec vs infercc at c4: out tok/s x0.90 (paired x0.90) (target >= x0.95: MISSED)" in text
+    assert "400 proposed, 100 accepted (25.0%), 3.00 tokens per verify step" in text

@@ -10,12 +10,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 
-def write_hf(folder: Path, model_type: str = "llama", **extra) -> Path:
+def write_hf(folder: Path, model_type: str = "llama", *, layers: int = 2, **extra) -> Path:
     """A small random checkpoint: LLaMA family (GQA 4/2 heads of 8; mistral slides a window) or
-    GPT-2 (learned absolute positions)."""
+    GPT-2 (learned absolute positions). Layer i's weights do not depend on ``layers`` (they are
+    drawn after the embeddings, norm and head, layer by layer), so a checkpoint with fewer layers
+    is exactly the first layers of one with more."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    vocab, hidden, layers, ffn = 64, 32, 2, 48
+    vocab, hidden, ffn = 64, 32, 48
     if model_type == "gpt2":
         config = dict(model_type="gpt2", vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=96)
         shapes = {"wte.weight": (vocab, hidden), "wpe.weight": (96, hidden), "ln_f.weight": (hidden,),

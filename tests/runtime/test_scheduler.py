@@ -174,3 +174,41 @@ def test_random_workload_finishes_everything_and_returns_every_block(seed):
     assert not expected and not scheduler.has_unfinished() and scheduler.num_preemptions > 0
     report = blocks.report()
     assert report.used == 0 and report.free + report.cached == report.total
+
+
+def test_drafts_are_booked_last_and_shrink_instead_of_preempting():
+    """Speculated tokens come after every decode and prompt chunk, within ``spec_budget`` and the
+    free blocks: a draft that would need a block the pool lacks shrinks (never a preemption), and
+    ``accepted`` keeps only the accepted tokens (the rest leave the block manager, uncomputed)."""
+    blocks = BlockManager(3, 16)
+    scheduler = Scheduler(blocks, max_batch_tokens=64, max_num_seqs=8, spec_budget=6)
+    scheduler.add(request("a", 14, max_new=30))  # 14 + 30 - 1 = 43 tokens: 3 blocks
+    finish_step(scheduler, scheduler.schedule())  # prefill; a has 15 known tokens, 14 computed
+    scheduler.add(request("b", 20, max_new=8))    # 2 blocks: the rest of the pool
+    a = scheduler.requests["a"]
+    a.draft = [5, 6, 7, 8, 9]
+    out = scheduler.schedule()
+    # a's decode (position 14), then b's prompt takes the 2 free blocks: a's draft gets the one slot
+    # left in its own block
+    assert sizes(out) == [("a", 14, 2), ("b", 0, 20)] and out.scheduled[0].draft == (5,)
+    assert out.scheduled[0].tokens() == [7, 5] and not out.preempted
+    scheduler.computed(out)
+    assert a.num_computed == 15 and blocks.num_tokens("a") == 16  # the draft is not computed yet
+    scheduler.accepted(out.scheduled[0], 0)  # 5 was rejected
+    assert a.num_computed == 15 and blocks.num_tokens("a") == 15
+    a.output.append(3)  # the model's own token instead
+    scheduler.requests["b"].output.append(4)
+    a.draft = [1] * 5
+    out = scheduler.schedule()  # no block is free: a's draft shrinks to nothing, nobody is preempted
+    assert sizes(out) == [("a", 15, 1), ("b", 20, 1)] and out.scheduled[0].draft == () and not out.preempted
+
+
+def test_the_speculation_budget_caps_all_drafts_of_a_step():
+    scheduler = Scheduler(reserved(), max_batch_tokens=64, max_num_seqs=8, spec_budget=5)
+    for rid in "abc":
+        scheduler.add(request(rid, 4, max_new=20))
+    finish_step(scheduler, scheduler.schedule())
+    for rid in "abc":
+        scheduler.requests[rid].draft = [9, 9, 9]
+    out = scheduler.schedule()
+    assert [len(s.draft) for s in out.scheduled] == [3, 2, 0]  # oldest first, 5 in all

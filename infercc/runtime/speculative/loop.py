@@ -1,0 +1,173 @@
+"""Speculative generation of one prompt: each step proposes up to k tokens, runs the target once on
+[last token + proposals], keeps what verification accepts, and rolls the KV cache back over the
+rest.
+
+It is a ``Generation`` (generate.py) for one prompt, so results, streaming and the stop rules are
+the plain loop's: every emitted token goes through ``_Row.take`` one at a time, so a stop id, a
+stop string, ``max_new_tokens`` or a full context end the text exactly where decoding one token
+per step would end it (tokens verified past that point are dropped). Greedy output is the plain
+loop's token for token; sampled output has the target's distribution (verify.py) but not the
+plain loop's tokens for a seed (the draws differ). The cache always holds prompt + output but the
+last output token, as in the plain loop; a step appends [last + k proposals] and is truncated
+back to the accepted ones (KVCache.truncate). Works on every backend the runner drives (ONNX
+Runtime and the generated-C library, one forward run per step: the C library's own decode loop
+stays the path when speculation is off).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ..generate import Generation, GenerationResult
+from ..kv_cache import check_context
+from .policy import DepthPolicy, SpeculationStats
+from .proposer import Proposal, Proposer, make_proposer
+from .verify import verify
+
+if TYPE_CHECKING:
+    from ...compiled import CompiledModel
+    from ..model_runner import ModelRunner
+    from ..sampling import SamplingParams
+    from ..tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+_LOCK = threading.Lock()
+
+#: Sequence ids for proposers: a proposer is shared by every generation on its compiled model
+#: (threads may generate at once), so each generation has its own key.
+_SEQ_IDS = itertools.count()
+
+
+class SpeculativeGeneration(Generation):
+    """``Generation`` of one prompt with speculative decoding (see the module docstring)."""
+
+    loop = "speculative"
+
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, prompts: list[list[int]],
+                 params: SamplingParams, proposer: Proposer, policy: DepthPolicy) -> None:
+        if len(prompts) != 1:
+            raise ValueError("SpeculativeGeneration runs one prompt")
+        super().__init__(runner, tokenizer, prompts, params)
+        self.proposer = proposer
+        self.policy = policy
+        self.stats = SpeculationStats()
+        self.seq_id = ("generate", next(_SEQ_IDS))
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        row, runner = self.rows[0], self.runner
+        check_context(len(row.prompt), runner.max_context)
+        cache = runner.new_cache(1)
+        start = time.perf_counter()
+        decode_start = start
+        try:
+            logits = runner.step(cache, [row.prompt])[0]
+            self._take([row.sampler(logits, row.prompt, row.output)])
+            self.prompt_seconds = time.perf_counter() - start
+            decode_start = time.perf_counter()
+            while True:
+                piece = row.piece()
+                if piece:
+                    yield 0, piece
+                if row.finish_reason is not None:
+                    break
+                sequence = row.prompt + row.output
+                k = self._depth(len(sequence))
+                proposal = self.proposer.propose(self.seq_id, sequence, k, self.params) if k else Proposal([])
+                proposal = _clipped(proposal, k)
+                logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True)[0]
+                if proposal.tokens:
+                    emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
+                    accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
+                    self.stats.add(len(proposal.tokens), accepted)
+                    self.policy.record(self.seq_id, len(proposal.tokens), accepted)
+                    cache.truncate(len(sequence) + accepted)  # rejected proposals' K/V go
+                else:
+                    emitted = [row.sampler(logits[-1], row.prompt, row.output)]
+                self._take(emitted)
+                self.decode_seconds = time.perf_counter() - decode_start
+        finally:
+            cache.free()
+            self.proposer.release(self.seq_id)
+            self.policy.release(self.seq_id)
+
+    def _depth(self, length: int) -> int:
+        """The policy's k, clipped so the step neither verifies tokens that could never be emitted
+        (``max_new_tokens``) nor outgrows the context (the cache would hold length + k slots)."""
+        row, runner = self.rows[0], self.runner
+        k = self.policy.depth(self.seq_id)
+        k = min(k, self.params.max_new_tokens - len(row.output) - 1)
+        if runner.max_context is not None:
+            k = min(k, runner.max_context - length)
+        return max(k, 0)
+
+    def _take(self, tokens: list[int]) -> None:
+        """Emit tokens one by one under the row's rules; those after the end are dropped."""
+        row, runner = self.rows[0], self.runner
+        for token in tokens:
+            row.take(token)
+            if row.finish_reason is None and runner.max_context is not None \
+                    and len(row.prompt) + len(row.output) >= runner.max_context:
+                row.finish("length")
+            if row.finish_reason is not None:
+                return
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        results = super().results
+        for result in results:
+            result.speculation = self.stats
+        return results
+
+
+def _clipped(proposal: Proposal, k: int) -> Proposal:
+    """At most ``k`` tokens (a proposer may return more than asked)."""
+    if len(proposal.tokens) <= k:
+        return proposal
+    probs = proposal.probs[:k] if proposal.probs is not None else None
+    return Proposal(list(proposal.tokens[:k]), probs)
+
+
+def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokenizer: Tokenizer | None,
+                           prompts: list[list[int]], params: SamplingParams,
+                           method: str) -> tuple[SpeculativeGeneration | None, str | None]:
+    """The speculative generation for ``method`` (a request's ``speculation=``), or (None, why it
+    cannot run): the caller decodes plainly and reports the reason (a warning and
+    ``GenerationResult.speculation_reason``), never an error -- but an unknown method name is one."""
+    from ...config import SPECULATIONS
+    from ...errors import ConfigError
+
+    if method not in SPECULATIONS:
+        raise ConfigError(f"speculation must be one of {list(SPECULATIONS)}, got {method!r}")
+    if len(prompts) != 1:
+        reason = "speculation on a batch of prompts runs on the serving engine"
+    elif not runner.cached:
+        reason = "the model has no KV cache (every step recomputes the sequence: nothing to verify in one step)"
+    else:
+        proposer, reason = proposer_for(compiled, method)
+        if proposer is not None:
+            draft_cost = getattr(proposer, "cost", 0.0)
+            policy = DepthPolicy(compiled.config, draft_cost=draft_cost)
+            return SpeculativeGeneration(runner, tokenizer, prompts, params, proposer, policy), None
+    reason = f"speculation={method!r} is off for this request: {reason}"
+    log.info("%s; decoding without it", reason)
+    warnings.warn(f"{reason}; decoding without it", RuntimeWarning, stacklevel=5)
+    return None, reason
+
+
+def proposer_for(compiled: CompiledModel, method: str) -> tuple[Proposer | None, str]:
+    """``make_proposer`` once per compiled model and method: a draft is compiled (or a self-draft
+    cut) on first use and kept with the model. Prompt lookup keeps state per sequence id, so each
+    call gets its own."""
+    if method in ("auto", "prompt_lookup"):
+        return make_proposer(compiled, method, compiled.config)
+    with _LOCK:
+        cache = compiled.__dict__.setdefault("_speculation_proposers", {})
+        if method not in cache:
+            cache[method] = make_proposer(compiled, method, compiled.config)
+        return cache[method]

@@ -1,0 +1,80 @@
+"""The proposer door: what every speculative proposer (prompt lookup, draft model, self-draft; Medusa
+and EAGLE heads later) gives the verifier, and ``make_proposer``, the one place a method name
+becomes a proposer.
+
+A proposer guesses the next tokens of a sequence; the target model then scores all of them in one
+step (verify.py). Proposers are keyed by the caller's sequence id and are handed the whole
+sequence so far on every call, so a proposer that keeps state (an n-gram index, a draft's KV cache)
+brings itself up to date alone: the caller never tells it which guesses were rejected. A method
+that cannot run for a model (no draft, a vocabulary that differs, a graph the self-draft cannot
+be cut from) is ``(None, reason)``, never an error: the caller decodes plainly and reports why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ...compiled import CompiledModel
+    from ...config import Config
+    from ..sampling import SamplingParams
+
+#: The proposers ``make_proposer`` builds; "auto" is prompt lookup under the depth policy.
+METHODS = ("auto", "prompt_lookup", "draft", "self_draft")
+
+
+@dataclasses.dataclass
+class Proposal:
+    """Tokens guessed to continue a sequence. ``probs`` [len(tokens), vocab] float64 is the draft
+    distribution q each token was drawn from (rejection sampling needs it); None = a deterministic
+    proposer (prompt lookup, a greedy draft): q is a point mass on each token."""
+
+    tokens: list[int]
+    probs: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.probs is not None and self.probs.shape[0] != len(self.tokens):
+            raise ValueError(f"a proposal of {len(self.tokens)} tokens has {self.probs.shape[0]} rows of probabilities")
+
+
+class Proposer(Protocol):
+    """Guesses up to ``k`` next tokens of a sequence (see the module docstring)."""
+
+    #: "prompt_lookup" | "draft" | "self_draft"
+    name: str
+
+    def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
+        """0..k tokens continuing ``tokens`` (the sequence so far: prompt + output)."""
+        ...
+
+    def release(self, seq_id: Hashable) -> None:
+        """The sequence ended: drop what was kept for it."""
+        ...
+
+
+def make_proposer(compiled: CompiledModel, method: str, config: Config) -> tuple[Proposer | None, str]:
+    """The proposer for ``method`` on ``compiled`` ("auto" and "prompt_lookup": n-gram lookup;
+    "draft": ``config.draft_model``, or the self-draft without one; "self_draft"), or ``(None,
+    why not)``: the caller then decodes without speculation and records the reason."""
+    from ...errors import InferccError
+
+    if method in ("auto", "prompt_lookup"):
+        from .prompt_lookup import PromptLookup
+
+        return PromptLookup(), "prompt lookup: n-gram match in the prompt and output"
+    try:
+        if method == "draft" and config.draft_model is not None:
+            from .draft import load_draft
+
+            return load_draft(compiled, config)
+        if method in ("draft", "self_draft"):
+            from .self_draft import make_self_draft
+
+            return make_self_draft(compiled, config)
+    except InferccError as exc:  # a draft that does not load or compile: decode plainly, say why
+        return None, f"{method}: {exc}"
+    return None, f"unknown speculation method {method!r}; known: {list(METHODS)}"

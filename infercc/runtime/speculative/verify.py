@@ -1,0 +1,75 @@
+"""Verification: the target's logits over [last token + k proposals] decide which proposals stand.
+
+Greedy: a proposal stands while it equals the target's own choice (argmax after penalties) at its
+position; the first mismatch is replaced by the target's token, and when all k stand the target's
+token after them comes free (the bonus token). The output is token for token what decoding one
+token per step would give.
+
+Sampling: standard speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023). The
+proposal x_i drawn from the draft's q_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)),
+p_i being the target's processed distribution (penalties, temperature, top-k/p, min-p: exactly
+``Sampler.probabilities``); at the first rejection a token is drawn from norm(max(0, p_i - q_i))
+and the step ends; all accepted -> one more token drawn from p_{k}. Each emitted token is then
+distributed as p: the output distribution is the target's. A deterministic proposer is q = point
+mass on x (accept with probability p(x); the residual is p without x). Draws use the request's
+seeded generator, so a seed gives the same text on every run.
+
+Penalties depend on the output so far, so each position's p is computed on a copy of ``output``
+extended by the tokens accepted before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..sampling import Sampler
+from .proposer import Proposal
+
+
+def verify(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Sequence[int],
+           output: list[int]) -> list[int]:
+    """The tokens to emit (1..k+1) for ``proposal``; ``logits`` [k+1, vocab] are the target's at
+    the positions predicting each proposed token and the one after."""
+    tokens = proposal.tokens
+    if logits.shape[0] != len(tokens) + 1:
+        raise ValueError(f"verify needs {len(tokens) + 1} rows of logits for {len(tokens)} proposed tokens, "
+                         f"got {logits.shape[0]}")
+    out = list(output)
+    emitted: list[int] = []
+    for i in range(len(tokens) + 1):
+        if sampler.params.greedy:
+            token = sampler(logits[i], context, out)
+            emitted.append(token)
+            if i == len(tokens) or token != tokens[i]:
+                return emitted
+            out.append(token)
+            continue
+        p = sampler.probabilities(logits[i], context, out)
+        if i == len(tokens):  # every proposal stood: the bonus token from p
+            emitted.append(draw(sampler.rng, p))
+            return emitted
+        x = int(tokens[i])
+        if proposal.probs is None:  # point mass: q(x) = 1
+            q_x, residual = 1.0, p.copy()
+            residual[x] = 0.0
+        else:
+            q = np.asarray(proposal.probs[i], np.float64)
+            q_x, residual = float(q[x]), np.maximum(p - q, 0.0)
+        if q_x > 0 and sampler.rng.random() * q_x < p[x]:  # accept with probability min(1, p/q)
+            emitted.append(x)
+            out.append(x)
+            continue
+        # Rejected: p - q has no positive part only when p == q (then x could not be rejected
+        # but for rounding); draw from p itself there.
+        emitted.append(draw(sampler.rng, residual if residual.sum() > 0 else p))
+        return emitted
+    return emitted  # (unreachable: the loop returns at i == len(tokens))
+
+
+def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
+    """A token from the (possibly unnormalized) distribution ``probs``, as ``Sampler`` draws."""
+    cumulative = np.cumsum(probs)
+    token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return min(token, int(np.flatnonzero(probs)[-1]))

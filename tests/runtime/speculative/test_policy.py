@@ -1,0 +1,55 @@
+"""The depth policy: full depth while proposals stand, off when they keep failing (and back after a
+while), less under load, none when KV blocks run short; the stats' rates."""
+
+from __future__ import annotations
+
+from infercc import Config
+from infercc.runtime.speculative import DepthPolicy, SpeculationStats
+from infercc.runtime.speculative.policy import best_depth
+
+
+def test_depth_follows_acceptance_and_recovers():
+    policy = DepthPolicy(Config(num_speculative_tokens=6))
+    for _ in range(10):
+        policy.record("a", 6, 6)
+    assert policy.depth("a") == 6
+    for _ in range(30):
+        policy.record("b", 4, 0)
+    assert policy.depth("b") == 0
+    probes = 0
+    for _ in range(200):  # proposals that keep failing: off, but probed now and then
+        k = policy.depth("b")
+        if k:
+            probes += 1
+            policy.record("b", k, 0)
+    assert 0 < probes < 40
+    policy.release("a")
+    assert policy.rate("a") == policy.rate("never seen")
+
+
+def test_load_and_memory_lower_the_depth():
+    policy = DepthPolicy(Config(num_speculative_tokens=8))
+    for _ in range(10):
+        policy.record(1, 8, 6)
+    alone = policy.depth(1)
+    assert alone > 0
+    assert policy.depth(1, running=32) < alone
+    assert policy.depth(1, free_fraction=0.05) == 0
+    throughput = DepthPolicy(Config(num_speculative_tokens=8, speculation_policy="throughput"))
+    throughput.record(1, 8, 8)
+    assert throughput.depth(1, waiting=3) == 0 and throughput.depth(1) > 0
+    assert DepthPolicy(Config(), fixed=3).depth("x", running=100, free_fraction=0.0) == 3
+
+
+def test_a_costly_draft_needs_higher_acceptance():
+    assert best_depth(0.5, 0.0, 5) > 0 and best_depth(0.5, 0.6, 5) == 0
+    assert best_depth(0.95, 0.08, 5) == 5 and best_depth(0.0, 0.0, 5) == 0
+
+
+def test_stats_rates():
+    stats = SpeculationStats()
+    assert stats.acceptance_rate == 0 and stats.tokens_per_step == 0
+    stats.add(4, 3)
+    stats.add(4, 1)
+    assert stats.acceptance_rate == 0.5 and stats.tokens_per_step == 3.0
+    assert stats.to_dict()["proposed"] == 8
