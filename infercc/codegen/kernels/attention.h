@@ -5,9 +5,11 @@
  * head's group, a key split). Rows are ordered query-position-major (t = i * rep + r), so the rep
  * query heads sharing a kv head read each K/V tile once, and rows of one chunk have neighbouring
  * causal bounds. Keys stream in tiles of ICC_AT_TK with an online softmax (running max, running
- * sum, rescaled accumulator): no [S, P+S] matrix. When there are fewer units than threads can
- * share evenly (decode: S = 1, few kv heads), the keys are split and the partial (max, sum, acc)
- * merged afterwards (flash-decoding). An fp16 cache tile is converted once per tile to fp32 and
+ * sum, rescaled accumulator): no [S, P+S] matrix. Past ICC_AT_SPLIT keys, the keys are split at
+ * fixed positions and the partial (max, sum, acc) merged afterwards (flash-decoding: threads share
+ * one kv head's long context). A row's result is the same bits whatever else runs in the call
+ * (batch invariance, icc_at_splits), so batched, chunked and speculative decoding give the tokens
+ * of one sequence decoded alone. An fp16 cache tile is converted once per tile to fp32 and
  * shared by every row of the chunk.
  *
  * Scores follow the decomposition's order of operations: q is scaled first, s = cap(q' . k), then
@@ -32,7 +34,7 @@
 
 #define ICC_AT_MR 32 /* query rows (heads x positions) per unit */
 #define ICC_AT_TK 64 /* keys per tile */
-#define ICC_AT_MIN_SPLIT 128 /* fewest keys a split gets */
+#define ICC_AT_SPLIT 256 /* keys per split: fixed, so a row's arithmetic never depends on the call */
 /* Below this many multiply-adds (rows x keys x (D + Dv)) a call runs on the calling thread: the
  * fork/join costs more than it saves, and on a loaded machine a parked worker can stall the call
  * by a scheduler time slice (measured: decode of a 128-token cache, 12 heads of 64, ~200K). */
@@ -218,6 +220,27 @@ static inline void icc_at_dots(const float *q, const float *kb, int64_t ks, int6
             out[j + 3] += q[d] * k3[d];
         }
     }
+    if (j < n) { /* the last 1..3 keys as a group of 4 (repeating the last key): every key's dot
+                  * takes the same path whatever n is (batch invariance; see icc_at_splits) */
+        const float *k0 = kb + j * ks, *k1 = j + 1 < n ? k0 + ks : k0, *k2 = j + 2 < n ? k0 + 2 * ks : k0, *k3 = k0;
+        icc_at_v a0 = icc_at_zero(), a1 = icc_at_zero(), a2 = icc_at_zero(), a3 = icc_at_zero();
+        for (int64_t d = 0; d < dv; d += ICC_AT_VW) {
+            icc_at_v x = icc_at_load(q + d);
+            a0 = icc_at_fma(x, icc_at_load(k0 + d), a0);
+            a1 = icc_at_fma(x, icc_at_load(k1 + d), a1);
+            a2 = icc_at_fma(x, icc_at_load(k2 + d), a2);
+            a3 = icc_at_fma(x, icc_at_load(k3 + d), a3);
+        }
+        float t[4];
+        _mm_storeu_ps(t, icc_at_hsum4(a0, a1, a2, a3));
+        for (int64_t d = dv; d < D; d++) {
+            t[0] += q[d] * k0[d];
+            t[1] += q[d] * k1[d];
+            t[2] += q[d] * k2[d];
+        }
+        for (int64_t i = 0; j + i < n; i++) out[j + i] = t[i];
+        return;
+    }
 #endif
     for (; j < n; j++) {
         const float *kr = kb + j * ks;
@@ -251,6 +274,16 @@ static inline float icc_at_expsum(float *s, int64_t n, float m) {
         icc_at_v e = icc_at_vexp(icc_at_add(icc_at_load(s + j), vm));
         icc_at_store(s + j, e);
         vs = icc_at_add(vs, e);
+    }
+    if (j < n) { /* the tail as one more vector, padded with -inf (exp = 0): key j always adds into
+                  * lane j % VW, however many keys the tile has (batch invariance; see icc_at_splits) */
+        float t[ICC_AT_VW];
+        for (int64_t i = 0; i < ICC_AT_VW; i++) t[i] = j + i < n ? s[j + i] : -INFINITY;
+        icc_at_v e = icc_at_vexp(icc_at_add(icc_at_load(t), vm));
+        icc_at_store(t, e);
+        vs = icc_at_add(vs, e);
+        for (int64_t i = 0; j + i < n; i++) s[j + i] = t[i];
+        j = n;
     }
     sum = icc_at_hsum(vs);
 #endif
@@ -523,16 +556,15 @@ static inline void icc_at_unit_out(const icc_at_ws *w, int ok, float *out, float
     }
 }
 
-/* How many parts the keys are split into when too few (row chunk, kv group) units exist to share
- * evenly among the threads (each part at least ICC_AT_MIN_SPLIT keys). */
-static inline int64_t icc_at_splits(int threads, int64_t base_units, int64_t keys) {
-    int64_t nsplit = 1;
-    if (threads > 1 && base_units < 4 * (int64_t)threads) {
-        nsplit = (4 * (int64_t)threads + base_units - 1) / base_units;
-        if (nsplit > keys / ICC_AT_MIN_SPLIT) nsplit = keys / ICC_AT_MIN_SPLIT;
-        if (nsplit < 1) nsplit = 1;
-    }
-    return nsplit;
+/* How many parts the keys are split into: [0, ICC_AT_SPLIT), [ICC_AT_SPLIT, 2 ICC_AT_SPLIT), ...
+ * Batch invariance: a query row's result must not depend on how many rows share the call (a
+ * decode step alone, 16 decodes batched, k + 1 rows verifying speculated tokens, a prompt chunk)
+ * nor on the thread count, or greedy tokens drift apart at near ties -- so the split points are
+ * fixed key positions, never derived from the work or the threads. Splits also give two threads
+ * work at one kv head and a long context (a split that a row cannot see is skipped and merges as
+ * nothing). */
+static inline int64_t icc_at_splits(int64_t keys) {
+    return keys > ICC_AT_SPLIT ? (keys + ICC_AT_SPLIT - 1) / ICC_AT_SPLIT : 1;
 }
 
 /* The splits' partial (max, sum, acc) merged into out; an orphaned `omp for`: call it inside the
@@ -625,14 +657,9 @@ static void icc_attention(const icc_attention_args *a) {
     const int64_t Skv = (cached ? a->P : 0) + S;
     const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
     const int parallel = B * H * S * Skv * (D + Dv) >= ICC_AT_SERIAL_WORK;
-    int threads = 1;
-#ifdef _OPENMP
-    if (parallel) threads = omp_get_max_threads();
-#endif
-    /* split the keys when there are too few units to share evenly among the threads */
     const int64_t base_units = B * Hkv * chunks;
-    int64_t nsplit = icc_at_splits(threads, base_units, Skv);
-    const int64_t split_len = (Skv + nsplit - 1) / nsplit;
+    int64_t nsplit = icc_at_splits(Skv);
+    const int64_t split_len = ICC_AT_SPLIT;
     /* per row and split: (max, sum, acc[Dv]) */
     float *part = NULL;
     if (nsplit > 1) {

@@ -188,14 +188,9 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
     }
     const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
     const int parallel = H * S * keys * (D + Dv) >= ICC_AT_SERIAL_WORK;
-    int threads = 1;
-#ifdef _OPENMP
-    if (parallel) threads = omp_get_max_threads();
-#endif
-    /* split the keys when there are too few units to share evenly among the threads */
     const int64_t base_units = B * Hkv * chunks;
-    int64_t nsplit = icc_at_splits(threads, base_units, max_skv);
-    const int64_t split_len = (max_skv + nsplit - 1) / nsplit;
+    int64_t nsplit = icc_at_splits(max_skv);
+    const int64_t split_len = ICC_AT_SPLIT;
     float *part = NULL; /* per row and split: (max, sum, acc[Dv]) */
     if (nsplit > 1) {
         part = (float *)malloc((size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
