@@ -34,7 +34,7 @@
 
 #define ICC_AT_MR 32 /* query rows (heads x positions) per unit */
 #define ICC_AT_TK 64 /* keys per tile */
-#define ICC_AT_SPLIT 256 /* keys per split: fixed, so a row's arithmetic never depends on the call */
+#define ICC_AT_SPLIT 128 /* keys per split: fixed, so a row's arithmetic never depends on the call */
 /* Below this many multiply-adds (rows x keys x (D + Dv)) a call runs on the calling thread: the
  * fork/join costs more than it saves, and on a loaded machine a parked worker can stall the call
  * by a scheduler time slice (measured: decode of a 128-token cache, 12 heads of 64, ~200K). */
