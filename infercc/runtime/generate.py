@@ -251,10 +251,16 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
     params = options.pop("params", None) or SamplingParams()
     params = params.replace(**options) if options else params
     runner = ModelRunner(compiled.backend, compiled.model, max_context)
-    if len(prompts) > 1 and runner.cached:  # several prompts batch on the serving engine
+    # Several prompts batch on the serving engine. So does one speculative prompt on the generated-C
+    # runtime: its paged kernel writes the verified K/V into the pool in place, where the runner
+    # loop would copy the whole cache every step (ONNX Runtime keeps the loop: its in-place GQA
+    # buffer copies nothing, and the engine's portable form gathers the past every step).
+    on_engine = len(prompts) > 1 or (speculation not in (None, "off") and compiled.runtime == "c")
+    if on_engine and runner.cached:
         from .engine import EngineGeneration  # (imports this module)
 
-        return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params)
+        return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params,
+                                speculation=speculation or "off")
     reason = None
     if speculation is not None:
         from .speculative.loop import speculative_generation  # (imports this module)

@@ -9,9 +9,10 @@ per step would end it (tokens verified past that point are dropped). Greedy outp
 loop's token for token; sampled output has the target's distribution (verify.py) but not the
 plain loop's tokens for a seed (the draws differ). The cache always holds prompt + output but the
 last output token, as in the plain loop; a step appends [last + k proposals] and is truncated
-back to the accepted ones (KVCache.truncate). Works on every backend the runner drives (ONNX
-Runtime and the generated-C library, one forward run per step: the C library's own decode loop
-stays the path when speculation is off).
+back to the accepted ones (KVCache.truncate). Works on every backend the runner drives; the
+generated-C runtime's single prompt takes the serving engine instead (generate.py: its paged
+kernel writes verified K/V in place, while this loop's contiguous cache is copied every step), so
+this loop serves ONNX Runtime (its in-place GQA buffer copies nothing) and the runner's callers.
 """
 
 from __future__ import annotations
