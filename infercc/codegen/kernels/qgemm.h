@@ -32,7 +32,6 @@
 #define ICC_QFLAG_F16_SCALES 4
 #define ICC_QFLAG_F16_RESTS 8
 #define ICC_QFLAG_MINS 16
-#define ICC_Q_MR 4
 #ifndef ICC_Q_PREFETCH
 #define ICC_Q_PREFETCH 4096
 #endif
@@ -41,6 +40,15 @@
 #define ICC_Q_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ICC_Q_AVX2 1
+#endif
+/* rows per tile: each unpacked weight vector serves this many rows (AVX-512: 3 x 8 accumulators
+ * of 32 registers; AVX2's 16 registers hold 4 rows) */
+#ifndef ICC_Q_MR
+#if defined(ICC_Q_AVX512)
+#define ICC_Q_MR 8
+#else
+#define ICC_Q_MR 4
+#endif
 #endif
 
 /* Where one panel's parts are. */
@@ -361,6 +369,12 @@ ICC_Q_ROWS(1)
 ICC_Q_ROWS(2)
 ICC_Q_ROWS(3)
 ICC_Q_ROWS(4)
+#if ICC_Q_MR >= 8
+ICC_Q_ROWS(5)
+ICC_Q_ROWS(6)
+ICC_Q_ROWS(7)
+ICC_Q_ROWS(8)
+#endif
 #undef ICC_Q_ROWS
 #undef ICC_Q_BLOCKS
 
@@ -368,6 +382,12 @@ static void icc_q_rows(int rows, int bits, int64_t block, int64_t nb, icc_qpanel
                        int64_t kp, const float *d, const float *dq, const float *sx, float *y,
                        int64_t ldy, int64_t ncols) {
     switch (rows) {
+#if ICC_Q_MR >= 8
+        case 8: icc_q_rows8(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+        case 7: icc_q_rows7(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+        case 6: icc_q_rows6(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+        case 5: icc_q_rows5(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
+#endif
         case 4: icc_q_rows4(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
         case 3: icc_q_rows3(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
         case 2: icc_q_rows2(bits, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;
