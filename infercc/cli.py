@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=".gguf file, Hugging Face folder, .onnx file or a folder written by convert")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--max-batch-tokens", type=int, help="tokens one engine step computes at most (default 2048)")
+    p.add_argument("--max-batch-tokens", type=int, help="tokens one engine step computes at most (default 1024)")
     p.add_argument("--kv-cache-memory", type=int, metavar="BYTES",
                    help="bytes of the KV-cache block pool (default 0 = sized automatically)")
     p.add_argument("--speculation", choices=[m for m in SPECULATIONS if m is not None],

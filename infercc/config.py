@@ -81,11 +81,8 @@ class Config:
     #: the memory available when the engine starts, at most 4 GiB).
     kv_cache_memory: int = 0
     #: Tokens one engine step computes at most (decode tokens of running requests first, then
-    #: chunks of waiting prompts: chunked prefill). 2048, as vLLM's CPU default order: every step
-    #: streams the weights once, so a burst of prompts prefilled in one step instead of two costs
-    #: less in all (SmolLM2 Q4_1, 16 clients of 100-token prompts: 267 vs 221 tokens/s, TTFT p95
-    #: 1.89 vs 1.95 s); a long prompt still comes in chunks, so running streams pause one step.
-    max_batch_tokens: int = 2048
+    #: chunks of waiting prompts: chunked prefill).
+    max_batch_tokens: int = 1024
     #: Requests running at once at most; more wait in the queue.
     max_num_seqs: int = 64
     #: Speculative decoding (runtime/speculative/): each step a cheap proposer guesses up to

@@ -320,13 +320,7 @@ class Engine:
             emitted = spec.verify(item, logits, row)
         else:
             emitted = [row.sampler(logits[0], row.prompt, row.output)]
-        for token in emitted:
-            row.take(token)
-            if row.finish_reason is None and self.max_context is not None \
-                    and len(row.prompt) + len(row.output) >= self.max_context:
-                row.finish("length")
-            if row.finish_reason is not None:
-                break
+        row.take_all(emitted, self.max_context)
         if item.draft:
             self.scheduler.accepted(item, len(emitted) - 1)
         new = row.output[before:]

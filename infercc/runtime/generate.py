@@ -106,6 +106,18 @@ class _Row:
         if self.finish_reason is None and len(self.output) >= self.params.max_new_tokens:
             self.finish("length")
 
+    def take_all(self, tokens: list[int], max_context: int | None) -> None:
+        """Take several tokens (verified speculation) one at a time, as single steps would: the row
+        also ends with "length" once prompt + output fill ``max_context``; tokens after the end
+        are dropped."""
+        for token in tokens:
+            self.take(token)
+            if self.finish_reason is None and max_context is not None \
+                    and len(self.prompt) + len(self.output) >= max_context:
+                self.finish("length")
+            if self.finish_reason is not None:
+                return
+
     def _check_stop_strings(self) -> None:
         """Look for stop strings in the text added since the last look (and the overlap a stop
         string could straddle), so long outputs are not rescanned every token."""

@@ -196,6 +196,30 @@ static inline __m128 icc_at_hsum4(icc_at_v a, icc_at_v b, icc_at_v c, icc_at_v d
 }
 #endif
 
+#ifdef ICC_AT_VW
+/* out[0:4] = q . k0 .. q . k3: one FMA chain per key over the vector part of D (dv), a horizontal
+ * sum, then the rest of D. Every key's dot goes through here, so its bits never depend on which
+ * keys share the call (batch invariance; see icc_at_splits). */
+static inline void icc_at_dot4(const float *q, const float *k0, const float *k1, const float *k2, const float *k3,
+                               int64_t dv, int64_t D, float *out) {
+    icc_at_v a0 = icc_at_zero(), a1 = icc_at_zero(), a2 = icc_at_zero(), a3 = icc_at_zero();
+    for (int64_t d = 0; d < dv; d += ICC_AT_VW) {
+        icc_at_v x = icc_at_load(q + d);
+        a0 = icc_at_fma(x, icc_at_load(k0 + d), a0);
+        a1 = icc_at_fma(x, icc_at_load(k1 + d), a1);
+        a2 = icc_at_fma(x, icc_at_load(k2 + d), a2);
+        a3 = icc_at_fma(x, icc_at_load(k3 + d), a3);
+    }
+    _mm_storeu_ps(out, icc_at_hsum4(a0, a1, a2, a3));
+    for (int64_t d = dv; d < D; d++) {
+        out[0] += q[d] * k0[d];
+        out[1] += q[d] * k1[d];
+        out[2] += q[d] * k2[d];
+        out[3] += q[d] * k3[d];
+    }
+}
+#endif
+
 /* out[j] = q . K[j] for j < n (K rows `ks` floats apart). */
 static inline void icc_at_dots(const float *q, const float *kb, int64_t ks, int64_t n, int64_t D,
                                float *out) {
@@ -203,41 +227,13 @@ static inline void icc_at_dots(const float *q, const float *kb, int64_t ks, int6
 #ifdef ICC_AT_VW
     const int64_t dv = D - D % ICC_AT_VW;
     for (; j + 4 <= n; j += 4) {
-        const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
-        icc_at_v a0 = icc_at_zero(), a1 = icc_at_zero(), a2 = icc_at_zero(), a3 = icc_at_zero();
-        for (int64_t d = 0; d < dv; d += ICC_AT_VW) {
-            icc_at_v x = icc_at_load(q + d);
-            a0 = icc_at_fma(x, icc_at_load(k0 + d), a0);
-            a1 = icc_at_fma(x, icc_at_load(k1 + d), a1);
-            a2 = icc_at_fma(x, icc_at_load(k2 + d), a2);
-            a3 = icc_at_fma(x, icc_at_load(k3 + d), a3);
-        }
-        _mm_storeu_ps(out + j, icc_at_hsum4(a0, a1, a2, a3));
-        for (int64_t d = dv; d < D; d++) {
-            out[j] += q[d] * k0[d];
-            out[j + 1] += q[d] * k1[d];
-            out[j + 2] += q[d] * k2[d];
-            out[j + 3] += q[d] * k3[d];
-        }
+        const float *k0 = kb + j * ks;
+        icc_at_dot4(q, k0, k0 + ks, k0 + 2 * ks, k0 + 3 * ks, dv, D, out + j);
     }
-    if (j < n) { /* the last 1..3 keys as a group of 4 (repeating the last key): every key's dot
-                  * takes the same path whatever n is (batch invariance; see icc_at_splits) */
-        const float *k0 = kb + j * ks, *k1 = j + 1 < n ? k0 + ks : k0, *k2 = j + 2 < n ? k0 + 2 * ks : k0, *k3 = k0;
-        icc_at_v a0 = icc_at_zero(), a1 = icc_at_zero(), a2 = icc_at_zero(), a3 = icc_at_zero();
-        for (int64_t d = 0; d < dv; d += ICC_AT_VW) {
-            icc_at_v x = icc_at_load(q + d);
-            a0 = icc_at_fma(x, icc_at_load(k0 + d), a0);
-            a1 = icc_at_fma(x, icc_at_load(k1 + d), a1);
-            a2 = icc_at_fma(x, icc_at_load(k2 + d), a2);
-            a3 = icc_at_fma(x, icc_at_load(k3 + d), a3);
-        }
+    if (j < n) { /* the last 1..3 keys as a group of 4, repeating the first of them */
+        const float *k0 = kb + j * ks;
         float t[4];
-        _mm_storeu_ps(t, icc_at_hsum4(a0, a1, a2, a3));
-        for (int64_t d = dv; d < D; d++) {
-            t[0] += q[d] * k0[d];
-            t[1] += q[d] * k1[d];
-            t[2] += q[d] * k2[d];
-        }
+        icc_at_dot4(q, k0, j + 1 < n ? k0 + ks : k0, j + 2 < n ? k0 + 2 * ks : k0, k0, dv, D, t);
         for (int64_t i = 0; j + i < n; i++) out[j + i] = t[i];
         return;
     }

@@ -109,14 +109,7 @@ class SpeculativeGeneration(Generation):
 
     def _take(self, tokens: list[int]) -> None:
         """Emit tokens one by one under the row's rules; those after the end are dropped."""
-        row, runner = self.rows[0], self.runner
-        for token in tokens:
-            row.take(token)
-            if row.finish_reason is None and runner.max_context is not None \
-                    and len(row.prompt) + len(row.output) >= runner.max_context:
-                row.finish("length")
-            if row.finish_reason is not None:
-                return
+        self.rows[0].take_all(tokens, self.runner.max_context)
 
     @property
     def results(self) -> list[GenerationResult]:
