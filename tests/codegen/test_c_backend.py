@@ -62,8 +62,15 @@ def test_architecture_outputs_equal_ort(name: str) -> None:
     _compare(ort_model.run(feeds), c_model.run(feeds), mask, TOLERANCE)
 
 
-@pytest.mark.parametrize("quantize", ["int4", "int8"])
-@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_torchscript", "phi_dynamo"])
+#: Default run: one fixture per precision (each pair is two builds); the rest behind -m slow.
+QUANT_CASES = [("llama_dynamo", "int4"), ("gpt2_torchscript", "int8"),
+               *(pytest.param(n, q, marks=pytest.mark.slow) for n, q in
+                 [("llama_dynamo", "int8"), ("gpt2_torchscript", "int4"), ("phi_dynamo", "int4"), ("phi_dynamo", "int8")])]
+#: Default run: three exporter/architecture kinds of decoder; every decoder fixture with -m slow.
+PADDED_DEFAULT = {"llama_dynamo", "gpt2_dynamo", "phi_torchscript"}
+
+
+@pytest.mark.parametrize(("name", "quantize"), QUANT_CASES)
 def test_quantized_weights_equal_ort_matmulnbits(name: str, quantize: str) -> None:
     """The C kernels quantize activations to int8 per block and take integer dot products, as ORT's
     MatMulNBits does at its accuracy level 4: both agree to float rounding (measured <= 2.4e-7),
@@ -77,7 +84,8 @@ def test_quantized_weights_equal_ort_matmulnbits(name: str, quantize: str) -> No
     _compare(exact.run(check_feeds(c_model.model.graph, feeds)), c_model.run(feeds), feeds.get("attention_mask"), 2e-2)
 
 
-@pytest.mark.parametrize("name", catalog.list_fixtures(kind="decoder"))
+@pytest.mark.parametrize("name", [n if n in PADDED_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in catalog.list_fixtures(kind="decoder")])
 def test_greedy_generation_equals_ort_on_a_padded_batch(name: str) -> None:
     ort_model, c_model = pair(str(catalog.fixture_path(name)))
     prompts = [[5, 9, 13, 2, 7], [11, 4]]

@@ -179,6 +179,7 @@ def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
     assert "com.microsoft::MatMulNBits" not in off.model.graph.op_histogram()
 
 
+@pytest.mark.slow  # ~35 s: the whole 135M checkpoint quantized and run on ONNX Runtime
 def test_smollm2_q4_1_runs_at_4_bit_by_default() -> None:
     """The demo's model: the Q4_1 file compiles to its exact 4-bit grids (not to float), and its
     greedy text follows the dequantized float model's. Teacher-forced on the float model's greedy
