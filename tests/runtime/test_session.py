@@ -3,8 +3,6 @@ cached-graph contract, checked against its uncached twin (same weights, full rec
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from infercc import InferccError, InputError
 from infercc.runtime.kv_cache import CacheEntry, CacheSpec, ContextOverflowError, KVCache
 from infercc.runtime.session import SessionClosedError
 from tests.runtime._cached_model import CONTEXT, HEAD, HEADS, tiny_lm
+from tests.runtime._threads import together
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
 
@@ -154,27 +153,14 @@ def test_context_overflow_is_a_clear_error(cached, uncached):
 
 def run_threads(compiled, prompts: list[list[int]], n: int = 16) -> list[list[int]]:
     """Each prompt in its own sequence and thread, all started together."""
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
     with compiled.session() as session:
         seqs = [session.sequence() for _ in prompts]
-        barrier = threading.Barrier(len(prompts))
 
-        def work(i: int) -> None:
-            try:
-                barrier.wait()
-                seqs[i].prefill(prompts[i])
-                results[i] = [seqs[i].decode() for _ in range(n)]
-            except BaseException as exc:  # reported by the assertion below
-                errors.append(exc)
+        def work(i: int) -> list[int]:
+            seqs[i].prefill(prompts[i])
+            return [seqs[i].decode() for _ in range(n)]
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
-    return [results[i] for i in range(len(prompts))]
+        return together(work, len(prompts))
 
 
 @pytest.mark.parametrize("kind", ["cached", "uncached"])

@@ -10,7 +10,6 @@ runtime ("c-paged": every row in one call), and the hand-built one-layer graph w
 from __future__ import annotations
 
 import gc
-import threading
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from infercc.runtime.block_manager import OutOfBlocks
 from infercc.runtime.session import FORK_SEED_OFFSET, SessionClosedError
 from tests.fuzz.synthetic import write_tiny_gguf
 from tests.runtime._cached_model import tiny_lm
+from tests.runtime._threads import together
 
 #: A KV block of the tiny GGUF: 16 tokens x 2 layers x K+V x 2 kv heads x 8 dims x 4 bytes.
 BLOCK_BYTES = 16 * 256
@@ -99,30 +99,13 @@ def test_concurrent_decodes_from_threads_batch_and_equal_each_alone(model):
     prompts = [[1] + list(range(20 + i, 36 + i)) for i in range(6)]  # same length: one call even on ORT
     n = 24
     expected = [alone(model, p, n) for p in prompts]
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
     with model.session() as session:
         seqs = [session.sequence() for _ in prompts]
         for seq, prompt in zip(seqs, prompts):
             seq.prefill(prompt)
         pool = session.pool
         steps = pool.steps
-        barrier = threading.Barrier(len(prompts))
-
-        def work(i: int) -> None:
-            try:
-                barrier.wait()
-                results[i] = [seqs[i].decode() for _ in range(n)]
-            except BaseException as exc:  # reported by the assertion below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
-        assert [results[i] for i in range(len(prompts))] == expected
+        assert together(lambda i: [seqs[i].decode() for _ in range(n)], len(prompts)) == expected
         decodes = n * len(prompts)
         # Leader/follower: a thread that finds a step running queues its row for the next one.
         assert pool.steps - steps <= decodes // 2, (pool.steps - steps, decodes)  # ideal: decodes / 6
