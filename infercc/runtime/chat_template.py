@@ -47,7 +47,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import InputError, ModelLoadError
 
-#: Wall-clock seconds a render may take (real templates take milliseconds).
+#: CPU seconds a render may take on its thread (real templates take milliseconds; waiting for a core
+#: on a busy machine does not count).
 RENDER_SECONDS = 2.0
 #: A value or the output may hold this many characters plus four times the messages' size.
 BASE_MAX_CHARS = 1 << 20
@@ -114,7 +115,7 @@ def render(template: str, source: str, variables: dict[str, Any], *, seconds: fl
     needing a value they do not give (undefined) is an InputError."""
     limit = max_chars if max_chars is not None else BASE_MAX_CHARS + 4 * _size(variables, None)
     fix = "fix the template in the model file, or set tokenizer.chat_template to a working one"
-    deadline = time.monotonic() + seconds
+    deadline = time.thread_time() + seconds  # CPU time of this thread: a loaded machine is no runaway
     previous = sys.gettrace()
     sys.settrace(_tracer(deadline, seconds))
     try:
@@ -156,7 +157,7 @@ def _tracer(deadline: float, seconds: float):
     Python call, and on every line of template code (the loops)."""
 
     def check() -> None:
-        if time.monotonic() > deadline:  # raising also unsets the tracer (Python's rule)
+        if time.thread_time() > deadline:  # raising also unsets the tracer (Python's rule)
             raise _RenderLimit(f"it ran longer than {seconds:g} s")
 
     def local(frame, event: str, arg: Any):
