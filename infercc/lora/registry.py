@@ -1,0 +1,339 @@
+"""The adapters loaded into one compiled model, their slots in the stacked factors, and the LoRA
+graph variant that runs rows with adapters (passes/lora/).
+
+* ``add`` reads and checks an adapter completely (every module must name a projection of the
+  model with matching sizes, rank <= ``Config.max_lora_rank``) before anything changes: an adapter
+  is loaded whole or not at all.
+* ``resolve`` turns a request's selection (a name, or names + weights for a composition) into an
+  ``AdapterRef``: what the runners carry per row. Its ``identity`` is unique to the adapter's
+  contents as loaded (a re-added name gets a new one), which prefix-cache keys include, so K/V
+  computed under one adapter are never served to another.
+* Runners call ``view(refs)`` for a backend-like object whose ``run_bound`` / ``run`` feed the
+  variant with each row's slot and the current stacks.
+
+The stacks are rebuilt (copy on write) whenever the set of adapters changes, under the lock; a
+step takes the current snapshot once, so an ``add`` during a step never tears it. An adapter held
+by a running request or an open sequence cannot be removed (``remove`` says which to close).
+
+Thread-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import re
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..passes.lora import SLOTS, Site, a_input, b_input, find_sites, insert_lora
+from .compose import compose
+from .peft import AdapterError, LoraAdapter, LoraModule, read_adapter
+
+if TYPE_CHECKING:
+    from ..compiled import CompiledModel
+    from ..ir import Model
+
+#: A valid adapter name: an identifier-like word (it reaches metrics, URLs and error messages).
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise AdapterError(f"adapter name {name!r} is not valid: use 1-64 letters, digits, '_' or '-', starting "
+                           "with a letter (e.g. 'sql_v2')")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRef:
+    """A selection, resolved: ``key`` finds its slot; ``identity`` keys its cached K/V."""
+
+    key: tuple
+    identity: bytes
+    names: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.names)
+
+
+@dataclasses.dataclass
+class _Entry:
+    ref: AdapterRef
+    #: site index -> (A [in, r], B [r, out]) with the scaling folded into B
+    factors: dict[int, tuple[np.ndarray, np.ndarray]]
+    source: LoraAdapter | None = None  # the file's adapter (None for a composition)
+    users: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    slot_of: dict[tuple, int]
+    sites: tuple[int, ...]
+    feeds: dict[str, np.ndarray]
+
+
+class AdapterRegistry:
+    def __init__(self, compiled: CompiledModel) -> None:
+        self.compiled = compiled
+        self.config = compiled.config
+        self._lock = threading.RLock()
+        self._adapters: dict[str, _Entry] = {}
+        self._virtual: dict[tuple, _Entry] = {}
+        self._counter = itertools.count(1)
+        self._state = _State({}, (), {})
+        self._backends: dict[tuple[int, ...], Any] = {}
+        self._base: Model | None = None
+        self._sites: list[Site] | None = None
+        self._by_weight: dict[str, Site] = {}
+        #: Why adapter rows run where they run (set when the first variant is built).
+        self.reason: str | None = None
+
+    # -- the model's projections -----------------------------------------------------------------
+    def _prepare(self) -> None:
+        """The ONNX Runtime graph the variant is made from, and its projections (once)."""
+        if self._sites is not None:
+            return
+        from ..passes.lowering import lower_for_ort
+        from ..runtime.ort_backend import OrtBackend
+
+        backend = self.compiled.backend
+        if isinstance(backend, OrtBackend):
+            self._base = backend.model
+            self.reason = "adapter rows run the LoRA graph variant on ONNX Runtime (segmented Gather + MatMul)"
+        else:
+            self._base = lower_for_ort(self.compiled.model, self.config)
+            self.reason = ("adapter rows run the LoRA graph variant on ONNX Runtime: the generated-C runtime has no "
+                           "LoRA kernel yet (base-only rows stay on generated C)")
+            warnings.warn(f"LoRA adapters: {self.reason}", stacklevel=4)
+        self.compiled.diagnostics.facts["lora"] = self.reason
+        self._sites = find_sites(self._base)
+        self._by_weight = {name: site for site in self._sites for name, _ in site.sources}
+
+    @property
+    def modules(self) -> list[str]:
+        """The module names adapters may target (checkpoint weight names without ``.weight``)."""
+        self._prepare()
+        return sorted(name.removesuffix(".weight") for name in self._by_weight)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def add(self, name: str, path: Any) -> None:
+        check_name(name)
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first or "
+                                   "choose another name")
+        adapter = read_adapter(path)
+        self._check_rank(adapter.rank, f"{adapter.path}: r={adapter.rank}")
+        factors = self._factors(adapter.modules, adapter.scaling, adapter.path)
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} was loaded meanwhile; remove it first")
+            identity = hashlib.sha256(f"lora:{name}:{next(self._counter)}".encode()).digest()
+            self._adapters[name] = _Entry(AdapterRef((name,), identity, (name,)), factors, adapter)
+            self._rebuild()
+
+    def _check_rank(self, rank: int, where: str) -> None:
+        if rank > self.config.max_lora_rank:
+            raise AdapterError(f"{where} is above Config.max_lora_rank={self.config.max_lora_rank}; raise "
+                               "max_lora_rank (every adapter row pays for the largest rank loaded)")
+
+    def _factors(self, modules: dict[str, LoraModule], scaling: float, where: str) -> dict[int, tuple]:
+        """Per site the packed factors; AdapterError naming the first module that does not fit."""
+        self._prepare()
+        pieces: dict[int, list[tuple[str, LoraModule]]] = {}
+        for module, factor in modules.items():
+            site = self._by_weight.get(module + ".weight")
+            if site is None:
+                known = self.modules
+                raise AdapterError(f"{where}: target module {module!r} is not a projection of this model; its "
+                                   f"projections are {known[:6]}{' ...' if len(known) > 6 else ''} "
+                                   "(was the adapter trained for another base model?)")
+            begin, end = site.columns(module + ".weight")
+            if factor.a.shape[1] != site.in_features or factor.b.shape[0] != end - begin:
+                raise AdapterError(f"{where}: module {module!r} has lora_A {list(factor.a.shape)} and lora_B "
+                                   f"{list(factor.b.shape)}, but the model's projection maps {site.in_features} -> "
+                                   f"{end - begin} features (expected [r, {site.in_features}] and [{end - begin}, r]); "
+                                   "the adapter was trained for another base model")
+            pieces.setdefault(site.index, []).append((module, factor))
+        out = {}
+        for index, parts in pieces.items():
+            site = self._sites[index]  # type: ignore[index]
+            a = np.concatenate([f.a.T for _, f in parts], axis=1)
+            b = np.zeros((a.shape[1], site.out_features), np.float32)
+            row = 0
+            for module, f in parts:
+                begin, end = site.columns(module + ".weight")
+                b[row:row + f.rank, begin:end] = f.b.T * np.float32(scaling)
+                row += f.rank
+            out[index] = (np.ascontiguousarray(a, np.float32), b)
+        return out
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            entry = self._adapters.get(name)
+            if entry is None:
+                raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._adapters)})")
+            users = [e for e in (entry, *self._virtual.values()) if name in e.ref.names and e.users]
+            if users:
+                raise AdapterError(f"adapter {name!r} is in use by {sum(e.users for e in users)} running request(s) "
+                                   "or open sequence(s); close them (or let them finish) before removing it")
+            del self._adapters[name]
+            self._virtual = {k: v for k, v in self._virtual.items() if name not in v.ref.names}
+            self._rebuild()
+
+    @property
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def info(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            entry = self._adapters[name]
+            src = entry.source
+            assert src is not None
+            return {"name": name, "path": src.path, "rank": src.rank, "alpha": src.alpha, "scaling": src.scaling,
+                    "modules": sorted(src.modules)}
+
+    # -- selection -------------------------------------------------------------------------------
+    def resolve(self, adapter: Any, weights: Sequence[float] | None = None) -> AdapterRef | None:
+        """The ref of ``adapter`` (None, a name, or a list of names with ``weights``), held until
+        ``release``; InputError for an unknown name or a bad composition."""
+        if adapter is None:
+            if weights is not None:
+                raise InputError("adapter_weights were given without adapter=[...]; name the adapters they weigh")
+            return None
+        names = [adapter] if isinstance(adapter, str) else list(adapter) if isinstance(adapter, (list, tuple)) else None
+        if not names or not all(isinstance(n, str) for n in names):
+            raise InputError(f"adapter must be an adapter name or a non-empty list of names, got {adapter!r}")
+        if weights is None:
+            weights = [1.0] * len(names)
+        weights = list(weights) if isinstance(weights, (list, tuple)) else None  # type: ignore[assignment]
+        if weights is None or len(weights) != len(names) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) for w in weights):
+            raise InputError(f"adapter_weights must be a list of {len(names)} finite numbers (one per adapter), "
+                             f"got {weights!r}")
+        if len(set(names)) != len(names):
+            raise InputError(f"adapter lists {names} name an adapter twice; give each once with its weight")
+        with self._lock:
+            missing = [n for n in names if n not in self._adapters]
+            if missing:
+                raise InputError(f"no adapter named {missing[0]!r} is loaded (loaded: {sorted(self._adapters)}); "
+                                 "load it with compiled.add_adapter(name, path)")
+            if len(names) == 1 and weights[0] == 1.0:
+                entry = self._adapters[names[0]]
+            else:
+                entry = self._composition(names, [float(w) for w in weights])
+            entry.users += 1
+            return entry.ref
+
+    def _composition(self, names: list[str], weights: list[float]) -> _Entry:
+        mode = self.config.lora_composition
+        key = (mode, tuple(names), tuple(weights))
+        entry = self._virtual.get(key)
+        if entry is None:
+            parts = [self._adapters[n] for n in names]
+            modules = compose([p.source for p in parts], names, weights, mode, self.config.max_lora_rank)  # type: ignore[misc]
+            factors = self._factors(modules, 1.0, f"composition {names}")
+            identity = hashlib.sha256(b"".join(p.ref.identity for p in parts) + repr(key).encode()).digest()
+            entry = _Entry(AdapterRef(key, identity, tuple(names)), factors)
+            self._virtual[key] = entry
+            self._rebuild()
+        return entry
+
+    def _entry(self, ref: AdapterRef) -> _Entry | None:
+        entry = self._adapters.get(ref.key[0]) if len(ref.key) == 1 else self._virtual.get(ref.key)
+        return entry if entry is not None and entry.ref is ref else None
+
+    def acquire(self, ref: AdapterRef) -> AdapterRef:
+        """Hold ``ref`` once more (a forked sequence); InputError when it was removed meanwhile."""
+        with self._lock:
+            entry = self._entry(ref)
+            if entry is None:
+                raise InputError(f"adapter {ref.label!r} is no longer loaded")
+            entry.users += 1
+            return ref
+
+    def release(self, ref: AdapterRef | None) -> None:
+        if ref is None:
+            return
+        with self._lock:
+            entry = self._entry(ref)
+            if entry is not None and entry.users > 0:
+                entry.users -= 1
+
+    # -- running ---------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """New stacks for the current adapters (under the lock); slot 0 stays zeros."""
+        entries = [*self._adapters.values(), *self._virtual.values()]
+        slot_of = {entry.ref.key: i + 1 for i, entry in enumerate(entries)}
+        ranks: dict[int, int] = {}
+        for entry in entries:
+            for index, (a, _) in entry.factors.items():
+                ranks[index] = max(ranks.get(index, 0), a.shape[1])
+        feeds: dict[str, np.ndarray] = {}
+        for index, rank in sorted(ranks.items()):
+            site = self._sites[index]  # type: ignore[index]
+            a = np.zeros((len(entries) + 1, site.in_features, rank), np.float32)
+            b = np.zeros((len(entries) + 1, rank, site.out_features), np.float32)
+            for entry in entries:
+                if index in entry.factors:
+                    fa, fb = entry.factors[index]
+                    a[slot_of[entry.ref.key], :, :fa.shape[1]] = fa
+                    b[slot_of[entry.ref.key], :fb.shape[0]] = fb
+            feeds[a_input(index)], feeds[b_input(index)] = a, b
+        self._state = _State(slot_of, tuple(sorted(ranks)), feeds)
+
+    def _backend(self, sites: tuple[int, ...]):
+        with self._lock:
+            backend = self._backends.get(sites)
+            if backend is None:
+                from ..runtime.ort_backend import OrtBackend
+
+                model = insert_lora(self._base, [self._sites[i] for i in sites])  # type: ignore[arg-type,index]
+                config = self.config
+                backend = OrtBackend(model, self.compiled._providers, intra_op_threads=config.intra_op_threads,
+                                     inter_op_threads=config.inter_op_threads)
+                self._backends = {sites: backend}  # one variant at a time: a new module set replaces it
+            return backend
+
+    def view(self, refs: Sequence[AdapterRef | None] | AdapterRef) -> LoraView:
+        return LoraView(self, refs)
+
+
+class LoraView:
+    """A backend-like object (``run_bound``, ``run``) that runs the LoRA variant with each row's
+    adapter: ``refs`` per row, or one ref for every row."""
+
+    def __init__(self, registry: AdapterRegistry, refs: Sequence[AdapterRef | None] | AdapterRef) -> None:
+        self.registry = registry
+        self.refs = refs
+
+    def _feeds(self, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray]]:
+        registry = self.registry
+        with registry._lock:
+            state = registry._state
+        batch = int(feeds["input_ids"].shape[0])
+        refs = [self.refs] * batch if isinstance(self.refs, AdapterRef) else list(self.refs)
+        if len(refs) != batch:
+            raise InputError(f"internal error: {len(refs)} adapter refs for a batch of {batch} rows")
+        try:
+            slots = np.asarray([0 if r is None else state.slot_of[r.key] for r in refs], np.int64)
+        except KeyError as exc:
+            raise InputError(f"adapter {exc.args[0]!r} was removed while in use") from None
+        return registry._backend(state.sites), {**feeds, SLOTS: slots, **state.feeds}
+
+    def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        backend, feeds = self._feeds(feeds)
+        return backend.run_bound(feeds, outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        backend, feeds = self._feeds(feeds)
+        return backend.run(feeds)
