@@ -203,3 +203,27 @@ def _modules(tensors: dict[str, np.ndarray], path: Path, rank: int) -> dict[str,
                                f"r={rank} they must be [{rank}, in] and [out, {rank}]")
         modules[module] = LoraModule(np.ascontiguousarray(a), np.ascontiguousarray(b))
     return modules
+
+
+def write_adapter(folder: str | os.PathLike, modules: dict[str, LoraModule], *, alpha: float,
+                  use_rslora: bool = False) -> Path:
+    """Write ``modules`` (module path -> A [r, in], B [out, r], one rank) as a PEFT folder that
+    ``read_adapter`` and ``peft.PeftModel.from_pretrained`` read (keys ``base_model.model.<module>
+    .lora_A.weight``); for adapters made outside torch (benchmarks, synthetic tests)."""
+    from safetensors.numpy import save_file
+
+    ranks = {m.rank for m in modules.values()}
+    if len(ranks) != 1:
+        raise AdapterError(f"write_adapter: the modules have ranks {sorted(ranks)}; one adapter has one rank")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, factor in modules.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(factor.a, np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(factor.b, np.float32)
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    config = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alpha, "use_rslora": use_rslora,
+              "target_modules": targets, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return folder

@@ -1,4 +1,4 @@
-"""The adapters loaded into one compiled model, their slots in the stacked factors, and the LoRA
+"""The adapters loaded into one compiled model, their columns in the stacked factors, and the LoRA
 graph variant that runs rows with adapters (passes/lora/).
 
 * ``add`` reads and checks an adapter completely (every module must name a projection of the
@@ -9,9 +9,9 @@ graph variant that runs rows with adapters (passes/lora/).
   contents as loaded (a re-added name gets a new one), which prefix-cache keys include, so K/V
   computed under one adapter are never served to another.
 * Runners call ``view(refs)`` for a backend-like object whose ``run_bound`` / ``run`` feed the
-  variant with each row's slot and the current stacks.
+  variant with each row's adapter mask and the current factors.
 
-The stacks are rebuilt (copy on write) whenever the set of adapters changes, under the lock; a
+The stacked factors are rebuilt (copy on write) whenever the set of adapters changes, under the lock; a
 step takes the current snapshot once, so an ``add`` during a step never tears it. An adapter held
 by a running request or an open sequence cannot be removed (``remove`` says which to close).
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..passes.lora import SLOTS, Site, a_input, b_input, find_sites, insert_lora
+from ..passes.lora import Site, a_input, b_input, find_sites, insert_lora, mask_input
 from .compose import compose
 from .peft import AdapterError, LoraAdapter, LoraModule, read_adapter
 
@@ -53,7 +53,7 @@ def check_name(name: object) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterRef:
-    """A selection, resolved: ``key`` finds its slot; ``identity`` keys its cached K/V."""
+    """A selection, resolved: ``key`` finds its columns; ``identity`` keys its cached K/V."""
 
     key: tuple
     identity: bytes
@@ -75,9 +75,15 @@ class _Entry:
 
 @dataclasses.dataclass(frozen=True)
 class _State:
-    slot_of: dict[tuple, int]
+    """One snapshot of the stacked factors: ``feeds`` (A and B per site), and for the masks, per
+    column layout (sites targeted by the same adapters at the same ranks share one) where each
+    adapter's columns are, and which layout each site has."""
+
     sites: tuple[int, ...]
     feeds: dict[str, np.ndarray]
+    layouts: tuple[tuple[dict[tuple, tuple[int, int]], int], ...] = ()
+    layout_of: dict[int, int] = dataclasses.field(default_factory=dict)
+    keys: frozenset = frozenset()
 
 
 class AdapterRegistry:
@@ -88,7 +94,7 @@ class AdapterRegistry:
         self._adapters: dict[str, _Entry] = {}
         self._virtual: dict[tuple, _Entry] = {}
         self._counter = itertools.count(1)
-        self._state = _State({}, (), {})
+        self._state = _State((), {})
         self._backends: dict[tuple[int, ...], Any] = {}
         self._base: Model | None = None
         self._sites: list[Site] | None = None
@@ -271,25 +277,27 @@ class AdapterRegistry:
 
     # -- running ---------------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        """New stacks for the current adapters (under the lock); slot 0 stays zeros."""
+        """New factors for the current adapters (under the lock): per site, every adapter that
+        targets it on its own columns."""
         entries = [*self._adapters.values(), *self._virtual.values()]
-        slot_of = {entry.ref.key: i + 1 for i, entry in enumerate(entries)}
-        ranks: dict[int, int] = {}
-        for entry in entries:
-            for index, (a, _) in entry.factors.items():
-                ranks[index] = max(ranks.get(index, 0), a.shape[1])
         feeds: dict[str, np.ndarray] = {}
-        for index, rank in sorted(ranks.items()):
-            site = self._sites[index]  # type: ignore[index]
-            a = np.zeros((len(entries) + 1, site.in_features, rank), np.float32)
-            b = np.zeros((len(entries) + 1, rank, site.out_features), np.float32)
-            for entry in entries:
-                if index in entry.factors:
-                    fa, fb = entry.factors[index]
-                    a[slot_of[entry.ref.key], :, :fa.shape[1]] = fa
-                    b[slot_of[entry.ref.key], :fb.shape[0]] = fb
-            feeds[a_input(index)], feeds[b_input(index)] = a, b
-        self._state = _State(slot_of, tuple(sorted(ranks)), feeds)
+        layouts: dict[tuple, int] = {}
+        layout_of: dict[int, int] = {}
+        for index in sorted({i for entry in entries for i in entry.factors}):
+            users = [entry for entry in entries if index in entry.factors]
+            feeds[a_input(index)] = np.concatenate([e.factors[index][0] for e in users], axis=1)
+            feeds[b_input(index)] = np.concatenate([e.factors[index][1] for e in users], axis=0)
+            key = tuple((e.ref.key, e.factors[index][0].shape[1]) for e in users)
+            layout_of[index] = layouts.setdefault(key, len(layouts))
+        spans = []
+        for key in layouts:  # (insertion order = layout ids)
+            at, span = 0, {}
+            for ref_key, width in key:
+                span[ref_key] = (at, at + width)
+                at += width
+            spans.append((span, at))
+        self._state = _State(tuple(sorted(layout_of)), feeds, tuple(spans), layout_of,
+                             frozenset(e.ref.key for e in entries))
 
     def _backend(self, sites: tuple[int, ...]):
         with self._lock:
@@ -324,11 +332,21 @@ class LoraView:
         refs = [self.refs] * batch if isinstance(self.refs, AdapterRef) else list(self.refs)
         if len(refs) != batch:
             raise InputError(f"internal error: {len(refs)} adapter refs for a batch of {batch} rows")
-        try:
-            slots = np.asarray([0 if r is None else state.slot_of[r.key] for r in refs], np.int64)
-        except KeyError as exc:
-            raise InputError(f"adapter {exc.args[0]!r} was removed while in use") from None
-        return registry._backend(state.sites), {**feeds, SLOTS: slots, **state.feeds}
+        gone = [r for r in refs if r is not None and r.key not in state.keys]
+        if gone:
+            raise InputError(f"adapter {gone[0].label!r} was removed while in use")
+        masks = []
+        for span, width in state.layouts:
+            mask = np.zeros((batch, width), np.float32)
+            for row, ref in enumerate(refs):
+                where = span.get(ref.key) if ref is not None else None
+                if where is not None:
+                    mask[row, where[0]:where[1]] = 1.0
+            masks.append(mask)
+        out = {**feeds, **state.feeds}
+        for index, layout in state.layout_of.items():
+            out[mask_input(index)] = masks[layout]
+        return registry._backend(state.sites), out
 
     def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
         backend, feeds = self._feeds(feeds)
