@@ -181,6 +181,10 @@ class Config:
     #: rank, A = sum_i sign(w_i) sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i (PEFT's
     #: combination_type="linear": task arithmetic, cross terms included; equal ranks required).
     lora_composition: str = "stack"
+    #: Bytes of merged-weight copies (W + s B A at the base weight's precision, one model copy per
+    #: adapter) kept for the adapters that serve whole batches alone (lora/merged.py); 0 = none. Such
+    #: batches then run at base speed, but merged weights round differently from base + delta.
+    lora_merged_cache_bytes: int = 0
 
     def __new__(cls, *args: Any, **options: Any) -> Config:
         """Unknown keywords are a ConfigError (the one ``replace`` gives), not the dataclass's TypeError."""
@@ -239,6 +243,9 @@ class Config:
         if self.lora_composition not in LORA_COMPOSITIONS:
             raise ConfigError(f"Config.lora_composition must be one of {list(LORA_COMPOSITIONS)}, "
                               f"got {self.lora_composition!r}")
+        cache = self.lora_merged_cache_bytes
+        if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+            raise ConfigError(f"Config.lora_merged_cache_bytes must be an integer >= 0 (0 = no cache), got {cache!r}")
 
     def _check_speculation(self) -> None:
         if self.speculation not in SPECULATIONS:

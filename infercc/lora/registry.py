@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import InputError
 from ..passes.lora import Site, a_input, b_input, find_sites, insert_lora, mask_input
 from .compose import compose
+from .merged import MergedCache
 from .peft import AdapterError, LoraAdapter, LoraModule, read_adapter
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class AdapterRegistry:
         self._by_weight: dict[str, Site] = {}
         #: Why adapter rows run where they run (set when the first variant is built).
         self.reason: str | None = None
+        self.merged = MergedCache(self, self.config.lora_merged_cache_bytes)
 
     # -- the model's projections -----------------------------------------------------------------
     def _prepare(self) -> None:
@@ -113,7 +115,7 @@ class AdapterRegistry:
         backend = self.compiled.backend
         if isinstance(backend, OrtBackend):
             self._base = backend.model
-            self.reason = "adapter rows run the LoRA graph variant on ONNX Runtime (segmented Gather + MatMul)"
+            self.reason = "adapter rows run the LoRA graph variant on ONNX Runtime (grouped low-rank deltas)"
         else:
             self._base = lower_for_ort(self.compiled.model, self.config)
             self.reason = ("adapter rows run the LoRA graph variant on ONNX Runtime: the generated-C runtime has no "
@@ -194,6 +196,7 @@ class AdapterRegistry:
             del self._adapters[name]
             self._virtual = {k: v for k, v in self._virtual.items() if name not in v.ref.names}
             self._rebuild()
+        self.merged.drop({name})
 
     @property
     def names(self) -> list[str]:
@@ -303,14 +306,20 @@ class AdapterRegistry:
         with self._lock:
             backend = self._backends.get(sites)
             if backend is None:
-                from ..runtime.ort_backend import OrtBackend
-
-                model = insert_lora(self._base, [self._sites[i] for i in sites])  # type: ignore[arg-type,index]
-                config = self.config
-                backend = OrtBackend(model, self.compiled._providers, intra_op_threads=config.intra_op_threads,
-                                     inter_op_threads=config.inter_op_threads)
+                backend = self._session(insert_lora(self._base, [self._sites[i] for i in sites]))  # type: ignore[arg-type,index]
                 self._backends = {sites: backend}  # one variant at a time: a new module set replaces it
             return backend
+
+    def _session(self, model: Model):
+        from ..runtime.ort_backend import OrtBackend
+
+        config = self.config
+        return OrtBackend(model, self.compiled._providers, intra_op_threads=config.intra_op_threads,
+                          inter_op_threads=config.inter_op_threads)
+
+    def stats(self) -> dict[str, Any]:
+        """Loaded adapters and the merged-weight cache's counts (hits, misses, builds, evictions)."""
+        return {"adapters": self.names, "merged_cache": self.merged.stats(), "runs_on": self.reason}
 
     def view(self, refs: Sequence[AdapterRef | None] | AdapterRef) -> LoraView:
         return LoraView(self, refs)
@@ -335,6 +344,11 @@ class LoraView:
         gone = [r for r in refs if r is not None and r.key not in state.keys]
         if gone:
             raise InputError(f"adapter {gone[0].label!r} was removed while in use")
+        if refs[0] is not None and all(r is refs[0] for r in refs):  # one adapter's batch: merged weights?
+            entry = registry._entry(refs[0])
+            merged = registry.merged.backend(entry) if entry is not None else None
+            if merged is not None:
+                return merged, feeds
         masks = []
         for span, width in state.layouts:
             mask = np.zeros((batch, width), np.float32)

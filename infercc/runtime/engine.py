@@ -112,6 +112,9 @@ class EngineStats:
     #: request asked for it yet); and why a method decodes plainly here, by method.
     speculation: SpeculationStats | None = None
     speculation_notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: LoRA adapters (``AdapterRegistry.stats()``: loaded names, merged-weight cache counts); None
+    #: when the model never had one.
+    lora: dict | None = None
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -378,7 +381,8 @@ class Engine:
                            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            blocks=self.blocks.report(), **self._counts,
                            speculation=dataclasses.replace(spec.totals) if spec is not None else None,
-                           speculation_notes=dict(spec.notes) if spec is not None else {})
+                           speculation_notes=dict(spec.notes) if spec is not None else {},
+                           lora=lora.stats() if (lora := getattr(self.compiled, "_lora", None)) is not None else None)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
