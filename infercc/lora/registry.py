@@ -102,25 +102,26 @@ class AdapterRegistry:
         self._by_weight: dict[str, Site] = {}
         #: Why adapter rows run where they run (set when the first variant is built).
         self.reason: str | None = None
+        self.on_c = False
         self.merged = MergedCache(self, self.config.lora_merged_cache_bytes)
 
     # -- the model's projections -----------------------------------------------------------------
     def _prepare(self) -> None:
-        """The ONNX Runtime graph the variant is made from, and its projections (once)."""
+        """The graph the variant is made from (the model's own: ONNX Runtime's, or the generated-C
+        runtime's canonical graph), and its projections (once)."""
         if self._sites is not None:
             return
-        from ..passes.lowering import lower_for_ort
-        from ..runtime.ort_backend import OrtBackend
+        from ..runtime.c_backend import CBackend
 
         backend = self.compiled.backend
-        if isinstance(backend, OrtBackend):
+        self.on_c = isinstance(backend, CBackend)
+        if self.on_c:
+            self._base = self.compiled.model
+            self.reason = ("adapter rows run the LoRA graph variant on the generated-C runtime (grouped low-rank "
+                           "deltas as MatMul/Mul kernels; the paged pool gathered per step)")
+        else:
             self._base = backend.model
             self.reason = "adapter rows run the LoRA graph variant on ONNX Runtime (grouped low-rank deltas)"
-        else:
-            self._base = lower_for_ort(self.compiled.model, self.config)
-            self.reason = ("adapter rows run the LoRA graph variant on ONNX Runtime: the generated-C runtime has no "
-                           "LoRA kernel yet (base-only rows stay on generated C)")
-            warnings.warn(f"LoRA adapters: {self.reason}", stacklevel=4)
         self.compiled.diagnostics.facts["lora"] = self.reason
         self._sites = find_sites(self._base)
         self._by_weight = {name: site for site in self._sites for name, _ in site.sources}
@@ -311,9 +312,21 @@ class AdapterRegistry:
             return backend
 
     def _session(self, model: Model):
+        """A backend for a variant (or merged copy) of the base graph: on the model's runtime, or
+        ONNX Runtime when the generated-C runtime cannot build it (a warning says why)."""
+        from ..passes.lowering import lower_for_ort
+        from ..runtime.c_backend import CBackend, CUnavailable
         from ..runtime.ort_backend import OrtBackend
 
         config = self.config
+        if self.on_c:
+            try:
+                return CBackend(model, intra_op_threads=config.intra_op_threads, kernels=self.compiled.kernels)
+            except CUnavailable as exc:
+                self.reason = f"adapter rows run on ONNX Runtime: the generated-C runtime cannot run the LoRA graph ({exc})"
+                self.compiled.diagnostics.facts["lora"] = self.reason
+                warnings.warn(f"LoRA adapters: {self.reason}", stacklevel=5)
+                model = lower_for_ort(model, config)
         return OrtBackend(model, self.compiled._providers, intra_op_threads=config.intra_op_threads,
                           inter_op_threads=config.inter_op_threads)
 

@@ -107,10 +107,16 @@ def insert_lora(model: Model, sites: list[Site]) -> Model:
         mask = graph.add_input(mask_input(site.index), DType.FLOAT, ("batch", cols))
         consumers = list(y.uses)
         op = Builder(graph, node, f"{node.name}/lora")
+        x = node.inputs[0]
+        batch, seq = (x.shape or ("batch", "sequence"))[:2]
         rows = op.Unsqueeze(mask, op.const([1], "int64", hint="axis1"))      # [batch, 1, C]
-        delta = op.MatMul(op.Mul(op.MatMul(node.inputs[0], a), rows), b)   # [batch, seq, out]
+        low = op.MatMul(x, a)                                               # [batch, seq, C]
+        picked = op.Mul(low, rows)                                          # the row's own columns
+        delta = op.MatMul(picked, b)                                        # [batch, seq, out]
         total = op.Add(y, delta)
-        total.dtype, total.shape = y.dtype, y.shape
+        for value, shape in ((rows, (batch, 1, cols)), (low, (batch, seq, cols)), (picked, (batch, seq, cols)),
+                             (delta, (batch, seq, site.out_features)), (total, y.shape)):
+            value.dtype, value.shape = DType.FLOAT, shape
         for consumer, index in consumers:
             consumer.set_input(index, total)
     graph.sort()
