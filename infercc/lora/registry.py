@@ -303,13 +303,35 @@ class AdapterRegistry:
         self._state = _State(tuple(sorted(layout_of)), feeds, tuple(spans), layout_of,
                              frozenset(e.ref.key for e in entries))
 
-    def _backend(self, sites: tuple[int, ...]):
+    def _backend(self, sites: tuple[int, ...], paged: int | None = None):
+        """The variant adapting ``sites``; ``paged``: its paged-attention form for KV blocks of that
+        many tokens (generated C only; None when the lowering or the build refuses it)."""
         with self._lock:
-            backend = self._backends.get(sites)
-            if backend is None:
-                backend = self._session(insert_lora(self._base, [self._sites[i] for i in sites]))  # type: ignore[arg-type,index]
-                self._backends = {sites: backend}  # one variant at a time: a new module set replaces it
-            return backend
+            key = (sites, paged)
+            if key not in self._backends:
+                variant = insert_lora(self._base, [self._sites[i] for i in sites])  # type: ignore[arg-type,index]
+                backend = self._paged(variant, paged) if paged else self._session(variant)
+                # one module set at a time: a new one replaces the variants of the old
+                self._backends = {k: v for k, v in self._backends.items() if k[0] == sites}
+                self._backends[key] = backend
+            return self._backends[key]
+
+    def _paged(self, variant: Model, block_size: int):
+        """The variant lowered to PagedAttention and built by the generated-C runtime, or None."""
+        from ..passes.cleanup.dce import DeadCodeElimination
+        from ..passes.diagnostics import APPLIED
+        from ..passes.kv_cache.paged import PagedCacheLowering
+        from ..passes.manager import PassManager
+        from ..runtime.c_backend import CBackend, CUnavailable
+
+        manager = PassManager([PagedCacheLowering(block_size), DeadCodeElimination()], self.config.replace(strict=False))
+        paged, diagnostics = manager.run(variant)
+        if diagnostics[PagedCacheLowering.name].status != APPLIED:
+            return None
+        try:
+            return CBackend(paged, intra_op_threads=self.config.intra_op_threads, kernels=self.compiled.kernels)
+        except CUnavailable:
+            return None
 
     def _session(self, model: Model):
         """A backend for a variant (or merged copy) of the base graph: on the model's runtime, or
@@ -334,17 +356,28 @@ class AdapterRegistry:
         """Loaded adapters and the merged-weight cache's counts (hits, misses, builds, evictions)."""
         return {"adapters": self.names, "merged_cache": self.merged.stats(), "runs_on": self.reason}
 
-    def view(self, refs: Sequence[AdapterRef | None] | AdapterRef) -> LoraView:
-        return LoraView(self, refs)
+    def view(self, refs: Sequence[AdapterRef | None] | AdapterRef, paged: int | None = None) -> LoraView:
+        return LoraView(self, refs, paged)
 
 
 class LoraView:
     """A backend-like object (``run_bound``, ``run``) that runs the LoRA variant with each row's
     adapter: ``refs`` per row, or one ref for every row."""
 
-    def __init__(self, registry: AdapterRegistry, refs: Sequence[AdapterRef | None] | AdapterRef) -> None:
+    def __init__(self, registry: AdapterRegistry, refs: Sequence[AdapterRef | None] | AdapterRef,
+                 paged: int | None = None) -> None:
+        """``paged``: the KV block size of a paged-attention variant (generated C; see
+        ``paged_backend``), None for the contiguous cached graph."""
         self.registry = registry
         self.refs = refs
+        self.paged = paged
+
+    def paged_backend(self) -> Any | None:
+        """The paged variant for the current adapters, or None when there is none (then the rows
+        run the contiguous variant on gathered blocks)."""
+        with self.registry._lock:
+            state = self.registry._state
+        return self.registry._backend(state.sites, self.paged) if self.paged and self.registry.on_c else None
 
     def _feeds(self, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray]]:
         registry = self.registry
@@ -357,7 +390,7 @@ class LoraView:
         gone = [r for r in refs if r is not None and r.key not in state.keys]
         if gone:
             raise InputError(f"adapter {gone[0].label!r} was removed while in use")
-        if refs[0] is not None and all(r is refs[0] for r in refs):  # one adapter's batch: merged weights?
+        if not self.paged and refs[0] is not None and all(r is refs[0] for r in refs):  # one adapter alone: merged?
             entry = registry._entry(refs[0])
             merged = registry.merged.backend(entry) if entry is not None else None
             if merged is not None:
@@ -373,7 +406,7 @@ class LoraView:
         out = {**feeds, **state.feeds}
         for index, layout in state.layout_of.items():
             out[mask_input(index)] = masks[layout]
-        return registry._backend(state.sites), out
+        return registry._backend(state.sites, self.paged), out
 
     def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
         backend, feeds = self._feeds(feeds)

@@ -219,17 +219,22 @@ class PagedRunner:
         s = ids.shape[1]
         out_width = keep if self.interface.keeps_logits else s
         if rows[0].adapter is not None:  # (a group's rows all have adapters, or none has)
-            view = self.compiled.lora.view([row.adapter for row in rows])
-            logits = self._run_gather(rows, feeds, pasts, width, s, out_width, view)
+            refs = [row.adapter for row in rows]
+            paged = self.compiled.lora.view(refs, self.block_size) if self.form == "c-paged" else None
+            if paged is not None and paged.paged_backend() is not None:
+                logits = self._run_paged(rows, feeds, pasts, s, out_width, paged)
+            else:
+                logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.compiled.lora.view(refs))
         elif self.form == "c-paged":
-            logits = self._run_paged(rows, feeds, pasts, s, out_width)
+            logits = self._run_paged(rows, feeds, pasts, s, out_width, self.backend)
         else:
             logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.backend)
         if self.interface.vocab_size is None:
             self.interface.vocab_size = int(logits.shape[-1])
         return logits[:, logits.shape[1] - keep:].astype(np.float32, copy=False)
 
-    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, out_width: int) -> np.ndarray:
+    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, out_width: int,
+                   backend) -> np.ndarray:
         from ..passes.kv_cache.paged import BLOCK_TABLES, PAST_LENS, pool_for
 
         need = -(-(pasts + s) // self.block_size)
@@ -240,7 +245,7 @@ class PagedRunner:
         feeds[PAST_LENS] = pasts.astype(np.int32)
         for name, pool in self.pools.items():  # the pools themselves: the kernel writes into them
             feeds[pool_for(name)] = pool
-        return self.backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
+        return backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
 
     def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int,
                     out_width: int, backend) -> np.ndarray:
@@ -267,12 +272,13 @@ class PagedRunner:
         return result["logits"]
 
     def _lora_padding(self) -> str | None:
-        """Why adapter rows of different past lengths run apart (they run the gather form, whose
-        padded past is attended over); worked out on first use."""
+        """Why adapter rows of different past lengths run apart: as base rows where they run a
+        paged variant, else (the gather form, whose padded past is attended over) worked out once."""
         if self.form == "ort-gather":
             return self.padding
         if not hasattr(self, "_lora_pad"):
-            self._lora_pad = padding_problem(self.compiled.model, masked_keys=True)
+            paged = self.compiled.lora.view([], self.block_size).paged_backend()
+            self._lora_pad = self.padding if paged is not None else padding_problem(self.compiled.model, masked_keys=True)
         return self._lora_pad
 
     def _allocate(self) -> dict[str, np.ndarray]:
