@@ -8,7 +8,7 @@ import numpy as np
 
 from infercc.ir.onnx_save import weight_bytes
 from infercc.lora.merged import BUILD_AFTER
-from tests.lora._data import DATA, TOL, compiled, prompt, references
+from tests.lora._data import TOL, compiled, prompt, references
 
 
 def _prefill(model, adapter):
@@ -61,4 +61,3 @@ def test_int8_base_is_merged_on_its_grid() -> None:
         out = _prefill(model, "a")
     assert model.lora.stats()["merged_cache"]["hits"] == 1
     np.testing.assert_allclose(out - base, refs["llama/a"] - refs["llama/base"], atol=2e-2, rtol=0)
-    assert DATA.is_dir()

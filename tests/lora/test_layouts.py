@@ -1,0 +1,50 @@
+"""Adapters beyond the paged HF path: sequences on the contiguous layout, and a model imported
+from a GGUF file (its projections carry the checkpoint's module names too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import infercc
+from infercc.lora import LoraModule
+from infercc.lora.peft import write_adapter
+from tests.fuzz.synthetic import write_tiny_gguf
+from tests.lora._data import TOL, compiled, prompt, references
+
+
+def test_contiguous_layout_sequences_match_peft() -> None:
+    model = compiled("llama", "a", backend="ort", kv_cache_layout="contiguous")
+    with model.session() as session:
+        assert session.layout == "contiguous"
+        seq = session.sequence(adapter="a")
+        np.testing.assert_allclose(seq.prefill(prompt("llama"), all_logits=True), references()["llama/a"],
+                                   atol=TOL, rtol=0)
+        child = seq.fork()
+        assert child.adapter is seq.adapter and child.decode() == seq.decode()
+
+
+def test_gguf_model_takes_an_adapter(tmp_path: Path) -> None:
+    model = infercc.compile(write_tiny_gguf(tmp_path / "tiny.gguf"), infercc.Config(quantize=None))
+    modules = model.lora.modules
+    assert "model.layers.0.self_attn.q_proj" in modules and "model.layers.0.mlp.down_proj" in modules
+    rng = np.random.default_rng(0)
+    sites = {name: site for site in model.lora._sites for name, _ in site.sources}
+    factors = {}
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"):
+        site = sites[module + ".weight"]
+        begin, end = site.columns(module + ".weight")
+        factors[module] = LoraModule(rng.standard_normal((2, site.in_features)).astype(np.float32),
+                                     rng.standard_normal((end - begin, 2)).astype(np.float32))
+    model.add_adapter("x", write_adapter(tmp_path / "x", factors, alpha=2))
+    ids = [1, 5, 9, 14, 3]
+    with model.session() as session:
+        base = session.sequence().prefill(ids, all_logits=True)
+        adapted = session.sequence(adapter="x").prefill(ids, all_logits=True)
+    assert np.abs(adapted - base).max() > 1e-2
+    # zero B (PEFT's own initialization): exactly the base model
+    zero = {m: LoraModule(f.a, np.zeros_like(f.b)) for m, f in factors.items()}
+    model.add_adapter("zero", write_adapter(tmp_path / "zero", zero, alpha=2))
+    with model.session() as session:
+        np.testing.assert_array_equal(session.sequence(adapter="zero").prefill(ids, all_logits=True), base)
