@@ -14,6 +14,7 @@ Numerics: merged weights round differently from the base + delta sum (and a quan
 rounded again), so a sequence that moves between merged batches and mixed batches may differ from
 its run alone by rounding; hence off by default. Not mergeable (reported in ``stats()["refused"]``):
 a projection with float block offsets (a GGUF Q4_1 grid kept exact, ``Config.quant_native_exact``).
+On the generated-C runtime a merged copy is a paged C library of its own, like the base model's.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class MergedCache:
         self.counts = {"hits": 0, "misses": 0, "builds": 0, "evictions": 0}
         self.refused: dict[str, str] = {}
 
-    def backend(self, entry: _Entry) -> Any | None:
-        """The merged backend of ``entry`` for a batch of its rows alone, or None (a miss)."""
+    def backend(self, entry: _Entry, paged: int | None = None) -> Any | None:
+        """The merged backend of ``entry`` for a batch of its rows alone, or None (a miss);
+        ``paged``: its paged-attention form for KV blocks of that size (generated C)."""
         if self.budget <= 0:
             return None
-        key = entry.ref.key
+        key = (entry.ref.key, paged)
         with self._lock:
             found = self._copies.get(key)
             if found is not None:
@@ -74,7 +76,10 @@ class MergedCache:
             while self._copies and sum(c for _, c in self._copies.values()) + cost > self.budget:
                 self._copies.popitem(last=False)
                 self.counts["evictions"] += 1
-            backend = self.registry._session(model)
+            backend = self.registry._paged(model, paged) if paged else self.registry._session(model)
+            if backend is None:
+                self.refused[entry.ref.label] = "the paged lowering or the C build refused the merged copy"
+                return None
             self._copies[key] = (backend, cost)
             self.counts["builds"] += 1
             return backend
@@ -98,7 +103,8 @@ class _NotMergeable(Exception):
 
 
 def _names(key: tuple) -> tuple[str, ...]:
-    return key if len(key) == 1 else key[1]
+    ref_key = key[0]  # (the adapter's key, paged block size)
+    return ref_key if len(ref_key) == 1 else ref_key[1]
 
 
 def merge(registry: AdapterRegistry, entry: _Entry) -> Model:
@@ -114,7 +120,10 @@ def merge(registry: AdapterRegistry, entry: _Entry) -> Model:
             w = node.inputs[1]
             merged = (w.const.numpy().astype(np.float32) + delta).astype(w.dtype.numpy)
             node.set_input(1, graph.add_initializer(f"{w.name}/merged", Tensor(merged)))
-        elif node.op_type == "MatMulNBits" and len(node.inputs) in (3, 4):
+        elif node.op_type in ("MatMulNBits", "MatMulQuant"):
+            if len(node.inputs) > 4 and node.inputs[4] is not None:
+                raise _NotMergeable(f"{node.name!r} carries float block offsets (an exact GGUF Q4_1 grid); merging would "
+                                    "round them away: compile with quant_native_exact=False to cache merged weights")
             _merge_nbits(graph, node, delta)
         else:
             raise _NotMergeable(f"projection {site.node!r} ({node.op_type}) cannot hold merged weights")
@@ -124,7 +133,8 @@ def merge(registry: AdapterRegistry, entry: _Entry) -> Model:
 
 
 def _merge_nbits(graph, node, delta: np.ndarray) -> None:
-    """Dequantize, add ``delta`` [K, N], quantize again on the node's own grid."""
+    """Dequantize, add ``delta`` [K, N], quantize again on the node's own grid (MatMulNBits, or
+    our MatMulQuant: the same layout; one with block offsets, its fifth input, is refused before)."""
     if any(c.op_type == "Add" and any(i is not None and i.producer is not None and i.producer.op_type == "MatMul"
                                       and any("block_rests" in (x.name if x is not None else "")
                                               for x in i.producer.inputs) for i in c.inputs)

@@ -390,9 +390,9 @@ class LoraView:
         gone = [r for r in refs if r is not None and r.key not in state.keys]
         if gone:
             raise InputError(f"adapter {gone[0].label!r} was removed while in use")
-        if not self.paged and refs[0] is not None and all(r is refs[0] for r in refs):  # one adapter alone: merged?
+        if refs[0] is not None and all(r is refs[0] for r in refs):  # one adapter's batch alone: merged copy?
             entry = registry._entry(refs[0])
-            merged = registry.merged.backend(entry) if entry is not None else None
+            merged = registry.merged.backend(entry, self.paged) if entry is not None else None
             if merged is not None:
                 return merged, feeds
         masks = []

@@ -61,3 +61,16 @@ def test_int8_base_is_merged_on_its_grid() -> None:
         out = _prefill(model, "a")
     assert model.lora.stats()["merged_cache"]["hits"] == 1
     np.testing.assert_allclose(out - base, refs["llama/a"] - refs["llama/base"], atol=2e-2, rtol=0)
+
+
+def test_generated_c_paged_merged_copy() -> None:
+    """On the generated-C runtime the merged copy is its own paged library; int8 weights (our
+    MatMulQuant) are merged on their grid too."""
+    for options, tol in ((dict(), TOL), (dict(quantize="int8", quant_method="rtn"), 2e-2)):
+        model = compiled("llama", "a", backend="c", lora_merged_cache_bytes=1 << 22, **options)
+        base = _prefill(model, None)
+        for _ in range(BUILD_AFTER + 1):
+            out = _prefill(model, "a")
+        stats = model.lora.stats()["merged_cache"]
+        assert (stats["builds"], stats["hits"]) == (1, 1), stats
+        np.testing.assert_allclose(out - base, references()["llama/a"] - references()["llama/base"], atol=tol, rtol=0)
