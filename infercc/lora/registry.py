@@ -159,31 +159,41 @@ class AdapterRegistry:
         self._prepare()
         pieces: dict[int, list[tuple[str, LoraModule]]] = {}
         for module, factor in modules.items():
-            site = self._by_weight.get(module + ".weight")
+            weight = self._weight_of(module)
+            site = self._by_weight.get(weight) if weight else None
             if site is None:
                 known = self.modules
                 raise AdapterError(f"{where}: target module {module!r} is not a projection of this model; its "
                                    f"projections are {known[:6]}{' ...' if len(known) > 6 else ''} "
                                    "(was the adapter trained for another base model?)")
-            begin, end = site.columns(module + ".weight")
+            begin, end = site.columns(weight)
             if factor.a.shape[1] != site.in_features or factor.b.shape[0] != end - begin:
                 raise AdapterError(f"{where}: module {module!r} has lora_A {list(factor.a.shape)} and lora_B "
                                    f"{list(factor.b.shape)}, but the model's projection maps {site.in_features} -> "
                                    f"{end - begin} features (expected [r, {site.in_features}] and [{end - begin}, r]); "
                                    "the adapter was trained for another base model")
-            pieces.setdefault(site.index, []).append((module, factor))
+            pieces.setdefault(site.index, []).append((weight, factor))
         out = {}
         for index, parts in pieces.items():
             site = self._sites[index]  # type: ignore[index]
             a = np.concatenate([f.a.T for _, f in parts], axis=1)
             b = np.zeros((a.shape[1], site.out_features), np.float32)
             row = 0
-            for module, f in parts:
-                begin, end = site.columns(module + ".weight")
+            for weight, f in parts:
+                begin, end = site.columns(weight)
                 b[row:row + f.rank, begin:end] = f.b.T * np.float32(scaling)
                 row += f.rank
             out[index] = (np.ascontiguousarray(a, np.float32), b)
         return out
+
+    def _weight_of(self, module: str) -> str | None:
+        """The site weight of PEFT module ``module``: ``<module>.weight`` itself, or the one weight
+        that ends with it (an export wrapper adds leading scopes: ``model.<module>.weight``)."""
+        exact = module + ".weight"
+        if exact in self._by_weight:
+            return exact
+        found = [w for w in self._by_weight if w.endswith("." + exact)]
+        return found[0] if len(found) == 1 else None
 
     def remove(self, name: str) -> None:
         with self._lock:

@@ -3,7 +3,9 @@ or pack them, so run-time additions keyed by the checkpoint's module names (LoRA
 ``model.layers.0.self_attn.q_proj``) find their projection in the optimized graph.
 
 A plain MatMul keeps its weight initializer's name (the importers name it after the checkpoint's
-tensor); quantization names the packed codes ``<weight>_q4`` / ``_q8``; projection packing, which
+tensor); in an ONNX export, whose weights have names like ``val_76`` or ``onnx::MatMul_707``, the
+module comes from the node: torch.onnx's dynamo exporter records it (``pkg.torch.onnx.name_scopes``),
+the TorchScript exporter names the node after it (``/model/layers.0/self_attn/q_proj/MatMul``); quantization names the packed codes ``<weight>_q4`` / ``_q8``; projection packing, which
 concatenates several weights into one, records the pieces on the packed node
 (``metadata_props["infercc.packed"]``: a JSON list of [weight name, output width]), and the ORT
 lowering of a packed quantized matmul copies that record onto the MatMulNBits it emits.
@@ -11,6 +13,7 @@ lowering of a packed quantized matmul copies that record onto the MatMulNBits it
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 
@@ -18,6 +21,8 @@ from ..ir import Node
 
 PACKED = "infercc.packed"
 _QUANT_SUFFIX = re.compile(r"_q(?:4|8)$")
+_SCOPES = "pkg.torch.onnx.name_scopes"
+_TORCHSCRIPT = re.compile(r"^/((?:[A-Za-z0-9_.]+/)*?[A-Za-z0-9_.]+)/(?:MatMul|Gemm)(?:_\d+)?(?:$|/)")
 #: (op_type, domain) of the projection kinds: float MatMul, ours, ORT's.
 PROJECTIONS = {("MatMul", ""), ("MatMulQuant", "ai.infercc"), ("MatMulNBits", "com.microsoft")}
 
@@ -39,7 +44,8 @@ def weight_sources(node: Node) -> list[tuple[str, int]] | None:
     if node.op_type == "MatMul":
         if w.rank != 2 or not isinstance(w.shape[1], int):
             return None
-        return [(w.name, int(w.shape[1]))]
+        module = None if w.name.endswith(".weight") else _exported_module(node)
+        return [(f"{module}.weight" if module else w.name, int(w.shape[1]))]
     n = node.attr("N")
     return [(_QUANT_SUFFIX.sub("", w.name), int(n))] if n is not None else None
 
@@ -54,3 +60,17 @@ def record_packed(node: Node, parts: list[Node]) -> None:
             return
         sources.extend(found)
     node.metadata_props[PACKED] = json.dumps(sources)
+
+
+def _exported_module(node: Node) -> str | None:
+    """The torch module path an exporter left on a projection node, if any."""
+    scopes = node.metadata_props.get(_SCOPES)
+    if scopes and len(scopes) < 4096:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
+            names = None
+        if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):
+            return names[-2] or None  # the last is the op's own scope (``linear``)
+    found = _TORCHSCRIPT.match(node.name)
+    return found.group(1).replace("/", ".") if found else None

@@ -48,3 +48,36 @@ def test_gguf_model_takes_an_adapter(tmp_path: Path) -> None:
     model.add_adapter("zero", write_adapter(tmp_path / "zero", zero, alpha=2))
     with model.session() as session:
         np.testing.assert_array_equal(session.sequence(adapter="zero").prefill(ids, all_logits=True), base)
+
+
+def _random_adapter(model, folder: Path, seed: int = 0) -> Path:
+    """A PEFT folder of random rank-2 factors for every projection, named as in the HF model
+    (``model.layers.0.self_attn.q_proj``: an export's ``model.`` wrapper scope is matched as a suffix)."""
+    rng = np.random.default_rng(seed)
+    factors = {}
+    for site in model.lora._sites:
+        for weight, width in site.sources:
+            module = weight.removesuffix(".weight").removeprefix("model.")
+            factors[module] = LoraModule(rng.standard_normal((2, site.in_features)).astype(np.float32) * 0.3,
+                                         rng.standard_normal((width, 2)).astype(np.float32) * 0.3)
+    return write_adapter(folder, factors, alpha=2)
+
+
+def test_onnx_exports_find_modules_from_the_exporters_names(tmp_path: Path) -> None:
+    """torch.onnx's dynamo and TorchScript exports of one HF model: their weights have no module
+    names, the nodes do; the same adapter gives both the same logits."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+    models = [infercc.compile(fixtures / f"llama_{exporter}.onnx") for exporter in ("dynamo", "torchscript")]
+    assert all("model.model.layers.1.mlp.down_proj" in m.lora.modules for m in models)
+    folder = _random_adapter(models[0], tmp_path / "a")
+    ids = [[1, 5, 9, 14, 3, 7]]
+    outs = []
+    for model in models:
+        model.add_adapter("a", folder)
+        with model.session() as session:
+            base = session.sequence().prefill(ids[0], all_logits=True)
+            adapted = session.sequence(adapter="a").prefill(ids[0], all_logits=True)
+        assert np.abs(adapted - base).max() > 1e-2
+        outs.append((base, adapted))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-4)  # one model, two exports
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
