@@ -42,6 +42,8 @@ def test_models_lists_base_and_adapters(served) -> None:
     assert [card["id"] for card in data] == ["tiny", "a", "b", "c", "d"]
     assert all(card["parent"] == "tiny" for card in data[1:])
     assert httpx.get(served.base_url + "/models/c").json()["id"] == "c"
+    metrics = httpx.get(served.url + "/metrics").text
+    assert "infercc_lora_adapters 4.0" in metrics and "infercc_lora_merged_hits_total" in metrics
 
 
 def test_concurrent_requests_over_four_adapters(served) -> None:
