@@ -23,6 +23,12 @@ def test_contiguous_layout_sequences_match_peft() -> None:
                                    atol=TOL, rtol=0)
         child = seq.fork()
         assert child.adapter is seq.adapter and child.decode() == seq.decode()
+        seq.set_adapter(None)  # the prefix is computed again by the base model
+        base = session.sequence()
+        base.prefill(seq.tokens)
+        np.testing.assert_allclose(seq.logits, base.logits, atol=1e-5)
+        child.close()
+    model.remove_adapter("a")  # every holder released it
 
 
 def test_gguf_model_takes_an_adapter(tmp_path: Path) -> None:
