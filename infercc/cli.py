@@ -378,8 +378,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = compiled.config.replace(**knobs)  # validated here: a bad value is a ConfigError naming the field
     from .server import model_name_for, serve
 
-    print("building the runtime and the KV-cache pool ...", file=sys.stderr)
     name = args.model_name or model_name_for(args.model)
+    for spec in args.lora or ():
+        adapter, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise InputError(f"serve: --lora {spec!r} must be NAME=PATH (a PEFT adapter folder), e.g. --lora sql=./sql-lora")
+        if adapter == name:
+            raise InputError(f"serve: --lora name {adapter!r} is the base model's name; give the adapter another name")
+        compiled.add_adapter(adapter, path)  # every module checked: a bad adapter stops here, nothing served
+    print("building the runtime and the KV-cache pool ...", file=sys.stderr)
 
     def ready(url: str) -> None:
         print(f"serving {name!r} at {url}/v1 (OpenAI-compatible; health {url}/health, metrics {url}/metrics); "
@@ -490,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("INFERCC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $INFERCC_API_KEY; none = open)")
     p.add_argument("--model-name", help="model id clients send and /v1/models lists (default: the file or folder name)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter folder as model id NAME beside the base model (repeatable); "
+                        "a request whose 'model' is NAME runs with that adapter")
     p.add_argument("--tokenizer", help="tokenizer source (.gguf, HF folder) for a model that has none")
     p.add_argument("--backend", choices=["auto", "c", "ort"],
                    help="runtime when compiling (a compiled folder keeps its own): ort (default), c or auto")

@@ -29,6 +29,7 @@ from .runtime.ort_check import check_ops
 from .runtime.providers import choose_providers
 
 if TYPE_CHECKING:
+    from .lora import AdapterRegistry
     from .runtime.generate import GenerationResult, TextStream
     from .runtime.session import Session
     from .runtime.tokenizer import Tokenizer
@@ -59,6 +60,7 @@ class CompiledModel:
         #: Why the model runs where it runs (set when the backend is created).
         self.runtime_reason: str | None = None
         self._tokenizer: Tokenizer | None = None
+        self._lora: AdapterRegistry | None = None
         self._lock = threading.Lock()
         providers, why = choose_providers(config.provider)
         self._providers = providers
@@ -157,6 +159,34 @@ class CompiledModel:
         from .runtime.generate import stream
 
         return stream(self, prompt, **options)
+
+    # -- LoRA adapters (infercc/lora/) ---------------------------------------------------------
+    @property
+    def lora(self) -> AdapterRegistry:
+        """The adapters loaded into this model (made on first use)."""
+        with self._lock:
+            if self._lora is None:
+                from .lora import AdapterRegistry
+
+                self._lora = AdapterRegistry(self)
+            return self._lora
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load the PEFT LoRA adapter in folder ``path`` (adapter_config.json +
+        adapter_model.safetensors) as ``name``, then select it per request: ``generate(...,
+        adapter=name)``, ``stream``, ``session.sequence(adapter=name)``. The base weights are never
+        changed. All or nothing: a module the model does not have, a size mismatch or a rank above
+        ``Config.max_lora_rank`` is an InputError naming the module, and nothing is loaded."""
+        self.lora.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter ``name`` (refused while a running request or open sequence uses it)."""
+        self.lora.remove(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return self._lora.names if self._lora is not None else []
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

@@ -21,6 +21,7 @@ MASKINGS = ("auto", "causal", "none")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
 KV_CACHE_LAYOUTS = ("paged", "contiguous")
 SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft")
+LORA_COMPOSITIONS = ("stack", "merge")
 SPECULATION_POLICIES = ("auto", "latency", "throughput")
 
 
@@ -169,6 +170,21 @@ class Config:
     #: instead of by tensor name: it costs ~0.005x of the float size and lifts all-MiniLM-L6-v2's
     #: int4 RTN cosine 0.976 -> 0.983.
     quant_int8_fraction: float = 0.05
+    #: LoRA adapters (``compiled.add_adapter``; infercc/lora/): the largest rank an adapter may
+    #: have (a composition of stacked adapters: the sum of their ranks). Every row of a batch
+    #: multiplies by the largest loaded rank, so one oversized adapter slows all adapter rows.
+    max_lora_rank: int = 64
+    #: How ``adapter=["a", "b"], adapter_weights=[wa, wb]`` combines adapters. "stack": the
+    #: weighted deltas are applied one after the other, y = W x + sum_i w_i s_i B_i A_i x (exact;
+    #: ranks may differ; PEFT's add_weighted_adapter(combination_type="cat") and several active
+    #: adapters compute the same). "merge": the factors are averaged into one adapter of the same
+    #: rank, A = sum_i sign(w_i) sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i (PEFT's
+    #: combination_type="linear": task arithmetic, cross terms included; equal ranks required).
+    lora_composition: str = "stack"
+    #: Bytes of merged-weight copies (W + s B A at the base weight's precision, one model copy per
+    #: adapter) kept for the adapters that serve whole batches alone (lora/merged.py); 0 = none. Such
+    #: batches then run at base speed, but merged weights round differently from base + delta.
+    lora_merged_cache_bytes: int = 0
 
     def __new__(cls, *args: Any, **options: Any) -> Config:
         """Unknown keywords are a ConfigError (the one ``replace`` gives), not the dataclass's TypeError."""
@@ -218,6 +234,18 @@ class Config:
         if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
             raise ConfigError(f"Config.check_tolerance must be a number > 0, got {self.check_tolerance!r}")
         self._check_quantization()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        rank = self.max_lora_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 4096:
+            raise ConfigError(f"Config.max_lora_rank must be an integer in [1, 4096], got {rank!r}")
+        if self.lora_composition not in LORA_COMPOSITIONS:
+            raise ConfigError(f"Config.lora_composition must be one of {list(LORA_COMPOSITIONS)}, "
+                              f"got {self.lora_composition!r}")
+        cache = self.lora_merged_cache_bytes
+        if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+            raise ConfigError(f"Config.lora_merged_cache_bytes must be an integer >= 0 (0 = no cache), got {cache!r}")
 
     def _check_speculation(self) -> None:
         if self.speculation not in SPECULATIONS:

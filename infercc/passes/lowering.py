@@ -12,6 +12,7 @@ from ..ir import Graph, Model, Node
 from .base import Pass, PassContext
 from .canonical import DOMAIN, REGISTRY
 from .capabilities import MS, LoweringContext, resolve_providers
+from .provenance import PACKED
 from .rewrite import Builder
 
 
@@ -96,6 +97,8 @@ class LowerCanonicalOps(Pass):
             for made in builder.nodes:
                 if made.domain:
                     model.require_opset(made.domain, 1)
+                if PACKED in node.metadata_props and made.inputs and made.inputs[0] is node.inputs[0]:
+                    made.metadata_props[PACKED] = node.metadata_props[PACKED]  # (passes/provenance.py)
             for old, new in zip(node.outputs, result):
                 if new.dtype is None:
                     new.dtype, new.shape = old.dtype, old.shape

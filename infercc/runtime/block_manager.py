@@ -68,6 +68,12 @@ def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
 _ROOT = b""
 
 
+def _root(salt: bytes) -> bytes:
+    """The parent key of a sequence's first block: empty for the base model, else a digest of the
+    salt (a LoRA adapter's identity), so blocks computed under different adapters never share keys."""
+    return hashlib.sha256(b"infercc-salt:" + salt).digest() if salt else _ROOT
+
+
 class BlockManager:
     """Hands out pool blocks to sequences; single-threaded (the engine's step loop owns it)."""
 
@@ -88,6 +94,7 @@ class BlockManager:
         self._tokens: dict[Hashable, list[int]] = {}
         self._computed: dict[Hashable, int] = {}                      # tokens whose K/V are written
         self._digests: dict[Hashable, list[bytes]] = {}               # keys of its computed full blocks
+        self._roots: dict[Hashable, bytes] = {}                       # a salted sequence's first parent key
         self._queries = 0
         self._hits = 0
 
@@ -101,7 +108,7 @@ class BlockManager:
         return len(self._free) + len(self._evictable)
 
     # -- allocation -------------------------------------------------------------------------------
-    def _plan(self, prompt: Sequence[int]) -> tuple[list[int], list[bytes], int]:
+    def _plan(self, prompt: Sequence[int], salt: bytes = b"") -> tuple[list[int], list[bytes], int]:
         """The cached blocks ``prompt`` would reuse, their keys, and the fresh blocks it needs more;
         OutOfBlocks when the pool cannot give them."""
         if len(prompt) == 0:
@@ -109,7 +116,7 @@ class BlockManager:
         hits: list[int] = []
         keys: list[bytes] = []
         if self.prefix_caching:
-            parent, bs = _ROOT, self.block_size
+            parent, bs = _root(salt), self.block_size
             for i in range((len(prompt) - 1) // bs):        # >= 1 token is left to compute (its logits)
                 parent = _digest(parent, prompt[i * bs:(i + 1) * bs])
                 block = self._cache.get(parent)
@@ -127,9 +134,9 @@ class BlockManager:
                               f"{self.num_blocks} are free; {fix}")
         return hits, keys, fresh
 
-    def can_allocate(self, prompt: Sequence[int]) -> bool:
+    def can_allocate(self, prompt: Sequence[int], salt: bytes = b"") -> bool:
         try:
-            self._plan(prompt)
+            self._plan(prompt, salt)
         except OutOfBlocks:
             return False
         return True
@@ -145,13 +152,16 @@ class BlockManager:
         self._refs[block] = 1
         return block
 
-    def allocate(self, seq_id: Hashable, prompt: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, prompt: Sequence[int], salt: bytes = b"") -> int:
         """Blocks for a new sequence's whole prompt; returns how many leading prompt tokens are
-        already cached (a multiple of block_size, < len(prompt)): the runner starts there."""
+        already cached (a multiple of block_size, < len(prompt)): the runner starts there. ``salt``
+        (a LoRA adapter's identity) keys its blocks apart: only sequences of the same salt share."""
         if seq_id in self._tables:
             raise InputError(f"BlockManager.allocate: sequence {seq_id!r} already has blocks; free() it first "
                              "or use a new sequence id")
-        hits, keys, fresh = self._plan(prompt)
+        hits, keys, fresh = self._plan(prompt, salt)
+        if salt:
+            self._roots[seq_id] = _root(salt)
         for block in hits:
             self._refs[block] += 1
             self._evictable.pop(block, None)
@@ -215,7 +225,7 @@ class BlockManager:
             return
         digests, table, bs = self._digests[seq_id], self._tables[seq_id], self.block_size
         for i in range(len(digests), self._computed[seq_id] // bs):
-            key = _digest(digests[-1] if digests else _ROOT, tokens[i * bs:(i + 1) * bs])
+            key = _digest(digests[-1] if digests else self._roots.get(seq_id, _ROOT), tokens[i * bs:(i + 1) * bs])
             digests.append(key)
             block = table[i]
             # a key cached already (an identical prompt computed alongside) keeps its first block;
@@ -268,6 +278,8 @@ class BlockManager:
         self._tokens[child] = list(self._tokens[parent])
         self._computed[child] = self._computed[parent]
         self._digests[child] = list(self._digests[parent])
+        if parent in self._roots:
+            self._roots[child] = self._roots[parent]
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence (finished, aborted or preempted). A block whose last reference goes is
@@ -277,6 +289,7 @@ class BlockManager:
             self._release(block)
         for state in (self._tables, self._tokens, self._computed, self._digests):
             del state[seq_id]
+        self._roots.pop(seq_id, None)
 
     # -- queries ----------------------------------------------------------------------------------
     def block_table(self, seq_id: Hashable) -> list[int]:

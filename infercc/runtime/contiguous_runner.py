@@ -114,10 +114,10 @@ class ReservedBlocks:
         self._tables: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
 
-    def can_allocate(self, prompt: Sequence[int]) -> bool:
+    def can_allocate(self, prompt: Sequence[int], salt: bytes = b"") -> bool:
         return len(prompt) <= self.per_sequence * self.block_size and len(self._free) >= self.per_sequence
 
-    def allocate(self, seq_id: Hashable, prompt: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, prompt: Sequence[int], salt: bytes = b"") -> int:
         """Reserve a whole sequence's blocks; returns 0 (nothing is ever cached)."""
         if seq_id in self._tables:
             raise InputError(f"sequence {seq_id!r} already holds blocks; free it first")

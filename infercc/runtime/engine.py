@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -112,6 +112,9 @@ class EngineStats:
     #: request asked for it yet); and why a method decodes plainly here, by method.
     speculation: SpeculationStats | None = None
     speculation_notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: LoRA adapters (``AdapterRegistry.stats()``: loaded names, merged-weight cache counts); None
+    #: when the model never had one.
+    lora: dict | None = None
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -177,12 +180,24 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, *,
-                    logprobs: int | None = None, speculation: str | None = None) -> None:
+                    logprobs: int | None = None, speculation: str | None = None, adapter: Any = None,
+                    adapter_weights: Sequence[float] | None = None) -> None:
+        """Queue a request."""
+        if adapter is not None and not isinstance(self.runner, PagedRunner):
+            raise InputError(f"request {request_id!r}: LoRA adapters run on the paged KV layout with a cached graph; "
+                             f"this engine runs {self.runner.form} ({self.runner_reason})")
+        self._add(request_id, prompt, params, logprobs, speculation, adapter, adapter_weights)
+
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams, logprobs: int | None,
+             speculation: str | None, adapter: Any, adapter_weights: Sequence[float] | None) -> None:
         """Queue a request. InputError when the id is taken, a token id is outside the vocabulary,
         the prompt is longer than the context, or the request could never fit the pool.
         ``max_new_tokens`` is clipped at the context (the request then ends with "length").
         ``speculation``: a method of ``Config.speculation`` for this request, "off", or None (the
-        config's); a method that cannot run here decodes plainly (``stats().speculation_notes``)."""
+        config's); a method that cannot run here decodes plainly (``stats().speculation_notes``).
+        ``adapter``: a loaded LoRA adapter's name, or a list of names with ``adapter_weights`` (a
+        composition, ``Config.lora_composition``); InputError for an unknown one. Its rows run with
+        that adapter's deltas, its KV blocks are shared only with requests of the same adapter."""
         if not isinstance(request_id, str) or not request_id:
             raise InputError(f"a request id must be a non-empty string, got {request_id!r}")
         if request_id in self._live or any(o.request_id == request_id for o in self._pending):
@@ -205,8 +220,13 @@ class Engine:
         max_len = len(prompt) + params.max_new_tokens - 1
         if self.max_context is not None:
             max_len = max(min(max_len, self.max_context), len(prompt))
-        request = Request(request_id, prompt, max_len, output=row.output)
-        self.scheduler.add(request)
+        ref = self.compiled.lora.resolve(adapter, adapter_weights) if adapter is not None else None
+        request = Request(request_id, prompt, max_len, output=row.output, adapter=ref)
+        try:
+            self.scheduler.add(request)
+        except BaseException:
+            self._release_adapter(request)
+            raise
         self._live[request_id] = _Live(request, row, logprobs)
         if method is not None:
             self._speculation().start(request.seq_id, method)
@@ -246,9 +266,15 @@ class Engine:
         self._pending.append(self._output(live, [], None))
         self._end(live)
 
+    def _release_adapter(self, request: Request) -> None:
+        if request.adapter is not None:
+            self.compiled.lora.release(request.adapter)
+            request.adapter = None
+
     def _end(self, live: _Live) -> None:
         self.scheduler.finish(live.request)
         self.runner.release(live.request.seq_id)
+        self._release_adapter(live.request)
         if self.speculation is not None:
             self.speculation.release(live.request.seq_id)
 
@@ -281,7 +307,7 @@ class Engine:
                                    f"could be scheduled ({self.blocks.report()})")
             return
         rows = [PagedRow(s.request.seq_id, s.tokens(), s.start, self.blocks.block_table(s.request.seq_id),
-                         num_logits=len(s.draft) + 1) for s in plan.scheduled]
+                         num_logits=len(s.draft) + 1, adapter=s.request.adapter) for s in plan.scheduled]
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
@@ -355,7 +381,8 @@ class Engine:
                            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            blocks=self.blocks.report(), **self._counts,
                            speculation=dataclasses.replace(spec.totals) if spec is not None else None,
-                           speculation_notes=dict(spec.notes) if spec is not None else {})
+                           speculation_notes=dict(spec.notes) if spec is not None else {},
+                           lora=lora.stats() if (lora := getattr(self.compiled, "_lora", None)) is not None else None)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -418,10 +445,13 @@ class EngineGeneration(Generation):
     loop_reason = "a batch of prompts runs on the serving engine (continuous batching)"
 
     def __init__(self, compiled: CompiledModel, runner: ModelRunner, tokenizer, prompts: list[list[int]],
-                 params: SamplingParams, speculation: str | None = None) -> None:
+                 params: SamplingParams, speculation: str | None = None, adapter: Any = None,
+                 adapter_weights: Sequence[float] | None = None) -> None:
         """``speculation``: every prompt's ``Engine.add_request(speculation=...)`` (None: the
-        model's ``Config.speculation``; "off": none)."""
+        model's ``Config.speculation``; "off": none); ``adapter`` / ``adapter_weights``: every
+        prompt's LoRA adapter selection."""
         super().__init__(runner, tokenizer, prompts, params)
+        self.adapter, self.adapter_weights = adapter, adapter_weights
         self.compiled = compiled
         self.speculation = speculation
         self._spec_stats: dict[int, SpeculationStats | None] = {}
@@ -436,7 +466,8 @@ class EngineGeneration(Generation):
             lengths = [max(min(n, max_context), len(r.prompt)) for n, r in zip(lengths, self.rows)]
         engine = Engine(self.compiled, max_context=max_context, fit=lengths)
         for i, row in enumerate(self.rows):
-            engine.add_request(str(i), row.prompt, params, speculation=self.speculation)
+            engine.add_request(str(i), row.prompt, params, speculation=self.speculation, adapter=self.adapter,
+                               adapter_weights=self.adapter_weights)
         self.rows = [engine._live[str(i)].row for i in range(len(self.rows))]
         waiting = set(range(len(self.rows)))  # rows without a first token yet
         start = first = time.perf_counter()

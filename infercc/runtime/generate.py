@@ -259,10 +259,13 @@ def stream(compiled: CompiledModel, prompt: Any, **options: Any) -> TextStream:
 
 def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict[str, Any]) -> Generation:
     max_context = options.pop("max_context", None)
+    adapter, adapter_weights = options.pop("adapter", None), options.pop("adapter_weights", None)
     speculation = options.pop("speculation", compiled.config.speculation)
     params = options.pop("params", None) or SamplingParams()
     params = params.replace(**options) if options else params
     runner = ModelRunner(compiled.backend, compiled.model, max_context)
+    if adapter is not None or adapter_weights is not None:
+        return _adapter_generation(compiled, runner, prompts, params, adapter, adapter_weights, speculation)
     # Several prompts batch on the serving engine. So does one speculative prompt on the generated-C
     # runtime: its paged kernel writes the verified K/V into the pool in place, where the runner
     # loop would copy the whole cache every step (ONNX Runtime keeps the loop: its in-place GQA
@@ -284,6 +287,31 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
     from .c_generate import make_generation  # (imports this module)
 
     generation = make_generation(runner, _tokenizer_or_none(compiled), prompts, params)
+    generation.speculation_reason = reason
+    return generation
+
+
+def _adapter_generation(compiled: CompiledModel, runner: ModelRunner, prompts: list[list[int]], params: SamplingParams,
+                        adapter: Any, weights: Any, speculation: str | None) -> Generation:
+    """Generation with a LoRA adapter (infercc/lora/): a batch on the engine (each request holds
+    the adapter until it ends), one prompt on the Python loop over the LoRA graph variant (the
+    generated-C loop and speculation run the base graph only)."""
+    reason = f"speculative decoding runs the base graph only; adapter {adapter!r} decodes plainly" \
+        if speculation not in (None, "off") else None
+    if len(prompts) > 1 and runner.cached and compiled.config.kv_cache_layout == "paged":
+        from .engine import EngineGeneration  # (imports this module)
+
+        generation: Generation = EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params,
+                                                  speculation="off", adapter=adapter, adapter_weights=weights)
+    else:
+        import weakref
+
+        registry = compiled.lora
+        ref = registry.resolve(adapter, weights)
+        view = registry.view(ref) if ref is not None else compiled.backend
+        generation = Generation(ModelRunner(view, compiled.model, runner.max_context), _tokenizer_or_none(compiled),
+                                prompts, params)
+        weakref.finalize(generation, registry.release, ref)  # held while the generation (a stream) lives
     generation.speculation_reason = reason
     return generation
 

@@ -60,6 +60,9 @@ class PagedRow:
     #: Logits of this many trailing tokens come back (1..len(tokens)): 1 for a decode or prompt
     #: chunk; k + 1 to verify k speculated tokens; len(tokens) for a prompt's per-token scores.
     num_logits: int = 1
+    #: Its LoRA adapter (an ``infercc.lora.AdapterRef``), None for the base model: rows with one
+    #: run the LoRA graph variant (lora/registry.py), on the same pool, by the gather form.
+    adapter: object = None
 
 
 class PagedRunner:
@@ -122,7 +125,9 @@ class PagedRunner:
         ids = self._check(rows)
         groups: dict[tuple[int, int | None], list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault((len(row.tokens), row.start if self.padding else None), []).append(i)
+            lora = row.adapter is not None
+            apart = self._lora_padding() if lora else self.padding
+            groups.setdefault((len(row.tokens), row.start if apart else None, lora), []).append(i)
         offsets = np.cumsum([0] + [row.num_logits for row in rows])
         out: np.ndarray | None = None
         for members in groups.values():
@@ -213,15 +218,23 @@ class PagedRunner:
         self.runs += 1
         s = ids.shape[1]
         out_width = keep if self.interface.keeps_logits else s
-        if self.form == "c-paged":
-            logits = self._run_paged(rows, feeds, pasts, s, out_width)
+        if rows[0].adapter is not None:  # (a group's rows all have adapters, or none has)
+            refs = [row.adapter for row in rows]
+            paged = self.compiled.lora.view(refs, self.block_size) if self.form == "c-paged" else None
+            if paged is not None and paged.paged_backend() is not None:
+                logits = self._run_paged(rows, feeds, pasts, s, out_width, paged)
+            else:
+                logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.compiled.lora.view(refs))
+        elif self.form == "c-paged":
+            logits = self._run_paged(rows, feeds, pasts, s, out_width, self.backend)
         else:
-            logits = self._run_gather(rows, feeds, pasts, width, s, out_width)
+            logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.backend)
         if self.interface.vocab_size is None:
             self.interface.vocab_size = int(logits.shape[-1])
         return logits[:, logits.shape[1] - keep:].astype(np.float32, copy=False)
 
-    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, out_width: int) -> np.ndarray:
+    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, out_width: int,
+                   backend) -> np.ndarray:
         from ..passes.kv_cache.paged import BLOCK_TABLES, PAST_LENS, pool_for
 
         need = -(-(pasts + s) // self.block_size)
@@ -232,10 +245,10 @@ class PagedRunner:
         feeds[PAST_LENS] = pasts.astype(np.int32)
         for name, pool in self.pools.items():  # the pools themselves: the kernel writes into them
             feeds[pool_for(name)] = pool
-        return self.backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
+        return backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
 
     def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int,
-                    out_width: int) -> np.ndarray:
+                    out_width: int, backend) -> np.ndarray:
         bs = self.block_size
         slots = []  # per row: (blocks, offsets) of its past, and of its new tokens
         for row in rows:
@@ -251,12 +264,22 @@ class PagedRunner:
                     past[b, :, width - len(blocks):] = pool[blocks, :, offsets].transpose(1, 0, 2)
             feeds[entry.input] = past
             outputs[entry.output] = None
-        result = self.backend.run_bound(feeds, outputs)
+        result = backend.run_bound(feeds, outputs)
         for entry in self.cache_spec.entries:
             present, pool = result[entry.output], self.pools[entry.input]
             for b, (_, (blocks, offsets)) in enumerate(slots):
                 pool[blocks, :, offsets] = present[b, :, width:width + s].transpose(1, 0, 2)
         return result["logits"]
+
+    def _lora_padding(self) -> str | None:
+        """Why adapter rows of different past lengths run apart: as base rows where they run a
+        paged variant, else (the gather form, whose padded past is attended over) worked out once."""
+        if self.form == "ort-gather":
+            return self.padding
+        if not hasattr(self, "_lora_pad"):
+            paged = self.compiled.lora.view([], self.block_size).paged_backend()
+            self._lora_pad = self.padding if paged is not None else padding_problem(self.compiled.model, masked_keys=True)
+        return self._lora_pad
 
     def _allocate(self) -> dict[str, np.ndarray]:
         """One zeroed pool per cached tensor, by its past input's name (np.zeros: pages are touched

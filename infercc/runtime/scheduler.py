@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Hashable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import InputError
 
@@ -49,8 +49,8 @@ class Blocks(Protocol):
     num_blocks: int
     block_size: int
 
-    def can_allocate(self, prompt: Sequence[int]) -> bool: ...
-    def allocate(self, seq_id: Hashable, prompt: Sequence[int]) -> int: ...
+    def can_allocate(self, prompt: Sequence[int], salt: bytes = b"") -> bool: ...
+    def allocate(self, seq_id: Hashable, prompt: Sequence[int], salt: bytes = b"") -> int: ...
     def can_append(self, seq_id: Hashable, n: int = 1) -> bool: ...
     def append(self, seq_id: Hashable, tokens: Sequence[int]) -> list[tuple[int, int]]: ...
     def computed(self, seq_id: Hashable, num_tokens: int) -> None: ...
@@ -80,6 +80,13 @@ class Request:
     #: Tokens proposed to follow the last one, set by the engine before ``schedule`` (speculative
     #: decoding); the scheduler books as many as fit and the engine clears it after the step.
     draft: list[int] = dataclasses.field(default_factory=list)
+    #: Its LoRA adapter (an ``infercc.lora.AdapterRef``; None = the base model): the runner's
+    #: rows carry it, and its identity salts the prefix-cache keys of its blocks.
+    adapter: Any = None
+
+    @property
+    def salt(self) -> bytes:
+        return self.adapter.identity if self.adapter is not None else b""
 
     @property
     def seq_id(self) -> Hashable:
@@ -190,9 +197,9 @@ class Scheduler:
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             tokens = request.tokens()
-            if not self.blocks.can_allocate(tokens):
+            if not self.blocks.can_allocate(tokens, request.salt):
                 break
-            cached = self.blocks.allocate(request.seq_id, tokens)
+            cached = self.blocks.allocate(request.seq_id, tokens, request.salt)
             self.waiting.popleft()
             request.num_computed = cached
             if request.cached_tokens is None:

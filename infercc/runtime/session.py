@@ -116,14 +116,26 @@ class Session:
                     self._pool = SessionPool(self.compiled, self.runner, self._kv_cache_memory, self._dead)
         return self._pool
 
-    def sequence(self, params: SamplingParams | None = None, **sampling) -> Sequence:
+    def sequence(self, params: SamplingParams | None = None, *, adapter=None, adapter_weights=None,
+                 **sampling) -> Sequence:
         """A new, empty sequence; ``params`` or keyword sampling options choose how ``decode``
-        picks tokens (default greedy)."""
+        picks tokens (default greedy). ``adapter``: a loaded LoRA adapter's name (or a list of
+        names with ``adapter_weights``: a composition) the sequence runs with; see ``set_adapter``."""
         params = (params or SamplingParams()).replace(**sampling) if sampling else (params or SamplingParams())
-        with self._lock:
-            self._check_open()
-            seq = Sequence(self, params)
-            self._sequences.add(seq)
+        ref = self.compiled.lora.resolve(adapter, adapter_weights) if adapter is not None else None
+        return self._new(params, ref)
+
+    def _new(self, params: SamplingParams, ref) -> Sequence:
+        """A sequence holding ``ref`` (already acquired; released when it closes or is dropped)."""
+        try:
+            with self._lock:
+                self._check_open()
+                seq = Sequence(self, params, ref)
+                self._sequences.add(seq)
+        except BaseException:
+            if ref is not None:
+                self.compiled.lora.release(ref)
+            raise
         return seq
 
     def decode(self, sequences: Iterable[Sequence]) -> list[int]:
@@ -189,12 +201,16 @@ class Sequence:
     """One text being read and extended. ``prefill`` the prompt, then ``decode`` token by token
     (or ``append`` more context); ``logits`` are those of the last position fed."""
 
-    def __init__(self, session: Session, params: SamplingParams) -> None:
+    def __init__(self, session: Session, params: SamplingParams, adapter=None) -> None:
         self.session = session
         self.params = params
         self.sampler = Sampler(params)
         self._lock = threading.Lock()
         self._paged = session.paged
+        #: The LoRA adapter it runs with (an ``infercc.lora.AdapterRef``), None for the base model.
+        self.adapter = adapter
+        self._release_adapter = weakref.finalize(self, session.compiled.lora.release, adapter) if adapter else None
+        self._runner = session.runner if adapter is None or self._paged else _adapter_runner(session, adapter)
         if self._paged:
             self._id = next(session._ids)
             self._history: list[int] = []  # every id fed, in order (the pool keeps no token lists for us)
@@ -202,7 +218,7 @@ class Sequence:
             # (a finalizer may run in any thread, even one inside the pool: it only appends).
             self._finalizer = weakref.finalize(self, session._dead.append, self._id)
         else:
-            self._cache = session.runner.new_cache(1)
+            self._cache = self._runner.new_cache(1)
         self._forks = 0
         self.context: list[int] = []  # ids fed by prefill/append
         self.output: list[int] = []  # ids chosen by decode
@@ -259,7 +275,7 @@ class Sequence:
         pool = seqs[0].session.pool
         assert pool is not None
         try:
-            results = pool.feed([Feed(seq._id, seq.length, [t]) for seq, t in zip(seqs, tokens)])
+            results = pool.feed([Feed(seq._id, seq.length, [t], adapter=seq.adapter) for seq, t in zip(seqs, tokens)])
         except BaseException:
             for seq, state in zip(seqs, states):
                 seq.sampler.rng.bit_generator.state = state
@@ -276,10 +292,10 @@ class Sequence:
         if self._paged:
             pool = self.session.pool
             assert pool is not None
-            logits = pool.feed([Feed(self._id, self.length, ids, all_logits)])[0]
+            logits = pool.feed([Feed(self._id, self.length, ids, all_logits, self.adapter)])[0]
             self._history.extend(ids)
         else:
-            logits = self.session.runner.step(self._cache, [ids], all_logits)[0]
+            logits = self._runner.step(self._cache, [ids], all_logits)[0]
         self.logits = logits[-1] if all_logits else logits
         (self.output if generated else self.context).extend(ids)
         return logits
@@ -305,13 +321,14 @@ class Sequence:
             if params is None and not sampling:
                 seed = self.params.seed
                 params = self.params.replace(seed=None if seed is None else seed + FORK_SEED_OFFSET * self._forks)
-            child = self.session.sequence(params or self.params, **sampling)
+            params = (params or self.params).replace(**sampling) if sampling else (params or self.params)
+            child = self.session._new(params, self.session.compiled.lora.acquire(self.adapter) if self.adapter else None)
             if self.length:
                 if self._paged:
                     self.session.pool.fork(self._id, child._id)  # type: ignore[union-attr]
                     child._history = list(self._history)
                 else:
-                    self.session.runner.step(child._cache, [self.tokens])
+                    child._runner.step(child._cache, [self.tokens])
                 child.context, child.output = list(self.context), list(self.output)
                 child.logits = None if self.logits is None else self.logits.copy()
             return child
@@ -361,6 +378,8 @@ class Sequence:
             self.closed = True
             if self._paged:
                 self._finalizer.detach()
+            if self._release_adapter is not None:
+                self._release_adapter()
 
     def _clear(self) -> None:
         if self._paged:
@@ -371,6 +390,50 @@ class Sequence:
             self._cache.free()
         self.context, self.output, self.logits = [], [], None
         self.sampler = Sampler(self.params)
+
+    def set_adapter(self, adapter, adapter_weights=None) -> None:
+        """Run from now on with another LoRA adapter (a name, a list with ``adapter_weights``, or
+        None for the base model). A sequence's cached keys and values belong to the adapter they were
+        computed with, so its whole prefix is computed again under the new one (one prefill of every
+        token it holds; ``logits`` are then the new adapter's). Tokens and sampler are kept."""
+        with self._lock:
+            self._check_open("set_adapter")
+            registry = self.session.compiled.lora
+            ref = registry.resolve(adapter, adapter_weights) if adapter is not None else None
+            tokens, context, output = self.tokens, list(self.context), list(self.output)
+            old, old_release = self.adapter, self._release_adapter
+            try:
+                self._switch(ref)
+                if tokens:
+                    self.context, self.output = [], []
+                    self._feed(tokens, False)
+            except BaseException:
+                if ref is not None:
+                    registry.release(ref)
+                self._release_adapter = None
+                self._switch(old)  # back to the old adapter (its prefix recomputed too)
+                self._release_adapter = old_release
+                if tokens:
+                    self.context, self.output = [], []
+                    self._feed(tokens, False)
+                self.context, self.output = context, output
+                raise
+            self.context, self.output = context, output
+            if old_release is not None:
+                old_release()
+            self._release_adapter = weakref.finalize(self, registry.release, ref) if ref is not None else None
+
+    def _switch(self, ref) -> None:
+        """Drop the cache and point the sequence at ``ref``'s runner (not its release handle)."""
+        if self._paged:
+            if self.session._pool is not None:
+                self.session._pool.release(self._id)
+            self._history = []
+        else:
+            self._cache.free()
+            self._runner = self.session.runner if ref is None else _adapter_runner(self.session, ref)
+            self._cache = self._runner.new_cache(1)
+        self.adapter = ref
 
     def _check_open(self, action: str) -> None:
         """Refuse ``action`` on a closed sequence, naming which was closed: the session (the usual
@@ -384,3 +447,9 @@ class Sequence:
 
     def __repr__(self) -> str:
         return f"<Sequence {self.length} tokens{' closed' if self.closed else ''}>"
+
+
+def _adapter_runner(session: Session, ref) -> ModelRunner:
+    """A model runner of the LoRA graph variant with ``ref``'s deltas (contiguous and uncached layouts)."""
+    compiled = session.compiled
+    return ModelRunner(compiled.lora.view(ref), compiled.model, session.max_context)

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,6 +73,9 @@ class Feed:
     before: int
     tokens: list[int]
     all_logits: bool = False
+    #: The sequence's LoRA adapter (``infercc.lora.AdapterRef``) or None; its identity salts the
+    #: prefix-cache keys, so only sequences of the same adapter share blocks.
+    adapter: Any = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -131,7 +134,7 @@ class SessionPool:
                 # Logits of every position are asked for: none may be served from the prefix cache.
                 bm.prefix_caching = not feed.all_logits
                 try:
-                    start = bm.allocate(feed.seq_id, tokens)
+                    start = bm.allocate(feed.seq_id, tokens, feed.adapter.identity if feed.adapter else b"")
                 finally:
                     bm.prefix_caching = True
                 self._known.add(feed.seq_id)
@@ -146,7 +149,7 @@ class SessionPool:
                 "bytes)") from None
         new = tokens[start - feed.before:]
         row = PagedRow(feed.seq_id, new, start, bm.block_table(feed.seq_id),
-                       num_logits=len(new) if feed.all_logits else 1)
+                       num_logits=len(new) if feed.all_logits else 1, adapter=feed.adapter)
         return _Job(feed, row)
 
     def _undo(self, job: _Job) -> None:

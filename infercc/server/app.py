@@ -92,14 +92,24 @@ class ServerState:
                                "'Authorization: Bearer KEY' (openai clients: api_key=KEY)", status=401,
                                code="invalid_api_key")
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r} "
-                               "(GET /v1/models lists it)", status=404, param="model", code="model_not_found")
+    def check_model(self, model: str) -> str | None:
+        """None for the base model, the adapter's name for a LoRA adapter the request's ``model``
+        names (as vLLM's --lora-modules); 404 for anything else."""
+        if model == self.model_name:
+            return None
+        if model in self.compiled.adapters:
+            return model
+        served = [self.model_name, *self.compiled.adapters]
+        raise RequestError(f"the model {model!r} does not exist; this server serves {served} (the base model and "
+                           "its LoRA adapters; GET /v1/models lists them)", status=404, param="model",
+                           code="model_not_found")
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "infercc",
+    def model_card(self, adapter: str | None = None) -> dict[str, Any]:
+        card = {"id": adapter or self.model_name, "object": "model", "created": self.created, "owned_by": "infercc",
                 "max_model_len": self.context}
+        if adapter is not None:
+            card.update(root=adapter, parent=self.model_name)
+        return card
 
     def encode(self, prompt: Any, field: str) -> list[int]:
         """Token ids of text or chat messages (the model's tokenizer and chat template)."""
@@ -164,21 +174,21 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
     @guard
     async def models(request: Request) -> Response:
         server.check_auth(request)
-        return JSONResponse({"object": "list", "data": [server.model_card()]})
+        cards = [server.model_card()] + [server.model_card(name) for name in server.compiled.adapters]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/v1/models/{model:path}")
     @guard
     async def model(request: Request) -> Response:
         server.check_auth(request)
-        server.check_model(request.path_params["model"])
-        return JSONResponse(server.model_card())
+        return JSONResponse(server.model_card(server.check_model(request.path_params["model"])))
 
     @app.post("/v1/completions")
     @guard
     async def completions(request: Request) -> Response:
         server.check_auth(request)
         body = parse(CompletionRequest, await _read_json(request))
-        server.check_model(body.model)
+        adapter = server.check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -192,25 +202,25 @@ def build_app(compiled: CompiledModel, *, model_name: str = "model", api_key: st
             ids = check_token_ids(prompt, server.vocab_size, "prompt")
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
         check_context(len(ids), max_tokens, server.context, "prompt")
-        formatter = Completion(f"cmpl-{uuid.uuid4().hex}", server.model_name, body.n, server.tokenizer,
+        formatter = Completion(f"cmpl-{uuid.uuid4().hex}", body.model, body.n, server.tokenizer,
                                body.logprobs, body.include_usage, ids)
-        return await _generate(server, request, body, ids, max_tokens, formatter, body.logprobs)
+        return await _generate(server, request, body, ids, max_tokens, formatter, body.logprobs, adapter)
 
     @app.post("/v1/chat/completions")
     @guard
     async def chat(request: Request) -> Response:
         server.check_auth(request)
         body = parse(ChatCompletionRequest, await _read_json(request))
-        server.check_model(body.model)
+        adapter = server.check_model(body.model)
         ids = await run_in_threadpool(server.encode, body.chat_messages(), "messages")
         requested = body.max_completion_tokens or body.max_tokens
         default = server.context - len(ids) if server.context is not None else DEFAULT_CHAT_TOKENS
         max_tokens = requested or max(default, 1)
         check_context(len(ids), max_tokens, server.context, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        formatter = Chat(f"chatcmpl-{uuid.uuid4().hex}", server.model_name, body.n, server.tokenizer, logprobs,
+        formatter = Chat(f"chatcmpl-{uuid.uuid4().hex}", body.model, body.n, server.tokenizer, logprobs,
                          body.include_usage, ids)
-        return await _generate(server, request, body, ids, max_tokens, formatter, logprobs)
+        return await _generate(server, request, body, ids, max_tokens, formatter, logprobs, adapter)
 
     return app
 
@@ -231,10 +241,11 @@ def guarded(server: ServerState, fn: Handler) -> Handler:
 
 
 async def _generate(server: ServerState, request: Request, body: Any, ids: list[int], max_tokens: int,
-                    formatter: Completion | Chat, logprobs: int | None) -> Response:
-    """Submit the request's n choices and answer: a stream of chunks or one JSON response."""
+                    formatter: Completion | Chat, logprobs: int | None, adapter: str | None = None) -> Response:
+    """Submit the request's n choices and answer: a stream of chunks or one JSON response.
+    ``adapter``: the LoRA adapter the request's ``model`` named (None: the base model)."""
     params = [sampling_params(body, max_tokens, i) for i in range(body.n)]
-    job = await server.engine.submit(ids, params, formatter.id, logprobs, body.speculation)
+    job = await server.engine.submit(ids, params, formatter.id, logprobs, body.speculation, adapter)
     watcher = asyncio.create_task(_abort_on_disconnect(request, job))
     if body.stream:
         return StreamingResponse(_sse(server, job, watcher, formatter), media_type="text/event-stream",

@@ -134,7 +134,7 @@ class AsyncEngine:
         return self._stats
 
     async def submit(self, prompt: list[int], params: list[SamplingParams], request_id: str,
-                     logprobs: int | None = None, speculation: str | None = None) -> Job:
+                     logprobs: int | None = None, speculation: str | None = None, adapter: str | None = None) -> Job:
         """Add one engine request per entry of ``params`` (ids ``{request_id}-{i}``; each with
         ``speculation``, see ``Engine.add_request``). Raises RequestError (400) when the engine
         refuses the prompt, 503 once the server is closing."""
@@ -144,7 +144,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         job = Job(self, [f"{request_id}-{i}" for i in range(len(params))], loop)
         added = loop.create_future()
-        self._send(("add", job, prompt, params, logprobs, speculation, added))
+        self._send(("add", job, prompt, params, logprobs, speculation, adapter, added))
         try:
             await added
         except asyncio.CancelledError:  # the client left while waiting: undo the add
@@ -239,12 +239,13 @@ class AsyncEngine:
             _resolve(future, result, error)
 
     def _add(self, job: Job, prompt: list[int], params: list[SamplingParams], logprobs: int | None,
-             speculation: str | None, added: asyncio.Future) -> None:
+             speculation: str | None, adapter: str | None, added: asyncio.Future) -> None:
         now = time.monotonic()
         done: list[str] = []
         try:
             for index, (request_id, p) in enumerate(zip(job.request_ids, params)):
-                self.engine.add_request(request_id, list(prompt), p, logprobs=logprobs, speculation=speculation)
+                self.engine.add_request(request_id, list(prompt), p, logprobs=logprobs, speculation=speculation,
+                                        adapter=adapter)
                 self._live[request_id] = _Live(job, index, now)
                 done.append(request_id)
         except Exception as exc:  # noqa: BLE001 - the request's error, not the loop's

@@ -88,6 +88,13 @@ class EngineCollector(Collector):
                     accepted / proposed if proposed else 0.0)
         yield gauge("spec_tokens_per_step", "Mean tokens a speculative row emitted per verify step.",
                     (accepted + steps) / steps if steps else 0.0)
+        lora = stats.lora or {"adapters": [], "merged_cache": {"hits": 0, "misses": 0, "bytes": 0}}
+        merged = lora["merged_cache"]
+        yield gauge("lora_adapters", "LoRA adapters loaded.", len(lora["adapters"]))
+        yield counter("lora_merged_hits", "Adapter batches run on a cached merged-weight copy.", merged["hits"])
+        yield counter("lora_merged_misses", "Single-adapter batches run with the deltas (no merged copy).",
+                      merged["misses"])
+        yield gauge("lora_merged_bytes", "Bytes of the merged-weight copies held.", merged["bytes"])
 
 
 class Metrics:

@@ -32,6 +32,7 @@ import numpy as np
 from ...ir import Model, Node, Value
 from ..base import Pass, PassContext
 from ..canonical import DOMAIN
+from ..provenance import record_packed
 from ..quantize.ops import MATMUL as MATMUL_QUANT
 from ..rewrite import Builder
 
@@ -91,6 +92,7 @@ def _pack(graph, nodes: list[Node], *, quantized: bool) -> list[int]:
         weights = [n.inputs[1].const.numpy() for n in nodes]
         widths = [int(w.shape[1]) for w in weights]
         out = op.MatMul(first.inputs[0], op.const(np.concatenate(weights, axis=1), hint="packed_weight"))
+    record_packed(out.producer, nodes)  # which checkpoint weights it holds (LoRA adapters find them)
     pieces = op.Split(out, op.const(np.array(widths, np.int64), hint="widths"), axis=-1, _outputs=len(nodes))
     pieces = pieces if isinstance(pieces, (list, tuple)) else [pieces]
     for node, piece in zip(nodes, pieces):
