@@ -152,8 +152,10 @@ class Config:
     #: for offset grids: see ``quant_native_exact``).
     quant_native: bool = True
     #: How a grid with a float offset per block (GGUF Q4_1: w = d * q + m, m not a multiple of d)
-    #: is carried. True (default): exact, with a correction MatMul beside each projection (2.4x the
-    #: graph nodes, decode ~1.25x slower on SmolLM2 than the fast grid). False: moved to the nearest
+    #: is carried. True (default): exact, with a correction MatMul beside each projection (SmolLM2:
+    #: 720 graph nodes against 330, a decode step ~1.3x slower than the fast grid's; no single
+    #: ONNX Runtime kernel is exact and fast: float zero points are exact but dequantize the weight
+    #: on every call, 10-30x slower). False: moved to the nearest
     #: grid ONNX Runtime's MatMulNBits runs in one op (an integer zero point per block of 32, codes
     #: and scales re-fitted by least squares; never farther from the source than rounding the zero
     #: point; the diagnostics report its error). Exact is the default because the fast grid is a
