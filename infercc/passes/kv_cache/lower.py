@@ -24,11 +24,11 @@ kernel attends with the Hkv heads, reads each cached head once and its present k
 ``"onnx"``: ONNX Attention (opset 23) takes past/present itself; the mask, causal triangle and
 window go in as one bias (its ``is_causal`` is top-left aligned, wrong with a past).
 
-Shared buffers: GroupQueryAttention can also read and write one max-length buffer per layer
-(past and present bound to the same memory, ``seqlens_k`` giving each row's length) to skip the
-copy of the past each step. It needs right-aligned rows and a runtime that binds one buffer to
-both; the contract here is the portable one (present = a new past+seq tensor), which the
-runtime's ping-pong buffers already make copy-free on its side. Not implemented.
+Shared buffers: a layer lowered to GroupQueryAttention reads and writes one max-length buffer
+(past and present bound to the same memory, ``seqlens_k`` giving each row's length), so a step
+copies nothing of the past: the runtime does this where every cache tensor is read and written by
+GroupQueryAttention alone (``runtime/kv_cache.shared_in_place``) and keeps its ping-pong pair for
+MultiHeadAttention layers (present = a new past+seq tensor, the portable contract).
 """
 
 from __future__ import annotations
