@@ -142,7 +142,11 @@ class Config:
     #: weights), ~100M LLaMA on 2 cores: prefill of 128 tokens 100 ms vs 108 (an int8 head over 128
     #: positions runs faster than an int4 one), decoding 290 vs 335 tokens/s (an int4 head reads fewer
     #: bytes); perplexity over float: stories260K's sampled text +4.8% vs +8.1%, SmolLM2-135M on its
-    #: own Q4_1/Q8_0 grids +0.0% vs +1.3%, rounded again +14.6% vs +16.7% (KL 0.20 vs 0.29).
+    #: own Q4_1/Q8_0 grids +0.0% vs +1.3%, rounded again +14.6% vs +16.7% (KL 0.20 vs 0.29). On two
+    #: AVX2 cores without VNNI (shared, interleaved) genai's recipe decodes 1.15x and prefills 1.13x
+    #: faster (23.1 vs 20.1 tok/s, 1.05 vs 1.18 s for 128 tokens: MatMulNBits' 8-bit kernel runs 128
+    #: rows 1.7x slower than float32 SGEMM there) at stories260K +8.1% vs +4.8% (RTN: +10.3% vs +5.8%):
+    #: not equal quality, so the default stays.
     quant_lm_head: str = "int8"
     quant_embeddings: str = "int8"
     #: An int4 weight whose relative reconstruction error ||W - Q(W)|| / ||W|| exceeds this falls
@@ -153,8 +157,10 @@ class Config:
     #: for offset grids: see ``quant_native_exact``).
     quant_native: bool = True
     #: How a grid with a float offset per block (GGUF Q4_1: w = d * q + m, m not a multiple of d)
-    #: is carried. True (default): exact, with a correction MatMul beside each projection (2.4x the
-    #: graph nodes, decode ~1.25x slower on SmolLM2 than the fast grid). False: moved to the nearest
+    #: is carried. True (default): exact, with a correction MatMul beside each projection (SmolLM2:
+    #: 720 graph nodes against 330, a decode step ~1.3x slower than the fast grid's; no single
+    #: ONNX Runtime kernel is exact and fast: float zero points are exact but dequantize the weight
+    #: on every call, 10-30x slower). False: moved to the nearest
     #: grid ONNX Runtime's MatMulNBits runs in one op (an integer zero point per block of 32, codes
     #: and scales re-fitted by least squares; never farther from the source than rounding the zero
     #: point; the diagnostics report its error). Exact is the default because the fast grid is a

@@ -1,33 +1,34 @@
 """Lowering a cached canonical Attention (past/present inputs and outputs) to runtime kernels.
 
-``"ort"``: ONNX Runtime's MultiHeadAttention for every layer, grouped K/V heads included. It takes
-``past_key``/``past_value`` and returns ``present`` itself, accepts every call of the contract
-(prompt, one token, several tokens on a batch with a past), and with the mask, causal triangle
-and window given as one ``attention_bias`` [B, 1, S, P+S] it reproduces the canonical semantics
-exactly, fully padded rows included (its ``unidirectional`` triangle, bottom-right aligned with
-the past, is used when there is no mask). Grouped heads: the query heads that share a K/V head are
-folded into query rows of that head ([B, S, H*D] -> [B, S*g, Hkv*D]), so the kernel attends with
-the Hkv heads, reads each cached head once and its present keeps Hkv heads, as the contract says.
+``"ort"``: ONNX Runtime's GroupQueryAttention where it fits (``gqa.py``: packed q/k/v, rotary
+fused with a compile-time cos/sin table, lengths read once per model from the mask, grouped heads
+natively: one node per layer), else MultiHeadAttention for that layer, with the reason in the
+diagnostics. Each reason GroupQueryAttention was once passed over for is now a check in
+``gqa._refusal`` with this fallback kept: a cache stored in another type than the query (int8 /
+float16 K/V on a float32 model: the kernel reads the cache in the query's type), K and V head
+sizes that differ, a head size the CPU kernel does not vectorize (not a multiple of 16), a
+softmax in another precision, a mask that is not [B|1, 1|heads, S|1, total], no ``attention_mask``
+/ ``input_ids`` inputs to read the lengths from, or no kernel for the provider and type
+(capabilities). Its refusal of several new tokens on a batch with a past is lifted by
+``query_seqlens`` (chunked prefill); rows with no allowed key at all (left padding of a batch
+prompt) are padding and unspecified there, the canonical op's value only under the fallback.
 
-Why not GroupQueryAttention, measured on the benchmark LLaMA (12 layers, 12 heads / 4 KV heads,
-ORT CPU, 2 threads on a shared machine, prompt 128 + 128 tokens, median step of 7 interleaved
-runs): MultiHeadAttention with folded heads 27.6 tok/s, GroupQueryAttention 27.6-27.8, the
-standard-ONNX decomposition 24.6; at prompt 1024 + 64 the kernels were also level within the
-noise (best runs 89-93 tok/s when the machine was quiet). GroupQueryAttention refuses a call with a past and several new tokens on a
-batch ("batch_size must be 1 when sequence_length > 1 and past context is given"): routing that
-call elsewhere needs an ``If`` per layer (exact, no faster), and its ``query_seqlens`` input, which
-allows it, requires ``causal=1``, whose own triangle changes fully padded rows of exports that fill
-masked scores with a finite value. With equal speed, the kernel that is exact for every call wins.
+MultiHeadAttention takes ``past_key``/``past_value`` and returns ``present`` itself, accepts every
+call of the contract (prompt, one token, several tokens on a batch with a past), and with the
+mask, causal triangle and window given as one ``attention_bias`` [B, 1, S, P+S] it reproduces the
+canonical semantics exactly, fully padded rows included (its ``unidirectional`` triangle, bottom-
+right aligned with the past, is used when there is no mask). Grouped heads: the query heads that
+share a K/V head are folded into query rows of that head ([B, S, H*D] -> [B, S*g, Hkv*D]), so the
+kernel attends with the Hkv heads, reads each cached head once and its present keeps Hkv heads.
 
 ``"onnx"``: ONNX Attention (opset 23) takes past/present itself; the mask, causal triangle and
 window go in as one bias (its ``is_causal`` is top-left aligned, wrong with a past).
 
-Shared buffers: GroupQueryAttention can also read and write one max-length buffer per layer
-(past and present bound to the same memory, ``seqlens_k`` giving each row's length) to skip the
-copy of the past each step. It needs right-aligned rows and a runtime that binds one buffer to
-both, and the kernel above is not GroupQueryAttention; the contract here is the portable one
-(present = a new past+seq tensor), which the runtime's ping-pong buffers already make copy-free
-on its side. Not implemented.
+Shared buffers: a layer lowered to GroupQueryAttention reads and writes one max-length buffer
+(past and present bound to the same memory, ``seqlens_k`` giving each row's length), so a step
+copies nothing of the past: the runtime does this where every cache tensor is read and written by
+GroupQueryAttention alone (``runtime/kv_cache.shared_in_place``) and keeps its ping-pong pair for
+MultiHeadAttention layers (present = a new past+seq tensor, the portable contract).
 """
 
 from __future__ import annotations

@@ -10,10 +10,17 @@ instead loses nothing where a fast kernel holds it, and for Q4_1 offers the choi
   multiple of the step) is exactly ``scale * (code - zero_point)`` with an integer zero point:
   MatMulNBits' own form;
 * a Q4_1 block's minimum m is in general *not* a multiple of its step d, so no integer zero point
-  reproduces it. MatMulNBits also takes float zero points, and computes exactly with them, but its
-  CPU kernel then dequantizes the whole weight on every call (measured 25-67x slower for one
-  token: 5-6 ms vs 0.2 ms for a 768x2048 weight, 940 us vs 14 us for a 576x1536 one). So no single
-  ONNX Runtime kernel is both exact and fast, and ``Config.quant_native_exact`` chooses:
+  reproduces it. MatMulNBits also takes float zero points (zp = -m / d; a block with d == 0, all
+  values m, as scale m, codes 0, zero point -1). onnxruntime 1.32's CPU kernel accepts them at
+  every accuracy_level (0-4) and is exact with them (max relative error 2e-7 against float64 on
+  SmolLM2's shapes, at every level: level 4's int8 activations are not used), but it then
+  dequantizes the whole weight on every call: 0.8-1.6 ms per token for a 576x1536 or 1536x576
+  weight against ~0.05-0.2 ms with integer zero points (2 threads, minimum of 30 calls), 10-30x
+  slower. An 8-bit grid of step d / 16 or d / 17 (codes 16q + a, every weight within d / 32 of
+  the source's; one MatMulNBits) was measured too: its decode step is 0.92x the exact form's
+  (twice the weight bytes) and its prefill 0.79x (the 8-bit kernel's int8 path for many rows is
+  1.7x slower than float32 SGEMM on AVX2). So no single ONNX Runtime kernel is both exact and
+  fast, and ``Config.quant_native_exact`` chooses:
 
   - False (:func:`fit_integer_grid`, CLI ``--fast-grids``): the nearest grid MatMulNBits runs fast, an
     integer zero point per block of 32 with codes and scales re-fitted by least squares from
@@ -22,20 +29,19 @@ instead loses nothing where a fast kernel holds it, and for Q4_1 offers the choi
     file the relative error ||W - W'|| / ||W|| is 0.071 median, 0.081 max (rounding the zero point
     alone: 0.082), which is a second 4-bit rounding's cost: perplexity on a 100-token article
     17.85 vs 14.03 exact vs 13.98 float (+27% over exact, mean KL to float 0.27 vs 0.003), 66%
-    greedy agreement with float over 32 tokens (exact: >= 95%). What it buys: 633 graph nodes
-    instead of 1,503 and decode 27.3 vs 21.8 tok/s (1.25x; 96 greedy tokens, two threads, median
-    of 7 interleaved runs on a shared two-core machine; an earlier run under other load: 1.46x).
-    An 8-bit grid of step d / 16 (error <= d / 32) would be near-exact (perplexity 14.14) but its
-    MatMulNBits measured no faster than the exact form (22.4 tok/s) at 1.5x the weight bytes.
+    greedy agreement with float over 32 tokens (exact: >= 95%). What it buys: 330 graph nodes
+    instead of 720 (GroupQueryAttention, packed projections) and a decode step 1.34x faster.
   - True (the default): exact. The weight becomes d * (q - z), z the integer zero point nearest -m / d, plus
     the per-block rest r = m + z * d (|r| <= d / 2) applied to the activations: x @ W^T =
     MatMulNBits(x) + blocksum(x) @ R^T, where blocksum(x) sums x over each block of 32 inputs and
     R [N, K/32] holds the rests. The second product is 1/32 of the first, and the sum equals
-    x @ W^T up to float32 rounding of r (exact codes and steps); it costs a Reshape, ReduceSum,
-    MatMul and Add per projection (the executor's per-node overhead and ~30% of kernel time).
+    x @ W^T up to float32 rounding of r (exact codes and steps); it costs a MatMul and an Add per
+    projection, plus the block sums once per activation (a MatMul with a 0/1 matrix, or Reshape +
+    ReduceSum for a down projection: ops.py). SmolLM2-135M: 690-720 graph nodes against 330 for
+    the fast grid; a decode step 1.34x slower than the fast grid's (paired, shared machine).
 
-  The default is exact: +27% perplexity is a second rounding's cost no tolerance of "the
-  checkpoint's precision" covers; the fast grid is one option away, its error reported per weight.
+  The default is exact: +27% perplexity is a second rounding's cost outside the tolerances the
+  quantization tests hold int4 to (stories260K int4 within 10% of float, a kept grid within 2%); the fast grid is one option away, its error reported per weight.
   (The generated-C runtime's quantized kernel takes the rests natively: exact in one op there.)
 
 Detection is by value, not by file type: any weight all of whose blocks verify (every value equal

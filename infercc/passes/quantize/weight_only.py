@@ -259,8 +259,10 @@ def _keep_native(weights: list[Weight], config, record) -> dict:
         offsets = sum(1 for w in kept if w.native.offsets is not None)
         if offsets:
             record.note(f"{offsets} weight(s) on offset grids (Q4_1-like) kept exact with a correction MatMul per "
-                        "projection; quant_native_exact=False (CLI --fast-grids) moves them to integer zero points: "
-                        "one MatMulNBits each, faster, not exact (SmolLM2-135M Q4_1: ~1.25x decode, perplexity +27%)")
+                        "projection: no single ONNX Runtime kernel is exact and fast for them (MatMulNBits with float "
+                        "zero points is exact but dequantizes the weight per call, 10-30x slower); "
+                        "quant_native_exact=False (CLI --fast-grids) moves them to integer zero points: "
+                        "one MatMulNBits each, faster, not exact (SmolLM2-135M Q4_1: ~1.3x decode, perplexity +27%)")
     return summary
 
 

@@ -73,7 +73,7 @@ def test_pass_carries_the_grid(kind: str, quantize: str) -> None:
     assert layer["method"] == "native" and layer["bits"] == 4 and layer["rel_error"] < 1e-6
     assert layer["native"] == ("offset" if kind == "Q4_1" else "zero_point")
     hist = compiled.model.graph.op_histogram()
-    assert hist["com.microsoft::MatMulNBits"] == 1 and ("ReduceSum" in hist) == (kind == "Q4_1")
+    assert hist["com.microsoft::MatMulNBits"] == 1 and ("MatMul" in hist) == (kind == "Q4_1")  # the correction
 
     def error(**options) -> float:
         return float(np.abs(infercc.compile(proto, strict=True, **options).run({"x": x})["y"] - expected).mean())
@@ -82,6 +82,25 @@ def test_pass_carries_the_grid(kind: str, quantize: str) -> None:
     exact = {"quantize": quantize, "quant_native_exact": True}
     assert error(lowering="onnx", **exact) < 1e-3 * error(lowering="onnx", **rerounded)
     assert error(**exact) < error(**rerounded)
+
+
+@pytest.mark.parametrize(("shape", "sums"), [((48, 64), "MatMul"), ((16, 256), "ReduceSum")])
+def test_offset_grid_correction_forms(shape: tuple[int, int], sums: str) -> None:
+    """The exact Q4_1 correction sums each block of the activation by a MatMul with a 0/1 matrix
+    where that is small beside the weight (blocks * 16 <= N), else by Reshape + ReduceSum; both
+    give x @ W^T up to MatMulNBits' int8 activation rounding (the onnx lowering: to float rounding)."""
+    rows = _grid("Q4_1", shape, seed=4)
+    proto = _matmul_model(rows)
+    x = np.random.default_rng(5).standard_normal((2, 3, shape[1])).astype(np.float32)
+    expected = x @ rows.T
+    compiled = infercc.compile(proto, quantize="auto", strict=True, quant_native_exact=True)
+    hist = compiled.model.graph.op_histogram()
+    assert hist["com.microsoft::MatMulNBits"] == 1 and hist["Add"] == 1
+    assert hist["MatMul"] == (2 if sums == "MatMul" else 1) and ("ReduceSum" in hist) == (sums == "ReduceSum")
+    got = compiled.run({"x": x})["y"]
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+    exact = infercc.compile(proto, quantize="auto", strict=True, quant_native_exact=True, lowering="onnx").run({"x": x})["y"]
+    np.testing.assert_allclose(exact, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize", ["auto", "int4"])
@@ -148,7 +167,7 @@ def test_cli_fast_grids_drops_the_side_path(tmp_path, capsys: pytest.CaptureFixt
         manifest = json.loads((tmp_path / folder / "manifest.json").read_text())
         assert manifest["config"]["quant_native_exact"] is exact
         saved = onnx.load(str(tmp_path / folder / "model.onnx"))
-        assert any(n.op_type == "ReduceSum" for n in saved.graph.node) is exact
+        assert any(n.op_type == "MatMul" for n in saved.graph.node) is exact  # the correction
 
 
 def test_auto_keeps_grids_and_leaves_float_weights_float() -> None:
