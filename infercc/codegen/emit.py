@@ -29,11 +29,11 @@ from .profile import layer_table, op_name
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
 HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
-           "transformer.h", "paged_attention.h")
+           "transformer.h", "paged_attention.h", "lora.h")
 #: Headers only a model with one of these ops needs (the rest of the models compile without them).
 OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}
 #: Ops a fusion of fuse.py replaces: a user kernel for one of them turns fusions off (theirs wins).
-_FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul")}
+_FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul"), ("", "MatMul"), ("", "Add")}
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined, autoescape=False)
 

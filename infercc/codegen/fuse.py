@@ -8,6 +8,10 @@ has no kernel for them), while in C each one saves full passes over an activatio
 * SwiGLU: ``Split(x) -> [gate, up]``, ``SiLU(gate)``, ``Mul(SiLU(gate), up)`` -- the gated MLP of
   LLaMA-family models after the gate and up projections were packed into one matmul -- becomes
   one loop ``y = silu(x[:, :N]) * x[:, N:]`` (no split copies, no SiLU buffer, one pass).
+* LoRA delta: ``MatMul(x, A) -> Mul(., Unsqueeze(mask)) -> MatMul(., B) -> Add(y, .)``, the portable
+  segmented form the LoRA variant adds after a projection (passes/lora), becomes one kernel that
+  reads only each row's own adapter columns (kernels/lora.h): two dense matmuls over every loaded
+  adapter's columns, most of them multiplied by a zero mask, become the row's own rank.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ class Fused:
 def plan(graph: Graph) -> dict[int, Fused]:
     """Every fusion of the graph, keyed by id() of each node it covers (anchor and members)."""
     found: dict[int, Fused] = {}
+    position = {id(node): i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
-        group = _swiglu(node)
+        group = _swiglu(node) or _lora_delta(node, position)
         if group is not None and not any(id(n) in found for n in [group.anchor, *group.members]):
             for n in [group.anchor, *group.members]:
                 found[id(n)] = group
@@ -88,3 +93,38 @@ def _swiglu(split: Node) -> Fused | None:
 
         return Fused("SwiGLU", split, [silu, mul], emit)
     return None
+
+
+def _lora_delta(low: Node, position: dict[int, int]) -> Fused | None:
+    """The LoRA variant's delta after a projection, anchored at its first matmul, which must come
+    after the projection's output (the group's values are read where the anchor runs)."""
+    if low.op_type != "MatMul" or low.domain or len(low.inputs) != 2 or not low.inputs[1].is_graph_input:
+        return None
+    mul = _only_use(low.outputs[0])
+    if mul is None or mul.op_type != "Mul" or mul.domain or len(mul.inputs) != 2:
+        return None
+    rows = mul.inputs[1] if mul.inputs[0] is low.outputs[0] else mul.inputs[0]
+    unsqueeze = rows.producer
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze.domain or not unsqueeze.inputs[0].is_graph_input:
+        return None
+    up = _only_use(mul.outputs[0])
+    if up is None or up.op_type != "MatMul" or up.domain or up.inputs[0] is not mul.outputs[0] \
+            or not up.inputs[1].is_graph_input:
+        return None
+    add = _only_use(up.outputs[0])
+    if add is None or add.op_type != "Add" or add.domain or len(add.inputs) != 2:
+        return None
+    y = add.inputs[0] if add.inputs[1] is up.outputs[0] else add.inputs[1]
+    x, a, b, mask, total = low.inputs[0], low.inputs[1], up.inputs[1], unsqueeze.inputs[0], add.outputs[0]
+    values = (x, y, a, b, mask, total)
+    if any(v is None or v.dtype != DType.FLOAT for v in values) or a.rank != 2 or b.rank != 2 or mask.rank != 2:
+        return None
+    made = y.producer
+    if made is not None and position.get(id(made), len(position)) > position[id(low)]:
+        return None  # y is computed after the anchor: the fused kernel could not read it there
+
+    def emit(slot: Callable[[Value], str], values: tuple[Value, ...] = values) -> list[str]:
+        x, y, a, b, mask, total = (slot(v) for v in values)
+        return [f"icc_lora_delta({total}, {y}, {x}, {a}, {b}, {mask});"]
+
+    return Fused("LoraDelta", low, [mul, up, add], emit)

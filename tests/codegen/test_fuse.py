@@ -69,3 +69,38 @@ def test_llama_fixture_mlp_is_fused_and_equals_ort() -> None:
     ids = np.random.default_rng(2).integers(0, 100, (2, 7)).astype(np.int64)
     feeds = {i["name"]: (ids if i["name"] == "input_ids" else np.ones_like(ids)) for i in c_model.inputs}
     np.testing.assert_allclose(c_model.run(feeds)["logits"], ort_model.run(feeds)["logits"], atol=1e-4, rtol=0)
+
+
+def _lora_delta() -> onnx.ModelProto:
+    """The LoRA variant's delta in its portable form (passes/lora): y + ((x @ A) * mask[:, None]) @ B."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Unsqueeze", ["mask", "axis1"], ["rows"]),
+             helper.make_node("MatMul", ["x", "a"], ["low"]),
+             helper.make_node("Mul", ["low", "rows"], ["picked"]),
+             helper.make_node("MatMul", ["picked", "b"], ["delta"]),
+             helper.make_node("Add", ["y", "delta"], ["out"])]
+    inputs = [helper.make_tensor_value_info(n, f, s) for n, s in
+              (("x", [2, 3, 16]), ("y", [2, 3, 12]), ("a", [16, 10]), ("b", [10, 12]), ("mask", [2, 10]))]
+    inner = [helper.make_tensor_value_info(n, f, s) for n, s in
+             (("rows", [2, 1, 10]), ("low", [2, 3, 10]), ("picked", [2, 3, 10]), ("delta", [2, 3, 12]))]
+    graph = helper.make_graph(nodes, "lora", inputs, [helper.make_tensor_value_info("out", f, [2, 3, 12])],
+                              [numpy_helper.from_array(np.array([1], np.int64), "axis1")], value_info=inner)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_lora_delta_reads_only_each_rows_columns(tmp_path) -> None:
+    path = tmp_path / "lora.onnx"
+    onnx.save(_lora_delta(), path)
+    model = load_model(path)
+    assert [g.name for g in {id(v): v for v in fuse.plan(model.graph).values()}.values()] == ["LoraDelta"]
+    backend = CBackend(model, intra_op_threads=1)
+    assert "icc_lora_delta(" in backend.source and "fused into LoraDelta" in backend.source
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(2, 3, 16)).astype(np.float32), rng.normal(size=(2, 3, 12)).astype(np.float32)
+    a, b = rng.normal(size=(16, 10)).astype(np.float32), rng.normal(size=(10, 12)).astype(np.float32)
+    for mask in (np.array([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0.5, 0.5, 0.5, 0]], np.float32),
+                 np.zeros((2, 10), np.float32)):  # two adapters (one weighted, in two runs); no adapter at all
+        expected = y + ((x.astype(np.float64) @ a) * mask[:, None, :]) @ b
+        out = backend.run({"x": x, "y": y, "a": a, "b": b, "mask": mask})["out"]
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(backend.run({"x": x, "y": y, "a": a, "b": b, "mask": mask})["out"], y)

@@ -106,6 +106,7 @@ def insert_lora(model: Model, sites: list[Site]) -> Model:
         b = graph.add_input(b_input(site.index), DType.FLOAT, (cols, site.out_features))
         mask = graph.add_input(mask_input(site.index), DType.FLOAT, ("batch", cols))
         consumers = list(y.uses)
+        before = {id(n) for n in graph.nodes}
         op = Builder(graph, node, f"{node.name}/lora")
         x = node.inputs[0]
         batch, seq = (x.shape or ("batch", "sequence"))[:2]
@@ -119,5 +120,11 @@ def insert_lora(model: Model, sites: list[Site]) -> Model:
             value.dtype, value.shape = DType.FLOAT, shape
         for consumer, index in consumers:
             consumer.set_input(index, total)
+        # the delta runs right after its projection (the builder put it before): the generated C
+        # fuses it into one kernel there (codegen/fuse.py), which reads the projection's output
+        added = [n for n in graph.nodes if id(n) not in before]
+        rest = [n for n in graph.nodes if id(n) in before]
+        at = rest.index(node) + 1
+        graph.nodes = rest[:at] + added + rest[at:]
     graph.sort()
     return out
