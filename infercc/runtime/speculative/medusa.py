@@ -1,0 +1,147 @@
+"""The Medusa proposer: k heads on the target's final hidden state guess the k tokens after the
+next one, at the cost of a few small matrix products, with no draft model and no draft KV cache.
+
+Where the hidden state comes from: compiled with ``speculation="medusa"``, the target's graph
+has a ``hidden_states`` output (passes/hidden_output.py: the LM head's input), and whoever runs
+the target (the speculative loop, the engine) hands the proposer, after each step, the hidden
+state of the position whose logits chose the sequence's last token (``observe``). Head i of
+Medusa was trained to predict the token i + 2 positions after that hidden state's own token, i.e.
+i + 1 after the one just chosen: the proposal continues the sequence as it stands. A proposer
+asked about a sequence whose last observed state is not for its current length (a fresh
+sequence, a preempted one) proposes nothing: that step decodes plainly and brings a state.
+
+Proposal = the chain of each head's top-1 token (Medusa's tree of top-k candidates per head
+needs tree attention in the verifying step: not built; the chain is verified like any proposal).
+Heads trained by ``infercc train-heads`` share the target's LM head, read here from the compiled
+graph (float, or dequantized from its 4/8-bit blocks); their ``config.json`` may restrict it to
+the ``draft_vocab`` ids most frequent in the training text (a head's guess outside it would
+rarely be right, and a tenth of the vocabulary is a tenth of the projection's cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .heads import HeadsError, MedusaHeads, heads_path, load_heads, read_config
+from .proposer import Proposal
+
+if TYPE_CHECKING:
+    from ...compiled import CompiledModel
+    from ...config import Config
+    from ...ir import Model
+    from ..sampling import SamplingParams
+
+
+class MedusaProposer:
+    """Guesses from the last observed hidden state of each sequence (see the module docstring)."""
+
+    name = "medusa"
+    #: The caller hands it hidden states (``observe``) after each target step.
+    needs_hidden = True
+
+    def __init__(self, heads: MedusaHeads, lm_head: np.ndarray | None, vocab_ids: np.ndarray | None = None,
+                 cost: float = 0.0) -> None:
+        self.heads = heads
+        self.vocab_ids = vocab_ids
+        self.lm_head = lm_head if lm_head is None or vocab_ids is None else np.ascontiguousarray(lm_head[vocab_ids])
+        #: Cost of proposing relative to one target step (DepthPolicy's draft_cost).
+        self.cost = cost
+        self._hidden: dict[Hashable, tuple[int, np.ndarray]] = {}
+
+    def observe(self, seq_id: Hashable, length: int, hidden: np.ndarray) -> None:
+        """``hidden`` [hidden] is the state whose logits chose token ``length - 1`` of the sequence."""
+        self._hidden[seq_id] = (length, np.array(hidden, np.float32).reshape(-1))
+
+    def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
+        entry = self._hidden.get(seq_id)
+        k = min(k, self.heads.num_heads)
+        if entry is None or entry[0] != len(tokens) or k <= 0:
+            return Proposal([])
+        guesses = self.heads.top1(entry[1], self.lm_head, k)
+        if self.vocab_ids is not None:  # heads projected by the restricted LM head: back to token ids
+            guesses = [int(self.vocab_ids[g]) if self.heads.projections[i] is None else g
+                       for i, g in enumerate(guesses)]
+        return Proposal(guesses)
+
+    def release(self, seq_id: Hashable) -> None:
+        self._hidden.pop(seq_id, None)
+
+
+def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer | None, str]:
+    """The Medusa proposer of ``compiled`` with ``config.speculation_heads``, or (None, why not)."""
+    from ...passes.hidden_output import HIDDEN
+
+    if config.speculation_heads is None:
+        return None, ("medusa: no heads (Config.speculation_heads is None); train them with "
+                      "`infercc train-heads MODEL -o DIR` and pass speculation_heads=DIR")
+    outputs = {v.name: v for v in compiled.model.graph.outputs}
+    if HIDDEN not in outputs:
+        try:
+            why = "; ".join(compiled.diagnostics["expose_hidden_state"].reasons)
+        except KeyError:
+            why = ""
+        why = why or "compile the model with speculation='medusa' so that its graph exposes the final hidden state"
+        return None, f"medusa: the compiled graph has no {HIDDEN!r} output ({why})"
+    lm_head = lm_head_weights(compiled.model)
+    vocab, hidden = lm_head.shape
+    file = heads_path(config.speculation_heads)
+    if not file.is_file():  # missing heads: plain decoding; a file that is there but wrong: an error
+        return None, f"medusa: no Medusa heads at {file}; train them with `infercc train-heads MODEL -o DIR`"
+    heads = load_heads(file, hidden, vocab)
+    vocab_ids = _draft_vocab(file, vocab)
+    shared = sum(p is None for p in heads.projections)
+    rows = len(vocab_ids) if vocab_ids is not None else vocab
+    cost = (heads.num_heads * hidden * hidden + shared * rows * hidden) / max(_weight_count(compiled.model), 1)
+    return (MedusaProposer(heads, lm_head if shared else None, vocab_ids, cost=cost),
+            f"medusa: {heads.num_heads} heads from {heads_path(config.speculation_heads)}")
+
+
+def _draft_vocab(file, vocab: int) -> np.ndarray | None:
+    ids = read_config(file).get("draft_vocab")
+    if ids is None:
+        return None
+    array = np.asarray(ids)
+    if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu" or array.min() < 0 or array.max() >= vocab:
+        raise HeadsError(f"{file.parent}/config.json: draft_vocab must be a list of token ids in 0..{vocab - 1}")
+    return array.astype(np.int64)
+
+
+def _weight_count(model: Model) -> int:
+    return sum(int(np.prod(v.shape or ())) for v in model.graph.initializers.values() if v.shape)
+
+
+def lm_head_weights(model: Model) -> np.ndarray:
+    """The target's LM head as float32 [vocab, hidden], read from the node consuming the hidden
+    state: a MatMul/Gemm with a constant weight, or MatMulNBits (dequantized from its blocks)."""
+    from ...passes.hidden_output import HIDDEN
+
+    exposed = next(v for v in model.graph.outputs if v.name == HIDDEN)
+    hidden = exposed.producer.inputs[0]
+    heads = [n for n in hidden.consumers() if n.outputs[0] is not exposed]
+    if len(heads) != 1:
+        raise HeadsError(f"medusa: the hidden state feeds {len(heads)} nodes, not one LM head")
+    node = heads[0]
+    if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1].const is not None:
+        weight = node.inputs[1].const.numpy().astype(np.float32)
+        transposed = node.op_type == "Gemm" and bool(node.attrs["transB"].value) if "transB" in node.attrs else False
+        return np.ascontiguousarray(weight if transposed else weight.T)
+    if node.op_type == "MatMulNBits" and all(v is None or v.const is not None for v in node.inputs[1:]):
+        return _dequantize(node)
+    raise HeadsError(f"medusa: the LM head is a {node.op_type} the heads cannot read weights from")
+
+
+def _dequantize(node) -> np.ndarray:
+    """(codes - zero point) * scale (+ rest) per block: the weight MatMulNBits multiplies by."""
+    from ...passes.quantize.ops import Spec, _offsets, _scales
+    from ...passes.quantize.pack import unpack_codes
+
+    s = Spec(node)
+    codes = unpack_codes(node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1), s.bits).astype(np.float32)
+    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+    rests = node.inputs[4] if len(node.inputs) > 4 else None
+    offsets = _offsets(node.inputs[2], zero_points, s, rests)
+    weight = codes * _scales(node.inputs[2], s)[..., None] + offsets[..., None]
+    return np.ascontiguousarray(weight.reshape(s.n, s.blocks * s.block)[:, :s.k])
