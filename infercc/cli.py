@@ -499,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compile SmolLM2-135M-Instruct and stream a chat answer (--tiny: built-in model)")
     p.add_argument("--tiny", action="store_true", help="compile and run a built-in tiny transformer instead")
     p.set_defaults(fn=cmd_demo)
+
+    from .train_heads import add_parser as add_train_heads
+
+    add_train_heads(sub)
     return parser
 
 
