@@ -157,7 +157,14 @@ def _prompts(compiled, texts: str | Path | None) -> list[list[int]]:
 
 
 def _generate(compiled, prompts: list[list[int]], seq_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt, continuation) pairs: each prompt once greedy and once sampled (temperature 0.8)."""
+    """(prompt, continuation) pairs: each prompt once greedy and once sampled (temperature 0.8).
+    A prompt longer than the model's context leaves room for the continuation keeps its end."""
+    from .runtime.model_runner import ModelRunner
+
+    context = ModelRunner(compiled.backend, compiled.model).max_context
+    if context is not None:
+        seq_len = min(seq_len, context // 2)
+        prompts = [p[-(context - seq_len):] for p in prompts]
     out = []
     for options in ({}, {"temperature": 0.8, "top_p": 0.95, "seed": seed}):
         results = compiled.generate(prompts, max_new_tokens=seq_len, speculation="off", **options)

@@ -115,7 +115,8 @@ def _weight_count(model: Model) -> int:
 
 def lm_head_weights(model: Model) -> np.ndarray:
     """The target's LM head as float32 [vocab, hidden], read from the node consuming the hidden
-    state: a MatMul/Gemm with a constant weight, or MatMulNBits (dequantized from its blocks)."""
+    state: a MatMul/Gemm with a constant weight, or MatMulNBits / our MatMulQuant (dequantized
+    from their blocks: the same inputs)."""
     from ...passes.hidden_output import HIDDEN
 
     exposed = next(v for v in model.graph.outputs if v.name == HIDDEN)
@@ -128,7 +129,7 @@ def lm_head_weights(model: Model) -> np.ndarray:
         weight = node.inputs[1].const.numpy().astype(np.float32)
         transposed = node.op_type == "Gemm" and bool(node.attrs["transB"].value) if "transB" in node.attrs else False
         return np.ascontiguousarray(weight if transposed else weight.T)
-    if node.op_type == "MatMulNBits" and all(v is None or v.const is not None for v in node.inputs[1:]):
+    if node.op_type in ("MatMulNBits", "MatMulQuant") and all(v is None or v.const is not None for v in node.inputs[1:]):
         return _dequantize(node)
     raise HeadsError(f"medusa: the LM head is a {node.op_type} the heads cannot read weights from")
 
