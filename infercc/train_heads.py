@@ -80,6 +80,8 @@ def train_heads(model: Any, output: str | Path, *, heads: int = 3, steps: int = 
             raise InputError(f"train-heads: {name} must be an integer >= {low}, got {value!r}")
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
         raise InputError(f"train-heads: lr must be a number in (0, 1), got {lr!r}")
+    if texts is not None and not Path(texts).is_file():
+        raise InputError(f"train-heads: no text file at {texts}; give a UTF-8 file of prompts separated by blank lines")
     if threads:
         torch.set_num_threads(threads)
     compiled = model if isinstance(model, CompiledModel) else compile_model(model, speculation="medusa")
@@ -130,8 +132,6 @@ def _prompts(compiled, texts: str | Path | None) -> list[list[int]]:
         items = PROMPTS
     else:
         path = Path(texts)
-        if not path.is_file():
-            raise InputError(f"train-heads: no text file at {path}; give a UTF-8 file of prompts separated by blank lines")
         if path.stat().st_size > 64 << 20:
             raise InputError(f"train-heads: {path} is over 64 MiB; give fewer prompts (a few hundred are plenty)")
         items = [p.strip() for p in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]

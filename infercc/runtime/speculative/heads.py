@@ -63,12 +63,18 @@ class MedusaHeads:
 
     def top1(self, hidden: np.ndarray, lm_head: np.ndarray | None, k: int) -> list[int]:
         """The most likely token of heads 0..k-1 for one hidden state (``lm_head`` [vocab, hidden]
-        projects the heads without their own)."""
+        projects the heads without their own, all in one product: the projection is the largest
+        matrix here and is read once per proposal)."""
         features = self.features(hidden)[:k]
-        tokens = []
-        for i, x in enumerate(features):
-            projection = self.projections[i] if self.projections[i] is not None else lm_head
-            tokens.append(int(np.argmax(projection @ x)))
+        shared = [i for i in range(len(features)) if self.projections[i] is None]
+        tokens = [0] * len(features)
+        if shared:
+            best = np.argmax(features[shared] @ lm_head.T, axis=-1)
+            for i, token in zip(shared, best):
+                tokens[i] = int(token)
+        for i in range(len(features)):
+            if self.projections[i] is not None:
+                tokens[i] = int(np.argmax(self.projections[i] @ features[i]))
         return tokens
 
 
