@@ -30,6 +30,9 @@ def test_cli_trains_heads_the_medusa_proposer_reads(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["medusa_num_heads"] == 2 and config["shared_lm_head"] and len(config["held_out_accuracy"]) == 2
     assert (out / HEADS_FILE).is_file() and 0 < len(config["draft_vocab"]) <= 4096
+    assert 0 <= config["min_confidence"] <= 1
+    # (a few steps of training leave the heads unsure: every guess proposed, so that they are verified)
+    (out / "config.json").write_text(json.dumps({**config, "min_confidence": 0.0}))
     compiled = infercc.compile(model, speculation="medusa", speculation_heads=str(out))
     plain = compiled.generate(STORY, max_new_tokens=40, speculation="off")
     spec = compiled.generate(STORY, max_new_tokens=40)

@@ -56,26 +56,35 @@ class MedusaHeads:
         for blocks in self.blocks:
             x = hidden.astype(np.float32, copy=False)
             for weight, bias in blocks:
-                y = weight @ x + bias
+                y = _dot("gh,h->g", weight, x) + bias
                 x = x + y / (1.0 + np.exp(-y))  # x + SiLU(Wx + b)
             out.append(x)
         return np.stack(out)
 
-    def top1(self, hidden: np.ndarray, lm_head: np.ndarray | None, k: int) -> list[int]:
-        """The most likely token of heads 0..k-1 for one hidden state (``lm_head`` [vocab, hidden]
-        projects the heads without their own, all in one product: the projection is the largest
-        matrix here and is read once per proposal)."""
+    def top1(self, hidden: np.ndarray, lm_head: np.ndarray | None, k: int) -> tuple[list[int], list[float]]:
+        """The most likely token of heads 0..k-1 for one hidden state and its probability (softmax
+        over the projection's rows). ``lm_head`` [vocab, hidden] projects the heads without their
+        own, all in one product: the projection is the largest matrix here, read once."""
         features = self.features(hidden)[:k]
+        logits: list[np.ndarray | None] = [None] * len(features)
         shared = [i for i in range(len(features)) if self.projections[i] is None]
-        tokens = [0] * len(features)
         if shared:
-            best = np.argmax(features[shared] @ lm_head.T, axis=-1)
-            for i, token in zip(shared, best):
-                tokens[i] = int(token)
-        for i in range(len(features)):
-            if self.projections[i] is not None:
-                tokens[i] = int(np.argmax(self.projections[i] @ features[i]))
-        return tokens
+            for i, row in zip(shared, _dot("kh,vh->kv", features[shared], lm_head)):
+                logits[i] = row
+        tokens, probs = [], []
+        for i, row in enumerate(logits):
+            row = row if row is not None else _dot("vh,h->v", self.projections[i], features[i])
+            best = int(np.argmax(row))
+            tokens.append(best)
+            probs.append(float(1.0 / np.exp(row - row[best]).sum()))
+        return tokens, probs
+
+
+def _dot(spec: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A product on NumPy's own single-threaded loops, not BLAS: between two runs of the model a
+    multi-threaded BLAS leaves its threads spinning on the cores the model's threads need (on a
+    2-core CPU that halved the speed of the verify steps); these products are small enough."""
+    return np.einsum(spec, a, b, optimize=False)
 
 
 def heads_path(path: str | Path) -> Path:

@@ -10,7 +10,8 @@ i + 1 after the one just chosen: the proposal continues the sequence as it stand
 asked about a sequence whose last observed state is not for its current length (a fresh
 sequence, a preempted one) proposes nothing: that step decodes plainly and brings a state.
 
-Proposal = the chain of each head's top-1 token (Medusa's tree of top-k candidates per head
+Proposal = the chain of each head's top-1 token, cut at the first head less sure than
+``min_confidence`` (a doubtful guess widens the verify step for little chance of a token; Medusa's tree of top-k candidates per head
 needs tree attention in the verifying step: not built; the chain is verified like any proposal).
 Heads trained by ``infercc train-heads`` share the target's LM head, read here from the compiled
 graph (float, or dequantized from its 4/8-bit blocks); their ``config.json`` may restrict it to
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
     from ..sampling import SamplingParams
 
 
+#: Default least probability of a head's guess to be proposed (heads' config.json "min_confidence"
+#: overrides it; train-heads writes the one that pays best on held-out text).
+MIN_CONFIDENCE = 0.3
+
+
 class MedusaProposer:
     """Guesses from the last observed hidden state of each sequence (see the module docstring)."""
 
@@ -43,8 +49,10 @@ class MedusaProposer:
     needs_hidden = True
 
     def __init__(self, heads: MedusaHeads, lm_head: np.ndarray | None, vocab_ids: np.ndarray | None = None,
-                 cost: float = 0.0) -> None:
+                 cost: float = 0.0, min_confidence: float = MIN_CONFIDENCE) -> None:
         self.heads = heads
+        #: The chain of guesses stops at the first head whose top token has a lower probability.
+        self.min_confidence = min_confidence
         self.vocab_ids = vocab_ids
         self.lm_head = lm_head if lm_head is None or vocab_ids is None else np.ascontiguousarray(lm_head[vocab_ids])
         #: Cost of proposing relative to one target step (DepthPolicy's draft_cost).
@@ -60,7 +68,9 @@ class MedusaProposer:
         k = min(k, self.heads.num_heads)
         if entry is None or entry[0] != len(tokens) or k <= 0:
             return Proposal([])
-        guesses = self.heads.top1(entry[1], self.lm_head, k)
+        guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
+        confident = next((i for i, p in enumerate(probs) if p < self.min_confidence), len(probs))
+        guesses = guesses[:confident]  # a guess its head doubts costs a verified position, rarely a token
         if self.vocab_ids is not None:  # heads projected by the restricted LM head: back to token ids
             guesses = [int(self.vocab_ids[g]) if self.heads.projections[i] is None else g
                        for i, g in enumerate(guesses)]
@@ -92,10 +102,13 @@ def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer
         return None, f"medusa: no Medusa heads at {file}; train them with `infercc train-heads MODEL -o DIR`"
     heads = load_heads(file, hidden, vocab)
     vocab_ids = _draft_vocab(file, vocab)
+    confidence = read_config(file).get("min_confidence", MIN_CONFIDENCE)
+    if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not 0 <= confidence <= 1:
+        raise HeadsError(f"{file.parent}/config.json: min_confidence must be a number in [0, 1], got {confidence!r}")
     shared = sum(p is None for p in heads.projections)
     rows = len(vocab_ids) if vocab_ids is not None else vocab
     cost = (heads.num_heads * hidden * hidden + shared * rows * hidden) / max(_weight_count(compiled.model), 1)
-    return (MedusaProposer(heads, lm_head if shared else None, vocab_ids, cost=cost),
+    return (MedusaProposer(heads, lm_head if shared else None, vocab_ids, cost=cost, min_confidence=float(confidence)),
             f"medusa: {heads.num_heads} heads from {heads_path(config.speculation_heads)}")
 
 

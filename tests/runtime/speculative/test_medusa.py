@@ -30,7 +30,7 @@ def write_heads(directory, compiled, *, scale: float, heads: int = 3, own: bool 
     blocks = [[(rng.standard_normal((hidden, hidden)).astype(np.float32) * scale, np.zeros(hidden, np.float32))]
               for _ in range(heads)]
     projections = [rng.standard_normal((vocab, hidden)).astype(np.float32) if own else None for _ in range(heads)]
-    return save_heads(directory, blocks, projections).parent
+    return save_heads(directory, blocks, projections, min_confidence=0.0).parent
 
 
 def fitted_heads(directory, compiled, sequences, heads: int = 3):
@@ -48,7 +48,7 @@ def fitted_heads(directory, compiled, sequences, heads: int = 3):
         target = np.eye(vocab, dtype=np.float32)[y[valid, i]]
         projections.append(np.linalg.lstsq(x[valid], target, rcond=None)[0].T.astype(np.float32))
     blocks = [[(np.zeros((hidden, hidden), np.float32), np.zeros(hidden, np.float32))] for _ in range(heads)]
-    return save_heads(directory, blocks, projections).parent
+    return save_heads(directory, blocks, projections, min_confidence=0.0).parent
 
 
 @pytest.fixture(scope="module")
