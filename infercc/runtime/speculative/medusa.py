@@ -21,6 +21,7 @@ rarely be right, and a tenth of the vocabulary is a tenth of the projection's co
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ..sampling import SamplingParams
 
 
+_LOCK = threading.Lock()
 #: Default least probability of a head's guess to be proposed (heads' config.json "min_confidence"
 #: overrides it; train-heads writes the one that pays best on held-out text).
 MIN_CONFIDENCE = 0.3
@@ -54,7 +56,8 @@ class MedusaProposer:
         #: The chain of guesses stops at the first head whose top token has a lower probability.
         self.min_confidence = min_confidence
         self.vocab_ids = vocab_ids
-        self.lm_head = lm_head if lm_head is None or vocab_ids is None else np.ascontiguousarray(lm_head[vocab_ids])
+        #: [len(vocab_ids) or vocab, hidden]: the LM head's rows of the draft vocabulary.
+        self.lm_head = lm_head
         #: Cost of proposing relative to one target step (DepthPolicy's draft_cost).
         self.cost = cost
         self._hidden: dict[Hashable, tuple[int, np.ndarray]] = {}
@@ -95,11 +98,27 @@ def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer
             why = ""
         why = why or "compile the model with speculation='medusa' so that its graph exposes the final hidden state"
         return None, f"medusa: the compiled graph has no {HIDDEN!r} output ({why})"
-    lm_head = lm_head_weights(compiled.model)
-    vocab, hidden = lm_head.shape
     file = heads_path(config.speculation_heads)
     if not file.is_file():  # missing heads: plain decoding; a file that is there but wrong: an error
         return None, f"medusa: no Medusa heads at {file}; train them with `infercc train-heads MODEL -o DIR`"
+    # Read once per compiled model and heads file (every engine, e.g. each generate() on the C
+    # runtime, makes its proposer): the LM head is dequantized, restricted to the draft vocabulary
+    # and kept only in that form. A new proposer per caller: its per-sequence states are its own.
+    key = (str(file.resolve()), file.stat().st_mtime_ns)
+    with _LOCK:
+        memo = compiled.__dict__.setdefault("_medusa_heads", {})
+        if key not in memo:
+            memo[key] = _load(compiled, file)
+        parts = memo[key]
+    return MedusaProposer(*parts[:3], cost=parts[3], min_confidence=parts[4]), \
+        f"medusa: {parts[0].num_heads} heads from {file}"
+
+
+def _load(compiled: CompiledModel, file) -> tuple:
+    """(heads, projection shared by the heads without their own or None, draft vocabulary ids or
+    None, cost relative to a target step, min_confidence) of the heads in ``file``."""
+    lm_head = lm_head_weights(compiled.model)
+    vocab, hidden = lm_head.shape
     heads = load_heads(file, hidden, vocab)
     vocab_ids = _draft_vocab(file, vocab)
     confidence = read_config(file).get("min_confidence", MIN_CONFIDENCE)
@@ -108,8 +127,10 @@ def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer
     shared = sum(p is None for p in heads.projections)
     rows = len(vocab_ids) if vocab_ids is not None else vocab
     cost = (heads.num_heads * hidden * hidden + shared * rows * hidden) / max(_weight_count(compiled.model), 1)
-    return (MedusaProposer(heads, lm_head if shared else None, vocab_ids, cost=cost, min_confidence=float(confidence)),
-            f"medusa: {heads.num_heads} heads from {heads_path(config.speculation_heads)}")
+    projection = None
+    if shared:
+        projection = lm_head if vocab_ids is None else np.ascontiguousarray(lm_head[vocab_ids])
+    return heads, projection, vocab_ids, cost, float(confidence)
 
 
 def _draft_vocab(file, vocab: int) -> np.ndarray | None:
