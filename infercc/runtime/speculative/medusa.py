@@ -117,8 +117,7 @@ def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer
 def _load(compiled: CompiledModel, file) -> tuple:
     """(heads, projection shared by the heads without their own or None, draft vocabulary ids or
     None, cost relative to a target step, min_confidence) of the heads in ``file``."""
-    lm_head = lm_head_weights(compiled.model)
-    vocab, hidden = lm_head.shape
+    vocab, hidden = lm_head_shape(compiled.model)
     heads = load_heads(file, hidden, vocab)
     vocab_ids = _draft_vocab(file, vocab)
     confidence = read_config(file).get("min_confidence", MIN_CONFIDENCE)
@@ -127,9 +126,7 @@ def _load(compiled: CompiledModel, file) -> tuple:
     shared = sum(p is None for p in heads.projections)
     rows = len(vocab_ids) if vocab_ids is not None else vocab
     cost = (heads.num_heads * hidden * hidden + shared * rows * hidden) / max(_weight_count(compiled.model), 1)
-    projection = None
-    if shared:
-        projection = lm_head if vocab_ids is None else np.ascontiguousarray(lm_head[vocab_ids])
+    projection = lm_head_weights(compiled.model, vocab_ids) if shared else None
     return heads, projection, vocab_ids, cost, float(confidence)
 
 
@@ -147,10 +144,32 @@ def _weight_count(model: Model) -> int:
     return sum(int(np.prod(v.shape or ())) for v in model.graph.initializers.values() if v.shape)
 
 
-def lm_head_weights(model: Model) -> np.ndarray:
-    """The target's LM head as float32 [vocab, hidden], read from the node consuming the hidden
-    state: a MatMul/Gemm with a constant weight, or MatMulNBits / our MatMulQuant (dequantized
-    from their blocks: the same inputs)."""
+def lm_head_weights(model: Model, rows: np.ndarray | None = None) -> np.ndarray:
+    """The target's LM head as float32 [vocab, hidden] (only ``rows`` of it when given), read from
+    the node consuming the hidden state: a MatMul/Gemm with a constant weight, or MatMulNBits / our
+    MatMulQuant (dequantized from their blocks: the same inputs)."""
+    node = _lm_head(model)
+    if node.op_type in ("MatMul", "Gemm"):
+        weight = node.inputs[1].const.numpy()
+        transposed = node.op_type == "Gemm" and "transB" in node.attrs and bool(node.attrs["transB"].value)
+        weight = weight if transposed else weight.T
+        return np.ascontiguousarray((weight if rows is None else weight[rows]).astype(np.float32))
+    return _dequantize(node, rows)
+
+
+def lm_head_shape(model: Model) -> tuple[int, int]:
+    """(vocab, hidden) of the target's LM head, without reading its weights."""
+    from ...passes.quantize.ops import Spec
+
+    node = _lm_head(model)
+    if node.op_type in ("MatMul", "Gemm"):
+        k, n = node.inputs[1].const.numpy().shape
+        return (k, n) if node.op_type == "Gemm" and "transB" in node.attrs and node.attrs["transB"].value else (n, k)
+    spec = Spec(node)
+    return spec.n, spec.k
+
+
+def _lm_head(model: Model):
     from ...passes.hidden_output import HIDDEN
 
     exposed = next(v for v in model.graph.outputs if v.name == HIDDEN)
@@ -160,23 +179,24 @@ def lm_head_weights(model: Model) -> np.ndarray:
         raise HeadsError(f"medusa: the hidden state feeds {len(heads)} nodes, not one LM head")
     node = heads[0]
     if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1].const is not None:
-        weight = node.inputs[1].const.numpy().astype(np.float32)
-        transposed = node.op_type == "Gemm" and bool(node.attrs["transB"].value) if "transB" in node.attrs else False
-        return np.ascontiguousarray(weight if transposed else weight.T)
+        return node
     if node.op_type in ("MatMulNBits", "MatMulQuant") and all(v is None or v.const is not None for v in node.inputs[1:]):
-        return _dequantize(node)
+        return node
     raise HeadsError(f"medusa: the LM head is a {node.op_type} the heads cannot read weights from")
 
 
-def _dequantize(node) -> np.ndarray:
-    """(codes - zero point) * scale (+ rest) per block: the weight MatMulNBits multiplies by."""
+def _dequantize(node, rows: np.ndarray | None) -> np.ndarray:
+    """(codes - zero point) * scale (+ rest) per block, of ``rows`` (None: all): the weight
+    MatMulNBits multiplies by."""
     from ...passes.quantize.ops import Spec, _offsets, _scales
     from ...passes.quantize.pack import unpack_codes
 
     s = Spec(node)
-    codes = unpack_codes(node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1), s.bits).astype(np.float32)
+    pick = slice(None) if rows is None else rows
+    packed = node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1)[pick]
+    codes = unpack_codes(packed, s.bits).astype(np.float32)
     zero_points = node.inputs[3] if len(node.inputs) > 3 else None
     rests = node.inputs[4] if len(node.inputs) > 4 else None
-    offsets = _offsets(node.inputs[2], zero_points, s, rests)
-    weight = codes * _scales(node.inputs[2], s)[..., None] + offsets[..., None]
-    return np.ascontiguousarray(weight.reshape(s.n, s.blocks * s.block)[:, :s.k])
+    offsets = _offsets(node.inputs[2], zero_points, s, rests)[pick]
+    weight = codes * _scales(node.inputs[2], s)[pick][..., None] + offsets[..., None]
+    return np.ascontiguousarray(weight.reshape(len(codes), s.blocks * s.block)[:, :s.k])

@@ -14,7 +14,7 @@ import pytest
 
 import infercc
 from infercc.runtime.speculative.heads import HEADS_FILE, HeadsError, load_heads, save_heads
-from infercc.runtime.speculative.medusa import lm_head_weights
+from infercc.runtime.speculative.medusa import lm_head_shape, lm_head_weights
 from tests.fuzz.synthetic import write_tiny_gguf
 from tests.runtime.speculative.test_loop import PROMPTS, forced
 from tests.runtime.test_engine import all_blocks_back, run, tokens
@@ -93,8 +93,11 @@ def test_the_hidden_output_is_what_the_lm_head_reads(tiny, tmp_path):
         logits = runner.step(cache, [[1, 5, 9, 3]], all_logits=True, hidden=hidden)[0]
         assert hidden[0].shape[:2] == (1, 4)
         # (the quantized LM head multiplies int8-rounded activations on both runtimes: ~1% off)
-        error = np.abs(hidden[0][0] @ lm_head_weights(compiled.model).T - logits).max()
+        weight = lm_head_weights(compiled.model)
+        error = np.abs(hidden[0][0] @ weight.T - logits).max()
         assert error <= 0.02 * np.abs(logits).max(), error
+        assert lm_head_shape(compiled.model) == weight.shape
+        assert np.array_equal(lm_head_weights(compiled.model, np.asarray([7, 0, 200])), weight[[7, 0, 200]])
         last = []
         runner.step(cache, [[7]], hidden=last)
         assert last[0].shape == (1, hidden[0].shape[-1])
