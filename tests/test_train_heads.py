@@ -54,6 +54,6 @@ def test_bad_options_and_a_missing_torch_are_clear_errors(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_smollm2_heads_reach_useful_acceptance(tmp_path):
-    """The default recipe on SmolLM2-135M (a few minutes): the first head guesses right often."""
+    """The default recipe on SmolLM2-135M (a few minutes): the first head guesses right well above chance."""
     summary = train_heads(str(require(SMOLLM2)), tmp_path / "heads", progress=False)
-    assert summary["accuracy"][0] > 0.2, summary
+    assert summary["accuracy"][0] > 0.15, summary  # (23% measured with the default recipe)
