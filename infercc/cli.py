@@ -367,13 +367,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = _compile_options(args)
     if args.backend:
         options["backend"] = args.backend
+    if args.speculation == "medusa":  # compiled for it: the graph exposes the final hidden state
+        options["speculation"] = "medusa"
     compiled = _load_for_run(args.model, options)
     if args.tokenizer:
         from .runtime.tokenizer import Tokenizer
 
         compiled.tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     knobs = {name: getattr(args, name) for name in ("max_batch_tokens", "kv_cache_memory", "speculation",
-                                                     "speculation_policy")
+                                                     "speculation_policy", "speculation_heads")
              if getattr(args, name) is not None}
     config = compiled.config.replace(**knobs)  # validated here: a bad value is a ConfigError naming the field
     from .server import model_name_for, serve
@@ -490,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculation", choices=[m for m in SPECULATIONS if m is not None],
                    help="speculative decoding for every request unless its body says otherwise (field "
                         "'speculation'; default off): auto (prompt lookup, depth following acceptance and load), "
-                        "prompt_lookup, draft, self_draft")
+                        "prompt_lookup, draft, self_draft, medusa (with --speculation-heads)")
+    p.add_argument("--speculation-heads", metavar="DIR",
+                   help="Medusa heads for --speculation medusa (written by `infercc train-heads`)")
     p.add_argument("--speculation-policy", choices=list(SPECULATION_POLICIES),
                    help="how deep to speculate under load (default auto: less as the batch grows, off when it "
                         "would not pay)")
@@ -509,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compile SmolLM2-135M-Instruct and stream a chat answer (--tiny: built-in model)")
     p.add_argument("--tiny", action="store_true", help="compile and run a built-in tiny transformer instead")
     p.set_defaults(fn=cmd_demo)
+
+    from .train_heads import add_parser as add_train_heads
+
+    add_train_heads(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ QUANT_ROLES = ("keep", "int8", "int4")
 MASKINGS = ("auto", "causal", "none")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
 KV_CACHE_LAYOUTS = ("paged", "contiguous")
-SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft")
+SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft", "medusa")
 LORA_COMPOSITIONS = ("stack", "merge")
 SPECULATION_POLICIES = ("auto", "latency", "throughput")
 
@@ -94,7 +94,8 @@ class Config:
     #: None (off), "prompt_lookup" (n-gram match of the last tokens in the prompt and output so
     #: far: no extra model; pays off on input-grounded text: summaries, answers from a passage,
     #: code edits), "draft" (a smaller model, ``draft_model``; without one, the target's own first
-    #: ``draft_layers`` layers: "self_draft"), "self_draft", or "auto" (prompt lookup, its depth
+    #: ``draft_layers`` layers: "self_draft"), "self_draft", "medusa" (k heads on the model's final
+    #: hidden state, ``speculation_heads``: ``infercc train-heads`` makes them), or "auto" (prompt lookup, its depth
     #: following the measured acceptance rate: switched off where guesses keep failing). Default
     #: None: a rejected guess costs a wider step, and on free-form chat prompt lookup rarely
     #: matches, so speculation is asked for per model or per request (``speculation=``).
@@ -114,6 +115,10 @@ class Config:
     #: Layers of the self-speculative draft (the target's first layers + its final norm and LM
     #: head); 0 = auto (a quarter of the layers, at least one).
     draft_layers: int = 0
+    #: Medusa heads for ``speculation="medusa"``: a ``medusa_lm_head.safetensors`` file (Medusa-1's
+    #: published layout) or a folder holding one (``infercc train-heads`` writes it). None or a
+    #: missing file with "medusa" = plain decoding with the reason (never an error).
+    speculation_heads: str | None = None
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.
     fold_limit_bytes: int = 64 << 20
@@ -273,6 +278,11 @@ class Config:
             raise ConfigError(f"Config.draft_model must be None or the path of a model, got {draft!r}")
         if draft is not None:
             object.__setattr__(self, "draft_model", os.fspath(draft))
+        heads = self.speculation_heads
+        if heads is not None and not (isinstance(heads, (str, os.PathLike)) and str(heads)):
+            raise ConfigError(f"Config.speculation_heads must be None or the path of a heads file, got {heads!r}")
+        if heads is not None:
+            object.__setattr__(self, "speculation_heads", os.fspath(heads))
 
     def _check_quantization(self) -> None:
         if self.quantize not in QUANTIZE:

@@ -1,8 +1,9 @@
-"""Speculative decoding: SmolLM2-135M Q4_1, C backend, batch 1: plain vs prompt lookup vs self-draft, and llama.cpp's lookup.
+"""Speculative decoding: SmolLM2-135M Q4_1, C backend, batch 1: plain vs prompt lookup vs self-draft vs
+Medusa heads (``--heads DIR`` from ``infercc train-heads``), and llama.cpp's lookup.
 
 What the issue asks of it (13): on input-grounded prompts (summarise / answer from a passage, edit
-code) prompt lookup decodes >= 2x the tokens/s of plain decoding; the self-speculative draft
->= 1.5x on chat prompts; and prompt lookup beside llama.cpp's own lookup decoding
+code) prompt lookup decodes >= 2x the tokens/s of plain decoding; the self-speculative draft and
+trained Medusa heads >= 1.5x on the chat prompts (the heads' built-in training prompts include them); and prompt lookup beside llama.cpp's own lookup decoding
 (llama-cpp-python's ``LlamaPromptLookupDecoding`` as the ``draft_model`` of ``llama_cpp.Llama``)
 on the same GGUF and prompts, each against its own plain decoding.
 
@@ -63,11 +64,12 @@ PROMPTS = {
         "Explain why the sky is blue in a few sentences.",
     ],
 }
-METHODS = {"plain": None, "lookup": "prompt_lookup", "self_draft": "self_draft"}
+METHODS = {"plain": "off", "lookup": "prompt_lookup", "self_draft": "self_draft"}
 #: (figure, config, compared with, minimum '>1 = better' ratio); see decode.TARGETS.
 TARGETS = (("decode_tok_per_s", "infercc-lookup-grounded", "infercc-plain-grounded", 2.0),
            ("decode_tok_per_s", "infercc-self_draft-chat", "infercc-plain-chat", 1.5),
            ("decode_tok_per_s", "infercc-lookup-chat", "infercc-plain-chat", 1.0),
+           ("decode_tok_per_s", "infercc-medusa-chat", "infercc-plain-chat", 1.5),
            ("decode_tok_per_s", "llama.cpp-lookup-grounded", "llama.cpp-plain-grounded", 0.0),
            ("decode_tok_per_s", "llama.cpp-lookup-chat", "llama.cpp-plain-chat", 0.0),
            ("decode_tok_per_s", "infercc-lookup-grounded", "llama.cpp-lookup-grounded", 0.0))
@@ -79,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gguf", default=str(DEFAULT_GGUF), help=f"the SmolLM2 GGUF (default {DEFAULT_GGUF})")
     g.add_argument("--new-tokens", type=int, default=96, help="most new tokens per prompt (EOS ends sooner)")
     g.add_argument("--groups", default="grounded,chat", help="prompt groups to run (grounded, chat)")
+    g.add_argument("--heads", help="Medusa heads (`infercc train-heads` output): adds the medusa configurations "
+                                   "(the artifact is then compiled with speculation='medusa': its graph exposes "
+                                   "the final hidden state; the other configurations ask for theirs per request)")
 
 
 def chat_ids(gguf: str, texts: list[str]) -> list[list[int]]:
@@ -169,7 +174,8 @@ def llama_cpp_generate(threads: int, model: str, prompts: list[list[int]], new_t
 def build_case(args: argparse.Namespace) -> Case:
     name = f"speculative-smollm2-135m-q4_1-n{args.new_tokens}"
     description = ("SmolLM2-135M-Instruct Q4_1, C backend, batch 1, greedy: decode tok/s of plain decoding, "
-                   "prompt lookup and the self-draft; llama.cpp plain and with its prompt lookup")
+                   "prompt lookup, the self-draft and Medusa heads (--heads); llama.cpp plain and with its prompt "
+                   "lookup")
     gguf = Path(args.gguf).expanduser().resolve()
     groups = [g for g in args.groups.split(",") if g]
     names = [f"{who}-{method}-{group}" for group in groups
@@ -180,8 +186,10 @@ def build_case(args: argparse.Namespace) -> Case:
         return Case(name, description, configs=[], baseline=BASELINE, skipped=dict.fromkeys(names, reason),
                     notes={"gguf": str(gguf)}, checks=checks)
     artifact = Path(args.out) / "artifacts" / "infercc-c"
+    heads = {"speculation": "medusa", "speculation_heads": str(Path(args.heads).resolve())} if args.heads else {}
+    methods = {**METHODS, "medusa": "medusa"} if heads else METHODS
     notes: dict[str, Any] = {"gguf": str(gguf), "new_tokens": args.new_tokens, "prompts": PROMPTS,
-                             "infercc": compile_infercc(gguf, artifact, args.threads, backend="c"),
+                             "infercc": compile_infercc(gguf, artifact, args.threads, backend="c", **heads),
                              "infercc_uncommitted": uncommitted("infercc")}
     configs: list[ConfigSpec] = []
     skipped: dict[str, str] = {}
@@ -194,7 +202,7 @@ def build_case(args: argparse.Namespace) -> Case:
         prompts = chat_ids(str(gguf), PROMPTS[group])
         notes[f"prompt_tokens_{group}"] = [len(p) for p in prompts]
         common = {"prompts": prompts, "new_tokens": args.new_tokens}
-        for method, speculation in METHODS.items():
+        for method, speculation in methods.items():
             configs.append(ConfigSpec(f"infercc-{method}-{group}", f"{HERE}:infercc_generate",
                                       {**common, "artifact": str(artifact), "speculation": speculation},
                                       f"infercc C runtime, generate(speculation={speculation!r}), {group} prompts"))

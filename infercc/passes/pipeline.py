@@ -20,6 +20,7 @@ from .fusion.attention_fuse import AttentionFusion
 from .fusion.norms import NormFusion
 from .fusion.pack_projections import PackProjections
 from .fusion.rotary import RotaryFusion
+from .hidden_output import ExposeHiddenState
 from .kv_cache import KVCacheInsertion
 from .lowering import LowerCanonicalOps
 from .quantize import QuantizeWeights
@@ -45,6 +46,7 @@ PIPELINE: list[type[Pass]] = [
     LowerCanonicalOps,
     PostLoweringCSE,  # lowerings emit their plumbing per site (masks, rotary tables): merged here
     DeadCodeElimination,
+    ExposeHiddenState,  # last: speculation heads read the final hidden state (a no-op otherwise)
 ]
 
 

@@ -57,6 +57,7 @@ class ContiguousRunner:
         self.block_size = block_size
         self.bytes_per_block = self.bytes_per_token(compiled) * block_size
         self.caches: dict[Hashable, KVCache] = {}
+        self.last_hidden: np.ndarray | None = None
 
     @staticmethod
     def bytes_per_token(compiled: CompiledModel) -> int:
@@ -69,6 +70,7 @@ class ContiguousRunner:
         ``num_logits`` tokens (default 1), stacked [sum(num_logits), vocab]. A row that starts
         before its cache's end rolls the cache back to ``start`` first (rejected speculation)."""
         out: list[np.ndarray] = []
+        hidden: list[np.ndarray] | None = [] if self.runner.has_hidden else None
         for row in rows:
             cache = self.caches.get(row.seq_id)
             if cache is None:
@@ -80,11 +82,15 @@ class ContiguousRunner:
             cache.truncate(row.start)
             keep = row.num_logits
             if keep == 1:
-                out.append(self.runner.step(cache, [row.tokens])[0][None])
+                out.append(self.runner.step(cache, [row.tokens], hidden=hidden)[0][None])
             else:
-                out.append(self.runner.step(cache, [row.tokens], all_logits=True)[0, -keep:])
+                out.append(self.runner.step(cache, [row.tokens], all_logits=True, hidden=hidden)[0, -keep:])
+            if hidden:
+                hidden[-1] = hidden[-1][0][None] if keep == 1 else hidden[-1][0, -keep:]
         if not out:
             raise InputError("nothing to run: the step has no rows")
+        #: The step's final hidden states, rows as its logits (graphs exposing them only).
+        self.last_hidden = np.concatenate(hidden) if hidden else None
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -333,10 +333,10 @@ class Engine:
                 self._counts["prompt_tokens"] += len(request.prompt)
                 self._counts["cached_tokens"] += request.cached_tokens or 0
             if request.prefilled:
-                outputs.append(self._sample(live, logits[at:at + width], item))
+                outputs.append(self._sample(live, logits[at:at + width], item, at))
             at += width
 
-    def _sample(self, live: _Live, logits: np.ndarray, item: Scheduled) -> RequestOutput:
+    def _sample(self, live: _Live, logits: np.ndarray, item: Scheduled, at: int = 0) -> RequestOutput:
         """Emit the next token(s) from ``logits`` [1 + len(draft), vocab]: one sampled token, or
         a speculative row's verified tokens (each through ``take``, so a stop lands exactly)."""
         row, spec = live.row, self.speculation
@@ -347,6 +347,8 @@ class Engine:
         else:
             emitted = [row.sampler(logits[0], row.prompt, row.output)]
         row.take_all(emitted, self.max_context)
+        if spec is not None:  # a heads proposer reads the hidden state of the last emitted token's step
+            spec.observe(item.request.seq_id, len(row.prompt) + len(row.output), self.runner, at + len(emitted) - 1)
         if item.draft:
             self.scheduler.accepted(item, len(emitted) - 1)
         new = row.output[before:]

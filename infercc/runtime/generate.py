@@ -277,7 +277,7 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
         return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params,
                                 speculation=speculation or "off")
     reason = None
-    if speculation is not None:
+    if speculation not in (None, "off"):  # ("off": this call decodes plainly whatever the config says)
         from .speculative.loop import speculative_generation  # (imports this module)
 
         generation, reason = speculative_generation(compiled, runner, _tokenizer_or_none(compiled), prompts,

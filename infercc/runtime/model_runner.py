@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ir import Model
+from ..passes.hidden_output import HIDDEN
 from .kv_cache import CacheSpec, KVCache
 
 #: Id written into padding slots: any valid id works, the mask hides it.
@@ -66,6 +67,8 @@ class ModelRunner:
         shape = logits.shape or ()
         self.vocab_size: int | None = shape[-1] if shape and isinstance(shape[-1], int) else self.metadata.get("vocab_size")
         self.logits_dtype = np.dtype(logits.dtype.numpy) if logits.dtype is not None else np.dtype(np.float32)
+        #: Whether the graph exposes its final hidden state (compiled for Medusa heads).
+        self.has_hidden = any(v.name == HIDDEN for v in model.graph.outputs)
 
     @property
     def cached(self) -> bool:
@@ -75,10 +78,13 @@ class ModelRunner:
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cache_spec, batch, self.max_context)
 
-    def step(self, cache: KVCache, tokens: Sequence[Sequence[int]], all_logits: bool = False) -> np.ndarray:
+    def step(self, cache: KVCache, tokens: Sequence[Sequence[int]], all_logits: bool = False,
+             hidden: list[np.ndarray] | None = None) -> np.ndarray:
         """Feed ``tokens[row]`` (new ids, possibly none for a row that sits this step out) to each
         row of ``cache``. Returns the logits of each row's last position [batch, vocab], or of every
-        new position [batch, s, vocab] when ``all_logits`` (a row's padding positions hold zeros)."""
+        new position [batch, s, vocab] when ``all_logits`` (a row's padding positions hold zeros).
+        ``hidden``: a list the final hidden states of the same positions are appended to
+        ([batch, hidden] or [batch, s, hidden]), when the graph exposes them (``has_hidden``)."""
         if len(tokens) != cache.batch:
             raise InputError(f"{len(tokens)} token lists for a cache of {cache.batch} rows")
         width = max((len(t) for t in tokens), default=0)
@@ -93,15 +99,18 @@ class ModelRunner:
         past = cache.length
         cache.append(ids, mask)
         if self.cached:
-            logits = self._run_cached(cache, ids, past, 0 if all_logits else 1)
+            logits = self._run_cached(cache, ids, past, 0 if all_logits else 1, hidden)
             cache.commit(past + width)
+            if hidden and not all_logits:
+                hidden[-1] = hidden[-1][:, -1]
         else:
             logits = self._run_uncached(cache, past + width, width)
             cache.advance(past + width)
         return logits if all_logits else logits[:, -1]
 
     # -- the two paths ------------------------------------------------------------------------
-    def _run_cached(self, cache: KVCache, ids: np.ndarray, past: int, keep: int) -> np.ndarray:
+    def _run_cached(self, cache: KVCache, ids: np.ndarray, past: int, keep: int,
+                    hidden: list[np.ndarray] | None = None) -> np.ndarray:
         """One run over the new tokens; past K/V go in as views, present K/V are written by ORT
         into the cache's other buffer, logits into an array allocated here (no copies). ``keep``
         (0 = all) positions get logits when the graph takes ``logits_to_keep``."""
@@ -118,9 +127,15 @@ class ModelRunner:
         outputs: dict[str, np.ndarray | None] = {
             "logits": None if vocab is None else np.empty((cache.batch, width, vocab), self.logits_dtype)}
         outputs.update(cache.present(total))
-        logits = self.backend.run_bound(feeds, outputs)["logits"]
+        want_hidden = hidden is not None and self.has_hidden
+        if want_hidden:
+            outputs[HIDDEN] = None
+        result = self.backend.run_bound(feeds, outputs)
+        logits = result["logits"]
         if vocab is None:
             self.vocab_size = int(logits.shape[-1])
+        if want_hidden:  # (an exposed 2-D [batch * kept, hidden] is the LM head's flattened input)
+            hidden.append(result[HIDDEN].reshape(logits.shape[0], logits.shape[1], -1))
         return logits
 
     def _run_uncached(self, cache: KVCache, total: int, width: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from ..ir import Model, Value
 from ..passes.diagnostics import APPLIED, PassRecord
 from .c_backend import CBackend, CUnavailable
 from .kv_cache import CacheSpec, check_context
-from .model_runner import ModelRunner, _ids
+from .model_runner import HIDDEN, ModelRunner, _ids
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -104,6 +104,10 @@ class PagedRunner:
         #: Why rows with different past lengths run in separate calls (None: they share calls).
         self.padding = padding_problem(compiled.model, masked_keys=self.form == "ort-gather")
         self.pools = self._allocate()
+        #: The last step's final hidden states [sum(num_logits), hidden], rows as its logits, when
+        #: the graph exposes them (compiled for Medusa heads); None otherwise.
+        self.last_hidden: np.ndarray | None = None
+        self._group_hidden: np.ndarray | None = None
         #: Graph runs so far (a step runs one per group of rows; for tests and metrics).
         self.runs = 0
         log.info("paged KV cache: %s (%s); %d blocks of %d tokens, %d bytes each%s", self.form, self.reason,
@@ -130,13 +134,21 @@ class PagedRunner:
             groups.setdefault((len(row.tokens), row.start if apart else None, lora), []).append(i)
         offsets = np.cumsum([0] + [row.num_logits for row in rows])
         out: np.ndarray | None = None
+        self.last_hidden = None
         for members in groups.values():
             group = [rows[i] for i in members]
             logits = self._run(group, np.stack([ids[i] for i in members]), max(r.num_logits for r in group))
             if out is None:
                 out = np.empty((int(offsets[-1]), logits.shape[-1]), np.float32)
+            hidden = self._group_hidden
+            if hidden is not None:
+                hidden = hidden.reshape(len(group), -1, hidden.shape[-1])
+                if self.last_hidden is None:
+                    self.last_hidden = np.empty((int(offsets[-1]), hidden.shape[-1]), np.float32)
             for b, i in enumerate(members):
                 out[offsets[i]:offsets[i + 1]] = logits[b, logits.shape[1] - rows[i].num_logits:]
+                if hidden is not None:
+                    self.last_hidden[offsets[i]:offsets[i + 1]] = hidden[b, hidden.shape[1] - rows[i].num_logits:]
         assert out is not None
         return out
 
@@ -245,7 +257,7 @@ class PagedRunner:
         feeds[PAST_LENS] = pasts.astype(np.int32)
         for name, pool in self.pools.items():  # the pools themselves: the kernel writes into them
             feeds[pool_for(name)] = pool
-        return backend.run_bound(feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
+        return self._bound(backend, feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
 
     def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int,
                     out_width: int, backend) -> np.ndarray:
@@ -264,7 +276,7 @@ class PagedRunner:
                     past[b, :, width - len(blocks):] = pool[blocks, :, offsets].transpose(1, 0, 2)
             feeds[entry.input] = past
             outputs[entry.output] = None
-        result = backend.run_bound(feeds, outputs)
+        result = self._bound(backend, feeds, outputs)
         for entry in self.cache_spec.entries:
             present, pool = result[entry.output], self.pools[entry.input]
             for b, (_, (blocks, offsets)) in enumerate(slots):
@@ -280,6 +292,15 @@ class PagedRunner:
             paged = self.compiled.lora.view([], self.block_size).paged_backend()
             self._lora_pad = self.padding if paged is not None else padding_problem(self.compiled.model, masked_keys=True)
         return self._lora_pad
+
+    def _bound(self, backend, feeds: dict, outputs: dict) -> dict[str, np.ndarray]:
+        """``backend.run_bound``, the exposed hidden state kept in ``_group_hidden`` when there is one
+        (LoRA variants and merged copies are made from the compiled graph: they expose it too)."""
+        if self.interface.has_hidden:
+            outputs[HIDDEN] = None
+        result = backend.run_bound(feeds, outputs)
+        self._group_hidden = result.get(HIDDEN)
+        return result
 
     def _allocate(self) -> dict[str, np.ndarray]:
         """One zeroed pool per cached tensor, by its past input's name (np.zeros: pages are touched

@@ -199,6 +199,14 @@ class EngineSpeculation:
                 seq.proposal = None
         self._drafted = []
 
+    def observe(self, seq_id: Hashable, length: int, runner: Any, index: int) -> None:
+        """Hand a hidden-state proposer (Medusa) row ``index`` of the runner's last hidden states:
+        the state whose logits chose token ``length - 1`` of the sequence."""
+        seq = self._seqs.get(seq_id)
+        hidden = getattr(runner, "last_hidden", None)
+        if seq is not None and hidden is not None and getattr(seq.proposer, "needs_hidden", False):
+            seq.proposer.observe(seq_id, length, hidden[index])
+
     def verify(self, item: Scheduled, logits: np.ndarray, row: _Row) -> list[int]:
         """The tokens a speculative row emits (1..len(draft)+1), from its ``len(draft) + 1``
         logits; records the counts. The caller takes them and calls ``Scheduler.accepted``."""

@@ -2,6 +2,7 @@
 
 proposer.py (the door: Proposal, Proposer, make_proposer), prompt_lookup.py (n-gram lookup),
 draft.py (a separately compiled draft model), self_draft.py (the target's first layers),
+medusa.py (heads on the target's final hidden state; heads.py: their file layout and forward pass),
 verify.py (greedy and rejection-sampling verification), policy.py (depth per sequence, stats),
 loop.py (the single-sequence speculative generation loop).
 """

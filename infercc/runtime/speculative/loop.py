@@ -67,8 +67,10 @@ class SpeculativeGeneration(Generation):
         start = time.perf_counter()
         decode_start = start
         try:
-            logits = runner.step(cache, [row.prompt])[0]
+            hidden = [] if getattr(self.proposer, "needs_hidden", False) else None
+            logits = runner.step(cache, [row.prompt], hidden=hidden)[0]
             self._take([row.sampler(logits, row.prompt, row.output)])
+            self._observe(hidden, len(row.prompt) + 1, 0)
             self.prompt_seconds = time.perf_counter() - start
             decode_start = time.perf_counter()
             while True:
@@ -81,7 +83,9 @@ class SpeculativeGeneration(Generation):
                 k = self._depth(len(sequence))
                 proposal = self.proposer.propose(self.seq_id, sequence, k, self.params) if k else Proposal([])
                 proposal = _clipped(proposal, k)
-                logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True)[0]
+                hidden = [] if hidden is not None else None
+                logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True, hidden=hidden)[0]
+                accepted = 0
                 if proposal.tokens:
                     emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
                     accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
@@ -91,6 +95,7 @@ class SpeculativeGeneration(Generation):
                 else:
                     emitted = [row.sampler(logits[-1], row.prompt, row.output)]
                 self._take(emitted)
+                self._observe(hidden, len(sequence) + len(emitted), accepted)
                 self.decode_seconds = time.perf_counter() - decode_start
         finally:
             cache.free()
@@ -106,6 +111,12 @@ class SpeculativeGeneration(Generation):
         if runner.max_context is not None:
             k = min(k, runner.max_context - length)
         return max(k, 0)
+
+    def _observe(self, hidden: list | None, length: int, position: int) -> None:
+        """Hand a hidden-state proposer the state at ``position`` of the step just run: the one
+        whose logits chose token ``length - 1`` (the proposal of the next step continues it)."""
+        if hidden:
+            self.proposer.observe(self.seq_id, length, hidden[0][0, position] if hidden[0].ndim == 3 else hidden[0][0])
 
     def _take(self, tokens: list[int]) -> None:
         """Emit tokens one by one under the row's rules; those after the end are dropped."""

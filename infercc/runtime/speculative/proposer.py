@@ -1,5 +1,5 @@
-"""The proposer door: what every speculative proposer (prompt lookup, draft model, self-draft; Medusa
-and EAGLE heads later) gives the verifier, and ``make_proposer``, the one place a method name
+"""The proposer door: what every speculative proposer (prompt lookup, draft model, self-draft, Medusa
+heads) gives the verifier, and ``make_proposer``, the one place a method name
 becomes a proposer.
 
 A proposer guesses the next tokens of a sequence; the target model then scores all of them in one
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..sampling import SamplingParams
 
 #: The proposers ``make_proposer`` builds; "auto" is prompt lookup under the depth policy.
-METHODS = ("auto", "prompt_lookup", "draft", "self_draft")
+METHODS = ("auto", "prompt_lookup", "draft", "self_draft", "medusa")
 
 
 @dataclasses.dataclass
@@ -44,7 +44,8 @@ class Proposal:
 class Proposer(Protocol):
     """Guesses up to ``k`` next tokens of a sequence (see the module docstring)."""
 
-    #: "prompt_lookup" | "draft" | "self_draft"
+    #: "prompt_lookup" | "draft" | "self_draft" | "medusa". A proposer reading the target's hidden
+    #: states (Medusa) also has ``needs_hidden = True`` and ``observe(seq_id, length, hidden)``.
     name: str
 
     def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
@@ -66,6 +67,10 @@ def make_proposer(compiled: CompiledModel, method: str, config: Config) -> tuple
         from .prompt_lookup import PromptLookup
 
         return PromptLookup(), "prompt lookup: n-gram match in the prompt and output"
+    if method == "medusa":  # missing heads: (None, why); a heads file that does not fit: HeadsError
+        from .medusa import make_medusa
+
+        return make_medusa(compiled, config)
     try:
         if method == "draft" and config.draft_model is not None:
             from .draft import load_draft

@@ -1,0 +1,202 @@
+"""The Medusa proposer: k heads on the target's final hidden state guess the k tokens after the
+next one, at the cost of a few small matrix products, with no draft model and no draft KV cache.
+
+Where the hidden state comes from: compiled with ``speculation="medusa"``, the target's graph
+has a ``hidden_states`` output (passes/hidden_output.py: the LM head's input), and whoever runs
+the target (the speculative loop, the engine) hands the proposer, after each step, the hidden
+state of the position whose logits chose the sequence's last token (``observe``). Head i of
+Medusa was trained to predict the token i + 2 positions after that hidden state's own token, i.e.
+i + 1 after the one just chosen: the proposal continues the sequence as it stands. A proposer
+asked about a sequence whose last observed state is not for its current length (a fresh
+sequence, a preempted one) proposes nothing: that step decodes plainly and brings a state.
+
+Proposal = the chain of each head's top-1 token, cut at the first head less sure than
+``min_confidence`` (a doubtful guess widens the verify step for little chance of a token; Medusa's tree of top-k candidates per head
+needs tree attention in the verifying step: not built; the chain is verified like any proposal).
+Heads trained by ``infercc train-heads`` share the target's LM head, read here from the compiled
+graph (float, or dequantized from its 4/8-bit blocks); their ``config.json`` may restrict it to
+the ``draft_vocab`` ids most frequent in the training text (a head's guess outside it would
+rarely be right, and a tenth of the vocabulary is a tenth of the projection's cost).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .heads import HeadsError, MedusaHeads, heads_path, load_heads, read_config
+from .proposer import Proposal
+
+if TYPE_CHECKING:
+    from ...compiled import CompiledModel
+    from ...config import Config
+    from ...ir import Model
+    from ..sampling import SamplingParams
+
+
+_LOCK = threading.Lock()
+#: Default least probability of a head's guess to be proposed (heads' config.json "min_confidence"
+#: overrides it; train-heads writes the one that pays best on held-out text).
+MIN_CONFIDENCE = 0.3
+
+
+class MedusaProposer:
+    """Guesses from the last observed hidden state of each sequence (see the module docstring)."""
+
+    name = "medusa"
+    #: The caller hands it hidden states (``observe``) after each target step.
+    needs_hidden = True
+
+    def __init__(self, heads: MedusaHeads, lm_head: np.ndarray | None, vocab_ids: np.ndarray | None = None,
+                 cost: float = 0.0, min_confidence: float = MIN_CONFIDENCE) -> None:
+        self.heads = heads
+        #: The chain of guesses stops at the first head whose top token has a lower probability.
+        self.min_confidence = min_confidence
+        self.vocab_ids = vocab_ids
+        #: [len(vocab_ids) or vocab, hidden]: the LM head's rows of the draft vocabulary.
+        self.lm_head = lm_head
+        #: Cost of proposing relative to one target step (DepthPolicy's draft_cost).
+        self.cost = cost
+        self._hidden: dict[Hashable, tuple[int, np.ndarray]] = {}
+
+    def observe(self, seq_id: Hashable, length: int, hidden: np.ndarray) -> None:
+        """``hidden`` [hidden] is the state whose logits chose token ``length - 1`` of the sequence."""
+        self._hidden[seq_id] = (length, np.array(hidden, np.float32).reshape(-1))
+
+    def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
+        entry = self._hidden.get(seq_id)
+        k = min(k, self.heads.num_heads)
+        if entry is None or entry[0] != len(tokens) or k <= 0:
+            return Proposal([])
+        guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
+        confident = next((i for i, p in enumerate(probs) if p < self.min_confidence), len(probs))
+        guesses = guesses[:confident]  # a guess its head doubts costs a verified position, rarely a token
+        if self.vocab_ids is not None:  # heads projected by the restricted LM head: back to token ids
+            guesses = [int(self.vocab_ids[g]) if self.heads.projections[i] is None else g
+                       for i, g in enumerate(guesses)]
+        return Proposal(guesses)
+
+    def release(self, seq_id: Hashable) -> None:
+        self._hidden.pop(seq_id, None)
+
+
+def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer | None, str]:
+    """The Medusa proposer of ``compiled`` with ``config.speculation_heads``, or (None, why not)."""
+    from ...passes.hidden_output import HIDDEN
+
+    if config.speculation_heads is None:
+        return None, ("medusa: no heads (Config.speculation_heads is None); train them with "
+                      "`infercc train-heads MODEL -o DIR` and pass speculation_heads=DIR")
+    outputs = {v.name: v for v in compiled.model.graph.outputs}
+    if HIDDEN not in outputs:
+        try:
+            why = "; ".join(compiled.diagnostics["expose_hidden_state"].reasons)
+        except KeyError:
+            why = ""
+        why = why or "compile the model with speculation='medusa' so that its graph exposes the final hidden state"
+        return None, f"medusa: the compiled graph has no {HIDDEN!r} output ({why})"
+    file = heads_path(config.speculation_heads)
+    if not file.is_file():  # missing heads: plain decoding; a file that is there but wrong: an error
+        return None, f"medusa: no Medusa heads at {file}; train them with `infercc train-heads MODEL -o DIR`"
+    # Read once per compiled model and heads file (every engine, e.g. each generate() on the C
+    # runtime, makes its proposer): the LM head is dequantized, restricted to the draft vocabulary
+    # and kept only in that form. A new proposer per caller: its per-sequence states are its own.
+    key = (str(file.resolve()), file.stat().st_mtime_ns)
+    with _LOCK:
+        memo = compiled.__dict__.setdefault("_medusa_heads", {})
+        if key not in memo:
+            memo[key] = _load(compiled, file)
+        parts = memo[key]
+    return MedusaProposer(*parts[:3], cost=parts[3], min_confidence=parts[4]), \
+        f"medusa: {parts[0].num_heads} heads from {file}"
+
+
+def _load(compiled: CompiledModel, file) -> tuple:
+    """(heads, projection shared by the heads without their own or None, draft vocabulary ids or
+    None, cost relative to a target step, min_confidence) of the heads in ``file``."""
+    vocab, hidden = lm_head_shape(compiled.model)
+    heads = load_heads(file, hidden, vocab)
+    vocab_ids = _draft_vocab(file, vocab)
+    confidence = read_config(file).get("min_confidence", MIN_CONFIDENCE)
+    if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not 0 <= confidence <= 1:
+        raise HeadsError(f"{file.parent}/config.json: min_confidence must be a number in [0, 1], got {confidence!r}")
+    shared = sum(p is None for p in heads.projections)
+    rows = len(vocab_ids) if vocab_ids is not None else vocab
+    cost = (heads.num_heads * hidden * hidden + shared * rows * hidden) / max(_weight_count(compiled.model), 1)
+    projection = lm_head_weights(compiled.model, vocab_ids) if shared else None
+    return heads, projection, vocab_ids, cost, float(confidence)
+
+
+def _draft_vocab(file, vocab: int) -> np.ndarray | None:
+    ids = read_config(file).get("draft_vocab")
+    if ids is None:
+        return None
+    array = np.asarray(ids)
+    if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu" or array.min() < 0 or array.max() >= vocab:
+        raise HeadsError(f"{file.parent}/config.json: draft_vocab must be a list of token ids in 0..{vocab - 1}")
+    return array.astype(np.int64)
+
+
+def _weight_count(model: Model) -> int:
+    return sum(int(np.prod(v.shape or ())) for v in model.graph.initializers.values() if v.shape)
+
+
+def lm_head_weights(model: Model, rows: np.ndarray | None = None) -> np.ndarray:
+    """The target's LM head as float32 [vocab, hidden] (only ``rows`` of it when given), read from
+    the node consuming the hidden state: a MatMul/Gemm with a constant weight, or MatMulNBits / our
+    MatMulQuant (dequantized from their blocks: the same inputs)."""
+    node = _lm_head(model)
+    if node.op_type in ("MatMul", "Gemm"):
+        weight = node.inputs[1].const.numpy()
+        transposed = node.op_type == "Gemm" and "transB" in node.attrs and bool(node.attrs["transB"].value)
+        weight = weight if transposed else weight.T
+        return np.ascontiguousarray((weight if rows is None else weight[rows]).astype(np.float32))
+    return _dequantize(node, rows)
+
+
+def lm_head_shape(model: Model) -> tuple[int, int]:
+    """(vocab, hidden) of the target's LM head, without reading its weights."""
+    from ...passes.quantize.ops import Spec
+
+    node = _lm_head(model)
+    if node.op_type in ("MatMul", "Gemm"):
+        k, n = node.inputs[1].const.numpy().shape
+        return (k, n) if node.op_type == "Gemm" and "transB" in node.attrs and node.attrs["transB"].value else (n, k)
+    spec = Spec(node)
+    return spec.n, spec.k
+
+
+def _lm_head(model: Model):
+    from ...passes.hidden_output import HIDDEN
+
+    exposed = next(v for v in model.graph.outputs if v.name == HIDDEN)
+    hidden = exposed.producer.inputs[0]
+    heads = [n for n in hidden.consumers() if n.outputs[0] is not exposed]
+    if len(heads) != 1:
+        raise HeadsError(f"medusa: the hidden state feeds {len(heads)} nodes, not one LM head")
+    node = heads[0]
+    if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1].const is not None:
+        return node
+    if node.op_type in ("MatMulNBits", "MatMulQuant") and all(v is None or v.const is not None for v in node.inputs[1:]):
+        return node
+    raise HeadsError(f"medusa: the LM head is a {node.op_type} the heads cannot read weights from")
+
+
+def _dequantize(node, rows: np.ndarray | None) -> np.ndarray:
+    """(codes - zero point) * scale (+ rest) per block, of ``rows`` (None: all): the weight
+    MatMulNBits multiplies by."""
+    from ...passes.quantize.ops import Spec, _offsets, _scales
+    from ...passes.quantize.pack import unpack_codes
+
+    s = Spec(node)
+    pick = slice(None) if rows is None else rows
+    packed = node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1)[pick]
+    codes = unpack_codes(packed, s.bits).astype(np.float32)
+    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+    rests = node.inputs[4] if len(node.inputs) > 4 else None
+    offsets = _offsets(node.inputs[2], zero_points, s, rests)[pick]
+    weight = codes * _scales(node.inputs[2], s)[pick][..., None] + offsets[..., None]
+    return np.ascontiguousarray(weight.reshape(len(codes), s.blocks * s.block)[:, :s.k])
