@@ -29,8 +29,9 @@ static void icc_lora_delta(icc_t *o, const icc_t *y, const icc_t *x, const icc_t
     const float *ms = (const float *)mask->p;
     float *out = (float *)o->p;
     if (out != (const float *)y->p) memcpy(out, y->p, sizeof(float) * (size_t)(rows * N));
-    /* threads only for prompts: a decode step's few rows take microseconds, less than waking a team */
-    #pragma omp parallel for schedule(static) if (rows * (K + N) >= (1 << 17))
+    /* rows split between threads past the usual work threshold (a row's work: its rank, ~8-64
+     * columns, times K + N) */
+    #pragma omp parallel for schedule(static) if (rows * (K + N) * 8 >= ICC_PARALLEL_MIN_MACS)
     for (int64_t m = 0; m < rows; m++) {
         const float *xr = xs + m * K, *mr = ms + (m / seq) * C;
         float *yr = out + m * N;
