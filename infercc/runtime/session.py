@@ -381,13 +381,17 @@ class Sequence:
             if self._release_adapter is not None:
                 self._release_adapter()
 
-    def _clear(self) -> None:
+    def _drop_cache(self) -> None:
+        """Give back the sequence's keys and values: its pool blocks, or its contiguous cache."""
         if self._paged:
             if self.session._pool is not None:
                 self.session._pool.release(self._id)
             self._history = []
         else:
             self._cache.free()
+
+    def _clear(self) -> None:
+        self._drop_cache()
         self.context, self.output, self.logits = [], [], None
         self.sampler = Sampler(self.params)
 
@@ -425,12 +429,8 @@ class Sequence:
 
     def _switch(self, ref) -> None:
         """Drop the cache and point the sequence at ``ref``'s runner (not its release handle)."""
-        if self._paged:
-            if self.session._pool is not None:
-                self.session._pool.release(self._id)
-            self._history = []
-        else:
-            self._cache.free()
+        self._drop_cache()
+        if not self._paged:
             self._runner = self.session.runner if ref is None else _adapter_runner(self.session, ref)
             self._cache = self._runner.new_cache(1)
         self.adapter = ref
