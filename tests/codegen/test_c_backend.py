@@ -20,12 +20,13 @@ from tests.importers._models import STORIES, require
 
 TOLERANCE = 1e-4
 ARCHITECTURES = sorted(p.stem for p in (Path(catalog.__file__).parent / "architectures").glob("*.onnx"))
-#: Default run: one exporter per fixture family and the architectures whose attention or positions
-#: differ (ALiBi, relative, softcap/sliding window, MQA, partial/interleaved rotary, learned
-#: positions, encoders); the others (each two gcc builds) behind -m slow.
+#: Default run: one exporter per fixture family (decoders with rotary, learned positions, partial
+#: rotary; encoders) and the architectures whose attention differs most (ALiBi, relative position,
+#: softcap + sliding window, MQA, fused-QKV phi3); the others (each two gcc builds) behind -m slow.
 SLOW_FIXTURES = {"bert_torchscript", "gpt2_torchscript", "gpt_neox_dynamo", "llama_torchscript", "mistral_torchscript",
                  "phi_dynamo", "qwen2_dynamo"}
-SLOW_ARCHITECTURES = {"gemma", "gptj", "mpt", "olmo", "roberta", "stablelm", "starcoder2"}
+SLOW_ARCHITECTURES = {"codegen", "distilbert", "falcon", "gemma", "gptj", "mpt", "olmo", "opt", "roberta", "stablelm",
+                      "starcoder2"}
 
 
 def _default_or_slow(names: list[str], slow: set[str]) -> list:
