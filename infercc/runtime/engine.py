@@ -182,14 +182,6 @@ class Engine:
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, *,
                     logprobs: int | None = None, speculation: str | None = None, adapter: Any = None,
                     adapter_weights: Sequence[float] | None = None) -> None:
-        """Queue a request."""
-        if adapter is not None and not isinstance(self.runner, PagedRunner):
-            raise InputError(f"request {request_id!r}: LoRA adapters run on the paged KV layout with a cached graph; "
-                             f"this engine runs {self.runner.form} ({self.runner_reason})")
-        self._add(request_id, prompt, params, logprobs, speculation, adapter, adapter_weights)
-
-    def _add(self, request_id: str, prompt: list[int], params: SamplingParams, logprobs: int | None,
-             speculation: str | None, adapter: Any, adapter_weights: Sequence[float] | None) -> None:
         """Queue a request. InputError when the id is taken, a token id is outside the vocabulary,
         the prompt is longer than the context, or the request could never fit the pool.
         ``max_new_tokens`` is clipped at the context (the request then ends with "length").
@@ -200,6 +192,9 @@ class Engine:
         that adapter's deltas, its KV blocks are shared only with requests of the same adapter."""
         if not isinstance(request_id, str) or not request_id:
             raise InputError(f"a request id must be a non-empty string, got {request_id!r}")
+        if adapter is not None and not isinstance(self.runner, PagedRunner):
+            raise InputError(f"request {request_id!r}: LoRA adapters run on the paged KV layout with a cached graph; "
+                             f"this engine runs {self.runner.form} ({self.runner_reason})")
         if request_id in self._live or any(o.request_id == request_id for o in self._pending):
             raise InputError(f"request id {request_id!r} is already in use; give each request its own id")
         if not isinstance(params, SamplingParams):

@@ -121,7 +121,7 @@ class Session:
         """A new, empty sequence; ``params`` or keyword sampling options choose how ``decode``
         picks tokens (default greedy). ``adapter``: a loaded LoRA adapter's name (or a list of
         names with ``adapter_weights``: a composition) the sequence runs with; see ``set_adapter``."""
-        params = (params or SamplingParams()).replace(**sampling) if sampling else (params or SamplingParams())
+        params = _with(params or SamplingParams(), sampling)
         ref = self.compiled.lora.resolve(adapter, adapter_weights) if adapter is not None else None
         return self._new(params, ref)
 
@@ -321,7 +321,7 @@ class Sequence:
             if params is None and not sampling:
                 seed = self.params.seed
                 params = self.params.replace(seed=None if seed is None else seed + FORK_SEED_OFFSET * self._forks)
-            params = (params or self.params).replace(**sampling) if sampling else (params or self.params)
+            params = _with(params or self.params, sampling)
             child = self.session._new(params, self.session.compiled.lora.acquire(self.adapter) if self.adapter else None)
             if self.length:
                 if self._paged:
@@ -453,3 +453,8 @@ def _adapter_runner(session: Session, ref) -> ModelRunner:
     """A model runner of the LoRA graph variant with ``ref``'s deltas (contiguous and uncached layouts)."""
     compiled = session.compiled
     return ModelRunner(compiled.lora.view(ref), compiled.model, session.max_context)
+
+
+def _with(params: SamplingParams, sampling: dict) -> SamplingParams:
+    """``params`` with the keyword sampling options laid over it."""
+    return params.replace(**sampling) if sampling else params
