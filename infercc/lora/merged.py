@@ -28,7 +28,8 @@ import numpy as np
 from ..ir import Model, Tensor
 from ..ir.onnx_save import weight_bytes
 from ..passes.quantize.methods import quantize_rows
-from ..passes.quantize.pack import to_nbits, unpack_codes, unpack_zero_points
+from ..passes.quantize.ops import dequantized_weight
+from ..passes.quantize.pack import to_nbits
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry, _Entry
@@ -141,15 +142,10 @@ def _merge_nbits(graph, node, delta: np.ndarray) -> None:
            for c in node.outputs[0].consumers()):
         raise _NotMergeable(f"{node.name!r} carries float block offsets (an exact GGUF Q4_1 grid); merging would "
                             "round them away: compile with quant_native_exact=False to cache merged weights")
-    k, n, bits, block = (int(node.attr(x)) for x in ("K", "N", "bits", "block_size"))
+    bits, block = int(node.attr("bits")), int(node.attr("block_size"))
     packed, scales_v = node.inputs[1].const.numpy(), node.inputs[2].const.numpy()
-    blocks = packed.shape[1]
-    codes = unpack_codes(packed, bits).reshape(n, blocks, block).astype(np.float32)
-    scales = scales_v.reshape(n, blocks).astype(np.float32)
     zp_v = node.inputs[3] if len(node.inputs) == 4 and node.inputs[3] is not None else None
-    zeros = (unpack_zero_points(zp_v.const.numpy().reshape(n, -1), bits, blocks).astype(np.float32)
-             if zp_v is not None else np.full((n, blocks), 2 ** (bits - 1), np.float32))
-    rows = ((codes - zeros[..., None]) * scales[..., None]).reshape(n, -1)[:, :k] + delta.T
+    rows = dequantized_weight(node) + delta.T
     q = quantize_rows(rows, bits, block, symmetric=zp_v is None, method="rtn")
     new_b, new_scales, new_zp = to_nbits(q, zp_v is None, scales_v.dtype)
     node.set_input(1, graph.add_initializer(f"{node.inputs[1].name}/merged", Tensor(new_b.reshape(packed.shape))))

@@ -213,6 +213,18 @@ def _dequantized_rows(
     return op.Reshape(values, _i64(op, [-1, s.blocks * s.block]))
 
 
+def dequantized_weight(node: Node, rows: np.ndarray | None = None) -> np.ndarray:
+    """The float32 weight a MatMulNBits / MatMulQuant node multiplies by, [N, K] (only ``rows`` of
+    its N when given): codes * scale + offset per block, block offsets included."""
+    s = Spec(node)
+    pick = slice(None) if rows is None else rows
+    packed = node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1)[pick]
+    codes = unpack_codes(packed, s.bits).astype(np.float32)
+    offsets = _offsets(node.inputs[2], _opt(node, 3), s, _opt(node, 4))[pick]
+    weight = codes * _scales(node.inputs[2], s)[pick][..., None] + offsets[..., None]
+    return np.ascontiguousarray(weight.reshape(len(codes), s.blocks * s.block)[:, :s.k])
+
+
 def _scales(scales: Value, s: Spec) -> np.ndarray:
     return scales.const.numpy().reshape(s.n, s.blocks).astype(np.float32)
 

@@ -154,7 +154,9 @@ def lm_head_weights(model: Model, rows: np.ndarray | None = None) -> np.ndarray:
         transposed = node.op_type == "Gemm" and "transB" in node.attrs and bool(node.attrs["transB"].value)
         weight = weight if transposed else weight.T
         return np.ascontiguousarray((weight if rows is None else weight[rows]).astype(np.float32))
-    return _dequantize(node, rows)
+    from ...passes.quantize.ops import dequantized_weight
+
+    return dequantized_weight(node, rows)
 
 
 def lm_head_shape(model: Model) -> tuple[int, int]:
@@ -183,20 +185,3 @@ def _lm_head(model: Model):
     if node.op_type in ("MatMulNBits", "MatMulQuant") and all(v is None or v.const is not None for v in node.inputs[1:]):
         return node
     raise HeadsError(f"medusa: the LM head is a {node.op_type} the heads cannot read weights from")
-
-
-def _dequantize(node, rows: np.ndarray | None) -> np.ndarray:
-    """(codes - zero point) * scale (+ rest) per block, of ``rows`` (None: all): the weight
-    MatMulNBits multiplies by."""
-    from ...passes.quantize.ops import Spec, _offsets, _scales
-    from ...passes.quantize.pack import unpack_codes
-
-    s = Spec(node)
-    pick = slice(None) if rows is None else rows
-    packed = node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1)[pick]
-    codes = unpack_codes(packed, s.bits).astype(np.float32)
-    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
-    rests = node.inputs[4] if len(node.inputs) > 4 else None
-    offsets = _offsets(node.inputs[2], zero_points, s, rests)[pick]
-    weight = codes * _scales(node.inputs[2], s)[pick][..., None] + offsets[..., None]
-    return np.ascontiguousarray(weight.reshape(len(codes), s.blocks * s.block)[:, :s.k])
