@@ -253,3 +253,47 @@ def test_stories260k_greedy_equals_plain(backend):
         seq.prefill(prompt)
         assert [seq.decode() for _ in range(N)] == expected
         assert seq.speculation.accepted > 0
+
+
+# -- Medusa heads: the hidden state of each step ------------------------------------------------------
+@pytest.mark.parametrize(("backend", "layout"), [("ort", "paged"), ("c", "paged"), ("ort", "contiguous")])
+def test_medusa_heads_read_each_steps_hidden_state(tmp_path, gguf, backend, layout):
+    from tests.runtime.speculative.test_medusa import fitted_heads
+
+    compiled = infercc.compile(gguf, backend=backend, kv_cache_layout=layout, speculation="medusa")
+    expected = plain(compiled, n=32)
+    heads = fitted_heads(tmp_path / "heads", compiled, [(PROMPT, expected)])
+    compiled.config = compiled.config.replace(speculation_heads=str(heads))
+    with compiled.session() as session:
+        seq = session.sequence()  # the config's method
+        seq.prefill(PROMPT)
+        assert [seq.decode() for _ in range(32)] == expected
+        assert seq.speculation.accepted > 0, seq.speculation
+
+
+# -- LoRA adapters: set_adapter with tokens pending -------------------------------------------------
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_set_adapter_with_pending_tokens_equals_plain(tmp_path, gguf, scripted, layout):
+    from tests.lora.test_layouts import _random_adapter
+
+    compiled = infercc.compile(gguf, infercc.Config(quantize=None, kv_cache_layout=layout))
+    assert compiled.lora.modules  # (finds the projections an adapter may name)
+    compiled.add_adapter("x", _random_adapter(compiled, tmp_path / "x"))
+    scripted(compiled, True)  # the base model's own guesses: all stand without the adapter
+
+    def run(speculation, counts):
+        with compiled.session() as session:
+            seq = session.sequence(adapter="x", speculation=speculation)
+            seq.prefill(PROMPT)
+            out, pending = [], []
+            for phase, adapter in enumerate((None, "x", None)):
+                out += [seq.decode() for _ in range(counts[phase])]
+                pending.append(bool(seq._spec and seq._spec.pending))
+                seq.set_adapter(adapter)
+            return out + [seq.decode() for _ in range(6)], pending
+
+    counts = (4, 5, 6)
+    expected, _ = run("off", counts)
+    got, pending = run("auto", counts)
+    assert got == expected
+    assert pending[1]  # the base-model phase: the oracle's tokens were pending at set_adapter("x")
