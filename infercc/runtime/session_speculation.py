@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .block_manager import OutOfBlocks
 from .session_pool import Feed
 from .speculative.loop import _clipped, proposer_for
 from .speculative.policy import DepthPolicy, SpeculationStats
@@ -167,7 +168,14 @@ def decode(seqs: list[Sequence]) -> list[int]:
         try:
             steps = [_plan(seq) for seq in stepping]
             hidden: list | None = [] if any(_wants_hidden(seq) for seq in stepping) else None
-            results = _run(steps, hidden)
+            try:
+                results = _run(steps, hidden)
+            except OutOfBlocks:  # proposals shrink, they never fail a decode plain decoding could run
+                if not any(step.proposal.tokens for step in steps):
+                    raise
+                for step in steps:
+                    step.proposal = Proposal([])
+                results = _run(steps, hidden)  # (a failed feed added no hidden states)
         except BaseException:
             for seq, state in zip(stepping, states):
                 seq.sampler.rng.bit_generator.state = state

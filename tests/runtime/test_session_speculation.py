@@ -18,12 +18,16 @@ import pytest
 import infercc
 from infercc import InputError
 from infercc.runtime import session_speculation
+from infercc.runtime.block_manager import OutOfBlocks
+from infercc.runtime.kv_cache import ContextOverflowError
 from infercc.runtime.speculative import DepthPolicy, Proposal
 from infercc.runtime.speculative.draft import DraftProposer
 from tests.fixtures import catalog
 from tests.fuzz.synthetic import write_tiny_gguf
 from tests.importers._models import STORIES, require
 from tests.runtime._cached_model import tiny_lm
+from tests.runtime._threads import together
+from tests.runtime.test_session_pool import BLOCK_BYTES
 
 #: Repeats in it: prompt lookup finds matches (the tiny model's greedy text loops too).
 PROMPT = [1, 5, 9, 3, 5, 9, 3, 5, 9, 3, 7, 2]
@@ -200,6 +204,42 @@ def test_session_decode_batches_speculating_and_plain_sequences(models):
         assert [list(r) for r in zip(*rounds)] == expected
         assert seqs[0].speculation.accepted > 0 and seqs[2].speculation is None
     assert session.pool.report().used == 0
+
+
+def test_threads_decoding_speculating_sequences_equal_each_alone(models):
+    compiled = models["c", "paged"]
+    prompts = [PROMPT, [1, 20, 21, 22, 20, 21, 22, 20], [1, 40, 41, 40, 41]]
+    expected = [plain(compiled, p, 24) for p in prompts]
+    with compiled.session(speculation="prompt_lookup") as session:
+        seqs = [session.sequence() for _ in prompts]
+        for seq, prompt in zip(seqs, prompts):
+            seq.prefill(prompt)
+        assert together(lambda i: [seqs[i].decode() for _ in range(24)], len(prompts)) == expected
+
+
+# -- limits ------------------------------------------------------------------------------------------
+def test_the_context_end_and_a_full_pool_are_plain_decodings_limits(models, scripted):
+    compiled = models["ort", "paged"]
+    scripted(compiled, True)
+    limit = len(PROMPT) + 20
+    for speculation in ("off", "auto"):
+        with compiled.session(max_context=limit) as session:
+            seq = session.sequence(speculation=speculation)
+            seq.prefill(PROMPT)
+            assert [seq.decode() for _ in range(20)] == plain(compiled, n=20)
+            with pytest.raises(ContextOverflowError):
+                seq.decode()
+    # a pool of 4 blocks: a verify step that would need a fifth decodes plainly instead
+    with compiled.session(kv_cache_memory=4 * BLOCK_BYTES, max_context=64) as session:
+        seq, other = session.sequence(speculation="auto"), session.sequence()
+        seq.prefill(list(range(1, 48)))  # 47 tokens: one slot left in its third block
+        other.prefill(list(range(50, 66)))  # the fourth block
+        token = seq.decode()
+        assert seq.speculation.steps == 0 and len(seq) == 48
+        with pytest.raises(OutOfBlocks):
+            seq.decode()  # (plain decoding needs a fifth block here too)
+        other.close()
+        assert [token, seq.decode()] == plain(compiled, list(range(1, 48)), 2)
 
 
 # -- sampling ----------------------------------------------------------------------------------------
