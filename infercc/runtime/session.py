@@ -81,7 +81,8 @@ class Session:
         default method (a ``Config.speculation`` value or "off"; None: the model's config)."""
         self.compiled = compiled
         check_method(compiled.config, speculation, "compiled.session")
-        self.speculation = speculation
+        #: The sequences' speculation method when they name none (None: ``Config.speculation``).
+        self.default_speculation = speculation
         #: The model runner over per-sequence caches: the contiguous layout's and uncached graphs'
         #: steps, and the model's interface (context, vocabulary) for the pool.
         self.runner = ModelRunner(compiled.backend, compiled.model, max_context)
@@ -136,7 +137,7 @@ class Session:
         ``decode()`` still returns one token per call, the one plain decoding gives, from fewer
         model steps (``seq.speculation`` counts them; a method that cannot run decodes plainly,
         ``seq.speculation_reason`` says why)."""
-        method = check_method(self.compiled.config, self.speculation if speculation is None else speculation,
+        method = check_method(self.compiled.config, self.default_speculation if speculation is None else speculation,
                               "session.sequence")
         params = _with(params or SamplingParams(), sampling)
         ref = self.compiled.lora.resolve(adapter, adapter_weights) if adapter is not None else None
