@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 
 import infercc
@@ -177,6 +178,14 @@ def test_fork_keeps_the_parents_pending_tokens_and_blocks_come_back(models, scri
         assert child.speculation.steps == 0 and child._spec is not seq._spec
         assert first + [seq.decode() for _ in range(N - 2)] == expected
         assert first + [child.decode() for _ in range(N - 2)] == expected
+        # verified tokens entered the prefix cache (keep); a prompt that starts alike reuses them
+        hits = pool.report().prefix_hits
+        reader = session.sequence()
+        logits = reader.prefill(seq.tokens[:50])
+        assert pool.report().prefix_hits - hits == 48
+        with compiled.session() as fresh:
+            np.testing.assert_allclose(logits, fresh.sequence().prefill(seq.tokens[:50]), atol=1e-4)
+        reader.close()
         seq.append([4, 4])
         assert pool.blocks.num_tokens(seq._id) == len(seq) == len(PROMPT) + N + 2
         third = session.sequence(speculation="auto")
