@@ -164,8 +164,9 @@ class Session:
     def decode(self, sequences: Iterable[Sequence]) -> list[int]:
         """Advance each sequence by one token (its own sampler), all in ONE model step on the paged
         pool (one step per sequence otherwise); returns the tokens in order. Each sequence gets the
-        token its own ``decode()`` would give. On the pool, an error (a closed or unprefilled
-        sequence, the context, a full pool) changes no sequence."""
+        token its own ``decode()`` would give (a speculating sequence holding verified tokens
+        returns one without the step; the others verify their proposals in it). On the pool, an
+        error (a closed or unprefilled sequence, the context, a full pool) changes no sequence."""
         seqs = list(sequences)
         for i, seq in enumerate(seqs):
             if not isinstance(seq, Sequence) or seq.session is not self:
