@@ -21,6 +21,7 @@ from infercc import InputError
 from infercc.runtime import session_speculation
 from infercc.runtime.block_manager import OutOfBlocks
 from infercc.runtime.kv_cache import ContextOverflowError
+from infercc.runtime.sampling import Sampler, SamplingParams
 from infercc.runtime.speculative import DepthPolicy, Proposal
 from infercc.runtime.speculative.draft import DraftProposer
 from tests.fixtures import catalog
@@ -265,6 +266,35 @@ def test_seeded_sampling_is_reproducible(models):
 
     (a, stats), (b, _), (c, _) = sample(7), sample(7), sample(8)
     assert a == b and a != c and stats.steps > 0
+
+
+@pytest.mark.slow  # (300 samples: several seconds)
+def test_sampled_tokens_have_the_models_distribution(models, scripted):
+    """Rejection sampling in a session: the first two sampled tokens (the second one verified
+    against the oracle's greedy guess: accepted with probability p(guess), else drawn from the
+    residual) follow the model's own distribution (exact, from its logits) over 300 seeds."""
+    compiled = models["ort", "paged"]
+    options = {"temperature": 1.0, "top_k": 3}
+    sampler = Sampler(SamplingParams(**options))
+    scripted(compiled, True)
+    with compiled.session() as session:
+        root = session.sequence(speculation="auto", **options)
+        first = sampler.probabilities(root.prefill(PROMPT), PROMPT, [])
+        exact = {}
+        for t1 in np.flatnonzero(first):
+            second = sampler.probabilities(session.sequence().prefill(PROMPT + [int(t1)]), PROMPT, [int(t1)])
+            exact.update({(int(t1), int(t2)): first[t1] * second[t2] for t2 in np.flatnonzero(second)})
+        counts: dict[tuple[int, int], int] = {}
+        stood = 0  # samples whose second token was the oracle's guess, accepted
+        for seed in range(300):
+            seq = root.fork(seed=seed)
+            pair = (seq.decode(), seq.decode())
+            counts[pair] = counts.get(pair, 0) + 1
+            stood += seq.speculation.accepted > 0
+            seq.close()
+    assert 30 < stood < 270  # both ways through verification were taken
+    distance = sum(abs(counts.get(pair, 0) / 300 - exact.get(pair, 0.0)) for pair in set(exact) | set(counts)) / 2
+    assert distance < 0.12, (distance, counts, exact)  # (0.08 here; redrawing a rejected position: 0.19)
 
 
 # -- fallbacks and errors ----------------------------------------------------------------------------
