@@ -19,9 +19,12 @@ import ctypes
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
+import infercc
 from infercc.codegen.packing import (
     FLAG_F16_RESTS,
     FLAG_F16_SCALES,
@@ -34,8 +37,9 @@ from infercc.codegen.packing import (
 )
 from infercc.passes.quantize.methods import quantize_rows
 from infercc.passes.quantize.native import find_native
-from infercc.passes.quantize.pack import to_nbits
+from infercc.passes.quantize.pack import to_nbits, unpack_codes, unpack_zero_points
 
+from ..importers._models import SMOLLM2, require
 from ..passes.quantize._util import run_single
 from ._cbuild import aligned, ptr
 
@@ -263,3 +267,75 @@ def test_pack_quant_header(kind: str, flags: int) -> None:
     header = packed[:HEADER].view(np.int32)
     assert list(header[:7]) == [MAGIC, 1, 4, 32, 64, 20, flags]
     assert header[7] % 64 == 0 and packed.nbytes == HEADER + 2 * header[7]  # two panels of 16 columns
+
+
+@dataclass
+class Projection:
+    """One MatMulNBits of ORT's SmolLM2 graph: its arrays, and the input and output ORT computed."""
+
+    name: str
+    grid: Grid
+    x: np.ndarray  # [M, K]
+    y: np.ndarray  # [M, N]: MatMulNBits plus the Q4_1 rests correction where the graph adds one
+
+
+def _ort_projections(model: onnx.ModelProto, prompt: list[int], count: int) -> list[Projection]:
+    """Run ORT's graph once with the first ``count`` - 1 and the last MatMulNBits' inputs and
+    outputs (after the Add of their rests correction) exposed as graph outputs."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    nodes = [n for n in g.node if n.op_type == "MatMulNBits"]
+    picked = []
+    for n in nodes[: count - 1] + nodes[-1:]:
+        attrs = {a.name: a.i for a in n.attribute}
+        arrays = [numpy_helper.to_array(inits[i]) if i else None for i in list(n.input[1:4]) + [""] * (4 - len(n.input))]
+        out, rests = n.output[0], None
+        adds = [u for u in users.get(out, []) if u.op_type == "Add"]
+        if adds:  # MatMulNBits + MatMul(block sums, rests [blocks, N]) (passes/quantize/ops.py)
+            other = made[next(i for i in adds[0].input if i != out)]
+            rests, out = np.ascontiguousarray(numpy_helper.to_array(inits[other.input[1]]).T), adds[0].output[0]
+        b, scales, zeros = arrays[:3]
+        codes = unpack_codes(b, attrs["bits"]).astype(np.float32)
+        blocks = codes.shape[1]
+        z = np.full((attrs["N"], blocks), 1 << (attrs["bits"] - 1)) if zeros is None else unpack_zero_points(zeros, attrs["bits"], blocks)
+        rows = (codes - z[..., None]) * scales[..., None] + (0 if rests is None else rests[..., None])
+        grid = Grid(b, scales, zeros, rests, rows.reshape(attrs["N"], -1)[:, : attrs["K"]], attrs["bits"], attrs["block_size"])
+        picked.append((n.name, grid, n.input[0], out))
+        for name in (n.input[0], out):
+            g.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros([1, *[0 if d == "past_sequence_length" or not isinstance(d, int) else d for d in i.shape[1:]]], np.float32)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return [Projection(name, grid, got[x].reshape(-1, grid.k), got[y].reshape(-1, grid.n)) for name, grid, x, y in picked]
+
+
+@pytest.fixture(scope="module")
+def smollm2_projections() -> list[Projection]:
+    compiled = infercc.compile(str(require(SMOLLM2)), kv_cache_dtype="fp32")
+    prompt = compiled.tokenizer.encode("<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n")
+    return _ort_projections(compiled.to_onnx(), prompt, 8)
+
+
+@pytest.mark.slow
+def test_smollm2_projections_equal_onnxruntime_on_its_activations(lib: ctypes.CDLL, smollm2_projections) -> None:
+    """The first layers' Q4_1 projections (packed q/k/v, o, gate/up, down) and the Q8_0 LM head of
+    SmolLM2-135M, fed the activations ORT computed for them in the model (outlier channels, real
+    grids): the kernel's output is ORT's to float32 rounding. (Before the kernel used ORT's zero
+    point and rounding, its Q4_1 outputs were ~6e-4 of sum |x| |w| off.)"""
+    assert {p.grid.bits for p in smollm2_projections} == {4, 8}
+    assert sum(p.grid.rests is not None for p in smollm2_projections) >= 6
+    for p in smollm2_projections:
+        packed = p.grid.packed()
+        if p.grid.rests is not None:  # the Q4_1 form with the zero points recomputed in the kernel
+            assert packed[:HEADER].view(np.int32)[6] & FLAG_MINS, p.name
+        err = np.abs(run_q(lib, p.x, p.grid, packed) - p.y)
+        allowed = 2e-6 * (np.abs(p.x) @ np.abs(p.grid.rows).T) + 1e-6
+        assert np.all(err <= allowed), (p.name, float(np.max(err / allowed)))
