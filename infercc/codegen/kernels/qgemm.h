@@ -201,6 +201,116 @@ ICC_INLINE __m256i icc_dot_u8s8_256(__m256i acc, __m256i w, __m256i x, const int
     return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
 #endif
 }
+
+/* One block's integer dot products, 8 columns (c: the half's 32 bytes of the block's first
+ * 64-byte chunk) by R rows, into dot[0:R] (int32 per column).
+ * 4-bit codes without VNNI: a maddubs lane is 2 products of a code <= 15 and |q| <= 128, at most
+ * 3840 in magnitude, so 8 maddubs results (4 chunks) add up in int16 exactly (<= 30720) and one
+ * madd widens them, where one madd per maddubs did before: the integer sums, and so the outputs,
+ * are the same, at about half the multiply-port work per row. */
+ICC_INLINE void icc_q_dot8(const int R, const int BITS, const int64_t block, const uint8_t *c,
+                           const int8_t *xb, const int64_t kp, __m256i *dot) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
+#if !defined(__AVXVNNI__)
+    if (BITS == 4) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int64_t h0 = 0; h0 < block / 8; h0 += 4) {
+            __m256i s16[ICC_Q_MR];
+            for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
+            for (int64_t h = h0; h < h0 + 4 && h < block / 8; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h));
+                const __m256i w0 = _mm256_and_si256(v, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int r = 0; r < R; r++) {
+                    const __m256i p0 = _mm256_maddubs_epi16(w0, _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h)));
+                    const __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4)));
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(p0, p1));
+                }
+            }
+            for (int r = 0; r < R; r++) dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(s16[r], ones));
+        }
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < block / 8; h++) {
+        __m256i w0, w1;
+        if (BITS == 4) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h));
+            w0 = _mm256_and_si256(v, m4);
+            w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        } else {
+            w0 = _mm256_loadu_si256((const __m256i *)(c + 128 * h));
+            w1 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 64));
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256i x0 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h));
+            const __m256i x1 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4));
+            dot[r] = icc_dot_u8s8_256(icc_dot_u8s8_256(dot[r], w0, x0, BITS), w1, x1, BITS);
+        }
+    }
+}
+#endif
+
+#if defined(ICC_Q_AVX2)
+/* y[0:R, 0:ncols] = x[0:R] @ one panel on AVX2, 8 columns (one 32-byte half of every 64-byte
+ * chunk) at a time over all of K: R accumulators of y, R of the block's dot products and the
+ * unpacked codes stay in the 16 registers (both halves at once spilled them), and the panel,
+ * streamed once from memory by the first half, is in L1 for the second. */
+ICC_INLINE void icc_q_tile_avx2(const int R, const int BITS, int64_t block, int64_t nb, icc_qpanel P,
+                                const int8_t *xq, int64_t kp, const float *d, const float *dq,
+                                const float *sx, float *y, int64_t ldy, int64_t ncols) {
+    const int64_t cb = block * ICC_PANEL * BITS / 8;
+    /* 8-bit without VNNI: codes as c - 128 (sign trick), so the zero point moves by 128 too */
+#if defined(__AVXVNNI__)
+    const float shift8 = 0.0f;
+#else
+    const float shift8 = BITS == 8 ? 128.0f : 0.0f;
+#endif
+    const int has_rest = P.rests || P.rests16;
+    for (int half = 0; half < 2; half++) {
+        const int64_t j0 = 8 * half;
+        __m256 yv[ICC_Q_MR];
+        for (int r = 0; r < R; r++) yv[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *c = P.codes + b * cb;
+            /* the panel is one sequential stream (codes, then its scales and zero points, then
+             * the next panel): fetching ICC_Q_PREFETCH bytes ahead hides the L3 / DRAM latency */
+            if (!half)
+                for (int64_t off = 0; off < cb; off += 64) _mm_prefetch((const char *)c + ICC_Q_PREFETCH + off, _MM_HINT_T0);
+            __m256i dot[ICC_Q_MR];
+            icc_q_dot8(R, BITS, block, c + 32 * half, xq + b * block, kp, dot);
+            const int64_t sb = b * ICC_PANEL + j0;
+            const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + sb)
+                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + sb)));
+            const __m256 z = _mm256_sub_ps(
+                P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + sb))))
+                      : _mm256_set1_ps(P.z0),
+                _mm256_set1_ps(shift8));
+            for (int r = 0; r < R; r++) {
+                /* s d (sum q c) - s z (d sum q): both integer sums are exact in float */
+                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(d[r * nb + b]));
+                t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
+                yv[r] = _mm256_fmadd_ps(s, t, yv[r]);
+            }
+            if (has_rest) {
+                __m256 rest = P.rests ? _mm256_loadu_ps(P.rests + sb)
+                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + sb)));
+                if (P.mins) rest = _mm256_fmadd_ps(_mm256_set1_ps(P.z0), s, rest);
+                for (int r = 0; r < R; r++) yv[r] = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv[r]);
+            }
+        }
+        const int64_t n = ncols - j0;
+        for (int r = 0; r < R; r++) {
+            if (n >= 8) {
+                _mm256_storeu_ps(y + r * ldy + j0, yv[r]);
+            } else if (n > 0) {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, yv[r]);
+                for (int64_t j = 0; j < n; j++) y[r * ldy + j0 + j] = tmp[j];
+            }
+        }
+    }
+}
 #endif
 
 /* y[0:R, 0:ncols] = x[0:R] @ one panel. BITS constant per instantiation; xq/d/dq/sx point at row 0
@@ -257,6 +367,10 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
     }
     const __mmask16 mask = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + r * ldy, mask, yacc[r]);
+#elif defined(ICC_Q_AVX2)
+    (void)cb;
+    (void)zdefault;
+    icc_q_tile_avx2(R, BITS, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols);
 #else
     float yacc[ICC_Q_MR][ICC_PANEL];
     for (int r = 0; r < R; r++)
@@ -264,56 +378,6 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *c = P.codes + b * cb;
         const int8_t *xb = xq + b * block;
-#if defined(ICC_Q_AVX2)
-        /* 8-bit without VNNI: codes as c - 128 (sign trick), so the zero point moves by 128 too */
-#if defined(__AVXVNNI__)
-        const int shift8 = 0;
-#else
-        const int shift8 = BITS == 8 ? 128 : 0;
-#endif
-        const __m256i m4 = _mm256_set1_epi8(0x0F);
-        __m256i acc[ICC_Q_MR][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-        /* one 64-byte chunk = groups 2h and 2h+1 (4-bit: low and high nibbles; 8-bit: two loads) */
-        for (int64_t h = 0; h < block / 8; h++) {
-            for (int half = 0; half < 2; half++) {
-                __m256i w0, w1;
-                if (BITS == 4) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h + 32 * half));
-                    w0 = _mm256_and_si256(v, m4);
-                    w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                } else {
-                    w0 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 32 * half));
-                    w1 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 64 + 32 * half));
-                }
-                for (int r = 0; r < R; r++) {
-                    const __m256i x0 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h));
-                    const __m256i x1 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4));
-                    acc[r][half] = icc_dot_u8s8_256(icc_dot_u8s8_256(acc[r][half], w0, x0, BITS), w1, x1, BITS);
-                }
-            }
-        }
-        for (int half = 0; half < 2; half++) {
-            const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + b * ICC_PANEL + 8 * half)
-                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + b * ICC_PANEL + 8 * half)));
-            const __m256 z = _mm256_sub_ps(
-                P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + b * ICC_PANEL + 8 * half))))
-                      : _mm256_set1_ps(zdefault),
-                _mm256_set1_ps((float)shift8));
-            for (int r = 0; r < R; r++) {
-                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][half]), _mm256_set1_ps(d[r * nb + b]));
-                t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
-                __m256 yv = _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yacc[r] + 8 * half));
-                if (P.rests || P.rests16) {
-                    __m256 rest = P.rests ? _mm256_loadu_ps(P.rests + b * ICC_PANEL + 8 * half)
-                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + b * ICC_PANEL + 8 * half)));
-                    if (P.mins) rest = _mm256_fmadd_ps(_mm256_set1_ps(P.z0), s, rest);
-                    yv = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv);
-                }
-                _mm256_storeu_ps(yacc[r] + 8 * half, yv);
-            }
-        }
-#else
         int32_t dot[ICC_Q_MR][ICC_PANEL];
         for (int r = 0; r < R; r++)
             for (int j = 0; j < ICC_PANEL; j++) dot[r][j] = 0;
@@ -342,7 +406,6 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
                 yacc[r][j] += s[j] * t + rest * sx[r * nb + b];
             }
         }
-#endif
     }
     for (int r = 0; r < R; r++)
         for (int64_t j = 0; j < ncols; j++) y[r * ldy + j] = yacc[r][j];
