@@ -271,7 +271,7 @@ def rows_table(args, tmp: str) -> None:
     libs = {"new": build(args.march, Path(tmp), "new")}
     if args.against:
         libs["old"] = build(args.march, Path(tmp), "old", kernels_at(args.against, tmp))
-    old = " | old ms  x1row  old/new" if args.against else ""
+    old = " | old ms  x1row  old/new  outputs" if args.against else ""
     for k, n in ROW_SHAPES:
         for kind in args.kinds:
             packed, _, bits = _weights(kind, k, n, 32)
@@ -295,6 +295,8 @@ def rows_table(args, tmp: str) -> None:
                     line = f"{m:>3} | {med['new'] * 1e3:6.3f} {med['new'] / base['new']:5.2f}x {packed.nbytes / med['new'] * 1e-9:5.1f}"
                     if "old" in med:
                         line += f" | {med['old'] * 1e3:6.3f} {med['old'] / base['old']:5.2f}x {med['old'] / med['new']:5.2f}x"
+                        a, b = sides["new"].y[:m], sides["old"].y[:m]
+                        line += "  same" if np.array_equal(a, b) else f"  differ: max {np.max(np.abs(a - b)):.2g}"
                     print(line, flush=True)
 
 

@@ -115,6 +115,20 @@ typedef struct {
     void *mem;
 } icc_qact;
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline float icc_q_hmax8(__m256 v) {
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+static inline float icc_q_hsum8(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
 static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t *q, float *d,
                                float *dq, float *sx) {
     float amax = 0.0f, sum = 0.0f;
@@ -128,6 +142,18 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
     }
     amax = _mm512_reduce_max_ps(vmax);
     sum = _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__)
+    if (n >= 8) {
+        __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            vsum = _mm256_add_ps(vsum, v);
+            /* |v| first: max_ps returns its second operand for a NaN, so NaNs are skipped as below */
+            vmax = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), vmax);
+        }
+        amax = icc_q_hmax8(vmax);
+        sum = icc_q_hsum8(vsum);
+    }
 #endif
     for (; i < n; i++) {
         float a = x[i] < 0 ? -x[i] : x[i];
@@ -145,6 +171,28 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(v));
     }
     qsum = _mm512_reduce_add_epi32(vq);
+#elif defined(__AVX2__)
+    /* the loop below, 8 at a time: round half away from zero as v +- 0.5 truncated, clamp to
+     * +-127 (identical q, so identical integer sums, on every path) */
+    __m256i vq = _mm256_setzero_si256();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(id));
+        const __m256 half = _mm256_blendv_ps(_mm256_set1_ps(-0.5f), _mm256_set1_ps(0.5f),
+                                             _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+        __m256i r = _mm256_cvttps_epi32(_mm256_add_ps(v, half));
+        r = _mm256_max_epi32(_mm256_min_epi32(r, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+        vq = _mm256_add_epi32(vq, r);
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+        const int32_t lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(b)), hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(b, 1));
+        memcpy(q + i, &lo, 4);
+        memcpy(q + i + 4, &hi, 4);
+    }
+    {
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(vq), _mm256_extracti128_si256(vq, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        qsum = _mm_cvtsi128_si32(t);
+    }
 #endif
     for (; i < n; i++) {
         float v = x[i] * id;
