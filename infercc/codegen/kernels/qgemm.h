@@ -42,9 +42,11 @@
 #define ICC_Q_AVX2 1
 #endif
 /* rows per tile: each unpacked weight vector serves this many rows (AVX-512: 3 x 8 accumulators
- * of 32 registers; AVX2's 16 registers hold 4 rows) */
+ * of 32 registers; AVX2: 8 too, measured with GCC 12 on Zen 3 per row and block of 16 columns:
+ * 25 cycles at 1 row, 19 a row at 2..5 and 15 at 8, where the 6- and 7-row tiles spill, 27 a
+ * row: icc_q_tile_at splits those rests) */
 #ifndef ICC_Q_MR
-#if defined(ICC_Q_AVX512)
+#if defined(ICC_Q_AVX512) || defined(ICC_Q_AVX2)
 #define ICC_Q_MR 8
 #else
 #define ICC_Q_MR 4
@@ -250,64 +252,76 @@ ICC_INLINE __m256i icc_dot_u8s8_256(__m256i acc, __m256i w, __m256i x, const int
 #endif
 }
 
-/* One block's integer dot products, 8 columns (c: the half's 32 bytes of the block's first
- * 64-byte chunk) by R rows, into dot[0:R] (int32 per column).
+/* One block's integer dot products, 8 columns per half by R rows, for H halves (c: the first
+ * half's 32 bytes of the block's first 64-byte chunk, half h at c + 32 h), into dot[r * H + h]
+ * (int32 per column). H = 2 shares each activation broadcast between the halves.
  * 4-bit codes without VNNI: a maddubs lane is 2 products of a code <= 15 and |q| <= 128, at most
  * 3840 in magnitude, so 8 maddubs results (4 chunks) add up in int16 exactly (<= 30720) and one
  * madd widens them, where one madd per maddubs did before: the integer sums, and so the outputs,
  * are the same, at about half the multiply-port work per row. */
-ICC_INLINE void icc_q_dot8(const int R, const int BITS, const int64_t block, const uint8_t *c,
-                           const int8_t *xb, const int64_t kp, __m256i *dot) {
+ICC_INLINE void icc_q_dot(const int R, const int H, const int BITS, const int64_t block, const uint8_t *c,
+                          const int8_t *xb, const int64_t kp, __m256i *dot) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
+    for (int i = 0; i < R * H; i++) dot[i] = _mm256_setzero_si256();
 #if !defined(__AVXVNNI__)
     if (BITS == 4) {
         const __m256i ones = _mm256_set1_epi16(1);
         for (int64_t h0 = 0; h0 < block / 8; h0 += 4) {
-            __m256i s16[ICC_Q_MR];
-            for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
+            __m256i s16[2 * ICC_Q_MR];
+            for (int i = 0; i < R * H; i++) s16[i] = _mm256_setzero_si256();
             for (int64_t h = h0; h < h0 + 4 && h < block / 8; h++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h));
-                const __m256i w0 = _mm256_and_si256(v, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                __m256i w0[2], w1[2];
+                for (int hh = 0; hh < H; hh++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h + 32 * hh));
+                    w0[hh] = _mm256_and_si256(v, m4);
+                    w1[hh] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
                 for (int r = 0; r < R; r++) {
-                    const __m256i p0 = _mm256_maddubs_epi16(w0, _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h)));
-                    const __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4)));
-                    s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(p0, p1));
+                    const __m256i x0 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h));
+                    const __m256i x1 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4));
+                    for (int hh = 0; hh < H; hh++)
+                        s16[r * H + hh] = _mm256_add_epi16(s16[r * H + hh], _mm256_add_epi16(_mm256_maddubs_epi16(w0[hh], x0),
+                                                                                             _mm256_maddubs_epi16(w1[hh], x1)));
                 }
             }
-            for (int r = 0; r < R; r++) dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(s16[r], ones));
+            for (int i = 0; i < R * H; i++) dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(s16[i], ones));
         }
         return;
     }
 #endif
     for (int64_t h = 0; h < block / 8; h++) {
-        __m256i w0, w1;
-        if (BITS == 4) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h));
-            w0 = _mm256_and_si256(v, m4);
-            w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        } else {
-            w0 = _mm256_loadu_si256((const __m256i *)(c + 128 * h));
-            w1 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 64));
+        __m256i w0[2], w1[2];
+        for (int hh = 0; hh < H; hh++) {
+            if (BITS == 4) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h + 32 * hh));
+                w0[hh] = _mm256_and_si256(v, m4);
+                w1[hh] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            } else {
+                w0[hh] = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 32 * hh));
+                w1[hh] = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 64 + 32 * hh));
+            }
         }
         for (int r = 0; r < R; r++) {
             const __m256i x0 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h));
             const __m256i x1 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4));
-            dot[r] = icc_dot_u8s8_256(icc_dot_u8s8_256(dot[r], w0, x0, BITS), w1, x1, BITS);
+            for (int hh = 0; hh < H; hh++)
+                dot[r * H + hh] = icc_dot_u8s8_256(icc_dot_u8s8_256(dot[r * H + hh], w0[hh], x0, BITS), w1[hh], x1, BITS);
         }
     }
 }
 #endif
 
 #if defined(ICC_Q_AVX2)
-/* y[0:R, 0:ncols] = x[0:R] @ one panel on AVX2, 8 columns (one 32-byte half of every 64-byte
- * chunk) at a time over all of K: R accumulators of y, R of the block's dot products and the
- * unpacked codes stay in the 16 registers (both halves at once spilled them), and the panel,
- * streamed once from memory by the first half, is in L1 for the second. */
+/* y[0:R, 0:ncols] = x[0:R] @ one panel on AVX2. Up to 2 rows both 8-column halves of the panel
+ * go together (each activation broadcast serves both); from 3 rows one half at a time over all
+ * of K, so that the R accumulators of y, R of the block's dot products and the unpacked codes
+ * stay in the 16 registers (both halves at once spilled them at 4 rows; the panel, streamed
+ * from memory by the first half, is in L1 for the second). */
 ICC_INLINE void icc_q_tile_avx2(const int R, const int BITS, int64_t block, int64_t nb, icc_qpanel P,
                                 const int8_t *xq, int64_t kp, const float *d, const float *dq,
                                 const float *sx, float *y, int64_t ldy, int64_t ncols) {
     const int64_t cb = block * ICC_PANEL * BITS / 8;
+    const int H = R <= 2 ? 2 : 1;
     /* 8-bit without VNNI: codes as c - 128 (sign trick), so the zero point moves by 128 too */
 #if defined(__AVXVNNI__)
     const float shift8 = 0.0f;
@@ -315,46 +329,50 @@ ICC_INLINE void icc_q_tile_avx2(const int R, const int BITS, int64_t block, int6
     const float shift8 = BITS == 8 ? 128.0f : 0.0f;
 #endif
     const int has_rest = P.rests || P.rests16;
-    for (int half = 0; half < 2; half++) {
-        const int64_t j0 = 8 * half;
-        __m256 yv[ICC_Q_MR];
-        for (int r = 0; r < R; r++) yv[r] = _mm256_setzero_ps();
+    for (int pass = 0; pass < 2 / H; pass++) {
+        __m256 yv[2 * ICC_Q_MR];
+        for (int i = 0; i < R * H; i++) yv[i] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *c = P.codes + b * cb;
             /* the panel is one sequential stream (codes, then its scales and zero points, then
              * the next panel): fetching ICC_Q_PREFETCH bytes ahead hides the L3 / DRAM latency */
-            if (!half)
+            if (!pass)
                 for (int64_t off = 0; off < cb; off += 64) _mm_prefetch((const char *)c + ICC_Q_PREFETCH + off, _MM_HINT_T0);
-            __m256i dot[ICC_Q_MR];
-            icc_q_dot8(R, BITS, block, c + 32 * half, xq + b * block, kp, dot);
-            const int64_t sb = b * ICC_PANEL + j0;
-            const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + sb)
-                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + sb)));
-            const __m256 z = _mm256_sub_ps(
-                P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + sb))))
-                      : _mm256_set1_ps(P.z0),
-                _mm256_set1_ps(shift8));
-            for (int r = 0; r < R; r++) {
-                /* s d (sum q c) - s z (d sum q): both integer sums are exact in float */
-                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(d[r * nb + b]));
-                t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
-                yv[r] = _mm256_fmadd_ps(s, t, yv[r]);
-            }
-            if (has_rest) {
-                __m256 rest = P.rests ? _mm256_loadu_ps(P.rests + sb)
-                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + sb)));
-                if (P.mins) rest = _mm256_fmadd_ps(_mm256_set1_ps(P.z0), s, rest);
-                for (int r = 0; r < R; r++) yv[r] = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv[r]);
+            __m256i dot[2 * ICC_Q_MR];
+            icc_q_dot(R, H, BITS, block, c + 32 * pass, xq + b * block, kp, dot);
+            for (int hh = 0; hh < H; hh++) {
+                const int64_t sb = b * ICC_PANEL + 8 * (pass + hh);
+                const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + sb)
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + sb)));
+                const __m256 z = _mm256_sub_ps(
+                    P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + sb))))
+                          : _mm256_set1_ps(P.z0),
+                    _mm256_set1_ps(shift8));
+                for (int r = 0; r < R; r++) {
+                    /* s d (sum q c) - s z (d sum q): both integer sums are exact in float */
+                    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r * H + hh]), _mm256_set1_ps(d[r * nb + b]));
+                    t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
+                    yv[r * H + hh] = _mm256_fmadd_ps(s, t, yv[r * H + hh]);
+                }
+                if (has_rest) {
+                    __m256 rest = P.rests ? _mm256_loadu_ps(P.rests + sb)
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + sb)));
+                    if (P.mins) rest = _mm256_fmadd_ps(_mm256_set1_ps(P.z0), s, rest);
+                    for (int r = 0; r < R; r++)
+                        yv[r * H + hh] = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv[r * H + hh]);
+                }
             }
         }
-        const int64_t n = ncols - j0;
-        for (int r = 0; r < R; r++) {
-            if (n >= 8) {
-                _mm256_storeu_ps(y + r * ldy + j0, yv[r]);
-            } else if (n > 0) {
-                float tmp[8];
-                _mm256_storeu_ps(tmp, yv[r]);
-                for (int64_t j = 0; j < n; j++) y[r * ldy + j0 + j] = tmp[j];
+        for (int hh = 0; hh < H; hh++) {
+            const int64_t j0 = 8 * (pass + hh), n = ncols - j0;
+            for (int r = 0; r < R; r++) {
+                if (n >= 8) {
+                    _mm256_storeu_ps(y + r * ldy + j0, yv[r * H + hh]);
+                } else if (n > 0) {
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, yv[r * H + hh]);
+                    for (int64_t j = 0; j < n; j++) y[r * ldy + j0 + j] = tmp[j];
+                }
             }
         }
     }
@@ -506,6 +524,30 @@ static void icc_q_rows(int rows, int bits, int64_t block, int64_t nb, icc_qpanel
     }
 }
 
+/* The row tiles of M rows: ICC_Q_MR rows each, then the rest, on AVX2 a rest of 6 or 7 rows as
+ * 4 + 2 or 5 + 2 (see ICC_Q_MR). icc_q_tile_at: rows of tile t and its first row. */
+#if defined(ICC_Q_AVX2) && ICC_Q_MR == 8
+#define ICC_Q_SPLIT_REST 1
+#else
+#define ICC_Q_SPLIT_REST 0
+#endif
+static inline int64_t icc_q_tiles(int64_t M) {
+    const int64_t rest = M % ICC_Q_MR;
+    return M / ICC_Q_MR + (rest > 0) + (ICC_Q_SPLIT_REST && rest >= 6);
+}
+
+static inline int icc_q_tile_at(int64_t M, int64_t t, int64_t *m0) {
+    const int64_t full = M / ICC_Q_MR, rest = M - full * ICC_Q_MR;
+    *m0 = t * ICC_Q_MR;
+    if (t < full) return ICC_Q_MR;
+    if (ICC_Q_SPLIT_REST && rest >= 6) {
+        if (t == full) return (int)rest - 2;
+        *m0 = full * ICC_Q_MR + rest - 2;
+        return 2;
+    }
+    return (int)rest;
+}
+
 static void icc_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t block, const float *x,
                          const void *w, float *y) {
     if (M <= 0 || N <= 0) return;
@@ -520,12 +562,13 @@ static void icc_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t bloc
     }
     const int64_t nb = (K + block - 1) / block, kp = nb * block, cb = block * ICC_PANEL * bits / 8;
     const int64_t panels = (N + ICC_PANEL - 1) / ICC_PANEL;
-    const int64_t tiles = (M + ICC_Q_MR - 1) / ICC_Q_MR;
+    const int64_t tiles = icc_q_tiles(M);
 #pragma omp parallel for collapse(2) schedule(static) if (M * N * K >= ICC_PARALLEL_MIN_MACS)
     for (int64_t p = 0; p < panels; p++) {
         for (int64_t t = 0; t < tiles; t++) {
-            const int64_t m0 = t * ICC_Q_MR, n0 = p * ICC_PANEL;
-            const int rows = (int)(M - m0 < ICC_Q_MR ? M - m0 : ICC_Q_MR);
+            int64_t m0;
+            const int rows = icc_q_tile_at(M, t, &m0);
+            const int64_t n0 = p * ICC_PANEL;
             const int64_t ncols = N - n0 < ICC_PANEL ? N - n0 : ICC_PANEL;
             icc_q_rows(rows, bits, block, nb, icc_q_panel(w, p, nb, cb), a.q + m0 * kp, kp,
                        a.d + m0 * nb, a.dq + m0 * nb, a.sx + m0 * nb, y + m0 * N + n0, N, ncols);
