@@ -2,6 +2,7 @@
 MatMul / MatMulNBits on the same weights, shapes of the models the runtime is judged on:
 
     python -m benchmarks.kernels [--threads 2] [--rounds 7] [--shapes llama smollm] [--march native]
+    python -m benchmarks.kernels --rows [--against main] [--threads 1 2] [--m 1 2 3 4 5 8 16] [--kinds int4 int8]
 
 Per configuration: GFLOP/s and GB/s of weight streamed (each side's own weight bytes), median over
 ``--rounds`` interleaved rounds (ours, ORT, ours, ORT, ...), and ours / ORT. Not a test.
@@ -15,6 +16,13 @@ of what a model pays) with distinct weights (ORT merges identical initializers a
 weights are cycled through several copies (>= 32 MB in all) so that neither side reads them from L2
 as a decode step, streaming every layer once, never does. A shared machine still adds noise: the
 OpenMP kernels suffer more than ORT's pool from a competing process (see the report in issue 11).
+
+``--rows``: how the quantized matmul's cost grows with the rows of one call (a speculative verify
+step of k + 1 rows against a decode step of one), ours only, on SmolLM2-135M's shapes: ms per call
+and the ratio to one row; ``--against REV`` builds the kernels of a git revision too and alternates
+the two builds call by call in one process (ratios old / new from the same rounds); ``--resident``
+keeps one copy of the weight (cache-resident where it fits) to tell memory-bound from
+instruction-bound.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from onnx import helper, numpy_helper
 
 from infercc.codegen.packing import pack_f32, pack_quant
 from infercc.passes.quantize.methods import quantize_rows
-from infercc.passes.quantize.pack import to_nbits
+from infercc.passes.quantize.pack import to_nbits, unpack_zero_points
 
 from .machine import machine_info
 
@@ -69,11 +77,11 @@ double b_q(int reps, int copies, int64_t M, int64_t N, int64_t K, int bits, int6
 """
 
 
-def build(march: str, out: Path, side: str = "") -> ctypes.CDLL:
+def build(march: str, out: Path, side: str = "", kernels: Path = KERNELS) -> ctypes.CDLL:
     src = out / f"bench_kernels{side}.c"
     src.write_text(DRIVER)
     so = src.with_suffix(".so")
-    subprocess.run(["gcc", "-O3", "-fopenmp", "-shared", "-fPIC", f"-march={march}", f"-I{KERNELS}", str(src), "-o", str(so)],
+    subprocess.run(["gcc", "-O3", "-fopenmp", "-shared", "-fPIC", f"-march={march}", f"-I{kernels}", str(src), "-o", str(so)],
                    check=True)
     lib = ctypes.CDLL(str(so))
     _setup_lib(lib)
@@ -112,9 +120,13 @@ def _weights(kind: str, k: int, n: int, block: int) -> tuple[np.ndarray, list[np
         return pack_f32(w), [w], 32
     bits = 8 if kind == "int8" else 4
     q = quantize_rows(w.T, bits, block, symmetric=False, method="rtn")
-    if kind == "int4h":  # steps that are float16 values, as GGUF's are: our layout stores them as such
+    if kind in ("int4h", "q4_1"):  # steps that are float16 values, as GGUF's are: our layout stores them as such
         q.scales = q.scales.astype(np.float16).astype(np.float32)
     b, s, z = to_nbits(q, False, np.float32)
+    if kind == "q4_1":  # GGUF Q4_1's d * c + m, m a float16: packed with float16 minimums (flag 16)
+        zeros = unpack_zero_points(z, bits, s.shape[1]).astype(np.float32)
+        rests = (-s * zeros).astype(np.float16).astype(np.float32) + s * zeros
+        return pack_quant(b, s, z, rests, k, n, bits, block), [b, s, z], bits
     return pack_quant(b, s, z, None, k, n, bits, block), [b, s, z], bits
 
 
@@ -189,7 +201,7 @@ def _worker(conn, *config) -> None:
         conn.send(t)
 
 
-def measure(kind: str, m: int, k: int, n: int, block: int, args, tmp: str) -> dict[str, tuple[float, int]]:
+def measure(kind: str, m: int, k: int, n: int, block: int, args, threads: int, tmp: str) -> dict[str, tuple[float, int]]:
     """Median seconds per matmul and weight bytes of each side, interleaved round by round. Each
     side runs in its own process: two thread pools spinning in one process (libgomp's and ORT's)
     slow each other down by orders of magnitude on two cores."""
@@ -197,7 +209,7 @@ def measure(kind: str, m: int, k: int, n: int, block: int, args, tmp: str) -> di
     procs, conns, sizes = {}, {}, {}
     for side in ("ours", "theirs"):
         parent, child = ctx.Pipe()
-        procs[side] = ctx.Process(target=_worker, args=(child, side, kind, m, k, n, block, args.threads, args.march, tmp))
+        procs[side] = ctx.Process(target=_worker, args=(child, side, kind, m, k, n, block, threads, args.march, tmp))
         procs[side].start()
         conns[side] = parent
         sizes[side] = parent.recv()
@@ -223,18 +235,98 @@ def _setup_lib(lib: ctypes.CDLL) -> None:
     lib.b_f32.restype = lib.b_q.restype = ctypes.c_double
 
 
+#: SmolLM2-135M's matmuls (K, N): q / o, k / v, gate / up, down, the LM head.
+ROW_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+
+
+def kernels_at(rev: str, tmp: str) -> Path:
+    """The kernel headers as of git revision ``rev``, extracted under ``tmp``."""
+    out = Path(tmp) / f"kernels-{rev.replace('/', '_')}"
+    out.mkdir(exist_ok=True)
+    tree = subprocess.run(["git", "-C", str(KERNELS.parents[2]), "archive", f"{rev}:infercc/codegen/kernels"],
+                          check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=tree, check=True)
+    return out
+
+
+class RowSide:
+    """One build of the kernels timing one weight at M = 1..max rows (C loop, no Python per call)."""
+
+    def __init__(self, lib: ctypes.CDLL, blobs: list[np.ndarray], k: int, n: int, bits: int, block: int, m_max: int) -> None:
+        self.lib, self.k, self.n, self.bits, self.block = lib, k, n, bits, block
+        self.table = (ctypes.c_void_p * len(blobs))(*[_ptr(b) for b in blobs])
+        self.copies = len(blobs)
+        self.x = np.random.default_rng(1).standard_normal((m_max, k)).astype(np.float32)
+        self.y = np.empty((m_max, n), np.float32)
+
+    def seconds(self, m: int, reps: int) -> float:
+        x, y = ctypes.c_void_p(_ptr(self.x)), ctypes.c_void_p(_ptr(self.y))
+        t = self.lib.b_q(reps, self.copies, m, self.n, self.k, self.bits, self.block, x, self.table, y)
+        return t / (reps * self.copies)
+
+
+def rows_table(args, tmp: str) -> None:
+    """Per (shape, kind, threads): ms per call for each M and its ratio to M = 1, this tree's
+    kernels and (``--against``) a revision's, alternated call by call; medians of ``--rounds``."""
+    libs = {"new": build(args.march, Path(tmp), "new")}
+    if args.against:
+        libs["old"] = build(args.march, Path(tmp), "old", kernels_at(args.against, tmp))
+    old = " | old ms  x1row  old/new  outputs" if args.against else ""
+    for k, n in ROW_SHAPES:
+        for kind in args.kinds:
+            packed, _, bits = _weights(kind, k, n, 32)
+            copies = 1 if args.resident else max(1, min(16, -(-STREAM_BYTES // packed.nbytes)))
+            blobs = [_aligned(packed) for _ in range(copies)]
+            for threads in args.threads:
+                sides = {name: RowSide(lib, blobs, k, n, bits, 32, max(args.m)) for name, lib in libs.items()}
+                libs["new"].b_threads(threads)
+                print(f"# K={k} N={n} {kind} threads={threads} weight {packed.nbytes / 2**20:.2f} MiB x {copies}"
+                      f"\n{'M':>3} | new ms  x1row  GB/s{old}", flush=True)
+                base: dict[str, float] = {}
+                for m in args.m:
+                    reps = max(1, int(TIMED_S / max(sides["new"].seconds(m, 1) * copies, 1e-9)))
+                    times: dict[str, list[float]] = {name: [] for name in sides}
+                    for _ in range(args.rounds):
+                        for name, side in sides.items():
+                            side.seconds(m, max(1, reps // 10))  # untimed: wake the pool
+                            times[name].append(side.seconds(m, reps))
+                    med = {name: statistics.median(t) for name, t in times.items()}
+                    base = base or med
+                    line = f"{m:>3} | {med['new'] * 1e3:6.3f} {med['new'] / base['new']:5.2f}x {packed.nbytes / med['new'] * 1e-9:5.1f}"
+                    if "old" in med:
+                        line += f" | {med['old'] * 1e3:6.3f} {med['old'] / base['old']:5.2f}x {med['old'] / med['new']:5.2f}x"
+                        a, b = sides["new"].y[:m], sides["old"].y[:m]
+                        line += "  same" if np.array_equal(a, b) else f"  differ: max {np.max(np.abs(a - b)):.2g}"
+                    print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int, default=None, help="default 2 (--rows: 2 1)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--kinds", nargs="+", default=["fp32", "int4", "int4h", "int8"], choices=["fp32", "int4", "int4h", "int8"],
-                        help="int4h: int4 whose scales are float16 values (GGUF-like; ORT gets them as float32)")
-    parser.add_argument("--m", nargs="+", type=int, default=[1, 128])
+    parser.add_argument("--kinds", nargs="+", default=None, choices=["fp32", "int4", "int4h", "q4_1", "int8"],
+                        help="int4h: int4 whose scales are float16 values (GGUF-like; ORT gets them as float32); "
+                             "q4_1: GGUF Q4_1's form (float16 minimums; --rows only); default fp32 int4 int4h int8 (--rows: int4 int8)")
+    parser.add_argument("--m", nargs="+", type=int, default=None, help="rows per call (default 1 128; --rows: 1 2 3 4 5 8 16)")
+    parser.add_argument("--rows", action="store_true", help="cost against rows per call, ours only (module docstring)")
+    parser.add_argument("--against", help="--rows: a git revision whose kernels are timed alternately with this tree's")
+    parser.add_argument("--resident", action="store_true", help="--rows: one copy of each weight (cache-resident where it fits)")
     parser.add_argument("--march", default="native", help="gcc -march for our kernels (haswell: the AVX2 path)")
     args = parser.parse_args(argv)
+    args.threads = args.threads or ([2, 1] if args.rows else [2])
+    args.kinds = args.kinds or (["int4", "int8"] if args.rows else ["fp32", "int4", "int4h", "int8"])
+    args.m = args.m or ([1, 2, 3, 4, 5, 8, 16] if args.rows else [1, 128])
     info = machine_info()
     print(f"# {info.get('cpu_model')} | threads {args.threads} | march {args.march} | onnxruntime {ort.__version__}")
+    if args.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows_table(args, tmp)
+        return
+    if "q4_1" in args.kinds:
+        parser.error("--kinds q4_1 is for --rows only (ORT's MatMulNBits has no minimums)")
+    if len(args.threads) > 1:
+        parser.error("one --threads value at a time against ORT (several only with --rows)")
     results: dict[tuple[str, int, int, int], tuple[float, float]] = {}  # -> (our GF/s, ours/ORT)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'kind':5} {'M':>4} {'K':>5} {'N':>6} | {'ours GF/s':>9} {'GB/s':>6} | {'ORT GF/s':>9} {'GB/s':>6} | ours/ORT")
@@ -242,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, n, block in SHAPES[shape]:
                 for m in args.m:
                     for kind in args.kinds:
-                        got = measure(kind, m, k, n, block, args, tmp)
+                        got = measure(kind, m, k, n, block, args, args.threads[0], tmp)
                         (a, ab), (b, bb) = got["ours"], got["theirs"]
                         gf = 2e-9 * m * n * k
                         results[kind, m, k, n] = (gf / a, b / a)

@@ -32,6 +32,8 @@ HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h
            "transformer.h", "paged_attention.h", "lora.h")
 #: Headers only a model with one of these ops needs (the rest of the models compile without them).
 OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}
+#: Parts of a header that it includes where they belong (inlined there, not in HEADERS' order).
+NESTED_HEADERS = ("qgemm_avx2.h",)
 #: Ops a fusion of fuse.py replaces: a user kernel for one of them turns fusions off (theirs wins).
 _FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul"), ("", "MatMul"), ("", "Add")}
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
@@ -67,13 +69,18 @@ def kernels_source(ops: set[str] | None = None) -> str:
     for name in HEADERS:
         if ops is not None and name in OPTIONAL_HEADERS and OPTIONAL_HEADERS[name] not in ops:
             continue
-        text = (HERE / "kernels" / name).read_text()
-        parts.append(re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M))
+        parts.append(_strip_includes((HERE / "kernels" / name).read_text()))
     return "\n".join(parts)
 
 
 def _strip_includes(text: str) -> str:
-    return re.sub(r'^#include "[^"]+"\n', "", text, flags=re.M)
+    """A header without its includes of other headers (inlined before it), a nested part inlined
+    in the include's place."""
+    def part(match: re.Match) -> str:
+        name = match[1]
+        return _strip_includes((HERE / "kernels" / name).read_text()) if name in NESTED_HEADERS else ""
+
+    return re.sub(r'^#include "([^"]+)"\n', part, text, flags=re.M)
 
 
 def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, *, pack: bool = True) -> Program:

@@ -37,7 +37,13 @@ from infercc.codegen.packing import (
 )
 from infercc.passes.quantize.methods import quantize_rows
 from infercc.passes.quantize.native import find_native
-from infercc.passes.quantize.pack import to_nbits, unpack_codes, unpack_zero_points
+from infercc.passes.quantize.pack import (
+    pack_codes,
+    pack_zero_points,
+    to_nbits,
+    unpack_codes,
+    unpack_zero_points,
+)
 
 from ..importers._models import SMOLLM2, require
 from ..passes.quantize._util import run_single
@@ -203,6 +209,62 @@ def test_activation_quantization_is_mlas_bit_for_bit(lib: ctypes.CDLL, m: int, k
     padded = np.zeros((2 * m, nb, block), np.float64)
     padded.reshape(2 * m, -1)[:, :k] = x
     assert np.all(np.abs(sx - padded.sum(axis=2)) <= 1e-6 * np.abs(padded).sum(axis=2))  # float sums
+
+
+def exact_case(bits: int, form: str, n: int, k: int, block: int, m: int, seed: int) -> tuple[Grid, np.ndarray]:
+    """A weight and activations on grids where no path rounds: scales and activation steps are
+    powers of two and every block of x holds a +-127 step (so d = 2^-e and x quantizes to itself),
+    codes, zero points and rests small integers times powers of two. Column 0 is all top codes,
+    row 0 all +127 and row 1 all -127 steps: the largest integer sums a block can have (a wrong
+    int16 accumulation would overflow there)."""
+    rng = np.random.default_rng(seed)
+    nb, top = -(-k // block), (1 << bits) - 1
+    codes = rng.integers(0, top + 1, (n, nb, block)).astype(np.uint8)
+    codes[0] = top
+    codes = codes.reshape(n, nb * block)
+    codes[:, k:] = 0
+    codes = codes.reshape(n, nb, block)
+    scales = (2.0 ** -rng.integers(0, 3, (n, nb))).astype(np.float32)
+    zeros = rng.integers(0, top + 1, (n, nb)) if form != "sym" else np.full((n, nb), 1 << (bits - 1))
+    rests = (rng.integers(-8, 9, (n, nb)) / 4.0).astype(np.float32) if form == "rest" else None
+    w = scales[..., None] * (codes.astype(np.float64) - zeros[..., None])
+    if rests is not None:
+        w = w + rests[..., None]
+    q = rng.integers(-127, 128, (m, nb, block))
+    q[:, :, 0] = np.where(rng.random((m, nb)) < 0.5, -127, 127)
+    q[0] = 127
+    if m > 1:
+        q[1] = -127
+    x = (q * 2.0 ** -rng.integers(0, 3, (m, nb, 1))).reshape(m, nb * block)[:, :k].astype(np.float32)
+    zp = None if form == "sym" else pack_zero_points(zeros.astype(np.uint8), bits)
+    return Grid(pack_codes(codes, bits), scales, zp, rests, w.reshape(n, -1)[:, :k].astype(np.float32), bits, block), x
+
+
+def _exact_reference(x: np.ndarray, g: Grid) -> np.ndarray:
+    """x @ W in float64, after checking that each block's term and every running sum over the
+    blocks is a float32: then the kernel's float steps (with or without fused multiply-adds, any
+    order within a block's term) are exact and every path must give exactly this."""
+    nb = -(-g.k // g.block)
+    y = np.zeros((x.shape[0], g.n))
+    for b in range(nb):
+        sl = slice(b * g.block, min(g.k, (b + 1) * g.block))
+        term = x[:, sl].astype(np.float64) @ g.rows[:, sl].T.astype(np.float64)
+        y = y + term
+        assert np.array_equal(term.astype(np.float32), term) and np.array_equal(y.astype(np.float32), y)
+    return y
+
+
+@pytest.mark.parametrize(("bits", "form", "n", "k", "block"), [
+    (4, "sym", 37, 200, 32), (4, "zp", 45, 72, 16), (4, "rest", 29, 300, 32), (4, "zp", 16, 256, 128),
+    (8, "sym", 45, 100, 32), (8, "zp", 37, 96, 64), (8, "rest", 21, 130, 32)])
+def test_matmul_q_exact_on_exact_grids(lib: ctypes.CDLL, bits: int, form: str, n: int, k: int, block: int) -> None:
+    """Every code path (AVX-512 VNNI, AVX2 with its int16 sums of maddubs, AVX-VNNI, plain C)
+    computes the integer block sums exactly: on grids where no float step rounds they all equal
+    the float64 product bit for bit, for 1..9 rows (whole and partial row tiles), N with a partial
+    last panel (half or more of it empty) and K not a multiple of the block."""
+    for m in range(1, 10):
+        g, x = exact_case(bits, form, n, k, block, m, seed=100 * bits + m)
+        np.testing.assert_array_equal(run_q(lib, x, g), _exact_reference(x, g).astype(np.float32), err_msg=f"{m} rows")
 
 
 def _onnxruntime(x: np.ndarray, g: Grid) -> np.ndarray:

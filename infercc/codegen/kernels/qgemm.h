@@ -22,12 +22,14 @@
  * lane sums 4 consecutive k of *one* column, a register of lanes is 16 (AVX2: 8) columns and no
  * horizontal sum is ever needed: per 4 k one broadcast of 4 activation bytes feeds
  *   AVX-512 VNNI: _mm512_dpbusd_epi32 (u8 codes x s8 activations, no saturation);
- *   AVX2: _mm256_maddubs_epi16 + _mm256_madd_epi16 (or AVX-VNNI's dpbusd); 8-bit codes go
- *         through the sign trick (|c - 128| x sign(q, c - 128)) since u8 255 x s8 127 x 2
- *         saturates int16;
+ *   AVX2: _mm256_maddubs_epi16 + _mm256_madd_epi16 (or AVX-VNNI's dpbusd); 4-bit codes add 8
+ *         maddubs results in int16 (exact) before one madd widening; 8-bit codes go through the
+ *         sign trick (|c - 128| x sign(q, c - 128)) since u8 255 x s8 127 x 2 saturates int16;
  *   plain C: int32 loops.
  * M > 1: all rows are quantized once, then each panel's blocks are used against ICC_Q_MR rows at
- * a time while in L1 (the 4-bit unpacking is shared by those rows too). Threads split the panels. */
+ * a time while in L1 (the 4-bit unpacking is shared by those rows too). Threads split the panels.
+ * Without VNNI a row costs its own 16 maddubs per block of 16 columns, so an AVX2 step of k rows
+ * reads the weights once but still does k rows of multiplies (benchmarks.kernels --rows). */
 #ifndef ICC_QGEMM_H
 #define ICC_QGEMM_H
 #include <math.h>
@@ -49,9 +51,11 @@
 #define ICC_Q_AVX2 1
 #endif
 /* rows per tile: each unpacked weight vector serves this many rows (AVX-512: 3 x 8 accumulators
- * of 32 registers; AVX2's 16 registers hold 4 rows) */
+ * of 32 registers; AVX2: 8 too, measured with GCC 12 on Zen 3 per row and block of 16 columns:
+ * 25 cycles at 1 row, 19 a row at 2..5 and 15 at 8, where the 6- and 7-row tiles spill, 27 a
+ * row: icc_q_tile_at splits those rests) */
 #ifndef ICC_Q_MR
-#if defined(ICC_Q_AVX512)
+#if defined(ICC_Q_AVX512) || defined(ICC_Q_AVX2)
 #define ICC_Q_MR 8
 #else
 #define ICC_Q_MR 4
@@ -148,23 +152,6 @@ ICC_INLINE void icc_q_zero_rest512(icc_qpanel P, int64_t i, __m512 s, __m512 *z,
         *rest = r;
     }
 }
-#elif defined(ICC_Q_AVX2)
-/* icc_q_zero_rest for 8 columns of a block */
-ICC_INLINE void icc_q_zero_rest256(icc_qpanel P, int64_t i, __m256 s, __m256 *z, __m256 *rest) {
-    const __m256 r = P.rests ? _mm256_loadu_ps(P.rests + i)
-                   : P.rests16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + i)))
-                               : _mm256_setzero_ps();
-    if (P.mins) {
-        const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(_mm256_setzero_ps(), r), s),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        *z = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(P.zmax));
-        *rest = _mm256_fmadd_ps(*z, s, r);
-    } else {
-        *z = P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + i))))
-                   : _mm256_set1_ps(P.z0);
-        *rest = r;
-    }
-}
 #endif
 
 /* Activations quantized per block: q [M][nb * block] int8 (zero past K), and per (row, block) the
@@ -174,6 +161,20 @@ typedef struct {
     float *d, *dq, *sx;
     void *mem;
 } icc_qact;
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline float icc_q_hmax8(__m256 v) {
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+static inline float icc_q_hsum8(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
 
 static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t *q, float *d,
                                float *dq, float *sx) {
@@ -188,6 +189,18 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
     }
     amax = _mm512_reduce_max_ps(vmax);
     sum = _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__)
+    if (n >= 8) {
+        __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            vsum = _mm256_add_ps(vsum, v);
+            /* |v| first: max_ps returns its second operand for a NaN, so NaNs are skipped as below */
+            vmax = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), vmax);
+        }
+        amax = icc_q_hmax8(vmax);
+        sum = icc_q_hsum8(vsum);
+    }
 #endif
     for (; i < n; i++) {
         float a = x[i] < 0 ? -x[i] : x[i];
@@ -205,6 +218,27 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(v));
     }
     qsum = _mm512_reduce_add_epi32(vq);
+#elif defined(__AVX2__)
+    /* the loop below, 8 at a time: round to nearest, ties to even (cvtps in the default rounding
+     * mode, as rintf below and MLAS), clamp to +-127 (identical q, so identical integer sums, on
+     * every path) */
+    __m256i vq = _mm256_setzero_si256();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(id));
+        __m256i r = _mm256_cvtps_epi32(v);
+        r = _mm256_max_epi32(_mm256_min_epi32(r, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+        vq = _mm256_add_epi32(vq, r);
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+        const int32_t lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(b)), hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(b, 1));
+        memcpy(q + i, &lo, 4);
+        memcpy(q + i + 4, &hi, 4);
+    }
+    {
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(vq), _mm256_extracti128_si256(vq, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        qsum = _mm_cvtsi128_si32(t);
+    }
 #endif
     for (; i < n; i++) {
         /* ties to even, as MLAS's _mm256_round_ps / cvtps (and the AVX-512 loop above) */
@@ -243,25 +277,7 @@ static inline int32_t icc_load_i32(const int8_t *p) {
     return v;
 }
 
-/* acc + per 32-bit lane sum of 4 u8 codes x 4 s8 activations (8-bit codes without VNNI: through
- * the sign trick, |c - 128| x sign(q, c - 128), the caller moving the zero point by 128). */
-#if defined(ICC_Q_AVX2)
-ICC_INLINE __m256i icc_dot_u8s8_256(__m256i acc, __m256i w, __m256i x, const int BITS) {
-#if defined(__AVXVNNI__)
-    (void)BITS;
-    return _mm256_dpbusd_avx_epi32(acc, w, x);
-#else
-    __m256i prod;
-    if (BITS == 8) {
-        const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
-        prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
-    } else {
-        prod = _mm256_maddubs_epi16(w, x);
-    }
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
-#endif
-}
-#endif
+#include "qgemm_avx2.h"
 
 /* y[0:R, 0:ncols] = x[0:R] @ one panel. BITS constant per instantiation; xq/d/dq/sx point at row 0
  * of the tile, rows kp (resp. nb) apart. */
@@ -312,6 +328,9 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
     }
     const __mmask16 mask = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + r * ldy, mask, yacc[r]);
+#elif defined(ICC_Q_AVX2)
+    (void)cb;
+    icc_q_tile_avx2(R, BITS, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols);
 #else
     float yacc[ICC_Q_MR][ICC_PANEL];
     for (int r = 0; r < R; r++)
@@ -319,50 +338,6 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *c = P.codes + b * cb;
         const int8_t *xb = xq + b * block;
-#if defined(ICC_Q_AVX2)
-        /* 8-bit without VNNI: codes as c - 128 (sign trick), so the zero point moves by 128 too */
-#if defined(__AVXVNNI__)
-        const int shift8 = 0;
-#else
-        const int shift8 = BITS == 8 ? 128 : 0;
-#endif
-        const __m256i m4 = _mm256_set1_epi8(0x0F);
-        __m256i acc[ICC_Q_MR][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-        /* one 64-byte chunk = groups 2h and 2h+1 (4-bit: low and high nibbles; 8-bit: two loads) */
-        for (int64_t h = 0; h < block / 8; h++) {
-            for (int half = 0; half < 2; half++) {
-                __m256i w0, w1;
-                if (BITS == 4) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * h + 32 * half));
-                    w0 = _mm256_and_si256(v, m4);
-                    w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                } else {
-                    w0 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 32 * half));
-                    w1 = _mm256_loadu_si256((const __m256i *)(c + 128 * h + 64 + 32 * half));
-                }
-                for (int r = 0; r < R; r++) {
-                    const __m256i x0 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h));
-                    const __m256i x1 = _mm256_set1_epi32(icc_load_i32(xb + r * kp + 8 * h + 4));
-                    acc[r][half] = icc_dot_u8s8_256(icc_dot_u8s8_256(acc[r][half], w0, x0, BITS), w1, x1, BITS);
-                }
-            }
-        }
-        for (int half = 0; half < 2; half++) {
-            const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + b * ICC_PANEL + 8 * half)
-                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + b * ICC_PANEL + 8 * half)));
-            __m256 z, rest;
-            icc_q_zero_rest256(P, b * ICC_PANEL + 8 * half, s, &z, &rest);
-            z = _mm256_sub_ps(z, _mm256_set1_ps((float)shift8));
-            for (int r = 0; r < R; r++) {
-                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][half]), _mm256_set1_ps(d[r * nb + b]));
-                t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
-                __m256 yv = _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yacc[r] + 8 * half));
-                if (P.rests || P.rests16) yv = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv);
-                _mm256_storeu_ps(yacc[r] + 8 * half, yv);
-            }
-        }
-#else
         int32_t dot[ICC_Q_MR][ICC_PANEL];
         for (int r = 0; r < R; r++)
             for (int j = 0; j < ICC_PANEL; j++) dot[r][j] = 0;
@@ -391,7 +366,6 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
                 yacc[r][j] += s[j] * t + rest * sx[r * nb + b];
             }
         }
-#endif
     }
     for (int r = 0; r < R; r++)
         for (int64_t j = 0; j < ncols; j++) y[r * ldy + j] = yacc[r][j];
@@ -444,6 +418,30 @@ static void icc_q_rows(int rows, int bits, int64_t block, int64_t nb, icc_qpanel
     }
 }
 
+/* The row tiles of M rows: ICC_Q_MR rows each, then the rest, on AVX2 a rest of 6 or 7 rows as
+ * 4 + 2 or 5 + 2 (see ICC_Q_MR). icc_q_tile_at: rows of tile t and its first row. */
+#if defined(ICC_Q_AVX2) && ICC_Q_MR == 8
+#define ICC_Q_SPLIT_REST 1
+#else
+#define ICC_Q_SPLIT_REST 0
+#endif
+static inline int64_t icc_q_tiles(int64_t M) {
+    const int64_t rest = M % ICC_Q_MR;
+    return M / ICC_Q_MR + (rest > 0) + (ICC_Q_SPLIT_REST && rest >= 6);
+}
+
+static inline int icc_q_tile_at(int64_t M, int64_t t, int64_t *m0) {
+    const int64_t full = M / ICC_Q_MR, rest = M - full * ICC_Q_MR;
+    *m0 = t * ICC_Q_MR;
+    if (t < full) return ICC_Q_MR;
+    if (ICC_Q_SPLIT_REST && rest >= 6) {
+        if (t == full) return (int)rest - 2;
+        *m0 = full * ICC_Q_MR + rest - 2;
+        return 2;
+    }
+    return (int)rest;
+}
+
 static void icc_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t block, const float *x,
                          const void *w, float *y) {
     if (M <= 0 || N <= 0) return;
@@ -458,12 +456,13 @@ static void icc_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t bloc
     }
     const int64_t nb = (K + block - 1) / block, kp = nb * block, cb = block * ICC_PANEL * bits / 8;
     const int64_t panels = (N + ICC_PANEL - 1) / ICC_PANEL;
-    const int64_t tiles = (M + ICC_Q_MR - 1) / ICC_Q_MR;
+    const int64_t tiles = icc_q_tiles(M);
 #pragma omp parallel for collapse(2) schedule(static) if (M * N * K >= ICC_PARALLEL_MIN_MACS)
     for (int64_t p = 0; p < panels; p++) {
         for (int64_t t = 0; t < tiles; t++) {
-            const int64_t m0 = t * ICC_Q_MR, n0 = p * ICC_PANEL;
-            const int rows = (int)(M - m0 < ICC_Q_MR ? M - m0 : ICC_Q_MR);
+            int64_t m0;
+            const int rows = icc_q_tile_at(M, t, &m0);
+            const int64_t n0 = p * ICC_PANEL;
             const int64_t ncols = N - n0 < ICC_PANEL ? N - n0 : ICC_PANEL;
             icc_q_rows(rows, bits, block, nb, icc_q_panel(w, p, nb, cb), a.q + m0 * kp, kp,
                        a.d + m0 * nb, a.dq + m0 * nb, a.sx + m0 * nb, y + m0 * N + n0, N, ncols);
