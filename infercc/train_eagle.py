@@ -81,13 +81,14 @@ def train_eagle(model: Any, output: str | Path, *, steps: int = 300, lr: float =
         raise InputError(f"train-heads: head_dim must be even (rotary pairs), got {head_dim}")
     start = time.perf_counter()
     sequences = _generate(compiled, _prompts(compiled, texts), seq_len, seed)
-    data = [(f, t) for f, t in hidden_states(compiled, sequences) if len(t) >= 3]
-    if not data:
+    sequences = [s for s in sequences if len(s[1]) >= 2]
+    if not sequences:
         raise InputError("train-heads: the model generated no text to train on; give prompts it answers at length")
+    data = hidden_states(compiled, sequences)
     first = [len(p) - 1 for p, _ in sequences]
     log(f"generated {sum(len(s[1]) for s in sequences)} tokens in {len(sequences)} sequences and collected "
         f"{sum(len(f) for f, _ in data)} hidden states in {time.perf_counter() - start:.0f} s")
-    test_ids = held_out_ids(len(data), held_out, seed)
+    test_ids = held_out_ids(sequences, held_out, seed)
     train = [i for i in range(len(data)) if i not in test_ids] or sorted(test_ids)
     labels = np.concatenate([np.asarray(data[i][1][2:], np.int64) for i in train])
     vocab_ids, index = frequent_vocab(labels, vocab, draft_vocab)

@@ -84,7 +84,7 @@ def train_heads(model: Any, output: str | Path, *, heads: int = 3, steps: int = 
     features, labels = _collect(compiled, sequences, heads)
     log(f"generated {sum(len(s[1]) for s in sequences)} tokens in {len(sequences)} sequences and collected "
         f"{sum(len(f) for f in features)} hidden states in {time.perf_counter() - start:.0f} s")
-    test_ids = held_out_ids(len(sequences), held_out, seed)
+    test_ids = held_out_ids(sequences, held_out, seed)
     owner = np.concatenate([np.full(len(f), i) for i, f in enumerate(features)])
     x, y = np.concatenate(features), np.concatenate(labels)
     test = np.isin(owner, list(test_ids))
@@ -115,10 +115,14 @@ def frequent_vocab(labels: np.ndarray, vocab: int, size: int) -> tuple[np.ndarra
     return vocab_ids, index
 
 
-def held_out_ids(count: int, fraction: float, seed: int) -> set[int]:
-    """The sequences held out of training (at least one), drawn with ``seed``."""
-    order = np.random.default_rng(seed).permutation(count)
-    return set(order[:max(1, int(round(count * fraction)))].tolist())
+def held_out_ids(sequences: list[tuple[list[int], list[int]]], fraction: float, seed: int) -> set[int]:
+    """Indices of the (prompt, continuation) pairs held out of training, drawn with ``seed`` by
+    prompt: a prompt's greedy and sampled continuations share much of their text, so one of them
+    in training would make the other's held-out accuracy a measure of memory."""
+    prompts = sorted({tuple(p) for p, _ in sequences})
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    held = {prompts[i] for i in order[:max(1, int(round(len(prompts) * fraction)))]}
+    return {i for i, (p, _) in enumerate(sequences) if tuple(p) in held}
 
 
 def check_options(**options: tuple[Any, int]) -> None:

@@ -53,6 +53,7 @@ class Embedding:
 
     def __init__(self, model: Model, vocab_ids: np.ndarray | None) -> None:
         self.node = embedding_node(model)
+        self.hidden = lm_head_shape(model)[1]
         self.vocab_ids = vocab_ids
         self.table = self._read(vocab_ids)
         self._rows = {int(t): i for i, t in enumerate(vocab_ids)} if vocab_ids is not None else None
@@ -61,8 +62,10 @@ class Embedding:
     def _read(self, rows: np.ndarray | None) -> np.ndarray:
         node = self.node
         if node.op_type == "Gather":
-            table = node.inputs[0].const.numpy()
+            table = _const(node.inputs[0]).numpy()
             return np.ascontiguousarray(table if rows is None else table[rows], np.float32)
+        if node.op_type == "GatherBlockQuantized":  # (its rows may be padded to whole blocks)
+            return np.ascontiguousarray(_block_quantized_rows(node, rows)[:, :self.hidden])
         from ...passes.quantize.ops import dequantized_weight
 
         return dequantized_weight(node, rows)
@@ -87,8 +90,33 @@ class Embedding:
         return np.stack(out)
 
 
+def _const(value):
+    """The constant behind ``value`` and any reshapes of it (None if there is none)."""
+    while value.const is None and value.producer is not None and value.producer.op_type == "Reshape":
+        value = value.producer.inputs[0]
+    return value.const
+
+
+def _block_quantized_rows(node: Node, rows: np.ndarray | None) -> np.ndarray:
+    """Rows of the table of ORT's GatherBlockQuantized (how our GatherQuant runs on ORT: packed rows
+    [N, blocks * block * bits / 8], scales [N, blocks], optional packed zero points), as float32."""
+    from ...passes.quantize.pack import unpack_codes, unpack_zero_points
+
+    bits = int(node.attr("bits"))
+    scales = node.inputs[2].const.numpy()
+    n = scales.shape[0]
+    scales = scales.reshape(n, -1).astype(np.float32)
+    pick = slice(None) if rows is None else rows
+    codes = unpack_codes(_const(node.inputs[0]).numpy().reshape(n, scales.shape[1], -1)[pick], bits).astype(np.float32)
+    points = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    zeros = np.float32(1 << (bits - 1)) if points is None else \
+        unpack_zero_points(points.const.numpy().reshape(n, -1)[pick], bits, scales.shape[1]).astype(np.float32)[..., None]
+    return np.ascontiguousarray(((codes - zeros) * scales[pick][..., None]).reshape(len(codes), -1))
+
+
 def embedding_node(model: Model) -> Node:
-    """The Gather / GatherQuant looking ``input_ids`` up in a constant table (HeadsError if none)."""
+    """The Gather / GatherQuant / GatherBlockQuantized looking ``input_ids`` up in a constant table
+    (HeadsError if none)."""
     ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
     frontier, seen = ([ids] if ids is not None else []), set()
     while frontier:  # through casts and reshapes of the ids
@@ -97,8 +125,8 @@ def embedding_node(model: Model) -> Node:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type in ("Gather", "GatherQuant") and len(node.inputs) > 1 and node.inputs[1] is value \
-                    and node.inputs[0].const is not None:
+            if node.op_type in ("Gather", "GatherQuant", "GatherBlockQuantized") and len(node.inputs) > 1 \
+                    and node.inputs[1] is value and _const(node.inputs[0]) is not None:
                 return node
             if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
                 frontier.append(node.outputs[0])

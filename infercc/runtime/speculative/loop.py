@@ -168,13 +168,16 @@ def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokeniz
 
 
 def proposer_for(compiled: CompiledModel, method: str) -> tuple[Proposer | None, str]:
-    """``make_proposer`` once per compiled model and method: a draft is compiled (or a self-draft
-    cut) on first use and kept with the model. Prompt lookup keeps state per sequence id, so each
-    call gets its own."""
+    """``make_proposer`` once per compiled model, method and the config fields naming its weights
+    (a config replaced after compiling takes effect): a draft is compiled (or a self-draft cut) on
+    first use and kept with the model. Prompt lookup keeps state per sequence id, so each call gets
+    its own."""
+    config = compiled.config
     if method in ("auto", "prompt_lookup"):
-        return make_proposer(compiled, method, compiled.config)
+        return make_proposer(compiled, method, config)
+    key = (method, config.draft_model, config.draft_layers, config.speculation_heads)
     with _LOCK:
         cache = compiled.__dict__.setdefault("_speculation_proposers", {})
-        if method not in cache:
-            cache[method] = make_proposer(compiled, method, compiled.config)
-        return cache[method]
+        if key not in cache:
+            cache[key] = make_proposer(compiled, method, config)
+        return cache[key]
