@@ -70,19 +70,19 @@ def with_draft(compiled, draft):
 @pytest.mark.parametrize("backend", ["ort", "c"])
 def test_greedy_equals_plain_decoding_alone(stories, backend):
     compiled = stories[backend]
-    prompts = [compiled.tokenizer.encode(t) for t in (STORY, *TEXTS[:2])]
+    prompts = [compiled.tokenizer.encode(t) for t in (STORY, TEXTS[1])]
     counts = {}
     for draft in ("trained", "random"):
         with_draft(compiled, stories[draft])
         total = np.zeros(2, int)
         for prompt in prompts:
-            plain = compiled.generate(prompt, max_new_tokens=40, ignore_eos=True, speculation="off")
-            spec = forced(compiled, "eagle", prompt, k=3, max_new_tokens=40, ignore_eos=True)
+            plain = compiled.generate(prompt, max_new_tokens=32, ignore_eos=True, speculation="off")
+            spec = forced(compiled, "eagle", prompt, k=3, max_new_tokens=32, ignore_eos=True)
             assert spec.token_ids == plain.token_ids, (draft, prompt)
             total += (spec.speculation.proposed, spec.speculation.accepted)
         counts[draft] = total
-        public = compiled.generate(prompts[0], max_new_tokens=40, ignore_eos=True, speculation="eagle")
-        assert public.token_ids == compiled.generate(prompts[0], max_new_tokens=40, ignore_eos=True,
+        public = compiled.generate(prompts[0], max_new_tokens=32, ignore_eos=True, speculation="eagle")
+        assert public.token_ids == compiled.generate(prompts[0], max_new_tokens=32, ignore_eos=True,
                                                      speculation="off").token_ids
         assert public.speculation_reason is None
     # both paths ran: the trained draft's guesses are accepted, the random one's mostly not
