@@ -132,14 +132,16 @@ class CompiledModel:
     def tokenizer(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
 
-    def session(self, *, max_context: int | None = None, kv_cache_memory: int | None = None) -> Session:
+    def session(self, *, max_context: int | None = None, kv_cache_memory: int | None = None,
+                speculation: str | None = None) -> Session:
         """A Session for step-by-step use: ``session.sequence()`` makes independent sequences
         (prefill / decode / append / reset / fork). ``max_context`` overrides the model's context
         length; ``kv_cache_memory`` the bytes of the session's paged KV pool (default
-        ``Config.kv_cache_memory``)."""
+        ``Config.kv_cache_memory``); ``speculation`` its sequences' default speculative decoding
+        method (default ``Config.speculation``; "off" for none)."""
         from .runtime.session import Session
 
-        return Session(self, max_context=max_context, kv_cache_memory=kv_cache_memory)
+        return Session(self, max_context=max_context, kv_cache_memory=kv_cache_memory, speculation=speculation)
 
     def generate(self, prompt: Any, **options: Any) -> GenerationResult | list[GenerationResult]:
         """Generate text for ``prompt`` (text, token ids, or chat messages [{"role", "content"}]);

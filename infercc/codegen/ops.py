@@ -61,8 +61,12 @@ def dtype_code(value: Value) -> int:
 
 
 def lit(x: float) -> str:
-    """A C float literal (infinities and NaN spelled out)."""
-    x = float(x)
+    """A C float literal (infinities and NaN spelled out), written from the float32 value: the
+    literal is a float in C anyway, and an attribute read back from a saved model.onnx (float32)
+    must give the same source as the in-memory double it was saved from (the saved weight blob is
+    trusted only when the regenerated source is byte-identical)."""
+    with np.errstate(over="ignore"):
+        x = float(np.float32(x))
     if math.isinf(x):
         return "INFINITY" if x > 0 else "-INFINITY"
     if math.isnan(x):

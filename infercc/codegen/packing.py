@@ -24,11 +24,15 @@ K, N, flags, panel stride in bytes), then ceil(N / 16) panels of 16 output colum
   steps are): 32 instead of 64 bytes per block, ~10% less to stream for 4-bit blocks of 32;
 * zero points uint8 [blocks, 16] (flag 1; absent = 2^(bits-1) everywhere);
 * rests float32 [blocks, 16] (flag 2: w = scale * (code - zero point) + rest, exact GGUF Q4_1),
-  or, when the zero points fold into them exactly, the block minimums as float16 (flags 8 and 16,
+  or, when the kernel can recompute both from them, the block minimums as float16 (flags 8 and 16,
   no zero-point array): w = scale * code + min, GGUF Q4_1's own form (d * q + m, m a float16),
-  352 -> 320 bytes per 4-bit block of 16 columns, ~10% less to stream. The kernel still centres
-  the codes at 2^(bits-1) against the int8 activations (and adds min + 2^(bits-1) * scale to the
-  float sum), so the activation rounding's error stays that of centred codes.
+  352 -> 320 bytes per 4-bit block of 16 columns, ~10% less to stream. The kernel takes each
+  block's zero point back as clamp(rint(-min / scale), 0, 2^bits - 1) (float32, ties to even) and
+  its rest as fma(zero, scale, min): this form is chosen only when those give exactly the zero
+  points and float32 rests it was handed (:func:`_half_mins`), so the kernel subtracts the same
+  integer zero point against the int8 activations as ONNX Runtime's MatMulNBits does for the same
+  weight (passes/quantize/native.py picks it) and adds the same rest: both runtimes then round the
+  activations into the same error, and differ by float summation order alone.
 
 The kernels find every part from (N, K, bits, block) and the header's flags and stride.
 
@@ -112,14 +116,10 @@ def pack_quant(
     exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
     flags = (FLAG_ZERO_POINTS if zero_points is not None else 0) | (FLAG_RESTS if rests is not None else 0)
     flags |= FLAG_F16_SCALES if exact_half else 0
-    mins = _half_mins(scales, zeros, rests) if rests is not None and exact_half else None
+    mins = _half_mins(scales, zeros, rests, bits) if rests is not None and exact_half else None
     if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
         flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_MINS
         rests = mins
-        if blocks * block > K:  # the padding is the centre code (adds nothing against it)
-            flat = codes.reshape(N, blocks * block).copy()
-            flat[:, K:] = 1 << (bits - 1)
-            codes = flat.reshape(N, blocks, block)
     panels = -(-N // PANEL)
     pad_n = panels * PANEL - N
 
@@ -150,16 +150,27 @@ def pack_quant(
     return np.concatenate([header.view(np.uint8), body.reshape(-1)])
 
 
-def _half_mins(scales: np.ndarray, zeros: np.ndarray, rests: np.ndarray) -> np.ndarray | None:
-    """rest - scale * zero as float16 [N, blocks] when that is exact to the rest's float32 rounding
-    for every block (a GGUF Q4_1 minimum that the importer moved to an integer zero point), else None."""
-    r = np.asarray(rests, np.float64)
-    mins = r - np.asarray(scales, np.float64) * zeros.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        half = mins.astype(np.float16)
-    # the rest was rounded to float32 once: allow that rounding (an ulp of it), no more
-    slack = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
-    ok = np.isfinite(half) & (np.abs(half.astype(np.float64) - mins) <= slack)
+def _half_mins(scales: np.ndarray, zeros: np.ndarray, rests: np.ndarray, bits: int) -> np.ndarray | None:
+    """The block minimums rest - scale * zero as float16 [N, blocks] (a GGUF Q4_1 minimum that the
+    importer moved to an integer zero point), or None unless, for every block, the kernel's
+    recomputation from the half minimum m and the scale s gives back exactly what it was handed:
+    the zero point as clamp(rint(-m / s), 0, 2^bits - 1) in float32 (qgemm.h icc_q_min_zero) and
+    the float32 rest as fma(zero, s, m), one rounding of the exact value. Anything else (another
+    zero-point choice, a minimum that is no float16) keeps zero points and float32 rests."""
+    r = np.asarray(rests, np.float32)
+    s = np.asarray(scales, np.float32)
+    z = zeros.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        half = (r.astype(np.float64) - s.astype(np.float64) * z).astype(np.float16)
+        m = half.astype(np.float32)
+        again = np.clip(np.rint(-(m / s)), 0, (1 << bits) - 1)
+        # fma(z, s, m): z * s is exact in float64 (<= 8 + 24 bits); the sum is exact when its
+        # rounding error (TwoSum) is zero, and then one rounding to float32 is the fma's
+        p, m64 = z * s.astype(np.float64), m.astype(np.float64)
+        total = p + m64
+        back = total - p
+        exact = ((p - (total - back)) + (m64 - back)) == 0
+        ok = np.isfinite(half) & (again == z) & exact & (total.astype(np.float32) == r)
     return half if bool(ok.all()) else None
 
 

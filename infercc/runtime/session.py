@@ -22,6 +22,10 @@ Where a sequence's keys and values live:
   several threads may drive several sequences at once (ONNX Runtime's ``run`` is thread-safe), one
   model call each.
 
+Speculative decoding (``speculation=`` on ``compiled.session``, ``session.sequence`` or ``fork``;
+default ``Config.speculation``): a stream of ``decode()`` calls costs fewer model steps, each call
+still returning the one token plain decoding gives (runtime/session_speculation.py).
+
 Sequences step in Python on every runtime: a sequence hands out its logits and keeps its cache after
 each ``prefill``/``append``/``decode``, which the generated-C decode loop (runtime/c_generate.py,
 used by ``generate``/``stream``) keeps inside the library; each step is still one C forward run.
@@ -30,6 +34,7 @@ used by ``generate``/``stream``) keeps inside the library; each step is still on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 import weakref
@@ -40,10 +45,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InferccError, InputError
+from . import session_speculation
 from .kv_cache import check_context
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .session_pool import Feed, SessionPool, check_pool_memory
+from .spec_engine import check_method
+from .speculative.policy import SpeculationStats
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -67,10 +75,14 @@ CLOSED_HOW = ("`with compiled.session() as s:` closes it at the end of the block
 
 class Session:
     def __init__(self, compiled: CompiledModel, *, max_context: int | None = None,
-                 kv_cache_memory: int | None = None) -> None:
+                 kv_cache_memory: int | None = None, speculation: str | None = None) -> None:
         """``max_context`` overrides the model's context length; ``kv_cache_memory`` the pool's bytes
-        (default ``Config.kv_cache_memory``; paged layout only)."""
+        (default ``Config.kv_cache_memory``; paged layout only); ``speculation`` its sequences'
+        default method (a ``Config.speculation`` value or "off"; None: the model's config)."""
         self.compiled = compiled
+        check_method(compiled.config, speculation, "compiled.session")
+        #: The sequences' speculation method when they name none (None: ``Config.speculation``).
+        self.default_speculation = speculation
         #: The model runner over per-sequence caches: the contiguous layout's and uncached graphs'
         #: steps, and the model's interface (context, vocabulary) for the pool.
         self.runner = ModelRunner(compiled.backend, compiled.model, max_context)
@@ -117,20 +129,31 @@ class Session:
         return self._pool
 
     def sequence(self, params: SamplingParams | None = None, *, adapter=None, adapter_weights=None,
-                 **sampling) -> Sequence:
+                 speculation: str | None = None, **sampling) -> Sequence:
         """A new, empty sequence; ``params`` or keyword sampling options choose how ``decode``
         picks tokens (default greedy). ``adapter``: a loaded LoRA adapter's name (or a list of
-        names with ``adapter_weights``: a composition) the sequence runs with; see ``set_adapter``."""
+        names with ``adapter_weights``: a composition) the sequence runs with; see ``set_adapter``.
+        ``speculation``: a ``Config.speculation`` method, "off", or None for the session's default:
+        ``decode()`` still returns one token per call, the one plain decoding gives, from fewer
+        model steps (``seq.speculation`` counts them; a method that cannot run decodes plainly,
+        ``seq.speculation_reason`` says why)."""
+        method = check_method(self.compiled.config, self.default_speculation if speculation is None else speculation,
+                              "session.sequence")
         params = _with(params or SamplingParams(), sampling)
         ref = self.compiled.lora.resolve(adapter, adapter_weights) if adapter is not None else None
-        return self._new(params, ref)
+        return self._new(params, ref, method)
 
-    def _new(self, params: SamplingParams, ref) -> Sequence:
-        """A sequence holding ``ref`` (already acquired; released when it closes or is dropped)."""
+    def _new(self, params: SamplingParams, ref, method: str | None) -> Sequence:
+        """A sequence holding ``ref`` (already acquired; released when it closes or is dropped)
+        speculating with ``method`` (checked; None: off)."""
         try:
+            spec, reason = session_speculation.start(self, method)
             with self._lock:
                 self._check_open()
                 seq = Sequence(self, params, ref)
+                seq._method, seq._spec, seq.speculation_reason = method, spec, reason
+                if spec is not None:
+                    seq._spec_release = weakref.finalize(seq, spec.release)
                 self._sequences.add(seq)
         except BaseException:
             if ref is not None:
@@ -141,8 +164,9 @@ class Session:
     def decode(self, sequences: Iterable[Sequence]) -> list[int]:
         """Advance each sequence by one token (its own sampler), all in ONE model step on the paged
         pool (one step per sequence otherwise); returns the tokens in order. Each sequence gets the
-        token its own ``decode()`` would give. On the pool, an error (a closed or unprefilled
-        sequence, the context, a full pool) changes no sequence."""
+        token its own ``decode()`` would give (a speculating sequence holding verified tokens
+        returns one without the step; the others verify their proposals in it). On the pool, an
+        error (a closed or unprefilled sequence, the context, a full pool) changes no sequence."""
         seqs = list(sequences)
         for i, seq in enumerate(seqs):
             if not isinstance(seq, Sequence) or seq.session is not self:
@@ -155,7 +179,7 @@ class Session:
         with contextlib.ExitStack() as stack:
             for seq in sorted(seqs, key=id):  # one lock order for every caller: no deadlock
                 stack.enter_context(seq._lock)
-            return Sequence._decode_paged(seqs)
+            return session_speculation.decode(seqs)
 
     @property
     def bytes_per_token(self) -> int:
@@ -224,6 +248,12 @@ class Sequence:
         self.output: list[int] = []  # ids chosen by decode
         self.logits: np.ndarray | None = None
         self.closed = False
+        #: Speculation (session_speculation.py; set by Session._new): the method asked for, its state
+        #: (None: plain decoding) and why a method asked for does not run here.
+        self._method: str | None = None
+        self._spec: session_speculation.SequenceSpeculation | None = None
+        self._spec_release: weakref.finalize | None = None
+        self.speculation_reason: str | None = None
 
     # -- feeding ------------------------------------------------------------------------------
     def prefill(self, tokens: Tokens, all_logits: bool = False) -> np.ndarray:
@@ -243,48 +273,21 @@ class Sequence:
         ``prefill`` does."""
         with self._lock:
             self._check_open("append")
+            self._drop_pending()
             return self._feed(self._encode(tokens, first=self.length == 0), False, all_logits)
 
     def decode(self) -> int:
         """Choose the next token from the last logits with this sequence's sampler, feed it, and
         return it (``logits`` then predict the token after it). On the paged pool, decodes of
-        other sequences running at the same time (other threads) share the model step."""
+        other sequences running at the same time (other threads) share the model step. A
+        speculating sequence returns verified tokens kept from an earlier step without one."""
         with self._lock:
-            if self._paged:
-                return Sequence._decode_paged([self])[0]
-            self._check_open("decode")
-            self._check_decode()
-            token = self.sampler(self.logits, self.context, self.output)
-            self._feed([token], True)
-            return token
+            return session_speculation.decode([self])[0]
 
     def _check_decode(self) -> None:
         if self.logits is None:
             raise InputError("decode() needs logits: prefill() the sequence with a prompt first")
         check_context(self.length + 1, self.session.max_context)
-
-    @staticmethod
-    def _decode_paged(seqs: list[Sequence]) -> list[int]:
-        """One token for each of ``seqs`` (their locks held) in one pool feed; samplers are put back
-        as they were when the feed fails, so a failed decode changes nothing."""
-        for seq in seqs:
-            seq._check_open("decode")
-            seq._check_decode()
-        states = [seq.sampler.rng.bit_generator.state for seq in seqs]  # (a dict: cheap, unlike a deepcopy)
-        tokens = [seq.sampler(seq.logits, seq.context, seq.output) for seq in seqs]
-        pool = seqs[0].session.pool
-        assert pool is not None
-        try:
-            results = pool.feed([Feed(seq._id, seq.length, [t], adapter=seq.adapter) for seq, t in zip(seqs, tokens)])
-        except BaseException:
-            for seq, state in zip(seqs, states):
-                seq.sampler.rng.bit_generator.state = state
-            raise
-        for seq, token, logits in zip(seqs, tokens, results):
-            seq.logits = logits
-            seq.output.append(token)
-            seq._history.append(token)
-        return tokens
 
     def _feed(self, ids: list[int], generated: bool, all_logits: bool = False) -> np.ndarray:
         if not ids:
@@ -308,13 +311,15 @@ class Sequence:
         return [int(t) for t in np.asarray(tokens).reshape(-1)]
 
     # -- forking ------------------------------------------------------------------------------
-    def fork(self, params: SamplingParams | None = None, **sampling) -> Sequence:
+    def fork(self, params: SamplingParams | None = None, *, speculation: str | None = None, **sampling) -> Sequence:
         """A new sequence of the same session holding everything this one holds (tokens, logits),
         continuing on its own. On the paged pool it shares every block copy-on-write (nothing is
         copied until one of them writes into a shared, partly filled block); otherwise its cache
         is computed again from the tokens. Its sampler: ``params`` / keyword options when given
         (over this sequence's params), else this sequence's params with the seed moved by
-        ``FORK_SEED_OFFSET`` per fork (the k-th fork gets seed + k; no seed stays no seed)."""
+        ``FORK_SEED_OFFSET`` per fork (the k-th fork gets seed + k; no seed stays no seed).
+        ``speculation``: the child's method (default: this sequence's); the child holds the
+        returned tokens only, this sequence keeps its verified ones."""
         with self._lock:
             self._check_open("fork")
             self._forks += 1
@@ -322,11 +327,16 @@ class Sequence:
                 seed = self.params.seed
                 params = self.params.replace(seed=None if seed is None else seed + FORK_SEED_OFFSET * self._forks)
             params = _with(params or self.params, sampling)
-            child = self.session._new(params, self.session.compiled.lora.acquire(self.adapter) if self.adapter else None)
+            method = self._method if speculation is None else check_method(
+                self.session.compiled.config, speculation, "sequence.fork")
+            child = self.session._new(params, self.session.compiled.lora.acquire(self.adapter) if self.adapter else None,
+                                      method)
             if self.length:
                 if self._paged:
                     self.session.pool.fork(self._id, child._id)  # type: ignore[union-attr]
-                    child._history = list(self._history)
+                    if len(self._history) > self.length:  # this sequence's verified, unreturned tokens
+                        child._keep(self.length)
+                    child._history = self.tokens
                 else:
                     child._runner.step(child._cache, [self.tokens])
                 child.context, child.output = list(self.context), list(self.output)
@@ -336,8 +346,15 @@ class Sequence:
     # -- state --------------------------------------------------------------------------------
     @property
     def tokens(self) -> list[int]:
-        """Every id fed so far, in order."""
-        return list(self._history) if self._paged else self._cache.tokens()
+        """Every id fed or returned so far, in order (not the verified tokens a speculating
+        sequence holds for its next calls)."""
+        return self._history[:self.length] if self._paged else self._cache.tokens()[:self.length]
+
+    @property
+    def speculation(self) -> SpeculationStats | None:
+        """Proposed and accepted tokens and verify steps so far (a copy); None when the sequence
+        decodes plainly (``speculation_reason`` says why when a method was asked for)."""
+        return dataclasses.replace(self._spec.stats) if self._spec is not None else None
 
     @property
     def length(self) -> int:
@@ -380,6 +397,8 @@ class Sequence:
                 self._finalizer.detach()
             if self._release_adapter is not None:
                 self._release_adapter()
+            if self._spec_release is not None:
+                self._spec_release()
 
     def _drop_cache(self) -> None:
         """Give back the sequence's keys and values: its pool blocks, or its contiguous cache."""
@@ -390,7 +409,23 @@ class Sequence:
         else:
             self._cache.free()
 
+    def _drop_pending(self) -> None:
+        """A speculating sequence forgets its verified, unreturned tokens (their slots go back)."""
+        if self._spec is not None:
+            self._spec.drop(self)
+
+    def _keep(self, length: int) -> None:
+        """The cache keeps its first ``length`` tokens (the rest: speculated tokens not returned)."""
+        if self._paged:
+            self.session.pool.keep(self._id, length)  # type: ignore[union-attr]
+            del self._history[length:]
+        else:
+            self._cache.truncate(length)
+
     def _clear(self) -> None:
+        if self._spec is not None:
+            self._spec.pending.clear()
+            self._spec.next = None
         self._drop_cache()
         self.context, self.output, self.logits = [], [], None
         self.sampler = Sampler(self.params)
@@ -402,6 +437,7 @@ class Sequence:
         token it holds; ``logits`` are then the new adapter's). Tokens and sampler are kept."""
         with self._lock:
             self._check_open("set_adapter")
+            self._drop_pending()
             registry = self.session.compiled.lora
             ref = registry.resolve(adapter, adapter_weights) if adapter is not None else None
             tokens, context, output = self.tokens, list(self.context), list(self.output)

@@ -76,6 +76,10 @@ class Feed:
     #: The sequence's LoRA adapter (``infercc.lora.AdapterRef``) or None; its identity salts the
     #: prefix-cache keys, so only sequences of the same adapter share blocks.
     adapter: Any = None
+    #: Trailing tokens that are speculated (a sequence's verify step): their logits come back too
+    #: ([speculated + 1, vocab]) and they stay out of the prefix cache until ``keep`` says which
+    #: of them stood (as the engine's rejected tokens never enter it).
+    speculated: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,6 +88,7 @@ class _Job:
     row: PagedRow
     thread: int = dataclasses.field(default_factory=threading.get_ident)
     logits: np.ndarray | None = None
+    hidden: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
 
@@ -149,7 +154,7 @@ class SessionPool:
                 "bytes)") from None
         new = tokens[start - feed.before:]
         row = PagedRow(feed.seq_id, new, start, bm.block_table(feed.seq_id),
-                       num_logits=len(new) if feed.all_logits else 1, adapter=feed.adapter)
+                       num_logits=len(new) if feed.all_logits else feed.speculated + 1, adapter=feed.adapter)
         return _Job(feed, row)
 
     def _undo(self, job: _Job) -> None:
@@ -171,9 +176,11 @@ class SessionPool:
             self.blocks.free(seq_id)
 
     # -- the door for sequences ------------------------------------------------------------------
-    def feed(self, feeds: list[Feed]) -> list[np.ndarray]:
+    def feed(self, feeds: list[Feed], hidden: list | None = None) -> list[np.ndarray]:
         """Run every feed in one step (joined by other threads' queued rows); each feed's logits:
-        [vocab], or [tokens, vocab] with ``all_logits``. On any error nothing is fed."""
+        [vocab], or [tokens, vocab] with ``all_logits`` ([speculated + 1, vocab] for a verify
+        step). On any error nothing is fed. ``hidden``: a list each feed's final hidden states (the
+        rows of its logits; None when the graph does not expose them) are appended to."""
         with self._cond:
             self._check_open()
             self._drain_dead()
@@ -206,6 +213,8 @@ class SessionPool:
         for job in jobs:
             if job.error is not None:
                 raise job.error
+        if hidden is not None:
+            hidden.extend(job.hidden for job in jobs)
         return [job.logits for job in jobs]  # type: ignore[misc]
 
     def _gather(self) -> None:
@@ -226,10 +235,12 @@ class SessionPool:
             for job in batch:
                 job.error = exc
             return
-        offset = 0
+        offset, hidden = 0, self.runner.last_hidden
         for job in batch:
             n = job.row.num_logits
-            job.logits = logits[offset:offset + n] if job.feed.all_logits else logits[offset]
+            rows = slice(offset, offset + n) if job.feed.all_logits or job.feed.speculated else offset
+            job.logits = logits[rows]
+            job.hidden = None if hidden is None else hidden[rows]
             offset += n
 
     def _record(self, batch: list[_Job]) -> None:
@@ -238,7 +249,7 @@ class SessionPool:
         for job in batch:
             if job.error is None:
                 row = job.row
-                self.blocks.computed(row.seq_id, row.start + len(row.tokens))
+                self.blocks.computed(row.seq_id, row.start + len(row.tokens) - job.feed.speculated)
                 self.computed_tokens += len(row.tokens)
                 ran = True
             else:
@@ -252,6 +263,16 @@ class SessionPool:
             self._check_open()
             self.blocks.fork(parent, child)
             self._known.add(child)
+
+    def keep(self, seq_id: int, num_tokens: int) -> None:
+        """Keep the sequence's first ``num_tokens`` tokens (its verified ones: they enter the prefix
+        cache) and give back the slots and blocks of the rest (rejected or dropped speculated
+        tokens), as the engine rolls a verify step back (``BlockManager.truncate``)."""
+        with self._cond:
+            self._check_open()
+            if num_tokens < self.blocks.num_tokens(seq_id):
+                self.blocks.truncate(seq_id, num_tokens)
+            self.blocks.computed(seq_id, num_tokens)
 
     def release(self, seq_id: int) -> None:
         """The sequence was reset or closed: its blocks come back (cached ones stay findable)."""

@@ -20,6 +20,19 @@ void t_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t block, const 
                 const void *w, float *y) { icc_matmul_q(M, N, K, bits, block, x, w, y); }
 void t_gather_q(int64_t n_ids, const int64_t *ids, int64_t N, int64_t K, int bits, int64_t block,
                 const void *w, float *out) { icc_gather_q(n_ids, ids, N, K, bits, block, w, out); }
+/* the int8 activations of icc_matmul_q: q [M][blocks * block], then d, d * sum q, sum x [M][blocks] */
+int t_quantize_act(int64_t M, int64_t K, int64_t block, const float *x, int8_t *q, float *d, float *dq,
+                   float *sx) {
+    icc_qact a;
+    if (!icc_quantize_act(M, K, block, x, &a)) return 0;
+    const int64_t nb = (K + block - 1) / block;
+    memcpy(q, a.q, (size_t)(M * nb * block));
+    memcpy(d, a.d, sizeof(float) * (size_t)(M * nb));
+    memcpy(dq, a.dq, sizeof(float) * (size_t)(M * nb));
+    memcpy(sx, a.sx, sizeof(float) * (size_t)(M * nb));
+    free(a.mem);
+    return 1;
+}
 """
 
 _I64, _P, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -32,4 +45,6 @@ def kernels(march: str, out_dir: Path) -> ctypes.CDLL:
     lib.t_gather_q.argtypes = [_I64, _P, _I64, _I64, _INT, _I64, _P, _P]
     for f in (lib.t_gemm_f32, lib.t_matmul_q, lib.t_gather_q):
         f.restype = None
+    lib.t_quantize_act.argtypes = [_I64, _I64, _I64, _P, _P, _P, _P, _P]
+    lib.t_quantize_act.restype = _INT
     return lib

@@ -84,3 +84,15 @@ def test_an_op_without_a_kernel_falls_back_to_ort_with_the_reason(tmp_path) -> N
 def test_backend_is_validated() -> None:
     with pytest.raises(infercc.errors.ConfigError, match="backend"):
         infercc.Config(backend="gpu")
+
+
+@pytest.mark.parametrize("value", [1 / 8 ** 0.5, 0.1, 1e-5, 3.4028234663852886e38, 1e39, -2.0, 0.0])
+def test_a_float_attribute_gives_the_same_literal_after_a_float32_round_trip(value: float) -> None:
+    """An attribute computed as a Python double (an attention scale of 1/sqrt(8)) is saved as a
+    float32 in model.onnx: the source regenerated at load must be byte-identical to the saved one
+    (else the saved weight blob is not trusted and everything is packed again)."""
+    from infercc.codegen.ops import lit
+
+    with np.errstate(over="ignore"):
+        assert lit(value) == lit(float(np.float32(value)))
+    assert lit(1e39) == "INFINITY"

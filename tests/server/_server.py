@@ -3,6 +3,7 @@ with bounded start and stop; and helpers to wait for the engine to go idle and t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -65,6 +66,33 @@ def wait_idle(state: ServerState, seconds: float = 20.0) -> Any:
             return state.engine.snapshot()
         time.sleep(0.02)
     raise AssertionError(f"the engine did not go idle in {seconds} s: {state.engine.snapshot()}")
+
+
+@contextlib.asynccontextmanager
+async def engine_held(state: ServerState, requests: int, seconds: float = 30.0):
+    """Hold the engine thread (between two steps) while the block runs and until ``requests`` new
+    requests are queued behind it, so that they are admitted together however slowly the clients
+    send them: on a loaded machine a tiny model can finish the first requests before the last
+    arrive, and a test of what happens when many run at once would then test nothing."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(engine: Any) -> None:
+        entered.set()
+        gate.wait(seconds)
+
+    held = asyncio.ensure_future(state.engine.call(hold))
+    try:
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        yield
+        deadline = time.monotonic() + seconds
+        while sum(1 for c in list(state.engine._commands) if c[0] == "add") < requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{requests} requests did not reach the engine in {seconds} s")
+            await asyncio.sleep(0.01)
+    finally:
+        gate.set()
+        await held
 
 
 def sse_events(lines: Iterator[str]) -> list[str]:

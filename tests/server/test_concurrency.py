@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from infercc.runtime.paged_runner import PagedRunner
-from tests.server._server import running, wait_idle
+from tests.server._server import engine_held, running, wait_idle
 
 STORY = ("Lily and Tom went to the park to play with their red ball. The sun was warm and the birds sang in the "
          "tall trees. Tom threw the ball high and Lily ran to catch it, but it rolled into the pond where a big "
@@ -82,7 +82,9 @@ def test_preempted_streams_equal_each_alone(served):
     async def run() -> tuple[list, list]:
         async with client_for(served) as client:
             alone = [await complete(client, p, m) for p, m in cases]
-            together = await asyncio.gather(*(stream(client, p, m) for p, m in cases))
+            async with engine_held(served.state, len(cases)):  # all admitted at once: they must preempt
+                streams = [asyncio.ensure_future(stream(client, p, m)) for p, m in cases]
+            together = await asyncio.gather(*streams)
         return alone, list(together)
 
     alone, together = asyncio.run(run())

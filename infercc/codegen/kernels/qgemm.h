@@ -5,10 +5,16 @@
  * every scale is exactly an fp16 -- GGUF's are -- 10% fewer bytes to stream), zero points
  * [blocks][16] uint8 (header flag 1, else 2^(bits-1)), rests [blocks][16] float (flag 2; fp16 with
  * flag 8); flag 16: the rests are block minimums m of w = s * c + m (GGUF Q4_1's own form), used as
- * s * (c - 2^(bits-1)) + (m + 2^(bits-1) s): codes centred against the int8 activations.
+ * s * (c - z) + fma(z, s, m) with z = clamp(rint(-m / s), 0, 2^bits - 1) (icc_q_min_zero): the
+ * integer zero point nearest the grid's own zero, the one the ONNX Runtime lowering gives
+ * MatMulNBits (passes/quantize/native.py; packing.py stores this form only where that z and
+ * fma(z, s, m) give back its zero points and float32 rests bit for bit). The int8 activations'
+ * rounding error is sum_k e_k s (c_k - z): with the same z on both runtimes it is the same error.
  *
  * The method is ggml's (llama.cpp vec_dot_q4_1_q8_1): each activation row is quantized to int8 in
- * the weight's blocks (d = max|x| / 127, q = round(x / d)), every block is one integer dot product
+ * the weight's blocks exactly as ONNX Runtime's MLAS does at accuracy_level 4 (d = max|x| / 127,
+ * q = x * (127 / max|x|) rounded to nearest, ties to even, as cvtps / rintf do in the default
+ * rounding mode; d * sum q as the zero point's block sum), every block is one integer dot product
  * per column, and the block's float terms are folded in afterwards:
  *     sum_k x_k (s (c_k - z) + r) ~= s d (sum_k q_k c_k - z sum_k q_k) + r sum_k x_k
  * (the zero point against the *quantized* sum, so the only error is sum_k e_k s (c_k - z), e_k the
@@ -24,6 +30,7 @@
  * a time while in L1 (the 4-bit unpacking is shared by those rows too). Threads split the panels. */
 #ifndef ICC_QGEMM_H
 #define ICC_QGEMM_H
+#include <math.h>
 #include "common.h"
 
 #define ICC_QHEADER 64
@@ -58,7 +65,8 @@ typedef struct {
     const uint16_t *scales16, *rests16; /* rests16: fp16 rests (then rests is NULL) */
     const uint8_t *zps;
     float z0;  /* the zero point without a zero-point array: 2^(bits-1) */
-    int mins;  /* the rests are minimums: the rest used is min + z0 * scale */
+    float zmax;  /* the largest code: 2^bits - 1 */
+    int mins;  /* the rests are minimums m: zero point icc_q_min_zero(m, scale), rest fma(z, scale, m) */
 } icc_qpanel;
 
 static inline icc_qpanel icc_q_panel(const void *w, int64_t p, int64_t nb, int64_t code_bytes) {
@@ -76,6 +84,7 @@ static inline icc_qpanel icc_q_panel(const void *w, int64_t p, int64_t nb, int64
     q.rests = (flags & ICC_QFLAG_REST) && !(flags & ICC_QFLAG_F16_RESTS) ? (const float *)base : NULL;
     q.rests16 = (flags & ICC_QFLAG_REST) && (flags & ICC_QFLAG_F16_RESTS) ? (const uint16_t *)base : NULL;
     q.z0 = (float)(1 << (h[2] - 1));
+    q.zmax = (float)((1 << h[2]) - 1);
     q.mins = (flags & ICC_QFLAG_MINS) != 0;
     return q;
 }
@@ -102,10 +111,61 @@ static inline float icc_q_scale(icc_qpanel P, int64_t i) {
     return P.scales ? P.scales[i] : icc_half_to_float(P.scales16[i]);
 }
 
-static inline float icc_q_rest(icc_qpanel P, int64_t i) {
-    const float r = P.rests ? P.rests[i] : P.rests16 ? icc_half_to_float(P.rests16[i]) : 0.0f;
-    return P.mins ? r + P.z0 * icc_q_scale(P, i) : r;
+/* A minimum's block zero point: clamp(rint(-m / s), 0, zmax) in float32, rint in the default
+ * rounding mode (ties to even) -- numpy's np.clip(np.rint(-(m / s)), 0, zmax) in native.py. */
+static inline float icc_q_min_zero(float m, float s, float zmax) {
+    const float z = rintf(-m / s);
+    return z < 0.0f ? 0.0f : (z > zmax ? zmax : z);
 }
+
+/* Block i's zero point and rest (the float added to each weight). */
+static inline void icc_q_zero_rest(icc_qpanel P, int64_t i, float *z, float *rest) {
+    const float r = P.rests ? P.rests[i] : P.rests16 ? icc_half_to_float(P.rests16[i]) : 0.0f;
+    if (P.mins) {
+        const float s = icc_q_scale(P, i);
+        *z = icc_q_min_zero(r, s, P.zmax);
+        *rest = fmaf(*z, s, r);  /* one rounding: the float32 rest the importer computed */
+    } else {
+        *z = P.zps ? (float)P.zps[i] : P.z0;
+        *rest = r;
+    }
+}
+
+#if defined(ICC_Q_AVX512)
+/* icc_q_zero_rest for 16 columns of a block */
+ICC_INLINE void icc_q_zero_rest512(icc_qpanel P, int64_t i, __m512 s, __m512 *z, __m512 *rest) {
+    const __m512 r = P.rests ? _mm512_loadu_ps(P.rests + i)
+                   : P.rests16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.rests16 + i)))
+                               : _mm512_setzero_ps();
+    if (P.mins) {
+        const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_setzero_ps(), r), s),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        *z = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(P.zmax));
+        *rest = _mm512_fmadd_ps(*z, s, r);
+    } else {
+        *z = P.zps ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(P.zps + i))))
+                   : _mm512_set1_ps(P.z0);
+        *rest = r;
+    }
+}
+#elif defined(ICC_Q_AVX2)
+/* icc_q_zero_rest for 8 columns of a block */
+ICC_INLINE void icc_q_zero_rest256(icc_qpanel P, int64_t i, __m256 s, __m256 *z, __m256 *rest) {
+    const __m256 r = P.rests ? _mm256_loadu_ps(P.rests + i)
+                   : P.rests16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + i)))
+                               : _mm256_setzero_ps();
+    if (P.mins) {
+        const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(_mm256_setzero_ps(), r), s),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        *z = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(P.zmax));
+        *rest = _mm256_fmadd_ps(*z, s, r);
+    } else {
+        *z = P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + i))))
+                   : _mm256_set1_ps(P.z0);
+        *rest = r;
+    }
+}
+#endif
 
 /* Activations quantized per block: q [M][nb * block] int8 (zero past K), and per (row, block) the
  * scale d, d * sum(q) and the float sum of x. */
@@ -147,8 +207,8 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
     qsum = _mm512_reduce_add_epi32(vq);
 #endif
     for (; i < n; i++) {
-        float v = x[i] * id;
-        int32_t r = (int32_t)(v >= 0.0f ? v + 0.5f : v - 0.5f);
+        /* ties to even, as MLAS's _mm256_round_ps / cvtps (and the AVX-512 loop above) */
+        int32_t r = (int32_t)rintf(x[i] * id);
         r = r > 127 ? 127 : (r < -127 ? -127 : r);
         q[i] = (int8_t)r;
         qsum += r;
@@ -209,7 +269,6 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
                            const int8_t *xq, int64_t kp, const float *d, const float *dq,
                            const float *sx, float *y, int64_t ldy, int64_t ncols) {
     const int64_t cb = block * ICC_PANEL * BITS / 8;
-    const float zdefault = P.z0;
 #if defined(ICC_Q_AVX512)
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512 yacc[ICC_Q_MR];
@@ -240,20 +299,16 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
         }
         const __m512 s = P.scales ? _mm512_loadu_ps(P.scales + b * ICC_PANEL)
                                   : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.scales16 + b * ICC_PANEL)));
-        const __m512 z = P.zps ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(P.zps + b * ICC_PANEL))))
-                               : _mm512_set1_ps(zdefault);
+        __m512 z, rest;
+        icc_q_zero_rest512(P, b * ICC_PANEL, s, &z, &rest);
         for (int r = 0; r < R; r++) {
             /* s d (sum q c) - s z (d sum q): both integer sums are exact in float */
             __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r]));
             __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(dq[r * nb + b]), _mm512_mul_ps(dot, _mm512_set1_ps(d[r * nb + b])));
             yacc[r] = _mm512_fmadd_ps(s, t, yacc[r]);
         }
-        if (P.rests || P.rests16) {
-            __m512 rest = P.rests ? _mm512_loadu_ps(P.rests + b * ICC_PANEL)
-                                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.rests16 + b * ICC_PANEL)));
-            if (P.mins) rest = _mm512_fmadd_ps(_mm512_set1_ps(P.z0), s, rest);
+        if (P.rests || P.rests16)
             for (int r = 0; r < R; r++) yacc[r] = _mm512_fmadd_ps(rest, _mm512_set1_ps(sx[r * nb + b]), yacc[r]);
-        }
     }
     const __mmask16 mask = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + r * ldy, mask, yacc[r]);
@@ -296,20 +351,14 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
         for (int half = 0; half < 2; half++) {
             const __m256 s = P.scales ? _mm256_loadu_ps(P.scales + b * ICC_PANEL + 8 * half)
                                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.scales16 + b * ICC_PANEL + 8 * half)));
-            const __m256 z = _mm256_sub_ps(
-                P.zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P.zps + b * ICC_PANEL + 8 * half))))
-                      : _mm256_set1_ps(zdefault),
-                _mm256_set1_ps((float)shift8));
+            __m256 z, rest;
+            icc_q_zero_rest256(P, b * ICC_PANEL + 8 * half, s, &z, &rest);
+            z = _mm256_sub_ps(z, _mm256_set1_ps((float)shift8));
             for (int r = 0; r < R; r++) {
                 __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][half]), _mm256_set1_ps(d[r * nb + b]));
                 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(dq[r * nb + b]), t);
                 __m256 yv = _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yacc[r] + 8 * half));
-                if (P.rests || P.rests16) {
-                    __m256 rest = P.rests ? _mm256_loadu_ps(P.rests + b * ICC_PANEL + 8 * half)
-                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(P.rests16 + b * ICC_PANEL + 8 * half)));
-                    if (P.mins) rest = _mm256_fmadd_ps(_mm256_set1_ps(P.z0), s, rest);
-                    yv = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv);
-                }
+                if (P.rests || P.rests16) yv = _mm256_fmadd_ps(rest, _mm256_set1_ps(sx[r * nb + b]), yv);
                 _mm256_storeu_ps(yacc[r] + 8 * half, yv);
             }
         }
@@ -335,8 +384,8 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
         float s[ICC_PANEL];
         for (int j = 0; j < ICC_PANEL; j++) s[j] = icc_q_scale(P, b * ICC_PANEL + j);
         for (int j = 0; j < ICC_PANEL; j++) {
-            const float z = P.zps ? (float)P.zps[b * ICC_PANEL + j] : zdefault;
-            const float rest = icc_q_rest(P, b * ICC_PANEL + j);
+            float z, rest;
+            icc_q_zero_rest(P, b * ICC_PANEL + j, &z, &rest);
             for (int r = 0; r < R; r++) {
                 float t = (float)dot[r][j] * d[r * nb + b] - z * dq[r * nb + b];
                 yacc[r][j] += s[j] * t + rest * sx[r * nb + b];

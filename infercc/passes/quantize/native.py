@@ -108,7 +108,10 @@ def find_native(rows: np.ndarray, bits: int) -> Native | None:
         return Native(Quantized(codes, scales, zero.astype(np.uint8).reshape(n, nblocks), bits, NATIVE_BLOCK, k), None, "zero_point")
     # d * q + m = d * (q - z) + (m + z * d): with z the integer nearest -m / d the codes are
     # centred as MatMulNBits' own (its int8 activation rounding then costs what it costs any int4
-    # weight) and the offset left is at most d / 2.
+    # weight) and the offset left is at most d / 2. The generated-C kernel recomputes this very z
+    # (float32 -m / d, rint, clip: codegen/packing.py _half_mins checks it block by block) to
+    # store GGUF's compact d * q + m form and still subtract ORT's zero point against its int8
+    # activations; another choice here would only make it store zero points and float32 rests.
     zero = np.clip(np.rint(-first), 0, qmax)
     codes = levels.astype(np.uint8).reshape(n, nblocks, NATIVE_BLOCK)
     q = Quantized(codes, scales, zero.astype(np.uint8).reshape(n, nblocks), bits, NATIVE_BLOCK, k)
