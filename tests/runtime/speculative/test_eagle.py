@@ -165,3 +165,19 @@ def test_a_missing_draft_decodes_plainly_and_a_bad_one_is_an_error(stories, tmp_
     with pytest.warns(RuntimeWarning, match="no 'hidden_states' output"):
         result = unexposed.generate(STORY, max_new_tokens=12, ignore_eos=True, speculation="eagle")
     assert result.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("draft", ["trained"])
+def test_a_session_sequence_equals_plain_decoding(stories, draft, monkeypatch):
+    """Session sequences hand the proposer every accepted token's state too."""
+    from infercc.runtime.speculative import eagle
+
+    monkeypatch.setattr(eagle, "_weight_count", lambda model: 1 << 40)  # (see the batch test)
+    compiled = with_draft(stories["ort"], stories[draft])
+    prompt = compiled.tokenizer.encode(STORY)
+    expected = compiled.generate(prompt, max_new_tokens=24, ignore_eos=True, speculation="off").token_ids
+    with compiled.session() as session:
+        seq = session.sequence(speculation="eagle")
+        seq.prefill(prompt)
+        assert [seq.decode() for _ in range(24)] == expected
+        assert seq.speculation.proposed > 0, seq.speculation  # (the depth policy decides how often)
