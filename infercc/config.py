@@ -20,7 +20,7 @@ QUANT_ROLES = ("keep", "int8", "int4")
 MASKINGS = ("auto", "causal", "none")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
 KV_CACHE_LAYOUTS = ("paged", "contiguous")
-SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft", "medusa")
+SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft", "medusa", "eagle")
 LORA_COMPOSITIONS = ("stack", "merge")
 SPECULATION_POLICIES = ("auto", "latency", "throughput")
 
@@ -95,7 +95,9 @@ class Config:
     #: far: no extra model; pays off on input-grounded text: summaries, answers from a passage,
     #: code edits), "draft" (a smaller model, ``draft_model``; without one, the target's own first
     #: ``draft_layers`` layers: "self_draft"), "self_draft", "medusa" (k heads on the model's final
-    #: hidden state, ``speculation_heads``: ``infercc train-heads`` makes them), or "auto" (prompt lookup, its depth
+    #: hidden state, ``speculation_heads``: ``infercc train-heads`` makes them), "eagle" (one
+    #: draft decoder layer on the model's features, guessing a token at a time, ``speculation_heads``:
+    #: ``infercc train-heads --kind eagle``), or "auto" (prompt lookup, its depth
     #: following the measured acceptance rate: switched off where guesses keep failing). Default
     #: None: a rejected guess costs a wider step, and on free-form chat prompt lookup rarely
     #: matches, so speculation is asked for per model or per request (``speculation=``).
@@ -116,8 +118,10 @@ class Config:
     #: head); 0 = auto (a quarter of the layers, at least one).
     draft_layers: int = 0
     #: Medusa heads for ``speculation="medusa"``: a ``medusa_lm_head.safetensors`` file (Medusa-1's
-    #: published layout) or a folder holding one (``infercc train-heads`` writes it). None or a
-    #: missing file with "medusa" = plain decoding with the reason (never an error).
+    #: published layout) or a folder holding one (``infercc train-heads`` writes it); the EAGLE
+    #: draft for ``speculation="eagle"``: ``eagle_draft.safetensors`` or its folder (``infercc
+    #: train-heads --kind eagle``). None or a missing file = plain decoding with the reason (never an
+    #: error); a file that is there but does not fit the model is one.
     speculation_heads: str | None = None
     #: Constant folding keeps a computation when its folded result would exceed this many bytes
     #: and be larger than its inputs.

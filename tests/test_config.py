@@ -169,7 +169,7 @@ def test_from_dict_rejects_unknown_or_invalid_fields():
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("speculation", "eagle", "Config.speculation must be one of"),
+    ("speculation", "lookahead", "Config.speculation must be one of"),
     ("speculation_policy", "fast", "Config.speculation_policy must be one of"),
     ("num_speculative_tokens", 0, r"Config.num_speculative_tokens must be an integer in \[1, 64\]"),
     ("num_speculative_tokens", True, "Config.num_speculative_tokens"),

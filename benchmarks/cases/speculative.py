@@ -1,5 +1,6 @@
 """Speculative decoding: SmolLM2-135M Q4_1, C backend, batch 1: plain vs prompt lookup vs self-draft vs
-Medusa heads (``--heads DIR`` from ``infercc train-heads``), and llama.cpp's lookup.
+Medusa heads (``--heads DIR`` from ``infercc train-heads``) vs the EAGLE draft layer (``--eagle DIR``
+from ``infercc train-heads --kind eagle``), and llama.cpp's lookup.
 
 What the issue asks of it (13): on input-grounded prompts (summarise / answer from a passage, edit
 code) prompt lookup decodes >= 2x the tokens/s of plain decoding; the self-speculative draft and
@@ -70,6 +71,8 @@ TARGETS = (("decode_tok_per_s", "infercc-lookup-grounded", "infercc-plain-ground
            ("decode_tok_per_s", "infercc-self_draft-chat", "infercc-plain-chat", 1.5),
            ("decode_tok_per_s", "infercc-lookup-chat", "infercc-plain-chat", 1.0),
            ("decode_tok_per_s", "infercc-medusa-chat", "infercc-plain-chat", 1.5),
+           ("decode_tok_per_s", "infercc-eagle-chat", "infercc-plain-chat", 1.5),
+           ("decode_tok_per_s", "infercc-eagle-chat", "infercc-medusa-chat", 1.0),
            ("decode_tok_per_s", "llama.cpp-lookup-grounded", "llama.cpp-plain-grounded", 0.0),
            ("decode_tok_per_s", "llama.cpp-lookup-chat", "llama.cpp-plain-chat", 0.0),
            ("decode_tok_per_s", "infercc-lookup-grounded", "llama.cpp-lookup-grounded", 0.0))
@@ -84,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", help="Medusa heads (`infercc train-heads` output): adds the medusa configurations "
                                    "(the artifact is then compiled with speculation='medusa': its graph exposes "
                                    "the final hidden state; the other configurations ask for theirs per request)")
+    g.add_argument("--eagle", help="an EAGLE draft (`infercc train-heads --kind eagle` output): adds the eagle "
+                                   "configurations (the artifact exposes the hidden state as for --heads)")
 
 
 def chat_ids(gguf: str, texts: list[str]) -> list[list[int]]:
@@ -97,14 +102,17 @@ def chat_ids(gguf: str, texts: list[str]) -> list[list[int]]:
 
 # ---------------------------------------------------------------- contenders (run in the workers)
 def infercc_generate(threads: int, artifact: str, prompts: list[list[int]], new_tokens: int,
-                     speculation: str | None) -> tuple[Any, dict]:
-    """compiled.generate on each prompt, greedy, with ``speculation`` per request."""
+                     speculation: str | None, heads: str | None = None) -> tuple[Any, dict]:
+    """compiled.generate on each prompt, greedy, with ``speculation`` per request (and the Medusa
+    heads or EAGLE draft ``heads`` as ``Config.speculation_heads``)."""
     import warnings
 
     import infercc
 
     compiled = infercc.load(artifact)
     compiled.config = compiled.config.replace(intra_op_threads=threads, inter_op_threads=1)
+    if heads is not None:
+        compiled.config = compiled.config.replace(speculation_heads=heads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         probe = compiled.generate(prompts[0], max_new_tokens=2, speculation=speculation)  # builds any draft
@@ -174,8 +182,8 @@ def llama_cpp_generate(threads: int, model: str, prompts: list[list[int]], new_t
 def build_case(args: argparse.Namespace) -> Case:
     name = f"speculative-smollm2-135m-q4_1-n{args.new_tokens}"
     description = ("SmolLM2-135M-Instruct Q4_1, C backend, batch 1, greedy: decode tok/s of plain decoding, "
-                   "prompt lookup, the self-draft and Medusa heads (--heads); llama.cpp plain and with its prompt "
-                   "lookup")
+                   "prompt lookup, the self-draft, Medusa heads (--heads) and the EAGLE draft (--eagle); llama.cpp "
+                   "plain and with its prompt lookup")
     gguf = Path(args.gguf).expanduser().resolve()
     groups = [g for g in args.groups.split(",") if g]
     names = [f"{who}-{method}-{group}" for group in groups
@@ -186,8 +194,10 @@ def build_case(args: argparse.Namespace) -> Case:
         return Case(name, description, configs=[], baseline=BASELINE, skipped=dict.fromkeys(names, reason),
                     notes={"gguf": str(gguf)}, checks=checks)
     artifact = Path(args.out) / "artifacts" / "infercc-c"
-    heads = {"speculation": "medusa", "speculation_heads": str(Path(args.heads).resolve())} if args.heads else {}
-    methods = {**METHODS, "medusa": "medusa"} if heads else METHODS
+    weights = {method: str(Path(path).resolve()) for method, path in (("medusa", args.heads), ("eagle", args.eagle))
+               if path}
+    heads = {"speculation": next(iter(weights))} if weights else {}  # (either exposes the hidden state)
+    methods = {**METHODS, **{method: method for method in weights}}
     notes: dict[str, Any] = {"gguf": str(gguf), "new_tokens": args.new_tokens, "prompts": PROMPTS,
                              "infercc": compile_infercc(gguf, artifact, args.threads, backend="c", **heads),
                              "infercc_uncommitted": uncommitted("infercc")}
@@ -204,7 +214,8 @@ def build_case(args: argparse.Namespace) -> Case:
         common = {"prompts": prompts, "new_tokens": args.new_tokens}
         for method, speculation in methods.items():
             configs.append(ConfigSpec(f"infercc-{method}-{group}", f"{HERE}:infercc_generate",
-                                      {**common, "artifact": str(artifact), "speculation": speculation},
+                                      {**common, "artifact": str(artifact), "speculation": speculation,
+                                       "heads": weights.get(method)},
                                       f"infercc C runtime, generate(speculation={speculation!r}), {group} prompts"))
         for method in ("plain", "lookup"):
             if not has_llama:

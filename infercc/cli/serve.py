@@ -22,8 +22,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = compile_options(args)
     if args.backend:
         options["backend"] = args.backend
-    if args.speculation == "medusa":  # compiled for it: the graph exposes the final hidden state
-        options["speculation"] = "medusa"
+    if args.speculation in ("medusa", "eagle"):  # compiled for it: the graph exposes the final hidden state
+        options["speculation"] = args.speculation
     compiled = load_for_run(args.model, options)
     if args.tokenizer:
         from ..runtime.tokenizer import Tokenizer
@@ -67,9 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--speculation", choices=[m for m in SPECULATIONS if m is not None],
                    help="speculative decoding for every request unless its body says otherwise (field "
                         "'speculation'; default off): auto (prompt lookup, depth following acceptance and load), "
-                        "prompt_lookup, draft, self_draft, medusa (with --speculation-heads)")
+                        "prompt_lookup, draft, self_draft, medusa or eagle (with --speculation-heads)")
     p.add_argument("--speculation-heads", metavar="DIR",
-                   help="Medusa heads for --speculation medusa (written by `infercc train-heads`)")
+                   help="Medusa heads / the EAGLE draft for --speculation medusa / eagle (`infercc train-heads`)")
     p.add_argument("--speculation-policy", choices=list(SPECULATION_POLICIES),
                    help="how deep to speculate under load (default auto: less as the batch grows, off when it "
                         "would not pay)")

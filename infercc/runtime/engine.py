@@ -342,8 +342,8 @@ class Engine:
         else:
             emitted = [row.sampler(logits[0], row.prompt, row.output)]
         row.take_all(emitted, self.max_context)
-        if spec is not None:  # a heads proposer reads the hidden state of the last emitted token's step
-            spec.observe(item.request.seq_id, len(row.prompt) + len(row.output), self.runner, at + len(emitted) - 1)
+        if spec is not None:  # a heads proposer reads the hidden states that chose the emitted tokens
+            spec.observe(item.request.seq_id, len(row.prompt) + len(row.output), self.runner, at, len(row.output) - before)
         if item.draft:
             self.scheduler.accepted(item, len(emitted) - 1)
         new = row.output[before:]

@@ -105,8 +105,9 @@ class SequenceSpeculation:
         else:
             self.next = None
         if hidden is not None and getattr(self.proposer, "needs_hidden", False):
-            # the state whose logits chose the next token (sequence index length + accepted)
-            self.proposer.observe(self.key, seq.length + accepted + 1, hidden.reshape(-1, hidden.shape[-1])[accepted])
+            # the states whose logits chose the accepted tokens and the next one (the last of them:
+            # sequence index length + accepted); Medusa reads the last, EAGLE all of them
+            self.proposer.observe(self.key, seq.length + accepted + 1, hidden.reshape(-1, hidden.shape[-1])[:accepted + 1])
 
     def drop(self, seq: Sequence) -> None:
         """Forget the verified tokens not returned and give back their cache slots."""

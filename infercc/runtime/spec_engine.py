@@ -199,13 +199,14 @@ class EngineSpeculation:
                 seq.proposal = None
         self._drafted = []
 
-    def observe(self, seq_id: Hashable, length: int, runner: Any, index: int) -> None:
-        """Hand a hidden-state proposer (Medusa) row ``index`` of the runner's last hidden states:
-        the state whose logits chose token ``length - 1`` of the sequence."""
+    def observe(self, seq_id: Hashable, length: int, runner: Any, start: int, count: int) -> None:
+        """Hand a hidden-state proposer (Medusa, EAGLE) rows ``start .. start + count - 1`` of the
+        runner's last hidden states: those whose logits chose the ``count`` tokens the step emitted,
+        the last being token ``length - 1`` of the sequence."""
         seq = self._seqs.get(seq_id)
         hidden = getattr(runner, "last_hidden", None)
-        if seq is not None and hidden is not None and getattr(seq.proposer, "needs_hidden", False):
-            seq.proposer.observe(seq_id, length, hidden[index])
+        if seq is not None and hidden is not None and count > 0 and getattr(seq.proposer, "needs_hidden", False):
+            seq.proposer.observe(seq_id, length, hidden[start:start + count])
 
     def verify(self, item: Scheduled, logits: np.ndarray, row: _Row) -> list[int]:
         """The tokens a speculative row emits (1..len(draft)+1), from its ``len(draft) + 1``

@@ -205,8 +205,8 @@ def test_per_request_speculation_overrides_the_config(tiny, alone):
     outputs = run(eng)
     assert outputs["off"][-1].token_ids == alone[1] and outputs["off"][-1].speculation is None
     assert all(len(o.new_token_ids) <= 1 for o in outputs["off"])
-    with pytest.raises(InputError, match=r"request 'bad'.*speculation='eagle'.*prompt_lookup"):
-        eng.add_request("bad", PROMPTS[0], SamplingParams(), speculation="eagle")
+    with pytest.raises(InputError, match=r"request 'bad'.*speculation='lookahead'.*prompt_lookup"):
+        eng.add_request("bad", PROMPTS[0], SamplingParams(), speculation="lookahead")
     assert not eng.has_unfinished()
 
 

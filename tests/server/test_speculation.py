@@ -65,7 +65,7 @@ def test_chat_streamed_with_stop_strings_is_the_same(client):
 
 def test_a_bad_speculation_value_is_a_400(client):
     with pytest.raises(BadRequestError) as caught:
-        client.completions.create(model="stories", prompt=PROMPT, max_tokens=4, extra_body={"speculation": "eagle"})
+        client.completions.create(model="stories", prompt=PROMPT, max_tokens=4, extra_body={"speculation": "lookahead"})
     error = caught.value.body
     assert error["param"] == "speculation" and "prompt_lookup" in error["message"] and "'off'" in error["message"]
     with pytest.raises(BadRequestError):
@@ -91,4 +91,4 @@ def test_serve_cli_takes_speculation():
                                       "throughput"])
     assert (args.speculation, args.speculation_policy) == ("auto", "throughput")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "model.gguf", "--speculation", "eagle"])
+        build_parser().parse_args(["serve", "model.gguf", "--speculation", "lookahead"])

@@ -214,11 +214,12 @@ def _dequantized_rows(
 
 
 def dequantized_weight(node: Node, rows: np.ndarray | None = None) -> np.ndarray:
-    """The float32 weight a MatMulNBits / MatMulQuant node multiplies by, [N, K] (only ``rows`` of
-    its N when given): codes * scale + offset per block, block offsets included."""
+    """The float32 weight a MatMulNBits / MatMulQuant node multiplies by, or the table a
+    GatherQuant node looks rows up in, [N, K] (only ``rows`` of its N when given): codes * scale +
+    offset per block, block offsets included."""
     s = Spec(node)
     pick = slice(None) if rows is None else rows
-    packed = node.inputs[1].const.numpy().reshape(s.n, s.blocks, -1)[pick]
+    packed = node.inputs[0 if node.op_type == GATHER else 1].const.numpy().reshape(s.n, s.blocks, -1)[pick]
     codes = unpack_codes(packed, s.bits).astype(np.float32)
     offsets = _offsets(node.inputs[2], _opt(node, 3), s, _opt(node, 4))[pick]
     weight = codes * _scales(node.inputs[2], s)[pick][..., None] + offsets[..., None]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,28 +111,39 @@ def read_config(file: Path) -> dict:
 def load_heads(path: str | Path, hidden: int, vocab: int) -> MedusaHeads:
     """Medusa heads for a model of ``hidden`` width and ``vocab`` tokens (see the module
     docstring); HeadsError for a file that is not one or does not fit."""
-    from safetensors import SafetensorError, safe_open
-
     file = heads_path(path)
     if not file.is_file():
         raise HeadsError(f"no Medusa heads at {file}; train them with `infercc train-heads MODEL -o DIR`")
     config = read_config(file)
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            shapes = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
-            layout = _layout(file, shapes, hidden, vocab, config)
-            tensors = {name: f.get_tensor(name).astype(np.float32) for name in shapes}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise HeadsError(f"{file} is not a readable safetensors file ({exc}); write it again "
-                         "(infercc train-heads, or Medusa's save of medusa_lm_head)") from None
-    heads, layers, shared = layout
+    layout: list[tuple[int, int, bool]] = []
+    tensors = read_tensors(file, lambda shapes: layout.append(_layout(file, shapes, hidden, vocab, config)),
+                           "infercc train-heads, or Medusa's save of medusa_lm_head")
+    heads, layers, shared = layout[0]
     blocks = [[(tensors[f"{i}.{j}.linear.weight"], tensors[f"{i}.{j}.linear.bias"]) for j in range(layers)]
               for i in range(heads)]
     projections = [None if shared else tensors[f"{i}.{layers}.weight"] for i in range(heads)]
+    return MedusaHeads(blocks, projections)
+
+
+def read_tensors(file: Path, check: Callable[[dict[str, tuple[tuple[int, ...], str]]], None],
+                 writer: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file from a user, as float32: ``check`` sees every tensor's
+    (shape, dtype) from the header first and raises for a layout that does not fit (so nothing
+    is allocated for a file that lies); NaN or infinite values are refused. ``writer`` names what
+    writes a good file, for the message."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            shapes = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+            check(shapes)
+            tensors = {name: f.get_tensor(name).astype(np.float32) for name in shapes}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise HeadsError(f"{file} is not a readable safetensors file ({exc}); write it again ({writer})") from None
     for name, array in tensors.items():
         if not np.isfinite(array).all():
-            raise HeadsError(f"{file}: tensor {name!r} holds NaN or infinite values; the heads are corrupted, retrain them")
-    return MedusaHeads(blocks, projections)
+            raise HeadsError(f"{file}: tensor {name!r} holds NaN or infinite values; the file is corrupted, retrain it")
+    return tensors
 
 
 def _layout(file: Path, shapes: dict[str, tuple[tuple[int, ...], str]], hidden: int, vocab: int,

@@ -70,7 +70,7 @@ class SpeculativeGeneration(Generation):
             hidden = [] if getattr(self.proposer, "needs_hidden", False) else None
             logits = runner.step(cache, [row.prompt], hidden=hidden)[0]
             self._take([row.sampler(logits, row.prompt, row.output)])
-            self._observe(hidden, len(row.prompt) + 1, 0)
+            self._observe(hidden, len(row.prompt) + 1, 1)
             self.prompt_seconds = time.perf_counter() - start
             decode_start = time.perf_counter()
             while True:
@@ -94,8 +94,9 @@ class SpeculativeGeneration(Generation):
                     cache.truncate(len(sequence) + accepted)  # rejected proposals' K/V go
                 else:
                     emitted = [row.sampler(logits[-1], row.prompt, row.output)]
+                before = len(row.output)
                 self._take(emitted)
-                self._observe(hidden, len(sequence) + len(emitted), accepted)
+                self._observe(hidden, len(row.prompt) + len(row.output), len(row.output) - before)
                 self.decode_seconds = time.perf_counter() - decode_start
         finally:
             cache.free()
@@ -112,11 +113,12 @@ class SpeculativeGeneration(Generation):
             k = min(k, runner.max_context - length)
         return max(k, 0)
 
-    def _observe(self, hidden: list | None, length: int, position: int) -> None:
-        """Hand a hidden-state proposer the state at ``position`` of the step just run: the one
-        whose logits chose token ``length - 1`` (the proposal of the next step continues it)."""
-        if hidden:
-            self.proposer.observe(self.seq_id, length, hidden[0][0, position] if hidden[0].ndim == 3 else hidden[0][0])
+    def _observe(self, hidden: list | None, length: int, count: int) -> None:
+        """Hand a hidden-state proposer the states of the step just run whose logits chose the
+        ``count`` tokens it emitted, the last being token ``length - 1`` of the sequence."""
+        if hidden and count > 0:
+            rows = hidden[0][0, :count] if hidden[0].ndim == 3 else hidden[0][:1]
+            self.proposer.observe(self.seq_id, length, rows)
 
     def _take(self, tokens: list[int]) -> None:
         """Emit tokens one by one under the row's rules; those after the end are dropped."""
@@ -166,13 +168,16 @@ def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokeniz
 
 
 def proposer_for(compiled: CompiledModel, method: str) -> tuple[Proposer | None, str]:
-    """``make_proposer`` once per compiled model and method: a draft is compiled (or a self-draft
-    cut) on first use and kept with the model. Prompt lookup keeps state per sequence id, so each
-    call gets its own."""
+    """``make_proposer`` once per compiled model, method and the config fields naming its weights
+    (a config replaced after compiling takes effect): a draft is compiled (or a self-draft cut) on
+    first use and kept with the model. Prompt lookup keeps state per sequence id, so each call gets
+    its own."""
+    config = compiled.config
     if method in ("auto", "prompt_lookup"):
-        return make_proposer(compiled, method, compiled.config)
+        return make_proposer(compiled, method, config)
+    key = (method, config.draft_model, config.draft_layers, config.speculation_heads)
     with _LOCK:
         cache = compiled.__dict__.setdefault("_speculation_proposers", {})
-        if method not in cache:
-            cache[method] = make_proposer(compiled, method, compiled.config)
-        return cache[method]
+        if key not in cache:
+            cache[key] = make_proposer(compiled, method, config)
+        return cache[key]

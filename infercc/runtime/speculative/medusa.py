@@ -22,8 +22,9 @@ rarely be right, and a tenth of the vocabulary is a tenth of the projection's co
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,8 +64,10 @@ class MedusaProposer:
         self._hidden: dict[Hashable, tuple[int, np.ndarray]] = {}
 
     def observe(self, seq_id: Hashable, length: int, hidden: np.ndarray) -> None:
-        """``hidden`` [hidden] is the state whose logits chose token ``length - 1`` of the sequence."""
-        self._hidden[seq_id] = (length, np.array(hidden, np.float32).reshape(-1))
+        """``hidden`` [hidden] is the state whose logits chose token ``length - 1`` of the sequence
+        ([n, hidden]: those of tokens ``length - n .. length - 1``; the heads read the last)."""
+        hidden = np.asarray(hidden)
+        self._hidden[seq_id] = (length, np.array(hidden[-1] if hidden.ndim == 2 else hidden, np.float32).reshape(-1))
 
     def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
         entry = self._hidden.get(seq_id)
@@ -85,33 +88,42 @@ class MedusaProposer:
 
 def make_medusa(compiled: CompiledModel, config: Config) -> tuple[MedusaProposer | None, str]:
     """The Medusa proposer of ``compiled`` with ``config.speculation_heads``, or (None, why not)."""
+    parts, why = load_once(compiled, config, "medusa", "Medusa heads", heads_path, _load,
+                           "train them with `infercc train-heads MODEL -o DIR`")
+    if parts is None:
+        return None, why
+    return MedusaProposer(*parts[:3], cost=parts[3], min_confidence=parts[4]), \
+        f"medusa: {parts[0].num_heads} heads from {why}"
+
+
+def load_once(compiled: CompiledModel, config: Config, method: str, what: str, file_of: Callable[[str], Path],
+              load: Callable[[CompiledModel, Path], Any], train: str) -> tuple[Any, str]:
+    """(``load(compiled, file)``, the file) for the file ``config.speculation_heads`` names, or
+    (None, why a hidden-state proposer cannot run): no path, no ``hidden_states`` output, no file.
+    A file that is there but wrong is an error (``load`` raises HeadsError). Read once per compiled
+    model and file (every engine, e.g. each generate() on the C runtime, makes its proposer); each
+    caller then makes a new proposer, whose per-sequence states are its own."""
     from ...passes.hidden_output import HIDDEN
 
     if config.speculation_heads is None:
-        return None, ("medusa: no heads (Config.speculation_heads is None); train them with "
-                      "`infercc train-heads MODEL -o DIR` and pass speculation_heads=DIR")
+        return None, f"{method}: no heads (Config.speculation_heads is None); {train} and pass speculation_heads=DIR"
     outputs = {v.name: v for v in compiled.model.graph.outputs}
     if HIDDEN not in outputs:
         try:
             why = "; ".join(compiled.diagnostics["expose_hidden_state"].reasons)
         except KeyError:
             why = ""
-        why = why or "compile the model with speculation='medusa' so that its graph exposes the final hidden state"
-        return None, f"medusa: the compiled graph has no {HIDDEN!r} output ({why})"
-    file = heads_path(config.speculation_heads)
+        why = why or f"compile the model with speculation={method!r} so that its graph exposes the final hidden state"
+        return None, f"{method}: the compiled graph has no {HIDDEN!r} output ({why})"
+    file = file_of(config.speculation_heads)
     if not file.is_file():  # missing heads: plain decoding; a file that is there but wrong: an error
-        return None, f"medusa: no Medusa heads at {file}; train them with `infercc train-heads MODEL -o DIR`"
-    # Read once per compiled model and heads file (every engine, e.g. each generate() on the C
-    # runtime, makes its proposer): the LM head is dequantized, restricted to the draft vocabulary
-    # and kept only in that form. A new proposer per caller: its per-sequence states are its own.
-    key = (str(file.resolve()), file.stat().st_mtime_ns)
+        return None, f"{method}: no {what} at {file}; {train}"
+    key = (method, str(file.resolve()), file.stat().st_mtime_ns)
     with _LOCK:
-        memo = compiled.__dict__.setdefault("_medusa_heads", {})
+        memo = compiled.__dict__.setdefault("_speculation_heads", {})
         if key not in memo:
-            memo[key] = _load(compiled, file)
-        parts = memo[key]
-    return MedusaProposer(*parts[:3], cost=parts[3], min_confidence=parts[4]), \
-        f"medusa: {parts[0].num_heads} heads from {file}"
+            memo[key] = load(compiled, file)
+        return memo[key], str(file)
 
 
 def _load(compiled: CompiledModel, file) -> tuple:

@@ -1,5 +1,5 @@
 """The proposer door: what every speculative proposer (prompt lookup, draft model, self-draft, Medusa
-heads) gives the verifier, and ``make_proposer``, the one place a method name
+heads, the EAGLE draft layer) gives the verifier, and ``make_proposer``, the one place a method name
 becomes a proposer.
 
 A proposer guesses the next tokens of a sequence; the target model then scores all of them in one
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..sampling import SamplingParams
 
 #: The proposers ``make_proposer`` builds; "auto" is prompt lookup under the depth policy.
-METHODS = ("auto", "prompt_lookup", "draft", "self_draft", "medusa")
+METHODS = ("auto", "prompt_lookup", "draft", "self_draft", "medusa", "eagle")
 
 
 @dataclasses.dataclass
@@ -44,8 +44,11 @@ class Proposal:
 class Proposer(Protocol):
     """Guesses up to ``k`` next tokens of a sequence (see the module docstring)."""
 
-    #: "prompt_lookup" | "draft" | "self_draft" | "medusa". A proposer reading the target's hidden
-    #: states (Medusa) also has ``needs_hidden = True`` and ``observe(seq_id, length, hidden)``.
+    #: "prompt_lookup" | "draft" | "self_draft" | "medusa" | "eagle". A proposer reading the
+    #: target's hidden states (Medusa, EAGLE) also has ``needs_hidden = True`` and ``observe(seq_id,
+    #: length, hidden)``: after each target step, ``hidden`` [n, hidden] are the states whose logits
+    #: chose the sequence's tokens ``length - n .. length - 1`` (every token the step emitted: EAGLE
+    #: keeps a feature per position; Medusa reads the last).
     name: str
 
     def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
@@ -71,6 +74,10 @@ def make_proposer(compiled: CompiledModel, method: str, config: Config) -> tuple
         from .medusa import make_medusa
 
         return make_medusa(compiled, config)
+    if method == "eagle":  # the same: (None, why) for a missing draft, HeadsError for a bad one
+        from .eagle import make_eagle
+
+        return make_eagle(compiled, config)
     try:
         if method == "draft" and config.draft_model is not None:
             from .draft import load_draft

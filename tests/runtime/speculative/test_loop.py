@@ -162,7 +162,7 @@ def test_missing_or_mismatched_draft_decodes_plainly_with_the_reason(hf, tmp_pat
         warnings.simplefilter("error")  # speculation asked nowhere: no warning
         compiled.generate(PROMPTS[0], max_new_tokens=4)
     with pytest.raises(ConfigError, match="speculation must be one of"):
-        compiled.generate(PROMPTS[0], speculation="eagle")
+        compiled.generate(PROMPTS[0], speculation="lookahead")
 
 
 def test_uncached_model_and_batches_decode_plainly_with_the_reason():
