@@ -47,7 +47,7 @@ from .session_pool import Feed
 from .speculative.loop import _clipped, proposer_for
 from .speculative.policy import DepthPolicy, SpeculationStats
 from .speculative.proposer import Proposal
-from .speculative.verify import verify
+from .speculative.verify import verify_counted
 
 if TYPE_CHECKING:
     from .session import Sequence, Session
@@ -95,10 +95,9 @@ class SequenceSpeculation:
         seq, proposal = step.seq, step.proposal
         accepted = 0
         if proposal.tokens:
-            emitted = verify(proposal, rows, seq.sampler, seq.context, seq.output)
-            accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
-            self.stats.add(len(proposal.tokens), accepted)
-            self.policy.record(self.key, len(proposal.tokens), accepted)
+            emitted = verify_counted(proposal, rows, seq.sampler, seq.context, seq.output, self.stats, self.policy,
+                                     self.key)
+            accepted = len(emitted) - 1
             self.pending.extend(zip(emitted[:accepted], rows[1:accepted + 1]))
             self.next = emitted[accepted]
             seq._keep(seq.length + accepted)

@@ -22,6 +22,7 @@
 #ifndef ICC_ATTENTION_H
 #define ICC_ATTENTION_H
 #include "api.h"
+#include "common.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,16 +156,8 @@ typedef __m256 icc_at_v;
 #define icc_at_add _mm256_add_ps
 #define icc_at_vmax _mm256_max_ps
 static inline __m256 icc_at_half(__m256 x) { return x; }
-static inline float icc_at_hsum(__m256 x) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-static inline float icc_at_hmax(__m256 x) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
+static inline float icc_at_hsum(__m256 x) { return icc_hsum256(x); }
+static inline float icc_at_hmax(__m256 x) { return icc_hmax256(x); }
 static inline __m256 icc_at_vexp(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f);
     __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);

@@ -162,20 +162,6 @@ typedef struct {
     void *mem;
 } icc_qact;
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-static inline float icc_q_hmax8(__m256 v) {
-    __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-}
-
-static inline float icc_q_hsum8(__m256 v) {
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-#endif
-
 static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t *q, float *d,
                                float *dq, float *sx) {
     float amax = 0.0f, sum = 0.0f;
@@ -198,8 +184,8 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
             /* |v| first: max_ps returns its second operand for a NaN, so NaNs are skipped as below */
             vmax = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), vmax);
         }
-        amax = icc_q_hmax8(vmax);
-        sum = icc_q_hsum8(vsum);
+        amax = icc_hmax256(vmax);
+        sum = icc_hsum256(vsum);
     }
 #endif
     for (; i < n; i++) {

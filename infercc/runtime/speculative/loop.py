@@ -29,7 +29,7 @@ from ..generate import Generation, GenerationResult
 from ..kv_cache import check_context
 from .policy import DepthPolicy, SpeculationStats
 from .proposer import Proposal, Proposer, make_proposer
-from .verify import verify
+from .verify import verify_counted
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
@@ -87,10 +87,9 @@ class SpeculativeGeneration(Generation):
                 logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True, hidden=hidden)[0]
                 accepted = 0
                 if proposal.tokens:
-                    emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
-                    accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
-                    self.stats.add(len(proposal.tokens), accepted)
-                    self.policy.record(self.seq_id, len(proposal.tokens), accepted)
+                    emitted = verify_counted(proposal, logits, row.sampler, row.prompt, row.output, self.stats,
+                                             self.policy, self.seq_id)
+                    accepted = len(emitted) - 1
                     cache.truncate(len(sequence) + accepted)  # rejected proposals' K/V go
                 else:
                     emitted = [row.sampler(logits[-1], row.prompt, row.output)]

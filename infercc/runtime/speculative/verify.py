@@ -20,11 +20,12 @@ extended by the tokens accepted before it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
 from ..sampling import Sampler
+from .policy import DepthPolicy, SpeculationStats
 from .proposer import Proposal
 
 
@@ -66,6 +67,17 @@ def verify(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Se
         emitted.append(draw(sampler.rng, residual if residual.sum() > 0 else p))
         return emitted
     return emitted  # (unreachable: the loop returns at i == len(tokens))
+
+
+def verify_counted(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Sequence[int],
+                   output: list[int], stats: SpeculationStats, policy: DepthPolicy, key: Hashable) -> list[int]:
+    """``verify``, with the outcome counted in ``stats`` and in ``policy``'s acceptance of ``key``
+    (a sequence speculating alone: the loop, a session's sequence)."""
+    emitted = verify(proposal, logits, sampler, context, output)
+    accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
+    stats.add(len(proposal.tokens), accepted)
+    policy.record(key, len(proposal.tokens), accepted)
+    return emitted
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
