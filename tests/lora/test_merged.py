@@ -5,6 +5,7 @@ merge_and_unload; hits and misses are counted; the LRU budget evicts; removing d
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from infercc.ir.onnx_save import weight_bytes
 from infercc.lora.merged import BUILD_AFTER
@@ -63,14 +64,15 @@ def test_int8_base_is_merged_on_its_grid() -> None:
     np.testing.assert_allclose(out - base, refs["llama/a"] - refs["llama/base"], atol=2e-2, rtol=0)
 
 
-def test_generated_c_paged_merged_copy() -> None:
+@pytest.mark.parametrize(("options", "tol"), [
+    ({}, TOL), pytest.param({"quantize": "int8", "quant_method": "rtn"}, 2e-2, marks=pytest.mark.slow, id="int8")])
+def test_generated_c_paged_merged_copy(options: dict, tol: float) -> None:
     """On the generated-C runtime the merged copy is its own paged library; int8 weights (our
-    MatMulQuant) are merged on their grid too."""
-    for options, tol in ((dict(), TOL), (dict(quantize="int8", quant_method="rtn"), 2e-2)):
-        model = compiled("llama", "a", backend="c", lora_merged_cache_bytes=1 << 22, **options)
-        base = _prefill(model, None)
-        for _ in range(BUILD_AFTER + 1):
-            out = _prefill(model, "a")
-        stats = model.lora.stats()["merged_cache"]
-        assert (stats["builds"], stats["hits"]) == (1, 1), stats
-        np.testing.assert_allclose(out - base, references()["llama/a"] - references()["llama/base"], atol=tol, rtol=0)
+    MatMulQuant) are merged on their grid too (under -m slow: two more C builds)."""
+    model = compiled("llama", "a", backend="c", lora_merged_cache_bytes=1 << 22, **options)
+    base = _prefill(model, None)
+    for _ in range(BUILD_AFTER + 1):
+        out = _prefill(model, "a")
+    stats = model.lora.stats()["merged_cache"]
+    assert (stats["builds"], stats["hits"]) == (1, 1), stats
+    np.testing.assert_allclose(out - base, references()["llama/a"] - references()["llama/base"], atol=tol, rtol=0)
