@@ -63,8 +63,7 @@ class SequenceSpeculation:
     """One sequence's speculation: proposer, depth policy, counts and the verified tokens not yet
     returned (see the module docstring)."""
 
-    def __init__(self, method: str, proposer: Any, policy: DepthPolicy) -> None:
-        self.method = method
+    def __init__(self, proposer: Any, policy: DepthPolicy) -> None:
         self.proposer = proposer
         self.policy = policy
         self.key = ("session", next(_KEYS))
@@ -146,7 +145,7 @@ def start(session: Session, method: str | None) -> tuple[SequenceSpeculation | N
         proposer, why = proposer_for(session.compiled, method)
         if proposer is not None:
             policy = DepthPolicy(session.compiled.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
-            return SequenceSpeculation(method, proposer, policy), None
+            return SequenceSpeculation(proposer, policy), None
     reason = f"speculation={method!r} is off for this sequence: {why}"
     log.info("%s; decoding without it", reason)
     warnings.warn(f"{reason}; decoding without it", RuntimeWarning, stacklevel=4)
