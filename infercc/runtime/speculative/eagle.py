@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .eagle_draft import DraftCache, EagleDraft, draft_path, load_draft
-from .heads import HeadsError, _dot
+from .heads import HeadsError
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
+from .products import linear, one_blas_thread
 from .proposer import Proposal
 
 if TYPE_CHECKING:
@@ -184,6 +185,10 @@ class EagleProposer:
         state.pending = state.pending[:max(start - cached, 0)] + list(rows)
 
     def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
+        with one_blas_thread():
+            return self._propose(seq_id, tokens, k)
+
+    def _propose(self, seq_id: Hashable, tokens: Sequence[int], k: int) -> Proposal:
         state = self._states.get(seq_id)
         length = len(tokens)
         if state is None or k <= 0 or state.end != length - 1:
@@ -208,7 +213,7 @@ class EagleProposer:
         guesses: list[int] = []
         try:
             for step in range(k):
-                logits = _dot("nh,vh->nv", feature, self.lm_head)[0]
+                logits = linear(feature, self.lm_head)[0]
                 best = int(np.argmax(logits))
                 if 1.0 / np.exp(logits - logits[best]).sum() < self.min_confidence:
                     break  # a guess the draft doubts costs a verified position, rarely a token

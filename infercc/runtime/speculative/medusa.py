@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .heads import HeadsError, MedusaHeads, heads_path, load_heads, read_config
+from .products import one_blas_thread
 from .proposer import Proposal
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ class MedusaProposer:
         k = min(k, self.heads.num_heads)
         if entry is None or entry[0] != len(tokens) or k <= 0:
             return Proposal([])
-        guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
+        with one_blas_thread():
+            guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
         confident = next((i for i, p in enumerate(probs) if p < self.min_confidence), len(probs))
         guesses = guesses[:confident]  # a guess its head doubts costs a verified position, rarely a token
         if self.vocab_ids is not None:  # heads projected by the restricted LM head: back to token ids
