@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .eagle_c import C_DRAFT_BYTES
 from .eagle_draft import DraftCache, EagleDraft, draft_path, load_draft
 from .heads import HeadsError
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
@@ -245,7 +246,7 @@ def make_eagle(compiled: CompiledModel, config: Config) -> tuple[EagleProposer |
         return None, why
     draft, lm_head, embedding, cost, confidence = parts
     return EagleProposer(draft, lm_head, embedding, cost, confidence), \
-        f"eagle: a draft layer of {draft.macs / 1e6:.1f}M weights from {why}"
+        f"eagle: a draft layer of {draft.macs / 1e6:.1f}M weights from {why}; {draft.runs_on}"
 
 
 def _load(compiled: CompiledModel, file: Path) -> tuple:
@@ -257,4 +258,10 @@ def _load(compiled: CompiledModel, file: Path) -> tuple:
         raise HeadsError(f"{file.parent}/config.json: min_confidence must be a number in [0, 1], got {confidence!r}")
     rows = len(vocab_ids) if vocab_ids is not None else vocab
     cost = (draft.macs + rows * hidden) / max(_weight_count(compiled.model), 1)
+    if compiled.runtime == "c" and draft.macs * 4 >= C_DRAFT_BYTES:  # (see eagle_c.py)
+        from .eagle_c import c_draft
+
+        built, where = c_draft(draft, compiled.config.intra_op_threads)
+        draft = built or draft
+        draft.runs_on = where
     return draft, lm_head_weights(compiled.model, vocab_ids), Embedding(compiled.model, vocab_ids), cost, float(confidence)

@@ -77,6 +77,8 @@ class EagleDraft:
     head_dim: int
     rope_theta: float = 10000.0
     eps: float = 1e-5
+    #: Where the forward runs (eagle_c.CDraft runs the same layer on the generated-C runtime).
+    runs_on: str = "the draft layer runs in NumPy"
 
     @property
     def hidden(self) -> int:
