@@ -29,18 +29,22 @@ _Mark = tuple[weakref.ref, tuple[int, ...]]
 
 
 class _Bound:
-    """One thread's binding and the arrays it holds pointers to, by (kind, name)."""
+    """One thread's binding and the arrays it holds pointers to, inputs and outputs by name."""
 
-    __slots__ = ("binding", "names", "marks")
+    __slots__ = ("binding", "names", "inputs", "outputs")
 
     def __init__(self, session: ort.InferenceSession, names: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
         self.binding = session.io_binding()
         self.names = names
-        self.marks: dict[tuple[str, str], _Mark] = {}
+        self.inputs: dict[str, _Mark] = {}
+        self.outputs: dict[str, _Mark] = {}
 
-    def holds(self, key: tuple[str, str], array: np.ndarray) -> bool:
-        mark = self.marks.get(key)
-        return mark is not None and mark[0]() is array and mark[1] == array.shape
+
+def _holds(marks: dict[str, _Mark], name: str, array: np.ndarray) -> bool:
+    """Whether ``name`` is bound to this very array, as shaped now (a cheap check: it runs for
+    every cache tensor every step)."""
+    mark = marks.get(name)
+    return mark is not None and mark[0]() is array and mark[1] == array.shape
 
 
 class BindingCache:
@@ -61,23 +65,23 @@ class BindingCache:
             bound = self._local.bound = _Bound(self.session, names)
         binding, copies = bound.binding, []
         for name, array in feeds.items():
-            if bound.holds(("in", name), array):
+            if _holds(bound.inputs, name, array):
                 continue
             data = array if array.flags.c_contiguous else np.ascontiguousarray(array)
             if data is not array:
                 copies.append(data)
             binding.bind_input(name, "cpu", 0, data.dtype.type, list(data.shape), data.ctypes.data)
-            bound.marks[("in", name)] = (weakref.ref(data), data.shape)
+            bound.inputs[name] = (weakref.ref(data), data.shape)
             self.binds += 1
         for name, array in outputs.items():
             if array is None:  # ORT allocates: a fresh tensor each run, never last run's
                 binding.bind_output(name, "cpu")
-                bound.marks.pop(("out", name), None)
-            elif not bound.holds(("out", name), array):
+                bound.outputs.pop(name, None)
+            elif not _holds(bound.outputs, name, array):
                 if not array.flags.c_contiguous:
                     raise ValueError(f"output {name!r} must be written into a C-contiguous array")
                 binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
-                bound.marks[("out", name)] = (weakref.ref(array), array.shape)
+                bound.outputs[name] = (weakref.ref(array), array.shape)
             else:
                 continue
             self.binds += 1
