@@ -145,6 +145,15 @@ class Config:
     #: each block's min/max range).
     quant_method: str = "gptq"
     #: True: no zero points (codes centred on 0); False: one integer zero point per block.
+    #: Speed: onnxruntime's MatMulNBits (1.32, two AVX2 cores, int8 compute) runs a one-row (decode)
+    #: product with an int4 weight 1.2-1.3x slower with zero points than without: 768x2048 88 vs
+    #: 70 us, 2048x768 87 vs 70, the 32000x768 LM head 1.46 vs 1.27 ms (8-bit weights: no
+    #: difference). That, with the int8 LM head, is what separates our default int4 decode from
+    #: onnxruntime-genai's (symmetric, int4 head): see ``python -m benchmarks.decode_gap``. ~100M
+    #: LLaMA, one thread, CPU time per decode token against genai's: 0.75x asymmetric (this
+    #: default), 0.83x symmetric, 0.93x symmetric with genai's int4 head and no int8 weights (its
+    #: graph alone runs 1.02x: the rest is our Python loop); logits' relative error against float
+    #: 0.258 vs 0.285 (genai-format 0.416, genai's own 0.401): not equal quality, so False stays.
     quant_symmetric: bool = False
     #: The LM head and embedding tables when quantizing: "keep" (float), "int8" or "int4". This
     #: default against onnxruntime-genai's int4 recipe (int4 head and embeddings, tied; no int8

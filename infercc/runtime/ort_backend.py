@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from ..ir import Model, save_model, to_proto
 from ..ir.onnx_save import PROTO_LIMIT, weight_bytes
+from .ort_binding import BindingCache
 from .ort_check import ORT_ERRORS, ort_error
 
 
@@ -55,6 +56,7 @@ class OrtBackend:
             raise ort_error(exc, model, loading=True) from exc
         self.providers = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.bindings = BindingCache(self.session)
 
     def _create(self, model: Model, options: ort.SessionOptions, providers: list[str]) -> None:
         if weight_bytes(model) > PROTO_LIMIT:
@@ -69,19 +71,14 @@ class OrtBackend:
 
     def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
         """Run with IOBinding: inputs by pointer, the outputs in ``outputs`` written into the given
-        arrays (None: allocated by ORT); returns those outputs by name."""
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for name, array in outputs.items():
-            if array is None:
-                binding.bind_output(name, "cpu")
-            else:
-                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+        arrays (None: allocated by ORT); returns those outputs by name. The binding is reused
+        from the thread's last run, rebinding only the arrays that changed (``ort_binding``)."""
+        binding, copies = self.bindings.bind(feeds, outputs)
         try:
             self.session.run_with_iobinding(binding)
         except ORT_ERRORS as exc:
             raise ort_error(exc, self.model, loading=False) from exc
+        del copies  # (alive until the run ended)
         produced = binding.get_outputs() if any(array is None for array in outputs.values()) else []
         return {name: array if array is not None else produced[i].numpy() for i, (name, array) in enumerate(outputs.items())}
 

@@ -89,6 +89,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits (``apply_penalties`` is more than a copy)."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty)
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -168,7 +173,10 @@ class Sampler:
         """The next token for a row of ``logits`` [vocab]."""
         logits = np.asarray(logits).reshape(-1)
         if self.params.greedy:
-            return int(np.argmax(apply_penalties(logits, self.params, context, output)))
+            # Unpenalized: the raw row's argmax (the float64 copy would pick the same index, ties
+            # and NaN included, at ~50 us per token of a 32k vocabulary).
+            x = apply_penalties(logits, self.params, context, output) if self.params.penalized else logits
+            return int(np.argmax(x))
         probs = self.probabilities(logits, context, output)
         cumulative = np.cumsum(probs)
         token = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))

@@ -85,6 +85,17 @@ def test_temperature_sharpens_and_flattens():
     assert entropy(0.5) < entropy(1.0) < entropy(2.0)
 
 
+def test_greedy_without_penalties_picks_as_the_penalized_path_does():
+    """The unpenalized greedy pick skips apply_penalties' float64 copy: same index on float16
+    and float32 rows, first of tied maxima, and a penalty of 1 (off) changes nothing."""
+    assert not SamplingParams().penalized and SamplingParams(presence_penalty=0.5).penalized
+    row = np.array([0.5, 2.0, -np.inf, 2.0, 1.0], np.float16)
+    for logits in (row, row.astype(np.float32)):
+        assert Sampler(SamplingParams())(logits) == 1
+        assert Sampler(SamplingParams(repetition_penalty=1.0))(logits, [1, 3], [1]) == 1
+    assert Sampler(SamplingParams(repetition_penalty=4.0))(row, [1], []) == 3
+
+
 def test_temperature_to_zero_equals_greedy():
     logits = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
     greedy = Sampler(SamplingParams())(logits)
