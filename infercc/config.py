@@ -108,6 +108,14 @@ class Config:
     speculation_policy: str = "auto"
     #: Most tokens proposed per step (the depth k; the policy lowers it per sequence).
     num_speculative_tokens: int = 5
+    #: Tree of candidates for "eagle" (runtime/speculative/tree.py): the draft's top this-many
+    #: tokens at each depth are candidates, and the ``num_speculative_tokens`` most probable (by
+    #: cumulative draft probability) are verified in one row with tree attention (greedy requests,
+    #: the C paged runner; elsewhere chains, the reason in the speculation notes). 1 = a chain, the
+    #: default: on a CPU each verified position costs a share of a step, and a measured run of the
+    #: SmolLM2 EAGLE draft accepted no more tokens per step with siblings than the chain gave (see
+    #: the docs of ``tree.py``); raise it where siblings are accepted often.
+    speculation_tree_width: int = 1
     #: Most of a step's computed tokens that may be speculated ones (the engine's budget: with a
     #: large batch the extra positions stop being free).
     max_speculation_compute_fraction: float = 0.5
@@ -271,6 +279,9 @@ class Config:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
             raise ConfigError(f"Config.num_speculative_tokens must be an integer in [1, 64], got {k!r}")
+        width = self.speculation_tree_width
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 16:
+            raise ConfigError(f"Config.speculation_tree_width must be an integer in [1, 16] (1 = chains), got {width!r}")
         layers = self.draft_layers
         if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
             raise ConfigError(f"Config.draft_layers must be an integer >= 0 (0 = auto), got {layers!r}")

@@ -22,8 +22,13 @@ tokens it is handed decide; a cached entry whose token no longer matches resets 
 the last output is f'_{L-1}, the LM head restricted to the ``draft_vocab`` (as the Medusa heads)
 gives the guess of token L; then each further guess feeds (f', guess) back as the next position.
 The draft entries of guessed positions are dropped afterwards (cut back to the true ones).
-A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confidence``; EAGLE's
-tree of candidates needs tree attention in the verifying step, which is not built.
+A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confidence``; with
+``tree_width`` w > 1 (``Config.speculation_tree_width``, greedy requests) a tree (tree.py): at each
+depth along the top-1 path the draft's top w tokens are candidates (runners-up only when at least
+``MIN_SIBLING`` probable), the path going on while its top-1 is sure enough, and the ``k`` most
+probable candidates are proposed. Only the top-1 path is run through the draft (one forward per
+depth, as the chain): the runners-up are leaves, EAGLE-2's expansion of every kept node would
+cost a draft forward per node with a tree mask of its own.
 """
 
 from __future__ import annotations
@@ -39,12 +44,17 @@ from .eagle_draft import DraftCache, EagleDraft, draft_path, load_draft
 from .heads import HeadsError, _dot
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
 from .proposer import Proposal
+from .tree import Candidate, best_tree
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
     from ...config import Config
     from ...ir import Model, Node
     from ..sampling import SamplingParams
+
+
+#: Least draft probability of a runner-up token to be a tree candidate.
+MIN_SIBLING = 0.1
 
 
 class Embedding:
@@ -158,7 +168,7 @@ class EagleProposer:
     needs_hidden = True
 
     def __init__(self, draft: EagleDraft, lm_head: np.ndarray, embedding: Embedding, cost: float = 0.0,
-                 min_confidence: float = MIN_CONFIDENCE) -> None:
+                 min_confidence: float = MIN_CONFIDENCE, tree_width: int = 1) -> None:
         self.draft = draft
         #: [len(draft_vocab) or vocab, hidden]: the LM head's rows of the draft vocabulary.
         self.lm_head = lm_head
@@ -167,6 +177,9 @@ class EagleProposer:
         #: Cost of proposing one token relative to one target step (DepthPolicy's draft_cost).
         self.cost = cost
         self.min_confidence = min_confidence
+        #: Candidates per depth (1: chains; the engine sets ``Config.speculation_tree_width`` where
+        #: its runner verifies trees: other verifiers take chains only).
+        self.tree_width = tree_width
         self._states: dict[Hashable, _State] = {}
 
     def observe(self, seq_id: Hashable, length: int, hidden: np.ndarray) -> None:
@@ -200,7 +213,33 @@ class EagleProposer:
             state.pending = []
         if state.last is None:
             return Proposal([])
+        if self.tree_width > 1 and params.greedy:
+            return self._tree(state, state.last, k)
         return self._chain(state, state.last, k)
+
+    def _tree(self, state: _State, feature: np.ndarray, k: int) -> Proposal:
+        """The ``k`` most probable of the top-w candidates along the top-1 path (module docstring)."""
+        true_length = state.cache.length
+        candidates: list[Candidate] = []
+        parent, score = -1, 1.0
+        try:
+            for step in range(k):
+                logits = _dot("nh,vh->nv", feature, self.lm_head)[0]
+                top = np.argsort(-logits, kind="stable")[:self.tree_width]
+                probs = np.exp(logits[top] - logits[top[0]]) / np.exp(logits - logits[top[0]]).sum()
+                first = len(candidates)
+                candidates += [Candidate(int(t), parent, score * float(p)) for i, (t, p) in enumerate(zip(top, probs))
+                               if i == 0 or p >= MIN_SIBLING]
+                if probs[0] < self.min_confidence or step + 1 == k:
+                    break
+                parent, score = first, score * float(probs[0])
+                embed = self.embedding.local(top[:1]) if self.vocab_ids is not None else self.embedding([int(top[0])])
+                feature = self.draft.forward(state.cache, feature, embed)
+        finally:
+            state.cache.length = true_length
+        if self.vocab_ids is not None:
+            candidates = [dataclasses.replace(c, token=int(self.vocab_ids[c.token])) for c in candidates]
+        return best_tree(candidates, k)
 
     def _chain(self, state: _State, feature: np.ndarray, k: int) -> Proposal:
         """Up to k guesses from f'_{L-1}, each fed back; the guessed positions' entries dropped."""
