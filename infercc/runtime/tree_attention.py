@@ -112,6 +112,7 @@ def tree_model(paged: Model) -> Model:
     for node in graph.nodes:
         if node.op_type == OP_NAME:
             node.set_input(MASK, tree)
+            node.set_attr("tree", 1)  # the kernel takes each row over its own keys: bit for bit a chain's
     graph.remove_dead()
     return model
 

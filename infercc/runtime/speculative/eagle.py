@@ -164,6 +164,8 @@ class EagleProposer:
     """Guesses with the draft layer over each sequence's features (see the module docstring)."""
 
     name = "eagle"
+    #: Trees: at the first depth whose top-1 guess is doubtful, still propose its top candidates as leaves.
+    doubtful_leaves = True
     #: The caller hands it hidden states (``observe``) after each target step.
     needs_hidden = True
 
@@ -227,10 +229,13 @@ class EagleProposer:
                 logits = _dot("nh,vh->nv", feature, self.lm_head)[0]
                 top = np.argsort(-logits, kind="stable")[:self.tree_width]
                 probs = np.exp(logits[top] - logits[top[0]]) / np.exp(logits - logits[top[0]]).sum()
+                sure = probs[0] >= self.min_confidence
+                if not sure and not self.doubtful_leaves:
+                    break
                 first = len(candidates)
                 candidates += [Candidate(int(t), parent, score * float(p)) for i, (t, p) in enumerate(zip(top, probs))
                                if i == 0 or p >= MIN_SIBLING]
-                if probs[0] < self.min_confidence or step + 1 == k:
+                if not sure or step + 1 == k:
                     break
                 parent, score = first, score * float(probs[0])
                 embed = self.embedding.local(top[:1]) if self.vocab_ids is not None else self.embedding([int(top[0])])
