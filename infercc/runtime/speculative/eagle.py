@@ -25,7 +25,7 @@ The draft entries of guessed positions are dropped afterwards (cut back to the t
 A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confidence``; with
 ``tree_width`` w > 1 (``Config.speculation_tree_width``, greedy requests) a tree (tree.py): at each
 depth along the top-1 path the draft's top w tokens are candidates (runners-up only when at least
-``MIN_SIBLING`` probable), the path going on while its top-1 is sure enough, and the ``k`` most
+``tree.MIN_SIBLING`` probable), the path going on while its top-1 is sure enough, and the ``k`` most
 probable candidates are proposed. Only the top-1 path is run through the draft (one forward per
 depth, as the chain): the runners-up are leaves, EAGLE-2's expansion of every kept node would
 cost a draft forward per node with a tree mask of its own.
@@ -44,17 +44,13 @@ from .eagle_draft import DraftCache, EagleDraft, draft_path, load_draft
 from .heads import HeadsError, _dot
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
 from .proposer import Proposal
-from .tree import Candidate, best_tree
+from .tree import Candidate, best_tree, expand, top_tokens
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
     from ...config import Config
     from ...ir import Model, Node
     from ..sampling import SamplingParams
-
-
-#: Least draft probability of a runner-up token to be a tree candidate.
-MIN_SIBLING = 0.1
 
 
 class Embedding:
@@ -223,21 +219,16 @@ class EagleProposer:
         """The ``k`` most probable of the top-w candidates along the top-1 path (module docstring)."""
         true_length = state.cache.length
         candidates: list[Candidate] = []
-        parent, score = -1, 1.0
+        parent = -1
         try:
             for step in range(k):
-                logits = _dot("nh,vh->nv", feature, self.lm_head)[0]
-                top = np.argsort(-logits, kind="stable")[:self.tree_width]
-                probs = np.exp(logits[top] - logits[top[0]]) / np.exp(logits - logits[top[0]]).sum()
+                top, probs = top_tokens(_dot("nh,vh->nv", feature, self.lm_head)[0], self.tree_width)
                 sure = probs[0] >= self.min_confidence
                 if not sure and not self.doubtful_leaves:
                     break
-                first = len(candidates)
-                candidates += [Candidate(int(t), parent, score * float(p)) for i, (t, p) in enumerate(zip(top, probs))
-                               if i == 0 or p >= MIN_SIBLING]
+                parent = expand(candidates, [parent], top, probs)[0]
                 if not sure or step + 1 == k:
                     break
-                parent, score = first, score * float(probs[0])
                 embed = self.embedding.local(top[:1]) if self.vocab_ids is not None else self.embedding([int(top[0])])
                 feature = self.draft.forward(state.cache, feature, embed)
         finally:

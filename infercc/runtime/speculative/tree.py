@@ -20,7 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from .proposer import Proposal
+
+#: Least draft probability of a runner-up token to be a candidate (rarer ones would take a verified
+#: position for almost no chance of a token).
+MIN_SIBLING = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +56,23 @@ def best_tree(candidates: list[Candidate], k: int) -> Proposal:
     index = {old: new for new, old in enumerate(chosen)}
     parents = [index[candidates[i].parent] if candidates[i].parent >= 0 else -1 for i in chosen]
     return Proposal([candidates[i].token for i in chosen], parents=parents)
+
+
+def top_tokens(logits: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``width`` most likely entries of ``logits`` (best first) and their softmax probabilities."""
+    top = np.argsort(-logits, kind="stable")[:width]
+    return top, np.exp(logits[top] - logits[top[0]]) / np.exp(logits - logits[top[0]]).sum()
+
+
+def expand(candidates: list[Candidate], parents: list[int], tokens: np.ndarray, probs: np.ndarray) -> list[int]:
+    """Add ``tokens`` (one depth's top tokens, best first, with their draft probabilities) under
+    each of ``parents`` (-1: the sequence's last token): the first always, runners-up from
+    ``MIN_SIBLING`` on. Returns the new candidates' indices."""
+    added = []
+    for parent in parents:
+        base = 1.0 if parent < 0 else candidates[parent].score
+        for i, (token, p) in enumerate(zip(tokens, probs)):
+            if i == 0 or p >= MIN_SIBLING:
+                added.append(len(candidates))
+                candidates.append(Candidate(int(token), parent, base * float(p)))
+    return added
