@@ -48,7 +48,6 @@ from .model_runner import ModelRunner
 from .paged_runner import PagedRow, PagedRunner
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduled, Scheduler, SchedulerOutput
-from .tree_attention import compact_moves
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -233,8 +232,7 @@ class Engine:
 
             self.speculation = EngineSpeculation(self.compiled, self.config)
             self.speculation.uniform = isinstance(self.runner, PagedRunner) and self.runner.padding is None
-            if isinstance(self.runner, PagedRunner):
-                self.speculation.tree_check = self.runner.tree_reason
+            self.speculation.tree_check = getattr(self.runner, "tree_reason", self.speculation.tree_check)
             self.scheduler.spec_budget = spec_budget(self.config)
         return self.speculation
 
@@ -304,10 +302,9 @@ class Engine:
                 raise InferccError(f"internal error: {len(self.scheduler.waiting)} waiting requests but nothing "
                                    f"could be scheduled ({self.blocks.report()})")
             return
-        spec = self.speculation
         rows = [PagedRow(s.request.seq_id, s.tokens(), s.start, self.blocks.block_table(s.request.seq_id),
                          num_logits=len(s.draft) + 1, adapter=s.request.adapter,
-                         tree=spec.tree(s) if s.draft and spec is not None else None) for s in plan.scheduled]
+                         tree=self.speculation.tree(s) if s.draft else None) for s in plan.scheduled]
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
@@ -352,9 +349,7 @@ class Engine:
             spec.observe(item.request.seq_id, len(row.prompt) + len(row.output), self.runner,
                          [at + r for r in picked[:len(new)]])
         if item.draft:
-            moves = compact_moves(item.start, picked)  # a tree's accepted path, brought together
-            if moves:
-                self.runner.compact(self.blocks.block_table(item.request.seq_id), moves)
+            spec.keep_path(item, picked, self.runner, self.blocks)  # a tree's accepted path, brought together
             self.scheduler.accepted(item, len(emitted) - 1)
         self._counts["generation_tokens"] += len(new)
         output = self._output(live, new, logits[picked[:len(new)]] if live.logprobs is not None and new else None)

@@ -24,6 +24,15 @@ A step, for a request with speculation on (``EngineSpeculation``):
    accepted tokens' K/V and drops the rest (``BlockManager.truncate``: rejected tokens never enter
    the prefix cache).
 
+Trees of candidates (``Config.speculation_tree_width`` > 1, Medusa and EAGLE, greedy requests): the
+row is the last token + the tree's nodes in breadth-first order, ``PagedRow.tree`` gives their
+parents, the C paged runner verifies them in one run with tree attention (runtime/tree_attention.py),
+``verify_tree`` walks the target's choices, and the accepted path's K/V are moved together
+(``tree_attention.compact_moves``) before ``Scheduler.accepted`` truncates the rest. A runner that
+cannot verify trees (ONNX Runtime's gather form, the contiguous layout, a graph whose positions
+cannot be set per token) gets chains, the reason in ``notes``; sampling requests and adapter rows
+always speculate with chains.
+
 A method that cannot run (no draft model, ...) falls back to plain decoding for the requests that
 asked for it; ``notes`` keeps the reason (EngineStats.speculation_notes), never an error.
 """
@@ -40,6 +49,7 @@ from ..errors import ConfigError, InputError
 from .speculative.policy import DepthPolicy, SpeculationStats
 from .speculative.proposer import Proposal, make_proposer
 from .speculative.verify import verify, verify_tree
+from .tree_attention import compact_moves
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -168,6 +178,8 @@ class EngineSpeculation:
                 cap = min(cap, max_context - request.num_tokens)
             k = min(seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free), cap)
             proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params) if k > 0 else None
+            if proposal is not None and proposal.is_tree and request.adapter is not None:
+                proposal = proposal.first_path()  # (adapter rows run the LoRA variants: chains only)
             if proposal is not None and proposal.tokens:
                 seq.proposal = proposal
                 request.draft = [int(t) for t in proposal.tokens[:k]]
@@ -227,6 +239,14 @@ class EngineSpeculation:
             return None
         parents = proposal.parents
         return [-1] + [(parents[i] if i < len(parents) else i - 1) + 1 for i in range(len(item.draft))]
+
+    def keep_path(self, item: Scheduled, picked: Sequence[int], runner: Any, blocks: Any) -> None:
+        """After a tree row's verification, move the K/V of its accepted path (``picked``, the
+        rows ``verify`` returned) to the positions after the row's first token, before the
+        scheduler keeps those and drops the rest (nothing to move for a chain)."""
+        moves = compact_moves(item.start, picked)
+        if moves:
+            runner.compact(blocks.block_table(item.request.seq_id), moves)
 
     def verify(self, item: Scheduled, logits: np.ndarray, row: _Row) -> tuple[list[int], list[int]]:
         """The tokens a speculative row emits (1..len(draft)+1), from its ``len(draft) + 1``

@@ -60,6 +60,16 @@ class Proposal:
         """Whether some token has a sibling (a tree that is not just a chain)."""
         return self.parents is not None and any(p != i - 1 for i, p in enumerate(self.parents))
 
+    def first_path(self) -> Proposal:
+        """The chain of first children from the root (the proposers list a node's likeliest child
+        first): a tree's best guess where only a chain can be verified."""
+        if self.parents is None:
+            return self
+        path, node = [], -1
+        while (node := next((i for i, p in enumerate(self.parents) if p == node), None)) is not None:
+            path.append(self.tokens[node])
+        return Proposal(path)
+
 
 class Proposer(Protocol):
     """Guesses up to ``k`` next tokens of a sequence (see the module docstring)."""

@@ -14,6 +14,11 @@ distributed as p: the output distribution is the target's. A deterministic propo
 mass on x (accept with probability p(x); the residual is p without x). Draws use the request's
 seeded generator, so a seed gives the same text on every run.
 
+Trees of candidates (``Proposal.parents``): ``verify_tree``, greedy only, walks from the last
+token to the child the target chooses at each node; the emitted tokens are again plain greedy
+decoding's. A sampled tree would need rejection sampling per branch (SpecInfer's multi-draft
+scheme): sampling requests keep chains.
+
 Penalties depend on the output so far, so each position's p is computed on a copy of ``output``
 extended by the tokens accepted before it.
 """

@@ -29,6 +29,7 @@ def test_best_tree_keeps_the_most_probable_ancestor_closed_nodes_breadth_first()
                   Candidate(9, 2, 0.45), Candidate(10, 3, 0.28)]  # depth 3
     tree = best_tree(candidates, 4)
     assert tree.tokens == [5, 6, 7, 9] and tree.parents == [-1, -1, 0, 2]
+    assert tree.first_path().tokens == [5, 7, 9] and best_tree(candidates, 6).first_path().tokens == [5, 7, 9]
     tree = best_tree(candidates, 2)
     assert tree.tokens == [5, 7] and tree.parents == [-1, 0] and not tree.is_tree
 
