@@ -211,3 +211,13 @@ def test_engine_tree_speculation_on_stories260k():
     prompt = compiled.tokenizer.encode("Once upon a time")
     _, oracle = tree_generate(compiled, prompt, 40)
     assert oracle.calls >= 3
+
+
+def test_positions_counted_over_the_length_refuse_trees():
+    """A torch export counts positions with a Range over the mask's length: tree nodes would get
+    consecutive positions, so trees are refused (chains keep running)."""
+    from tests.fixtures import catalog
+
+    compiled = infercc.compile(str(catalog.fixture_path("llama_dynamo")), kv_cache_dtype="fp32")
+    problem = graph_problem(compiled.model)
+    assert problem is not None and ("counts positions" in problem or "could not be analysed" in problem), problem
