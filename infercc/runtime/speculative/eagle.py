@@ -25,8 +25,9 @@ The draft entries of guessed positions are dropped afterwards (cut back to the t
 A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confidence``; with
 ``tree_width`` w > 1 (``Config.speculation_tree_width``, greedy requests) a tree (tree.py): at each
 depth along the top-1 path the draft's top w tokens are candidates (runners-up only when at least
-``tree.MIN_SIBLING`` probable), the path going on while its top-1 is sure enough, and the ``k`` most
-probable candidates are proposed. Only the top-1 path is run through the draft (one forward per
+``tree.MIN_SIBLING`` probable), the path going on while its top-1 is sure enough (the first doubtful
+depth's candidates are still leaves, where a chain stops before it: measured on SmolLM2, that is
+where the tree earns its tokens), and the ``k`` most probable candidates are proposed. Only the top-1 path is run through the draft (one forward per
 depth, as the chain): the runners-up are leaves, EAGLE-2's expansion of every kept node would
 cost a draft forward per node with a tree mask of its own.
 """
@@ -160,8 +161,6 @@ class EagleProposer:
     """Guesses with the draft layer over each sequence's features (see the module docstring)."""
 
     name = "eagle"
-    #: Trees: at the first depth whose top-1 guess is doubtful, still propose its top candidates as leaves.
-    doubtful_leaves = True
     #: The caller hands it hidden states (``observe``) after each target step.
     needs_hidden = True
 
@@ -223,11 +222,8 @@ class EagleProposer:
         try:
             for step in range(k):
                 top, probs = top_tokens(_dot("nh,vh->nv", feature, self.lm_head)[0], self.tree_width)
-                sure = probs[0] >= self.min_confidence
-                if not sure and not self.doubtful_leaves:
-                    break
                 parent = expand(candidates, [parent], top, probs)[0]
-                if not sure or step + 1 == k:
+                if probs[0] < self.min_confidence or step + 1 == k:
                     break
                 embed = self.embedding.local(top[:1]) if self.vocab_ids is not None else self.embedding([int(top[0])])
                 feature = self.draft.forward(state.cache, feature, embed)
