@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 #: A request's ``speculation`` that turns it off whatever ``Config.speculation`` says.
 OFF = "off"
 #: Most padding positions (rows without a proposal x the step's draft width) worth adding to keep
-#: a step's decode rows in one forward run: one more verified position costs ~0.08 of a step at
+#: a step's decode rows in one forward run: one more verified position costs ~0.2 of a step at
 #: batch 1 on a CPU (speculative/policy.py VERIFY_COST), a second run about a whole step.
 PAD_LIMIT = 8
 

@@ -253,8 +253,9 @@ def test_the_context_end_and_a_full_pool_are_plain_decodings_limits(models, scri
 
 
 # -- sampling ----------------------------------------------------------------------------------------
-def test_seeded_sampling_is_reproducible(models):
+def test_seeded_sampling_is_reproducible(models, scripted):
     compiled = models["ort", "paged"]
+    scripted(compiled, True)  # (the tiny model's sampled text gives prompt lookup no 2-token match)
 
     def sample(seed):
         with compiled.session() as session:

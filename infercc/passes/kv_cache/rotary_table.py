@@ -117,10 +117,12 @@ def _evaluate(graph: Graph, values: list[Value], length: int, opset: int) -> lis
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failure is an answer here (no table): nothing for the user's console
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return [np.asarray(r) for r in session.run([v.name for v in values], feeds)]
+        return [np.asarray(r) for r in session.run([v.name for v in values], feeds, run_options)]
     except Exception as exc:  # noqa: BLE001 - any failure means: no table, keep the rotary nodes
         return f"evaluating the rotary factors failed ({type(exc).__name__}: {str(exc)[:200]})"
 

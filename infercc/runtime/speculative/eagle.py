@@ -41,9 +41,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .eagle_c import C_DRAFT_BYTES
 from .eagle_draft import DraftCache, EagleDraft, draft_path, load_draft
-from .heads import HeadsError, _dot
+from .heads import HeadsError
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
+from .products import linear, one_blas_thread
 from .proposer import Proposal
 from .tree import Candidate, best_tree, expand, top_tokens
 
@@ -194,6 +196,10 @@ class EagleProposer:
         state.pending = state.pending[:max(start - cached, 0)] + list(rows)
 
     def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
+        with one_blas_thread():
+            return self._propose(seq_id, tokens, k, params)
+
+    def _propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
         state = self._states.get(seq_id)
         length = len(tokens)
         if state is None or k <= 0 or state.end != length - 1:
@@ -221,7 +227,7 @@ class EagleProposer:
         parent = -1
         try:
             for step in range(k):
-                top, probs = top_tokens(_dot("nh,vh->nv", feature, self.lm_head)[0], self.tree_width)
+                top, probs = top_tokens(linear(feature, self.lm_head)[0], self.tree_width)
                 parent = expand(candidates, [parent], top, probs)[0]
                 if probs[0] < self.min_confidence or step + 1 == k:
                     break
@@ -239,7 +245,7 @@ class EagleProposer:
         guesses: list[int] = []
         try:
             for step in range(k):
-                logits = _dot("nh,vh->nv", feature, self.lm_head)[0]
+                logits = linear(feature, self.lm_head)[0]
                 best = int(np.argmax(logits))
                 if 1.0 / np.exp(logits - logits[best]).sum() < self.min_confidence:
                     break  # a guess the draft doubts costs a verified position, rarely a token
@@ -271,7 +277,7 @@ def make_eagle(compiled: CompiledModel, config: Config) -> tuple[EagleProposer |
         return None, why
     draft, lm_head, embedding, cost, confidence = parts
     return EagleProposer(draft, lm_head, embedding, cost, confidence), \
-        f"eagle: a draft layer of {draft.macs / 1e6:.1f}M weights from {why}"
+        f"eagle: a draft layer of {draft.macs / 1e6:.1f}M weights from {why}; {draft.runs_on}"
 
 
 def _load(compiled: CompiledModel, file: Path) -> tuple:
@@ -283,4 +289,10 @@ def _load(compiled: CompiledModel, file: Path) -> tuple:
         raise HeadsError(f"{file.parent}/config.json: min_confidence must be a number in [0, 1], got {confidence!r}")
     rows = len(vocab_ids) if vocab_ids is not None else vocab
     cost = (draft.macs + rows * hidden) / max(_weight_count(compiled.model), 1)
+    if compiled.runtime == "c" and draft.macs * 4 >= C_DRAFT_BYTES:  # (see eagle_c.py)
+        from .eagle_c import c_draft
+
+        built, where = c_draft(draft, compiled.config.intra_op_threads)
+        draft = built or draft
+        draft.runs_on = where
     return draft, lm_head_weights(compiled.model, vocab_ids), Embedding(compiled.model, vocab_ids), cost, float(confidence)

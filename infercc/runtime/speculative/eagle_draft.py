@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .heads import CONFIG_FILE, HeadsError, _dot, read_config, read_tensors
+from .heads import CONFIG_FILE, HeadsError, read_config, read_tensors
+from .products import attend, linear
 
 DRAFT_FILE = "eagle_draft.safetensors"
 _INT_FIELDS = {"num_attention_heads": 64, "head_dim": 512, "intermediate_size": 1 << 16}
@@ -76,6 +77,8 @@ class EagleDraft:
     head_dim: int
     rope_theta: float = 10000.0
     eps: float = 1e-5
+    #: Where the forward runs (eagle_c.CDraft runs the same layer on the generated-C runtime).
+    runs_on: str = "the draft layer runs in NumPy"
 
     @property
     def hidden(self) -> int:
@@ -95,30 +98,23 @@ class EagleDraft:
         w = self.weights
         n = len(features)
         x = np.concatenate([embeds, features], axis=1).astype(np.float32, copy=False)
-        h = _dot("nc,hc->nh", x, w["fc.weight"]) + w["fc.bias"]
+        h = linear(x, w["fc.weight"]) + w["fc.bias"]
         a = rms_norm(h, w["layer.input_layernorm.weight"], self.eps)
         shape = (n, self.heads, self.head_dim)
-        q = _dot("nh,ah->na", a, w["layer.self_attn.q_proj.weight"]).reshape(shape)
-        k = _dot("nh,ah->na", a, w["layer.self_attn.k_proj.weight"]).reshape(shape)
-        v = _dot("nh,ah->na", a, w["layer.self_attn.v_proj.weight"]).reshape(shape)
+        q = linear(a, w["layer.self_attn.q_proj.weight"]).reshape(shape)
+        k = linear(a, w["layer.self_attn.k_proj.weight"]).reshape(shape)
+        v = linear(a, w["layer.self_attn.v_proj.weight"]).reshape(shape)
         past = cache.length
         positions = np.arange(cache.base + past, cache.base + past + n)
         cos, sin = rotary(positions, self.head_dim, self.rope_theta)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         cache.append(k, v)
-        keys, values = cache.k[:cache.length], cache.v[:cache.length]
-        scores = _dot("qad,kad->aqk", q, keys) / np.float32(np.sqrt(self.head_dim))
-        if n > 1:  # causal among the new rows: row i sees the past and new rows 0..i
-            scores[:, np.triu_indices(n, 1)[0], past + np.triu_indices(n, 1)[1]] = -np.inf
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        scores /= scores.sum(-1, keepdims=True)
-        o = _dot("aqk,kad->qad", scores, values).reshape(n, -1)
-        h = h + _dot("na,ha->nh", o, w["layer.self_attn.o_proj.weight"])
+        o = attend(q, cache.k[:cache.length], cache.v[:cache.length], 1.0 / np.sqrt(self.head_dim), past)
+        h = h + linear(o, w["layer.self_attn.o_proj.weight"])
         m = rms_norm(h, w["layer.post_attention_layernorm.weight"], self.eps)
-        gate = _dot("nh,ih->ni", m, w["layer.mlp.gate_proj.weight"])
-        up = _dot("nh,ih->ni", m, w["layer.mlp.up_proj.weight"])
-        return h + _dot("ni,hi->nh", gate / (1.0 + np.exp(-gate)) * up, w["layer.mlp.down_proj.weight"])
-
+        gate = linear(m, w["layer.mlp.gate_proj.weight"])
+        up = linear(m, w["layer.mlp.up_proj.weight"])
+        return h + linear(gate / (1.0 + np.exp(-gate)) * up, w["layer.mlp.down_proj.weight"])
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps)) * weight

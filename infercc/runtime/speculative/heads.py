@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InferccError
+from .products import linear
 
 HEADS_FILE = "medusa_lm_head.safetensors"
 CONFIG_FILE = "config.json"
@@ -57,7 +58,7 @@ class MedusaHeads:
         for blocks in self.blocks:
             x = hidden.astype(np.float32, copy=False)
             for weight, bias in blocks:
-                y = _dot("gh,h->g", weight, x) + bias
+                y = linear(x, weight) + bias
                 x = x + y / (1.0 + np.exp(-y))  # x + SiLU(Wx + b)
             out.append(x)
         return np.stack(out)
@@ -70,22 +71,15 @@ class MedusaHeads:
         logits: list[np.ndarray | None] = [None] * len(features)
         shared = [i for i in range(len(features)) if self.projections[i] is None]
         if shared:
-            for i, row in zip(shared, _dot("kh,vh->kv", features[shared], lm_head)):
+            for i, row in zip(shared, linear(features[shared], lm_head)):
                 logits[i] = row
         tokens, probs = [], []
         for i, row in enumerate(logits):
-            row = row if row is not None else _dot("vh,h->v", self.projections[i], features[i])
+            row = row if row is not None else linear(features[i], self.projections[i])
             best = int(np.argmax(row))
             tokens.append(best)
             probs.append(float(1.0 / np.exp(row - row[best]).sum()))
         return tokens, probs
-
-
-def _dot(spec: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A product on NumPy's own single-threaded loops, not BLAS: between two runs of the model a
-    multi-threaded BLAS leaves its threads spinning on the cores the model's threads need (on a
-    2-core CPU that halved the speed of the verify steps); these products are small enough."""
-    return np.einsum(spec, a, b, optimize=False)
 
 
 def heads_path(path: str | Path) -> Path:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .heads import HeadsError, MedusaHeads, _dot, heads_path, load_heads, read_config
+from .heads import HeadsError, MedusaHeads, heads_path, load_heads, read_config
+from .products import linear, one_blas_thread
 from .proposer import Proposal
 from .tree import Candidate, best_tree, expand, top_tokens
 
@@ -83,9 +84,10 @@ class MedusaProposer:
         k = min(k, self.heads.num_heads)
         if entry is None or entry[0] != len(tokens) or k <= 0:
             return Proposal([])
-        if self.tree_width > 1 and params.greedy:
-            return self._tree(entry[1], k)
-        guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
+        with one_blas_thread():
+            if self.tree_width > 1 and params.greedy:
+                return self._tree(entry[1], k)
+            guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
         confident = next((i for i, p in enumerate(probs) if p < self.min_confidence), len(probs))
         guesses = guesses[:confident]  # a guess its head doubts costs a verified position, rarely a token
         if self.vocab_ids is not None:  # heads projected by the restricted LM head: back to token ids
@@ -99,7 +101,7 @@ class MedusaProposer:
         level = [-1]
         for i, feature in enumerate(self.heads.features(hidden)[:k]):
             projection = self.heads.projections[i]
-            top, probs = top_tokens(_dot("vh,h->v", self.lm_head if projection is None else projection, feature),
+            top, probs = top_tokens(linear(feature, self.lm_head if projection is None else projection),
                                     self.tree_width)
             if self.vocab_ids is not None and projection is None:  # the restricted LM head's rows: token ids
                 top = self.vocab_ids[top]

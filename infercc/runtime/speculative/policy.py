@@ -2,14 +2,18 @@
 GenerationResult and the server report.
 
 Model: each proposed token stands with probability a (measured per sequence), so k proposals give
-E(k) = (1 - a^(k+1)) / (1 - a) tokens per step (the k accepted ones plus the target's own), and a
-step costs 1 + c*k target steps (c: what one more verified position costs beside the first; small
-at batch 1 on a CPU, where a step reads all weights once for any number of positions, and growing
-with the batch, whose rows already share that read) + d*k (the proposer: 0 for prompt lookup,
-the draft's cost per token relative to the target for a model draft). The depth is the k in
-0..num_speculative_tokens that maximizes E(k) / cost(k): it falls as acceptance falls and turns
-speculation off where it would not pay, and it rises again on its own: while off, the measured
-rate decays toward the prior, so the sequence probes again after a while.
+E(k) = (1 - a^(k+1)) / (1 - a) tokens per step (the k accepted ones plus the target's own). A
+step of R positions costs 1 + c*(R - 1) one-position steps (c: what one more position costs; small
+where a step is bound by reading the weights once, larger where each position's products cost
+compute, as on CPUs without int8 dot-product instructions) and the proposer adds d*k (0 for prompt
+lookup; a model draft's cost per token relative to the target). With n other sequences in the
+step, each contributing one token, the depth is the k in 0..num_speculative_tokens maximizing
+the step's tokens per cost, (n + E(k)) / (1 + c*(n + k) + d*k): at batch 1 the latency gain
+E(k) / (1 + (c + d)*k); in a batch the extra positions slow every row of the step, so the same
+acceptance buys less depth, and none once the batch's own rows fill the compute. The depth falls
+as acceptance falls and turns speculation off where it would not pay, and rises again on its
+own: while off, the measured rate decays toward the prior, so the sequence probes again after a
+while. The "latency" policy counts only the sequence's own time (n = 0) whatever the batch.
 
 ``a`` is a decaying count of accepted proposals over trials (accepted + the rejected one, if
 any: the maximum-likelihood rate of the geometric model), started from a prior worth half a trial.
@@ -24,11 +28,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ...config import Config
 
-#: Extra cost of one more verified position relative to a one-token step at batch 1 on a CPU: an
-#: estimate (a decode step of a small model is bound by reading its weights once, whatever the
-#: number of positions; the attention and the LM head grow with them). Not measured on a quiet
-#: machine yet: the benchmark case ``speculative`` reports what the policy achieves with it.
-VERIFY_COST = 0.08
+#: Extra cost of one more verified position relative to a one-token step at batch 1. A decode
+#: step of a small model reads its weights once whatever the number of positions, but on a CPU
+#: without int8 dot-product instructions (VNNI) each position's quantized products cost their own
+#: compute: measured on SmolLM2-135M Q4_1, generated C, AVX2, a 5-position step costs 1.7x (2
+#: threads) to 2.2x (1 thread) a 1-position step, i.e. 0.18-0.30 per position. 0.2 keeps the depth
+#: near the best one over that range (a simulation of the policy over recorded greedy text: a
+#: cost of 0.3 turned lookup off on text where it paid, 0.08 verified too many positions).
+VERIFY_COST = 0.2
 #: The acceptance rate assumed before anything was measured, and its weight in trials.
 PRIOR_RATE, PRIOR_WEIGHT = 0.6, 0.5
 #: Weight kept by past measurements at each record: about the last ten trials count.
@@ -100,12 +107,12 @@ class DepthPolicy:
         rate = self._rates.setdefault(seq_id, _Rate())
         running = max(running, 1)
         limit = self.max_depth
+        others = running - 1
         if self.policy == "latency":
-            verify_cost = VERIFY_COST
+            others = 0
             if free_fraction < 0.05:
                 return 0
         else:
-            verify_cost = VERIFY_COST * running
             if self.policy == "throughput" and (waiting or free_fraction < 0.25):
                 return 0
             if free_fraction < 0.1:
@@ -115,7 +122,7 @@ class DepthPolicy:
         if running > 1:  # the engine's budget: speculated tokens per step
             budget = int(self.config.max_speculation_compute_fraction * self.config.max_batch_tokens)
             limit = min(limit, budget // running)
-        k = best_depth(rate.value, verify_cost + self.draft_cost, limit)
+        k = best_depth(rate.value, VERIFY_COST, limit, others=others, draft_cost=self.draft_cost)
         if k == 0:
             rate.decay(OFF_DECAY)  # drift back toward the prior: probe again later
         return k
@@ -137,14 +144,15 @@ class DepthPolicy:
         return self._rates.get(seq_id, _Rate()).value
 
 
-def best_depth(rate: float, cost_per_token: float, limit: int) -> int:
-    """argmax over k in 0..limit of E(k) / (1 + cost_per_token * k) (0 when nothing beats 1)."""
-    best, best_gain = 0, 1.0
+def best_depth(rate: float, verify_cost: float, limit: int, *, others: int = 0, draft_cost: float = 0.0) -> int:
+    """argmax over k in 0..limit of (others + E(k)) / (1 + verify_cost * (others + k) + draft_cost * k)
+    (see the module docstring; 0 when nothing beats not speculating)."""
+    best, best_gain = 0, (others + 1) / (1 + verify_cost * others)
     expected, power = 1.0, 1.0
     for k in range(1, max(limit, 0) + 1):
         power *= rate
         expected += power
-        gain = expected / (1 + cost_per_token * k)
+        gain = (others + expected) / (1 + verify_cost * (others + k) + draft_cost * k)
         if gain > best_gain + 1e-9:
             best, best_gain = k, gain
     return best

@@ -99,7 +99,10 @@ def make_proposer(compiled: CompiledModel, method: str, config: Config) -> tuple
     if method in ("auto", "prompt_lookup"):
         from .prompt_lookup import PromptLookup
 
-        return PromptLookup(), "prompt lookup: n-gram match in the prompt and output"
+        # Matches of 2..3 tokens: a lone token's earlier continuation is right too rarely to pay for
+        # its verified positions (on SmolLM2's greedy text, grounded and chat prompts alike, the
+        # proposals of 1-token matches lowered the tokens per unit of step cost by 3-8%).
+        return PromptLookup(max_ngram=3, min_ngram=2), "prompt lookup: n-gram match in the prompt and output"
     if method == "medusa":  # missing heads: (None, why); a heads file that does not fit: HeadsError
         from .medusa import make_medusa
 

@@ -43,7 +43,17 @@ def test_load_and_memory_lower_the_depth():
 
 def test_a_costly_draft_needs_higher_acceptance():
     assert best_depth(0.5, 0.0, 5) > 0 and best_depth(0.5, 0.6, 5) == 0
+    assert best_depth(0.5, 0.0, 5, draft_cost=0.6) == 0
     assert best_depth(0.95, 0.08, 5) == 5 and best_depth(0.0, 0.0, 5) == 0
+
+
+def test_a_batch_buys_less_depth():
+    """Extra positions slow every row of a step: the same acceptance buys less depth beside other
+    sequences, and none once their rows fill the compute (1 + 0.2 * 15 per step at 16 rows)."""
+    alone = best_depth(0.8, 0.2, 8)
+    assert alone > best_depth(0.8, 0.2, 8, others=3) > 0
+    assert best_depth(0.6, 0.2, 8, others=15) == 0
+    assert best_depth(0.6, 0.0, 8, others=15) == 8  # free positions: always worth it
 
 
 def test_stats_rates():
