@@ -115,8 +115,8 @@ class Config:
     #: runner (elsewhere, and for sampling, chains, the reason in the speculation notes). 1 = chains,
     #: the default: every verified position costs a share of a step on a CPU, so a tree pays only
     #: where the draft's runners-up are often right. Measured on SmolLM2-135M with its EAGLE draft
-    #: (3 chat prompts x 96 tokens, 2 cores): width 3 with k = 6 gave 1.91 tokens per forward step
-    #: against the chain's 1.81 (k = 5) and 1.84 (k = 6), and 1.1-1.3x the chain's decode tok/s.
+    #: (3 chat prompts x 96 tokens, 2 cores): width 3 with k = 6 gave 1.95 tokens per forward step
+    #: against the chain's 1.87 (k = 5) and 1.91 (k = 6), and 1.1-1.2x the chain's decode tok/s.
     speculation_tree_width: int = 1
     #: Most of a step's computed tokens that may be speculated ones (the engine's budget: with a
     #: large batch the extra positions stop being free).

@@ -14,9 +14,9 @@ outweighs the positions they take from the chain is the model's and draft's matt
 a knob (``Config.speculation_tree_width``, default 1 = chains) and measured per model (bench
 ``speculative --eagle DIR --tree-width 3``). On SmolLM2-135M with its EAGLE draft (2-core CPU, greedy
 chat): the tree proposes in more steps than the chain (the draft's first doubtful depth still gets
-its candidates), so its tokens per *verify* step fall (3.3 against 3.98) while its tokens per
-*forward* step rise (1.91 with width 3, k = 6; 1.89 with width 2, k = 5; the chain 1.81 / 1.84), for
-1.1-1.3x the chain's decode tok/s in alternating runs on a loaded machine.
+its candidates), so its tokens per *verify* step fall (3.8 against 4.3 for k = 6) while its tokens
+per *forward* step rise (1.95 with width 3, k = 6; 1.91 with width 2, k = 5; the chain 1.91 / 1.87),
+for 1.1-1.2x the chain's decode tok/s in alternating runs on a loaded machine.
 """
 
 from __future__ import annotations
