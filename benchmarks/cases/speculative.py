@@ -73,6 +73,7 @@ TARGETS = (("decode_tok_per_s", "infercc-lookup-grounded", "infercc-plain-ground
            ("decode_tok_per_s", "infercc-medusa-chat", "infercc-plain-chat", 1.5),
            ("decode_tok_per_s", "infercc-eagle-chat", "infercc-plain-chat", 1.5),
            ("decode_tok_per_s", "infercc-eagle-chat", "infercc-medusa-chat", 1.0),
+           ("decode_tok_per_s", "infercc-eagle_tree-chat", "infercc-eagle-chat", 0.0),
            ("decode_tok_per_s", "llama.cpp-lookup-grounded", "llama.cpp-plain-grounded", 0.0),
            ("decode_tok_per_s", "llama.cpp-lookup-chat", "llama.cpp-plain-chat", 0.0),
            ("decode_tok_per_s", "infercc-lookup-grounded", "llama.cpp-lookup-grounded", 0.0))
@@ -87,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", help="Medusa heads (`infercc train-heads` output): adds the medusa configurations "
                                    "(the artifact is then compiled with speculation='medusa': its graph exposes "
                                    "the final hidden state; the other configurations ask for theirs per request)")
+    g.add_argument("--tree-width", type=int, default=1,
+                   help="with --heads / --eagle: also their tree configurations (Config.speculation_tree_width = this; "
+                        "trees of candidates verified with tree attention), named <method>_tree")
     g.add_argument("--eagle", help="an EAGLE draft (`infercc train-heads --kind eagle` output): adds the eagle "
                                    "configurations (the artifact exposes the hidden state as for --heads)")
 
@@ -102,15 +106,16 @@ def chat_ids(gguf: str, texts: list[str]) -> list[list[int]]:
 
 # ---------------------------------------------------------------- contenders (run in the workers)
 def infercc_generate(threads: int, artifact: str, prompts: list[list[int]], new_tokens: int,
-                     speculation: str | None, heads: str | None = None) -> tuple[Any, dict]:
+                     speculation: str | None, heads: str | None = None, tree_width: int = 1) -> tuple[Any, dict]:
     """compiled.generate on each prompt, greedy, with ``speculation`` per request (and the Medusa
-    heads or EAGLE draft ``heads`` as ``Config.speculation_heads``)."""
+    heads or EAGLE draft ``heads`` as ``Config.speculation_heads``, trees of ``tree_width``)."""
     import warnings
 
     import infercc
 
     compiled = infercc.load(artifact)
-    compiled.config = compiled.config.replace(intra_op_threads=threads, inter_op_threads=1)
+    compiled.config = compiled.config.replace(intra_op_threads=threads, inter_op_threads=1,
+                                              speculation_tree_width=tree_width)
     if heads is not None:
         compiled.config = compiled.config.replace(speculation_heads=heads)
     with warnings.catch_warnings(record=True) as caught:
@@ -198,6 +203,8 @@ def build_case(args: argparse.Namespace) -> Case:
                if path}
     heads = {"speculation": next(iter(weights))} if weights else {}  # (either exposes the hidden state)
     methods = {**METHODS, **{method: method for method in weights}}
+    if args.tree_width > 1:
+        methods.update({f"{method}_tree": method for method in weights})
     notes: dict[str, Any] = {"gguf": str(gguf), "new_tokens": args.new_tokens, "prompts": PROMPTS,
                              "infercc": compile_infercc(gguf, artifact, args.threads, backend="c", **heads),
                              "infercc_uncommitted": uncommitted("infercc")}
@@ -215,7 +222,8 @@ def build_case(args: argparse.Namespace) -> Case:
         for method, speculation in methods.items():
             configs.append(ConfigSpec(f"infercc-{method}-{group}", f"{HERE}:infercc_generate",
                                       {**common, "artifact": str(artifact), "speculation": speculation,
-                                       "heads": weights.get(method)},
+                                       "heads": weights.get(speculation),
+                                       "tree_width": args.tree_width if method.endswith("_tree") else 1},
                                       f"infercc C runtime, generate(speculation={speculation!r}), {group} prompts"))
         for method in ("plain", "lookup"):
             if not has_llama:

@@ -175,6 +175,8 @@ def _paged_attention(site: Site) -> list[str]:
         lines += [f"if ({mask}->r != 4) icc_fail(\"PagedAttention: the mask must have rank 4\");",
                   f"else {{ icc_t full = {{.r = 4, .d = {{A.B, A.H, A.S, {mask}->d[3]}}}};",
                   f"  icc_bstrides({mask}, &full, A.mask_stride); A.mask_len = {mask}->d[3]; A.{field}{mask}->p; }}"]
+        if int(n.attr("tree", 0)):  # a tree's mask (runtime/tree_attention.py): each row over its own keys
+            lines.append("A.tree = 1;")
     o = site.outs[0]
     lines += [f"{o}->dt = ICC_F32; {o}->r = 3; {o}->d[0] = A.B; {o}->d[1] = A.S; {o}->d[2] = A.H * A.Dv; icc_alloc({o});",
               f"A.out = (float *){o}->p;", "if (!icc_err) icc_paged_attention(&A);", "}"]

@@ -232,6 +232,7 @@ class Engine:
 
             self.speculation = EngineSpeculation(self.compiled, self.config)
             self.speculation.uniform = isinstance(self.runner, PagedRunner) and self.runner.padding is None
+            self.speculation.tree_check = getattr(self.runner, "tree_reason", self.speculation.tree_check)
             self.scheduler.spec_budget = spec_budget(self.config)
         return self.speculation
 
@@ -302,7 +303,8 @@ class Engine:
                                    f"could be scheduled ({self.blocks.report()})")
             return
         rows = [PagedRow(s.request.seq_id, s.tokens(), s.start, self.blocks.block_table(s.request.seq_id),
-                         num_logits=len(s.draft) + 1, adapter=s.request.adapter) for s in plan.scheduled]
+                         num_logits=len(s.draft) + 1, adapter=s.request.adapter,
+                         tree=self.speculation.tree(s) if s.draft else None) for s in plan.scheduled]
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
@@ -338,17 +340,19 @@ class Engine:
         before = len(row.output)
         if item.draft:
             assert spec is not None
-            emitted = spec.verify(item, logits, row)
+            emitted, picked = spec.verify(item, logits, row)  # picked: the logits rows that chose them
         else:
-            emitted = [row.sampler(logits[0], row.prompt, row.output)]
+            emitted, picked = [row.sampler(logits[0], row.prompt, row.output)], [0]
         row.take_all(emitted, self.max_context)
-        if spec is not None:  # a heads proposer reads the hidden states that chose the emitted tokens
-            spec.observe(item.request.seq_id, len(row.prompt) + len(row.output), self.runner, at, len(row.output) - before)
-        if item.draft:
-            self.scheduler.accepted(item, len(emitted) - 1)
         new = row.output[before:]
+        if spec is not None:  # a heads proposer reads the hidden states that chose the emitted tokens
+            spec.observe(item.request.seq_id, len(row.prompt) + len(row.output), self.runner,
+                         [at + r for r in picked[:len(new)]])
+        if item.draft:
+            spec.keep_path(item, picked, self.runner, self.blocks)  # a tree's accepted path, brought together
+            self.scheduler.accepted(item, len(emitted) - 1)
         self._counts["generation_tokens"] += len(new)
-        output = self._output(live, new, logits[:len(new)] if live.logprobs is not None and new else None)
+        output = self._output(live, new, logits[picked[:len(new)]] if live.logprobs is not None and new else None)
         if row.finish_reason is not None:
             self._live.pop(live.request.request_id)
             self._end(live)

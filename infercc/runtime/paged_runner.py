@@ -43,6 +43,7 @@ from ..passes.diagnostics import APPLIED, PassRecord
 from .c_backend import CBackend, CUnavailable
 from .kv_cache import CacheSpec, check_context
 from .model_runner import HIDDEN, ModelRunner, _ids
+from .tree_attention import graph_problem, parents_problem, row_parents, tree_feeds, tree_model
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -63,6 +64,10 @@ class PagedRow:
     #: Its LoRA adapter (an ``infercc.lora.AdapterRef``), None for the base model: rows with one
     #: run the LoRA graph variant (lora/registry.py), on the same pool, by the gather form.
     adapter: object = None
+    #: A tree of candidates (runtime/tree_attention.py): the parent of each of ``tokens`` within
+    #: the row (-1: the row's past; parents before children, depths non-decreasing), None = the
+    #: tokens follow one another. Only where ``PagedRunner.tree_reason()`` is None.
+    tree: list[int] | None = None
 
 
 class PagedRunner:
@@ -116,6 +121,7 @@ class PagedRunner:
         self._group_hidden: np.ndarray | None = None
         #: Graph runs so far (a step runs one per group of rows; for tests and metrics).
         self.runs = 0
+        self._tree: tuple[CBackend | None, str | None] | None = None
         log.info("paged KV cache: %s (%s); %d blocks of %d tokens, %d bytes each%s", self.form, self.reason,
                  num_blocks, block_size, self.bytes_per_block,
                  f"; rows of different past lengths run apart: {self.padding}" if self.padding else "")
@@ -170,6 +176,21 @@ class PagedRunner:
         for pool in self.pools.values():
             pool[dst] = pool[src]
 
+    def tree_reason(self) -> str | None:
+        """None when rows may carry a tree of candidates (``PagedRow.tree``), else why not (the
+        proposers then keep chains). The first call builds the tree variant of the paged graph."""
+        if self._tree is None:
+            self._tree = self._tree_backend()
+        return self._tree[1]
+
+    def compact(self, block_table: list[int], moves: list[tuple[int, int]]) -> None:
+        """Move tokens' K/V within one sequence, (from, to) token positions in order, in every
+        layer's pools (``tree_attention.compact_moves``: the accepted path of a tree row)."""
+        bs = self.block_size
+        for src, dst in moves:
+            for pool in self.pools.values():
+                pool[block_table[dst // bs], :, dst % bs] = pool[block_table[src // bs], :, src % bs]
+
     def release(self, seq_id: Hashable) -> None:
         """The sequence ended or was preempted: nothing to do (no per-sequence state; the block
         manager owns the blocks)."""
@@ -204,11 +225,25 @@ class PagedRunner:
             if bad:
                 raise InputError(f"{where} names block {bad[0]!r}, outside the pool of {self.num_blocks} blocks "
                                  f"(ids 0..{self.num_blocks - 1})")
+            if row.tree is not None:
+                self._check_tree(row, where)
             try:
                 ids.append(_ids(row.tokens, self.interface.vocab_size))
             except InputError as exc:
                 raise InputError(f"{where}: {exc}") from None
         return ids
+
+    def _check_tree(self, row: PagedRow, where: str) -> None:
+        problem = parents_problem(row.tree, len(row.tokens))
+        if problem is None and (row.tree[0] != -1 or any(p < 0 for p in row.tree[1:])):
+            problem = "has a token other than the first one without a parent in the row"
+        if problem is not None:
+            raise InputError(f"{where}: its tree {problem}; give the parent of each token (-1 for the first)")
+        if row.adapter is not None:
+            raise InputError(f"{where} carries a tree and a LoRA adapter; adapter rows verify chains")
+        reason = self.tree_reason()
+        if reason is not None:
+            raise InputError(f"{where} carries a tree but this runner cannot run trees: {reason}; send a chain")
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, rows: list[PagedRow], ids: np.ndarray, keep: int) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
@@ -243,6 +278,10 @@ class PagedRunner:
                 logits = self._run_paged(rows, feeds, pasts, s, out_width, paged)
             else:
                 logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.compiled.lora.view(refs))
+        elif self.form == "c-paged" and any(row.tree is not None for row in rows):
+            feeds.update(tree_feeds([row_parents(row.tree, s) for row in rows], pasts, width,
+                                    self.interface.has_positions))
+            logits = self._run_paged(rows, feeds, pasts, s, out_width, self._tree[0])
         elif self.form == "c-paged":
             logits = self._run_paged(rows, feeds, pasts, s, out_width, self.backend)
         else:
@@ -318,6 +357,26 @@ class PagedRunner:
         except MemoryError:
             raise ConfigError(f"PagedRunner: a KV pool of {self.num_blocks} blocks x {self.bytes_per_block} bytes "
                               f"({total} bytes) does not fit in memory; lower Config.kv_cache_memory") from None
+
+    def _tree_backend(self) -> tuple[CBackend | None, str | None]:
+        """The C library of the tree variant (tree_attention.tree_model), or (None, why not);
+        one per compiled model and block size, as the paged one."""
+        if self.form != "c-paged" or self.paged_model is None:
+            return None, ("trees need the C paged form (the gathered contiguous graph takes a 2-D attention_mask, "
+                          f"no tree mask): this runner is {self.form!r}")
+        memo = self.compiled.__dict__.setdefault("_paged_tree_backends", {})
+        if self.block_size not in memo:
+            why = graph_problem(self.compiled.model)
+            backend = None
+            if why is None:
+                config = self.compiled.config
+                try:
+                    backend = CBackend(tree_model(self.paged_model), intra_op_threads=config.intra_op_threads,
+                                       kernels=self.compiled.kernels)
+                except CUnavailable as exc:
+                    why = f"the generated-C runtime cannot build the tree graph ({exc})"
+            memo[self.block_size] = (backend, why)
+        return memo[self.block_size]
 
     def _paged_backend(self) -> tuple[CBackend | None, str]:
         """The C library of the paged graph, or (None, why not)."""

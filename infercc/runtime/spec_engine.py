@@ -24,6 +24,15 @@ A step, for a request with speculation on (``EngineSpeculation``):
    accepted tokens' K/V and drops the rest (``BlockManager.truncate``: rejected tokens never enter
    the prefix cache).
 
+Trees of candidates (``Config.speculation_tree_width`` > 1, Medusa and EAGLE, greedy requests): the
+row is the last token + the tree's nodes in breadth-first order, ``PagedRow.tree`` gives their
+parents, the C paged runner verifies them in one run with tree attention (runtime/tree_attention.py),
+``verify_tree`` walks the target's choices, and the accepted path's K/V are moved together
+(``tree_attention.compact_moves``) before ``Scheduler.accepted`` truncates the rest. A runner that
+cannot verify trees (ONNX Runtime's gather form, the contiguous layout, a graph whose positions
+cannot be set per token) gets chains, the reason in ``notes``; sampling requests and adapter rows
+always speculate with chains.
+
 A method that cannot run (no draft model, ...) falls back to plain decoding for the requests that
 asked for it; ``notes`` keeps the reason (EngineStats.speculation_notes), never an error.
 """
@@ -39,7 +48,8 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from .speculative.policy import DepthPolicy, SpeculationStats
 from .speculative.proposer import Proposal, make_proposer
-from .speculative.verify import verify
+from .speculative.verify import verify, verify_tree
+from .tree_attention import compact_moves
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -106,6 +116,9 @@ class EngineSpeculation:
         #: Whether a step's speculating rows are given one width (``_one_width``): the paged
         #: runner's decode rows share a forward run only when their lengths agree.
         self.uniform = False
+        #: Why the runner cannot verify trees of candidates (None: it can; the engine sets it from
+        #: ``PagedRunner.tree_reason``); asked only when a proposer would propose trees.
+        self.tree_check: Callable[[], str | None] = lambda: "the engine's runner verifies chains only"
 
     @property
     def active(self) -> bool:
@@ -127,6 +140,12 @@ class EngineSpeculation:
             if proposer is None:
                 self.notes[method] = why
             else:
+                width = self.config.speculation_tree_width
+                if width > 1 and hasattr(proposer, "tree_width"):  # chains where the runner cannot: the reason kept
+                    no_trees = self.tree_check()
+                    proposer.tree_width = width if no_trees is None else 1
+                    if no_trees is not None:
+                        self.notes[method] = f"trees of candidates off, chains proposed: {no_trees}"
                 self._policies[method] = DepthPolicy(self.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
         proposer = self._proposers[method]
         if proposer is not None:
@@ -159,6 +178,8 @@ class EngineSpeculation:
                 cap = min(cap, max_context - request.num_tokens)
             k = min(seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free), cap)
             proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params) if k > 0 else None
+            if proposal is not None and proposal.is_tree and request.adapter is not None:
+                proposal = proposal.first_path()  # (adapter rows run the LoRA variants: chains only)
             if proposal is not None and proposal.tokens:
                 seq.proposal = proposal
                 request.draft = [int(t) for t in proposal.tokens[:k]]
@@ -199,33 +220,60 @@ class EngineSpeculation:
                 seq.proposal = None
         self._drafted = []
 
-    def observe(self, seq_id: Hashable, length: int, runner: Any, start: int, count: int) -> None:
-        """Hand a hidden-state proposer (Medusa, EAGLE) rows ``start .. start + count - 1`` of the
-        runner's last hidden states: those whose logits chose the ``count`` tokens the step emitted,
-        the last being token ``length - 1`` of the sequence."""
+    def observe(self, seq_id: Hashable, length: int, runner: Any, rows: Sequence[int]) -> None:
+        """Hand a hidden-state proposer (Medusa, EAGLE) ``rows`` of the runner's last hidden
+        states: those whose logits chose the tokens the step emitted, the last being token
+        ``length - 1`` of the sequence."""
         seq = self._seqs.get(seq_id)
         hidden = getattr(runner, "last_hidden", None)
-        if seq is not None and hidden is not None and count > 0 and getattr(seq.proposer, "needs_hidden", False):
-            seq.proposer.observe(seq_id, length, hidden[start:start + count])
+        if seq is not None and hidden is not None and len(rows) and getattr(seq.proposer, "needs_hidden", False):
+            seq.proposer.observe(seq_id, length, hidden[np.asarray(rows, np.int64)])
 
-    def verify(self, item: Scheduled, logits: np.ndarray, row: _Row) -> list[int]:
+    def tree(self, item: Scheduled) -> list[int] | None:
+        """The row's tree (``PagedRow.tree``: its first token, then the draft) when the request
+        proposed a tree this step, else None; padding after the proposer's tokens continues the
+        last node as a chain."""
+        seq = self._seqs.get(item.request.seq_id)
+        proposal = seq.proposal if seq is not None else None
+        if proposal is None or not proposal.is_tree:
+            return None
+        parents = proposal.parents
+        return [-1] + [(parents[i] if i < len(parents) else i - 1) + 1 for i in range(len(item.draft))]
+
+    def keep_path(self, item: Scheduled, picked: Sequence[int], runner: Any, blocks: Any) -> None:
+        """After a tree row's verification, move the K/V of its accepted path (``picked``, the
+        rows ``verify`` returned) to the positions after the row's first token, before the
+        scheduler keeps those and drops the rest (nothing to move for a chain)."""
+        moves = compact_moves(item.start, picked)
+        if moves:
+            runner.compact(blocks.block_table(item.request.seq_id), moves)
+
+    def verify(self, item: Scheduled, logits: np.ndarray, row: _Row) -> tuple[list[int], list[int]]:
         """The tokens a speculative row emits (1..len(draft)+1), from its ``len(draft) + 1``
-        logits; records the counts. The caller takes them and calls ``Scheduler.accepted``."""
+        logits, and the logits rows that chose them (a chain: 0, 1, ...; a tree: its accepted
+        path, whose K/V the caller moves together, ``tree_attention.compact_moves``); records the
+        counts. The caller takes them and calls ``Scheduler.accepted``."""
         seq = self._seqs[item.request.seq_id]
         assert seq.proposal is not None, "a draft was booked without a proposal"
         k = len(item.draft)
         real = min(len(seq.proposal.tokens), k)  # the proposer's tokens; any after them are padding
-        probs = seq.proposal.probs
-        if probs is not None and k > real:  # padding is a point mass: q = 1 on its token
-            probs = np.concatenate([probs[:real], np.eye(probs.shape[1])[list(item.draft[real:])]])
-        proposal = Proposal(list(item.draft), None if probs is None else probs[:k])
-        emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
-        accepted = min(len(emitted) - 1, real)  # what the proposer earned (padding that stood is a bonus)
+        tree = self.tree(item)
+        if tree is not None:  # greedy only (the proposers propose trees for greedy requests)
+            proposal = Proposal(list(item.draft), parents=[p - 1 for p in tree[1:]])
+            emitted, rows = verify_tree(proposal, logits, row.sampler, row.prompt, row.output)
+        else:
+            probs = seq.proposal.probs
+            if probs is not None and k > real:  # padding is a point mass: q = 1 on its token
+                probs = np.concatenate([probs[:real], np.eye(probs.shape[1])[list(item.draft[real:])]])
+            proposal = Proposal(list(item.draft), None if probs is None else probs[:k])
+            emitted = verify(proposal, logits, row.sampler, row.prompt, row.output)
+            rows = list(range(len(emitted)))
+        accepted = sum(1 for r in rows[1:] if r <= real)  # what the proposer earned (padding that stood is a bonus)
         if real:
             seq.policy.record(item.request.seq_id, real, accepted)
         seq.stats.add(real, accepted)
         self.totals.add(real, accepted)
-        return emitted
+        return emitted, rows
 
 
 def _free_fraction(blocks: Any) -> float:

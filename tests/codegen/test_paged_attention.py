@@ -39,7 +39,7 @@ class Args(ctypes.Structure):
         ("q", PTR), ("k", PTR), ("v", PTR), ("mask_bool", PTR), ("mask_float", PTR), ("mask_stride", P64 * 4),
         ("mask_len", P64), ("cache_dtype", ctypes.c_int), ("key_pool", PTR), ("value_pool", PTR),
         ("num_blocks", P64), ("block_size", P64), ("block_tables", PTR), ("max_blocks", P64),
-        ("past_lens", PTR), ("out", PTR)]
+        ("past_lens", PTR), ("out", PTR), ("tree", ctypes.c_int)]
 
 
 @dataclasses.dataclass
@@ -58,6 +58,7 @@ class Paged:
     mask_value: float = -math.inf
     pool: str = "f32"  # "f32" or "f16"
     extra_mask: int = 3  # mask columns beyond the longest row (left padding of every row)
+    tree: bool = False  # the args' tree flag (each row over its own allowed keys)
 
     @property
     def dv(self) -> int:
@@ -132,6 +133,7 @@ def run_kernel(lib: ctypes.CDLL, case: Paged, x: dict) -> tuple[np.ndarray, int,
         else:
             a.mask_float = ptr(mask)
     a.cache_dtype = int(case.pool == "f16")
+    a.tree = int(case.tree)
     assert x["key_pool"].flags.c_contiguous and x["value_pool"].flags.c_contiguous
     a.key_pool, a.value_pool = x["key_pool"].ctypes.data, x["value_pool"].ctypes.data
     a.num_blocks, a.block_size = x["key_pool"].shape[0], case.block
@@ -252,3 +254,47 @@ def test_bad_tables_fail_before_writing(libs: dict, march: str) -> None:
         assert code and expected[what] in message, (what, message)
         for have, kept in zip((x["key_pool"], x["value_pool"]), pools):
             assert have.tobytes() == kept.tobytes(), what
+
+
+#: A tree of candidates over a row's new tokens (runtime/tree_attention.py): parents in the row.
+TREE = [-1, 0, 0, 0, 1, 1, 3, 6]
+TREE_CASES = {
+    "gqa_fp32_min": Paged((41, 7), 8, 9, 3, 64, mask_value=F32_MIN, tree=True),
+    "f16_split_long": Paged((300, 20), 8, 4, 1, 16, pool="f16", block=8, tree=True),
+}
+
+
+@pytest.mark.parametrize("march", MARCHES)
+@pytest.mark.parametrize("name", sorted(TREE_CASES))
+def test_tree_rows_are_their_chains_bit_for_bit(libs: dict, march: str, name: str) -> None:
+    """With the tree flag each query row attends over its ancestors' keys as if they were
+    contiguous: a node's output is, bit for bit, the output of a chain of its path run alone
+    (greedy speculation with trees must give plain greedy tokens), and it means what the
+    reference with the tree mask means."""
+    from infercc.runtime.tree_attention import tree_feeds
+
+    if march not in libs:
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    case = TREE_CASES[name]
+    x = make(case, seed=3)
+    pasts = np.asarray(case.pasts)
+    x["mask"] = tree_feeds([TREE] * len(pasts), pasts, int(pasts.max()), False)["kv_tree_mask"]
+    before, want_x = copy(x), copy(x)
+    got, code, message = run_kernel(libs[march], case, x)
+    assert code == 0, message
+    want = reference(**{k: want_x[k] for k in ("q", "k", "v", "mask", "key_pool", "value_pool", "block_tables",
+                                               "past_lens")}, spec=case.spec())
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+    for b, p in enumerate(case.pasts):
+        for i in range(len(TREE)):
+            path = [i]
+            while TREE[path[0]] >= 0:
+                path.insert(0, TREE[path[0]])
+            chain = dataclasses.replace(case, pasts=(p,), S=len(path), tree=False)
+            y = {**copy(before), "mask": None, "past_lens": np.asarray([p], np.int32),
+                 "block_tables": np.ascontiguousarray(before["block_tables"][b:b + 1])}
+            for k in ("q", "k", "v"):
+                y[k] = np.ascontiguousarray(before[k][b:b + 1, path])
+            alone, code, message = run_kernel(libs[march], chain, y)
+            assert code == 0, message
+            assert np.array_equal(got[b, i], alone[0, -1]), (b, i, np.abs(got[b, i] - alone[0, -1]).max())

@@ -22,6 +22,13 @@
  * (icc_fail) and leaves the pools as they were. Two rows of one call must not write the same slot
  * (the block manager copies a shared block before a row appends to it).
  *
+ * Trees of candidates (tree = 1: a bool mask per query saying which of the row's new tokens each
+ * one may see, runtime/tree_attention.py): each query row attends over its own allowed keys taken
+ * in order and numbered 0, 1, ... as if they were contiguous, so that key j' of that list lands in
+ * the tile, split and vector lane where key j' of a chain of the row's path lands: a tree node's
+ * output is bit for bit its chain's (a gap of masked keys would move the later keys to other lanes
+ * and change the rounding of the sums, which greedy decoding of a quantized model can notice).
+ *
  * The contract lives here, not in api.h, because this op exists only for the paged runtime.
  */
 #ifndef ICC_PAGED_ATTENTION_H
@@ -50,6 +57,7 @@ typedef struct {
     int64_t max_blocks;
     const int32_t *past_lens;  /* [B] */
     float *out;                /* [B, S, H*Dv] */
+    int tree;                  /* 1: the bool mask is a tree's (each row over its own keys, see above) */
 } icc_paged_attention_args;
 
 /* Every row's lengths and blocks valid (else icc_fail and 0), before the pools are touched. */
@@ -175,11 +183,75 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
     }
 }
 
+/* Key or value `j` of row b, kv head g, as float32 into dst (size floats). */
+static inline void icc_pa_read(const icc_paged_attention_args *a, const int32_t *table, int64_t g, int64_t j,
+                               int is_v, float *dst) {
+    const int64_t size = is_v ? a->Dv : a->D, bs = a->block_size;
+    const size_t at = (size_t)(((table[j / bs] * a->Hkv + g) * bs + j % bs) * size);
+    const void *pool = is_v ? a->value_pool : a->key_pool;
+    if (a->cache_dtype)
+        icc_at_from_f16(dst, (const uint16_t *)pool + at, size);
+    else
+        memcpy(dst, (const float *)pool + at, (size_t)size * sizeof(float));
+}
+
+/* icc_pa_unit for a tree's rows (tree = 1): each row over its allowed keys renumbered 0, 1, ...
+ * (idx: room for a row's keys), tiles, pieces and calls as icc_pa_unit makes them for a chain
+ * whose keys are those, so every sum rounds as there. */
+static inline void icc_pa_unit_tree(const icc_paged_attention_args *a, icc_at_ws *w, const float *ones, int64_t bg,
+                                    int64_t t0, int64_t M, int64_t kb, int64_t ke, int64_t *idx) {
+    const int64_t S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv, rep = H / Hkv, bs = a->block_size;
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    const int64_t off = a->past_lens[b], Skv = off + S;
+    const int64_t *ms = a->mask_stride;
+    const int64_t mcol = (a->mask_len - Skv) * ms[3];
+    const int32_t *table = a->block_tables + b * a->max_blocks;
+    int64_t all_b = 0, all_e = Skv;
+    icc_at_begin(w, a->q, a->scale, b, g, t0, M, rep, S, H, D, Dv, off, Skv, a->causal, a->left_window, 1, ms, mcol,
+                 0, &all_b, &all_e);
+    for (int64_t m = 0; m < M; m++) {
+        int64_t count = 0;
+        for (int64_t j = w->lo[m]; j <= w->hi[m]; j++)
+            if (a->mask_bool[w->moff[m] + j * ms[3]]) idx[count++] = j;
+        const int64_t end = ke < count ? ke : count;
+        const int64_t lo = w->lo[m], hi = w->hi[m];
+        for (int64_t jt = kb; jt < end; jt += ICC_AT_TK) {
+            const int64_t n = end - jt < ICC_AT_TK ? end - jt : ICC_AT_TK;
+            for (int64_t x = 0; x < n; x++) {
+                icc_pa_read(a, table, g, idx[jt + x], 0, w->kt + x * D);
+                icc_pa_read(a, table, g, idx[jt + x], 1, w->vt + x * Dv);
+            }
+            /* pieces where a chain's blocks would end (fp32 pools are read block by block) */
+            int64_t cut[ICC_AT_TK + 1], pieces = 0;
+            cut[0] = 0;
+            if (a->cache_dtype)
+                cut[++pieces] = n;
+            else
+                for (int64_t x = 0; x < n;) {
+                    int64_t len = bs - (jt + x) % bs;
+                    if (len > n - x) len = n - x;
+                    x += len;
+                    cut[++pieces] = x;
+                }
+            float *s = w->s + m * ICC_AT_TK;
+            for (int64_t c = 0; c < pieces; c++)
+                icc_at_qk(w->q + m * D, D, 1, w->kt + cut[c] * D, D, cut[c + 1] - cut[c], s + cut[c]);
+            w->lo[m] = jt, w->hi[m] = jt + n - 1; /* every key here is allowed */
+            const int any = icc_at_row(w, m, jt, n, 0, a->softcap, 0, NULL, NULL, 0, a->mask_value);
+            w->lo[m] = lo, w->hi[m] = hi;
+            if (!any) continue;
+            for (int64_t c = 0; c < pieces; c++)
+                icc_at_pv_all(w->acc + m * Dv, Dv, 1, c == 0 ? w->alpha + m : ones, s + cut[c], w->vt + cut[c] * Dv,
+                              Dv, cut[c + 1] - cut[c]);
+        }
+    }
+}
+
 static void icc_paged_attention(const icc_paged_attention_args *a) {
     const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
     if (B <= 0 || S <= 0 || H <= 0) return;
     if (!icc_pa_check(a)) return;
-    const int half = a->cache_dtype == 1;
+    const int half = a->cache_dtype == 1, tree = a->tree && a->mask_bool != NULL;
     int64_t max_skv = 0, keys = 0;
     for (int64_t b = 0; b < B; b++) {
         const int64_t skv = a->past_lens[b] + S;
@@ -205,9 +277,9 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
         for (int64_t x = 0; x < 2 * B * Hkv; x++) icc_pa_write(a, x / 2, (int)(x % 2));
         icc_at_ws w;
         memset(&w, 0, sizeof w);
-        size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 4) + (half ? ICC_AT_TK * (D + Dv) : 0));
+        size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 4) + (half || tree ? ICC_AT_TK * (D + Dv) : 0));
         nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
-        float *mem = (float *)malloc(nf * sizeof(float) + 3 * ICC_AT_MR * sizeof(int64_t));
+        float *mem = (float *)malloc(nf * sizeof(float) + (3 * ICC_AT_MR + (tree ? max_skv : 0)) * sizeof(int64_t));
         float *ones = NULL;
         if (mem) {
             w.q = mem;
@@ -218,7 +290,7 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
             w.alpha = w.l + ICC_AT_MR;
             ones = w.alpha + ICC_AT_MR;
             w.kt = ones + ICC_AT_MR;
-            w.vt = w.kt + (half ? ICC_AT_TK * D : 0);
+            w.vt = w.kt + (half || tree ? ICC_AT_TK * D : 0);
             w.lo = (int64_t *)(void *)(mem + nf);
             w.hi = w.lo + ICC_AT_MR;
             w.moff = w.hi + ICC_AT_MR;
@@ -229,7 +301,10 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
             const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
             const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
             const int64_t kb = sp * split_len, ke = kb + split_len;
-            if (mem) icc_pa_unit(a, &w, ones, bg, t0, M, kb, ke);
+            if (mem && tree)
+                icc_pa_unit_tree(a, &w, ones, bg, t0, M, kb, ke, w.moff + ICC_AT_MR);
+            else if (mem)
+                icc_pa_unit(a, &w, ones, bg, t0, M, kb, ke);
             icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
         }
         free(mem);

@@ -22,8 +22,14 @@ tokens it is handed decide; a cached entry whose token no longer matches resets 
 the last output is f'_{L-1}, the LM head restricted to the ``draft_vocab`` (as the Medusa heads)
 gives the guess of token L; then each further guess feeds (f', guess) back as the next position.
 The draft entries of guessed positions are dropped afterwards (cut back to the true ones).
-A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confidence``; EAGLE's
-tree of candidates needs tree attention in the verifying step, which is not built.
+A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confidence``; with
+``tree_width`` w > 1 (``Config.speculation_tree_width``, greedy requests) a tree (tree.py): at each
+depth along the top-1 path the draft's top w tokens are candidates (runners-up only when at least
+``tree.MIN_SIBLING`` probable), the path going on while its top-1 is sure enough (the first doubtful
+depth's candidates are still leaves, where a chain stops before it: measured on SmolLM2, that is
+where the tree earns its tokens), and the ``k`` most probable candidates are proposed. Only the top-1 path is run through the draft (one forward per
+depth, as the chain): the runners-up are leaves, EAGLE-2's expansion of every kept node would
+cost a draft forward per node with a tree mask of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .heads import HeadsError
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
 from .products import linear, one_blas_thread
 from .proposer import Proposal
+from .tree import Candidate, best_tree, expand, top_tokens
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
@@ -160,7 +167,7 @@ class EagleProposer:
     needs_hidden = True
 
     def __init__(self, draft: EagleDraft, lm_head: np.ndarray, embedding: Embedding, cost: float = 0.0,
-                 min_confidence: float = MIN_CONFIDENCE) -> None:
+                 min_confidence: float = MIN_CONFIDENCE, tree_width: int = 1) -> None:
         self.draft = draft
         #: [len(draft_vocab) or vocab, hidden]: the LM head's rows of the draft vocabulary.
         self.lm_head = lm_head
@@ -169,6 +176,9 @@ class EagleProposer:
         #: Cost of proposing one token relative to one target step (DepthPolicy's draft_cost).
         self.cost = cost
         self.min_confidence = min_confidence
+        #: Candidates per depth (1: chains; the engine sets ``Config.speculation_tree_width`` where
+        #: its runner verifies trees: other verifiers take chains only).
+        self.tree_width = tree_width
         self._states: dict[Hashable, _State] = {}
 
     def observe(self, seq_id: Hashable, length: int, hidden: np.ndarray) -> None:
@@ -187,9 +197,9 @@ class EagleProposer:
 
     def propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
         with one_blas_thread():
-            return self._propose(seq_id, tokens, k)
+            return self._propose(seq_id, tokens, k, params)
 
-    def _propose(self, seq_id: Hashable, tokens: Sequence[int], k: int) -> Proposal:
+    def _propose(self, seq_id: Hashable, tokens: Sequence[int], k: int, params: SamplingParams) -> Proposal:
         state = self._states.get(seq_id)
         length = len(tokens)
         if state is None or k <= 0 or state.end != length - 1:
@@ -206,7 +216,28 @@ class EagleProposer:
             state.pending = []
         if state.last is None:
             return Proposal([])
+        if self.tree_width > 1 and params.greedy:
+            return self._tree(state, state.last, k)
         return self._chain(state, state.last, k)
+
+    def _tree(self, state: _State, feature: np.ndarray, k: int) -> Proposal:
+        """The ``k`` most probable of the top-w candidates along the top-1 path (module docstring)."""
+        true_length = state.cache.length
+        candidates: list[Candidate] = []
+        parent = -1
+        try:
+            for step in range(k):
+                top, probs = top_tokens(linear(feature, self.lm_head)[0], self.tree_width)
+                parent = expand(candidates, [parent], top, probs)[0]
+                if probs[0] < self.min_confidence or step + 1 == k:
+                    break
+                embed = self.embedding.local(top[:1]) if self.vocab_ids is not None else self.embedding([int(top[0])])
+                feature = self.draft.forward(state.cache, feature, embed)
+        finally:
+            state.cache.length = true_length
+        if self.vocab_ids is not None:
+            candidates = [dataclasses.replace(c, token=int(self.vocab_ids[c.token])) for c in candidates]
+        return best_tree(candidates, k)
 
     def _chain(self, state: _State, feature: np.ndarray, k: int) -> Proposal:
         """Up to k guesses from f'_{L-1}, each fed back; the guessed positions' entries dropped."""

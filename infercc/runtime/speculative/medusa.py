@@ -11,8 +11,13 @@ asked about a sequence whose last observed state is not for its current length (
 sequence, a preempted one) proposes nothing: that step decodes plainly and brings a state.
 
 Proposal = the chain of each head's top-1 token, cut at the first head less sure than
-``min_confidence`` (a doubtful guess widens the verify step for little chance of a token; Medusa's tree of top-k candidates per head
-needs tree attention in the verifying step: not built; the chain is verified like any proposal).
+``min_confidence`` (a doubtful guess widens the verify step for little chance of a token). With
+``tree_width`` w > 1 (``Config.speculation_tree_width``; greedy requests where the engine's runner
+verifies trees) Medusa's sparse tree instead: every kept node at depth i gets head i's top w
+tokens as children (the heads do not see the tokens before theirs, so the children are the same
+under every parent: the Cartesian product), runners-up from ``tree.MIN_SIBLING`` on, down to the
+first head whose top token is doubtful (its candidates are leaves), and the ``k`` nodes most
+probable by the product of their heads' probabilities are proposed (tree.py).
 Heads trained by ``infercc train-heads`` share the target's LM head, read here from the compiled
 graph (float, or dequantized from its 4/8-bit blocks); their ``config.json`` may restrict it to
 the ``draft_vocab`` ids most frequent in the training text (a head's guess outside it would
@@ -29,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .heads import HeadsError, MedusaHeads, heads_path, load_heads, read_config
-from .products import one_blas_thread
+from .products import linear, one_blas_thread
 from .proposer import Proposal
+from .tree import Candidate, best_tree, expand, top_tokens
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
@@ -62,6 +68,9 @@ class MedusaProposer:
         self.lm_head = lm_head
         #: Cost of proposing relative to one target step (DepthPolicy's draft_cost).
         self.cost = cost
+        #: Candidates per head (1: chains; the engine sets ``Config.speculation_tree_width`` where
+        #: its runner verifies trees: other verifiers take chains only).
+        self.tree_width = 1
         self._hidden: dict[Hashable, tuple[int, np.ndarray]] = {}
 
     def observe(self, seq_id: Hashable, length: int, hidden: np.ndarray) -> None:
@@ -76,6 +85,8 @@ class MedusaProposer:
         if entry is None or entry[0] != len(tokens) or k <= 0:
             return Proposal([])
         with one_blas_thread():
+            if self.tree_width > 1 and params.greedy:
+                return self._tree(entry[1], k)
             guesses, probs = self.heads.top1(entry[1], self.lm_head, k)
         confident = next((i for i, p in enumerate(probs) if p < self.min_confidence), len(probs))
         guesses = guesses[:confident]  # a guess its head doubts costs a verified position, rarely a token
@@ -83,6 +94,23 @@ class MedusaProposer:
             guesses = [int(self.vocab_ids[g]) if self.heads.projections[i] is None else g
                        for i, g in enumerate(guesses)]
         return Proposal(guesses)
+
+    def _tree(self, hidden: np.ndarray, k: int) -> Proposal:
+        """The sparse tree of the heads' top candidates (module docstring)."""
+        candidates: list[Candidate] = []
+        level = [-1]
+        for i, feature in enumerate(self.heads.features(hidden)[:k]):
+            projection = self.heads.projections[i]
+            top, probs = top_tokens(linear(feature, self.lm_head if projection is None else projection),
+                                    self.tree_width)
+            if self.vocab_ids is not None and projection is None:  # the restricted LM head's rows: token ids
+                top = self.vocab_ids[top]
+            level = expand(candidates, level, top, probs)
+            # a node outside its depth's best k has k better nodes there (and their ancestors): never kept
+            level = sorted(level, key=lambda c: -candidates[c].score)[:k]
+            if probs[0] < self.min_confidence:
+                break
+        return best_tree(candidates, k)
 
     def release(self, seq_id: Hashable) -> None:
         self._hidden.pop(seq_id, None)

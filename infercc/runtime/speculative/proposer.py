@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..tree_attention import parents_problem
+
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
     from ...config import Config
@@ -35,10 +37,38 @@ class Proposal:
 
     tokens: list[int]
     probs: np.ndarray | None = None
+    #: A tree of candidates instead of a chain: ``parents[i]`` is the index of token i's parent
+    #: among ``tokens``, -1 for a child of the sequence's last real token. None = a chain (each
+    #: token continues the one before). Trees come in breadth-first order (parents before
+    #: children, depths non-decreasing: the verifying row gives token i position start + depth(i),
+    #: which a graph computing positions from the mask's running count can only take that way) and
+    #: are verified greedily only (``verify_tree``): sampling keeps chains.
+    parents: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.shape[0] != len(self.tokens):
             raise ValueError(f"a proposal of {len(self.tokens)} tokens has {self.probs.shape[0]} rows of probabilities")
+        if self.parents is not None:
+            problem = parents_problem(self.parents, len(self.tokens))
+            if problem is not None:
+                raise ValueError(f"a tree proposal {problem}")
+            if self.probs is not None:
+                raise ValueError("a tree proposal carries no draft probabilities: trees are verified greedily only")
+
+    @property
+    def is_tree(self) -> bool:
+        """Whether some token has a sibling (a tree that is not just a chain)."""
+        return self.parents is not None and any(p != i - 1 for i, p in enumerate(self.parents))
+
+    def first_path(self) -> Proposal:
+        """The chain of first children from the root (the proposers list a node's likeliest child
+        first): a tree's best guess where only a chain can be verified."""
+        if self.parents is None:
+            return self
+        path, node = [], -1
+        while (node := next((i for i, p in enumerate(self.parents) if p == node), None)) is not None:
+            path.append(self.tokens[node])
+        return Proposal(path)
 
 
 class Proposer(Protocol):

@@ -14,6 +14,11 @@ distributed as p: the output distribution is the target's. A deterministic propo
 mass on x (accept with probability p(x); the residual is p without x). Draws use the request's
 seeded generator, so a seed gives the same text on every run.
 
+Trees of candidates (``Proposal.parents``): ``verify_tree``, greedy only, walks from the last
+token to the child the target chooses at each node; the emitted tokens are again plain greedy
+decoding's. A sampled tree would need rejection sampling per branch (SpecInfer's multi-draft
+scheme): sampling requests keep chains.
+
 Penalties depend on the output so far, so each position's p is computed on a copy of ``output``
 extended by the tokens accepted before it.
 """
@@ -67,6 +72,39 @@ def verify(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Se
         emitted.append(draw(sampler.rng, residual if residual.sum() > 0 else p))
         return emitted
     return emitted  # (unreachable: the loop returns at i == len(tokens))
+
+
+def verify_tree(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Sequence[int],
+                output: list[int]) -> tuple[list[int], list[int]]:
+    """Greedy verification of a tree of candidates (``proposal.parents``): ``logits`` [n+1, vocab]
+    are the target's at the row's last token (row 0) and at each proposed token (row i + 1, which
+    attended to its ancestors only). From the last token, take the child whose token is the
+    target's choice there, until no child is: the emitted tokens are that path plus the target's
+    own next token, so the output is token for token plain greedy decoding. Returns the emitted
+    tokens and the logits rows that chose them (0, then the accepted nodes' rows + 1): their K/V
+    (all but the last) are the ones to keep. Sampling has no tree form here (a point-mass
+    residual per branch would be needed): ValueError for a sampling request."""
+    if not sampler.params.greedy:
+        raise ValueError("tree proposals are verified greedily only; a sampling request speculates with a chain")
+    tokens = proposal.tokens
+    parents = proposal.parents if proposal.parents is not None else list(range(-1, len(tokens) - 1))
+    if logits.shape[0] != len(tokens) + 1:
+        raise ValueError(f"verify needs {len(tokens) + 1} rows of logits for {len(tokens)} proposed tokens, "
+                         f"got {logits.shape[0]}")
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p, []).append(i)
+    out = list(output)
+    emitted: list[int] = []
+    rows, node = [0], -1
+    while True:
+        token = sampler(logits[node + 1], context, out)
+        emitted.append(token)
+        node = next((c for c in children.get(node, ()) if tokens[c] == token), None)
+        if node is None:
+            return emitted, rows
+        rows.append(node + 1)
+        out.append(token)
 
 
 def verify_counted(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Sequence[int],

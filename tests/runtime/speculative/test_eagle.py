@@ -181,3 +181,28 @@ def test_a_session_sequence_equals_plain_decoding(stories, draft, monkeypatch):
         seq.prefill(prompt)
         assert [seq.decode() for _ in range(24)] == expected
         assert seq.speculation.proposed > 0, seq.speculation  # (the depth policy decides how often)
+
+
+@pytest.mark.slow  # (a C build of the tree graph)
+def test_trees_in_a_16_request_batch_equal_plain_decoding(stories, monkeypatch):
+    """Width 2 on the C paged runner: trees of the draft's top candidates, verified with tree
+    attention, give each request's plain greedy tokens."""
+    from infercc.runtime.speculative import eagle, tree
+
+    monkeypatch.setattr(eagle, "_weight_count", lambda model: 1 << 40)
+    monkeypatch.setattr(tree, "MIN_SIBLING", 0.0)  # (siblings however unlikely: every row a tree)
+    compiled = with_draft(stories["c"], stories["trained"])
+    prompts = [compiled.tokenizer.encode(TEXTS[i % len(TEXTS)])[:4 + i] for i in range(16)]
+    alone = [compiled.generate(p, max_new_tokens=20, ignore_eos=True, speculation="off").token_ids for p in prompts]
+    eng = Engine(compiled, compiled.config.replace(kv_cache_layout="paged", speculation="eagle",
+                                                   speculation_policy="latency", speculation_tree_width=2))
+    trees: list = []
+    step = eng.runner.step
+    eng.runner.step = lambda rows: (trees.extend(r.tree for r in rows if r.tree is not None), step(rows))[1]
+    for i, prompt in enumerate(prompts):
+        eng.add_request(str(i), prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert tokens(run(eng), 16) == alone
+    spec = eng.stats().speculation
+    assert spec.accepted > 0 and not eng.stats().speculation_notes, spec
+    assert any(p != i - 1 for row in trees for i, p in enumerate(row)), "no tree had a branch"
+    all_blocks_back(eng)

@@ -202,3 +202,27 @@ def test_missing_heads_decode_plainly_with_the_reason(tiny, tmp_path):
     with pytest.warns(RuntimeWarning, match="no 'hidden_states' output"):
         result = unexposed.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, speculation="medusa")
     assert result.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("backend", [pytest.param("c", marks=pytest.mark.slow), "ort"])
+def test_sparse_trees_in_a_16_request_batch(tiny, backend, monkeypatch):
+    """Width 3: the heads' sparse trees are verified with tree attention on the C paged runner
+    (tree rows ran, tokens exact); on ONNX Runtime's gather form the same requests speculate with
+    chains and the notes say why."""
+    from infercc.runtime.speculative import tree
+
+    monkeypatch.setattr(tree, "MIN_SIBLING", 0.0)  # (the fitted heads are sure: siblings however unlikely)
+    alone = tiny[backend, "alone"]
+    eng = engine(tiny[backend], "paged", speculation="medusa", speculation_tree_width=3)
+    trees: list = []
+    step = eng.runner.step
+    eng.runner.step = lambda rows: (trees.extend(r.tree for r in rows if r.tree is not None), step(rows))[1]
+    submit(eng)
+    assert tokens(run(eng), len(BATCH)) == alone
+    spec, notes = eng.stats().speculation, eng.stats().speculation_notes
+    assert spec.proposed > 0 and spec.accepted > 0, spec
+    if backend == "c":
+        assert not notes and any(p != i - 1 for tree in trees for i, p in enumerate(tree)), notes
+    else:
+        assert not trees and "trees of candidates off" in notes["medusa"] and "C paged form" in notes["medusa"], notes
+    all_blocks_back(eng)
