@@ -60,8 +60,7 @@ def _check(program: Program, model: infercc.CompiledModel) -> MemoryPlan:
     for i, slot in enumerate(memory.slots):
         if slot < 0:
             continue
-        group = [j for j in range(len(memory.slots)) if owner.get(j, j) == owner.get(i, i)]
-        steps = set().union(*(need.get(owner.get(j, j), set()) for j in group))
+        steps = need.get(owner.get(i, i), set())  # the steps its buffer (or its source's) is read or written
         lo, hi = memory.live[i]
         assert all(lo <= s <= hi for s in steps), f"V[{i}] is used outside its planned steps {lo}..{hi}"
         for s in range(lo, hi + 1):
