@@ -7,8 +7,9 @@ Rooms (one concept per module):
   generator and the kernels (signatures and layouts), ``kernels.h`` includes them all.
 * ``packing.py``: weights re-laid at compile time into what each kernel reads (fp32 panels,
   quantized blocks), written into one 64-byte-aligned blob that is memory-mapped at load.
-* ``plan.py``: liveness over the IR and the arena plan (buffers reused, sizes symbolic in the
-  run-time lengths).
+* ``plan.py``: liveness over the emitted steps and the static memory plan: a buffer slot per
+  value, shared by values whose lifetimes do not overlap (sizes are known only at run time, so a
+  slot's buffer grows to the largest value it held and is kept across runs).
 * ``emit.py`` + ``templates/``: IR -> C source, deterministic; model names reach the source only
   as generated identifiers (and sanitized comments).
 * ``build.py``: compiler, flags, the build cache in the user cache directory.

@@ -19,12 +19,14 @@ The template's context (all of it generated, none of it text taken from the mode
   (``ICC_F32`` = 1, ``ICC_I64`` = 7, ...; 0 unknown), for specializing at generation time.
 
 The C contract (``kernels/tensor.h``): an ``icc_t`` is ``{void *p; int64_t d[8]; int r; int dt;
-int owned}``; read an input's rank ``x->r``, dims ``x->d[i]``, element type ``x->dt`` (``ICC_F32``,
-``ICC_F16``, ``ICC_I64``, ``ICC_I32``, ``ICC_I8``, ``ICC_U8``, ``ICC_BOOL``) and data ``x->p``;
-``icc_numel(x)`` counts elements. Produce an output by setting ``y->dt``, ``y->r`` and ``y->d``
-then calling ``icc_alloc(y)`` (64-byte aligned; freed by the runtime after the output's last
-reader). Report a problem with ``icc_fail("message")``: the run stops after this node and the
-message reaches Python as the run's error. Weights (constant inputs) are read-only: never write
+int owned; int64_t cap}``; read an input's rank ``x->r``, dims ``x->d[i]``, element type ``x->dt``
+(``ICC_F32``, ``ICC_F16``, ``ICC_I64``, ``ICC_I32``, ``ICC_I8``, ``ICC_U8``, ``ICC_BOOL``) and data
+``x->p``; ``icc_numel(x)`` counts elements. Produce an output by setting ``y->dt``, ``y->r`` and
+``y->d`` then calling ``icc_alloc(y)`` (64-byte aligned: the buffer slot the static memory plan
+gave the output, which other values reuse after the output's last reader; never free it). A
+temporary of the kernel's own (a local ``icc_t``) gets a heap buffer from ``icc_alloc``:
+``icc_release`` it. Report a problem with ``icc_fail("message")``: the run stops after this node
+and the message reaches Python as the run's error. Weights (constant inputs) are read-only: never write
 through an input's pointer. ``helpers`` is C source (functions, macros) placed once in the
 translation unit before ``icc_run``, for code several nodes share.
 

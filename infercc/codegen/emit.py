@@ -1,10 +1,10 @@
 """IR -> one C translation unit (templates/model.c.j2) plus its weight blob.
 
-Every value of the graph becomes a slot ``V[i]`` (generated index; model names appear only in
+Every value of the graph becomes a tensor ``V[i]`` (generated index; model names appear only in
 sanitized comments). Inputs are bound per call, constants once at load (pointers into the weight
-blob), every other value is allocated by the kernel that produces it and released right after its
-last reader: liveness is computed here, per buffer (a Reshape's output is a view of its input, so
-the buffer lives until the last reader of either). Same IR -> byte-identical source.
+blob), every other value is allocated by the kernel that produces it into the buffer slot the
+static memory plan (plan.py) gave it: values whose lifetimes do not overlap share a slot, and the
+slots' buffers are kept across runs. Same IR -> byte-identical source.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from ..passes.canonical import DOMAIN
 from . import custom, fuse, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .custom import Kernel
 from .decode import plan as decode_plan
-from .ops import ALIASES, TABLE, Site, Unsupported, dtype_code
+from .ops import TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
+from .plan import MemoryPlan
+from .plan import plan as memory_plan
 from .profile import layer_table, op_name
 
 HERE = Path(__file__).parent
@@ -51,6 +53,8 @@ class Program:
     steps: list[dict[str, str]] = dataclasses.field(default_factory=list)
     #: Why the library has no decode loop (codegen/decode.py); "" when it has one.
     decode_reason: str = ""
+    #: The static memory plan: the buffer slot of each value ``V[i]`` (plan.py).
+    memory: MemoryPlan | None = None
 
     @property
     def has_decode(self) -> bool:
@@ -142,44 +146,22 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         for i, v in enumerate(node.inputs):  # constants the C reads as tensors go into the blob
             if v is not None and slot(v) in used:
                 bind(node, i)
-        steps.append({"comment": f"{position}: {where}", "lines": lines, "release": []})
-    _plan_releases(model, steps, index, consts)
+        steps.append({"comment": f"{position}: {where}", "lines": lines})
     outputs = [slot(v) for v in graph.outputs]
     decode, decode_reason = decode_plan(model, index)
+    # the decode loop takes each step's present cache buffers (moved into its state, not copied)
+    heap = [c["present"] for c in decode.caches] if decode else []
+    memory = memory_plan(model, [step["lines"] for step in steps], index, heap=heap, custom=kernels)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source({n.op_type for n in graph.nodes}) + custom.helpers_for(model, kernels), nv=max(len(index), 1),
         consts=sorted(consts.values(), key=lambda c: c["index"]),
         inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
+        slots=", ".join(str(memory.slots[i]) if i < len(memory.slots) else "-1" for i in range(max(len(index), 1))),
+        nslots=max(memory.n_slots, 1),
         decode=decode, sampler=_strip_includes((HERE / "kernels" / "sample.h").read_text()) if decode else "")
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]
     return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],
-                   table, decode_reason)
+                   table, decode_reason, memory)
 
-
-def _plan_releases(model: Model, steps: list[dict], index: dict[int, int], consts: dict[int, dict]) -> None:
-    """Release each produced buffer after the last node that reads it or any view of it."""
-    graph = model.graph
-    root: dict[int, int] = {}
-    keep: set[int] = {id(v) for v in graph.inputs} | set(consts)
-    last: dict[int, int] = {}
-    for position, node in enumerate(graph.nodes):
-        for v in node.inputs:
-            if v is not None and id(v) in index:
-                r = root.get(id(v), id(v))
-                last[r] = position
-        # outputs that may be views of input 0 (Split: when the pieces are contiguous runs) keep it alive
-        alias = ((node.domain or "", node.op_type) in ALIASES or (node.op_type.startswith("Reduce") and not node.domain)
-                 or (node.op_type == "Split" and not node.domain))
-        for v in node.outputs:
-            if v is None:
-                continue
-            source = node.inputs[0] if alias and node.inputs and node.inputs[0] is not None else None
-            root[id(v)] = root.get(id(source), id(source)) if source is not None else id(v)
-            last.setdefault(root[id(v)], position)
-            if v.is_graph_output:
-                keep.add(root[id(v)])
-    for r, position in sorted(last.items(), key=lambda item: index.get(item[0], 0)):
-        if r not in keep and r in index:
-            steps[position]["release"].append(index[r])

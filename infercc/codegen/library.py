@@ -127,6 +127,13 @@ class Library:
             del keep
             return results
 
+    def free_buffers(self) -> int:
+        """Give back the buffers the memory plan's slots keep between runs (the next run allocates
+        them again); the bytes freed. Every Library of the same source shares them."""
+        with self.lock:
+            self.lib.icc_free_buffers.restype = ctypes.c_int64
+            return int(self.lib.icc_free_buffers())
+
     def _times(self) -> StepTimes:
         """Copy the last run's timers out of the library (a profiling build's ``icc_profile``)."""
         n = max(len(self.program.steps), 1)

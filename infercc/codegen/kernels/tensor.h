@@ -1,7 +1,8 @@
 /* Tensors of the generated-C runtime: a pointer, an element type (ONNX codes), dims.
  * Shapes are computed at run time node by node (batch and sequence lengths, and every shape a
- * graph computes from them, are known only then); the generated code allocates each value when
- * it is produced and frees it after its last reader (liveness computed at code generation). */
+ * graph computes from them, are known only then); the kernel that produces a value allocates it
+ * (icc_alloc) into the buffer slot the static memory plan gave it at code generation (values whose
+ * lifetimes do not overlap share a slot), a slot's buffer kept across runs. */
 #ifndef ICC_TENSOR_H
 #define ICC_TENSOR_H
 #include <math.h>
@@ -20,7 +21,8 @@ typedef struct {
     int64_t d[ICC_MAX_RANK];
     int r;
     int dt;
-    int owned; /* allocated here (freed by icc_release), else a view of an input, weight or value */
+    int owned; /* 1: a heap buffer of its own (freed by icc_release), 2: its slot's buffer (the plan's),
+                * 0: a view of an input, weight or value */
     /* A KV-cache tensor [B, heads, rows, width] bound with room to grow (the decode loop's caches):
      * rows of room per head along axis 2, heads `cap` rows apart; 0 = dense (heads d[2] rows apart).
      * Only the cached Attention reads it (the emitter checks no other node does). */
@@ -52,17 +54,53 @@ static int64_t icc_numel(const icc_t *t) {
     return n;
 }
 
+/* The static memory plan (codegen/plan.py): the model's values V[0..nv), the slot of each (-1: a
+ * heap buffer of its own) and each slot's buffer and its capacity in bytes. A slot's buffer grows to
+ * the largest value it held and stays for the next run (after the first run of a shape nothing is
+ * allocated); icc_free_slots gives the buffers back. The model's source defines icc_plan; a unit
+ * without a model (a custom kernel's check) leaves it zero: every buffer from the heap. */
+typedef struct {
+    icc_t *v;
+    const int *slot;
+    int nv, ns;
+    void **buf;
+    size_t *cap;
+} icc_plan_t;
+static icc_plan_t icc_plan;
+
+/* the plan's slot of t: -1 unless t is one of the model's values V[i] planned into a slot (a
+ * kernel's own temporaries, and copies of a value, are not: they take heap buffers) */
+static int icc_slot_of(const icc_t *t) {
+    uintptr_t at = (uintptr_t)t, v0 = (uintptr_t)icc_plan.v;
+    if (!icc_plan.v || at < v0 || at >= v0 + sizeof(icc_t) * (size_t)icc_plan.nv || (at - v0) % sizeof(icc_t)) return -1;
+    return icc_plan.slot[(at - v0) / sizeof(icc_t)];
+}
+
+/* t's buffer for its dims and type (64-byte aligned, 64 bytes of slack past the end) */
 static void icc_alloc(icc_t *t) {
-    int64_t bytes = icc_numel(t) * icc_esize(t->dt);
-    t->p = aligned_alloc(64, (size_t)((bytes + 63) / 64 * 64 + 64));
-    t->owned = 1;
+    size_t bytes = (size_t)((icc_numel(t) * icc_esize(t->dt) + 63) / 64 * 64 + 64);
+    int s = icc_slot_of(t);
     t->cap = 0;
+    if (s < 0) {
+        t->p = aligned_alloc(64, bytes);
+        t->owned = t->p ? 1 : 0;
+    } else {
+        if (icc_plan.cap[s] < bytes) { /* grown by a quarter at least: a slot grown step by step reallocates rarely */
+            size_t grown = icc_plan.cap[s] + icc_plan.cap[s] / 4 / 64 * 64;
+            if (grown < bytes) grown = bytes;
+            free(icc_plan.buf[s]);
+            icc_plan.buf[s] = aligned_alloc(64, grown);
+            icc_plan.cap[s] = icc_plan.buf[s] ? grown : 0;
+        }
+        t->p = icc_plan.buf[s];
+        t->owned = t->p ? 2 : 0;
+    }
     if (!t->p) icc_fail("out of memory");
 }
 
 static void icc_release(icc_t *t) { /* views (inputs, weights, aliases) keep their pointer */
+    if (t->owned == 1) free(t->p);
     if (t->owned) {
-        free(t->p);
         t->p = NULL;
         t->owned = 0;
     }
