@@ -241,6 +241,10 @@ def _tile(site: Site) -> list[str]:
 
 @emits("Transpose")
 def _transpose(site: Site) -> list[str]:
+    y = site.node.outputs[0]
+    if not y.is_graph_output and y.uses and all(user.op_type == "MatMul" and not user.domain and i == 1
+                                                and _transposed_weight(y) is not None for user, i in y.uses):
+        return []  # only MatMuls read it, each packing the transposed weight itself (_matmul)
     rank = len(site.node.inputs[0].shape or ())
     perm = site.node.attr("perm", None) or list(range(rank))[::-1]
     if not perm:
@@ -327,13 +331,32 @@ def _softmax(site: Site) -> list[str]:
 
 
 # -- matmuls ---------------------------------------------------------------------------------------
+def _transposed_weight(b: Value | None) -> np.ndarray | None:
+    """W^T when ``b`` is Transpose(W) of a constant 2-D W, else None. Torch exports of a tied
+    embedding and LM head read the table as MatMul(x, Transpose(table)), and constant folding keeps
+    the Transpose (folding would store the table twice in the model): a MatMul packs its weight
+    into the blob anyway, so packing W^T there costs nothing more, where a run-time Transpose
+    copied the whole table (94 MB for a 32k x 768 LLaMA) on every decode step."""
+    node = None if b is None else b.producer
+    if node is None or node.op_type != "Transpose" or node.domain:
+        return None
+    w = node.inputs[0]
+    if w is None or w.const is None or w.is_graph_input or len(w.shape or ()) != 2:
+        return None
+    if list(node.attr("perm", None) or [1, 0]) != [1, 0]:
+        return None
+    return w.const.numpy().T
+
+
 @emits("MatMul")
 def _matmul(site: Site) -> list[str]:
     _float_only(site, 0, 1)
     w = site.const(1)
+    if w is None:
+        w = _transposed_weight(site.node.inputs[1])
     if w is None or w.ndim != 2:
         return [_set_dt(site), f"icc_matmul({site.outs[0]}, {site.ins[0]}, {site.ins[1]});"]
-    return _gemm_const(site, w.astype(np.float32), None)
+    return _gemm_const(site, np.ascontiguousarray(w, np.float32), None)
 
 
 @emits("Gemm")

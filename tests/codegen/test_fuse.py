@@ -104,3 +104,39 @@ def test_lora_delta_reads_only_each_rows_columns(tmp_path) -> None:
         out = backend.run({"x": x, "y": y, "a": a, "b": b, "mask": mask})["out"]
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(backend.run({"x": x, "y": y, "a": a, "b": b, "mask": mask})["out"], y)
+
+
+@pytest.mark.parametrize("transpose_read_elsewhere", [False, True])
+def test_a_tied_lm_head_packs_the_transposed_table(transpose_read_elsewhere: bool, tmp_path) -> None:
+    """Gather(table) + MatMul(h, Transpose(table)) (torch exports of a tied embedding): the MatMul
+    packs table^T at build time and the Transpose emits nothing, unless its result is read by
+    something else too; outputs equal onnxruntime either way."""
+    table = np.random.default_rng(2).standard_normal((40, 24)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"]),
+             helper.make_node("Transpose", ["table"], ["t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "t"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 40])]
+    if transpose_read_elsewhere:
+        outputs.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [24, 40]))
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              outputs, [numpy_helper.from_array(table, "table")],
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 3, 24])]
+                              + ([] if transpose_read_elsewhere else
+                                 [helper.make_tensor_value_info("t", TensorProto.FLOAT, [24, 40])]))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "tied.onnx"
+    onnx.save(proto, path)
+    backend = CBackend(load_model(path), intra_op_threads=1)
+    forward = backend.source.split("static int icc_forward")[-1]
+    assert ("icc_transpose(" in forward) == transpose_read_elsewhere and "icc_gemm_f32(" in forward
+    ids = np.array([[0, 5, 39], [7, 7, 1]], np.int64)
+    expected = dict(zip([o.name for o in outputs], onnxruntime_run(proto, {"ids": ids})))
+    got = backend.run({"ids": ids})
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5)
+
+
+def onnxruntime_run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
