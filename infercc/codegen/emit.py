@@ -151,6 +151,10 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     decode, decode_reason = decode_plan(model, index)
     # the decode loop takes each step's present cache buffers (moved into its state, not copied)
     heap = [c["present"] for c in decode.caches] if decode else []
+    # Graph outputs too: a slot keeps its largest occupant between runs, and an output slot would
+    # keep a prompt's full logits (25 MB for 128 tokens of a 49k vocabulary) beside the largest
+    # activations; on the heap they are freed when the next run starts, as before the plan.
+    heap += outputs
     memory = memory_plan(model, [step["lines"] for step in steps], index, heap=heap, custom=kernels)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
