@@ -75,7 +75,7 @@ def c_draft(draft: EagleDraft, threads: int) -> tuple[CDraft | None, str]:
     from ...ir import load_model
     from ...ir.shapes import infer_shapes
     from ...passes import PassManager, build_pipeline
-    from ..c_backend import CBackend
+    from ..c_backend import CBackend, CUnavailable
 
     config = Config(backend="c", quantize=QUANTIZE, kv_cache=False, strict=False, intra_op_threads=threads)
     try:
@@ -83,7 +83,7 @@ def c_draft(draft: EagleDraft, threads: int) -> tuple[CDraft | None, str]:
         infer_shapes(model)
         model, _ = PassManager(build_pipeline(config), config).run(model)
         backend = CBackend(model, intra_op_threads=threads)
-    except InferccError as exc:  # CUnavailable (no compiler, a failed build) and pass refusals
+    except (CUnavailable, InferccError) as exc:  # no compiler, a failed build, a pass that refused
         return None, f"the draft layer runs in NumPy: the generated-C runtime cannot build it ({exc})"
     built = CDraft(draft, backend.library)
     return built, built.runs_on

@@ -60,3 +60,15 @@ def test_the_c_build_follows_the_numpy_layer_within_int8_tolerance():
         assert cache.length == reference.length
         np.testing.assert_allclose(cache.k[:cache.length], reference.k[:reference.length], atol=0.05 * span)
         reference.length = cache.length = cache.length - 1  # the last position was a rejected guess
+
+
+def test_without_a_compiler_the_numpy_layer_runs(monkeypatch):
+    """A machine where the C runtime cannot build: (None, why), so the proposer keeps NumPy."""
+    from infercc.runtime import c_backend
+
+    def refuse(*args, **kwargs):
+        raise c_backend.CUnavailable("no C compiler found (install gcc or clang)")
+
+    monkeypatch.setattr(c_backend, "CBackend", refuse)
+    built, why = c_draft(random_draft(), 1)
+    assert built is None and "NumPy" in why and "no C compiler" in why
