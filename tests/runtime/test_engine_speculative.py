@@ -31,14 +31,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> infercc.CompiledModel:
 
 
 @pytest.fixture(scope="module")
-def tiny_c(tmp_path_factory: pytest.TempPathFactory) -> infercc.CompiledModel:
-    compiled = infercc.compile(write_tiny_gguf(tmp_path_factory.mktemp("spec_c") / "tiny.gguf"), backend="c")
-    if compiled.runtime != "c":
-        pytest.skip(f"the generated-C runtime is not available here: {compiled.runtime_reason}")
-    return compiled
-
-
-@pytest.fixture(scope="module")
 def alone(tiny: infercc.CompiledModel) -> list[list[int]]:
     """Each prompt run on its own without speculation (greedy, EOS ignored)."""
     return [tiny.generate(p, max_new_tokens=m, ignore_eos=True).token_ids for p, m in zip(PROMPTS, MAX_NEW)]

@@ -33,20 +33,11 @@ from infercc.runtime.sampling import SamplingParams
 from infercc.runtime.speculative.policy import DepthPolicy
 from infercc.runtime.speculative.proposer import Proposal
 from infercc.runtime.tree_attention import compact_moves, graph_problem, tree_feeds
-from tests.fuzz.synthetic import write_tiny_gguf
 from tests.importers._models import STORIES, require
 
 PROMPT = [1, 5, 9, 13, 7, 22, 3, 40]
 #: A row: the last token, then 6 nodes; node 2 (row 3) is a child of node 0, 3 and 4 of node 1, 5 of node 3.
 TREE = [-1, 0, 0, 1, 2, 2, 4]
-
-
-@pytest.fixture(scope="module")
-def tiny_c(tmp_path_factory: pytest.TempPathFactory) -> infercc.CompiledModel:
-    compiled = infercc.compile(write_tiny_gguf(tmp_path_factory.mktemp("tree") / "tiny.gguf"), backend="c")
-    if compiled.runtime != "c":
-        pytest.skip(f"the generated-C runtime is not available here: {compiled.runtime_reason}")
-    return compiled
 
 
 def paths(tree: Sequence[int]) -> list[list[int]]:
