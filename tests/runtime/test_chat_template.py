@@ -32,12 +32,13 @@ def tokenizer(template: str | None, seconds: float = 0.25) -> Tokenizer:
 
 
 def fails_fast(template: str, error: type[Exception], messages=HI, **extra) -> str:
-    """The error message of rendering ``template``, which must come in well under a second."""
+    """The error message of rendering ``template``, which must come in well under a second of this
+    thread's CPU time (the limit is CPU time: on a loaded machine the wall clock says nothing)."""
     tok = tokenizer(template)
-    start = time.perf_counter()
+    start = time.thread_time()
     with pytest.raises(error) as info:
         tok.apply_chat_template(messages, **extra)
-    assert time.perf_counter() - start < 0.8, f"took {time.perf_counter() - start:.2f} s"
+    assert time.thread_time() - start < 0.8, f"took {time.thread_time() - start:.2f} s of CPU"
     message = str(info.value)
     assert message.startswith(SOURCE) and "\n" not in message
     return message
@@ -105,9 +106,9 @@ def test_a_real_loop_over_messages_is_fast_and_the_tracer_is_restored():
     before = sys.gettrace()
     tok = tokenizer(SIMPLE, seconds=2.0)
     messages = [{"role": "user" if i % 2 else "assistant", "content": "hello " * 20} for i in range(2000)]
-    start = time.perf_counter()
+    start = time.thread_time()
     assert tok.apply_chat_template(messages).count("<user>") == 1000
-    assert time.perf_counter() - start < 0.8
+    assert time.thread_time() - start < 0.8
     assert sys.gettrace() is before
     with pytest.raises(ModelLoadError):
         tokenizer("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", 0.05) \
