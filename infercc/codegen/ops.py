@@ -242,8 +242,8 @@ def _tile(site: Site) -> list[str]:
 @emits("Transpose")
 def _transpose(site: Site) -> list[str]:
     y = site.node.outputs[0]
-    if not y.is_graph_output and y.uses and all(user.op_type == "MatMul" and not user.domain and i == 1
-                                                and _transposed_weight(y) is not None for user, i in y.uses):
+    if not y.is_graph_output and y.uses and _transposed_weight(y) is not None \
+            and all(user.op_type == "MatMul" and not user.domain and i == 1 for user, i in y.uses):
         return []  # only MatMuls read it, each packing the transposed weight itself (_matmul)
     rank = len(site.node.inputs[0].shape or ())
     perm = site.node.attr("perm", None) or list(range(rank))[::-1]

@@ -448,7 +448,7 @@ def padding_problem(model: Model, *, masked_keys: bool) -> str | None:
             if not _reaches(x, lambda v: v is inputs[MASK_NAME]):
                 return f"the attention mask %{x.name} does not read {MASK_NAME!r}'s values, so padding would be attended"
             continue
-        if not _reaches(x, lambda v: v is positions or (v.producer is not None and v.producer.op_type == "CumSum")):
+        if not positions_from_mask_or_ids(x, positions):
             return (f"the {sink.kind} operand %{x.name} of {sink.node.op_type} {sink.node.name!r} counts positions over "
                     f"the sequence's length, not from {MASK_NAME!r}'s values or {POSITIONS_NAME!r}: padding would shift them")
     if masked_keys:
@@ -456,6 +456,12 @@ def padding_problem(model: Model, *, masked_keys: bool) -> str | None:
             if len(node.inputs) < 4 or node.inputs[3] is None:
                 return f"attention {node.name!r} takes no mask, so padded keys would be attended"
     return None
+
+
+def positions_from_mask_or_ids(x: Value, positions: Value | None) -> bool:
+    """Whether ``x`` (an operand that carries positions) is computed from ``position_ids`` or a
+    running count (CumSum) of the mask, not counted over the sequence's length (a Range)."""
+    return _reaches(x, lambda v: v is positions or (v.producer is not None and v.producer.op_type == "CumSum"))
 
 
 def _reaches(value: Value, found, limit: int = 10000) -> bool:

@@ -61,14 +61,14 @@ def graph_problem(model: Model) -> str | None:
         sinks = SequenceWorld(graph).sinks()
     except (Refusal, KeyError) as exc:
         return f"how the graph derives positions could not be analysed ({exc})"
-    from .paged_runner import _reaches
+    from .paged_runner import positions_from_mask_or_ids
 
     positions = inputs.get(POSITIONS_NAME)
     for sink in sinks:
         if sink.kind in ("shape", "mask"):
             continue
         x = sink.node.inputs[sink.index]
-        if not _reaches(x, lambda v: v is positions or (v.producer is not None and v.producer.op_type == "CumSum")):
+        if not positions_from_mask_or_ids(x, positions):
             return (f"the {sink.kind} operand %{x.name} of {sink.node.op_type} {sink.node.name!r} counts positions "
                     f"over the sequence's length, not from {MASK_NAME!r}'s values or {POSITIONS_NAME!r}: a tree's "
                     "nodes would get consecutive positions")

@@ -27,9 +27,10 @@ A greedy chain of top-1 guesses, cut at the first one less sure than ``min_confi
 depth along the top-1 path the draft's top w tokens are candidates (runners-up only when at least
 ``tree.MIN_SIBLING`` probable), the path going on while its top-1 is sure enough (the first doubtful
 depth's candidates are still leaves, where a chain stops before it: measured on SmolLM2, that is
-where the tree earns its tokens), and the ``k`` most probable candidates are proposed. Only the top-1 path is run through the draft (one forward per
-depth, as the chain): the runners-up are leaves, EAGLE-2's expansion of every kept node would
-cost a draft forward per node with a tree mask of its own.
+where the tree earns its tokens), and the ``k`` most probable candidates are proposed. Only the
+top-1 path is run through the draft (one forward per depth, as the chain): the runners-up are
+leaves, EAGLE-2's expansion of every kept node would cost a draft forward per node with a tree
+mask of its own.
 """
 
 from __future__ import annotations

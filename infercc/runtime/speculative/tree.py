@@ -3,20 +3,20 @@ probable by cumulative draft probability and hand them over as one ``Proposal`` 
 which the target verifies in one row with tree attention (runtime/tree_attention.py).
 
 Why keep the best ``k`` nodes rather than a fixed shape: every verified position costs a share of
-a step (on a CPU ~0.08 of a step at batch 1, more as rows widen), so the rows go where the draft
-expects tokens: a confident draft gets a long chain, an unsure one a bushy first level. A node's
-cumulative probability is at most its parent's, so taking nodes by falling probability (ties:
-shallower first) always keeps a node's ancestors.
+a step (on a CPU without int8 dot-product instructions ~0.2 of a step at batch 1, more as rows
+widen), so the rows go where the draft expects tokens: a confident draft gets a long chain, an
+unsure one a bushy first level. A node's cumulative probability is at most its parent's, so taking
+nodes by falling probability (ties: shallower first) always keeps a node's ancestors.
 
 When trees pay: the tree adds the draft's second and third guesses at a depth; they stand only
 where the target disagrees with the draft's first guess and agrees with a runner-up. Whether that
 outweighs the positions they take from the chain is the model's and draft's matter, so trees are
 a knob (``Config.speculation_tree_width``, default 1 = chains) and measured per model (bench
-``speculative --eagle DIR --tree-width 3``). On SmolLM2-135M with its EAGLE draft (2-core CPU, greedy
-chat): the tree proposes in more steps than the chain (the draft's first doubtful depth still gets
-its candidates), so its tokens per *verify* step fall (3.8 against 4.3 for k = 6) while its tokens
-per *forward* step rise (1.95 with width 3, k = 6; 1.91 with width 2, k = 5; the chain 1.91 / 1.87),
-for 1.1-1.2x the chain's decode tok/s in alternating runs on a loaded machine.
+``speculative --eagle DIR --tree-width 3``). On SmolLM2-135M with its EAGLE draft (2-core AVX2 CPU,
+greedy chat): the tree proposes in more steps than the chain (the draft's first doubtful depth still
+gets its candidates), so its tokens per *verify* step fall (3.6 against 4.1) while its tokens per
+*forward* step rise; 1.1-1.2x the chain's decode tok/s at 1 thread on a loaded machine, 0.96x at 2
+threads on a quiet one, where a verified position costs relatively more.
 """
 
 from __future__ import annotations
