@@ -24,7 +24,8 @@ from infercc.importers import import_checkpoint, read_metadata
 from infercc.runtime.tokenizer import Tokenizer
 
 T = gguf.GGUFValueType
-#: A hang check: refusing must take well under this (seconds), on a shared 2-core machine.
+#: A hang check: refusing must take well under this many seconds of the process's CPU time (a
+#: runaway loop or allocation burns CPU; the wall clock also counts other work on a shared machine).
 FAST = 1.0
 VOCAB, HIDDEN, HEADS, KV_HEADS, FFN = 32, 16, 2, 1, 32
 TOKENS = ["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(VOCAB - 3))]
@@ -33,12 +34,12 @@ TOKENS = ["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(VOCAB - 3))]
 def refused(call, *patterns: str) -> str:
     """Run ``call``; it must raise ModelLoadError quickly with a one-line message matching every
     pattern (case-insensitive substrings). Returns the message."""
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(ModelLoadError) as info:
         call()
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     message = str(info.value)
-    assert elapsed < FAST, f"took {elapsed:.2f}s: {message}"
+    assert elapsed < FAST, f"took {elapsed:.2f} s of CPU: {message}"
     assert "\n" not in message
     for pattern in patterns:
         assert pattern.lower() in message.lower(), (pattern, message)
@@ -132,9 +133,9 @@ def test_large_real_context_length_imports(tmp_path):
     graph, the KV cache grows with use): a 2**40 context is kept, not refused or clamped."""
     path = write_gguf(tmp_path / "long.gguf", {"llama.context_length": (2**40, T.UINT64),
                                                "llama.rope.freq_base": (1e6, T.FLOAT32)})
-    start = time.perf_counter()
+    start = time.process_time()
     meta = read_metadata(import_checkpoint(path))
-    assert time.perf_counter() - start < FAST
+    assert time.process_time() - start < FAST
     assert meta["context_length"] == 2**40
 
 
