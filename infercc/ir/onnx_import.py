@@ -57,7 +57,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file. Check the path, or export the model to ONNX first.")
     if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.onnx"))[:5]
+        found = sorted(p.name for pattern in ("*.onnx", "*.gguf") for p in path.glob(pattern))[:5]
         hint = f" (it holds {', '.join(found)})" if found else ""
         raise ModelLoadError(f"{path} is a folder, not an .onnx file: pass the model file inside it{hint}.")
     if path.stat().st_size == 0:

@@ -59,6 +59,15 @@ def test_truncated_file(tmp_path):
         assert str(path) in msg and "truncated" in msg and ("re-export" in msg or "re-download" in msg)
 
 
+def test_a_folder_names_the_model_files_it_holds(tmp_path):
+    """A folder that is not a Hugging Face checkpoint: the message names the .onnx and .gguf files
+    in it, so the fix (pass one of them) is one copy away."""
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    (tmp_path / "notes.txt").write_text("x")
+    msg = load_error(tmp_path)
+    assert "is a folder" in msg and "model.Q4_1.gguf" in msg and "notes.txt" not in msg
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.onnx"
     path.write_bytes(b"")

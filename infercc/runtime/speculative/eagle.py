@@ -46,7 +46,7 @@ from .eagle_c import C_DRAFT_BYTES
 from .eagle_draft import DraftCache, EagleDraft, draft_path, load_draft
 from .heads import HeadsError
 from .medusa import MIN_CONFIDENCE, _draft_vocab, _weight_count, lm_head_shape, lm_head_weights, load_once
-from .products import linear, one_blas_thread
+from .products import one_blas_thread
 from .proposer import Proposal
 from .tree import Candidate, best_tree, expand, top_tokens
 
@@ -153,6 +153,8 @@ class _State:
     pending: list[np.ndarray] = dataclasses.field(default_factory=list)
     #: The draft's output at the last cached position (f'_{L-1}: the first guess's feature).
     last: np.ndarray | None = None
+    #: The draft-vocabulary logits of ``last`` (the first guess is their top token).
+    logits: np.ndarray | None = None
 
     @property
     def end(self) -> int:
@@ -212,41 +214,42 @@ class EagleProposer:
             return Proposal([])
         if state.pending:
             new = list(tokens[cache.base + cache.length + 1:length])
-            state.last = self.draft.forward(cache, np.stack(state.pending), self.embedding(new))[-1:]
+            feature, state.logits = self.draft.step(cache, np.stack(state.pending), self.embedding(new), self.lm_head)
+            state.last = feature[-1:]
             state.tokens += [int(t) for t in new]
             state.pending = []
         if state.last is None:
             return Proposal([])
         if self.tree_width > 1 and params.greedy:
-            return self._tree(state, state.last, k)
-        return self._chain(state, state.last, k)
+            return self._tree(state, state.last, state.logits, k)
+        return self._chain(state, state.last, state.logits, k)
 
-    def _tree(self, state: _State, feature: np.ndarray, k: int) -> Proposal:
+    def _tree(self, state: _State, feature: np.ndarray, logits: np.ndarray, k: int) -> Proposal:
         """The ``k`` most probable of the top-w candidates along the top-1 path (module docstring)."""
         true_length = state.cache.length
         candidates: list[Candidate] = []
         parent = -1
         try:
             for step in range(k):
-                top, probs = top_tokens(linear(feature, self.lm_head)[0], self.tree_width)
+                top, probs = top_tokens(logits, self.tree_width)
                 parent = expand(candidates, [parent], top, probs)[0]
                 if probs[0] < self.min_confidence or step + 1 == k:
                     break
                 embed = self.embedding.local(top[:1]) if self.vocab_ids is not None else self.embedding([int(top[0])])
-                feature = self.draft.forward(state.cache, feature, embed)
+                feature, logits = self.draft.step(state.cache, feature, embed, self.lm_head)
         finally:
             state.cache.length = true_length
         if self.vocab_ids is not None:
             candidates = [dataclasses.replace(c, token=int(self.vocab_ids[c.token])) for c in candidates]
         return best_tree(candidates, k)
 
-    def _chain(self, state: _State, feature: np.ndarray, k: int) -> Proposal:
-        """Up to k guesses from f'_{L-1}, each fed back; the guessed positions' entries dropped."""
+    def _chain(self, state: _State, feature: np.ndarray, logits: np.ndarray, k: int) -> Proposal:
+        """Up to k guesses from f'_{L-1} (``logits``: its own), each fed back; the guessed
+        positions' entries dropped."""
         true_length = state.cache.length
         guesses: list[int] = []
         try:
             for step in range(k):
-                logits = linear(feature, self.lm_head)[0]
                 best = int(np.argmax(logits))
                 if 1.0 / np.exp(logits - logits[best]).sum() < self.min_confidence:
                     break  # a guess the draft doubts costs a verified position, rarely a token
@@ -254,7 +257,7 @@ class EagleProposer:
                 if step + 1 < k:
                     embed = self.embedding.local(np.asarray([best])) if self.vocab_ids is not None \
                         else self.embedding([best])
-                    feature = self.draft.forward(state.cache, feature, embed)
+                    feature, logits = self.draft.step(state.cache, feature, embed, self.lm_head)
         finally:
             state.cache.length = true_length
         if self.vocab_ids is not None:
@@ -264,7 +267,7 @@ class EagleProposer:
     def _cut(self, state: _State, length: int) -> None:
         state.cache.length = max(length, 0)
         del state.tokens[state.cache.length:]
-        state.last = None
+        state.last = state.logits = None
 
     def release(self, seq_id: Hashable) -> None:
         self._states.pop(seq_id, None)
@@ -290,10 +293,12 @@ def _load(compiled: CompiledModel, file: Path) -> tuple:
         raise HeadsError(f"{file.parent}/config.json: min_confidence must be a number in [0, 1], got {confidence!r}")
     rows = len(vocab_ids) if vocab_ids is not None else vocab
     cost = (draft.macs + rows * hidden) / max(_weight_count(compiled.model), 1)
+    lm_head = lm_head_weights(compiled.model, vocab_ids)
     if compiled.runtime == "c" and draft.macs * 4 >= C_DRAFT_BYTES:  # (see eagle_c.py)
         from .eagle_c import c_draft
 
-        built, where = c_draft(draft, compiled.config.intra_op_threads)
+        # a restricted head goes into the library; the whole vocabulary's stays a NumPy product
+        built, where = c_draft(draft, compiled.config.intra_op_threads, lm_head if vocab_ids is not None else None)
         draft = built or draft
         draft.runs_on = where
-    return draft, lm_head_weights(compiled.model, vocab_ids), Embedding(compiled.model, vocab_ids), cost, float(confidence)
+    return draft, lm_head, Embedding(compiled.model, vocab_ids), cost, float(confidence)

@@ -10,6 +10,10 @@ inside from the shapes) and compiled by our own pipeline (fusions, int8 weights)
 its keys and values stay in the proposer's ``DraftCache`` and go in as inputs, so rollback is
 still a length. Where the C runtime cannot be built, the NumPy layer runs (``c_draft`` says why).
 
+The draft vocabulary's rows of the target's LM head go into the same graph (``logits``, the last
+position's only), so they are read in int8 too: for SmolLM2-135M's 1,222-token draft vocabulary
+they are 2.8 MB of float32, as many bytes per guess as the whole float32 layer's int8 form.
+
 Only drafts of ``C_DRAFT_BYTES`` of float32 weights or more are built: below that a forward is
 bound by per-call costs, not by reading weights, and NumPy is as fast without a compiler run.
 
@@ -25,10 +29,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import InferccError
 from .eagle_draft import DraftCache, EagleDraft, rotary
+from .products import linear
 
 #: Inputs and outputs of the draft graph, in order.
 INPUTS = ("x", "past_k", "past_v", "cos", "sin")
 OUTPUTS = ("feature", "k_new", "v_new")
+#: The extra output of a graph built with the LM head's rows: the last position's logits [1, rows].
+LOGITS = "logits"
 QUANTIZE = "int8"
 #: Smallest draft (float32 weight bytes, the LM head apart) worth its own C library.
 C_DRAFT_BYTES = 1 << 20
@@ -37,9 +44,11 @@ C_DRAFT_BYTES = 1 << 20
 class CDraft:
     """``EagleDraft``'s forward on a built C library (same door: ``forward``, ``new_cache``)."""
 
-    def __init__(self, draft: EagleDraft, library) -> None:
+    def __init__(self, draft: EagleDraft, library, lm_head: np.ndarray | None = None) -> None:
         self.draft = draft
         self.library = library
+        #: The LM head rows built into the library (None: the logits are NumPy's, from ``step``'s head).
+        self.lm_head = lm_head
         #: Where the layer runs (the proposer's description says it).
         self.runs_on = "the draft layer runs on the generated-C runtime, int8 weights"
 
@@ -57,20 +66,34 @@ class CDraft:
     def forward(self, cache: DraftCache, features: np.ndarray, embeds: np.ndarray) -> np.ndarray:
         """As ``EagleDraft.forward``: f' [n, H] of the n positions after the cache's, their keys and
         values appended to ``cache``."""
+        return self._run(cache, features, embeds)[0]
+
+    def step(self, cache: DraftCache, features: np.ndarray, embeds: np.ndarray,
+             lm_head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As ``EagleDraft.step``; the logits come from the library's int8 rows when it was built
+        with them (``lm_head`` must then be those rows), else from ``lm_head`` in NumPy."""
+        if self.lm_head is None:
+            feature = self.forward(cache, features, embeds)
+            return feature, linear(feature[-1:], lm_head)[0]
+        feature, logits = self._run(cache, features, embeds)
+        return feature, logits[0]
+
+    def _run(self, cache: DraftCache, features: np.ndarray, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         d = self.draft
         n, width = len(features), d.heads * d.head_dim
         x = np.concatenate([embeds, features], axis=1).astype(np.float32, copy=False)
         positions = np.arange(cache.base + cache.length, cache.base + cache.length + n)
         cos, sin = rotary(positions, d.head_dim, d.rope_theta)
         past = cache.length
-        feature, k, v = self.library.run([x, cache.k[:past].reshape(past, width), cache.v[:past].reshape(past, width),
-                                          cos[:, 0], sin[:, 0]])
+        feature, k, v, *logits = self.library.run([x, cache.k[:past].reshape(past, width),
+                                                   cache.v[:past].reshape(past, width), cos[:, 0], sin[:, 0]])
         cache.append(k.reshape(n, d.heads, d.head_dim), v.reshape(n, d.heads, d.head_dim))
-        return feature
+        return feature, (logits[0] if logits else None)
 
 
-def c_draft(draft: EagleDraft, threads: int) -> tuple[CDraft | None, str]:
-    """The draft compiled for the C runtime, or (None, why not)."""
+def c_draft(draft: EagleDraft, threads: int, lm_head: np.ndarray | None = None) -> tuple[CDraft | None, str]:
+    """The draft compiled for the C runtime (with ``lm_head``'s rows [rows, H] when given), or
+    (None, why not)."""
     from ...config import Config
     from ...ir import load_model
     from ...ir.shapes import infer_shapes
@@ -79,20 +102,23 @@ def c_draft(draft: EagleDraft, threads: int) -> tuple[CDraft | None, str]:
 
     config = Config(backend="c", quantize=QUANTIZE, kv_cache=False, strict=False, intra_op_threads=threads)
     try:
-        model = load_model(draft_graph(draft))
+        model = load_model(draft_graph(draft, lm_head))
         infer_shapes(model)
         model, _ = PassManager(build_pipeline(config), config).run(model)
         backend = CBackend(model, intra_op_threads=threads)
     except (CUnavailable, InferccError) as exc:  # no compiler, a failed build, a pass that refused
         return None, f"the draft layer runs in NumPy: the generated-C runtime cannot build it ({exc})"
-    built = CDraft(draft, backend.library)
+    built = CDraft(draft, backend.library, lm_head)
+    if lm_head is not None:
+        built.runs_on += ", the draft vocabulary's LM head rows with it"
     return built, built.runs_on
 
 
-def draft_graph(draft: EagleDraft) -> onnx.ModelProto:
+def draft_graph(draft: EagleDraft, lm_head: np.ndarray | None = None) -> onnx.ModelProto:
     """The ONNX graph of ``EagleDraft.forward`` for n new positions over p cached ones: inputs
     x [n, 2H] (embedding | feature), past_k / past_v [p, A], cos / sin [n, head_dim / 2]; outputs
-    the features [n, H] and the new positions' rotated keys and values [n, A]."""
+    the features [n, H] and the new positions' rotated keys and values [n, A], and with
+    ``lm_head`` [rows, H] the last position's logits [1, rows] (``EagleDraft.step``)."""
     w, heads, dim = draft.weights, draft.heads, draft.head_dim
     hidden, width = draft.hidden, heads * dim
     nodes: list[onnx.NodeProto] = []
@@ -167,6 +193,14 @@ def draft_graph(draft: EagleDraft) -> onnx.ModelProto:
     swish = op("Mul", [op("Mul", [gate, op("Sigmoid", [gate], "gate.s")], "silu"),
                        linear(m, "layer.mlp.up_proj.weight", "up")], "swiglu")
     op("Add", [h, linear(swish, "layer.mlp.down_proj.weight", "down")], "feature")
+    outputs = []
+    if lm_head is not None:
+        const("minus_one", np.asarray([-1], np.int64))
+        const("end", np.asarray([np.iinfo(np.int64).max], np.int64))
+        last = op("Slice", ["feature", "minus_one", "end", "axis0"], "feature.last")
+        const("axis0", np.asarray([0], np.int64))
+        op("MatMul", [last, const("lm_head.w", np.ascontiguousarray(lm_head.T, np.float32))], LOGITS)
+        outputs.append(helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, len(lm_head)]))
 
     f32 = TensorProto.FLOAT
     graph = helper.make_graph(
@@ -178,6 +212,6 @@ def draft_graph(draft: EagleDraft) -> onnx.ModelProto:
          helper.make_tensor_value_info("sin", f32, ["n", dim // 2])],
         [helper.make_tensor_value_info("feature", f32, ["n", hidden]),
          helper.make_tensor_value_info("k_new", f32, ["n", width]),
-         helper.make_tensor_value_info("v_new", f32, ["n", width])],
+         helper.make_tensor_value_info("v_new", f32, ["n", width]), *outputs],
         inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

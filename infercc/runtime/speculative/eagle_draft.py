@@ -116,6 +116,13 @@ class EagleDraft:
         up = linear(m, w["layer.mlp.up_proj.weight"])
         return h + linear(gate / (1.0 + np.exp(-gate)) * up, w["layer.mlp.down_proj.weight"])
 
+    def step(self, cache: DraftCache, features: np.ndarray, embeds: np.ndarray,
+             lm_head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``forward``, then the logits [rows of ``lm_head``] of its last position: what the
+        proposer guesses from (eagle_c.CDraft computes both in one run)."""
+        feature = self.forward(cache, features, embeds)
+        return feature, linear(feature[-1:], lm_head)[0]
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps)) * weight
 
