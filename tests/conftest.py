@@ -2,12 +2,18 @@
 pyproject's addopts). A worker then owns one core: its OpenMP and BLAS pools start with one thread
 unless the user set a count, because two workers each running two spinning kernel threads on two
 cores stall every parallel region on a descheduled thread. The parallel paths themselves are tested
-with explicit thread counts (tests/codegen/test_threads.py and the kernel tests)."""
+with explicit thread counts (tests/codegen/test_threads.py and the kernel tests).
+
+The generated C of the models the tests compile is built at -O1 unless INFERCC_C_OPT is set: the
+suite builds about 65 small models, and -O3 takes about three times as long for the same values
+(within a rounding where gcc fuses a * b + c). The kernel drivers (tests/codegen/_ckernel.py) and
+test_threads.py build at -O3, the level users get."""
 
 from __future__ import annotations
 
 import os
 
+os.environ.setdefault("INFERCC_C_OPT", "-O1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, "1")

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import infercc
-from infercc.codegen.build import PORTABLE, build, warnings_of
+from infercc.codegen.build import NATIVE, OPT_ENV, PORTABLE, BuildError, build, warnings_of, with_opt_level
 from infercc.codegen.emit import emit
 from tests.fixtures import catalog
 
@@ -60,6 +60,16 @@ def test_portable_flags_build_and_run_the_same(tmp_path) -> None:
     program = emit(compiled.model)
     assert build(program.source, PORTABLE).exists()
     assert warnings_of(program.source, PORTABLE) == []
+
+
+def test_the_optimization_level_comes_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(OPT_ENV, "-O1")
+    assert with_opt_level(NATIVE) == ("-O1", *NATIVE[1:])
+    monkeypatch.setenv(OPT_ENV, "-O2 -fplugin=evil.so")  # one level, nothing smuggled into the command
+    with pytest.raises(BuildError, match="INFERCC_C_OPT.*not an optimization level"):
+        with_opt_level(NATIVE)
+    monkeypatch.delenv(OPT_ENV)
+    assert with_opt_level(NATIVE) == NATIVE
 
 
 def test_an_op_without_a_kernel_falls_back_to_ort_with_the_reason(tmp_path) -> None:
