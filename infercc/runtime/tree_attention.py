@@ -139,6 +139,15 @@ def parents_problem(parents: Sequence[int], count: int) -> str | None:
     return None
 
 
+def row_tree_problem(parents: Sequence[int], count: int) -> str | None:
+    """Why ``parents`` is not the tree of a verify row of ``count`` tokens (``parents_problem``,
+    and only the row's first token hangs from the past), or None."""
+    problem = parents_problem(parents, count)
+    if problem is None and (parents[0] != -1 or any(p < 0 for p in parents[1:])):
+        problem = "has a token other than the first one without a parent in the row"
+    return problem
+
+
 def depths(parents: Sequence[int]) -> list[int]:
     """Depth of each token of a tree (0 for a child of what precedes the tokens)."""
     found: list[int] = []
