@@ -10,9 +10,11 @@ biases read ``kv_tree_mask``.
   is plain greedy decoding token for token: in the engine (a batch of requests) and in the loop;
 * refusals say why (a sliding window, positions counted over the length).
 
-Models: random HF checkpoints on ONNX Runtime: a LLaMA with GQA heads of 16 (GroupQueryAttention,
+Models on ONNX Runtime: random HF checkpoints -- a LLaMA with GQA heads of 16 (GroupQueryAttention,
 rotary inside the kernel, positions by ``position_ids``) and a GPT-2 (MultiHeadAttention, learned
-positions from the mask's running count).
+positions from the mask's running count) -- and the torch-exported ``llama_dynamo`` fixture (its
+positions are counted over the length, which the C form refuses; on ORT its rotary is inside
+GroupQueryAttention, so ``position_ids`` set them; its rows of different pasts run apart).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from infercc.runtime.speculative.policy import DepthPolicy
 from infercc.runtime.speculative.proposer import Proposal
 from infercc.runtime.tree_attention import compact_moves
 from infercc.runtime.tree_ort import tree_variant
+from tests.fixtures import catalog
 
 from ._hf_models import write_hf
 
@@ -46,14 +49,15 @@ TREE = [-1, 0, 0, 1, 2, 2, 4]
 TABLE = [7, 2, 9, 4, 11]
 
 
-@pytest.fixture(scope="module", params=["gqa", "gpt2"])
+@pytest.fixture(scope="module", params=["gqa", "gpt2", "llama_dynamo"])
 def model(request, tmp_path_factory) -> infercc.CompiledModel:
     root = tmp_path_factory.mktemp("tree_ort")
-    source = write_hf(root / "llama", head_size=16) if request.param == "gqa" else write_hf(root / "gpt2", "gpt2")
-    compiled = infercc.compile(source, backend="ort", kv_cache_dtype="fp32")
+    source = {"gqa": lambda: write_hf(root / "llama", head_size=16), "gpt2": lambda: write_hf(root / "gpt2", "gpt2"),
+              "llama_dynamo": lambda: catalog.fixture_path("llama_dynamo")}[request.param]()
+    compiled = infercc.compile(str(source), backend="ort", kv_cache_dtype="fp32")
     tree, why = tree_variant(compiled)
     assert tree is not None, why
-    assert ("GroupQueryAttention" if request.param == "gqa" else "MultiHeadAttention") in tree.form
+    assert ("MultiHeadAttention" if request.param == "gpt2" else "GroupQueryAttention") in tree.form
     return compiled
 
 
