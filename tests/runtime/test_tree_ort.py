@@ -19,6 +19,7 @@ GroupQueryAttention, so ``position_ids`` set them; its rows of different pasts r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ from infercc.runtime.speculative.loop import SpeculativeGeneration
 from infercc.runtime.speculative.policy import DepthPolicy
 from infercc.runtime.speculative.proposer import Proposal
 from infercc.runtime.tree_attention import compact_moves
-from infercc.runtime.tree_ort import tree_variant
+from infercc.runtime.tree_ort import probe, tree_variant
 from tests.fixtures import catalog
 
 from ._hf_models import write_hf
@@ -104,6 +105,36 @@ def test_a_mask_that_shows_a_sibling_breaks_the_equality(model, monkeypatch):
 
     monkeypatch.setattr(paged_runner, "tree_feeds", broken)
     assert tree_chain_gap(model) > 100 * TOLERANCE
+
+
+class Broken:
+    """The variant's backend with its tree inputs spoiled: ``siblings`` lets every node see every
+    earlier one (a chain's mask), else positions are counted by row (a chain's positions)."""
+
+    def __init__(self, inner, siblings: bool) -> None:
+        self.inner, self.model, self.siblings = inner, inner.model, siblings
+
+    def run(self, feeds: dict) -> dict:
+        feeds = dict(feeds)
+        if self.siblings:
+            mask = feeds[tree_attention.TREE_MASK].copy()
+            s = mask.shape[2]
+            mask[:, 0, :, mask.shape[3] - s:] |= np.tril(np.ones((s, s), bool))
+            feeds[tree_attention.TREE_MASK] = mask
+        else:
+            feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
+            if "position_ids" in feeds:
+                past = feeds["attention_mask"].shape[1] - feeds["input_ids"].shape[1]
+                feeds["position_ids"] = past + np.arange(feeds["input_ids"].shape[1])[None, :]
+        return self.inner.run(feeds)
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_the_probe_refuses_a_variant_that_runs_trees_as_chains(model, siblings):
+    tree, _ = tree_variant(model)
+    assert probe(model, tree) is None
+    why = probe(model, dataclasses.replace(tree, backend=Broken(tree.backend, siblings)))
+    assert why is not None and "a tree node's attention differs from a chain's" in why
 
 
 def test_compacted_path_decodes_as_a_chain(model):
