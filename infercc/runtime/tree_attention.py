@@ -18,7 +18,8 @@ How a tree reaches the graph, without a second kind of graph input for positions
   1)`` of the positions, a Range over its length) refuses trees with the reason.
 
 A refused tree is never wrong output: the engine's proposers fall back to chains and the reason is
-kept in the speculation notes.
+kept in the speculation notes. ONNX Runtime's form (the gather runner, the single-prompt loop) is
+``tree_ort.py``: the same feeds (``tree_feeds``) into a variant of the ORT-lowered graph.
 
 After verification the accepted path's K/V sit at scattered slots of the row (node i at start + 1
 + i); ``compact_moves`` gives the moves that bring them to start + 1 .. start + a, which the runner

@@ -13,6 +13,13 @@ back to the accepted ones (KVCache.truncate). Works on every backend the runner 
 generated-C runtime's single prompt takes the serving engine instead (generate.py: its paged
 kernel writes verified K/V in place, while this loop's contiguous cache is copied every step), so
 this loop serves ONNX Runtime (its in-place GQA buffer copies nothing) and the runner's callers.
+
+Trees of candidates (``Config.speculation_tree_width`` > 1, a proposer with ``tree_width``, greedy
+requests): the row [last token + the tree's nodes] runs once on ONNX Runtime's tree variant
+(runtime/tree_ort.py, ``ModelRunner.step_tree``), ``verify_tree`` walks the target's choices, the
+accepted path's K/V move to consecutive slots (``KVCache.move``, ``tree_attention.compact_moves``)
+and the rest is truncated. Where the variant cannot be built the proposer's width is set to 1
+(chains) and ``speculation_reason`` says why.
 """
 
 from __future__ import annotations
