@@ -368,6 +368,8 @@ class PagedRunner:
         if self.form == "ort-gather":
             from .tree_ort import tree_variant
 
+            if isinstance(self.backend, CBackend):  # (asked for the gather form on the C runtime)
+                return None, "the gather form on the generated-C runtime: trees need the C paged form (form='auto')"
             return tree_variant(self.compiled)
         if self.paged_model is None:
             return None, "the runner has no paged graph to make a tree variant of"
