@@ -61,7 +61,8 @@ BIAS_SLOT = {"MultiHeadAttention": 5, "GroupQueryAttention": 10}
 GQA_POSITIONS = 9
 #: The variant's extra output for the probe: the first attention's output.
 PROBE_OUTPUT = "tree_probe_attention"
-#: Largest |tree - chain| / (1 + |chain|) of the probe's logits (float32 sums in another order).
+#: Largest |variant - reference| / (1 + |reference|) in the probe's two checks (float32 sums in
+#: another order stay ~1e-6; a wrong mask or position moves attention outputs by > 1e-2).
 PROBE_TOLERANCE = 1e-4
 #: The probe's tree: node 1 and 2 are siblings (children of the row's first token), 3 a child of
 #: 1, 4 of 2: any scheme that gives a node its row index as position, or lets it see a sibling,
