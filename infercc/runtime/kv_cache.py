@@ -235,6 +235,19 @@ class KVCache:
             self._front, self._back = self._back, self._front
         self.length = length
 
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Copy slots within every row, (from, to) in order, in every cached tensor: a verified
+        tree's accepted path brought to consecutive slots (``tree_attention.compact_moves``)
+        before ``truncate`` drops the rest. Ids and mask follow the K/V."""
+        for src, dst in moves:
+            if not (0 <= src < self.length and 0 <= dst < self.length):
+                raise InputError(f"cannot move slot {src} to {dst} in a cache of {self.length} slots")
+            self.ids[:, dst], self.mask[:, dst] = self.ids[:, src], self.mask[:, src]
+            for entry in self._entries():
+                view = self._front[entry.input] if self.shared else self._view(self._front[entry.input], entry,
+                                                                               self.length)
+                view[:, :, dst] = view[:, :, src]
+
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (finished sequences leave a batch, so later steps do not compute
         them); leading slots that are padding in every kept row are dropped as well. Positions

@@ -108,16 +108,45 @@ class ModelRunner:
             cache.advance(past + width)
         return logits if all_logits else logits[:, -1]
 
+    def step_tree(self, cache: KVCache, tokens: Sequence[int], parents: Sequence[int], tree,
+                  hidden: list[np.ndarray] | None = None) -> np.ndarray:
+        """Feed one row of a tree of candidates to a one-row cache: ``tokens[0]`` follows the
+        cache, each other token's parent within the row is ``parents[i]`` (breadth-first, -1 only
+        for the first). Runs ``tree`` (``tree_ort.OrtTree``: the graph variant with a tree mask)
+        and returns the logits of every token [len(tokens), vocab] (``hidden``: as ``step``'s with
+        ``all_logits``); all of them are appended to the cache, at consecutive slots: the caller
+        moves the accepted path's K/V together (``KVCache.move``) and truncates the rest."""
+        from .tree_attention import row_tree_problem
+
+        if cache.batch != 1 or not self.cached or int(cache.real_lengths()[0]) != cache.length:
+            raise InputError("step_tree runs one unpadded row on a cached graph")
+        problem = row_tree_problem(parents, len(tokens))
+        if problem is not None:
+            raise InputError(f"step_tree: the tree {problem}; give the parent of each token (-1 for the first)")
+        ids = _ids(tokens, self.vocab_size)[None, :]
+        past = cache.length
+        cache.append(ids, np.ones_like(ids))
+        logits = self._run_cached(cache, ids, past, 0, hidden, tree=(tree, list(parents)))
+        cache.commit(past + ids.shape[1])
+        return logits[0]
+
     # -- the two paths ------------------------------------------------------------------------
     def _run_cached(self, cache: KVCache, ids: np.ndarray, past: int, keep: int,
-                    hidden: list[np.ndarray] | None = None) -> np.ndarray:
+                    hidden: list[np.ndarray] | None = None, tree=None) -> np.ndarray:
         """One run over the new tokens; past K/V go in as views, present K/V are written by ORT
         into the cache's other buffer, logits into an array allocated here (no copies). ``keep``
-        (0 = all) positions get logits when the graph takes ``logits_to_keep``."""
+        (0 = all) positions get logits when the graph takes ``logits_to_keep``. ``tree``:
+        (``tree_ort.OrtTree``, the row's parents) to run the tree variant (``step_tree``)."""
         total = past + ids.shape[1]
         mask = np.ascontiguousarray(cache.mask[:, :total])
         feeds = {"input_ids": ids, "attention_mask": mask, **cache.past()}
-        if self.has_positions:
+        backend = self.backend
+        if tree is not None:
+            from .tree_attention import tree_feeds
+
+            backend = tree[0].backend
+            feeds.update(tree_feeds([tree[1]], np.asarray([past]), past, tree[0].positions))
+        elif self.has_positions:
             feeds["position_ids"] = _positions(mask)[:, past:].copy()
         width = ids.shape[1]
         if self.keeps_logits:
@@ -130,7 +159,7 @@ class ModelRunner:
         want_hidden = hidden is not None and self.has_hidden
         if want_hidden:
             outputs[HIDDEN] = None
-        result = self.backend.run_bound(feeds, outputs)
+        result = backend.run_bound(feeds, outputs)
         logits = result["logits"]
         if vocab is None:
             self.vocab_size = int(logits.shape[-1])

@@ -43,7 +43,7 @@ from ..passes.diagnostics import APPLIED, PassRecord
 from .c_backend import CBackend, CUnavailable
 from .kv_cache import CacheSpec, check_context
 from .model_runner import HIDDEN, ModelRunner, _ids
-from .tree_attention import graph_problem, parents_problem, row_parents, tree_feeds, tree_model
+from .tree_attention import graph_problem, row_parents, row_tree_problem, tree_feeds, tree_model
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
@@ -121,7 +121,8 @@ class PagedRunner:
         self._group_hidden: np.ndarray | None = None
         #: Graph runs so far (a step runs one per group of rows; for tests and metrics).
         self.runs = 0
-        self._tree: tuple[CBackend | None, str | None] | None = None
+        #: (the tree variant's backend, None) or (None, why trees are off); built on first ask.
+        self._tree: tuple[object | None, str | None] | None = None
         log.info("paged KV cache: %s (%s); %d blocks of %d tokens, %d bytes each%s", self.form, self.reason,
                  num_blocks, block_size, self.bytes_per_block,
                  f"; rows of different past lengths run apart: {self.padding}" if self.padding else "")
@@ -234,9 +235,7 @@ class PagedRunner:
         return ids
 
     def _check_tree(self, row: PagedRow, where: str) -> None:
-        problem = parents_problem(row.tree, len(row.tokens))
-        if problem is None and (row.tree[0] != -1 or any(p < 0 for p in row.tree[1:])):
-            problem = "has a token other than the first one without a parent in the row"
+        problem = row_tree_problem(row.tree, len(row.tokens))
         if problem is not None:
             raise InputError(f"{where}: its tree {problem}; give the parent of each token (-1 for the first)")
         if row.adapter is not None:
@@ -284,6 +283,10 @@ class PagedRunner:
             logits = self._run_paged(rows, feeds, pasts, s, out_width, self._tree[0])
         elif self.form == "c-paged":
             logits = self._run_paged(rows, feeds, pasts, s, out_width, self.backend)
+        elif any(row.tree is not None for row in rows):  # the ONNX Runtime tree variant (tree_ort.py)
+            tree = self._tree[0]
+            feeds.update(tree_feeds([row_parents(row.tree, s) for row in rows], pasts, width, tree.positions))
+            logits = self._run_gather(rows, feeds, pasts, width, s, out_width, tree.backend)
         else:
             logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.backend)
         if self.interface.vocab_size is None:
@@ -358,12 +361,18 @@ class PagedRunner:
             raise ConfigError(f"PagedRunner: a KV pool of {self.num_blocks} blocks x {self.bytes_per_block} bytes "
                               f"({total} bytes) does not fit in memory; lower Config.kv_cache_memory") from None
 
-    def _tree_backend(self) -> tuple[CBackend | None, str | None]:
-        """The C library of the tree variant (tree_attention.tree_model), or (None, why not);
-        one per compiled model and block size, as the paged one."""
-        if self.form != "c-paged" or self.paged_model is None:
-            return None, ("trees need the C paged form (the gathered contiguous graph takes a 2-D attention_mask, "
-                          f"no tree mask): this runner is {self.form!r}")
+    def _tree_backend(self) -> tuple[object | None, str | None]:
+        """The tree variant's backend, or (None, why not): c-paged, the C library of
+        tree_attention.tree_model (one per compiled model and block size, as the paged one);
+        ort-gather, ONNX Runtime's (tree_ort.tree_variant, one per compiled model)."""
+        if self.form == "ort-gather":
+            from .tree_ort import tree_variant
+
+            if isinstance(self.backend, CBackend):  # (asked for the gather form on the C runtime)
+                return None, "the gather form on the generated-C runtime: trees need the C paged form (form='auto')"
+            return tree_variant(self.compiled)
+        if self.paged_model is None:
+            return None, "the runner has no paged graph to make a tree variant of"
         memo = self.compiled.__dict__.setdefault("_paged_tree_backends", {})
         if self.block_size not in memo:
             why = graph_problem(self.compiled.model)

@@ -26,11 +26,12 @@ A step, for a request with speculation on (``EngineSpeculation``):
 
 Trees of candidates (``Config.speculation_tree_width`` > 1, Medusa and EAGLE, greedy requests): the
 row is the last token + the tree's nodes in breadth-first order, ``PagedRow.tree`` gives their
-parents, the C paged runner verifies them in one run with tree attention (runtime/tree_attention.py),
+parents, the paged runner verifies them in one run with tree attention (runtime/tree_attention.py on
+C, runtime/tree_ort.py on ONNX Runtime's gather form),
 ``verify_tree`` walks the target's choices, and the accepted path's K/V are moved together
 (``tree_attention.compact_moves``) before ``Scheduler.accepted`` truncates the rest. A runner that
-cannot verify trees (ONNX Runtime's gather form, the contiguous layout, a graph whose positions
-cannot be set per token) gets chains, the reason in ``notes``; sampling requests and adapter rows
+cannot verify trees (the contiguous layout, a graph whose positions or mask cannot be set per
+token) gets chains, the reason in ``notes``; sampling requests and adapter rows
 always speculate with chains.
 
 A method that cannot run (no draft model, ...) falls back to plain decoding for the requests that

@@ -18,7 +18,8 @@ How a tree reaches the graph, without a second kind of graph input for positions
   1)`` of the positions, a Range over its length) refuses trees with the reason.
 
 A refused tree is never wrong output: the engine's proposers fall back to chains and the reason is
-kept in the speculation notes.
+kept in the speculation notes. ONNX Runtime's form (the gather runner, the single-prompt loop) is
+``tree_ort.py``: the same feeds (``tree_feeds``) into a variant of the ORT-lowered graph.
 
 After verification the accepted path's K/V sit at scattered slots of the row (node i at start + 1
 + i); ``compact_moves`` gives the moves that bring them to start + 1 .. start + a, which the runner
@@ -137,6 +138,15 @@ def parents_problem(parents: Sequence[int], count: int) -> str | None:
         if i and depth[i] < depth[i - 1]:
             return f"is not in breadth-first order (token {i} at depth {depth[i]} follows depth {depth[i - 1]})"
     return None
+
+
+def row_tree_problem(parents: Sequence[int], count: int) -> str | None:
+    """Why ``parents`` is not the tree of a verify row of ``count`` tokens (``parents_problem``,
+    and only the row's first token hangs from the past), or None."""
+    problem = parents_problem(parents, count)
+    if problem is None and (parents[0] != -1 or any(p < 0 for p in parents[1:])):
+        problem = "has a token other than the first one without a parent in the row"
+    return problem
 
 
 def depths(parents: Sequence[int]) -> list[int]:

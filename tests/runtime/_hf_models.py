@@ -10,14 +10,15 @@ import numpy as np
 from safetensors.numpy import save_file
 
 
-def write_hf(folder: Path, model_type: str = "llama", *, layers: int = 2, **extra) -> Path:
-    """A small random checkpoint: LLaMA family (GQA 4/2 heads of 8; mistral slides a window) or
+def write_hf(folder: Path, model_type: str = "llama", *, layers: int = 2, head_size: int = 8, **extra) -> Path:
+    """A small random checkpoint: LLaMA family (GQA 4/2 heads of ``head_size``, 8 by default: 16
+    lowers to ONNX Runtime's GroupQueryAttention; mistral slides a window) or
     GPT-2 (learned absolute positions). Layer i's weights do not depend on ``layers`` (they are
     drawn after the embeddings, norm and head, layer by layer), so a checkpoint with fewer layers
     is exactly the first layers of one with more."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    vocab, hidden, ffn = 64, 32, 48
+    vocab, hidden, ffn = 64, 4 * head_size if model_type != "gpt2" else 32, 48
     if model_type == "gpt2":
         config = dict(model_type="gpt2", vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=96)
         shapes = {"wte.weight": (vocab, hidden), "wpe.weight": (96, hidden), "ln_f.weight": (hidden,),
@@ -30,7 +31,7 @@ def write_hf(folder: Path, model_type: str = "llama", *, layers: int = 2, **extr
                 "mlp.c_fc.weight": (hidden, 4 * hidden), "mlp.c_fc.bias": (4 * hidden,),
                 "mlp.c_proj.weight": (4 * hidden, hidden), "mlp.c_proj.bias": (hidden,)}.items()})
     else:
-        heads, kv, head = 4, 2, 8
+        heads, kv, head = 4, 2, head_size
         config = dict(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                       max_position_embeddings=96, **extra)

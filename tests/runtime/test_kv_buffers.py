@@ -59,3 +59,25 @@ def test_shared_buffer_equals_ping_pong(compiled) -> None:
     assert len(got) == len(want) == steps + 1
     for a, b in zip(got, want):
         assert a.shape == b.shape and float(np.abs(a - b).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_move_brings_slots_together_before_truncation(shared: bool) -> None:
+    """KVCache.move (a verified tree's accepted path, tree_attention.compact_moves) on the shared
+    buffer and on the ping-pong pair: the moved slots' K/V, ids and mask, then truncate keeps them."""
+    from infercc.errors import InputError
+    from infercc.runtime.kv_cache import CacheEntry, KVCache
+    from infercc.runtime.tree_attention import compact_moves
+
+    entry = CacheEntry("past_key_values.0.key", "present.0.key", np.dtype(np.float32), 2, 3)
+    cache = KVCache(CacheSpec((entry,), shared=shared), 1)
+    cache.append(np.arange(10, 18)[None, :], np.ones((1, 8), np.int64))
+    present = cache.present(8)[entry.output]
+    present[:, :, :8] = np.arange(8, dtype=np.float32)[None, None, :, None]
+    cache.commit(8)
+    cache.move(compact_moves(3, [0, 2, 4]))  # keep rows 0, 2, 4 of a row that started at slot 3
+    cache.truncate(6)
+    kept = cache.past()[entry.input][:, :, :6]
+    assert kept[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5, 7] and cache.tokens() == [10, 11, 12, 13, 15, 17]
+    with pytest.raises(InputError, match="cannot move slot 9"):
+        cache.move([(9, 1)])

@@ -13,6 +13,13 @@ back to the accepted ones (KVCache.truncate). Works on every backend the runner 
 generated-C runtime's single prompt takes the serving engine instead (generate.py: its paged
 kernel writes verified K/V in place, while this loop's contiguous cache is copied every step), so
 this loop serves ONNX Runtime (its in-place GQA buffer copies nothing) and the runner's callers.
+
+Trees of candidates (``Config.speculation_tree_width`` > 1, a proposer with ``tree_width``, greedy
+requests): the row [last token + the tree's nodes] runs once on ONNX Runtime's tree variant
+(runtime/tree_ort.py, ``ModelRunner.step_tree``), ``verify_tree`` walks the target's choices, the
+accepted path's K/V move to consecutive slots (``KVCache.move``, ``tree_attention.compact_moves``)
+and the rest is truncated. Where the variant cannot be built the proposer's width is set to 1
+(chains) and ``speculation_reason`` says why.
 """
 
 from __future__ import annotations
@@ -27,15 +34,17 @@ from typing import TYPE_CHECKING
 
 from ..generate import Generation, GenerationResult
 from ..kv_cache import check_context
+from ..tree_attention import compact_moves
 from .policy import DepthPolicy, SpeculationStats
 from .proposer import Proposal, Proposer, make_proposer
-from .verify import verify_counted
+from .verify import verify_counted, verify_tree
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
     from ..model_runner import ModelRunner
     from ..sampling import SamplingParams
     from ..tokenizer import Tokenizer
+    from ..tree_ort import OrtTree
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -51,12 +60,15 @@ class SpeculativeGeneration(Generation):
     loop = "speculative"
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, prompts: list[list[int]],
-                 params: SamplingParams, proposer: Proposer, policy: DepthPolicy) -> None:
+                 params: SamplingParams, proposer: Proposer, policy: DepthPolicy, tree: OrtTree | None = None) -> None:
+        """``tree``: the graph variant that verifies trees of candidates (``tree_ort``), None when
+        the proposer's trees cannot be verified here (it should then propose chains)."""
         if len(prompts) != 1:
             raise ValueError("SpeculativeGeneration runs one prompt")
         super().__init__(runner, tokenizer, prompts, params)
         self.proposer = proposer
         self.policy = policy
+        self.tree = tree
         self.stats = SpeculationStats()
         self.seq_id = ("generate", next(_SEQ_IDS))
 
@@ -70,7 +82,7 @@ class SpeculativeGeneration(Generation):
             hidden = [] if getattr(self.proposer, "needs_hidden", False) else None
             logits = runner.step(cache, [row.prompt], hidden=hidden)[0]
             self._take([row.sampler(logits, row.prompt, row.output)])
-            self._observe(hidden, len(row.prompt) + 1, 1)
+            self._observe(hidden, len(row.prompt) + 1, [0])
             self.prompt_seconds = time.perf_counter() - start
             decode_start = time.perf_counter()
             while True:
@@ -84,18 +96,21 @@ class SpeculativeGeneration(Generation):
                 proposal = self.proposer.propose(self.seq_id, sequence, k, self.params) if k else Proposal([])
                 proposal = _clipped(proposal, k)
                 hidden = [] if hidden is not None else None
-                logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True, hidden=hidden)[0]
-                accepted = 0
-                if proposal.tokens:
-                    emitted = verify_counted(proposal, logits, row.sampler, row.prompt, row.output, self.stats,
-                                             self.policy, self.seq_id)
-                    accepted = len(emitted) - 1
-                    cache.truncate(len(sequence) + accepted)  # rejected proposals' K/V go
+                if proposal.is_tree and self.tree is not None:
+                    emitted, rows = self._tree_step(cache, proposal, hidden)
                 else:
-                    emitted = [row.sampler(logits[-1], row.prompt, row.output)]
+                    logits = runner.step(cache, [[row.output[-1], *proposal.tokens]], all_logits=True,
+                                         hidden=hidden)[0]
+                    if proposal.tokens:
+                        emitted = verify_counted(proposal, logits, row.sampler, row.prompt, row.output, self.stats,
+                                                 self.policy, self.seq_id)
+                        cache.truncate(len(sequence) + len(emitted) - 1)  # rejected proposals' K/V go
+                    else:
+                        emitted = [row.sampler(logits[-1], row.prompt, row.output)]
+                    rows = list(range(len(emitted)))
                 before = len(row.output)
                 self._take(emitted)
-                self._observe(hidden, len(row.prompt) + len(row.output), len(row.output) - before)
+                self._observe(hidden, len(row.prompt) + len(row.output), rows[:len(row.output) - before])
                 self.decode_seconds = time.perf_counter() - decode_start
         finally:
             cache.free()
@@ -112,12 +127,28 @@ class SpeculativeGeneration(Generation):
             k = min(k, runner.max_context - length)
         return max(k, 0)
 
-    def _observe(self, hidden: list | None, length: int, count: int) -> None:
+    def _tree_step(self, cache, proposal: Proposal, hidden: list | None) -> tuple[list[int], list[int]]:
+        """Verify a tree of candidates in one run of the tree variant (greedy: ``verify_tree``),
+        bring the accepted path's K/V together and drop the rest; the emitted tokens and the rows
+        whose logits chose them."""
+        row = self.rows[0]
+        start = cache.length  # the row's first token (the last output token) goes there
+        parents = [-1] + [p + 1 for p in proposal.parents]
+        logits = self.runner.step_tree(cache, [row.output[-1], *proposal.tokens], parents, self.tree, hidden)
+        emitted, rows = verify_tree(proposal, logits, row.sampler, row.prompt, row.output)
+        cache.move(compact_moves(start, rows))
+        cache.truncate(start + len(rows))
+        self.stats.add(len(proposal.tokens), len(emitted) - 1)
+        self.policy.record(self.seq_id, len(proposal.tokens), len(emitted) - 1)
+        return emitted, rows
+
+    def _observe(self, hidden: list | None, length: int, rows: list[int]) -> None:
         """Hand a hidden-state proposer the states of the step just run whose logits chose the
-        ``count`` tokens it emitted, the last being token ``length - 1`` of the sequence."""
-        if hidden and count > 0:
-            rows = hidden[0][0, :count] if hidden[0].ndim == 3 else hidden[0][:1]
-            self.proposer.observe(self.seq_id, length, rows)
+        tokens it emitted (``rows`` of its positions, in order), the last being token ``length -
+        1`` of the sequence."""
+        if hidden and rows:
+            states = hidden[0][0, rows] if hidden[0].ndim == 3 else hidden[0][:1]
+            self.proposer.observe(self.seq_id, length, states)
 
     def _take(self, tokens: list[int]) -> None:
         """Emit tokens one by one under the row's rules; those after the end are dropped."""
@@ -159,11 +190,28 @@ def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokeniz
         if proposer is not None:
             draft_cost = getattr(proposer, "cost", 0.0)
             policy = DepthPolicy(compiled.config, draft_cost=draft_cost)
-            return SpeculativeGeneration(runner, tokenizer, prompts, params, proposer, policy), None
+            tree, no_trees = _trees(compiled, runner, proposer)
+            generation = SpeculativeGeneration(runner, tokenizer, prompts, params, proposer, policy, tree)
+            generation.speculation_reason = no_trees
+            return generation, None
     reason = f"speculation={method!r} is off for this request: {reason}"
     log.info("%s; decoding without it", reason)
     warnings.warn(f"{reason}; decoding without it", RuntimeWarning, stacklevel=5)
     return None, reason
+
+
+def _trees(compiled: CompiledModel, runner: ModelRunner, proposer: Proposer) -> tuple[OrtTree | None, str | None]:
+    """The tree variant when ``Config.speculation_tree_width`` > 1 and the proposer makes trees
+    (their width set on it: 1 = chains where trees cannot be verified), and the note saying why
+    chains are proposed instead (None: trees, or chains were asked for)."""
+    from ..tree_ort import tree_variant
+
+    width = compiled.config.speculation_tree_width
+    if width <= 1 or not hasattr(proposer, "tree_width"):
+        return None, None
+    tree, why = tree_variant(compiled) if runner.backend is compiled.backend else (None, "the runner is not the model's")
+    proposer.tree_width = width if tree is not None else 1
+    return tree, None if tree is not None else f"trees of candidates off, chains proposed: {why}"
 
 
 def proposer_for(compiled: CompiledModel, method: str) -> tuple[Proposer | None, str]:

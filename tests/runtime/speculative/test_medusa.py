@@ -206,9 +206,9 @@ def test_missing_heads_decode_plainly_with_the_reason(tiny, tmp_path):
 
 @pytest.mark.parametrize("backend", [pytest.param("c", marks=pytest.mark.slow), "ort"])
 def test_sparse_trees_in_a_16_request_batch(tiny, backend, monkeypatch):
-    """Width 3: the heads' sparse trees are verified with tree attention on the C paged runner
-    (tree rows ran, tokens exact); on ONNX Runtime's gather form the same requests speculate with
-    chains and the notes say why."""
+    """Width 3: the heads' sparse trees are verified with tree attention, on the C paged runner and
+    on ONNX Runtime's gather form (its tree variant, runtime/tree_ort.py): tree rows ran, tokens
+    exact."""
     from infercc.runtime.speculative import tree
 
     monkeypatch.setattr(tree, "MIN_SIBLING", 0.0)  # (the fitted heads are sure: siblings however unlikely)
@@ -221,8 +221,34 @@ def test_sparse_trees_in_a_16_request_batch(tiny, backend, monkeypatch):
     assert tokens(run(eng), len(BATCH)) == alone
     spec, notes = eng.stats().speculation, eng.stats().speculation_notes
     assert spec.proposed > 0 and spec.accepted > 0, spec
-    if backend == "c":
-        assert not notes and any(p != i - 1 for tree in trees for i, p in enumerate(tree)), notes
-    else:
-        assert not trees and "trees of candidates off" in notes["medusa"] and "C paged form" in notes["medusa"], notes
+    assert eng.runner.form == ("c-paged" if backend == "c" else "ort-gather")
+    assert not notes and any(p != i - 1 for tree in trees for i, p in enumerate(tree)), notes
     all_blocks_back(eng)
+
+
+def test_sparse_trees_in_the_single_prompt_loop_on_onnx_runtime(tiny, monkeypatch):
+    """Width 3, one prompt on ONNX Runtime: the loop verifies the heads' trees with the tree
+    variant (runtime/tree_ort.py), tokens exact, the accepted path's K/V compacted in the cache."""
+    from infercc.runtime.kv_cache import KVCache
+    from infercc.runtime.model_runner import ModelRunner
+    from infercc.runtime.speculative import DepthPolicy, loop, tree
+
+    monkeypatch.setattr(tree, "MIN_SIBLING", 0.0)
+    monkeypatch.setattr(loop, "DepthPolicy", lambda config, **_: DepthPolicy(config, fixed=4))  # (never off)
+    compiled = tiny["ort"]
+    saved = compiled.config
+    compiled.config = saved.replace(speculation_tree_width=3)
+    trees, moves = [], []
+    step_tree, move = ModelRunner.step_tree, KVCache.move
+    monkeypatch.setattr(ModelRunner, "step_tree", lambda self, cache, tokens, parents, *a: (
+        trees.append(parents), step_tree(self, cache, tokens, parents, *a))[1])
+    monkeypatch.setattr(KVCache, "move", lambda self, pairs: (moves.append(pairs), move(self, pairs))[1])
+    try:
+        for prompt, want in list(zip(BATCH, tiny["ort", "alone"]))[:3]:
+            result = compiled.generate(prompt, max_new_tokens=len(want), ignore_eos=True)
+            assert result.token_ids == want and result.speculation_reason is None
+            assert result.speculation.accepted > 0
+    finally:
+        compiled.config = saved
+    assert any(p != i - 1 for parents in trees for i, p in enumerate(parents)), trees
+    assert any(moves)
