@@ -1,0 +1,52 @@
+"""The loaded library's argument handling: an input array fed again (the serving engine's KV
+pools, every step) is not described again, yet its new contents, a new array, a new shape or a
+converted input are always what the kernels read, and the library never keeps an input alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+import infercc
+
+
+def _add_model(path) -> infercc.CompiledModel:
+    """y = a + b, both [n, m] float32."""
+    node = helper.make_node("Add", ["a", "b"], ["y"])
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", "m"])  # noqa: E731
+    graph = helper.make_graph([node], "g", [value("a"), value("b")], [value("y")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    compiled = infercc.compile(path, backend="c")
+    assert compiled.runtime == "c", compiled.runtime_reason
+    return compiled
+
+
+def test_an_input_fed_again_is_read_afresh_and_never_kept_alive(tmp_path) -> None:
+    compiled = _add_model(tmp_path / "add.onnx")
+    library = compiled.backend.library
+    a = np.ones((2, 4), np.float32)
+    b = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(library.run([a, b])[0], a + b)
+    a[1] = 10.0  # the same array, new contents: read again
+    np.testing.assert_array_equal(library.run([a, b])[0], a + b)
+    a.shape = (4, 2)  # the same array, another shape: described again
+    np.testing.assert_array_equal(library.run([a, b.reshape(4, 2)])[0], a + b.reshape(4, 2))
+    c = np.full((3, 4), 2.0, np.float32)  # a new array, a new shape
+    d = np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(library.run([c, d])[0], c + d)
+    ints = np.arange(12).reshape(3, 4)  # int64: converted for this run only, then again
+    np.testing.assert_array_equal(library.run([ints, d])[0], ints + d)
+    ints[0, 0] = 100
+    np.testing.assert_array_equal(library.run([ints, d])[0], ints + d)
+    view = c[:, ::-1]  # not contiguous: copied, not mistaken for c
+    np.testing.assert_array_equal(library.run([view, d])[0], view + d)
+    gone = weakref.ref(d)
+    del d
+    gc.collect()
+    assert gone() is None  # the library holds only weak references to what it took
+    e = np.full((3, 4), 5.0, np.float32)  # whatever lands at d's old address is described afresh
+    np.testing.assert_array_equal(library.run([c, e])[0], c + e)
