@@ -296,7 +296,7 @@ def test_a_pool_too_small_for_one_context_names_the_field(tiny):
 
 
 def test_generate_of_a_batch_runs_on_the_engine(tiny):
-    from infercc.runtime.engine import EngineGeneration
+    from infercc.runtime.engine_generation import EngineGeneration
     from infercc.runtime.generate import _generation
 
     assert isinstance(_generation(tiny, PROMPTS[:2], {}), EngineGeneration)
