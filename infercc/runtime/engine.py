@@ -314,7 +314,8 @@ class Engine:
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
-            logits = self.runner.step(rows)
+            chosen = self.runner.step_greedy(rows) if self._greedy_only(plan) else None
+            logits = self.runner.step(rows) if chosen is None else None
         except BaseException:
             # The rows' caches are in an unknown state: their requests end (reported as aborted by
             # the next step) so that the engine stays usable for the others.
@@ -336,15 +337,30 @@ class Engine:
                 self._counts["prompt_tokens"] += len(request.prompt)
                 self._counts["cached_tokens"] += request.cached_tokens or 0
             if request.prefilled:
-                outputs.append(self._sample(live, logits[at:at + width], item, at))
+                outputs.append(self._sample(live, logits[at:at + width] if chosen is None else int(chosen[at]), item, at))
             at += width
 
-    def _sample(self, live: _Live, logits: np.ndarray, item: Scheduled, at: int = 0) -> RequestOutput:
+    def _greedy_only(self, plan: SchedulerOutput) -> bool:
+        """Whether every row of the step picks its token by the raw logits' argmax (greedy, no
+        penalties, no logprobs, no draft to verify): the runner may then return ids, not logits."""
+        if not hasattr(self.runner, "step_greedy"):
+            return False
+        for item in plan.scheduled:
+            live = self._live[item.request.request_id]
+            params = live.row.params
+            if item.draft or live.logprobs is not None or not params.greedy or params.penalized:
+                return False
+        return True
+
+    def _sample(self, live: _Live, logits: np.ndarray | int, item: Scheduled, at: int = 0) -> RequestOutput:
         """Emit the next token(s) from ``logits`` [1 + len(draft), vocab]: one sampled token, or
-        a speculative row's verified tokens (each through ``take``, so a stop lands exactly)."""
+        a speculative row's verified tokens (each through ``take``, so a stop lands exactly); an
+        int is the token already chosen (``PagedRunner.step_greedy``)."""
         row, spec = live.row, self.speculation
         before = len(row.output)
-        if item.draft:
+        if isinstance(logits, int):
+            emitted, picked = [logits], [0]
+        elif item.draft:
             assert spec is not None
             emitted, picked = spec.verify(item, logits, row)  # picked: the logits rows that chose them
         else:

@@ -50,3 +50,23 @@ def test_an_input_fed_again_is_read_afresh_and_never_kept_alive(tmp_path) -> Non
     assert gone() is None  # the library holds only weak references to what it took
     e = np.full((3, 4), 5.0, np.float32)  # whatever lands at d's old address is described afresh
     np.testing.assert_array_equal(library.run([c, e])[0], c + e)
+
+
+def test_argmax_in_c_is_numpys(tmp_path) -> None:
+    """``argmax`` outputs: the first maximum of each row, a NaN winning as numpy's does, and
+    the same ids through the numpy fallback of a library without the entry."""
+    compiled = _add_model(tmp_path / "add.onnx")
+    library = compiled.backend.library
+    a = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    a[1, 2] = a[1, 5] = 9.0  # a tie: the lower index
+    a[2, 4], a[2, 1] = np.nan, 50.0  # a NaN after the maximum: the NaN
+    a[3] = -np.inf
+    zeros = np.zeros_like(a)
+    got = library.run([a, zeros], argmax=frozenset({0}))[0]
+    assert got.dtype == np.int64 and got.tolist() == np.argmax(a, axis=-1).tolist() == [int(np.argmax(a[0])), 2, 4, 0,
+                                                                                        int(np.argmax(a[4]))]
+    library._argmax, entry = None, library._argmax
+    try:
+        assert library.run([a, zeros], argmax=frozenset({0}))[0].tolist() == got.tolist()
+    finally:
+        library._argmax = entry
