@@ -53,18 +53,24 @@ def test_an_input_fed_again_is_read_afresh_and_never_kept_alive(tmp_path) -> Non
 
 
 def test_argmax_in_c_is_numpys(tmp_path) -> None:
-    """``argmax`` outputs: the first maximum of each row, a NaN winning as numpy's does, and
-    the same ids through the numpy fallback of a library without the entry."""
+    """``argmax`` outputs: the first maximum of each row (ties across SIMD lanes and in the tail
+    after them), a NaN winning as numpy's does, -inf rows, signed zeros; and the same ids through
+    the numpy fallback of a library without the entry."""
     compiled = _add_model(tmp_path / "add.onnx")
     library = compiled.backend.library
-    a = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
-    a[1, 2] = a[1, 5] = 9.0  # a tie: the lower index
+    a = np.random.default_rng(0).standard_normal((8, 37)).astype(np.float32)
+    a[1, 20] = a[1, 3] = 9.0  # a tie in two lanes: the lower index
     a[2, 4], a[2, 1] = np.nan, 50.0  # a NaN after the maximum: the NaN
     a[3] = -np.inf
+    a[4, 35] = a[4, 36] = 40.0  # the maximum in the tail after the last 8 lanes
+    a[5] = 0.0
+    a[5, 9], a[5, 2] = 0.0, -0.0  # signed zeros are equal: the first
+    a[6] = -5.0
+    a[7, 36] = np.nan
     zeros = np.zeros_like(a)
     got = library.run([a, zeros], argmax=frozenset({0}))[0]
-    assert got.dtype == np.int64 and got.tolist() == np.argmax(a, axis=-1).tolist() == [int(np.argmax(a[0])), 2, 4, 0,
-                                                                                        int(np.argmax(a[4]))]
+    assert got.dtype == np.int64 and got.tolist() == np.argmax(a, axis=-1).tolist()
+    assert got[1:5].tolist() == [3, 4, 0, 35] and got[5] == 0 and got[7] == 36
     library._argmax, entry = None, library._argmax
     try:
         assert library.run([a, zeros], argmax=frozenset({0}))[0].tolist() == got.tolist()
