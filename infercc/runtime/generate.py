@@ -270,7 +270,8 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
     # Several prompts batch on the serving engine. So does one speculative prompt on the generated-C
     # runtime: its paged kernel writes the verified K/V into the pool in place, where the runner
     # loop would copy the whole cache every step (ONNX Runtime keeps the loop: its in-place GQA
-    # buffer copies nothing, and the engine's portable form gathers the past every step).
+    # buffer copies nothing, and the engine's portable form gathers the past every step). Once its
+    # policy keeps speculation off, a greedy one moves on to the C decode loop (runtime/hand_back.py).
     on_engine = len(prompts) > 1 or (speculation not in (None, "off") and compiled.runtime == "c")
     if on_engine and runner.cached:
         from .engine_generation import EngineGeneration  # (imports this module)
