@@ -121,6 +121,13 @@ class Config:
     #: Most of a step's computed tokens that may be speculated ones (the engine's budget: with a
     #: large batch the extra positions stop being free).
     max_speculation_compute_fraction: float = 0.5
+    #: A single greedy prompt speculating on the generated-C runtime runs on the paged serving
+    #: engine; once its depth policy has kept speculation off for this many decode steps in a row,
+    #: the sequence moves to the C decode loop (its K/V copied out of the pool once) and decodes
+    #: plainly there to the end: an engine step costs more than a step of that loop, so a sequence
+    #: whose guesses stopped standing would otherwise lose to plain decoding. 0 = never. The policy
+    #: would probe again only after ~50+ off steps (the measured rate drifting back to its prior).
+    speculation_hand_back: int = 24
     #: Path of the draft model for ``speculation="draft"``: any source ``infercc.compile``
     #: accepts, with the target's vocabulary. None with "draft" = the self-speculative draft.
     draft_model: str | None = None
@@ -296,6 +303,9 @@ class Config:
         layers = self.draft_layers
         if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
             raise ConfigError(f"Config.draft_layers must be an integer >= 0 (0 = auto), got {layers!r}")
+        back = self.speculation_hand_back
+        if not isinstance(back, int) or isinstance(back, bool) or back < 0:
+            raise ConfigError(f"Config.speculation_hand_back must be an integer >= 0 (0 = never), got {back!r}")
         fraction = self.max_speculation_compute_fraction
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
             raise ConfigError(f"Config.max_speculation_compute_fraction must be a number in [0, 1], got {fraction!r}")

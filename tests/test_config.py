@@ -175,6 +175,7 @@ def test_from_dict_rejects_unknown_or_invalid_fields():
     ("num_speculative_tokens", True, "Config.num_speculative_tokens"),
     ("draft_layers", -1, "Config.draft_layers must be an integer >= 0"),
     ("max_speculation_compute_fraction", 1.5, r"Config.max_speculation_compute_fraction must be a number in \[0, 1\]"),
+    ("speculation_hand_back", -1, r"Config.speculation_hand_back must be an integer >= 0"),
     ("draft_model", "", "Config.draft_model must be None or the path of a model"),
 ])
 def test_speculation_fields_are_validated(field, value, message):

@@ -7,11 +7,13 @@ import ctypes
 
 import numpy as np
 
-from .library import Library, RunError
+from .library import _NUMPY, Library, RunError
 
 #: Per-token callback of the decode loop: (token) -> 0 go on, 1 stop, 2 pause.
 TOKEN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_void_p)
 GO_ON, STOP, PAUSE = 0, 1, 2
+#: numpy dtype -> the C element type code.
+_CODES = {np.dtype(t): code for code, t in _NUMPY.items()}
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -25,6 +27,8 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.icc_gen_output.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
     lib.icc_gen_free.restype = None
     lib.icc_gen_free.argtypes = [ctypes.c_void_p]
+    lib.icc_gen_set_past.restype = ctypes.c_int
+    lib.icc_gen_set_past.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64]
 
 
 class Decoding:
@@ -38,7 +42,11 @@ class Decoding:
 
     def __init__(self, library: Library, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int],
                  temperature: float, top_k: int, top_p: float, min_p: float, seed: int,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, past: list[np.ndarray] | None = None) -> None:
+        """``past``: the keys and values of the first ``n`` tokens of ``prompt`` already computed
+        elsewhere (a sequence handed over by the serving engine), one dense [1, heads, n, width]
+        array per cache in the graph's cache order (``CacheSpec.entries``), 1 <= n < len(prompt):
+        the loop starts by feeding the tokens after them."""
         if not library.program.has_decode:
             raise RunError(f"this library has no decode loop: {library.program.decode_reason}")
         self.library = library
@@ -53,6 +61,28 @@ class Decoding:
         if not self.handle:
             raise RunError("the decode loop could not start (out of memory, or an empty prompt)")
         self.done = False
+        if past is not None:
+            self._set_past(past, len(ids))
+
+    def _set_past(self, past: list[np.ndarray], n_tokens: int) -> None:
+        caches = self.library.program.decode.caches
+        if len(past) != len(caches) or not past:
+            self.close()
+            raise RunError(f"the decode loop has {len(caches)} caches; {len(past)} past arrays were given")
+        n = past[0].shape[2] if past[0].ndim == 4 else -1
+        for array, cache in zip(past, caches):
+            if (array.ndim != 4 or array.shape != (1, cache["heads"], n, cache["width"]) or not array.flags.c_contiguous
+                    or _CODES.get(array.dtype) != cache["dt"]):
+                self.close()
+                raise RunError(f"a past array must be a dense [1, {cache['heads']}, {n}, {cache['width']}] array of "
+                               f"the cache's element type (code {cache['dt']}), got {array.dtype} {array.shape}")
+        pointers = (ctypes.c_void_p * len(past))(*(a.ctypes.data for a in past))
+        with self.library.lock:
+            status = self.library.lib.icc_gen_set_past(self.handle, pointers, n)
+            message = self.library.lib.icc_error().decode(errors="replace") if status else ""
+        if status:
+            self.close()
+            raise RunError(f"the decode loop could not take the past of {n} of {n_tokens} tokens: {message}")
 
     def next(self, callback=None) -> bool:
         """Run on; True once the generation has ended."""

@@ -21,6 +21,7 @@ from ..ir import Model, Value
 from ..passes.canonical import DOMAIN
 from . import custom, fuse, ops_transformer  # noqa: F401 - registers the canonical ops' emitters
 from .custom import Kernel
+from .decode import DecodePlan
 from .decode import plan as decode_plan
 from .ops import TABLE, Site, Unsupported, dtype_code
 from .packing import Blob
@@ -55,6 +56,8 @@ class Program:
     decode_reason: str = ""
     #: The static memory plan: the buffer slot of each value ``V[i]`` (plan.py).
     memory: MemoryPlan | None = None
+    #: The decode loop's bindings (codegen/decode.py), None without a loop.
+    decode: DecodePlan | None = None
 
     @property
     def has_decode(self) -> bool:
@@ -167,5 +170,5 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]
     return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],
-                   table, decode_reason, memory)
+                   table, decode_reason, memory, decode)
 

@@ -79,12 +79,15 @@ class CBackend:
             raise CRunError(str(exc)) from None
         return dict(zip(self.output_names, results))
 
-    def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
-        """Outputs named in ``outputs`` (arrays of the right shape, or None to allocate) only."""
+    def run_bound(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray | None],
+                  argmax: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Outputs named in ``outputs`` (arrays of the right shape, or None to allocate) only;
+        those named in ``argmax`` (also in ``outputs``) as int64 argmax ids over their last axis
+        (``Library.run``)."""
         index = {name: i for i, name in enumerate(self.output_names)}
-        bound = {index[name]: array for name, array in outputs.items() if array is not None}
+        bound = {index[name]: array for name, array in outputs.items() if array is not None and name not in argmax}
         try:
-            results = self.library.run(self._arrays(feeds), bound)
+            results = self.library.run(self._arrays(feeds), bound, frozenset(index[name] for name in argmax))
         except RunError as exc:
             raise CRunError(str(exc)) from None
         return {name: results[index[name]] for name in outputs}

@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from ..codegen.decoding import GO_ON, PAUSE, STOP
+from ..codegen.decoding import GO_ON, PAUSE, STOP, Decoding
 from ..codegen.library import RunError
 from .c_backend import CBackend, CRunError
-from .generate import Generation
+from .generate import Generation, _Row
 from .kv_cache import check_context
 from .model_runner import _ids
 from .sampling import SamplingParams
@@ -83,58 +83,71 @@ class CGeneration(Generation):
                 seed=seed, max_context=runner.max_context)
         except RunError as exc:
             raise CRunError(str(exc)) from None
-        pieces: list[str] = []
         clock = {"start": time.perf_counter(), "first": 0.0}
-        # Without a stream or stop strings nothing needs the text per token: the callback only
-        # keeps the clock, and the tokens go through the row's rules (the same ones C applied:
-        # stop ids, max tokens, context) once the loop is done.
-        seen: list[int] | None = [] if not pause and not params.stop else None
 
-        def on_token_rules(token: int) -> None:
-            row.take(token)
-            if row.finish_reason is None and runner.max_context is not None \
-                    and len(row.prompt) + len(row.output) >= runner.max_context:
-                row.finish("length")
-
-        def on_token(token: int) -> int:
+        def tick() -> None:
             now = time.perf_counter()
             if not clock["first"]:
                 clock["first"] = now
                 self.prompt_seconds = now - clock["start"]
             self.decode_seconds = now - clock["first"]
-            if seen is not None:
-                seen.append(token)
-                return GO_ON
-            on_token_rules(token)
-            if row.finish_reason is not None:
-                return STOP
-            if pause:
-                piece = row.piece()
-                if piece:
-                    pieces.append(piece)
-                    return PAUSE
-            return GO_ON
 
-        try:
-            done = False
-            while not done:
-                try:
-                    done = decoding.next(on_token)
-                except RunError as exc:
-                    raise CRunError(str(exc)) from None
-                for piece in pieces:
-                    yield 0, piece
-                pieces.clear()
-            for token in seen or ():
-                if row.finish_reason is None:
-                    on_token_rules(token)
-            if row.finish_reason is None:  # the C loop ended on its own rule (max tokens): same as take's
-                row.finish("length")
+        for piece in drive(decoding, row, runner.max_context, pause=pause, tick=tick):
+            yield 0, piece
+
+
+def drive(decoding: Decoding, row: _Row, max_context: int | None, *, pause: bool,
+          tick: Callable[[], None] = lambda: None) -> Iterator[str]:
+    """Run ``decoding`` to its end, its tokens taken by ``row`` (stop ids and strings, max tokens,
+    the context: the same rules C applies), yielding the text pieces; ``tick`` is called on each
+    token (clocks). With ``pause`` the loop returns to Python after each token that adds text, so
+    each piece is yielded as soon as it exists (a stream). Closes ``decoding``."""
+    pieces: list[str] = []
+    # Without a stream or stop strings nothing needs the text per token: the callback only
+    # keeps the clock, and the tokens go through the row's rules (the same ones C applied:
+    # stop ids, max tokens, context) once the loop is done.
+    seen: list[int] | None = [] if not pause and not row.params.stop else None
+
+    def on_token_rules(token: int) -> None:
+        row.take(token)
+        if row.finish_reason is None and max_context is not None \
+                and len(row.prompt) + len(row.output) >= max_context:
+            row.finish("length")
+
+    def on_token(token: int) -> int:
+        tick()
+        if seen is not None:
+            seen.append(token)
+            return GO_ON
+        on_token_rules(token)
+        if row.finish_reason is not None:
+            return STOP
+        if pause:
             piece = row.piece()
             if piece:
-                yield 0, piece
-        finally:
-            decoding.close()
+                pieces.append(piece)
+                return PAUSE
+        return GO_ON
+
+    try:
+        done = False
+        while not done:
+            try:
+                done = decoding.next(on_token)
+            except RunError as exc:
+                raise CRunError(str(exc)) from None
+            yield from pieces
+            pieces.clear()
+        for token in seen or ():
+            if row.finish_reason is None:
+                on_token_rules(token)
+        if row.finish_reason is None:  # the C loop ended on its own rule (max tokens): same as take's
+            row.finish("length")
+        piece = row.piece()
+        if piece:
+            yield piece
+    finally:
+        decoding.close()
 
 
 def make_generation(runner: ModelRunner, tokenizer, prompts: list[list[int]], params: SamplingParams) -> Generation:

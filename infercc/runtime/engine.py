@@ -33,8 +33,7 @@ server's engine thread does).
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,8 +41,7 @@ import numpy as np
 from ..errors import ConfigError, InferccError, InputError
 from .block_manager import BlockManager, BlockReport
 from .contiguous_runner import ContiguousRunner, ReservedBlocks
-from .generate import Generation, GenerationResult, _Row, _tokenizer_or_none, stop_ids_for
-from .kv_cache import check_context
+from .generate import _Row, _tokenizer_or_none, stop_ids_for
 from .model_runner import ModelRunner
 from .paged_runner import PagedRow, PagedRunner
 from .sampling import SamplingParams
@@ -262,6 +260,14 @@ class Engine:
         self._pending.append(self._output(live, [], None))
         self._end(live)
 
+    def detach(self, request_id: str) -> _Live:
+        """Take a request out of the engine without ending it (runtime/hand_back.py moves it to
+        the C decode loop): its blocks come back at once, no output reports it, and its row (the
+        generation state) goes on elsewhere. Copy what is needed out of the pool first."""
+        live = self._live.pop(request_id)
+        self._end(live)
+        return live
+
     def _release_adapter(self, request: Request) -> None:
         if request.adapter is not None:
             self.compiled.lora.release(request.adapter)
@@ -308,7 +314,8 @@ class Engine:
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
-            logits = self.runner.step(rows)
+            chosen = self.runner.step_greedy(rows) if self._greedy_only(plan) else None
+            logits = self.runner.step(rows) if chosen is None else None
         except BaseException:
             # The rows' caches are in an unknown state: their requests end (reported as aborted by
             # the next step) so that the engine stays usable for the others.
@@ -330,15 +337,30 @@ class Engine:
                 self._counts["prompt_tokens"] += len(request.prompt)
                 self._counts["cached_tokens"] += request.cached_tokens or 0
             if request.prefilled:
-                outputs.append(self._sample(live, logits[at:at + width], item, at))
+                outputs.append(self._sample(live, logits[at:at + width] if chosen is None else int(chosen[at]), item, at))
             at += width
 
-    def _sample(self, live: _Live, logits: np.ndarray, item: Scheduled, at: int = 0) -> RequestOutput:
+    def _greedy_only(self, plan: SchedulerOutput) -> bool:
+        """Whether every row of the step picks its token by the raw logits' argmax (greedy, no
+        penalties, no logprobs, no draft to verify): the runner may then return ids, not logits."""
+        if not hasattr(self.runner, "step_greedy"):
+            return False
+        for item in plan.scheduled:
+            live = self._live[item.request.request_id]
+            params = live.row.params
+            if item.draft or live.logprobs is not None or not params.greedy or params.penalized:
+                return False
+        return True
+
+    def _sample(self, live: _Live, logits: np.ndarray | int, item: Scheduled, at: int = 0) -> RequestOutput:
         """Emit the next token(s) from ``logits`` [1 + len(draft), vocab]: one sampled token, or
-        a speculative row's verified tokens (each through ``take``, so a stop lands exactly)."""
+        a speculative row's verified tokens (each through ``take``, so a stop lands exactly); an
+        int is the token already chosen (``PagedRunner.step_greedy``)."""
         row, spec = live.row, self.speculation
         before = len(row.output)
-        if item.draft:
+        if isinstance(logits, int):
+            emitted, picked = [logits], [0]
+        elif item.draft:
             assert spec is not None
             emitted, picked = spec.verify(item, logits, row)  # picked: the logits rows that chose them
         else:
@@ -435,62 +457,3 @@ def pool_blocks(memory: int, bytes_per_block: int, block_size: int, max_context:
             f"bytes each), but one sequence of the model's full context ({max_context} tokens) needs {need}; set "
             f"kv_cache_memory to at least {need * bytes_per_block} bytes")
     return num_blocks
-
-
-# -- generate() of several prompts ---------------------------------------------------------------
-class EngineGeneration(Generation):
-    """``generate([...])`` on a cached model: the prompts run through an Engine, so they batch
-    together however their lengths differ (the paged runner runs rows of several lengths in one
-    step; finished rows leave at once). Results are the ``Generation``'s: same fields, same tokens."""
-
-    loop_reason = "a batch of prompts runs on the serving engine (continuous batching)"
-
-    def __init__(self, compiled: CompiledModel, runner: ModelRunner, tokenizer, prompts: list[list[int]],
-                 params: SamplingParams, speculation: str | None = None, adapter: Any = None,
-                 adapter_weights: Sequence[float] | None = None) -> None:
-        """``speculation``: every prompt's ``Engine.add_request(speculation=...)`` (None: the
-        model's ``Config.speculation``; "off": none); ``adapter`` / ``adapter_weights``: every
-        prompt's LoRA adapter selection."""
-        super().__init__(runner, tokenizer, prompts, params)
-        self.adapter, self.adapter_weights = adapter, adapter_weights
-        self.compiled = compiled
-        self.speculation = speculation
-        self._spec_stats: dict[int, SpeculationStats | None] = {}
-        self._spec_notes: dict[str, str] = {}
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        max_context, params = self.runner.max_context, self.params
-        for row in self.rows:
-            check_context(len(row.prompt), max_context)
-        lengths = [len(r.prompt) + params.max_new_tokens - 1 for r in self.rows]
-        if max_context is not None:
-            lengths = [max(min(n, max_context), len(r.prompt)) for n, r in zip(lengths, self.rows)]
-        engine = Engine(self.compiled, max_context=max_context, fit=lengths)
-        for i, row in enumerate(self.rows):
-            engine.add_request(str(i), row.prompt, params, speculation=self.speculation, adapter=self.adapter,
-                               adapter_weights=self.adapter_weights)
-        self.rows = [engine._live[str(i)].row for i in range(len(self.rows))]
-        waiting = set(range(len(self.rows)))  # rows without a first token yet
-        start = first = time.perf_counter()
-        while engine.has_unfinished():
-            for out in engine.step():
-                index = int(out.request_id)
-                waiting.discard(index)
-                self._spec_stats[index] = out.speculation
-                if out.new_text:
-                    yield index, out.new_text
-            now = time.perf_counter()
-            if not self.prompt_seconds:  # until every row has its first token
-                if not waiting:
-                    self.prompt_seconds, first = now - start, now
-            else:
-                self.decode_seconds = now - first
-        self._spec_notes = engine.stats().speculation_notes
-
-    @property
-    def results(self) -> list[GenerationResult]:
-        """The ``Generation``'s, with each prompt's speculation counts (and why a method that was
-        asked for decoded plainly)."""
-        why = "; ".join(self._spec_notes.values()) or self.speculation_reason
-        return [dataclasses.replace(r, speculation=self._spec_stats.get(i), speculation_reason=why)
-                for i, r in enumerate(super().results)]

@@ -46,7 +46,8 @@ class GenerationResult:
     #: Time for the remaining tokens (one forward step each).
     decode_seconds: float = 0.0
     #: Where the per-token loop ran: "c" (inside the generated library, c_generate.py), "python",
-    #: or "speculative" (speculative/loop.py).
+    #: "speculative" (speculative/loop.py), or "engine+c" (a speculating prompt that moved from the
+    #: serving engine to the C loop once speculation stayed off, runtime/hand_back.py).
     decode_loop: str = "python"
     #: Speculative decoding's proposed/accepted tokens (None: it was off for this request).
     speculation: SpeculationStats | None = None
@@ -269,10 +270,11 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
     # Several prompts batch on the serving engine. So does one speculative prompt on the generated-C
     # runtime: its paged kernel writes the verified K/V into the pool in place, where the runner
     # loop would copy the whole cache every step (ONNX Runtime keeps the loop: its in-place GQA
-    # buffer copies nothing, and the engine's portable form gathers the past every step).
+    # buffer copies nothing, and the engine's portable form gathers the past every step). Once its
+    # policy keeps speculation off, a greedy one moves on to the C decode loop (runtime/hand_back.py).
     on_engine = len(prompts) > 1 or (speculation not in (None, "off") and compiled.runtime == "c")
     if on_engine and runner.cached:
-        from .engine import EngineGeneration  # (imports this module)
+        from .engine_generation import EngineGeneration  # (imports this module)
 
         return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params,
                                 speculation=speculation or "off")
@@ -299,7 +301,7 @@ def _adapter_generation(compiled: CompiledModel, runner: ModelRunner, prompts: l
     reason = f"speculative decoding runs the base graph only; adapter {adapter!r} decodes plainly" \
         if speculation not in (None, "off") else None
     if len(prompts) > 1 and runner.cached and compiled.config.kv_cache_layout == "paged":
-        from .engine import EngineGeneration  # (imports this module)
+        from .engine_generation import EngineGeneration  # (imports this module)
 
         generation: Generation = EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params,
                                                   speculation="off", adapter=adapter, adapter_weights=weights)

@@ -96,6 +96,8 @@ class _Seq:
     policy: DepthPolicy
     stats: SpeculationStats = dataclasses.field(default_factory=SpeculationStats)
     proposal: Proposal | None = None
+    #: Decode steps in a row its policy kept speculation off (depth 0): runtime/hand_back.py.
+    off_steps: int = 0
 
 
 class EngineSpeculation:
@@ -124,6 +126,12 @@ class EngineSpeculation:
     @property
     def active(self) -> bool:
         return bool(self._seqs)
+
+    def off_steps(self, seq_id: Hashable) -> int:
+        """Decode steps in a row the request's policy has kept speculation off (0 when it
+        speculated last step or does not speculate)."""
+        seq = self._seqs.get(seq_id)
+        return seq.off_steps if seq is not None else 0
 
     def copy(self, seq_id: Hashable) -> SpeculationStats | None:
         """A copy of a request's counts so far (None: speculation is off for it)."""
@@ -177,7 +185,9 @@ class EngineSpeculation:
             cap = min(self.max_depth, row.params.max_new_tokens - len(row.output) - 1)
             if max_context is not None:
                 cap = min(cap, max_context - request.num_tokens)
-            k = min(seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free), cap)
+            depth = seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free)
+            seq.off_steps = seq.off_steps + 1 if depth == 0 else 0
+            k = min(depth, cap)
             proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params) if k > 0 else None
             if proposal is not None and proposal.is_tree and request.adapter is not None:
                 proposal = proposal.first_path()  # (adapter rows run the LoRA variants: chains only)

@@ -186,6 +186,29 @@ def test_seeded_sampling_does_not_depend_on_what_else_runs(tiny):
     assert run(busy)["x"][-1].token_ids == expected
 
 
+def test_c_paged_mixed_batch_with_a_sampling_request(tiny_c):
+    """Decode steps of the C paged runner write their logits straight into the step's output
+    (paged_runner._direct_out): greedy rows still give the C decode loop's tokens, a seeded
+    sampling row its lone draws and a logprobs row the model's distribution, mixed in one batch."""
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=5, ignore_eos=True)
+    lone = engine(tiny_c)
+    lone.add_request("s", PROMPTS[3], sampled)
+    expected = run(lone)["s"][-1].token_ids
+    busy = engine(tiny_c)
+    submit(busy, PROMPTS[:4], MAX_NEW[:4])
+    busy.add_request("s", PROMPTS[3], sampled)
+    busy.add_request("p", PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True), logprobs=2)
+    outputs = run(busy)
+    assert busy.stats().runner == "c-paged"
+    assert outputs["s"][-1].token_ids == expected
+    for i in range(4):
+        assert outputs[str(i)][-1].token_ids == tiny_c.generate(PROMPTS[i], max_new_tokens=MAX_NEW[i],
+                                                                ignore_eos=True).token_ids
+    probs = [p for out in outputs["p"] for p in out.logprobs]
+    assert len(probs) == 5 and all(p <= 0 for p in probs)
+    assert all(max(top.values()) == lp for out in outputs["p"] for lp, top in zip(out.logprobs, out.top_logprobs))
+
+
 # -- aborts and blocks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_abort_midway_returns_every_block(tiny, alone, layout):
@@ -296,7 +319,7 @@ def test_a_pool_too_small_for_one_context_names_the_field(tiny):
 
 
 def test_generate_of_a_batch_runs_on_the_engine(tiny):
-    from infercc.runtime.engine import EngineGeneration
+    from infercc.runtime.engine_generation import EngineGeneration
     from infercc.runtime.generate import _generation
 
     assert isinstance(_generation(tiny, PROMPTS[:2], {}), EngineGeneration)

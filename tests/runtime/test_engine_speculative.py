@@ -234,7 +234,7 @@ def test_seeded_sampling_with_speculation_finishes_and_returns_blocks(tiny):
 def test_generate_of_a_batch_speculates_on_the_engine(tiny, alone):
     """``EngineGeneration`` (generate of several prompts) passes the speculation on and reports
     each prompt's counts in its result."""
-    from infercc.runtime.engine import EngineGeneration
+    from infercc.runtime.engine_generation import EngineGeneration
     from infercc.runtime.model_runner import ModelRunner
 
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)

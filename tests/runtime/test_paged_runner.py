@@ -134,6 +134,24 @@ def test_c_model_both_forms_equal_each_prompt_alone(folders: dict, form: str) ->
     assert runner.runs == 1 + 2 + STEPS  # prompt chunks of 5 + 5, then of 6 and 3, then one run per step
 
 
+def test_greedy_steps_return_the_logits_argmax(folders: dict) -> None:
+    """step_greedy's ids are the argmax of the logits step gives for the same rows (writing the
+    same K/V again), and it declines what it cannot run as one greedy call."""
+    model = compiled(str(folders["llama"]), backend="c")
+    runner = PagedRunner(model, 24, BLOCK)
+    blocks = Blocks(runner.num_blocks)
+    prompts = [blocks.row(i, p) for i, p in enumerate(PROMPTS)]
+    assert runner.step_greedy(prompts) is None  # rows of several lengths
+    runner.step(prompts)
+    for step in range(4):
+        rows = [blocks.row(i, [7 + 3 * i + step]) for i in range(len(PROMPTS))]
+        logits = runner.step(rows)
+        ids = runner.step_greedy(rows)
+        assert ids.dtype == np.int64 and ids.tolist() == np.argmax(logits, axis=-1).tolist()
+    assert runner.step_greedy([PagedRow(0, [1, 2], 0, [0], num_logits=2)]) is None
+    assert PagedRunner(model, 24, BLOCK, form="ort-gather").step_greedy(rows) is None
+
+
 def test_ort_model_gathers_and_runs_rows_apart(folders: dict) -> None:
     """On ONNX Runtime the lowered graph's positions are not analysed: rows of different past
     lengths run in calls of their own (still each prompt's result alone)."""
