@@ -31,7 +31,7 @@ from .profile import layer_table, op_name
 
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
-HEADERS = ("tensor.h", "common.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
+HEADERS = ("common.h", "tensor.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
            "transformer.h", "paged_attention.h", "lora.h")
 #: Headers only a model with one of these ops needs (the rest of the models compile without them).
 OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}
@@ -154,11 +154,11 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     decode, decode_reason = decode_plan(model, index)
     # the decode loop takes each step's present cache buffers (moved into its state, not copied)
     heap = [c["present"] for c in decode.caches] if decode else []
-    # Graph outputs too: a slot keeps its largest occupant between runs, and an output slot would
-    # keep a prompt's full logits (25 MB for 128 tokens of a 49k vocabulary) beside the largest
-    # activations; on the heap they are freed when the next run starts, as before the plan.
-    heap += outputs
-    memory = memory_plan(model, [step["lines"] for step in steps], index, heap=heap, custom=kernels)
+    # Graph outputs get fitted slots of their own: a shared slot keeps its largest occupant between
+    # runs, and would keep a prompt's full logits (25 MB for 128 tokens of a 49k vocabulary) beside
+    # the largest activations; a fitted one is trimmed by the next, smaller run (a decode step's
+    # logits reuse one buffer, no allocation per token).
+    memory = memory_plan(model, [step["lines"] for step in steps], index, heap=heap, own=outputs, custom=kernels)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source({n.op_type for n in graph.nodes}) + custom.helpers_for(model, kernels), nv=max(len(index), 1),
@@ -166,6 +166,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
         slots=", ".join(str(memory.slots[i]) if i < len(memory.slots) else "-1" for i in range(max(len(index), 1))),
         nslots=max(memory.n_slots, 1),
+        fitted=", ".join("1" if s in memory.fitted else "0" for s in range(max(memory.n_slots, 1))),
         decode=decode, sampler=_strip_includes((HERE / "kernels" / "sample.h").read_text()) if decode else "")
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]

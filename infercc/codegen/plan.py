@@ -22,6 +22,10 @@ members' positions, hence both). The rules that keep a shared buffer correct:
   run (bound before the first step; the decode loop allocates its step inputs into their slots).
 * ``heap`` values get no slot: a buffer of their own from the heap that a caller may take (the
   decode loop moves each step's present KV-cache tensor into its state instead of copying it).
+* ``own`` values (the graph outputs) get a slot each, shared with no other value and *fitted*: its
+  buffer is kept across runs like any slot's, but given back and taken again at the run's size
+  when it holds more than twice what the run needs, so a prompt's full logits do not stay beside
+  the activations for the decode steps that follow, and a decode step allocates no output.
 
 The assignment is interval colouring in order of first step, best fit by a size estimate (static
 dims as they are, a run-time dim counted as ``NOMINAL``): a value takes the free slot whose largest
@@ -56,6 +60,8 @@ class MemoryPlan:
     n_steps: int
     #: Per value index: the value's name in the IR (for diagnostics; never written into the C).
     names: tuple[str, ...] = ()
+    #: The fitted slots (one ``own`` value each), trimmed when far larger than a run needs.
+    fitted: tuple[int, ...] = ()
 
     def sharing(self) -> dict[int, list[int]]:
         """Slot -> the values planned into it, in index order."""
@@ -89,10 +95,11 @@ def _estimate(v: Value) -> float:
 
 
 def plan(model: Model, steps: Sequence[Iterable[str]], index: Mapping[int, int], *, heap: Iterable[int] = (),
-         custom: Mapping[tuple[str, str], object] | None = None) -> MemoryPlan:
+         own: Iterable[int] = (), custom: Mapping[tuple[str, str], object] | None = None) -> MemoryPlan:
     """The plan of ``model``'s values: ``steps`` are the C lines of each graph node's step (fused
     members emit none), ``index`` maps id(value) to its V index, ``heap`` lists value indices to
-    leave on the heap, ``custom`` the user kernels (a user kernel for a view op may allocate)."""
+    leave on the heap, ``own`` those to give a fitted slot of their own, ``custom`` the user kernels
+    (a user kernel for a view op may allocate)."""
     graph, custom = model.graph, custom or {}
     n, nv = len(steps), max(index.values(), default=-1) + 1
     by_index: dict[int, Value] = {}
@@ -143,7 +150,8 @@ def plan(model: Model, steps: Sequence[Iterable[str]], index: Mapping[int, int],
         hull[r] = (min(lo, start[i]), max(hi, end[i]))
     consts = {index[id(v)] for v in by_index.values() if v.const is not None and not v.is_graph_input}
     heap = set(heap)
-    planned = sorted((i for i in written if i not in always and i not in consts and i not in heap),
+    alone = {i for i in own if i in written and i not in always and i not in consts and i not in heap}
+    planned = sorted((i for i in written if i not in always and i not in consts and i not in heap | alone),
                      key=lambda i: (hull[root.get(i, i)][0], i))
     slots = [-1] * nv
     live: list[tuple[int, int] | None] = [None] * nv
@@ -164,5 +172,10 @@ def plan(model: Model, steps: Sequence[Iterable[str]], index: Mapping[int, int],
             biggest.append(0.0)
         free_after[k], biggest[k] = hi, max(biggest[k], size)
         slots[i], live[i] = k, (lo, hi)
+    fitted = []
+    for i in sorted(alone):
+        fitted.append(len(free_after))
+        free_after.append(n)
+        slots[i], live[i] = fitted[-1], hull[root.get(i, i)]
     names = tuple(by_index[i].name if i in by_index else "" for i in range(nv))
-    return MemoryPlan(tuple(slots), tuple(live), len(free_after), n, names)
+    return MemoryPlan(tuple(slots), tuple(live), len(free_after), n, names, tuple(fitted))

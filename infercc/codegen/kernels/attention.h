@@ -652,10 +652,14 @@ static void icc_attention(const icc_attention_args *a) {
     /* per row and split: (max, sum, acc[Dv]) */
     float *part = NULL;
     if (nsplit > 1) {
-        part = (float *)malloc((size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
+        part = (float *)icc_scratch(ICC_SCR_PART, (size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
         if (!part) nsplit = 1; /* no room for the partials: unsplit */
     }
     const int64_t units = base_units * nsplit;
+    /* each thread's workspace: the floats, then (aligned) the int64 row bounds */
+    size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 3) + (half ? ICC_AT_TK * (D + Dv) : 0)), stride;
+    nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
+    char *ws = icc_scratch_threads(ICC_SCR_WS, nf * sizeof(float) + 3 * ICC_AT_MR * sizeof(int64_t), &stride);
 
 #pragma omp parallel if (parallel)
     {
@@ -670,9 +674,7 @@ static void icc_attention(const icc_attention_args *a) {
         }
         icc_at_ws w;
         memset(&w, 0, sizeof w);
-        size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 3) + (half ? ICC_AT_TK * (D + Dv) : 0));
-        nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
-        float *mem = (float *)malloc(nf * sizeof(float) + 3 * ICC_AT_MR * sizeof(int64_t));
+        float *mem = ws ? (float *)(void *)(ws + stride * (size_t)icc_thread()) : NULL;
         if (mem) {
             w.q = mem;
             w.s = w.q + ICC_AT_MR * D;
@@ -694,10 +696,8 @@ static void icc_attention(const icc_attention_args *a) {
             if (mem) icc_at_unit(a, &w, bg, t0, M, kb, ke);
             icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
         }
-        free(mem);
         if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
     }
-    free(part);
 }
 
 #endif

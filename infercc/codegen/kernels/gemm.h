@@ -383,10 +383,9 @@ static void icc_gemm_f32(int64_t M, int64_t N, int64_t K, const float *x, const 
         return;
     }
     if (M >= ICC_F32_PACK_MIN_M) {
-        float *ap = (float *)icc_scratch(sizeof(float) * (size_t)(tiles * ICC_F32_MR * K));
+        float *ap = (float *)icc_scratch(ICC_SCR_PACK, sizeof(float) * (size_t)(tiles * ICC_F32_MR * K));
         if (ap) {
             icc_gemm_f32_packed(M, N, K, x, W, bias, y, ap);
-            free(ap);
             return;
         }
     }

@@ -292,7 +292,7 @@ static void icc_reduce_other(icc_t *o, const icc_t *x, const int *red, const icc
     int ints = icc_is_int(x->dt);
     int64_t lo, hi, total = icc_numel(x);
     icc_int_range(x->dt, &lo, &hi);
-    void *acc = malloc((size_t)(n ? n : 1) * 8);
+    void *acc = icc_scratch(ICC_SCR_REDUCE, (size_t)(n ? n : 1) * 8);
     if (!acc) { icc_fail("out of memory"); return; }
     int64_t *ia = (int64_t *)acc;
     double *da = (double *)acc;
@@ -314,7 +314,6 @@ static void icc_reduce_other(icc_t *o, const icc_t *x, const int *red, const icc
         if (ints) icc_iput(o, k, op == ICC_RMEAN ? (count ? ia[k] / count : 0) : ia[k]);
         else icc_put(o, k, op == ICC_RMEAN ? da[k] / (double)count : da[k]);
     }
-    free(acc);
 }
 
 static void icc_reduce(icc_t *o, const icc_t *x, const icc_t *axes, int keepdims, int op, int noop_empty) {

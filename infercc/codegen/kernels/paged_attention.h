@@ -265,10 +265,15 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
     const int64_t split_len = ICC_AT_SPLIT;
     float *part = NULL; /* per row and split: (max, sum, acc[Dv]) */
     if (nsplit > 1) {
-        part = (float *)malloc((size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
+        part = (float *)icc_scratch(ICC_SCR_PART, (size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
         if (!part) nsplit = 1;
     }
     const int64_t units = base_units * nsplit;
+    /* each thread's workspace: the floats, then (aligned) the int64 row bounds and tree offsets */
+    size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 4) + (half || tree ? ICC_AT_TK * (D + Dv) : 0)), stride;
+    nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
+    char *ws = icc_scratch_threads(ICC_SCR_WS, nf * sizeof(float) + (size_t)(3 * ICC_AT_MR + (tree ? max_skv : 0)) * sizeof(int64_t),
+                                   &stride);
 
 #pragma omp parallel if (parallel)
     {
@@ -277,9 +282,7 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
         for (int64_t x = 0; x < 2 * B * Hkv; x++) icc_pa_write(a, x / 2, (int)(x % 2));
         icc_at_ws w;
         memset(&w, 0, sizeof w);
-        size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 4) + (half || tree ? ICC_AT_TK * (D + Dv) : 0));
-        nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
-        float *mem = (float *)malloc(nf * sizeof(float) + (3 * ICC_AT_MR + (tree ? max_skv : 0)) * sizeof(int64_t));
+        float *mem = ws ? (float *)(void *)(ws + stride * (size_t)icc_thread()) : NULL;
         float *ones = NULL;
         if (mem) {
             w.q = mem;
@@ -307,10 +310,8 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
                 icc_pa_unit(a, &w, ones, bg, t0, M, kb, ke);
             icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
         }
-        free(mem);
         if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
     }
-    free(part);
 }
 
 #endif

@@ -242,7 +242,7 @@ static void icc_quantize_block(const float *x, int64_t n, int64_t block, int8_t 
 static int icc_quantize_act(int64_t M, int64_t K, int64_t block, const float *x, icc_qact *a) {
     const int64_t nb = (K + block - 1) / block, kp = nb * block;
     const size_t qbytes = ((size_t)(M * kp) + 63) & ~(size_t)63;
-    a->mem = icc_scratch(qbytes + 3 * sizeof(float) * (size_t)(M * nb));
+    a->mem = icc_scratch(ICC_SCR_QACT, qbytes + 3 * sizeof(float) * (size_t)(M * nb));
     if (!a->mem) return 0;
     a->q = (int8_t *)a->mem;
     a->d = (float *)((char *)a->mem + qbytes);
@@ -454,7 +454,6 @@ static void icc_matmul_q(int64_t M, int64_t N, int64_t K, int bits, int64_t bloc
                        a.d + m0 * nb, a.dq + m0 * nb, a.sx + m0 * nb, y + m0 * N + n0, N, ncols);
         }
     }
-    free(a.mem);
 }
 
 /* (code - z) * s, then + rest, as two roundings (numpy's dequantization): no fused multiply-add. */

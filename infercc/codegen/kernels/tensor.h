@@ -12,6 +12,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "common.h"
 
 #define ICC_MAX_RANK 8
 enum { ICC_F32 = 1, ICC_U8 = 2, ICC_I8 = 3, ICC_I32 = 6, ICC_I64 = 7, ICC_BOOL = 9, ICC_F16 = 10 };
@@ -65,6 +66,7 @@ typedef struct {
     int nv, ns;
     void **buf;
     size_t *cap;
+    const unsigned char *fit; /* per slot, 1: fitted (plan.py): trimmed when over twice a run's need */
 } icc_plan_t;
 static icc_plan_t icc_plan;
 
@@ -82,14 +84,18 @@ static void icc_alloc(icc_t *t) {
     int s = icc_slot_of(t);
     t->cap = 0;
     if (s < 0) {
-        t->p = aligned_alloc(64, bytes);
+        t->p = icc_heap_alloc(bytes);
         t->owned = t->p ? 1 : 0;
     } else {
-        if (icc_plan.cap[s] < bytes) { /* grown by a quarter at least: a slot grown step by step reallocates rarely */
-            size_t grown = icc_plan.cap[s] + icc_plan.cap[s] / 4 / 64 * 64;
+        const size_t cap = icc_plan.cap[s];
+        const int trim = icc_plan.fit && icc_plan.fit[s] && cap > 2 * bytes + 4096;
+        /* grown by a quarter and at least 4 KiB: a slot grown step by step (a decode step's mask,
+         * one position longer each token) reallocates rarely */
+        if (cap < bytes || trim) {
+            size_t grown = trim || !cap ? bytes : cap + (cap / 4 > 4096 ? cap / 4 / 64 * 64 : 4096);
             if (grown < bytes) grown = bytes;
-            free(icc_plan.buf[s]);
-            icc_plan.buf[s] = aligned_alloc(64, grown);
+            icc_heap_free(icc_plan.buf[s]);
+            icc_plan.buf[s] = icc_heap_alloc(grown);
             icc_plan.cap[s] = icc_plan.buf[s] ? grown : 0;
         }
         t->p = icc_plan.buf[s];
@@ -99,7 +105,7 @@ static void icc_alloc(icc_t *t) {
 }
 
 static void icc_release(icc_t *t) { /* views (inputs, weights, aliases) keep their pointer */
-    if (t->owned == 1) free(t->p);
+    if (t->owned == 1) icc_heap_free(t->p);
     if (t->owned) {
         t->p = NULL;
         t->owned = 0;
