@@ -35,20 +35,12 @@ from infercc.runtime.speculative.proposer import Proposal
 from infercc.runtime.tree_attention import compact_moves, graph_problem, tree_feeds
 from tests.importers._models import STORIES, require
 
+from ._tree_paths import paths
+
 PROMPT = [1, 5, 9, 13, 7, 22, 3, 40]
 #: A row: the last token, then 6 nodes; node 2 (row 3) is a child of node 0, 3 and 4 of node 1, 5 of node 3.
 TREE = [-1, 0, 0, 1, 2, 2, 4]
 
-
-def paths(tree: Sequence[int]) -> list[list[int]]:
-    """Each node's path from the row's first token (row indices)."""
-    out = []
-    for i in range(len(tree)):
-        path = [i]
-        while tree[path[0]] >= 0:
-            path.insert(0, tree[path[0]])
-        out.append(path)
-    return out
 
 
 # -- the mask and positions -----------------------------------------------------------------------

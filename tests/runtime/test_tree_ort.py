@@ -39,6 +39,7 @@ from infercc.runtime.tree_ort import probe, tree_variant
 from tests.fixtures import catalog
 
 from ._hf_models import write_hf
+from ._tree_paths import paths
 
 #: Largest |tree - chain| / (1 + |chain|) of the logits. Measured: 4.6e-6 (GQA), 1.2e-6 (GPT-2);
 #: ORT's own spread between one run of a 7-token chain and the same tokens decoded one by one is
@@ -61,15 +62,6 @@ def model(request, tmp_path_factory) -> infercc.CompiledModel:
     assert ("MultiHeadAttention" if request.param == "gpt2" else "GroupQueryAttention") in tree.form
     return compiled
 
-
-def paths(tree: Sequence[int]) -> list[list[int]]:
-    out = []
-    for i in range(len(tree)):
-        path = [i]
-        while tree[path[0]] >= 0:
-            path.insert(0, tree[path[0]])
-        out.append(path)
-    return out
 
 
 def prefilled(compiled: infercc.CompiledModel) -> PagedRunner:
