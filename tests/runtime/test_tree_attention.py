@@ -35,7 +35,7 @@ from infercc.runtime.speculative.proposer import Proposal
 from infercc.runtime.tree_attention import compact_moves, graph_problem, tree_feeds
 from tests.importers._models import STORIES, require
 
-from ._tree_paths import paths
+from ._tree_paths import paths, scripted
 
 PROMPT = [1, 5, 9, 13, 7, 22, 3, 40]
 #: A row: the last token, then 6 nodes; node 2 (row 3) is a child of node 0, 3 and 4 of node 1, 5 of node 3.
@@ -151,10 +151,7 @@ class TreeOracle:
         if len(t) < 3 or k < 6:
             return Proposal([])
         self.calls += 1
-        wrong = [(x + 1) % self.vocab for x in t]
-        if self.calls % 3 == 0:
-            return Proposal([wrong[0], wrong[1], wrong[2]], parents=[-1, 0, 0])
-        return Proposal([wrong[0], t[0], wrong[1], t[1], wrong[2], t[2]], parents=[-1, -1, 0, 1, 1, 3])
+        return scripted(t, self.vocab, self.calls)
 
     def release(self, seq_id: Hashable) -> None:
         pass

@@ -39,7 +39,7 @@ from infercc.runtime.tree_ort import probe, tree_variant
 from tests.fixtures import catalog
 
 from ._hf_models import write_hf
-from ._tree_paths import paths
+from ._tree_paths import paths, scripted
 
 #: Largest |tree - chain| / (1 + |chain|) of the logits. Measured: 4.6e-6 (GQA), 1.2e-6 (GPT-2);
 #: ORT's own spread between one run of a 7-token chain and the same tokens decoded one by one is
@@ -161,11 +161,9 @@ class TreeOracle:
         if len(t) < 3 or k < 6:
             return Proposal([])
         self.calls += 1
-        wrong = [(x + 1) % self.vocab for x in t]
-        if self.calls % 3 == 0:
-            return Proposal([wrong[0], wrong[1], wrong[2]], parents=[-1, 0, 0])
-        self.trees += 1
-        return Proposal([wrong[0], t[0], wrong[1], t[1], wrong[2], t[2]], parents=[-1, -1, 0, 1, 1, 3])
+        proposal = scripted(t, self.vocab, self.calls)
+        self.trees += proposal.is_tree
+        return proposal
 
     def observe(self, seq_id, length, states) -> None:
         pass
