@@ -31,7 +31,7 @@ from .profile import layer_table, op_name
 
 HERE = Path(__file__).parent
 #: Kernel headers in include order; inlined so a saved artifact's source builds on its own.
-HEADERS = ("common.h", "tensor.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
+HEADERS = ("common.h", "tensor.h", "argmax.h", "elementwise.h", "layout.h", "api.h", "gemm.h", "qgemm.h", "attention.h", "rotary.h",
            "transformer.h", "paged_attention.h", "lora.h")
 #: Headers only a model with one of these ops needs (the rest of the models compile without them).
 OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "argmax.h"
+
 typedef struct {
     double temperature;   /* 0 = greedy */
     int64_t top_k;        /* 0 = off */
@@ -45,18 +47,6 @@ static double icc_rng_uniform(icc_rng *r) {
 /* logit k of a float32 or float16 row */
 static inline double icc_logit(const void *row, int dt, int64_t k) {
     return dt == ICC_F16 ? (double)icc_h2f(((const uint16_t *)row)[k]) : (double)((const float *)row)[k];
-}
-
-static int64_t icc_argmax(const void *row, int dt, int64_t n) {
-    int64_t best = 0;
-    double bv = n ? icc_logit(row, dt, 0) : 0;
-    if (bv != bv) return 0;
-    for (int64_t k = 1; k < n; k++) {
-        double v = icc_logit(row, dt, k);
-        if (v != v) return k;          /* numpy.argmax: the first NaN */
-        if (v > bv) { bv = v; best = k; }
-    }
-    return best;
 }
 
 typedef struct { double x; int64_t id; } icc_cand;
