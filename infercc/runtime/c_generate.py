@@ -43,13 +43,18 @@ _PYTHON_ONLY = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_p
 
 def c_loop_reason(runner: ModelRunner, prompts: list[list[int]], params: SamplingParams) -> str | None:
     """None when this request runs on the C decode loop, else why it stays on the Python loop."""
-    backend = runner.backend
+    if len(prompts) != 1 and isinstance(runner.backend, CBackend) and runner.backend.program.has_decode:
+        return "a batch of prompts (the C loop runs one sequence)"
+    return c_sampler_reason(runner.backend, params)
+
+
+def c_sampler_reason(backend: object, params: SamplingParams) -> str | None:
+    """None when ``backend``'s library has a decode loop whose sampler implements ``params``, else why
+    not (also asked by runtime/hand_back.py for a sequence leaving the serving engine)."""
     if not isinstance(backend, CBackend):
         return "the model runs on ONNX Runtime"
     if not backend.program.has_decode:
         return f"the generated library has no decode loop: {backend.program.decode_reason}"
-    if len(prompts) != 1:
-        return "a batch of prompts (the C loop runs one sequence)"
     for name, off in _PYTHON_ONLY.items():
         if getattr(params, name) != off:
             return f"{name} is not implemented by the C sampler"

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..codegen.decoding import Decoding
 from .c_backend import CBackend
-from .c_generate import _PYTHON_ONLY
+from .c_generate import c_sampler_reason
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -46,18 +46,15 @@ def hand_back_problem(engine: Engine, request_id: str) -> str | None:
     runner = engine.runner
     if getattr(runner, "form", None) != "c-paged":
         return f"the engine runs {engine.form}, not the C paged runner"
-    backend = engine.compiled.backend
-    if not isinstance(backend, CBackend) or not backend.program.has_decode:
-        return "the model's library has no C decode loop"
     live = engine._live.get(request_id)
     if live is None:
         return "the request is not running"
     params, request = live.row.params, live.request
-    if params.temperature != 0:
+    why = c_sampler_reason(engine.compiled.backend, params)
+    if why is not None:
+        return why
+    if not params.greedy:
         return "a sampling request (the C sampler draws from a generator of its own)"
-    for name, off in _PYTHON_ONLY.items():
-        if getattr(params, name) != off:
-            return f"{name} is not implemented by the C sampler"
     if live.logprobs is not None:
         return "the request asks for logprobs (the C loop returns tokens only)"
     if request.adapter is not None:
