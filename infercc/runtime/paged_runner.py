@@ -120,7 +120,6 @@ class PagedRunner:
 
         #: The paged graph's pool input of each pool (worked out once, not per step).
         self._pool_names = {name: pool_for(name) for name in self.pools}
-        self._into: np.ndarray | None = None  # this group's logits buffer from _direct_out, if any
         #: The last step's final hidden states [sum(num_logits), hidden], rows as its logits, when
         #: the graph exposes them (compiled for Medusa heads); None otherwise.
         self.last_hidden: np.ndarray | None = None
@@ -285,8 +284,6 @@ class PagedRunner:
         return feeds, pasts, width
 
     def _logits_buffer(self, batch: int, width: int) -> np.ndarray | None:
-        if self._into is not None:
-            return self._into
         vocab = self.interface.vocab_size
         return None if vocab is None else np.empty((batch, width, vocab), self.interface.logits_dtype)
 
@@ -297,34 +294,35 @@ class PagedRunner:
         self.runs += 1
         s = ids.shape[1]
         out_width = keep if self.interface.keeps_logits else s
-        self._into = into if into is not None and into.shape[1] == out_width else None
+        buffer = into if into is not None and into.shape[1] == out_width else self._logits_buffer(len(rows), out_width)
         if rows[0].adapter is not None:  # (a group's rows all have adapters, or none has)
             refs = [row.adapter for row in rows]
             paged = self.compiled.lora.view(refs, self.block_size) if self.form == "c-paged" else None
             if paged is not None and paged.paged_backend() is not None:
-                logits = self._run_paged(rows, feeds, pasts, s, out_width, paged)
+                logits = self._run_paged(rows, feeds, pasts, s, buffer, paged)
             else:
-                logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.compiled.lora.view(refs))
+                logits = self._run_gather(rows, feeds, pasts, width, s, buffer, self.compiled.lora.view(refs))
         elif self.form == "c-paged" and any(row.tree is not None for row in rows):
             feeds.update(tree_feeds([row_parents(row.tree, s) for row in rows], pasts, width,
                                     self.interface.has_positions))
-            logits = self._run_paged(rows, feeds, pasts, s, out_width, self._tree[0])
+            logits = self._run_paged(rows, feeds, pasts, s, buffer, self._tree[0])
         elif self.form == "c-paged":
-            logits = self._run_paged(rows, feeds, pasts, s, out_width, self.backend)
+            logits = self._run_paged(rows, feeds, pasts, s, buffer, self.backend)
         elif any(row.tree is not None for row in rows):  # the ONNX Runtime tree variant (tree_ort.py)
             tree = self._tree[0]
             feeds.update(tree_feeds([row_parents(row.tree, s) for row in rows], pasts, width, tree.positions))
-            logits = self._run_gather(rows, feeds, pasts, width, s, out_width, tree.backend)
+            logits = self._run_gather(rows, feeds, pasts, width, s, buffer, tree.backend)
         else:
-            logits = self._run_gather(rows, feeds, pasts, width, s, out_width, self.backend)
+            logits = self._run_gather(rows, feeds, pasts, width, s, buffer, self.backend)
         if self.interface.vocab_size is None:
             self.interface.vocab_size = int(logits.shape[-1])
         return logits[:, logits.shape[1] - keep:].astype(np.float32, copy=False)
 
-    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, out_width: int,
+    def _run_paged(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int, buffer: np.ndarray | None,
                    backend) -> np.ndarray:
+        """The group's logits, written into ``buffer`` (None: the backend allocates them)."""
         self._paged_feeds(rows, feeds, pasts, s)
-        return self._bound(backend, feeds, {"logits": self._logits_buffer(len(rows), out_width)})["logits"]
+        return self._bound(backend, feeds, {"logits": buffer})["logits"]
 
     def _paged_feeds(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, s: int) -> None:
         """Add the block tables, past lengths and pools to ``feeds``."""
@@ -361,14 +359,14 @@ class PagedRunner:
         return chosen.reshape(len(rows), -1)[:, -1]
 
     def _run_gather(self, rows: list[PagedRow], feeds: dict, pasts: np.ndarray, width: int, s: int,
-                    out_width: int, backend) -> np.ndarray:
+                    buffer: np.ndarray | None, backend) -> np.ndarray:
         bs = self.block_size
         slots = []  # per row: (blocks, offsets) of its past, and of its new tokens
         for row in rows:
             past, new = np.arange(row.start), np.arange(row.start, row.start + s)
             table = np.asarray(row.block_table, np.int64)
             slots.append(((table[past // bs], past % bs), (table[new // bs], new % bs)))
-        outputs: dict[str, np.ndarray | None] = {"logits": self._logits_buffer(len(rows), out_width)}
+        outputs: dict[str, np.ndarray | None] = {"logits": buffer}
         for entry in self.cache_spec.entries:
             pool = self.pools[entry.input]
             past = np.zeros((len(rows), entry.heads, width, entry.width), entry.dtype)
