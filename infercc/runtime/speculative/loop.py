@@ -37,7 +37,7 @@ from ..kv_cache import check_context
 from ..tree_attention import compact_moves
 from .policy import DepthPolicy, SpeculationStats
 from .proposer import Proposal, Proposer, make_proposer
-from .verify import verify_counted, verify_tree
+from .verify import count, verify_counted, verify_tree
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
@@ -138,8 +138,7 @@ class SpeculativeGeneration(Generation):
         emitted, rows = verify_tree(proposal, logits, row.sampler, row.prompt, row.output)
         cache.move(compact_moves(start, rows))
         cache.truncate(start + len(rows))
-        self.stats.add(len(proposal.tokens), len(emitted) - 1)
-        self.policy.record(self.seq_id, len(proposal.tokens), len(emitted) - 1)
+        count(proposal, emitted, self.stats, self.policy, self.seq_id)
         return emitted, rows
 
     def _observe(self, hidden: list | None, length: int, rows: list[int]) -> None:

@@ -112,10 +112,17 @@ def verify_counted(proposal: Proposal, logits: np.ndarray, sampler: Sampler, con
     """``verify``, with the outcome counted in ``stats`` and in ``policy``'s acceptance of ``key``
     (a sequence speculating alone: the loop, a session's sequence)."""
     emitted = verify(proposal, logits, sampler, context, output)
-    accepted = len(emitted) - 1  # the accepted prefix, then the target's own token
+    count(proposal, emitted, stats, policy, key)
+    return emitted
+
+
+def count(proposal: Proposal, emitted: list[int], stats: SpeculationStats, policy: DepthPolicy,
+          key: Hashable) -> None:
+    """Count a verified proposal (chain or tree) in ``stats`` and ``policy``: ``emitted`` is the
+    accepted tokens, then the target's own."""
+    accepted = len(emitted) - 1
     stats.add(len(proposal.tokens), accepted)
     policy.record(key, len(proposal.tokens), accepted)
-    return emitted
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
