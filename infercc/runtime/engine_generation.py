@@ -44,6 +44,13 @@ class EngineGeneration(Generation):
         self._spec_notes: dict[str, str] = {}
         #: Output tokens the single prompt had when it moved to the C decode loop (None: it did not).
         self.handed_back: int | None = None
+        #: Whether text is wanted piece by piece (iteration: a stream); ``run`` wants only the
+        #: results, so the C loop then runs to its end without returning to Python per token.
+        self._pieces = True
+
+    def run(self) -> list[GenerationResult]:
+        self._pieces = False
+        return super().run()
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         max_context, params = self.runner.max_context, self.params
@@ -88,7 +95,7 @@ class EngineGeneration(Generation):
         def tick() -> None:
             self.decode_seconds = time.perf_counter() - first
 
-        for piece in drive(hand_back(engine, "0"), row, engine.max_context, pause=True, tick=tick):
+        for piece in drive(hand_back(engine, "0"), row, engine.max_context, pause=self._pieces, tick=tick):
             yield 0, piece
 
     @property
