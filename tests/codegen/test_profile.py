@@ -51,7 +51,9 @@ def test_step_times_add_up_to_the_run(llama) -> None:
         assert times.step_ns.sum() <= times.total_ns
         assert times.step_ns.sum() >= 0.8 * times.total_ns  # the steps are the run
         assert times.step_start_ns[-1] + times.step_ns[-1] <= times.total_ns
-    assert starts[0] == 0 and starts[1] > 0  # offsets from the first profiled run
+    # offsets from the library's first profiled run in this process (an earlier test may have
+    # loaded the same built library: dlopen shares it, and its clock origin)
+    assert 0 <= starts[0] < starts[1]
     for name in expected:  # timers change nothing computed
         np.testing.assert_array_equal(got[name], expected[name])
 
