@@ -49,7 +49,7 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from .speculative.policy import DepthPolicy, SpeculationStats
 from .speculative.proposer import Proposal, make_proposer
-from .speculative.verify import verify, verify_tree
+from .speculative.verify import verify, verify_tree, warn_if_inexact
 from .tree_attention import compact_moves
 
 if TYPE_CHECKING:
@@ -156,6 +156,7 @@ class EngineSpeculation:
                     if no_trees is not None:
                         self.notes[method] = f"trees of candidates off, chains proposed: {no_trees}"
                 self._policies[method] = DepthPolicy(self.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
+                warn_if_inexact(self.compiled)
         proposer = self._proposers[method]
         if proposer is not None:
             self._seqs[seq_id] = _Seq(proposer, self._policies[method])

@@ -37,7 +37,7 @@ from ..kv_cache import check_context
 from ..tree_attention import compact_moves
 from .policy import DepthPolicy, SpeculationStats
 from .proposer import Proposal, Proposer, make_proposer
-from .verify import count, verify_counted, verify_tree
+from .verify import count, verify_counted, verify_tree, warn_if_inexact
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
@@ -192,6 +192,8 @@ def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokeniz
             tree, no_trees = _trees(compiled, runner, proposer)
             generation = SpeculativeGeneration(runner, tokenizer, prompts, params, proposer, policy, tree)
             generation.speculation_reason = no_trees
+            if params.greedy:
+                warn_if_inexact(compiled)
             return generation, None
     reason = f"speculation={method!r} is off for this request: {reason}"
     log.info("%s; decoding without it", reason)

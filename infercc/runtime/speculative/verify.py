@@ -25,6 +25,7 @@ extended by the tokens accepted before it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -130,3 +131,21 @@ def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
     cumulative = np.cumsum(probs)
     token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     return min(token, int(np.flatnonzero(probs)[-1]))
+
+
+
+def warn_if_inexact(compiled) -> None:
+    """Warn once per compiled model when greedy speculation on it may leave plain greedy decoding's
+    text. Verification is exact when a step's logits for a row do not depend on how many rows the
+    step computes. ONNX Runtime's MatMulNBits breaks that: it computes a several-row product with
+    another kernel than a one-row one and quantizes its activations to int8, so logits of the same
+    position move by ~0.1 (measured on SmolLM2 Q4_1), enough to flip a near tie. The generated-C
+    runtime and float weights keep the identity; a warning says so instead of a silent difference
+    (once: a server would repeat it per request)."""
+    if compiled.runtime == "c" or compiled.__dict__.get("_inexact_warned"):
+        return
+    if any(n.op_type == "MatMulNBits" for n in compiled.model.graph.nodes):
+        compiled.__dict__["_inexact_warned"] = True
+        warnings.warn("speculative greedy output may differ from plain decoding at near ties on this model: ONNX "
+                      "Runtime's MatMulNBits computes a several-row verify step with another kernel than a one-token "
+                      "step; backend='c' keeps them identical", RuntimeWarning, stacklevel=4)

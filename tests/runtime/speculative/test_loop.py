@@ -16,6 +16,7 @@ import pytest
 
 import infercc
 from infercc import ConfigError
+from infercc.runtime.engine import Engine
 from infercc.runtime.generate import _tokenizer_or_none
 from infercc.runtime.model_runner import ModelRunner
 from infercc.runtime.sampling import SamplingParams
@@ -163,6 +164,32 @@ def test_missing_or_mismatched_draft_decodes_plainly_with_the_reason(hf, tmp_pat
         compiled.generate(PROMPTS[0], max_new_tokens=4)
     with pytest.raises(ConfigError, match="speculation must be one of"):
         compiled.generate(PROMPTS[0], speculation="lookahead")
+
+
+def test_ort_4bit_weights_warn_once_that_greedy_equality_is_not_guaranteed(hf, tmp_path):
+    """MatMulNBits on ONNX Runtime computes a verify step's rows with another kernel than a
+    one-token step: greedy speculation warns once per model (the engine too); float weights and
+    the C runtime do not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in ("ort", "c"):
+            hf["llama", backend].generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True, speculation="prompt_lookup")
+        int4c = infercc.compile(write_hf(tmp_path / "c"), quantize="int4", quant_method="rtn", backend="c")
+        int4c.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True, speculation="prompt_lookup")
+    int4 = infercc.compile(write_hf(tmp_path / "q"), quantize="int4", quant_method="rtn")
+    with pytest.warns(RuntimeWarning, match="MatMulNBits"):
+        result = int4.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True, speculation="prompt_lookup")
+    assert result.speculation is not None and result.speculation_reason is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model
+        int4.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True, speculation="prompt_lookup")
+    again = infercc.compile(write_hf(tmp_path / "q"), quantize="int4", quant_method="rtn")
+    engine = Engine(again)
+    with pytest.warns(RuntimeWarning, match="MatMulNBits"):
+        engine.add_request("a", PROMPTS[0], SamplingParams(max_new_tokens=4), speculation="prompt_lookup")
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.stats().speculation_notes
 
 
 def test_uncached_model_and_batches_decode_plainly_with_the_reason():
