@@ -121,10 +121,7 @@ ICC_INLINE void icc_q_tile_avx2(const int R, const int BITS, int64_t block, int6
         for (int i = 0; i < R * H; i++) yv[i] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *c = P.codes + b * cb;
-            /* the panel is one sequential stream (codes, then its scales and zero points, then
-             * the next panel): fetching ICC_Q_PREFETCH bytes ahead hides the L3 / DRAM latency */
-            if (!pass)
-                for (int64_t off = 0; off < cb; off += 64) _mm_prefetch((const char *)c + ICC_Q_PREFETCH + off, _MM_HINT_T0);
+            if (!pass) icc_q_prefetch(P, b);
             __m256i dot[2 * ICC_Q_MR];
             icc_q_dot(R, H, BITS, block, c + 32 * pass, xq + b * block, kp, dot);
             for (int hh = 0; hh < H; hh++) {
