@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ir import DType, Node, Value
 from ..passes.canonical import DOMAIN
-from .packing import PANEL, Blob, pack_f32, pack_quant
+from .packing import PANEL, Blob, pack_f32, pack_quant, quant_nbytes
 
 
 class Unsupported(Exception):
@@ -449,9 +449,10 @@ def _quant_weight(site: Site, codes: int, scales: int, zero_points: int, rests: 
         raise Unsupported(f"{n.op_type} with {bits}-bit blocks of {block} (kernels: 4 or 8 bits, power-of-two blocks >= 16)")
     blocks = -(-k // block)
     key = ("quant", id(n.inputs[codes]), id(n.inputs[scales]), r is not None)
-    offset = site.blob.add(key, lambda: pack_quant(
-        b.reshape(cols, blocks, -1), s.reshape(cols, blocks), zp, None if r is None else r.reshape(cols, blocks),
-        k, cols, bits, block))
+    rests = None if r is None else r.reshape(cols, blocks)
+    nbytes = None if site.blob.pack else quant_nbytes(s, zp, rests, k, cols, bits, block)  # (the codes stay unread)
+    offset = site.blob.add(key, lambda: pack_quant(b.reshape(cols, blocks, -1), s.reshape(cols, blocks), zp, rests,
+                                                   k, cols, bits, block), nbytes=nbytes)
     return offset, k, cols, bits, block
 
 

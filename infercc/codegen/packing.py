@@ -100,10 +100,7 @@ def pack_quant(
     if scales.shape != (N, blocks) or (rests is not None and rests.shape != (N, blocks)):
         raise ValueError(f"scales/rests must be [{N}, {blocks}]")
     codes = unpack_codes(np.asarray(B, np.uint8), bits)  # [N, blocks, block]
-    if zero_points is None:
-        zeros = np.full((N, blocks), 1 << (bits - 1), np.uint8)
-    else:
-        zeros = unpack_zero_points(np.asarray(zero_points, np.uint8), bits, blocks)
+    zeros = _zeros(zero_points, N, blocks, bits)
     # K padded to whole blocks by the quantizer: make the padding the zero point so it adds nothing
     # whatever the padded activations hold (ours are zero; this is belt and braces).
     if blocks * block > K:
@@ -111,14 +108,9 @@ def pack_quant(
         flat[:, K:] = zeros[:, -1:]
         codes = flat.reshape(N, blocks, block)
     scales = np.asarray(scales, np.float32)
-    with np.errstate(over="ignore"):
-        half = scales.astype(np.float16)
-    exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
-    flags = (FLAG_ZERO_POINTS if zero_points is not None else 0) | (FLAG_RESTS if rests is not None else 0)
-    flags |= FLAG_F16_SCALES if exact_half else 0
-    mins = _half_mins(scales, zeros, rests, bits) if rests is not None and exact_half else None
-    if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
-        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_MINS
+    flags, half, mins = _quant_flags(scales, zeros, zero_points is not None, rests, bits)
+    exact_half = bool(flags & FLAG_F16_SCALES)
+    if mins is not None:
         rests = mins
     panels = -(-N // PANEL)
     pad_n = panels * PANEL - N
@@ -148,6 +140,39 @@ def pack_quant(
     header = np.zeros(HEADER // 4, np.int32)
     header[:8] = [MAGIC, VERSION, bits, block, K, N, flags, stride]
     return np.concatenate([header.view(np.uint8), body.reshape(-1)])
+
+
+def quant_nbytes(
+    scales: np.ndarray, zero_points: np.ndarray | None, rests: np.ndarray | None, K: int, N: int, bits: int, block: int,
+) -> int:
+    """Bytes :func:`pack_quant` gives for these arguments (the codes are not read): planning a
+    blob's layout reads the scales, zero points and rests (a few percent of a weight) only."""
+    blocks = -(-K // block)
+    scales = np.asarray(scales, np.float32).reshape(N, blocks)
+    flags = _quant_flags(scales, _zeros(zero_points, N, blocks, bits), zero_points is not None, rests, bits)[0]
+    return HEADER + -(-N // PANEL) * quant_panel_stride(K, bits, block, flags)
+
+
+def _zeros(zero_points: np.ndarray | None, N: int, blocks: int, bits: int) -> np.ndarray:
+    """Zero points uint8 [N, blocks]: unpacked, or 2^(bits-1) everywhere (symmetric) when None."""
+    if zero_points is None:
+        return np.full((N, blocks), 1 << (bits - 1), np.uint8)
+    return unpack_zero_points(np.asarray(zero_points, np.uint8), bits, blocks)
+
+
+def _quant_flags(scales: np.ndarray, zeros: np.ndarray, has_zero_points: bool, rests: np.ndarray | None,
+                 bits: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """The header's flags, the scales as float16 (meant when FLAG_F16_SCALES is set) and the half
+    block minimums that replace zero points and rests (FLAG_MINS), or None."""
+    with np.errstate(over="ignore"):
+        half = scales.astype(np.float16)
+    exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
+    flags = (FLAG_ZERO_POINTS if has_zero_points else 0) | (FLAG_RESTS if rests is not None else 0)
+    flags |= FLAG_F16_SCALES if exact_half else 0
+    mins = _half_mins(scales, zeros, rests, bits) if rests is not None and exact_half else None
+    if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
+        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_MINS
+    return flags, half, mins
 
 
 def _half_mins(scales: np.ndarray, zeros: np.ndarray, rests: np.ndarray, bits: int) -> np.ndarray | None:
