@@ -205,32 +205,34 @@ class Blob:
     ``pack=False`` plans the layout only (offsets and size, no data kept): loading a saved
     artifact regenerates the source this way and memory-maps its weights.bin instead. A caller
     that knows a part's size without making it passes ``nbytes`` and ``make`` is then not called
-    when planning; otherwise ``make`` runs and its data is dropped right away."""
+    until :meth:`array` writes the part into the blob (when packing) or at all (when planning), so
+    the packed weights are never held twice: no list of packed parts beside the blob they are
+    copied into. Without ``nbytes``, ``make`` runs at once (to learn the size) and its data is
+    kept for :meth:`array` (packing) or dropped (planning)."""
 
     def __init__(self, *, pack: bool = True) -> None:
-        self.parts: list[np.ndarray] = []
+        #: (offset, bytes, data or the function that makes it), in offset order.
+        self.parts: list[tuple[int, int, np.ndarray | Callable[[], np.ndarray]]] = []
         self.offsets: dict[Hashable, int] = {}
         self.size = 0
         self.pack = pack
 
     def add(self, key: Hashable, make: Callable[[], np.ndarray], nbytes: int | None = None) -> int:
         if key not in self.offsets:
-            if self.pack or nbytes is None:
-                data = np.ascontiguousarray(make()).reshape(-1).view(np.uint8)
-                nbytes = len(data)
-                if self.pack:
-                    self.parts.append(data)
+            part: np.ndarray | Callable[[], np.ndarray] = make
+            if nbytes is None:
+                part = _bytes(make())
+                nbytes = len(part)
+            if self.pack:
+                self.parts.append((self.size, nbytes, part))
             self.offsets[key] = self.size
-            pad = -nbytes % ALIGN
-            if pad and self.pack:
-                self.parts.append(np.zeros(pad, np.uint8))
-            self.size += nbytes + pad
+            self.size += nbytes + -nbytes % ALIGN
         return self.offsets[key]
 
     def array(self) -> np.ndarray:
-        """One buffer whose data starts 64-byte aligned (offsets are relative to it). The parts
-        are released as they are copied, so the weights are held once (peak RSS), not twice;
-        a second call is an error."""
+        """One buffer whose data starts 64-byte aligned (offsets are relative to it), each part
+        made (or taken) and written in place, then released: the weights are held once (peak
+        RSS), not twice; a second call is an error."""
         if not self.pack:
             raise ValueError("a planned Blob (pack=False) holds no data")
         if self.size and not self.parts:
@@ -238,10 +240,18 @@ class Blob:
         raw = np.empty(self.size + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
         out = raw[start:start + self.size]
-        at = 0
         parts, self.parts = self.parts, []
-        while parts:
-            part = parts.pop(0)
-            out[at:at + len(part)] = part
-            at += len(part)
+        ends = [offset for offset, _, _ in parts[1:]] + [self.size]
+        for (offset, nbytes, part), end in zip(parts, ends):
+            data = _bytes(part() if callable(part) else part)
+            if len(data) != nbytes:  # the planned size was wrong: the source's offsets would be too
+                raise ValueError(f"a blob part made {len(data)} bytes where {nbytes} were planned")
+            out[offset:offset + nbytes] = data
+            out[offset + nbytes:end] = 0
+            del data
         return out
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """The array's bytes, flat (a C-contiguous copy only when it is not one already)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)

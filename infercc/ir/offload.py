@@ -13,6 +13,7 @@ come back from the file when read again).
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ _ALIGN = 64
 def offload(model: Model, directory: str | None = None, min_bytes: int = MIN_BYTES) -> int:
     """Move ``model``'s initializers of at least ``min_bytes`` out of anonymous memory (into a
     temporary file in ``directory``, default the system's temporary folder); the bytes moved."""
+    gc.collect()  # the passes' dead snapshots (reference cycles) may still hold views of the imported weights
     moved: list[Tensor] = []
     mappings: dict[int, mmap.mmap] = {}
     for tensor in _tensors(model.graph):
