@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .codegen import artifact, custom
+from .codegen.build import cache_dir
 from .config import Config
 from .errors import InputError, ModelLoadError
 from .ir import Model, load_model, save_model, to_proto
+from .ir.offload import offload
 from .passes.diagnostics import Diagnostics
 from .passes.lowering import lower_for_ort, wants_c
 from .runtime.c_backend import CBackend, CUnavailable
@@ -97,6 +99,8 @@ class CompiledModel:
                 backend = CBackend(model, intra_op_threads=self.config.intra_op_threads, kernels=self.kernels,
                                    weights_from=saved)
                 self.runtime_reason = "generated C: every op has a C kernel"
+                if self.config.offload_weights:  # the blob holds the weights now: the IR's copy leaves memory
+                    offload(model, str(cache_dir()))
                 return backend
             except CUnavailable as exc:
                 self.runtime_reason = f"ONNX Runtime: the generated-C runtime cannot run this model ({exc})"
@@ -199,9 +203,12 @@ class CompiledModel:
         directory = Path(directory)
         previous = _previous_save(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        files = save_model(self.model, directory / MODEL_FILE)
+        on_c = wants_c(self.config) and isinstance(self.backend, CBackend)
+        # On the C runtime the weights go to model.onnx.data, streamed tensor by tensor (no second
+        # copy in a protobuf while saving) and memory-mapped by load (resident only when read).
+        files = save_model(self.model, directory / MODEL_FILE, external_data=True if on_c else None)
         c_runtime = None
-        if wants_c(self.config) and isinstance(self.backend, CBackend):  # the C artifact, for load to map
+        if on_c:  # the C artifact, for load to map
             c_runtime = artifact.write(directory, self.backend.source, self.backend.library.weights)
             files += [str(directory / artifact.SOURCE_FILE), str(directory / artifact.WEIGHTS_FILE)]
         written = {os.path.basename(f) for f in files}

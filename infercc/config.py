@@ -54,6 +54,11 @@ class Config:
     #: ``CompiledModel.runtime`` says which one runs. Default "ort" until the C kernels beat
     #: ONNX Runtime on the benchmarks (see codegen/).
     backend: str = "ort"
+    #: Once the generated-C runtime has packed the weights into its own blob, move the IR's copy of
+    #: every large initializer out of memory (a read-only map of a temporary file, or of the saved
+    #: model's external data: ir/offload.py), so the weights are resident once. Everything that reads
+    #: them (save, speculation heads, LoRA, the ONNX Runtime fallback) reads the map. False keeps both.
+    offload_weights: bool = True
     #: Attention masking: "auto" keeps what each attention's mask computes (causal where the model
     #: builds a causal triangle; encoders stay bidirectional), "causal" forces a causal mask,
     #: "none" removes the causal triangle and sliding window (padding masks stay). A policy that

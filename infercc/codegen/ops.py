@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ir import DType, Node, Value
 from ..passes.canonical import DOMAIN
-from .packing import Blob, pack_f32, pack_quant
+from .packing import PANEL, Blob, pack_f32, pack_quant, quant_nbytes
 
 
 class Unsupported(Exception):
@@ -287,6 +287,11 @@ def _slice(site: Site) -> list[str]:
 
 @emits("Gather")
 def _gather(site: Site) -> list[str]:
+    table = site.node.inputs[0]
+    if int(site.node.attr("axis", 0)) == 0 and _tied_table(table):
+        n, k = table.const.shape
+        offset = _panels(site.blob, table, True)
+        return [f"icc_gather_panels({site.outs[0]}, {site.ins[1]}, {n}, {k}, W + {offset});"]
     return [_set_dt(site), f"icc_gather({site.outs[0]}, {site.ins[0]}, {site.ins[1]}, {int(site.node.attr('axis', 0))});"]
 
 
@@ -331,8 +336,8 @@ def _softmax(site: Site) -> list[str]:
 
 
 # -- matmuls ---------------------------------------------------------------------------------------
-def _transposed_weight(b: Value | None) -> np.ndarray | None:
-    """W^T when ``b`` is Transpose(W) of a constant 2-D W, else None. Torch exports of a tied
+def _transposed_weight(b: Value | None) -> Value | None:
+    """The constant W when ``b`` is Transpose(W) of a constant 2-D W (the MatMul packs W^T), else None. Torch exports of a tied
     embedding and LM head read the table as MatMul(x, Transpose(table)), and constant folding keeps
     the Transpose (folding would store the table twice in the model): a MatMul packs its weight
     into the blob anyway, so packing W^T there costs nothing more, where a run-time Transpose
@@ -341,22 +346,57 @@ def _transposed_weight(b: Value | None) -> np.ndarray | None:
     if node is None or node.op_type != "Transpose" or node.domain:
         return None
     w = node.inputs[0]
-    if w is None or w.const is None or w.is_graph_input or len(w.shape or ()) != 2:
+    if w is None or w.const is None or w.is_graph_input or len(w.const.shape) != 2:
         return None
     if list(node.attr("perm", None) or [1, 0]) != [1, 0]:
         return None
-    return w.const.numpy().T
+    return w
+
+
+def _packed_operand(node: Node) -> tuple[Value, bool] | None:
+    """(constant, transposed) whose pack_f32 panels the MatMul/Gemm ``node`` multiplies by (the
+    weight is the constant, or its transpose when ``transposed``), None when it takes another path."""
+    b = node.inputs[1] if len(node.inputs) > 1 else None
+    if b is None or node.domain or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    if b.const is not None and not b.is_graph_input and len(b.const.shape) == 2:
+        return b, node.op_type == "Gemm" and bool(node.attr("transB", 0))
+    source = _transposed_weight(b) if node.op_type == "MatMul" else None
+    return None if source is None else (source, True)
+
+
+def _tied_table(table: Value | None) -> bool:
+    """Whether ``table`` is a constant float [N, K] that a MatMul/Gemm also reads transposed (a
+    tied embedding and LM head): its Gather then reads rows from the head's panels, one copy."""
+    if table is None or table.const is None or table.is_graph_input or table.dtype != DType.FLOAT:
+        return False
+    if len(table.const.shape) != 2:
+        return False
+    readers = [c for c in table.consumers() if c.op_type != "Transpose"]
+    readers += [r for c in table.consumers() if c.op_type == "Transpose" for r in c.outputs[0].consumers()]
+    return any((op := _packed_operand(r)) is not None and op[0] is table and op[1] for r in readers)
+
+
+def _panels(blob: Blob, value: Value, transposed: bool) -> int:
+    """Offset of the constant's pack_f32 panels (of its transpose when ``transposed``) in the blob:
+    one entry per (constant, orientation), whoever asks first (the tied Gather or the head)."""
+    rows, cols = value.const.shape
+
+    def make() -> np.ndarray:
+        w = value.const.numpy()
+        return pack_f32(np.asarray(w.T if transposed else w, np.float32))
+
+    k, n = (cols, rows) if transposed else (rows, cols)
+    return blob.add(("f32panels", id(value), transposed), make, nbytes=-(-n // PANEL) * PANEL * k * 4)
 
 
 @emits("MatMul")
 def _matmul(site: Site) -> list[str]:
     _float_only(site, 0, 1)
-    w = site.const(1)
-    if w is None:
-        w = _transposed_weight(site.node.inputs[1])
-    if w is None or w.ndim != 2:
+    operand = _packed_operand(site.node)
+    if operand is None:
         return [_set_dt(site), f"icc_matmul({site.outs[0]}, {site.ins[0]}, {site.ins[1]});"]
-    return _gemm_const(site, np.ascontiguousarray(w, np.float32), None)
+    return _gemm_const(site, operand, None)
 
 
 @emits("Gemm")
@@ -369,12 +409,10 @@ def _gemm(site: Site) -> list[str]:
     if n.attr("transA", 0) or cols is None or float(n.attr("alpha", 1.0)) != 1.0 or (site.has(2) and c is None) \
             or not bias_row:
         return _gemm_general(site)
-    if n.attr("transB", 0):
-        w = w.T
     bias = None
     if c is not None:
-        bias = np.broadcast_to(c.reshape(-1).astype(np.float32) * float(n.attr("beta", 1.0)), (w.shape[1],))
-    return _gemm_const(site, np.ascontiguousarray(w, np.float32), bias)
+        bias = np.broadcast_to(c.reshape(-1).astype(np.float32) * float(n.attr("beta", 1.0)), (cols,))
+    return _gemm_const(site, (n.inputs[1], bool(n.attr("transB", 0))), bias)
 
 
 def _gemm_general(site: Site) -> list[str]:
@@ -387,9 +425,10 @@ def _gemm_general(site: Site) -> list[str]:
                            f"{int(n.attr('transB', 0))}, {lit(float(n.attr('alpha', 1.0)))}, {lit(float(n.attr('beta', 1.0)))});"]
 
 
-def _gemm_const(site: Site, w: np.ndarray, bias: np.ndarray | None) -> list[str]:
-    k, n = w.shape
-    weight = site.blob.add(("gemm", site.node.inputs[1].name, id(site.node.inputs[1])), lambda: pack_f32(w))
+def _gemm_const(site: Site, operand: tuple[Value, bool], bias: np.ndarray | None) -> list[str]:
+    value, transposed = operand
+    k, n = value.const.shape[::-1] if transposed else value.const.shape
+    weight = _panels(site.blob, value, transposed)
     b = "NULL" if bias is None else f"(const float *)(W + {site.blob.add(('bias', id(site.node)), lambda: bias)})"
     x, o = site.ins[0], site.outs[0]
     return ["{", f"{o}->dt = ICC_F32; {o}->r = {x}->r; memcpy({o}->d, {x}->d, sizeof({o}->d)); {o}->d[{o}->r - 1] = {n};",
@@ -410,9 +449,10 @@ def _quant_weight(site: Site, codes: int, scales: int, zero_points: int, rests: 
         raise Unsupported(f"{n.op_type} with {bits}-bit blocks of {block} (kernels: 4 or 8 bits, power-of-two blocks >= 16)")
     blocks = -(-k // block)
     key = ("quant", id(n.inputs[codes]), id(n.inputs[scales]), r is not None)
-    offset = site.blob.add(key, lambda: pack_quant(
-        b.reshape(cols, blocks, -1), s.reshape(cols, blocks), zp, None if r is None else r.reshape(cols, blocks),
-        k, cols, bits, block))
+    rests = None if r is None else r.reshape(cols, blocks)
+    nbytes = None if site.blob.pack else quant_nbytes(s, zp, rests, k, cols, bits, block)  # (the codes stay unread)
+    offset = site.blob.add(key, lambda: pack_quant(b.reshape(cols, blocks, -1), s.reshape(cols, blocks), zp, rests,
+                                                   k, cols, bits, block), nbytes=nbytes)
     return offset, k, cols, bits, block
 
 

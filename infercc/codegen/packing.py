@@ -100,10 +100,7 @@ def pack_quant(
     if scales.shape != (N, blocks) or (rests is not None and rests.shape != (N, blocks)):
         raise ValueError(f"scales/rests must be [{N}, {blocks}]")
     codes = unpack_codes(np.asarray(B, np.uint8), bits)  # [N, blocks, block]
-    if zero_points is None:
-        zeros = np.full((N, blocks), 1 << (bits - 1), np.uint8)
-    else:
-        zeros = unpack_zero_points(np.asarray(zero_points, np.uint8), bits, blocks)
+    zeros = _zeros(zero_points, N, blocks, bits)
     # K padded to whole blocks by the quantizer: make the padding the zero point so it adds nothing
     # whatever the padded activations hold (ours are zero; this is belt and braces).
     if blocks * block > K:
@@ -111,14 +108,9 @@ def pack_quant(
         flat[:, K:] = zeros[:, -1:]
         codes = flat.reshape(N, blocks, block)
     scales = np.asarray(scales, np.float32)
-    with np.errstate(over="ignore"):
-        half = scales.astype(np.float16)
-    exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
-    flags = (FLAG_ZERO_POINTS if zero_points is not None else 0) | (FLAG_RESTS if rests is not None else 0)
-    flags |= FLAG_F16_SCALES if exact_half else 0
-    mins = _half_mins(scales, zeros, rests, bits) if rests is not None and exact_half else None
-    if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
-        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_MINS
+    flags, half, mins = _quant_flags(scales, zeros, zero_points is not None, rests, bits)
+    exact_half = bool(flags & FLAG_F16_SCALES)
+    if mins is not None:
         rests = mins
     panels = -(-N // PANEL)
     pad_n = panels * PANEL - N
@@ -148,6 +140,39 @@ def pack_quant(
     header = np.zeros(HEADER // 4, np.int32)
     header[:8] = [MAGIC, VERSION, bits, block, K, N, flags, stride]
     return np.concatenate([header.view(np.uint8), body.reshape(-1)])
+
+
+def quant_nbytes(
+    scales: np.ndarray, zero_points: np.ndarray | None, rests: np.ndarray | None, K: int, N: int, bits: int, block: int,
+) -> int:
+    """Bytes :func:`pack_quant` gives for these arguments (the codes are not read): planning a
+    blob's layout reads the scales, zero points and rests (a few percent of a weight) only."""
+    blocks = -(-K // block)
+    scales = np.asarray(scales, np.float32).reshape(N, blocks)
+    flags = _quant_flags(scales, _zeros(zero_points, N, blocks, bits), zero_points is not None, rests, bits)[0]
+    return HEADER + -(-N // PANEL) * quant_panel_stride(K, bits, block, flags)
+
+
+def _zeros(zero_points: np.ndarray | None, N: int, blocks: int, bits: int) -> np.ndarray:
+    """Zero points uint8 [N, blocks]: unpacked, or 2^(bits-1) everywhere (symmetric) when None."""
+    if zero_points is None:
+        return np.full((N, blocks), 1 << (bits - 1), np.uint8)
+    return unpack_zero_points(np.asarray(zero_points, np.uint8), bits, blocks)
+
+
+def _quant_flags(scales: np.ndarray, zeros: np.ndarray, has_zero_points: bool, rests: np.ndarray | None,
+                 bits: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """The header's flags, the scales as float16 (meant when FLAG_F16_SCALES is set) and the half
+    block minimums that replace zero points and rests (FLAG_MINS), or None."""
+    with np.errstate(over="ignore"):
+        half = scales.astype(np.float16)
+    exact_half = bool(np.array_equal(half.astype(np.float32), scales))  # NaN never compares equal: stays float32
+    flags = (FLAG_ZERO_POINTS if has_zero_points else 0) | (FLAG_RESTS if rests is not None else 0)
+    flags |= FLAG_F16_SCALES if exact_half else 0
+    mins = _half_mins(scales, zeros, rests, bits) if rests is not None and exact_half else None
+    if mins is not None:  # scale * (code - z) + rest == scale * code + min, min a float16
+        flags = (flags & ~FLAG_ZERO_POINTS) | FLAG_F16_RESTS | FLAG_MINS
+    return flags, half, mins
 
 
 def _half_mins(scales: np.ndarray, zeros: np.ndarray, rests: np.ndarray, bits: int) -> np.ndarray | None:
@@ -180,32 +205,34 @@ class Blob:
     ``pack=False`` plans the layout only (offsets and size, no data kept): loading a saved
     artifact regenerates the source this way and memory-maps its weights.bin instead. A caller
     that knows a part's size without making it passes ``nbytes`` and ``make`` is then not called
-    when planning; otherwise ``make`` runs and its data is dropped right away."""
+    until :meth:`array` writes the part into the blob (when packing) or at all (when planning), so
+    the packed weights are never held twice: no list of packed parts beside the blob they are
+    copied into. Without ``nbytes``, ``make`` runs at once (to learn the size) and its data is
+    kept for :meth:`array` (packing) or dropped (planning)."""
 
     def __init__(self, *, pack: bool = True) -> None:
-        self.parts: list[np.ndarray] = []
+        #: (offset, bytes, data or the function that makes it), in offset order.
+        self.parts: list[tuple[int, int, np.ndarray | Callable[[], np.ndarray]]] = []
         self.offsets: dict[Hashable, int] = {}
         self.size = 0
         self.pack = pack
 
     def add(self, key: Hashable, make: Callable[[], np.ndarray], nbytes: int | None = None) -> int:
         if key not in self.offsets:
-            if self.pack or nbytes is None:
-                data = np.ascontiguousarray(make()).reshape(-1).view(np.uint8)
-                nbytes = len(data)
-                if self.pack:
-                    self.parts.append(data)
+            part: np.ndarray | Callable[[], np.ndarray] = make
+            if nbytes is None:
+                part = _bytes(make())
+                nbytes = len(part)
+            if self.pack:
+                self.parts.append((self.size, nbytes, part))
             self.offsets[key] = self.size
-            pad = -nbytes % ALIGN
-            if pad and self.pack:
-                self.parts.append(np.zeros(pad, np.uint8))
-            self.size += nbytes + pad
+            self.size += nbytes + -nbytes % ALIGN
         return self.offsets[key]
 
     def array(self) -> np.ndarray:
-        """One buffer whose data starts 64-byte aligned (offsets are relative to it). The parts
-        are released as they are copied, so the weights are held once (peak RSS), not twice;
-        a second call is an error."""
+        """One buffer whose data starts 64-byte aligned (offsets are relative to it), each part
+        made (or taken) and written in place, then released: the weights are held once (peak
+        RSS), not twice; a second call is an error."""
         if not self.pack:
             raise ValueError("a planned Blob (pack=False) holds no data")
         if self.size and not self.parts:
@@ -213,10 +240,18 @@ class Blob:
         raw = np.empty(self.size + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
         out = raw[start:start + self.size]
-        at = 0
         parts, self.parts = self.parts, []
-        while parts:
-            part = parts.pop(0)
-            out[at:at + len(part)] = part
-            at += len(part)
+        ends = [offset for offset, _, _ in parts[1:]] + [self.size]
+        for (offset, nbytes, part), end in zip(parts, ends):
+            data = _bytes(part() if callable(part) else part)
+            if len(data) != nbytes:  # the planned size was wrong: the source's offsets would be too
+                raise ValueError(f"a blob part made {len(data)} bytes where {nbytes} were planned")
+            out[offset:offset + nbytes] = data
+            out[offset + nbytes:end] = 0
+            del data
         return out
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """The array's bytes, flat (a C-contiguous copy only when it is not one already)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)

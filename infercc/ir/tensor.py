@@ -105,6 +105,20 @@ class Tensor:
             return np.zeros(self._shape, np_dtype)
         return np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=self._shape)
 
+    @property
+    def loaded(self) -> np.ndarray | None:
+        """The array ``numpy()`` made so far, or None when the data was never asked for."""
+        return self._array
+
+    def remap(self, array: np.ndarray) -> None:
+        """Hold ``array`` (a read-only memory map of a copy of this tensor's values, ir/offload.py)
+        in place of the data held now, which is then freed (the imported proto's bytes included).
+        The values must be equal: this is a move, not an edit (passes still make new Tensors)."""
+        if array.shape != self._shape or DType.from_numpy(array.dtype) != self._dtype or self.is_external:
+            raise ValueError(f"remap of {self!r} needs an array of shape {list(self._shape)} and type {self._dtype}")
+        array.flags.writeable = False
+        self._array, self._proto = array, None
+
     def to_proto(self, name: str) -> onnx.TensorProto:
         """A TensorProto with the data inline; the imported proto is reused when nothing changed."""
         if self._proto is not None and not self.is_external:

@@ -192,6 +192,26 @@ static void icc_gather(icc_t *o, const icc_t *x, const icc_t *idx, int64_t axis)
         }
 }
 
+/* Rows of a float table [N, K] read from the panels of its transpose (pack_f32 of table^T: the
+   tied LM head's weight), so a model whose embedding and head share one table stores it once: row
+   n is column n % ICC_PANEL of panel n / ICC_PANEL, K floats ICC_PANEL apart. Gather's axis-0
+   semantics: output shape idx + [K], a negative index counts from the end, one out of range fails. */
+static void icc_gather_panels(icc_t *o, const icc_t *idx, int64_t N, int64_t K, const float *w) {
+    o->dt = ICC_F32;
+    icc_set_shape(o, idx->r, idx->d);
+    o->d[o->r++] = K;
+    icc_alloc(o);
+    const int64_t n_ids = icc_numel(idx);
+    for (int64_t i = 0; i < n_ids; i++) {
+        int64_t j = icc_i(idx, i);
+        if (j < 0) j += N;
+        if (j < 0 || j >= N) { icc_fail("Gather index out of range"); return; }
+        const float *col = w + (j / ICC_PANEL) * K * ICC_PANEL + j % ICC_PANEL;
+        float *row = (float *)o->p + i * K;
+        for (int64_t k = 0; k < K; k++) row[k] = col[k * ICC_PANEL];
+    }
+}
+
 static void icc_gather_elements(icc_t *o, const icc_t *x, const icc_t *idx, int64_t axis) {
     axis = icc_axis(axis, x->r);
     icc_set_shape(o, idx->r, idx->d);
