@@ -449,6 +449,52 @@ typedef struct {
     int64_t *lo, *hi, *moff;
 } icc_at_ws;
 
+/* s[j] += where(key jt+j allowed, 0, mv) + mask_float for the n keys of a tile: allowed = within
+ * [lo, hi] and mask_bool (both masks read at o + key * mstride). A contiguous mask row (mstride 1,
+ * the padding masks of decode) takes branch-free loops gcc vectorizes; the arithmetic, and so every
+ * bit, is the per-key loop's. */
+static inline void icc_at_bias(float *s, int64_t n, int64_t jt, int64_t lo, int64_t hi, const uint8_t *mask_bool,
+                               const float *mask_float, int64_t o, int64_t mstride, float mv) {
+    if (mstride != 1) {
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t kj = jt + j;
+            int ok = kj >= lo && kj <= hi;
+            if (mask_bool) ok = ok && mask_bool[o + kj * mstride];
+            float bias = ok ? 0.0f : mv;
+            if (mask_float) bias += mask_float[o + kj * mstride];
+            s[j] += bias;
+        }
+        return;
+    }
+    int64_t a = lo - jt, b = hi - jt + 1; /* keys [a, b) of the tile are within the bounds */
+    a = a < 0 ? 0 : (a > n ? n : a);
+    b = b < a ? a : (b > n ? n : b);
+    const uint8_t *mb = mask_bool ? mask_bool + o + jt : NULL;
+    const float *mf = mask_float ? mask_float + o + jt : NULL;
+    for (int64_t j = a > 0 ? 0 : b; j < n; j = (j + 1 == a) ? b : j + 1) { /* outside the bounds: [0, a) and [b, n) */
+        float bias = mv;
+        if (mf) bias += mf[j];
+        s[j] += bias;
+    }
+    if (mb && mf) {
+        for (int64_t j = a; j < b; j++) {
+            float bias = mb[j] ? 0.0f : mv;
+            bias += mf[j];
+            s[j] += bias;
+        }
+    } else if (mb) {
+        for (int64_t j = a; j < b; j++) s[j] += mb[j] ? 0.0f : mv;
+    } else if (mf) {
+        for (int64_t j = a; j < b; j++) {
+            float bias = 0.0f;
+            bias += mf[j];
+            s[j] += bias;
+        }
+    } else {
+        for (int64_t j = a; j < b; j++) s[j] += 0.0f;
+    }
+}
+
 /* ---- shared by the attention kernels (this one and paged_attention.h) ------------------------------ */
 /* Row m's scores s[0..n) for keys jt .. jt+n-1 (already q.k): softcap, causal/window bounds
  * [lo, hi] and masks (bias mv where disallowed), then the online-softmax update of (m, l) with
@@ -463,17 +509,8 @@ static inline int icc_at_row(icc_at_ws *w, int64_t m, int64_t jt, int64_t n, int
     }
     if (cap != 0.0f)
         for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
-    if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m]) {
-        const int64_t o = w->moff[m];
-        for (int64_t j = 0; j < n; j++) {
-            const int64_t kj = jt + j;
-            int ok = kj >= w->lo[m] && kj <= w->hi[m];
-            if (mask_bool) ok = ok && mask_bool[o + kj * mstride];
-            float bias = ok ? 0.0f : mv;
-            if (mask_float) bias += mask_float[o + kj * mstride];
-            s[j] += bias;
-        }
-    }
+    if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m])
+        icc_at_bias(s, n, jt, w->lo[m], w->hi[m], mask_bool, mask_float, w->moff[m], mstride, mv);
     const float mt = icc_at_rowmax(s, n);
     if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
         memset(s, 0, (size_t)n * sizeof(float));
