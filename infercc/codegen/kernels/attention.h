@@ -426,7 +426,7 @@ static inline void icc_at_pv_all(float *acc, int64_t Dv, int64_t M, const float 
 
 /* ---- the kernel -------------------------------------------------------------------------------- */
 /* Head bh's rows of one cache tensor: the past copied into present (unless in place), then the S
- * new rows appended in the cache's type. Called inside the kernel's parallel region. */
+ * new rows appended in the cache's type. Called by icc_at_run, in or out of a parallel region. */
 static inline void icc_at_append(const icc_attention_args *a, int64_t bh, const void *past, void *present,
                                  const float *src, int64_t size) {
     const int64_t S = a->S, P = a->P, Hkv = a->Hkv, b = bh / Hkv, g = bh % Hkv;
@@ -449,6 +449,52 @@ typedef struct {
     int64_t *lo, *hi, *moff;
 } icc_at_ws;
 
+/* s[j] += where(key jt+j allowed, 0, mv) + mask_float for the n keys of a tile: allowed = within
+ * [lo, hi] and mask_bool (both masks read at o + key * mstride). A contiguous mask row (mstride 1,
+ * the padding masks of decode) takes branch-free loops gcc vectorizes; the arithmetic, and so every
+ * bit, is the per-key loop's. */
+static inline void icc_at_bias(float *s, int64_t n, int64_t jt, int64_t lo, int64_t hi, const uint8_t *mask_bool,
+                               const float *mask_float, int64_t o, int64_t mstride, float mv) {
+    if (mstride != 1) {
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t kj = jt + j;
+            int ok = kj >= lo && kj <= hi;
+            if (mask_bool) ok = ok && mask_bool[o + kj * mstride];
+            float bias = ok ? 0.0f : mv;
+            if (mask_float) bias += mask_float[o + kj * mstride];
+            s[j] += bias;
+        }
+        return;
+    }
+    int64_t a = lo - jt, b = hi - jt + 1; /* keys [a, b) of the tile are within the bounds */
+    a = a < 0 ? 0 : (a > n ? n : a);
+    b = b < a ? a : (b > n ? n : b);
+    const uint8_t *mb = mask_bool ? mask_bool + o + jt : NULL;
+    const float *mf = mask_float ? mask_float + o + jt : NULL;
+    for (int64_t j = a > 0 ? 0 : b; j < n; j = (j + 1 == a) ? b : j + 1) { /* outside the bounds: [0, a) and [b, n) */
+        float bias = mv;
+        if (mf) bias += mf[j];
+        s[j] += bias;
+    }
+    if (mb && mf) {
+        for (int64_t j = a; j < b; j++) {
+            float bias = mb[j] ? 0.0f : mv;
+            bias += mf[j];
+            s[j] += bias;
+        }
+    } else if (mb) {
+        for (int64_t j = a; j < b; j++) s[j] += mb[j] ? 0.0f : mv;
+    } else if (mf) {
+        for (int64_t j = a; j < b; j++) {
+            float bias = 0.0f;
+            bias += mf[j];
+            s[j] += bias;
+        }
+    } else {
+        for (int64_t j = a; j < b; j++) s[j] += 0.0f;
+    }
+}
+
 /* ---- shared by the attention kernels (this one and paged_attention.h) ------------------------------ */
 /* Row m's scores s[0..n) for keys jt .. jt+n-1 (already q.k): softcap, causal/window bounds
  * [lo, hi] and masks (bias mv where disallowed), then the online-softmax update of (m, l) with
@@ -463,17 +509,8 @@ static inline int icc_at_row(icc_at_ws *w, int64_t m, int64_t jt, int64_t n, int
     }
     if (cap != 0.0f)
         for (int64_t j = 0; j < n; j++) s[j] = tanhf(s[j] / cap) * cap;
-    if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m]) {
-        const int64_t o = w->moff[m];
-        for (int64_t j = 0; j < n; j++) {
-            const int64_t kj = jt + j;
-            int ok = kj >= w->lo[m] && kj <= w->hi[m];
-            if (mask_bool) ok = ok && mask_bool[o + kj * mstride];
-            float bias = ok ? 0.0f : mv;
-            if (mask_float) bias += mask_float[o + kj * mstride];
-            s[j] += bias;
-        }
-    }
+    if (has_mask || jt < w->lo[m] || jt + n - 1 > w->hi[m])
+        icc_at_bias(s, n, jt, w->lo[m], w->hi[m], mask_bool, mask_float, w->moff[m], mstride, mv);
     const float mt = icc_at_rowmax(s, n);
     if (isinf(mt) && mt < 0) { /* every score -inf: p = 0 */
         memset(s, 0, (size_t)n * sizeof(float));
@@ -556,35 +593,42 @@ static inline int64_t icc_at_splits(int64_t keys) {
     return keys > ICC_AT_SPLIT ? (keys + ICC_AT_SPLIT - 1) / ICC_AT_SPLIT : 1;
 }
 
-/* The splits' partial (max, sum, acc) merged into out; an orphaned `omp for`: call it inside the
- * kernel's parallel region (or outside one, serially). */
-static inline void icc_at_merge(const float *part, float *out, int64_t B, int64_t S, int64_t Hkv, int64_t R,
-                                int64_t rep, int64_t Dv, int64_t nsplit) {
+/* One row's split partials (max, sum, acc) merged into its output. */
+static inline void icc_at_merge_row(const float *part, float *out, int64_t S, int64_t Hkv, int64_t R, int64_t rep,
+                                    int64_t Dv, int64_t nsplit, int64_t row) {
     const int64_t HDv = Hkv * rep * Dv;
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < B * Hkv * R; row++) {
-        const int64_t bg = row / R, t = row % R, b = bg / Hkv, g = bg % Hkv;
-        const float *pr = part + row * nsplit * (Dv + 2);
-        float mx = -INFINITY, l = 0.0f;
-        for (int64_t sp = 0; sp < nsplit; sp++) { /* a NaN (failed split) stays NaN */
-            const float ms = pr[sp * (Dv + 2)];
-            mx = (ms > mx || ms != ms) ? ms : mx;
-        }
-        float *o = out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
-        for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
-        if (isinf(mx) && mx < 0) continue;
-        for (int64_t sp = 0; sp < nsplit; sp++) {
-            const float *ps = pr + sp * (Dv + 2);
-            if (isinf(ps[0]) && ps[0] < 0) continue;
-            const float f = expf(ps[0] - mx);
-            l += ps[1] * f;
-            for (int64_t d = 0; d < Dv; d++) o[d] += ps[2 + d] * f;
-        }
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
+    const int64_t bg = row / R, t = row % R, b = bg / Hkv, g = bg % Hkv;
+    const float *pr = part + row * nsplit * (Dv + 2);
+    float mx = -INFINITY, l = 0.0f;
+    for (int64_t sp = 0; sp < nsplit; sp++) { /* a NaN (failed split) stays NaN */
+        const float ms = pr[sp * (Dv + 2)];
+        mx = (ms > mx || ms != ms) ? ms : mx;
     }
+    float *o = out + (b * S + t / rep) * HDv + (g * rep + t % rep) * Dv;
+    for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
+    if (isinf(mx) && mx < 0) return;
+    for (int64_t sp = 0; sp < nsplit; sp++) {
+        const float *ps = pr + sp * (Dv + 2);
+        if (isinf(ps[0]) && ps[0] < 0) continue;
+        const float f = expf(ps[0] - mx);
+        l += ps[1] * f;
+        for (int64_t d = 0; d < Dv; d++) o[d] += ps[2 + d] * f;
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
 }
 
+/* Every row's splits merged: an orphaned `omp for` with par = 1 (inside the kernel's parallel
+ * region), a plain loop with par = 0. */
+static inline void icc_at_merge(const float *part, float *out, int64_t B, int64_t S, int64_t Hkv, int64_t R,
+                                int64_t rep, int64_t Dv, int64_t nsplit, int par) {
+    if (par) {
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < B * Hkv * R; row++) icc_at_merge_row(part, out, S, Hkv, R, rep, Dv, nsplit, row);
+    } else {
+        for (int64_t row = 0; row < B * Hkv * R; row++) icc_at_merge_row(part, out, S, Hkv, R, rep, Dv, nsplit, row);
+    }
+}
 
 /* Rows t0 .. t0+M-1 of kv head group bg against keys [kb, ke): online softmax into w. */
 static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_t bg, int64_t t0,
@@ -638,65 +682,90 @@ static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_
     }
 }
 
+/* Cache tensor x % 2 (0 = keys, 1 = values) of kv head x / 2: the past and the new rows (icc_at_append). */
+static inline void icc_at_append_one(const icc_attention_args *a, int64_t x) {
+    if (x % 2 == 0)
+        icc_at_append(a, x / 2, a->past_k, a->present_k, a->k, a->D);
+    else
+        icc_at_append(a, x / 2, a->past_v, a->present_v, a->v, a->Dv);
+}
+
+/* Work unit u: (kv head group, row chunk, key split), its result into out or its split's partials. */
+static inline void icc_at_unit_run(const icc_attention_args *a, icc_at_ws *w, int ok, float *part, int64_t u,
+                                   int64_t nsplit, int64_t chunks, int64_t R, int64_t Skv) {
+    const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
+    const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
+    const int64_t kb = sp * ICC_AT_SPLIT, ke = (kb + ICC_AT_SPLIT < Skv) ? kb + ICC_AT_SPLIT : Skv;
+    if (ok) icc_at_unit(a, w, bg, t0, M, kb, ke);
+    icc_at_unit_out(w, ok, a->out, part, bg, t0, M, sp, nsplit, R, a->S, a->Hkv, a->H / a->Hkv, a->Dv);
+}
+
+/* The kernel's work after its plan: the new rows into the cache, the units, the merge. par = 1:
+ * called by every thread of a parallel region, the loops shared as orphaned `omp for`s; par = 0:
+ * the calling thread alone, with no OpenMP region at all (a serial region still costs a team
+ * start and a barrier, measured ~1.1 us a call: a third of a 128-key decode of 9 heads). */
+static inline void icc_at_run(const icc_attention_args *a, float *part, int64_t nsplit, char *ws, size_t stride,
+                              size_t nf, int par) {
+    const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
+    const int cached = a->present_k != NULL, half = cached && a->cache_dtype == 1;
+    const int64_t Skv = (cached ? a->P : 0) + S;
+    const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
+    const int64_t units = B * Hkv * chunks * nsplit, appends = cached ? 2 * B * Hkv : 0;
+    if (par) { /* the cache first (the implicit barrier orders it before any read) */
+#pragma omp for schedule(static)
+        for (int64_t x = 0; x < appends; x++) icc_at_append_one(a, x);
+    } else {
+        for (int64_t x = 0; x < appends; x++) icc_at_append_one(a, x);
+    }
+    icc_at_ws w;
+    memset(&w, 0, sizeof w);
+    float *mem = ws ? (float *)(void *)(ws + stride * (size_t)(par ? icc_thread() : 0)) : NULL;
+    if (mem) {
+        w.q = mem;
+        w.s = w.q + ICC_AT_MR * D;
+        w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
+        w.m = w.acc + ICC_AT_MR * Dv;
+        w.l = w.m + ICC_AT_MR;
+        w.alpha = w.l + ICC_AT_MR;
+        w.kt = w.alpha + ICC_AT_MR;
+        w.vt = w.kt + (half ? ICC_AT_TK * D : 0);
+        w.lo = (int64_t *)(void *)(mem + nf);
+        w.hi = w.lo + ICC_AT_MR;
+        w.moff = w.hi + ICC_AT_MR;
+    }
+    if (par) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) icc_at_unit_run(a, &w, mem != NULL, part, u, nsplit, chunks, R, Skv);
+    } else {
+        for (int64_t u = 0; u < units; u++) icc_at_unit_run(a, &w, mem != NULL, part, u, nsplit, chunks, R, Skv);
+    }
+    if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit, par);
+}
+
 static void icc_attention(const icc_attention_args *a) {
     const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
     if (B <= 0 || S <= 0 || H <= 0) return;
     const int cached = a->present_k != NULL;
     const int half = cached && a->cache_dtype == 1;
     const int64_t Skv = (cached ? a->P : 0) + S;
-    const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
-    const int parallel = B * H * S * Skv * (D + Dv) >= ICC_AT_SERIAL_WORK;
-    const int64_t base_units = B * Hkv * chunks;
+    const int64_t R = (H / Hkv) * S;
+    const int parallel = B * H * S * Skv * (D + Dv) >= ICC_AT_SERIAL_WORK && icc_max_threads() > 1;
     int64_t nsplit = icc_at_splits(Skv);
-    const int64_t split_len = ICC_AT_SPLIT;
     /* per row and split: (max, sum, acc[Dv]) */
     float *part = NULL;
     if (nsplit > 1) {
         part = (float *)icc_scratch(ICC_SCR_PART, (size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
         if (!part) nsplit = 1; /* no room for the partials: unsplit */
     }
-    const int64_t units = base_units * nsplit;
     /* each thread's workspace: the floats, then (aligned) the int64 row bounds */
     size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 3) + (half ? ICC_AT_TK * (D + Dv) : 0)), stride;
     nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
     char *ws = icc_scratch_threads(ICC_SCR_WS, nf * sizeof(float) + 3 * ICC_AT_MR * sizeof(int64_t), &stride);
-
-#pragma omp parallel if (parallel)
-    {
-        if (cached) { /* the cache first (the implicit barrier orders it before any read) */
-#pragma omp for schedule(static)
-            for (int64_t x = 0; x < 2 * B * Hkv; x++) {
-                if (x % 2 == 0)
-                    icc_at_append(a, x / 2, a->past_k, a->present_k, a->k, D);
-                else
-                    icc_at_append(a, x / 2, a->past_v, a->present_v, a->v, Dv);
-            }
-        }
-        icc_at_ws w;
-        memset(&w, 0, sizeof w);
-        float *mem = ws ? (float *)(void *)(ws + stride * (size_t)icc_thread()) : NULL;
-        if (mem) {
-            w.q = mem;
-            w.s = w.q + ICC_AT_MR * D;
-            w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
-            w.m = w.acc + ICC_AT_MR * Dv;
-            w.l = w.m + ICC_AT_MR;
-            w.alpha = w.l + ICC_AT_MR;
-            w.kt = w.alpha + ICC_AT_MR;
-            w.vt = w.kt + (half ? ICC_AT_TK * D : 0);
-            w.lo = (int64_t *)(void *)(mem + nf);
-            w.hi = w.lo + ICC_AT_MR;
-            w.moff = w.hi + ICC_AT_MR;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < units; u++) {
-            const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
-            const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
-            const int64_t kb = sp * split_len, ke = (kb + split_len < Skv) ? kb + split_len : Skv;
-            if (mem) icc_at_unit(a, &w, bg, t0, M, kb, ke);
-            icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
-        }
-        if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
+    if (parallel) {
+#pragma omp parallel
+        icc_at_run(a, part, nsplit, ws, stride, nf, 1);
+    } else {
+        icc_at_run(a, part, nsplit, ws, stride, nf, 0);
     }
 }
 

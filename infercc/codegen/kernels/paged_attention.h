@@ -247,6 +247,62 @@ static inline void icc_pa_unit_tree(const icc_paged_attention_args *a, icc_at_ws
     }
 }
 
+/* Work unit u of the paged kernel: (kv head group, row chunk, key split). */
+static inline void icc_pa_unit_run(const icc_paged_attention_args *a, icc_at_ws *w, const float *ones, int ok,
+                                   int tree, float *part, int64_t u, int64_t nsplit, int64_t chunks, int64_t R) {
+    const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
+    const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
+    const int64_t kb = sp * ICC_AT_SPLIT, ke = kb + ICC_AT_SPLIT;
+    if (ok && tree)
+        icc_pa_unit_tree(a, w, ones, bg, t0, M, kb, ke, w->moff + ICC_AT_MR);
+    else if (ok)
+        icc_pa_unit(a, w, ones, bg, t0, M, kb, ke);
+    icc_at_unit_out(w, ok, a->out, part, bg, t0, M, sp, nsplit, R, a->S, a->Hkv, a->H / a->Hkv, a->Dv);
+}
+
+/* The kernel's work after its plan (icc_at_run's pattern): par = 1 inside a parallel region, the
+ * loops shared as orphaned `omp for`s; par = 0 on the calling thread with no OpenMP region. */
+static inline void icc_pa_run(const icc_paged_attention_args *a, float *part, int64_t nsplit, char *ws, size_t stride,
+                              size_t nf, int par) {
+    const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
+    const int half = a->cache_dtype == 1, tree = a->tree && a->mask_bool != NULL;
+    const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
+    const int64_t units = B * Hkv * chunks * nsplit;
+    /* the new keys and values first (the implicit barrier orders them before any read) */
+    if (par) {
+#pragma omp for schedule(static)
+        for (int64_t x = 0; x < 2 * B * Hkv; x++) icc_pa_write(a, x / 2, (int)(x % 2));
+    } else {
+        for (int64_t x = 0; x < 2 * B * Hkv; x++) icc_pa_write(a, x / 2, (int)(x % 2));
+    }
+    icc_at_ws w;
+    memset(&w, 0, sizeof w);
+    float *mem = ws ? (float *)(void *)(ws + stride * (size_t)(par ? icc_thread() : 0)) : NULL;
+    float *ones = NULL;
+    if (mem) {
+        w.q = mem;
+        w.s = w.q + ICC_AT_MR * D;
+        w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
+        w.m = w.acc + ICC_AT_MR * Dv;
+        w.l = w.m + ICC_AT_MR;
+        w.alpha = w.l + ICC_AT_MR;
+        ones = w.alpha + ICC_AT_MR;
+        w.kt = ones + ICC_AT_MR;
+        w.vt = w.kt + (half || tree ? ICC_AT_TK * D : 0);
+        w.lo = (int64_t *)(void *)(mem + nf);
+        w.hi = w.lo + ICC_AT_MR;
+        w.moff = w.hi + ICC_AT_MR;
+        for (int i = 0; i < ICC_AT_MR; i++) ones[i] = 1.0f;
+    }
+    if (par) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) icc_pa_unit_run(a, &w, ones, mem != NULL, tree, part, u, nsplit, chunks, R);
+    } else {
+        for (int64_t u = 0; u < units; u++) icc_pa_unit_run(a, &w, ones, mem != NULL, tree, part, u, nsplit, chunks, R);
+    }
+    if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit, par);
+}
+
 static void icc_paged_attention(const icc_paged_attention_args *a) {
     const int64_t B = a->B, S = a->S, H = a->H, Hkv = a->Hkv, D = a->D, Dv = a->Dv;
     if (B <= 0 || S <= 0 || H <= 0) return;
@@ -258,59 +314,25 @@ static void icc_paged_attention(const icc_paged_attention_args *a) {
         max_skv = skv > max_skv ? skv : max_skv;
         keys += skv;
     }
-    const int64_t rep = H / Hkv, R = rep * S, chunks = (R + ICC_AT_MR - 1) / ICC_AT_MR;
-    const int parallel = H * S * keys * (D + Dv) >= ICC_AT_SERIAL_WORK;
-    const int64_t base_units = B * Hkv * chunks;
+    const int64_t R = (H / Hkv) * S;
+    const int parallel = H * S * keys * (D + Dv) >= ICC_AT_SERIAL_WORK && icc_max_threads() > 1;
     int64_t nsplit = icc_at_splits(max_skv);
-    const int64_t split_len = ICC_AT_SPLIT;
     float *part = NULL; /* per row and split: (max, sum, acc[Dv]) */
     if (nsplit > 1) {
         part = (float *)icc_scratch(ICC_SCR_PART, (size_t)(B * Hkv * R * nsplit * (Dv + 2)) * sizeof(float));
         if (!part) nsplit = 1;
     }
-    const int64_t units = base_units * nsplit;
     /* each thread's workspace: the floats, then (aligned) the int64 row bounds and tree offsets */
     size_t nf = (size_t)(ICC_AT_MR * (D + ICC_AT_TK + Dv + 4) + (half || tree ? ICC_AT_TK * (D + Dv) : 0)), stride;
     nf = (nf + 15) & ~(size_t)15; /* the int64 arrays after the floats stay aligned */
     char *ws = icc_scratch_threads(ICC_SCR_WS, nf * sizeof(float) + (size_t)(3 * ICC_AT_MR + (tree ? max_skv : 0)) * sizeof(int64_t),
                                    &stride);
 
-#pragma omp parallel if (parallel)
-    {
-        /* the new keys and values first (the implicit barrier orders them before any read) */
-#pragma omp for schedule(static)
-        for (int64_t x = 0; x < 2 * B * Hkv; x++) icc_pa_write(a, x / 2, (int)(x % 2));
-        icc_at_ws w;
-        memset(&w, 0, sizeof w);
-        float *mem = ws ? (float *)(void *)(ws + stride * (size_t)icc_thread()) : NULL;
-        float *ones = NULL;
-        if (mem) {
-            w.q = mem;
-            w.s = w.q + ICC_AT_MR * D;
-            w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
-            w.m = w.acc + ICC_AT_MR * Dv;
-            w.l = w.m + ICC_AT_MR;
-            w.alpha = w.l + ICC_AT_MR;
-            ones = w.alpha + ICC_AT_MR;
-            w.kt = ones + ICC_AT_MR;
-            w.vt = w.kt + (half || tree ? ICC_AT_TK * D : 0);
-            w.lo = (int64_t *)(void *)(mem + nf);
-            w.hi = w.lo + ICC_AT_MR;
-            w.moff = w.hi + ICC_AT_MR;
-            for (int i = 0; i < ICC_AT_MR; i++) ones[i] = 1.0f;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < units; u++) {
-            const int64_t sp = u % nsplit, c = (u / nsplit) % chunks, bg = u / (nsplit * chunks);
-            const int64_t t0 = c * ICC_AT_MR, M = (R - t0 < ICC_AT_MR) ? R - t0 : ICC_AT_MR;
-            const int64_t kb = sp * split_len, ke = kb + split_len;
-            if (mem && tree)
-                icc_pa_unit_tree(a, &w, ones, bg, t0, M, kb, ke, w.moff + ICC_AT_MR);
-            else if (mem)
-                icc_pa_unit(a, &w, ones, bg, t0, M, kb, ke);
-            icc_at_unit_out(&w, mem != NULL, a->out, part, bg, t0, M, sp, nsplit, R, S, Hkv, rep, Dv);
-        }
-        if (nsplit > 1) icc_at_merge(part, a->out, B, S, Hkv, R, rep, Dv, nsplit);
+    if (parallel) {
+#pragma omp parallel
+        icc_pa_run(a, part, nsplit, ws, stride, nf, 1);
+    } else {
+        icc_pa_run(a, part, nsplit, ws, stride, nf, 0);
     }
 }
 
