@@ -37,9 +37,12 @@
 #define ICC_AT_TK 64 /* keys per tile */
 #define ICC_AT_SPLIT 128 /* keys per split: fixed, so a row's arithmetic never depends on the call */
 /* Below this many multiply-adds (rows x keys x (D + Dv)) a call runs on the calling thread: the
- * fork/join costs more than it saves, and on a loaded machine a parked worker can stall the call
- * by a scheduler time slice (measured: decode of a 128-token cache, 12 heads of 64, ~200K). */
-#define ICC_AT_SERIAL_WORK (1 << 18)
+ * fork/join (~1-2 us with the workers still spinning from the matmul before) costs more than it
+ * saves. A decode step's attention is above it from ~16 keys on: its K/V come from DRAM (the
+ * weights streamed since evicted them), and two threads read them at ~1.7x one thread's
+ * bandwidth (SmolLM2-135M decode at 128-192 keys, 2 threads: attention 27 us a layer serial,
+ * the whole step ~4% faster split; the old bound, 2^18, kept every such step serial). */
+#define ICC_AT_SERIAL_WORK (1 << 15)
 
 /* ---- fp16 <-> fp32 ------------------------------------------------------------------------- */
 /* Portable converters (F. Giesen's, round-to-nearest-even, bit-exact with F16C on every finite
