@@ -95,9 +95,11 @@ class CompiledModel:
         model = self.model
         if wants_c(self.config):
             saved = functools.partial(artifact.open_weights, *self._saved_c) if self._saved_c else None
+            # A paged serving library built first holds the same weights: share its bytes.
+            paged = next((b for _, _, b, _ in self.__dict__.get("_paged_backends", {}).values() if b is not None), None)
             try:
                 backend = CBackend(model, intra_op_threads=self.config.intra_op_threads, kernels=self.kernels,
-                                   weights_from=saved)
+                                   weights_from=saved, share=paged)
                 self.runtime_reason = "generated C: every op has a C kernel"
                 if self.config.offload_weights:  # the blob holds the weights now: the IR's copy leaves memory
                     offload(model, str(cache_dir()))

@@ -90,12 +90,14 @@ def _strip_includes(text: str) -> str:
     return re.sub(r'^#include "([^"]+)"\n', part, text, flags=re.M)
 
 
-def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, *, pack: bool = True) -> Program:
+def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, *, pack: bool = True,
+         base: Blob | None = None) -> Program:
     """The C program for ``model``; raises Unsupported naming the first op without a kernel.
 
     ``kernels``: user kernels (``custom.register_kernel``) that come before the built-in table;
     None means the registry as it is now. ``pack=False`` plans the weight blob's layout without
-    keeping its data (loading a saved artifact whose weights.bin is memory-mapped)."""
+    keeping its data (loading a saved artifact whose weights.bin is memory-mapped); ``base``: the
+    blob of a loaded program of the same model, whose parts keep their offsets (packing.Blob)."""
     graph = model.graph
     kernels = custom.snapshot() if kernels is None else kernels
     custom.annotate(model, kernels)  # shape inference knows nothing of custom ops: their outputs' types
@@ -110,7 +112,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     inputs = list(graph.inputs)
     for v in inputs:
         slot(v)
-    blob = Blob(pack=pack)
+    blob = Blob(pack=pack and base is None, base=base)
     consts: dict[int, dict] = {}
 
     def bind(node, i: int) -> None:
@@ -120,7 +122,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
         array = v.const.numpy()
         code = dtype_code(v)
         data = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
-        offset = blob.add(("const", id(v)), lambda: data, nbytes=data.nbytes)
+        offset = blob.add(("const", v.const), lambda: data, nbytes=data.nbytes)
         dims = ", ".join(str(int(d)) for d in data.shape) or "0"
         consts[id(v)] = {"index": slot(v), "offset": offset, "rank": data.ndim, "dims": dims, "dt": code}
 

@@ -387,7 +387,7 @@ def _panels(blob: Blob, value: Value, transposed: bool) -> int:
         return pack_f32(np.asarray(w.T if transposed else w, np.float32))
 
     k, n = (cols, rows) if transposed else (rows, cols)
-    return blob.add(("f32panels", id(value), transposed), make, nbytes=-(-n // PANEL) * PANEL * k * 4)
+    return blob.add(("f32panels", value.const, transposed), make, nbytes=-(-n // PANEL) * PANEL * k * 4)
 
 
 @emits("MatMul")
@@ -429,7 +429,8 @@ def _gemm_const(site: Site, operand: tuple[Value, bool], bias: np.ndarray | None
     value, transposed = operand
     k, n = value.const.shape[::-1] if transposed else value.const.shape
     weight = _panels(site.blob, value, transposed)
-    b = "NULL" if bias is None else f"(const float *)(W + {site.blob.add(('bias', id(site.node)), lambda: bias)})"
+    bias_key = None if bias is None else (site.node.inputs[2].const, float(site.node.attr("beta", 1.0)))  # Gemm's C
+    b = "NULL" if bias is None else f"(const float *)(W + {site.blob.add(('bias', bias_key), lambda: bias)})"
     x, o = site.ins[0], site.outs[0]
     return ["{", f"{o}->dt = ICC_F32; {o}->r = {x}->r; memcpy({o}->d, {x}->d, sizeof({o}->d)); {o}->d[{o}->r - 1] = {n};",
             f"if ({x}->d[{x}->r - 1] != {k}) icc_fail(\"MatMul: the input's last dim is not {k}\");",
@@ -448,7 +449,8 @@ def _quant_weight(site: Site, codes: int, scales: int, zero_points: int, rests: 
     if bits not in (4, 8) or block < 16 or block & (block - 1):
         raise Unsupported(f"{n.op_type} with {bits}-bit blocks of {block} (kernels: 4 or 8 bits, power-of-two blocks >= 16)")
     blocks = -(-k // block)
-    key = ("quant", id(n.inputs[codes]), id(n.inputs[scales]), r is not None)
+    key = ("quant",) + tuple(n.inputs[i].const if i is not None and site.has(i) else None
+                          for i in (codes, scales, zero_points, rests))
     rests = None if r is None else r.reshape(cols, blocks)
     nbytes = None if site.blob.pack else quant_nbytes(s, zp, rests, k, cols, bits, block)  # (the codes stay unread)
     offset = site.blob.add(key, lambda: pack_quant(b.reshape(cols, blocks, -1), s.reshape(cols, blocks), zp, rests,

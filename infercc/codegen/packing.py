@@ -208,14 +208,27 @@ class Blob:
     until :meth:`array` writes the part into the blob (when packing) or at all (when planning), so
     the packed weights are never held twice: no list of packed parts beside the blob they are
     copied into. Without ``nbytes``, ``make`` runs at once (to learn the size) and its data is
-    kept for :meth:`array` (packing) or dropped (planning)."""
+    kept for :meth:`array` (packing) or dropped (planning).
 
-    def __init__(self, *, pack: bool = True) -> None:
+    Keys name the IR tensors a part is made from (the Tensor objects themselves: a model's clone
+    shares them), so a second program of the same model -- the paged serving graph, its tree
+    variant -- can plan against ``base``, the blob of a library already loaded: a part the base
+    holds keeps the base's offset, and when every part is there (:attr:`within_base`) the second
+    library points at the first one's bytes instead of packing the weights a second time."""
+
+    def __init__(self, *, pack: bool = True, base: Blob | None = None) -> None:
         #: (offset, bytes, data or the function that makes it), in offset order.
         self.parts: list[tuple[int, int, np.ndarray | Callable[[], np.ndarray]]] = []
         self.offsets: dict[Hashable, int] = {}
-        self.size = 0
+        self.sizes: dict[Hashable, int] = {}
+        self.base = base
+        self.size = base.size if base is not None else 0
         self.pack = pack
+
+    @property
+    def within_base(self) -> bool:
+        """Every part this blob was asked for sits in ``base`` (the base's bytes serve it as they are)."""
+        return self.base is not None and self.size == self.base.size
 
     def add(self, key: Hashable, make: Callable[[], np.ndarray], nbytes: int | None = None) -> int:
         if key not in self.offsets:
@@ -223,9 +236,12 @@ class Blob:
             if nbytes is None:
                 part = _bytes(make())
                 nbytes = len(part)
+            if self.base is not None and self.base.sizes.get(key) == nbytes:
+                self.offsets[key], self.sizes[key] = self.base.offsets[key], nbytes
+                return self.offsets[key]
             if self.pack:
                 self.parts.append((self.size, nbytes, part))
-            self.offsets[key] = self.size
+            self.offsets[key], self.sizes[key] = self.size, nbytes
             self.size += nbytes + -nbytes % ALIGN
         return self.offsets[key]
 
@@ -233,8 +249,8 @@ class Blob:
         """One buffer whose data starts 64-byte aligned (offsets are relative to it), each part
         made (or taken) and written in place, then released: the weights are held once (peak
         RSS), not twice; a second call is an error."""
-        if not self.pack:
-            raise ValueError("a planned Blob (pack=False) holds no data")
+        if not self.pack or self.base is not None:
+            raise ValueError("a planned Blob (pack=False) or one laid out against a base holds no data of its own")
         if self.size and not self.parts:
             raise ValueError("the blob's parts were released by an earlier array() call")
         raw = np.empty(self.size + ALIGN, np.uint8)

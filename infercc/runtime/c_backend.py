@@ -30,14 +30,22 @@ class CRunError(InferccError):
 
 class CBackend:
     def __init__(self, model: Model, *, intra_op_threads: int = 0, kernels: Mapping | None = None,
-                 weights_from: Callable[[Program], np.ndarray | None] | None = None, profile: bool = False) -> None:
+                 weights_from: Callable[[Program], np.ndarray | None] | None = None, profile: bool = False,
+                 share: CBackend | None = None) -> None:
         """``kernels``: the user kernels to use (None: the registry now). ``weights_from``: given a
         program whose blob was only planned, the blob's bytes from elsewhere (a saved weights.bin)
         or None to pack them here. ``profile``: build with per-step timers (build.PROFILE);
-        ``library.last_times`` then holds the last run's (runtime/profiler.py reads them)."""
+        ``library.last_times`` then holds the last run's (runtime/profiler.py reads them).
+        ``share``: a loaded backend of the same model's weights (the paged serving graph shares
+        the plain graph's): when every weight this program needs is in its blob, this library
+        reads those bytes, so the weights are resident once (else they are packed here)."""
         weights = None
         try:
-            if weights_from is not None:
+            if share is not None:
+                planned = emit(model, kernels, pack=False, base=share.program.blob)
+                if planned.blob.within_base:
+                    self.program, weights = planned, share.library.weights
+            if weights is None and weights_from is not None:
                 self.program = emit(model, kernels, pack=False)
                 weights = weights_from(self.program)
             if weights is None:

@@ -432,7 +432,8 @@ class PagedRunner:
                 config = self.compiled.config
                 try:
                     backend = CBackend(tree_model(self.paged_model), intra_op_threads=config.intra_op_threads,
-                                       kernels=self.compiled.kernels)
+                                       kernels=self.compiled.kernels,
+                                       share=self.backend if isinstance(self.backend, CBackend) else None)
                 except CUnavailable as exc:
                     why = f"the generated-C runtime cannot build the tree graph ({exc})"
             memo[self.block_size] = (backend, why)
@@ -463,7 +464,8 @@ class PagedRunner:
                 why = f"the paged lowering left the graph alone ({'; '.join(lowering.reasons)})"
             else:
                 try:
-                    backend = CBackend(paged, intra_op_threads=config.intra_op_threads, kernels=compiled.kernels)
+                    backend = CBackend(paged, intra_op_threads=config.intra_op_threads, kernels=compiled.kernels,
+                                       share=made if isinstance(made, CBackend) else None)
                 except CUnavailable as exc:
                     why = f"the generated-C runtime cannot run the paged graph ({exc})"
             memo[self.block_size] = (lowering, paged if backend is not None else None, backend, why)

@@ -120,6 +120,22 @@ def assert_alone(model: infercc.CompiledModel, runner: PagedRunner, prompts: lis
 
 
 # -- the forms ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_paged_library_reads_the_plain_librarys_weights(folders: dict, quantize: str | None) -> None:
+    """The paged graph's library points at the plain library's weight bytes (one resident copy),
+    whichever of the two is built first, and computes what it computed with its own copy."""
+    for paged_first in (True, False):
+        model = infercc.compile(str(folders["llama"]), backend="c", kv_cache_dtype="fp32", quantize=quantize)
+        if not paged_first:
+            assert model.runtime == "c"  # the plain library first
+        runner = PagedRunner(model, 24, BLOCK)
+        assert runner.form == "c-paged", runner.reason
+        assert_alone(model, runner)
+        assert runner.backend.library.weights is model.backend.library.weights
+        if quantize:
+            assert model.model.graph.op_histogram().get("ai.infercc::MatMulQuant", 0) > 0
+
+
 @pytest.mark.parametrize("form", ["auto", "ort-gather"])
 def test_c_model_both_forms_equal_each_prompt_alone(folders: dict, form: str) -> None:
     """Rows of different past lengths share every decode call (3 rows -> 1 run per step)."""
