@@ -33,6 +33,7 @@ server's engine thread does).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -314,8 +315,11 @@ class Engine:
         try:
             if plan.copies:
                 self.runner.copy_blocks(plan.copies)
+            start = time.perf_counter()
             chosen = self.runner.step_greedy(rows) if self._greedy_only(plan) else None
             logits = self.runner.step(rows) if chosen is None else None
+            if self.speculation is not None and self.speculation.active:
+                self.speculation.timed(plan, time.perf_counter() - start)
         except BaseException:
             # The rows' caches are in an unknown state: their requests end (reported as aborted by
             # the next step) so that the engine stays usable for the others.

@@ -41,13 +41,14 @@ asked for it; ``notes`` keeps the reason (EngineStats.speculation_notes), never 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from .speculative.policy import DepthPolicy, SpeculationStats
+from .speculative.policy import DepthPolicy, SpeculationStats, StepCosts
 from .speculative.proposer import Proposal, make_proposer
 from .speculative.verify import verify, verify_tree, warn_if_inexact
 from .tree_attention import compact_moves
@@ -56,13 +57,14 @@ if TYPE_CHECKING:
     from ..compiled import CompiledModel
     from ..config import Config
     from .generate import _Row
-    from .scheduler import Request, Scheduled, Scheduler
+    from .scheduler import Request, Scheduled, Scheduler, SchedulerOutput
 
 #: A request's ``speculation`` that turns it off whatever ``Config.speculation`` says.
 OFF = "off"
 #: Most padding positions (rows without a proposal x the step's draft width) worth adding to keep
-#: a step's decode rows in one forward run: one more verified position costs ~0.2 of a step at
-#: batch 1 on a CPU (speculative/policy.py VERIFY_COST), a second run about a whole step.
+#: a step's decode rows in one forward run: one more verified position costs 0.2-0.5 of a step at
+#: batch 1 on a CPU without VNNI (measured per engine: speculative/policy.py StepCosts), a second
+#: run about a whole step.
 PAD_LIMIT = 8
 
 
@@ -114,6 +116,8 @@ class EngineSpeculation:
         #: One policy per method: a model draft's proposing cost (``proposer.cost``, relative to a
         #: target step) enters its depth choice; prompt lookup's is nothing.
         self._policies: dict[str, DepthPolicy] = {}
+        #: What a verified position costs here, measured from the engine's decode steps (``timed``).
+        self.costs = StepCosts()
         self._seqs: dict[Hashable, _Seq] = {}
         self._drafted: list[Request] = []
         #: Whether a step's speculating rows are given one width (``_one_width``): the paged
@@ -155,7 +159,8 @@ class EngineSpeculation:
                     proposer.tree_width = width if no_trees is None else 1
                     if no_trees is not None:
                         self.notes[method] = f"trees of candidates off, chains proposed: {no_trees}"
-                self._policies[method] = DepthPolicy(self.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
+                self._policies[method] = DepthPolicy(self.config, draft_cost=float(getattr(proposer, "cost", 0.0)),
+                                                     costs=self.costs)
                 warn_if_inexact(self.compiled)
         proposer = self._proposers[method]
         if proposer is not None:
@@ -189,7 +194,12 @@ class EngineSpeculation:
             depth = seq.policy.depth(request.seq_id, running=running, waiting=waiting, free_fraction=free)
             seq.off_steps = seq.off_steps + 1 if depth == 0 else 0
             k = min(depth, cap)
-            proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params) if k > 0 else None
+            proposal = None
+            if k > 0:
+                start = time.perf_counter()
+                proposal = seq.proposer.propose(request.seq_id, request.tokens(), k, row.params)
+                if proposal is not None and proposal.tokens and getattr(seq.proposer, "cost", 0.0):
+                    seq.policy.observe_draft(len(proposal.tokens), time.perf_counter() - start)  # a model draft's
             if proposal is not None and proposal.is_tree and request.adapter is not None:
                 proposal = proposal.first_path()  # (adapter rows run the LoRA variants: chains only)
             if proposal is not None and proposal.tokens:
@@ -222,6 +232,13 @@ class EngineSpeculation:
         for request, _, cap in drafted:
             request.draft += [request.draft[-1]] * (min(width, cap) - len(request.draft))
         return drafted
+
+    def timed(self, plan: SchedulerOutput, seconds: float) -> None:
+        """The target's forward run of ``plan`` took ``seconds``: a step in which every row
+        decodes (one token and its draft; no prompt chunk, whose positions cost another regime)
+        measures the cost of a position (``StepCosts``)."""
+        if plan.scheduled and all(item.num_tokens == 1 + len(item.draft) for item in plan.scheduled):
+            self.costs.step(sum(item.num_tokens for item in plan.scheduled), seconds)
 
     def clear(self) -> None:
         """Forget this step's drafts (after the step, or before proposing anew)."""

@@ -69,6 +69,21 @@ def check_batch(eng: Engine, alone: list[list[int]]) -> None:
     all_blocks_back(eng)
 
 
+def test_the_engine_times_its_steps_for_the_depth_policy(tiny: infercc.CompiledModel, alone: list[list[int]]) -> None:
+    """Alone, a request first decodes PROBE_STEPS plain steps (timing a one-position step), then
+    its verify steps measure what a position costs; its tokens stay those it gives alone."""
+    from infercc.runtime.speculative.policy import PROBE_STEPS
+
+    eng = engine(tiny)
+    submit(eng, PROMPTS[1:2], MAX_NEW[1:2])
+    outputs = run(eng)
+    assert tokens(outputs, 1) == alone[1:2]
+    costs = eng.speculation.costs
+    assert costs.one_steps >= PROBE_STEPS and costs.t1 is not None and costs.measured > 0, vars(costs)
+    assert eng.stats().speculation.proposed > 0
+    all_blocks_back(eng)
+
+
 # -- equality with each request alone, in a 16-request batch, on every form ----------------------
 def test_ort_gather_batch_equals_each_alone(tiny, alone):
     eng = engine(tiny)

@@ -6,7 +6,10 @@ E(k) = (1 - a^(k+1)) / (1 - a) tokens per step (the k accepted ones plus the tar
 step of R positions costs 1 + c*(R - 1) one-position steps (c: what one more position costs; small
 where a step is bound by reading the weights once, larger where each position's products cost
 compute, as on CPUs without int8 dot-product instructions) and the proposer adds d*k (0 for prompt
-lookup; a model draft's cost per token relative to the target). With n other sequences in the
+lookup; a model draft's cost per token relative to the target). The serving engine measures c
+and d from its own steps (StepCosts: a batch-1 sequence first decodes a couple of plain steps to
+time one position); elsewhere they are the constant below and the proposer's estimate. With n
+other sequences in the
 step, each contributing one token, the depth is the k in 0..num_speculative_tokens maximizing
 the step's tokens per cost, (n + E(k)) / (1 + c*(n + k) + d*k): at batch 1 the latency gain
 E(k) / (1 + (c + d)*k); in a batch the extra positions slow every row of the step, so the same
@@ -34,8 +37,16 @@ if TYPE_CHECKING:
 #: compute: measured on SmolLM2-135M Q4_1, generated C, AVX2, a 5-position step costs 1.7x (2
 #: threads) to 2.2x (1 thread) a 1-position step, i.e. 0.18-0.30 per position. 0.2 keeps the depth
 #: near the best one over that range (a simulation of the policy over recorded greedy text: a
-#: cost of 0.3 turned lookup off on text where it paid, 0.08 verified too many positions).
+#: cost of 0.3 turned lookup off on text where it paid, 0.08 verified too many positions). The
+#: serving engine measures it instead (StepCosts); this is its prior.
 VERIFY_COST = 0.2
+#: Measured step costs (StepCosts): the weight of the newest observation, and the range a
+#: measured per-position cost is held in (one odd step -- a page fault, a descheduled worker --
+#: must not turn speculation off for good, nor make positions look free).
+COST_WEIGHT = 0.2
+COST_RANGE = (0.02, 3.0)
+#: One-position steps timed before a batch-1 sequence speculates, when nothing is measured yet.
+PROBE_STEPS = 2
 #: The acceptance rate assumed before anything was measured, and its weight in trials.
 PRIOR_RATE, PRIOR_WEIGHT = 0.6, 0.5
 #: Weight kept by past measurements at each record: about the last ten trials count.
@@ -87,18 +98,70 @@ class _Rate:
         self.trials *= factor
 
 
+class StepCosts:
+    """What one more verified position costs on this model and machine, measured from the
+    target's own decode steps instead of assumed: ``VERIFY_COST`` was measured once on one CPU,
+    and it moves with everything (int8 dot-product instructions or not, threads, a faster
+    one-position step: when the bandwidth-bound single row got 25% faster the compute-bound extra
+    rows did not, and the same constant then speculated at a loss). A step of P decode positions
+    that took t seconds gives c = (t / t1 - 1) / (P - 1), t1 the time of a one-position step;
+    both are moving averages, so the estimate follows the context's growth. A model draft's cost
+    per proposed token is measured against t1 the same way (``draft``)."""
+
+    def __init__(self, verify_cost: float = VERIFY_COST) -> None:
+        #: The per-position cost in use: the constant until a step measured it.
+        self.verify_cost = verify_cost
+        #: Seconds of a one-position step (None until one was timed).
+        self.t1: float | None = None
+        self.one_steps = 0
+        self.measured = 0
+
+    def step(self, positions: int, seconds: float) -> None:
+        """A target step of ``positions`` decode positions (every row decoding) took ``seconds``."""
+        if positions < 1 or not seconds > 0:
+            return
+        if positions == 1:
+            self.t1 = seconds if self.t1 is None else (1 - COST_WEIGHT) * self.t1 + COST_WEIGHT * seconds
+            self.one_steps += 1
+            return
+        if self.t1 is None:
+            return
+        seen = min(max((seconds / self.t1 - 1) / (positions - 1), COST_RANGE[0]), COST_RANGE[1])
+        self.verify_cost = seen if not self.measured else (1 - COST_WEIGHT) * self.verify_cost + COST_WEIGHT * seen
+        self.measured += 1
+
+    def draft(self, tokens: int, seconds: float) -> float | None:
+        """A proposer's cost per token relative to a one-position step, from one proposal of
+        ``tokens`` that took ``seconds`` (None while no step was timed)."""
+        if tokens < 1 or self.t1 is None or not seconds >= 0:
+            return None
+        return min(seconds / tokens / self.t1, COST_RANGE[1])
+
+
 class DepthPolicy:
     """Depth k per sequence from its acceptance rate and the load (see the module docstring)."""
 
-    def __init__(self, config: Config, *, draft_cost: float = 0.0, fixed: int | None = None) -> None:
+    def __init__(self, config: Config, *, draft_cost: float = 0.0, fixed: int | None = None,
+                 costs: StepCosts | None = None) -> None:
         self.config = config
         #: Always this depth, whatever the acceptance (measurements of acceptance; tests).
         self.fixed = fixed
         self.max_depth = config.num_speculative_tokens
         self.policy = config.speculation_policy
-        #: Cost of proposing one token relative to a target step (a model draft's).
+        #: Cost of proposing one token relative to a target step (a model draft's): the proposer's
+        #: estimate until ``observe_draft`` measured it.
         self.draft_cost = draft_cost
+        #: Measured step costs (shared by the policies of one engine), or None: ``VERIFY_COST``.
+        self.costs = costs
+        self._drafts = 0
         self._rates: dict[Hashable, _Rate] = {}
+
+    def observe_draft(self, tokens: int, seconds: float) -> None:
+        """A proposal of ``tokens`` took ``seconds`` (with ``costs``: the draft cost follows it)."""
+        seen = self.costs.draft(tokens, seconds) if self.costs is not None else None
+        if seen is not None:
+            self.draft_cost = seen if not self._drafts else (1 - COST_WEIGHT) * self.draft_cost + COST_WEIGHT * seen
+            self._drafts += 1
 
     def depth(self, seq_id: Hashable, *, running: int = 1, waiting: int = 0, free_fraction: float = 1.0) -> int:
         """k for ``seq_id``'s next step: 0 = decode one token without speculating."""
@@ -122,7 +185,11 @@ class DepthPolicy:
         if running > 1:  # the engine's budget: speculated tokens per step
             budget = int(self.config.max_speculation_compute_fraction * self.config.max_batch_tokens)
             limit = min(limit, budget // running)
-        k = best_depth(rate.value, VERIFY_COST, limit, others=others, draft_cost=self.draft_cost)
+        costs = self.costs
+        if costs is not None and costs.one_steps < PROBE_STEPS and running == 1:
+            return 0  # time one-position steps first: the measured costs need t1
+        verify_cost = VERIFY_COST if costs is None else costs.verify_cost
+        k = best_depth(rate.value, verify_cost, limit, others=others, draft_cost=self.draft_cost)
         if k == 0:
             rate.decay(OFF_DECAY)  # drift back toward the prior: probe again later
         return k

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from infercc import Config
 from infercc.runtime.speculative import DepthPolicy, SpeculationStats
-from infercc.runtime.speculative.policy import best_depth
+from infercc.runtime.speculative.policy import COST_RANGE, PROBE_STEPS, VERIFY_COST, StepCosts, best_depth
 
 
 def test_depth_follows_acceptance_and_recovers():
@@ -63,3 +63,37 @@ def test_stats_rates():
     stats.add(4, 1)
     assert stats.acceptance_rate == 0.5 and stats.tokens_per_step == 3.0
     assert stats.to_dict()["proposed"] == 8
+
+
+def test_step_costs_measure_a_position_against_a_one_position_step():
+    costs = StepCosts()
+    costs.step(5, 0.012)  # nothing to compare with yet
+    assert costs.verify_cost == VERIFY_COST and costs.measured == 0
+    assert costs.draft(3, 0.001) is None
+    costs.step(1, 0.004)
+    costs.step(1, 0.004)
+    costs.step(5, 0.012)  # (12 / 4 - 1) / 4
+    assert abs(costs.verify_cost - 0.5) < 1e-9 and costs.measured == 1
+    costs.step(5, 0.004)  # no dearer than one position: held at the floor, averaged in
+    assert abs(costs.verify_cost - (0.8 * 0.5 + 0.2 * COST_RANGE[0])) < 1e-9
+    costs.step(3, 10.0)  # a descheduled worker: held at the ceiling
+    assert costs.verify_cost <= COST_RANGE[1]
+    assert abs(costs.draft(2, 0.004) - 0.5) < 1e-9
+
+
+def test_measured_costs_probe_first_then_decide():
+    """With measured costs a batch-1 sequence first decodes plainly (timing t1), then speculates
+    where its measured cost pays and stays off where it does not, at the same acceptance."""
+    for step_seconds, speculates in ((0.0042, True), (0.02, False)):  # 5 positions: c = 0.0125 or 1.0
+        costs = StepCosts()
+        policy = DepthPolicy(Config(num_speculative_tokens=4), costs=costs)
+        for _ in range(10):
+            policy.record("a", 4, 3)
+        assert [policy.depth("a") for _ in range(PROBE_STEPS)] == [0] * PROBE_STEPS
+        for _ in range(PROBE_STEPS):
+            costs.step(1, 0.004)
+        costs.step(5, step_seconds)
+        assert (policy.depth("a") > 0) == speculates
+    drafted = DepthPolicy(Config(num_speculative_tokens=4), draft_cost=0.0, costs=costs)
+    drafted.observe_draft(4, 0.016)  # a token of draft costs a whole step: 1.0
+    assert abs(drafted.draft_cost - 1.0) < 1e-9
