@@ -24,6 +24,7 @@ any: the maximum-likelihood rate of the geometric model), started from a prior w
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
@@ -40,10 +41,9 @@ if TYPE_CHECKING:
 #: cost of 0.3 turned lookup off on text where it paid, 0.08 verified too many positions). The
 #: serving engine measures it instead (StepCosts); this is its prior.
 VERIFY_COST = 0.2
-#: Measured step costs (StepCosts): the weight of the newest observation, and the range a
-#: measured per-position cost is held in (one odd step -- a page fault, a descheduled worker --
-#: must not turn speculation off for good, nor make positions look free).
-COST_WEIGHT = 0.2
+#: Measured step costs (StepCosts): steps of each size (and proposals) remembered, their minimum
+#: counting, and the range a measured cost is held in.
+WINDOW = 8
 COST_RANGE = (0.02, 3.0)
 #: One-position steps timed before a batch-1 sequence speculates, when nothing is measured yet.
 PROBE_STEPS = 2
@@ -104,38 +104,47 @@ class StepCosts:
     and it moves with everything (int8 dot-product instructions or not, threads, a faster
     one-position step: when the bandwidth-bound single row got 25% faster the compute-bound extra
     rows did not, and the same constant then speculated at a loss). A step of P decode positions
-    that took t seconds gives c = (t / t1 - 1) / (P - 1), t1 the time of a one-position step;
-    both are moving averages, so the estimate follows the context's growth. A model draft's cost
-    per proposed token is measured against t1 the same way (``draft``)."""
+    costs c = (tP / t1 - 1) / (P - 1), t1 the time of a one-position step. Each time is the
+    minimum of the last ``WINDOW`` steps of that many positions: noise on a shared machine only
+    ever slows a step (a descheduled worker, a page fault), so the minimum is what the step
+    costs, and the window follows the context's growth. A model draft's cost per proposed token
+    is measured against t1 the same way (``draft``)."""
 
     def __init__(self, verify_cost: float = VERIFY_COST) -> None:
-        #: The per-position cost in use: the constant until a step measured it.
+        #: The per-position cost in use: the constant until steps measured it.
         self.verify_cost = verify_cost
-        #: Seconds of a one-position step (None until one was timed).
-        self.t1: float | None = None
         self.one_steps = 0
         self.measured = 0
+        self._times: dict[int, collections.deque[float]] = {}
+
+    @property
+    def t1(self) -> float | None:
+        """Seconds of a one-position step (None until one was timed)."""
+        ones = self._times.get(1)
+        return min(ones) if ones else None
 
     def step(self, positions: int, seconds: float) -> None:
         """A target step of ``positions`` decode positions (every row decoding) took ``seconds``."""
         if positions < 1 or not seconds > 0:
             return
+        self._times.setdefault(positions, collections.deque(maxlen=WINDOW)).append(seconds)
         if positions == 1:
-            self.t1 = seconds if self.t1 is None else (1 - COST_WEIGHT) * self.t1 + COST_WEIGHT * seconds
             self.one_steps += 1
+        else:
+            self.measured += 1
+        t1 = self.t1
+        if t1 is None or len(self._times) < 2:
             return
-        if self.t1 is None:
-            return
-        seen = min(max((seconds / self.t1 - 1) / (positions - 1), COST_RANGE[0]), COST_RANGE[1])
-        self.verify_cost = seen if not self.measured else (1 - COST_WEIGHT) * self.verify_cost + COST_WEIGHT * seen
-        self.measured += 1
+        seen = sorted((min(times) / t1 - 1) / (p - 1) for p, times in self._times.items() if p > 1)
+        self.verify_cost = min(max(seen[(len(seen) - 1) // 2], COST_RANGE[0]), COST_RANGE[1])  # (lower median)
 
     def draft(self, tokens: int, seconds: float) -> float | None:
         """A proposer's cost per token relative to a one-position step, from one proposal of
         ``tokens`` that took ``seconds`` (None while no step was timed)."""
-        if tokens < 1 or self.t1 is None or not seconds >= 0:
+        t1 = self.t1
+        if tokens < 1 or t1 is None or not seconds >= 0:
             return None
-        return min(seconds / tokens / self.t1, COST_RANGE[1])
+        return min(seconds / tokens / t1, COST_RANGE[1])
 
 
 class DepthPolicy:
@@ -153,15 +162,16 @@ class DepthPolicy:
         self.draft_cost = draft_cost
         #: Measured step costs (shared by the policies of one engine), or None: ``VERIFY_COST``.
         self.costs = costs
-        self._drafts = 0
+        self._drafts: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self._rates: dict[Hashable, _Rate] = {}
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
-        """A proposal of ``tokens`` took ``seconds`` (with ``costs``: the draft cost follows it)."""
+        """A proposal of ``tokens`` took ``seconds`` (with ``costs``: the draft cost becomes the
+        least of the last few, as a step's time in StepCosts)."""
         seen = self.costs.draft(tokens, seconds) if self.costs is not None else None
         if seen is not None:
-            self.draft_cost = seen if not self._drafts else (1 - COST_WEIGHT) * self.draft_cost + COST_WEIGHT * seen
-            self._drafts += 1
+            self._drafts.append(seen)
+            self.draft_cost = min(self._drafts)
 
     def depth(self, seq_id: Hashable, *, running: int = 1, waiting: int = 0, free_fraction: float = 1.0) -> int:
         """k for ``seq_id``'s next step: 0 = decode one token without speculating."""

@@ -66,18 +66,22 @@ def test_stats_rates():
 
 
 def test_step_costs_measure_a_position_against_a_one_position_step():
+    """c = (t5 / t1 - 1) / 4 from the fastest recent steps of each size: a step slowed by a
+    descheduled worker never raises it, a faster one lowers it, and it stays in COST_RANGE."""
     costs = StepCosts()
     costs.step(5, 0.012)  # nothing to compare with yet
-    assert costs.verify_cost == VERIFY_COST and costs.measured == 0
+    assert costs.verify_cost == VERIFY_COST and costs.t1 is None
     assert costs.draft(3, 0.001) is None
     costs.step(1, 0.004)
-    costs.step(1, 0.004)
-    costs.step(5, 0.012)  # (12 / 4 - 1) / 4
-    assert abs(costs.verify_cost - 0.5) < 1e-9 and costs.measured == 1
-    costs.step(5, 0.004)  # no dearer than one position: held at the floor, averaged in
-    assert abs(costs.verify_cost - (0.8 * 0.5 + 0.2 * COST_RANGE[0])) < 1e-9
-    costs.step(3, 10.0)  # a descheduled worker: held at the ceiling
-    assert costs.verify_cost <= COST_RANGE[1]
+    costs.step(1, 0.009)  # slowed: the minimum counts
+    assert costs.t1 == 0.004 and costs.one_steps == 2
+    assert abs(costs.verify_cost - 0.5) < 1e-9  # (12 / 4 - 1) / 4
+    costs.step(5, 0.5)
+    assert abs(costs.verify_cost - 0.5) < 1e-9
+    costs.step(3, 10.0)  # another size, one slow step: the lower median of the sizes' costs
+    assert abs(costs.verify_cost - 0.5) < 1e-9
+    costs.step(5, 0.004)  # no dearer than one position: held at the floor
+    assert costs.verify_cost == COST_RANGE[0]
     assert abs(costs.draft(2, 0.004) - 0.5) < 1e-9
 
 
@@ -96,4 +100,5 @@ def test_measured_costs_probe_first_then_decide():
         assert (policy.depth("a") > 0) == speculates
     drafted = DepthPolicy(Config(num_speculative_tokens=4), draft_cost=0.0, costs=costs)
     drafted.observe_draft(4, 0.016)  # a token of draft costs a whole step: 1.0
+    drafted.observe_draft(4, 0.16)  # (slowed)
     assert abs(drafted.draft_cost - 1.0) < 1e-9
