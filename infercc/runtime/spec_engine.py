@@ -116,9 +116,10 @@ class EngineSpeculation:
         #: One policy per method: a model draft's proposing cost (``proposer.cost``, relative to a
         #: target step) enters its depth choice; prompt lookup's is nothing.
         self._policies: dict[str, DepthPolicy] = {}
-        #: What a verified position costs here, measured from the engines' decode steps (``timed``):
-        #: one record per compiled model, so each generate() call does not probe again.
-        self.costs: StepCosts = compiled.__dict__.setdefault("_speculation_costs", StepCosts())
+        #: What a verified position costs here, measured from this engine's decode steps (``timed``).
+        #: Per engine, not per model: a server's engine measures once, a generate() call probes
+        #: two plain steps of its own (thread counts and batch shapes differ between callers).
+        self.costs = StepCosts()
         self._seqs: dict[Hashable, _Seq] = {}
         self._drafted: list[Request] = []
         #: Whether a step's speculating rows are given one width (``_one_width``): the paged
