@@ -703,6 +703,25 @@ static inline void icc_at_unit_run(const icc_attention_args *a, icc_at_ws *w, in
     icc_at_unit_out(w, ok, a->out, part, bg, t0, M, sp, nsplit, R, a->S, a->Hkv, a->H / a->Hkv, a->Dv);
 }
 
+/* A thread's workspace carved out of its ``mem``: q, s, acc, m, l, alpha, then ``gap`` floats the
+ * caller uses (the paged kernel: a row of ones), then the converted K and V tiles when ``tiles``,
+ * and from float nf on the int64 row bounds. Returns the gap's first float. */
+static inline float *icc_at_carve(icc_at_ws *w, float *mem, int64_t D, int64_t Dv, int64_t gap, int tiles, size_t nf) {
+    w->q = mem;
+    w->s = w->q + ICC_AT_MR * D;
+    w->acc = w->s + ICC_AT_MR * ICC_AT_TK;
+    w->m = w->acc + ICC_AT_MR * Dv;
+    w->l = w->m + ICC_AT_MR;
+    w->alpha = w->l + ICC_AT_MR;
+    float *g = w->alpha + ICC_AT_MR;
+    w->kt = g + gap;
+    w->vt = w->kt + (tiles ? ICC_AT_TK * D : 0);
+    w->lo = (int64_t *)(void *)(mem + nf);
+    w->hi = w->lo + ICC_AT_MR;
+    w->moff = w->hi + ICC_AT_MR;
+    return g;
+}
+
 /* The kernel's work after its plan: the new rows into the cache, the units, the merge. par = 1:
  * called by every thread of a parallel region, the loops shared as orphaned `omp for`s; par = 0:
  * the calling thread alone, with no OpenMP region at all (a serial region still costs a team
@@ -723,19 +742,7 @@ static inline void icc_at_run(const icc_attention_args *a, float *part, int64_t 
     icc_at_ws w;
     memset(&w, 0, sizeof w);
     float *mem = ws ? (float *)(void *)(ws + stride * (size_t)(par ? icc_thread() : 0)) : NULL;
-    if (mem) {
-        w.q = mem;
-        w.s = w.q + ICC_AT_MR * D;
-        w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
-        w.m = w.acc + ICC_AT_MR * Dv;
-        w.l = w.m + ICC_AT_MR;
-        w.alpha = w.l + ICC_AT_MR;
-        w.kt = w.alpha + ICC_AT_MR;
-        w.vt = w.kt + (half ? ICC_AT_TK * D : 0);
-        w.lo = (int64_t *)(void *)(mem + nf);
-        w.hi = w.lo + ICC_AT_MR;
-        w.moff = w.hi + ICC_AT_MR;
-    }
+    if (mem) icc_at_carve(&w, mem, D, Dv, 0, half, nf);
     if (par) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < units; u++) icc_at_unit_run(a, &w, mem != NULL, part, u, nsplit, chunks, R, Skv);

@@ -280,18 +280,7 @@ static inline void icc_pa_run(const icc_paged_attention_args *a, float *part, in
     float *mem = ws ? (float *)(void *)(ws + stride * (size_t)(par ? icc_thread() : 0)) : NULL;
     float *ones = NULL;
     if (mem) {
-        w.q = mem;
-        w.s = w.q + ICC_AT_MR * D;
-        w.acc = w.s + ICC_AT_MR * ICC_AT_TK;
-        w.m = w.acc + ICC_AT_MR * Dv;
-        w.l = w.m + ICC_AT_MR;
-        w.alpha = w.l + ICC_AT_MR;
-        ones = w.alpha + ICC_AT_MR;
-        w.kt = ones + ICC_AT_MR;
-        w.vt = w.kt + (half || tree ? ICC_AT_TK * D : 0);
-        w.lo = (int64_t *)(void *)(mem + nf);
-        w.hi = w.lo + ICC_AT_MR;
-        w.moff = w.hi + ICC_AT_MR;
+        ones = icc_at_carve(&w, mem, D, Dv, ICC_AT_MR, half || tree, nf);
         for (int i = 0; i < ICC_AT_MR; i++) ones[i] = 1.0f;
     }
     if (par) {
