@@ -28,6 +28,7 @@ from .runtime.c_backend import CBackend, CUnavailable
 from .runtime.feeds import check_feeds, signature
 from .runtime.ort_backend import OrtBackend
 from .runtime.ort_check import check_ops
+from .runtime.paged_runner import built_paged_backend
 from .runtime.providers import choose_providers
 
 if TYPE_CHECKING:
@@ -95,11 +96,9 @@ class CompiledModel:
         model = self.model
         if wants_c(self.config):
             saved = functools.partial(artifact.open_weights, *self._saved_c) if self._saved_c else None
-            # A paged serving library built first holds the same weights: share its bytes.
-            paged = next((b for _, _, b, _ in self.__dict__.get("_paged_backends", {}).values() if b is not None), None)
-            try:
+            try:  # (a paged serving library built first holds the same weights: share its bytes)
                 backend = CBackend(model, intra_op_threads=self.config.intra_op_threads, kernels=self.kernels,
-                                   weights_from=saved, share=paged)
+                                   weights_from=saved, share=built_paged_backend(self))
                 self.runtime_reason = "generated C: every op has a C kernel"
                 if self.config.offload_weights:  # the blob holds the weights now: the IR's copy leaves memory
                     offload(model, str(cache_dir()))

@@ -429,8 +429,10 @@ def _gemm_const(site: Site, operand: tuple[Value, bool], bias: np.ndarray | None
     value, transposed = operand
     k, n = value.const.shape[::-1] if transposed else value.const.shape
     weight = _panels(site.blob, value, transposed)
-    bias_key = None if bias is None else (site.node.inputs[2].const, float(site.node.attr("beta", 1.0)))  # Gemm's C
-    b = "NULL" if bias is None else f"(const float *)(W + {site.blob.add(('bias', bias_key), lambda: bias)})"
+    b = "NULL"
+    if bias is not None:  # Gemm's C times beta
+        key = ("bias", site.node.inputs[2].const, float(site.node.attr("beta", 1.0)))
+        b = f"(const float *)(W + {site.blob.add(key, lambda: bias)})"
     x, o = site.ins[0], site.outs[0]
     return ["{", f"{o}->dt = ICC_F32; {o}->r = {x}->r; memcpy({o}->d, {x}->d, sizeof({o}->d)); {o}->d[{o}->r - 1] = {n};",
             f"if ({x}->d[{x}->r - 1] != {k}) icc_fail(\"MatMul: the input's last dim is not {k}\");",

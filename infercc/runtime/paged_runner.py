@@ -473,6 +473,13 @@ class PagedRunner:
         return backend, why
 
 
+def built_paged_backend(compiled: CompiledModel) -> CBackend | None:
+    """A paged C library already built for ``compiled`` (any block size), or None: the plain
+    library built after it reads that one's weight bytes (CBackend's ``share``)."""
+    built = compiled.__dict__.get("_paged_backends", {}).values()
+    return next((backend for _, _, backend, _ in built if backend is not None), None)
+
+
 def _spec(compiled: CompiledModel) -> CacheSpec:
     spec = CacheSpec.from_model(compiled.model)
     if spec is None:

@@ -488,14 +488,8 @@ static inline void icc_at_bias(float *s, int64_t n, int64_t jt, int64_t lo, int6
     } else if (mb) {
         for (int64_t j = a; j < b; j++) s[j] += mb[j] ? 0.0f : mv;
     } else if (mf) {
-        for (int64_t j = a; j < b; j++) {
-            float bias = 0.0f;
-            bias += mf[j];
-            s[j] += bias;
-        }
-    } else {
-        for (int64_t j = a; j < b; j++) s[j] += 0.0f;
-    }
+        for (int64_t j = a; j < b; j++) s[j] += 0.0f + mf[j];
+    } /* no mask: keys within the bounds take no bias */
 }
 
 /* ---- shared by the attention kernels (this one and paged_attention.h) ------------------------------ */

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..sampling import Sampler
 from .policy import DepthPolicy, SpeculationStats
 from .proposer import Proposal
+
+if TYPE_CHECKING:
+    from ...compiled import CompiledModel
 
 
 def verify(proposal: Proposal, logits: np.ndarray, sampler: Sampler, context: Sequence[int],
@@ -133,8 +137,7 @@ def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
     return min(token, int(np.flatnonzero(probs)[-1]))
 
 
-
-def warn_if_inexact(compiled) -> None:
+def warn_if_inexact(compiled: CompiledModel) -> None:
     """Warn once per compiled model when greedy speculation on it may leave plain greedy decoding's
     text. Verification is exact when a step's logits for a row do not depend on how many rows the
     step computes. ONNX Runtime's MatMulNBits breaks that: it computes a several-row product with
