@@ -22,7 +22,7 @@ KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "int8")
 KV_CACHE_LAYOUTS = ("paged", "contiguous")
 SPECULATIONS = (None, "auto", "prompt_lookup", "draft", "self_draft", "medusa", "eagle")
 LORA_COMPOSITIONS = ("stack", "merge")
-SPECULATION_POLICIES = ("auto", "latency", "throughput")
+SPECULATION_POLICIES = ("auto", "latency", "throughput", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,10 @@ class Config:
     speculation: str | None = None
     #: How deep to speculate: "latency" (batch 1 thinking: keep the full depth while acceptance
     #: pays), "throughput" (speculate only while the batch is small and the queue empty), "auto"
-    #: (latency alone, less as the batch and queue grow and when free KV blocks run short).
+    #: (latency alone, less as the batch and queue grow and when free KV blocks run short), "fixed"
+    #: (always ``num_speculative_tokens``, whatever the acceptance and the timing, as vLLM's
+    #: speculative decoding does: for measuring acceptance and for reproducible runs; off only when
+    #: KV blocks run out).
     speculation_policy: str = "auto"
     #: Most tokens proposed per step (the depth k; the policy lowers it per sequence).
     num_speculative_tokens: int = 5

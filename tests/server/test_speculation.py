@@ -5,6 +5,8 @@ proposed/accepted counters reach /metrics; ``infercc serve --speculation`` sets 
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx2 as httpx
 import pytest
 from openai import BadRequestError, OpenAI
@@ -21,7 +23,9 @@ SPEC = {"speculation": "prompt_lookup"}
 
 @pytest.fixture(scope="module")
 def served(stories):
-    with running(stories) as server:
+    """The "fixed" depth policy: speculation runs whatever this machine's step timings say (under
+    "auto" a loaded machine can time verify steps as not paying and keep it off)."""
+    with running(stories, config=dataclasses.replace(stories.config, speculation_policy="fixed")) as server:
         yield server
 
 

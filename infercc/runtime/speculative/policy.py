@@ -54,6 +54,10 @@ DECAY = 0.9
 #: ... and at each step spent off: the rate creeps back toward the prior, so a sequence whose
 #: proposals failed probes again after a few dozen steps (the text may have changed character).
 OFF_DECAY = 0.97
+#: Steps off in a row after which a sequence verifies one proposed token anyway: the measured
+#: step costs only change when steps of several positions run, so without this one noisy moment
+#: (a descheduled worker timing a verify step 3x slow) would keep a long-lived engine off for good.
+EXPLORE_STEPS = 64
 
 
 @dataclasses.dataclass
@@ -88,6 +92,8 @@ class SpeculationStats:
 class _Rate:
     accepted: float = 0.0
     trials: float = 0.0
+    #: Depth-0 decisions in a row (EXPLORE_STEPS).
+    off: int = 0
 
     @property
     def value(self) -> float:
@@ -181,6 +187,8 @@ class DepthPolicy:
         running = max(running, 1)
         limit = self.max_depth
         others = running - 1
+        if self.policy == "fixed":
+            return 0 if free_fraction < 0.05 else self._budget(limit, running)
         if self.policy == "latency":
             others = 0
             if free_fraction < 0.05:
@@ -192,9 +200,7 @@ class DepthPolicy:
                 return 0
             if waiting:
                 limit = max(limit // 2, 1)
-        if running > 1:  # the engine's budget: speculated tokens per step
-            budget = int(self.config.max_speculation_compute_fraction * self.config.max_batch_tokens)
-            limit = min(limit, budget // running)
+        limit = self._budget(limit, running)
         costs = self.costs
         if costs is not None and costs.one_steps < PROBE_STEPS and running == 1:
             return 0  # time one-position steps first: the measured costs need t1
@@ -202,7 +208,19 @@ class DepthPolicy:
         k = best_depth(rate.value, verify_cost, limit, others=others, draft_cost=self.draft_cost)
         if k == 0:
             rate.decay(OFF_DECAY)  # drift back toward the prior: probe again later
+            rate.off += 1
+            if rate.off >= EXPLORE_STEPS and limit > 0:
+                k = 1  # one verified guess re-measures the acceptance and a wider step's cost
+        if k:
+            rate.off = 0
         return k
+
+    def _budget(self, limit: int, running: int) -> int:
+        """``limit`` within the engine's budget of speculated tokens per step (batches only)."""
+        if running <= 1:
+            return limit
+        budget = int(self.config.max_speculation_compute_fraction * self.config.max_batch_tokens)
+        return min(limit, budget // running)
 
     def record(self, seq_id: Hashable, proposed: int, accepted: int) -> None:
         """A verify step's outcome: ``accepted`` of ``proposed`` tokens stood."""

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from infercc import Config
 from infercc.runtime.speculative import DepthPolicy, SpeculationStats
-from infercc.runtime.speculative.policy import COST_RANGE, PROBE_STEPS, VERIFY_COST, StepCosts, best_depth
+from infercc.runtime.speculative.policy import (
+    COST_RANGE,
+    EXPLORE_STEPS,
+    PROBE_STEPS,
+    VERIFY_COST,
+    StepCosts,
+    best_depth,
+)
 
 
 def test_depth_follows_acceptance_and_recovers():
@@ -102,3 +109,34 @@ def test_measured_costs_probe_first_then_decide():
     drafted.observe_draft(4, 0.016)  # a token of draft costs a whole step: 1.0
     drafted.observe_draft(4, 0.16)  # (slowed)
     assert abs(drafted.draft_cost - 1.0) < 1e-9
+
+
+def test_a_noisy_verify_step_does_not_keep_speculation_off_for_good():
+    """A verify step timed 50x slow (a descheduled worker) turns speculation off, but the
+    sequence verifies one guess after EXPLORE_STEPS steps off, and a normal timing of that step
+    turns it back on; while the step keeps costing too much it stays off in between."""
+    costs = StepCosts()
+    policy = DepthPolicy(Config(num_speculative_tokens=4), costs=costs)
+    for _ in range(PROBE_STEPS):
+        costs.step(1, 0.004)
+    costs.step(5, 0.2)  # noise: c held at the top of COST_RANGE
+    depths = [policy.depth("a") for _ in range(EXPLORE_STEPS)]
+    assert depths[:-1] == [0] * (EXPLORE_STEPS - 1) and depths[-1] == 1
+    costs.step(2, 0.0042)  # the probe's own step, timed normally
+    policy.record("a", 1, 1)
+    assert policy.depth("a") > 1
+
+
+def test_the_fixed_policy_always_speculates_its_depth():
+    """"fixed" keeps num_speculative_tokens whatever the acceptance and the measured costs (as
+    vLLM does), off only when KV blocks run out, within the engine's budget in a batch."""
+    costs = StepCosts()
+    policy = DepthPolicy(Config(num_speculative_tokens=4, speculation_policy="fixed"), costs=costs)
+    costs.step(1, 0.004)
+    costs.step(5, 1.0)
+    for _ in range(20):
+        policy.record("a", 4, 0)
+    assert policy.depth("a") == 4
+    assert policy.depth("a", free_fraction=0.01) == 0
+    budget = int(policy.config.max_speculation_compute_fraction * policy.config.max_batch_tokens)
+    assert policy.depth("a", running=64) == min(4, budget // 64)
