@@ -153,9 +153,10 @@ class CompiledModel:
         a list of prompts runs as one batch and returns a list. ``options``: the fields of
         ``SamplingParams`` (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
         frequency_penalty, presence_penalty, stop, stop_token_ids, seed, ignore_eos), or
-        ``params=SamplingParams(...)``, ``max_context``, and ``speculation`` (None, "auto",
-        "prompt_lookup", "draft", "self_draft": this request's speculative decoding, overriding
-        ``Config.speculation``; see runtime/speculative/)."""
+        ``params=SamplingParams(...)``, ``max_context``, ``speculation`` (None, "off", or a method
+        of ``Config.speculation``: this request's speculative decoding, overriding the config's;
+        see runtime/speculative/) and its ``speculation_policy`` and
+        ``max_speculation_compute_fraction`` (None: the config's)."""
         from .runtime.generate import generate
 
         return generate(self, prompt, **options)

@@ -127,7 +127,7 @@ class Config:
     #: against the chain's 1.87 (k = 5) and 1.91 (k = 6), and 1.1-1.2x the chain's decode tok/s.
     speculation_tree_width: int = 1
     #: Most of a step's computed tokens that may be speculated ones (the engine's budget: with a
-    #: large batch the extra positions stop being free).
+    #: large batch the extra positions stop being free). A request may bring its own, lower.
     max_speculation_compute_fraction: float = 0.5
     #: A single greedy prompt speculating on the generated-C runtime runs on the paged serving
     #: engine; once its depth policy has kept speculation off for this many decode steps in a row,

@@ -150,6 +150,7 @@ class Engine:
         contiguous = runner_class is ContiguousRunner
         # A contiguous sequence reserves its whole context (unknown: the longest it may get).
         reserve = self.max_context or (max(fit) if fit else None)
+        self._fitted = bool(fit)
         if fit:
             num_blocks = len(fit) * _blocks(reserve, block_size) if contiguous else \
                 sum(_blocks(n, block_size) for n in fit)
@@ -180,13 +181,15 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, *,
                     logprobs: int | None = None, speculation: str | None = None, adapter: Any = None,
-                    adapter_weights: Sequence[float] | None = None) -> None:
+                    adapter_weights: Sequence[float] | None = None, speculation_policy: str | None = None,
+                    max_speculation_compute_fraction: float | None = None) -> None:
         """Queue a request. InputError when the id is taken, a token id is outside the vocabulary,
         the prompt is longer than the context, or the request could never fit the pool.
         ``max_new_tokens`` is clipped at the context (the request then ends with "length").
         ``speculation``: a method of ``Config.speculation`` for this request, "off", or None (the
         config's); a method that cannot run here decodes plainly (``stats().speculation_notes``).
-        ``adapter``: a loaded LoRA adapter's name, or a list of names with ``adapter_weights`` (a
+        ``speculation_policy`` / ``max_speculation_compute_fraction``: this request's own (None:
+        the config's; see Config). ``adapter``: a loaded LoRA adapter's name, or a list of names with ``adapter_weights`` (a
         composition, ``Config.lora_composition``); InputError for an unknown one. Its rows run with
         that adapter's deltas, its KV blocks are shared only with requests of the same adapter."""
         if not isinstance(request_id, str) or not request_id:
@@ -203,11 +206,14 @@ class Engine:
                                      or (self.vocab_size is not None and logprobs > self.vocab_size)):
             raise InputError(f"request {request_id!r}: logprobs must be None or an integer in 0..{self.vocab_size} "
                              f"(0 = the chosen token's only), got {logprobs!r}")
-        method = None
-        if speculation is not None or self.config.speculation is not None:
-            from .spec_engine import check_method
+        method, own = None, None
+        if speculation is not None or self.config.speculation is not None or speculation_policy is not None \
+                or max_speculation_compute_fraction is not None:
+            from .spec_engine import check_method, request_config
 
             method = check_method(self.config, speculation, f"request {request_id!r}")
+            own = request_config(self.config, f"request {request_id!r}", speculation_policy=speculation_policy,
+                                 max_speculation_compute_fraction=max_speculation_compute_fraction)
         stop_ids = stop_ids_for(params, self.tokenizer, self.metadata)
         decoder = self.tokenizer.stream(prompt) if self.tokenizer is not None else None
         row = _Row(prompt, params, stop_ids, decoder)
@@ -223,7 +229,7 @@ class Engine:
             raise
         self._live[request_id] = _Live(request, row, logprobs)
         if method is not None:
-            self._speculation().start(request.seq_id, method)
+            self._speculation().start(request.seq_id, method, own)
 
     def _speculation(self) -> EngineSpeculation:
         if self.speculation is None:
@@ -231,6 +237,7 @@ class Engine:
 
             self.speculation = EngineSpeculation(self.compiled, self.config)
             self.speculation.uniform = isinstance(self.runner, PagedRunner) and self.runner.padding is None
+            self.speculation.kv_pressure = not self._fitted
             self.speculation.tree_check = getattr(self.runner, "tree_reason", self.speculation.tree_check)
             self.scheduler.spec_budget = spec_budget(self.config)
         return self.speculation

@@ -32,14 +32,17 @@ class EngineGeneration(Generation):
 
     def __init__(self, compiled: CompiledModel, runner: ModelRunner, tokenizer, prompts: list[list[int]],
                  params: SamplingParams, speculation: str | None = None, adapter: Any = None,
-                 adapter_weights: Sequence[float] | None = None) -> None:
+                 adapter_weights: Sequence[float] | None = None,
+                 speculation_fields: dict[str, Any] | None = None) -> None:
         """``speculation``: every prompt's ``Engine.add_request(speculation=...)`` (None: the
-        model's ``Config.speculation``; "off": none); ``adapter`` / ``adapter_weights``: every
-        prompt's LoRA adapter selection."""
+        model's ``Config.speculation``; "off": none), ``speculation_fields`` its other speculation
+        keywords (speculation_policy, ...); ``adapter`` / ``adapter_weights``: every prompt's LoRA
+        adapter selection."""
         super().__init__(runner, tokenizer, prompts, params)
         self.adapter, self.adapter_weights = adapter, adapter_weights
         self.compiled = compiled
         self.speculation = speculation
+        self.speculation_fields = dict(speculation_fields or {})
         self._spec_stats: dict[int, SpeculationStats | None] = {}
         self._spec_notes: dict[str, str] = {}
         #: Output tokens the single prompt had when it moved to the C decode loop (None: it did not).
@@ -62,7 +65,7 @@ class EngineGeneration(Generation):
         engine = Engine(self.compiled, max_context=max_context, fit=lengths)
         for i, row in enumerate(self.rows):
             engine.add_request(str(i), row.prompt, params, speculation=self.speculation, adapter=self.adapter,
-                               adapter_weights=self.adapter_weights)
+                               adapter_weights=self.adapter_weights, **self.speculation_fields)
         self.rows = [engine._live[str(i)].row for i in range(len(self.rows))]
         after = self.compiled.config.speculation_hand_back if len(self.rows) == 1 else 0
         waiting = set(range(len(self.rows)))  # rows without a first token yet

@@ -261,7 +261,11 @@ def stream(compiled: CompiledModel, prompt: Any, **options: Any) -> TextStream:
 def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict[str, Any]) -> Generation:
     max_context = options.pop("max_context", None)
     adapter, adapter_weights = options.pop("adapter", None), options.pop("adapter_weights", None)
+    from .spec_engine import REQUEST_FIELDS, request_config  # (its proposers import this module)
+
     speculation = options.pop("speculation", compiled.config.speculation)
+    fields = {name: value for name in REQUEST_FIELDS if (value := options.pop(name, None)) is not None}
+    own = request_config(compiled.config, "generate", **fields)
     params = options.pop("params", None) or SamplingParams()
     params = params.replace(**options) if options else params
     runner = ModelRunner(compiled.backend, compiled.model, max_context)
@@ -277,13 +281,13 @@ def _generation(compiled: CompiledModel, prompts: list[list[int]], options: dict
         from .engine_generation import EngineGeneration  # (imports this module)
 
         return EngineGeneration(compiled, runner, _tokenizer_or_none(compiled), prompts, params,
-                                speculation=speculation or "off")
+                                speculation=speculation or "off", speculation_fields=fields)
     reason = None
     if speculation not in (None, "off"):  # ("off": this call decodes plainly whatever the config says)
         from .speculative.loop import speculative_generation  # (imports this module)
 
         generation, reason = speculative_generation(compiled, runner, _tokenizer_or_none(compiled), prompts,
-                                                    params, speculation)
+                                                    params, speculation, own)
         if generation is not None:
             return generation
     from .c_generate import make_generation  # (imports this module)

@@ -50,11 +50,12 @@ from .kv_cache import check_context
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .session_pool import Feed, SessionPool, check_pool_memory
-from .spec_engine import check_method
+from .spec_engine import check_method, request_config
 from .speculative.policy import SpeculationStats
 
 if TYPE_CHECKING:
     from ..compiled import CompiledModel
+    from ..config import Config
     from .tokenizer import Tokenizer
 
 Tokens = str | Seq[int] | np.ndarray
@@ -129,29 +130,34 @@ class Session:
         return self._pool
 
     def sequence(self, params: SamplingParams | None = None, *, adapter=None, adapter_weights=None,
-                 speculation: str | None = None, **sampling) -> Sequence:
+                 speculation: str | None = None, speculation_policy: str | None = None,
+                 max_speculation_compute_fraction: float | None = None, **sampling) -> Sequence:
         """A new, empty sequence; ``params`` or keyword sampling options choose how ``decode``
         picks tokens (default greedy). ``adapter``: a loaded LoRA adapter's name (or a list of
         names with ``adapter_weights``: a composition) the sequence runs with; see ``set_adapter``.
         ``speculation``: a ``Config.speculation`` method, "off", or None for the session's default:
         ``decode()`` still returns one token per call, the one plain decoding gives, from fewer
         model steps (``seq.speculation`` counts them; a method that cannot run decodes plainly,
-        ``seq.speculation_reason`` says why)."""
+        ``seq.speculation_reason`` says why); ``speculation_policy`` and
+        ``max_speculation_compute_fraction``: its own (None: the config's)."""
         method = check_method(self.compiled.config, self.default_speculation if speculation is None else speculation,
                               "session.sequence")
+        own = request_config(self.compiled.config, "session.sequence", speculation_policy=speculation_policy,
+                             max_speculation_compute_fraction=max_speculation_compute_fraction)
         params = _with(params or SamplingParams(), sampling)
         ref = self.compiled.lora.resolve(adapter, adapter_weights) if adapter is not None else None
-        return self._new(params, ref, method)
+        return self._new(params, ref, method, own)
 
-    def _new(self, params: SamplingParams, ref, method: str | None) -> Sequence:
+    def _new(self, params: SamplingParams, ref, method: str | None, own: Config | None = None) -> Sequence:
         """A sequence holding ``ref`` (already acquired; released when it closes or is dropped)
-        speculating with ``method`` (checked; None: off)."""
+        speculating with ``method`` (checked; None: off), its own speculation fields ``own``."""
         try:
-            spec, reason = session_speculation.start(self, method)
+            spec, reason = session_speculation.start(self, method, own)
             with self._lock:
                 self._check_open()
                 seq = Sequence(self, params, ref)
                 seq._method, seq._spec, seq.speculation_reason = method, spec, reason
+                seq._own = own
                 if spec is not None:
                     seq._spec_release = weakref.finalize(seq, spec.release)
                 self._sequences.add(seq)
@@ -251,6 +257,7 @@ class Sequence:
         #: Speculation (session_speculation.py; set by Session._new): the method asked for, its state
         #: (None: plain decoding) and why a method asked for does not run here.
         self._method: str | None = None
+        self._own: Config | None = None  # its own speculation_policy, ... (spec_engine.request_config)
         self._spec: session_speculation.SequenceSpeculation | None = None
         self._spec_release: weakref.finalize | None = None
         self.speculation_reason: str | None = None
@@ -330,7 +337,7 @@ class Sequence:
             method = self._method if speculation is None else check_method(
                 self.session.compiled.config, speculation, "sequence.fork")
             child = self.session._new(params, self.session.compiled.lora.acquire(self.adapter) if self.adapter else None,
-                                      method)
+                                      method, self._own)
             if self.length:
                 if self._paged:
                     self.session.pool.fork(self._id, child._id)  # type: ignore[union-attr]

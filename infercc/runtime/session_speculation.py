@@ -50,6 +50,7 @@ from .speculative.proposer import Proposal
 from .speculative.verify import verify_counted
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .session import Sequence, Session
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class _Step:
         return [self.token, *self.proposal.tokens]
 
 
-def start(session: Session, method: str | None) -> tuple[SequenceSpeculation | None, str | None]:
-    """A sequence's speculation for ``method`` (None: off), or (None, why it cannot run here):
+def start(session: Session, method: str | None,
+          own: Config | None = None) -> tuple[SequenceSpeculation | None, str | None]:
+    """A sequence's speculation for ``method`` (None: off; ``own``: its own speculation fields,
+    spec_engine.request_config), or (None, why it cannot run here):
     the sequence then decodes plainly and says why (``speculation_reason``, a warning)."""
     if method is None:
         return None, None
@@ -144,7 +147,7 @@ def start(session: Session, method: str | None) -> tuple[SequenceSpeculation | N
     else:
         proposer, why = proposer_for(session.compiled, method)
         if proposer is not None:
-            policy = DepthPolicy(session.compiled.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
+            policy = DepthPolicy(own or session.compiled.config, draft_cost=float(getattr(proposer, "cost", 0.0)))
             return SequenceSpeculation(proposer, policy), None
     reason = f"speculation={method!r} is off for this sequence: {why}"
     log.info("%s; decoding without it", reason)

@@ -85,6 +85,26 @@ def check_method(config: Config, speculation: Any, where: str) -> str | None:
     return speculation
 
 
+#: The speculation fields of Config a request may set for itself (generate, stream,
+#: session.sequence, Engine.add_request, the server's request body); the method is ``speculation``.
+REQUEST_FIELDS = ("speculation_policy", "max_speculation_compute_fraction")
+
+
+def request_config(config: Config, where: str, **fields: Any) -> Config | None:
+    """``config`` with a request's own REQUEST_FIELDS (None: the config's), or None when it sets
+    none. InputError naming ``where`` and the field for a value Config would refuse."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    unknown = sorted(set(given) - set(REQUEST_FIELDS))
+    if unknown:
+        raise InputError(f"{where}: {unknown} cannot be set per request; these can: {list(REQUEST_FIELDS)}")
+    if not given:
+        return None
+    try:
+        return config.replace(**given)
+    except ConfigError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
 def spec_budget(config: Config) -> int:
     """Most proposed tokens one engine step may compute (all requests together)."""
     return int(config.max_speculation_compute_fraction * config.max_batch_tokens)
@@ -122,6 +142,10 @@ class EngineSpeculation:
         self.costs = StepCosts()
         self._seqs: dict[Hashable, _Seq] = {}
         self._drafted: list[Request] = []
+        #: Whether free KV blocks running short should lower the depth: not in a pool fitted to
+        #: its requests (generate's batch, Engine(fit=...)), which holds all they can ever need, so
+        #: a draft there never preempts anyone (and a contiguous fitted pool reads as full at once).
+        self.kv_pressure = True
         #: Whether a step's speculating rows are given one width (``_one_width``): the paged
         #: runner's decode rows share a forward run only when their lengths agree.
         self.uniform = False
@@ -145,8 +169,9 @@ class EngineSpeculation:
         return dataclasses.replace(seq.stats) if seq is not None else None
 
     # -- requests in and out ------------------------------------------------------------------
-    def start(self, seq_id: Hashable, method: str | None) -> None:
-        """Speculate for ``seq_id`` with ``method`` (None: it decodes plainly)."""
+    def start(self, seq_id: Hashable, method: str | None, own: Config | None = None) -> None:
+        """Speculate for ``seq_id`` with ``method`` (None: it decodes plainly); ``own``: the
+        request's speculation fields (``request_config``), else the engine's."""
         if method is None:
             return
         if method not in self._proposers:
@@ -167,6 +192,8 @@ class EngineSpeculation:
         proposer = self._proposers[method]
         if proposer is not None:
             self._seqs[seq_id] = _Seq(proposer, self._policies[method])
+            if own is not None:
+                self._policies[method].own(seq_id, own)
 
     def release(self, seq_id: Hashable) -> None:
         """The request ended (finished or aborted)."""
@@ -182,7 +209,7 @@ class EngineSpeculation:
         if not self._seqs:
             return
         running, waiting = len(scheduler.running), len(scheduler.waiting)
-        free = _free_fraction(scheduler.blocks)
+        free = _free_fraction(scheduler.blocks) if self.kv_pressure else 1.0
         drafted: list[tuple[Request, _Seq, int]] = []  # (request, its speculation, most tokens it may take)
         plain: list[tuple[Request, _Seq, int]] = []
         for request in scheduler.running:

@@ -245,7 +245,7 @@ async def _generate(server: ServerState, request: Request, body: Any, ids: list[
     """Submit the request's n choices and answer: a stream of chunks or one JSON response.
     ``adapter``: the LoRA adapter the request's ``model`` named (None: the base model)."""
     params = [sampling_params(body, max_tokens, i) for i in range(body.n)]
-    job = await server.engine.submit(ids, params, formatter.id, logprobs, body.speculation, adapter)
+    job = await server.engine.submit(ids, params, formatter.id, logprobs, body.speculation_fields, adapter)
     watcher = asyncio.create_task(_abort_on_disconnect(request, job))
     if body.stream:
         return StreamingResponse(_sse(server, job, watcher, formatter), media_type="text/event-stream",

@@ -134,9 +134,10 @@ class AsyncEngine:
         return self._stats
 
     async def submit(self, prompt: list[int], params: list[SamplingParams], request_id: str,
-                     logprobs: int | None = None, speculation: str | None = None, adapter: str | None = None) -> Job:
-        """Add one engine request per entry of ``params`` (ids ``{request_id}-{i}``; each with
-        ``speculation``, see ``Engine.add_request``). Raises RequestError (400) when the engine
+                     logprobs: int | None = None, speculation: dict[str, Any] | None = None,
+                     adapter: str | None = None) -> Job:
+        """Add one engine request per entry of ``params`` (ids ``{request_id}-{i}``; each with the
+        ``speculation`` keywords of ``Engine.add_request``). Raises RequestError (400) when the engine
         refuses the prompt, 503 once the server is closing."""
         if self._closing:
             raise RequestError("the server is shutting down and takes no new requests; retry on another server",
@@ -239,13 +240,13 @@ class AsyncEngine:
             _resolve(future, result, error)
 
     def _add(self, job: Job, prompt: list[int], params: list[SamplingParams], logprobs: int | None,
-             speculation: str | None, adapter: str | None, added: asyncio.Future) -> None:
+             speculation: dict[str, Any] | None, adapter: str | None, added: asyncio.Future) -> None:
         now = time.monotonic()
         done: list[str] = []
         try:
             for index, (request_id, p) in enumerate(zip(job.request_ids, params)):
-                self.engine.add_request(request_id, list(prompt), p, logprobs=logprobs, speculation=speculation,
-                                        adapter=adapter)
+                self.engine.add_request(request_id, list(prompt), p, logprobs=logprobs, adapter=adapter,
+                                        **(speculation or {}))
                 self._live[request_id] = _Live(job, index, now)
                 done.append(request_id)
         except Exception as exc:  # noqa: BLE001 - the request's error, not the loop's

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import SPECULATIONS
+from ..config import SPECULATION_POLICIES, SPECULATIONS
 from ..errors import ConfigError, InputError
 from ..runtime.sampling import SamplingParams
 from ..runtime.spec_engine import OFF as SPECULATION_OFF
@@ -90,6 +90,9 @@ class _Sampling(BaseModel):
     #: infercc's: speculative decoding for this request (a method, "off", or null: the server's).
     #: The output is the same either way (greedy identical, sampling the same distribution).
     speculation: str | None = None
+    #: ... and its depth policy and compute share (null: the server's; see Config).
+    speculation_policy: str | None = None
+    max_speculation_compute_fraction: float | None = None
 
     def _unsupported(self) -> None:
         if self.logit_bias:
@@ -98,8 +101,23 @@ class _Sampling(BaseModel):
             raise RequestError(f"speculation {self.speculation!r} is not a speculation method; use one of "
                                f"{list(SPECULATION_VALUES)} or leave it out for the server's default",
                                param="speculation")
+        if self.speculation_policy is not None and self.speculation_policy not in SPECULATION_POLICIES:
+            raise RequestError(f"speculation_policy {self.speculation_policy!r} is not a policy; use one of "
+                               f"{list(SPECULATION_POLICIES)} or leave it out for the server's default",
+                               param="speculation_policy")
+        fraction = self.max_speculation_compute_fraction
+        if fraction is not None and not 0 <= fraction <= 1:
+            raise RequestError(f"max_speculation_compute_fraction must be a number in [0, 1], got {fraction!r}",
+                               param="max_speculation_compute_fraction")
         if self.stop is not None and not isinstance(self.stop, str) and len(self.stop) > MAX_STOP:
             raise RequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOP} are allowed", param="stop")
+
+    @property
+    def speculation_fields(self) -> dict[str, Any]:
+        """The request's speculation keywords for ``Engine.add_request`` (unset ones left out)."""
+        fields = {"speculation": self.speculation, "speculation_policy": self.speculation_policy,
+                  "max_speculation_compute_fraction": self.max_speculation_compute_fraction}
+        return {name: value for name, value in fields.items() if value is not None}
 
     @property
     def include_usage(self) -> bool:

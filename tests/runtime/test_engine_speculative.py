@@ -312,3 +312,44 @@ def test_speculating_decode_rows_share_one_forward_run(tiny_c, uniform):
     assert [outputs[str(i)][-1].token_ids for i in range(4)] == alone
     per_step = (eng.runner.runs - runs) / (eng.stats().steps - steps)
     assert per_step < 1.3 if uniform else per_step > 1.3, per_step
+
+
+def test_a_request_brings_its_own_policy_fields(tiny, alone):
+    """speculation_policy / max_speculation_compute_fraction per request: a batched request that
+    brings a share of 0 never speculates while the others do (a request may lower the engine's
+    share, never raise it: the scheduler's budget per step stays the engine's); the tokens stay
+    those of each alone. A value Config refuses is an InputError naming the field."""
+    eng = engine(tiny)
+    eng.add_request("0", PROMPTS[1], SamplingParams(max_new_tokens=10, ignore_eos=True),
+                    max_speculation_compute_fraction=0.0)
+    eng.add_request("1", PROMPTS[1], SamplingParams(max_new_tokens=MAX_NEW[1], ignore_eos=True))
+    outputs = run(eng)
+    assert outputs["0"][-1].token_ids == alone[1][:10] and outputs["1"][-1].token_ids == alone[1]
+    assert outputs["0"][-1].speculation.proposed == 0 < outputs["1"][-1].speculation.proposed
+    for field, value in (("speculation_policy", "eager"), ("max_speculation_compute_fraction", 2.0)):
+        with pytest.raises(InputError, match=field):
+            eng.add_request("bad", PROMPTS[0], SamplingParams(max_new_tokens=4), **{field: value})
+    all_blocks_back(eng)
+
+
+def test_generate_and_sequences_take_the_policy_fields(tiny, alone):
+    """generate (one prompt: the speculative loop; several: the engine) and session.sequence take
+    a request's own speculation_policy; "fixed" speculates whatever the acceptance, the tokens
+    stay the plain ones; a bad value is an InputError naming the field before anything runs."""
+    one = tiny.generate(PROMPTS[1], max_new_tokens=MAX_NEW[1], ignore_eos=True, speculation="prompt_lookup",
+                        speculation_policy="fixed")
+    batch = tiny.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True, speculation="prompt_lookup",
+                          speculation_policy="fixed", max_speculation_compute_fraction=0.5)
+    assert one.token_ids == alone[1] and one.speculation.proposed > 0
+    assert [r.token_ids for r in batch] == [a[:12] for a in alone[:2]]
+    assert sum(r.speculation.proposed for r in batch) > 0
+    with pytest.raises(InputError, match="speculation_policy"):
+        tiny.generate(PROMPTS[0], max_new_tokens=4, speculation="prompt_lookup", speculation_policy="eager")
+    session = tiny.session()
+    seq = session.sequence(speculation="prompt_lookup", speculation_policy="fixed")
+    seq.prefill(PROMPTS[1])
+    got = [seq.decode() for _ in range(MAX_NEW[1])]
+    assert got == alone[1] and seq.speculation.proposed > 0
+    assert seq.fork()._own is seq._own is not None
+    with pytest.raises(InputError, match="max_speculation_compute_fraction"):
+        session.sequence(speculation="prompt_lookup", max_speculation_compute_fraction=-1)

@@ -5,8 +5,6 @@ proposed/accepted counters reach /metrics; ``infercc serve --speculation`` sets 
 
 from __future__ import annotations
 
-import dataclasses
-
 import httpx2 as httpx
 import pytest
 from openai import BadRequestError, OpenAI
@@ -18,14 +16,14 @@ from tests.server._server import running, wait_idle
 #: Repetitive text: the story model's greedy continuation copies from it, so lookups are accepted.
 PROMPT = "Lily and Tom went to the park. They played with a ball. Lily and Tom went to the park. They"
 CHAT = [{"role": "user", "content": PROMPT}]
-SPEC = {"speculation": "prompt_lookup"}
+#: The request's own depth policy "fixed": it speculates whatever this machine's step timings say
+#: (under "auto" a loaded machine can time verify steps as not paying and keep it off).
+SPEC = {"speculation": "prompt_lookup", "speculation_policy": "fixed"}
 
 
 @pytest.fixture(scope="module")
 def served(stories):
-    """The "fixed" depth policy: speculation runs whatever this machine's step timings say (under
-    "auto" a loaded machine can time verify steps as not paying and keep it off)."""
-    with running(stories, config=dataclasses.replace(stories.config, speculation_policy="fixed")) as server:
+    with running(stories) as server:
         yield server
 
 
@@ -74,6 +72,11 @@ def test_a_bad_speculation_value_is_a_400(client):
     assert error["param"] == "speculation" and "prompt_lookup" in error["message"] and "'off'" in error["message"]
     with pytest.raises(BadRequestError):
         client.chat.completions.create(model="stories", messages=CHAT, max_tokens=4, extra_body={"speculation": 3})
+    for field, value in (("speculation_policy", "eager"), ("max_speculation_compute_fraction", 1.5)):
+        with pytest.raises(BadRequestError) as caught:
+            client.completions.create(model="stories", prompt=PROMPT, max_tokens=4,
+                                      extra_body={"speculation": "prompt_lookup", field: value})
+        assert caught.value.body["param"] == field and repr(value) in caught.value.body["message"]
 
 
 def test_server_default_and_per_request_off(stories):

@@ -41,6 +41,7 @@ from .verify import count, verify_counted, verify_tree, warn_if_inexact
 
 if TYPE_CHECKING:
     from ...compiled import CompiledModel
+    from ...config import Config
     from ..model_runner import ModelRunner
     from ..sampling import SamplingParams
     from ..tokenizer import Tokenizer
@@ -171,8 +172,9 @@ def _clipped(proposal: Proposal, k: int) -> Proposal:
 
 def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokenizer: Tokenizer | None,
                            prompts: list[list[int]], params: SamplingParams,
-                           method: str) -> tuple[SpeculativeGeneration | None, str | None]:
-    """The speculative generation for ``method`` (a request's ``speculation=``), or (None, why it
+                           method: str, own: Config | None = None) -> tuple[SpeculativeGeneration | None, str | None]:
+    """The speculative generation for ``method`` (a request's ``speculation=``; ``own``: its own
+    speculation fields, spec_engine.request_config), or (None, why it
     cannot run): the caller decodes plainly and reports the reason (a warning and
     ``GenerationResult.speculation_reason``), never an error -- but an unknown method name is one."""
     from ...config import SPECULATIONS
@@ -188,7 +190,7 @@ def speculative_generation(compiled: CompiledModel, runner: ModelRunner, tokeniz
         proposer, reason = proposer_for(compiled, method)
         if proposer is not None:
             draft_cost = getattr(proposer, "cost", 0.0)
-            policy = DepthPolicy(compiled.config, draft_cost=draft_cost)
+            policy = DepthPolicy(own or compiled.config, draft_cost=draft_cost)
             tree, no_trees = _trees(compiled, runner, proposer)
             generation = SpeculativeGeneration(runner, tokenizer, prompts, params, proposer, policy, tree)
             generation.speculation_reason = no_trees

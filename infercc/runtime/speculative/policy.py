@@ -170,6 +170,16 @@ class DepthPolicy:
         self.costs = costs
         self._drafts: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self._rates: dict[Hashable, _Rate] = {}
+        #: A request's own speculation_policy and max_speculation_compute_fraction (``own``).
+        self._own: dict[Hashable, tuple[str, float]] = {}
+
+    def own(self, seq_id: Hashable, config: Config) -> None:
+        """``seq_id`` follows ``config``'s speculation_policy and max_speculation_compute_fraction
+        (a request's own fields) instead of this policy's; the measured costs stay shared. Its
+        fraction can lower the engine's share, not raise it (the scheduler's budget per step
+        stays the engine's: a client does not take more than the operator allows)."""
+        fraction = min(config.max_speculation_compute_fraction, self.config.max_speculation_compute_fraction)
+        self._own[seq_id] = (config.speculation_policy, fraction)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         """A proposal of ``tokens`` took ``seconds`` (with ``costs``: the draft cost becomes the
@@ -187,20 +197,21 @@ class DepthPolicy:
         running = max(running, 1)
         limit = self.max_depth
         others = running - 1
-        if self.policy == "fixed":
-            return 0 if free_fraction < 0.05 else self._budget(limit, running)
-        if self.policy == "latency":
+        policy, fraction = self._own.get(seq_id, (self.policy, self.config.max_speculation_compute_fraction))
+        if policy == "fixed":
+            return 0 if free_fraction < 0.05 else _budget(limit, running, fraction, self.config)
+        if policy == "latency":
             others = 0
             if free_fraction < 0.05:
                 return 0
         else:
-            if self.policy == "throughput" and (waiting or free_fraction < 0.25):
+            if policy == "throughput" and (waiting or free_fraction < 0.25):
                 return 0
             if free_fraction < 0.1:
                 return 0
             if waiting:
                 limit = max(limit // 2, 1)
-        limit = self._budget(limit, running)
+        limit = _budget(limit, running, fraction, self.config)
         costs = self.costs
         if costs is not None and costs.one_steps < PROBE_STEPS and running == 1:
             return 0  # time one-position steps first: the measured costs need t1
@@ -215,13 +226,6 @@ class DepthPolicy:
             rate.off = 0
         return k
 
-    def _budget(self, limit: int, running: int) -> int:
-        """``limit`` within the engine's budget of speculated tokens per step (batches only)."""
-        if running <= 1:
-            return limit
-        budget = int(self.config.max_speculation_compute_fraction * self.config.max_batch_tokens)
-        return min(limit, budget // running)
-
     def record(self, seq_id: Hashable, proposed: int, accepted: int) -> None:
         """A verify step's outcome: ``accepted`` of ``proposed`` tokens stood."""
         if proposed <= 0:
@@ -233,10 +237,19 @@ class DepthPolicy:
 
     def release(self, seq_id: Hashable) -> None:
         self._rates.pop(seq_id, None)
+        self._own.pop(seq_id, None)
 
     def rate(self, seq_id: Hashable) -> float:
         """The acceptance rate the policy believes for ``seq_id`` now."""
         return self._rates.get(seq_id, _Rate()).value
+
+
+def _budget(limit: int, running: int, fraction: float, config: Config) -> int:
+    """``limit`` within a batch's share of the speculated tokens per step: ``fraction`` of the
+    step's token budget split over the running requests (batch 1: no cap)."""
+    if running <= 1:
+        return limit
+    return min(limit, int(fraction * config.max_batch_tokens) // running)
 
 
 def best_depth(rate: float, verify_cost: float, limit: int, *, others: int = 0, draft_cost: float = 0.0) -> int:
