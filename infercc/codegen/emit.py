@@ -39,6 +39,8 @@ OPTIONAL_HEADERS = {"paged_attention.h": "PagedAttention"}
 NESTED_HEADERS = ("qgemm_avx2.h",)
 #: Ops a fusion of fuse.py replaces: a user kernel for one of them turns fusions off (theirs wins).
 _FUSED_OPS = {("", "Split"), (DOMAIN, "SiLU"), ("", "Mul"), ("", "MatMul"), ("", "Add")}
+#: A quantized matmul in generated lines: its bits and block (q_tiles).
+_QCALL = re.compile(r"icc_matmul_q\([^;]*?, (\d+), (\d+), \(const float \*\)")
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined, autoescape=False)
 
@@ -78,6 +80,20 @@ def kernels_source(ops: set[str] | None = None) -> str:
             continue
         parts.append(_strip_includes((HERE / "kernels" / name).read_text()))
     return "\n".join(parts)
+
+
+def q_tiles(steps: list[dict], custom_ops: bool) -> int:
+    """qgemm.h's ICC_Q_USED: the (bits, block) tiles the steps' quantized matmuls call, so the
+    library compiles those alone (each is 8 row-count instantiations, fully unrolled: SmolLM2's
+    library built in 26 s of gcc with all ten, about half with its two). All of them where a user
+    kernel runs (its C may call any)."""
+    if custom_ops:
+        return 0x3FF
+    mask = 0
+    for step in steps:
+        for bits, block in _QCALL.findall("\n".join(step["lines"])):
+            mask |= 1 << ((int(bits) == 8) * 5 + {16: 0, 32: 1, 64: 2, 128: 3}.get(int(block), 4))
+    return mask
 
 
 def _strip_includes(text: str) -> str:
@@ -164,6 +180,7 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source({n.op_type for n in graph.nodes}) + custom.helpers_for(model, kernels), nv=max(len(index), 1),
+        q_tiles=f"{q_tiles(steps, any((n.domain or '', n.op_type) in kernels for n in graph.nodes)):#x}",
         consts=sorted(consts.values(), key=lambda c: c["index"]),
         inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
         slots=", ".join(str(memory.slots[i]) if i < len(memory.slots) else "-1" for i in range(max(len(index), 1))),

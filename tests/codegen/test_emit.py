@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 import infercc
 from infercc.codegen.build import NATIVE, OPT_ENV, PORTABLE, BuildError, build, warnings_of, with_opt_level
-from infercc.codegen.emit import emit
+from infercc.codegen.emit import emit, q_tiles
 from tests.fixtures import catalog
 
 HOSTILE = ['x"; system("rm -rf /"); //', "a*/b/*c", "new\nline\\", "naïve ünïcode ✓", "#define x 1"]
@@ -53,6 +53,21 @@ def test_generated_source_is_deterministic_and_warning_free() -> None:
     second = emit(infercc.compile(source, backend="c", quantize="int4").model).source
     assert first == second
     assert warnings_of(first) == []
+
+
+def test_the_library_compiles_only_the_quantized_tiles_it_calls() -> None:
+    """ICC_Q_USED holds the (bits, block) of the model's quantized matmuls and nothing else (the
+    outputs of such a library are checked everywhere the C runtime runs int4/int8 models); a
+    float model compiles none; a user kernel (whose C may call any) brings them all back."""
+    source = str(catalog.fixture_path("llama_dynamo"))
+    model = infercc.compile(source, backend="c", quantize="int4").model
+    tiles = {(int(n.attr("bits")), int(n.attr("block_size"))) for n in model.graph.nodes if n.op_type == "MatMulQuant"}
+    want = sum(1 << ((bits == 8) * 5 + {16: 0, 32: 1, 64: 2, 128: 3}.get(block, 4)) for bits, block in tiles)
+    assert tiles and f"#define ICC_Q_USED {want:#x} " in emit(model).source
+    assert "#define ICC_Q_USED 0x0 " in emit(infercc.compile(source, backend="c").model).source
+    lines = [{"lines": ["icc_matmul_q(icc_numel(x) / 64, 32, 64, 8, 128, (const float *)x->p, W + 0, y);"]}]
+    assert q_tiles(lines, custom_ops=False) == 1 << 8 and q_tiles(lines, custom_ops=True) == 0x3FF
+    assert q_tiles([{"lines": ["icc_matmul_q(m, 32, 96, 4, 256, (const float *)x->p, W, y);"]}], False) == 1 << 4
 
 
 def test_portable_flags_build_and_run_the_same(tmp_path) -> None:

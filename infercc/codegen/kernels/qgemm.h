@@ -368,16 +368,30 @@ ICC_INLINE void icc_q_tile(const int R, const int BITS, int64_t block, int64_t n
 #endif
 }
 
+/* Which (bits, block) tiles are compiled: bit (BITS == 8) * 5 + i for blocks 16, 32, 64, 128 (i =
+ * 0..3) and any other block (i = 4). The generated source defines it from its own matmuls
+ * (emit.py: a SmolLM2 library then builds in about half the time); without it, all of them. */
+#ifndef ICC_Q_USED
+#define ICC_Q_USED 0x3FF
+#endif
+#define ICC_Q_HAS(BITS, i) ((ICC_Q_USED >> (((BITS) == 8) * 5 + (i))) & 1)
+
+/* A tile the library was built without (ICC_Q_USED): NaN, never stale values. */
+static void icc_q_absent(int R, float *y, int64_t ldy, int64_t ncols) {
+    for (int r = 0; r < R; r++)
+        for (int64_t j = 0; j < ncols; j++) y[r * ldy + j] = __builtin_nanf("");
+}
+
 /* Every (rows, bits, block) its own instantiation: with the block a constant the dot product over
- * one block unrolls completely and the compiler schedules the blocks' chains into each other. */
+ * one block unrolls completely and the compiler schedules the blocks' chains into each other. The
+ * branches of tiles left out are constant-false, so they are never instantiated. */
 #define ICC_Q_BLOCKS(R, BITS)                                                                        \
-    switch (block) {                                                                                 \
-        case 16: icc_q_tile(R, BITS, 16, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;            \
-        case 32: icc_q_tile(R, BITS, 32, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;            \
-        case 64: icc_q_tile(R, BITS, 64, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;            \
-        case 128: icc_q_tile(R, BITS, 128, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;          \
-        default: icc_q_tile(R, BITS, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); break;         \
-    }
+    if (ICC_Q_HAS(BITS, 0) && block == 16) icc_q_tile(R, BITS, 16, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); \
+    else if (ICC_Q_HAS(BITS, 1) && block == 32) icc_q_tile(R, BITS, 32, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); \
+    else if (ICC_Q_HAS(BITS, 2) && block == 64) icc_q_tile(R, BITS, 64, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); \
+    else if (ICC_Q_HAS(BITS, 3) && block == 128) icc_q_tile(R, BITS, 128, nb, P, xq, kp, d, dq, sx, y, ldy, ncols); \
+    else if (ICC_Q_HAS(BITS, 4)) icc_q_tile(R, BITS, block, nb, P, xq, kp, d, dq, sx, y, ldy, ncols);  \
+    else icc_q_absent(R, y, ldy, ncols);
 #define ICC_Q_ROWS(R)                              \
     static void icc_q_rows##R(int bits, int64_t block, int64_t nb, icc_qpanel P, const int8_t *xq, \
                               int64_t kp, const float *d, const float *dq, const float *sx, float *y, \
@@ -396,6 +410,7 @@ ICC_Q_ROWS(8)
 #endif
 #undef ICC_Q_ROWS
 #undef ICC_Q_BLOCKS
+#undef ICC_Q_HAS
 
 static void icc_q_rows(int rows, int bits, int64_t block, int64_t nb, icc_qpanel P, const int8_t *xq,
                        int64_t kp, const float *d, const float *dq, const float *sx, float *y,
