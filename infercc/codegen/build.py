@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -78,14 +79,32 @@ def build(source: str, flags: tuple[str, ...] = NATIVE) -> Path:
         src = Path(tmp) / "model.c"
         src.write_text(source)
         out = Path(tmp) / "model.so"
-        done = subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line][:3]
-            raise BuildError(f"{cc} could not build the generated C: {' | '.join(errors) or done.stderr[:300]}")
+        code, stderr = _compile([cc, *flags, str(src), "-o", str(out), "-lm"])
+        if code != 0:
+            errors = [line for line in stderr.splitlines() if "error" in line][:3]
+            raise BuildError(f"{cc} could not build the generated C: {' | '.join(errors) or stderr[:300]}")
         partial = target.with_suffix(f".{os.getpid()}.tmp")
         shutil.copyfile(out, partial)
         os.replace(partial, target)
     return target
+
+
+def _compile(command: list[str]) -> tuple[int, str]:
+    """Run the compiler (exit code, stderr), showing the time it has taken on a terminal: a first
+    build of a model's library takes gcc 10-30 s at -O3, which would otherwise look like a hang."""
+    from tqdm import tqdm
+
+    level = next((f for f in command if f.startswith("-O")), "")
+    name = f"building the model's C library ({Path(command[0]).name} {level})"
+    with tqdm(total=None, desc=name, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False,
+              disable=None) as bar, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                     text=True) as proc:
+        while True:
+            try:
+                _, stderr = proc.communicate(timeout=0.25)
+                return proc.returncode, stderr
+            except subprocess.TimeoutExpired:
+                bar.refresh()
 
 
 def warnings_of(source: str, flags: tuple[str, ...] = NATIVE) -> list[str]:
