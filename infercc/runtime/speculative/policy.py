@@ -16,7 +16,11 @@ E(k) / (1 + (c + d)*k); in a batch the extra positions slow every row of the ste
 acceptance buys less depth, and none once the batch's own rows fill the compute. The depth falls
 as acceptance falls and turns speculation off where it would not pay, and rises again on its
 own: while off, the measured rate decays toward the prior, so the sequence probes again after a
-while. The "latency" policy counts only the sequence's own time (n = 0) whatever the batch.
+while, and after EXPLORE_STEPS steps off it verifies one guess whatever the model says (the only
+way measured costs that a noisy moment inflated get measured again). The "latency" policy counts
+only the sequence's own time (n = 0) whatever the batch; "fixed" always takes the full depth (as
+vLLM does: reproducible, for measuring acceptance), off only when KV blocks run out. A request may
+bring its own policy and compute share (``own``).
 
 ``a`` is a decaying count of accepted proposals over trials (accepted + the rejected one, if
 any: the maximum-likelihood rate of the geometric model), started from a prior worth half a trial.
