@@ -170,12 +170,29 @@ def check_sparse(graph: onnx.GraphProto) -> None:
                 )
 
 
+#: The largest fixed size a graph input may declare for one axis. A transformer's inputs never come
+#: near it; a file that declares more is corrupt or hostile, and onnx's shape inference, which
+#: materializes shape computations (a Range over that length), would hang or exhaust memory on it.
+MAX_INPUT_DIM = 1 << 30
+
+
 def check_value_types(graph: onnx.GraphProto) -> None:
-    """Declared tensor types of inputs, outputs and value_info must name real data types."""
+    """Declared tensor types of inputs, outputs and value_info must name real data types; a graph
+    input's fixed dims must be >= 0 and at most MAX_INPUT_DIM."""
     for info in (*graph.input, *graph.output, *graph.value_info):
         tt = info.type.tensor_type if info.type.HasField("tensor_type") else None
         if tt is not None and tt.elem_type:
             check_dtype(tt.elem_type, f"value {info.name!r} in graph {graph.name!r}")
+    for info in graph.input:
+        tt = info.type.tensor_type if info.type.HasField("tensor_type") else None
+        dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")] if tt is not None and tt.HasField("shape") else []
+        bad = next((d for d in dims if not 0 <= d <= MAX_INPUT_DIM), None)
+        if bad is not None:
+            raise ModelLoadError(
+                f"input {info.name!r} of graph {graph.name!r} declares an axis of {bad} entries; fixed input "
+                f"dims must be between 0 and {MAX_INPUT_DIM:,} (give a variable size a symbolic name, "
+                f"dim_param): {_REEXPORT}."
+            )
     for node in graph.node:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):

@@ -40,13 +40,20 @@ def infer_shapes(model: Model) -> list[str]:
     """Fill in dtype/shape of every value we can. Returns notes about what could not be inferred
     (kept for diagnostics; missing shapes never make a model invalid)."""
     notes: list[str] = []
+    # onnx's data propagation computes the values of shape subgraphs, materializing them: a Range
+    # over a fixed input length of 2^31 hangs it. Beyond DATA_PROP_MAX_DIM it is left off (our own
+    # rules still propagate symbolic lengths).
+    largest = max((d for v in model.graph.inputs for d in (v.shape or ()) if isinstance(d, int)), default=0)
+    data_prop = largest <= DATA_PROP_MAX_DIM
+    if not data_prop:
+        notes.append(f"an input declares an axis of {largest} entries: onnx's data propagation is off")
     # onnx's rules and ours alternate: a shape only our rules find (a Range over a symbolic length)
     # feeds ops only onnx's rules cover (the Unsqueeze after it), whose results feed ours again. So
     # onnx runs again, on our shapes, while our propagation still adds something (a few rounds).
     for _ in range(_MAX_ROUNDS):
         try:
             proto = to_proto(model, with_data=False)
-            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
             _merge(model.graph, inferred.graph)
         except Exception as exc:  # onnx inference is best effort; ours still runs
             notes.append(f"onnx shape inference failed: {str(exc).splitlines()[0][:200]}")
@@ -61,6 +68,8 @@ def infer_shapes(model: Model) -> list[str]:
 
 
 _MAX_ROUNDS = 4
+#: Fixed input lengths up to which onnx's data propagation runs (see infer_shapes).
+DATA_PROP_MAX_DIM = 1 << 20
 
 
 def _merge(graph: Graph, gp: onnx.GraphProto) -> None:

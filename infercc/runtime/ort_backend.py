@@ -12,7 +12,7 @@ import onnxruntime as ort
 from ..ir import Model, save_model, to_proto
 from ..ir.onnx_save import PROTO_LIMIT, weight_bytes
 from .ort_binding import BindingCache
-from .ort_check import ORT_ERRORS, ort_error
+from .ort_check import ORT_ERRORS, ORT_RUN_ERRORS, ort_error
 
 
 @contextlib.contextmanager
@@ -76,7 +76,7 @@ class OrtBackend:
         binding, copies = self.bindings.bind(feeds, outputs)
         try:
             self.session.run_with_iobinding(binding)
-        except ORT_ERRORS as exc:
+        except ORT_RUN_ERRORS as exc:
             raise ort_error(exc, self.model, loading=False) from exc
         del copies  # (alive until the run ended)
         produced = binding.get_outputs() if any(array is None for array in outputs.values()) else []
@@ -87,7 +87,7 @@ class OrtBackend:
         missing = {name: value for name, value in self.defaults.items() if name not in feeds}
         try:
             results = self.session.run(self.output_names, {**missing, **feeds} if missing else feeds)
-        except ORT_ERRORS as exc:
+        except ORT_RUN_ERRORS as exc:
             raise ort_error(exc, self.model, loading=False) from exc
         return dict(zip(self.output_names, results))
 

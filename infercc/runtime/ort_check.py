@@ -30,6 +30,9 @@ from ..ir import DType, Model, Node
 ORT_ERRORS: tuple[type[Exception], ...] = tuple(
     c for c in vars(_state).values() if isinstance(c, type) and issubclass(c, Exception)
 ) + (UnicodeDecodeError,)
+#: ... and what a run may raise besides: the binding's own failures to convert a feed (a numpy type
+#: onnxruntime has no tensor type for, e.g. a float8 input fed from numpy) are plain RuntimeErrors.
+ORT_RUN_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, RuntimeError)
 
 #: infercc's canonical ops: the passes lower them before anything runs.
 _CANONICAL = "ai.infercc"

@@ -422,3 +422,37 @@ def test_mutated_bytes_never_escape_as_raw_exceptions(tmp_path, seed):
             load_error(path)
             refused += 1
     assert refused > 0
+
+
+@pytest.mark.parametrize("dim", [2**31 - 1, 2**62, -3])
+def test_an_input_axis_beyond_any_real_model_is_refused(dim):
+    """A fixed input axis of 2^31 (a fuzzer's mutation) hung onnx's shape inference, which
+    materializes the shape computations over it; such a dim is refused, naming the input."""
+    proto = _chain(helper.make_node("Relu", ["x"], ["y"], name="r"))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = dim
+    msg = load_error(proto)
+    assert "input 'x'" in msg and str(dim) in msg and "dim_param" in msg
+
+
+def test_a_long_fixed_input_compiles_without_data_propagation():
+    """Between 2^20 and MAX_INPUT_DIM the file loads, and shape inference leaves onnx's data
+    propagation off (a Range over the length would be materialized): it compiles in seconds."""
+    from infercc.ir.shapes import infer_shapes
+
+    proto = _chain(helper.make_node("Relu", ["x"], ["y"], name="r"))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1 << 25
+    notes = infer_shapes(load_model(proto))
+    assert any("data propagation is off" in n for n in notes)
+
+
+def test_a_feed_onnxruntime_cannot_convert_is_a_run_error():
+    """onnxruntime's binding raises a bare RuntimeError for a numpy type it has no tensor type
+    for (a fuzzer's float8 attention mask): it comes out as RunError."""
+    from infercc.errors import RunError
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TP.FLOAT, name="c")], "f8",
+                              [helper.make_tensor_value_info("x", TP.FLOAT8E4M3FN, [2])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [2])])
+    compiled = infercc.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), provider="cpu")
+    with pytest.raises(RunError, match="onnxruntime"):
+        compiled.run({"x": np.zeros(2, compiled.model.graph.inputs[0].dtype.numpy)})
