@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import SPECULATION_POLICIES, SPECULATIONS
+from ..config import SPECULATIONS, Config
 from ..errors import ConfigError, InputError
 from ..runtime.sampling import SamplingParams
 from ..runtime.spec_engine import OFF as SPECULATION_OFF
+from ..runtime.spec_engine import REQUEST_FIELDS as SPECULATION_REQUEST_FIELDS
 
 #: Largest ``n`` (choices per request): each choice is a request in the engine.
 MAX_N = 16
@@ -101,23 +102,21 @@ class _Sampling(BaseModel):
             raise RequestError(f"speculation {self.speculation!r} is not a speculation method; use one of "
                                f"{list(SPECULATION_VALUES)} or leave it out for the server's default",
                                param="speculation")
-        if self.speculation_policy is not None and self.speculation_policy not in SPECULATION_POLICIES:
-            raise RequestError(f"speculation_policy {self.speculation_policy!r} is not a policy; use one of "
-                               f"{list(SPECULATION_POLICIES)} or leave it out for the server's default",
-                               param="speculation_policy")
-        fraction = self.max_speculation_compute_fraction
-        if fraction is not None and not 0 <= fraction <= 1:
-            raise RequestError(f"max_speculation_compute_fraction must be a number in [0, 1], got {fraction!r}",
-                               param="max_speculation_compute_fraction")
+        for name in SPECULATION_REQUEST_FIELDS:  # Config's own rules, answered as a 400 naming the field
+            value = getattr(self, name)
+            try:
+                if value is not None:
+                    Config().replace(**{name: value})
+            except ConfigError as exc:
+                raise RequestError(f"{exc}; or leave {name} out for the server's default", param=name) from None
         if self.stop is not None and not isinstance(self.stop, str) and len(self.stop) > MAX_STOP:
             raise RequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOP} are allowed", param="stop")
 
     @property
     def speculation_fields(self) -> dict[str, Any]:
         """The request's speculation keywords for ``Engine.add_request`` (unset ones left out)."""
-        fields = {"speculation": self.speculation, "speculation_policy": self.speculation_policy,
-                  "max_speculation_compute_fraction": self.max_speculation_compute_fraction}
-        return {name: value for name, value in fields.items() if value is not None}
+        fields = ("speculation", *SPECULATION_REQUEST_FIELDS)
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
     @property
     def include_usage(self) -> bool:
