@@ -77,7 +77,34 @@ def _bounded_reader() -> type:
                 raise _Truncated(end, len(self.data))
             return super()._get(offset, dtype, count, *args, **kwargs)
 
+        def _get_field_parts(self, orig_offs, raw_type):
+            # An array's length is checked against the bytes left before the per-item loop: each
+            # item takes at least its minimum size, so a length past the end fails at once instead
+            # of after one Python iteration per byte of the file.
+            if raw_type == gguf.GGUFValueType.ARRAY:
+                item_type = int(self._get(orig_offs, np.uint32)[0])
+                length = int(self._get(int(orig_offs) + 4, np.uint64)[0])
+                end = int(orig_offs) + 12 + length * _min_item_bytes(gguf, item_type)
+                if end > len(self.data):
+                    raise _Truncated(end, len(self.data))
+            return super()._get_field_parts(orig_offs, raw_type)
+
     return BoundedReader
+
+
+def _min_item_bytes(gguf, item_type: int) -> int:
+    """The fewest bytes one GGUF value of ``item_type`` takes: a scalar its size, a string its
+    8-byte length, an array its type and length fields."""
+    value_type = gguf.GGUFValueType
+    if item_type == value_type.STRING:
+        return 8
+    if item_type == value_type.ARRAY:
+        return 12
+    try:
+        scalar = gguf.GGUFReader.gguf_scalar_to_np.get(value_type(item_type))
+    except ValueError:  # an unknown type: the upstream reader names it
+        return 0
+    return np.dtype(scalar).itemsize if scalar is not None else 0
 
 
 def import_gguf(path: Path) -> Model:

@@ -139,15 +139,20 @@ def test_large_real_context_length_imports(tmp_path):
     assert meta["context_length"] == 2**40
 
 
-def test_metadata_array_length_past_end_of_file(tmp_path):
+@pytest.mark.parametrize("items,item_type", [([1, 2, 3], T.UINT8), (["a", "b", "c"], T.STRING)])
+def test_metadata_array_length_past_end_of_file(tmp_path, items, item_type):
     """An array whose length field says 2**62: the reader used to loop over empty reads past the
-    end of the file (a hang); now the first read past the end stops it."""
-    path = write_gguf(tmp_path / "array.gguf", {"zz.bytes": ([1, 2, 3], T.ARRAY, T.UINT8)})
+    end of the file (a hang), then one Python iteration per byte until the end of the file; the
+    length is now checked against the bytes left before any item is read. The
+    2 MB field after it makes an item-by-item reader take far longer than the check allows."""
+    path = write_gguf(tmp_path / "array.gguf", {"zz.items": (items, T.ARRAY, item_type),
+                                                "zz.padding": ("x" * 2_000_000, T.STRING)})
     data = path.read_bytes()
-    needle = b"zz.bytes" + struct.pack("<IIQ", T.ARRAY, T.UINT8, 3)
+    needle = b"zz.items" + struct.pack("<IIQ", T.ARRAY, item_type, 3)
     assert data.count(needle) == 1
     path.write_bytes(data.replace(needle, needle[:-8] + struct.pack("<Q", 2**62)))
-    refused(lambda: import_checkpoint(path), str(path), "cut short", "re-download")
+    message = refused(lambda: import_checkpoint(path), str(path), "cut short", "re-download")
+    assert str(len(data)) in message
 
 
 # -- 3. values of the wrong kind, damaged files -------------------------------------------------
