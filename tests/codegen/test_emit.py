@@ -3,6 +3,7 @@ reaching it raw, a portable build, and an op without a C kernel falling back to 
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 
 import numpy as np
@@ -11,7 +12,17 @@ import pytest
 from onnx import TensorProto, helper
 
 import infercc
-from infercc.codegen.build import NATIVE, OPT_ENV, PORTABLE, BuildError, build, warnings_of, with_opt_level
+from infercc.codegen.build import (
+    NATIVE,
+    OPT_ENV,
+    PORTABLE,
+    BuildError,
+    build,
+    compiler,
+    precompiled,
+    warnings_of,
+    with_opt_level,
+)
 from infercc.codegen.emit import emit, q_tiles
 from tests.fixtures import catalog
 
@@ -75,6 +86,33 @@ def test_portable_flags_build_and_run_the_same(tmp_path) -> None:
     program = emit(compiled.model)
     assert build(program.source, PORTABLE).exists()
     assert warnings_of(program.source, PORTABLE) == []
+
+
+def test_system_headers_are_precompiled_once_and_give_the_same_library(tmp_path, monkeypatch) -> None:
+    """gcc reads the precompiled system headers (``-H`` marks a used one with "!") and the library
+    is the one built from the plain text headers; a second build reuses the header."""
+    monkeypatch.setenv("INFERCC_CACHE_DIR", str(tmp_path / "cache"))
+    cc, flags = compiler(), with_opt_level(NATIVE)
+    if "clang" in subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.lower():
+        pytest.skip("clang: no gcc precompiled header")
+    program = emit(infercc.compile(catalog.fixture_path("gpt2_dynamo"), backend="c").model)
+    args = precompiled(cc, flags)
+    (gch,) = (tmp_path / "cache").rglob("*.gch")
+    assert args == ["-include", str(gch.with_suffix(""))]
+    stamp = gch.stat().st_mtime_ns
+    source = tmp_path / "model.c"
+    source.write_text(program.source)
+    outputs = {}
+    for name, extra in (("text", []), ("precompiled", args)):
+        done = subprocess.run([cc, *flags, *extra, "-H", "-Winvalid-pch", str(source), "-o", str(tmp_path / f"{name}.so"),
+                               "-lm"], capture_output=True, text=True, check=True)
+        outputs[name] = (tmp_path / f"{name}.so").read_bytes()
+        used = [line for line in done.stderr.splitlines() if line.startswith("!")]
+        assert (used == [f"! {gch}"]) == bool(extra), done.stderr[:2000]
+        assert "invalid" not in done.stderr
+    assert outputs["text"] == outputs["precompiled"]
+    assert build(program.source).exists() and precompiled(cc, flags) == args
+    assert gch.stat().st_mtime_ns == stamp
 
 
 def test_the_optimization_level_comes_from_the_environment(monkeypatch) -> None:
