@@ -6,7 +6,9 @@ in an exported ``t_<name>`` taking pointers, which is all the tests need."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +27,9 @@ _built: dict[tuple[str, str], ctypes.CDLL] = {}
 
 def build(source: str, march: str, out_dir: Path) -> ctypes.CDLL:
     """Compile ``source`` (a C driver that includes kernel headers) for ``-march=<march>``; cached
-    per process by (source, march)."""
+    per process by (source, march), and in ``out_dir`` by (source, headers, march) for the other
+    test processes of the run (an -O3 build of every matmul tile takes 10-40 s: the first process
+    to need it builds it under a lock, the others wait and load it)."""
     key = (hashlib.sha256(source.encode()).hexdigest()[:16], march)
     if key in _built:
         return _built[key]
@@ -33,13 +37,20 @@ def build(source: str, march: str, out_dir: Path) -> ctypes.CDLL:
         pytest.skip("gcc is not installed")
     if "avxvnni" in march and "avx_vnni" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX-VNNI")
-    c_file = out_dir / f"drv_{key[0]}_{march.replace(' ', '').replace('-', '')}.c"
-    c_file.write_text(source)
+    headers = b"".join(path.read_bytes() for path in sorted(KERNELS.glob("*.h")))
+    digest = hashlib.sha256(source.encode() + headers + march.encode()).hexdigest()[:16]
+    c_file = out_dir / f"drv_{digest}_{march.replace(' ', '').replace('-', '')}.c"
     so_file = c_file.with_suffix(".so")
-    cmd = ["gcc", *FLAGS, *f"-march={march}".split(), f"-I{KERNELS}", str(c_file), "-o", str(so_file), "-lm"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise AssertionError(f"gcc failed ({' '.join(cmd)}):\n{done.stderr}")
+    with open(c_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not so_file.exists():
+            c_file.write_text(source)
+            partial = c_file.with_suffix(f".{os.getpid()}.so")
+            cmd = ["gcc", *FLAGS, *f"-march={march}".split(), f"-I{KERNELS}", str(c_file), "-o", str(partial), "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise AssertionError(f"gcc failed ({' '.join(cmd)}):\n{done.stderr}")
+            os.replace(partial, so_file)
     lib = ctypes.CDLL(str(so_file))
     _built[key] = lib
     return lib
