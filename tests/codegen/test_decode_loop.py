@@ -13,7 +13,7 @@ from infercc.codegen.decoding import PAUSE, STOP, Decoding
 from infercc.runtime.generate import Generation, _generation
 from infercc.runtime.model_runner import ModelRunner
 from infercc.runtime.sampling import SamplingParams
-from tests.codegen.test_c_backend import pair  # (ORT, C) compiles, cached across both files
+from tests.codegen.test_c_backend import SLOW_FIXTURES, _default_or_slow, pair  # pair: cached, shared
 from tests.fixtures import catalog
 from tests.importers._models import SMOLLM2, STORIES, require
 
@@ -36,7 +36,7 @@ def python_loop(model: infercc.CompiledModel, prompt, **options):
     return Generation(runner, None, [list(prompt)], SamplingParams(**options)).run()[0]
 
 
-@pytest.mark.parametrize("name", catalog.list_fixtures(kind="decoder"))
+@pytest.mark.parametrize("name", _default_or_slow(catalog.list_fixtures(kind="decoder"), SLOW_FIXTURES))
 def test_greedy_tokens_equal_ort_on_decoder_fixtures(name: str) -> None:
     ort_model, c_model = fixture(name)
     assert c_model.runtime == "c", c_model.runtime_reason
