@@ -25,6 +25,7 @@ Stated targets (the issue's acceptance) and what they measure:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -47,10 +48,17 @@ STORY = (
 
 
 def _compile_gguf(path: Path, **options):
+    """The compiled model, once per (path, options) in this process: both stories260K judges
+    compile the same seven configurations (GPTQ calibrates each time)."""
+    return _compiled(path, tuple(sorted(options.items())))
+
+
+@functools.cache
+def _compiled(path: Path, options: tuple):
     from infercc.errors import ModelLoadError
 
     try:
-        return infercc.compile(path, **options)
+        return infercc.compile(path, **dict(options))
     except ModelLoadError as exc:
         if "cannot compile" in str(exc) or "not a readable ONNX" in str(exc):
             pytest.skip(f"infercc.compile cannot take a .gguf file yet: {exc}")
