@@ -57,3 +57,22 @@ def test_bench_bad_arguments(args: list[str], message: str, capsys) -> None:
     assert cli.main(["bench", str(catalog.fixture_path("bert_dynamo")), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
+
+
+def test_bench_times_the_c_decode_loop_generate_uses(monkeypatch) -> None:
+    """Without --profile, a C library's decode is timed in its own loop (what ``generate`` runs),
+    not one Python-driven run per token; with --profile each step is a run (to read its timers)."""
+    import infercc
+    from infercc.runtime.bench import bench
+    from infercc.runtime.model_runner import ModelRunner
+
+    compiled = infercc.compile(catalog.fixture_path("llama_dynamo"), backend="c", intra_op_threads=1)
+    steps = []
+    step = ModelRunner.step
+    monkeypatch.setattr(ModelRunner, "step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    ticks = []
+    result = bench(compiled, prompt_tokens=6, new_tokens=3, repeats=2, on_run=lambda: ticks.append(1))
+    assert steps == [] and len(ticks) == 3 * 4
+    assert len(result.prefill_s) == len(result.decode_s) == 2 and min(result.decode_s) > 0
+    profiled = bench(compiled, prompt_tokens=6, new_tokens=3, repeats=1, profile=True)
+    assert len(steps) == 2 * 4 and len(profiled.profile.runs) == 4
