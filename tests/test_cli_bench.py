@@ -22,7 +22,7 @@ def test_bench_profile_decoder(backend: str, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0, out
     assert ("generated C" if backend == "c" else "ONNX Runtime") in out.splitlines()[1]
-    assert "prefill    6 tokens in" in out and "decode     2 tokens at" in out
+    assert "prefill    6 tokens in" in out and "decode     2 tokens at" in out and "one run per token" in out
     assert "time per op type" in out and "MatMul" in out
     assert "time per layer" in out and "layers.1" in out
     assert f"trace: {trace}" in out
@@ -45,7 +45,7 @@ def test_bench_without_profile_writes_no_trace(tmp_path, capsys, monkeypatch) ->
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", str(catalog.fixture_path("gpt2_dynamo")), "--backend", "c", *FAST]) == 0
     out = capsys.readouterr().out
-    assert "decode" in out and "time per op type" not in out
+    assert "decode" in out and "time per op type" not in out and "one run per token" not in out
     assert not (tmp_path / "trace.json").exists()
 
 

@@ -204,4 +204,5 @@ def _print_bench(model: str, compiled, result, threads: int | None) -> None:
     print(f"prefill    {result.prompt_tokens} tokens in {seconds * 1000:.2f} ms ({rate:,.0f} tokens/s)")
     if result.new_tokens:
         tps = result.decode_tokens_per_second
-        print(f"decode     {result.new_tokens} tokens at {tps:,.1f} tokens/s ({1000 / tps if tps else 0:.2f} ms/token)")
+        how = "; one run per token, to read its timers" if result.profile is not None else ""
+        print(f"decode     {result.new_tokens} tokens at {tps:,.1f} tokens/s ({1000 / tps if tps else 0:.2f} ms/token{how})")
