@@ -57,7 +57,9 @@ class Tensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self._shape, dtype=np.int64))
+        # math.prod, not np.prod: shape analyses ask for it thousands of times per compile, and
+        # numpy's reduction machinery costs ~100x more per call on a short tuple.
+        return math.prod(self._shape)
 
     @property
     def nbytes(self) -> int:
