@@ -8,7 +8,7 @@ from typing import Any
 import onnx
 
 from .graph import Graph
-from .node import Attr, AttrType, Node
+from .node import ATTR_GRAPH, ATTR_GRAPHS, Attr, Node
 from .value import Value
 
 
@@ -93,10 +93,10 @@ def _clone_graph(g: Graph, parent: Graph | None, vmap: dict[int, Value]) -> Grap
 
 
 def _clone_attr(a: Attr, parent: Graph, vmap: dict[int, Value]) -> Attr:
-    if a.type == AttrType.GRAPH:
+    if a.type == ATTR_GRAPH:
         return dataclasses.replace(a, value=_clone_graph(a.value, parent, vmap))
-    if a.type == AttrType.GRAPHS:
+    if a.type == ATTR_GRAPHS:
         return dataclasses.replace(a, value=[_clone_graph(s, parent, vmap) for s in a.value])
     if isinstance(a.value, list):
-        return dataclasses.replace(a, value=list(a.value))
-    return dataclasses.replace(a)
+        return Attr(a.name, a.type, list(a.value), a.doc_string, a.ref_attr_name)
+    return Attr(a.name, a.type, a.value, a.doc_string, a.ref_attr_name)

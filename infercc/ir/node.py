@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 AttrType = onnx.AttributeProto.AttributeType
+# Plain ints: each AttrType.X goes through protobuf's enum wrapper (__getattr__), and subgraphs()
+# asks for them for every attribute of every node each time a graph is walked.
+ATTR_GRAPH, ATTR_GRAPHS = int(AttrType.GRAPH), int(AttrType.GRAPHS)
 
 
 @dataclasses.dataclass
@@ -133,9 +136,9 @@ class Node:
 
     def subgraphs(self) -> Iterator[Graph]:
         for attr in self.attrs.values():
-            if attr.type == AttrType.GRAPH:
+            if attr.type == ATTR_GRAPH:
                 yield attr.value
-            elif attr.type == AttrType.GRAPHS:
+            elif attr.type == ATTR_GRAPHS:
                 yield from attr.value
 
     def outer_inputs(self) -> list[Value]:

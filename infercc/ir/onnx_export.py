@@ -6,7 +6,7 @@ import onnx
 
 from .graph import Graph
 from .model import Model
-from .node import Attr, Node
+from .node import ATTR_GRAPH, ATTR_GRAPHS, Attr, Node
 from .tensor import Tensor
 from .value import Value
 
@@ -55,6 +55,19 @@ def _make(cls, **fields):
 
 
 def _value_info(value: Value) -> onnx.ValueInfoProto:
+    """The value's ValueInfoProto, made again only when what it is made from changed: shape
+    inference exports the whole graph several times per pass (ir/shapes.py)."""
+    key = (value.name, value.dtype, value.shape, value.type_proto, value._src_type, value.doc_string,
+           tuple(value.metadata_props.items()))
+    cached = value._info
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    info = _make_value_info(value)
+    value._info = (key, info)
+    return info
+
+
+def _make_value_info(value: Value) -> onnx.ValueInfoProto:
     info = _make(onnx.ValueInfoProto, name=value.name, doc_string=value.doc_string)
     src = value._src_type
     if value.type_proto is not None:
@@ -123,6 +136,27 @@ def _export_graph(graph: Graph, with_data: bool) -> onnx.GraphProto:
 
 
 def export_node(node: Node, with_data: bool) -> onnx.NodeProto:
+    """The node's NodeProto. For analyses (``with_data=False``) the proto is kept on the node and
+    made again only when the node changed; nodes holding subgraphs are always made afresh (their
+    inner nodes can change without the node noticing)."""
+    if with_data or any(a.type in (ATTR_GRAPH, ATTR_GRAPHS) for a in node.attrs.values()):
+        return _make_node(node, with_data)
+    key = (
+        node.op_type, node.domain, node.name, node.overload, node.doc_string,
+        tuple(None if v is None else v.name for v in node.inputs),
+        tuple((v.name, bool(v.metadata_props.get("infercc.absent")), not v.uses) for v in node.outputs),
+        tuple(node.metadata_props.items()),
+        tuple(node.attrs.values()),  # Attr equality: fields by value, tensors by identity
+    )
+    cached = getattr(node, "_analysis_proto", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    proto = _make_node(node, with_data)
+    node._analysis_proto = (key, proto)
+    return proto
+
+
+def _make_node(node: Node, with_data: bool) -> onnx.NodeProto:
     np_ = _make(
         onnx.NodeProto,
         op_type=node.op_type,

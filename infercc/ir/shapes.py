@@ -78,6 +78,9 @@ def _merge(graph: Graph, gp: onnx.GraphProto) -> None:
         info = infos.get(value.name)
         if info is None or not info.type.HasField("tensor_type"):
             continue
+        sent = value._info  # the info our export gave onnx: unchanged, it has nothing new
+        if sent is not None and sent[0][1] == value.dtype and sent[0][2] == value.shape and sent[1].type == info.type:
+            continue
         tt = info.type.tensor_type
         if value.dtype is None and tt.elem_type:
             value.dtype = DType(tt.elem_type)

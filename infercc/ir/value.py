@@ -24,7 +24,7 @@ class Value:
 
     __slots__ = (
         "name", "dtype", "shape", "type_proto", "const", "producer", "index", "uses", "graph",
-        "doc_string", "metadata_props", "_src_type",
+        "doc_string", "metadata_props", "_src_type", "_info",
     )
 
     def __init__(
@@ -52,6 +52,8 @@ class Value:
         #: (dtype, shape, TypeProto) as imported: export reuses the proto while dtype and shape are
         #: unchanged, keeping what the IR does not model (dim denotations, explicit empty fields).
         self._src_type: tuple | None = None
+        #: (what it was made from, ValueInfoProto) of the last export (ir/onnx_export.py).
+        self._info: tuple | None = None
         if const is not None:
             self.dtype = const.dtype
             self.shape = const.shape

@@ -6,6 +6,8 @@ from .graph import Graph
 from .model import Model
 from .node import AttrType
 
+_TENSOR = int(AttrType.TENSOR)  # a plain int: the enum wrapper's lookup runs per attribute
+
 
 class VerifyError(ValueError):
     """The graph breaks an IR invariant; the message names the first offending node or value."""
@@ -74,7 +76,7 @@ def _verify_graph(
                 raise VerifyError(f"%{value.name} is an output of {node!r} but names another producer")
             define(value, f"output of {node.op_type}")
         for attr in node.attrs.values():
-            if attr.type == AttrType.TENSOR and attr.value is None:
+            if attr.type == _TENSOR and attr.value is None:
                 raise VerifyError(f"{node!r} attribute {attr.name} holds no tensor")
     for value in graph.outputs:
         if id(value) not in scope:

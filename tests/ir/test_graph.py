@@ -654,3 +654,58 @@ def test_replace_input_or_initializer_that_is_a_graph_output():
     out = to_proto(model)
     assert [o.name for o in out.graph.output] == ["y", "x", "w"]
     assert_outputs_identical(before, ort_run(out, X))
+
+
+def test_analysis_export_follows_every_edit():
+    """Shape inference's exports reuse a node's proto while it is unchanged; each kind of edit
+    (input rewired, attribute set, renamed output, new metadata, value type) must show up."""
+    model, nodes = chain_model()
+
+    def export() -> onnx.GraphProto:
+        return to_proto(model, with_data=False).graph
+
+    def node(gp: onnx.GraphProto, name: str) -> onnx.NodeProto:
+        return next(n for n in gp.node if n.name == name)
+
+    first = export()
+    assert export() == first  # unchanged graph: the same protos
+    nodes["mul"].set_input(1, nodes["add"].outputs[0])
+    assert list(node(export(), "mul").input) == [nodes["relu"].outputs[0].name, nodes["add"].outputs[0].name]
+    nodes["relu"].set_attr("note", 3)
+    assert [(a.name, a.i) for a in node(export(), "relu").attribute] == [("note", 3)]
+    nodes["relu"].set_attr("note", 4)
+    assert [(a.name, a.i) for a in node(export(), "relu").attribute] == [("note", 4)]
+    nodes["add"].outputs[0].name = "renamed"
+    gp = export()
+    assert list(node(gp, "relu").input) == ["renamed"] and "renamed" in {v.name for v in gp.value_info}
+    nodes["add"].metadata_props["k"] = "v"
+    assert [(p.key, p.value) for p in node(export(), "add").metadata_props] == [("k", "v")]
+    nodes["relu"].outputs[0].shape = (2, 4)
+    info = next(v for v in export().value_info if v.name == nodes["relu"].outputs[0].name)
+    assert [d.dim_value for d in info.type.tensor_type.shape.dim] == [2, 4]
+    assert to_proto(model, with_data=False).graph == to_proto(model.clone(), with_data=False).graph
+
+
+def test_fewer_collections_raises_the_threshold_and_restores_it():
+    import gc
+
+    from infercc.ir.collection import YOUNG, fewer_collections
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with fewer_collections():
+            assert gc.get_threshold()[0] >= YOUNG
+            with fewer_collections():
+                assert gc.get_threshold()[0] >= YOUNG
+            assert gc.get_threshold()[0] >= YOUNG  # the inner exit leaves the outer's raise
+        assert gc.get_threshold() == (700, 10, 10)
+        with pytest.raises(RuntimeError), fewer_collections():
+            raise RuntimeError("a failing compile")
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(0)  # collection switched off by the process: left off
+        with fewer_collections():
+            assert gc.get_threshold()[0] == 0
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
