@@ -22,7 +22,9 @@ def test_bench_profile_decoder(backend: str, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0, out
     assert ("generated C" if backend == "c" else "ONNX Runtime") in out.splitlines()[1]
-    assert "prefill    6 tokens in" in out and "decode     2 tokens at" in out and "one run per token" in out
+    assert "prefill    6 tokens in" in out and "decode     2 tokens at" in out
+    # C: the decode loop generate() runs (the cache appended in place), its timers read per token
+    assert ("the C decode loop" if backend == "c" else "one run per token") in out
     assert "time per op type" in out and "MatMul" in out
     assert "time per layer" in out and "layers.1" in out
     assert f"trace: {trace}" in out
@@ -60,8 +62,9 @@ def test_bench_bad_arguments(args: list[str], message: str, capsys) -> None:
 
 
 def test_bench_times_the_c_decode_loop_generate_uses(monkeypatch) -> None:
-    """Without --profile, a C library's decode is timed in its own loop (what ``generate`` runs),
-    not one Python-driven run per token; with --profile each step is a run (to read its timers)."""
+    """A C library's decode is timed in its own loop (what ``generate`` runs), not one
+    Python-driven run per token; with --profile too, its timers read at each token: the profile
+    then shows the cache appended in place, as generate runs it, not copied each step."""
     import infercc
     from infercc.runtime.bench import bench
     from infercc.runtime.model_runner import ModelRunner
@@ -75,4 +78,9 @@ def test_bench_times_the_c_decode_loop_generate_uses(monkeypatch) -> None:
     assert steps == [] and len(ticks) == 3 * 4
     assert len(result.prefill_s) == len(result.decode_s) == 2 and min(result.decode_s) > 0
     profiled = bench(compiled, prompt_tokens=6, new_tokens=3, repeats=1, profile=True)
-    assert len(steps) == 2 * 4 and len(profiled.profile.runs) == 4
+    runs = profiled.profile.runs
+    assert steps == [] and profiled.decode_loop
+    assert [r.label for r in runs] == ["prefill", "decode 1", "decode 2", "decode 3"]
+    assert all(len(r.events) == len(compiled.model.graph.nodes) and r.dur_us > 0 for r in runs)
+    assert [r.start_us for r in runs] == sorted(r.start_us for r in runs)  # four distinct runs, in order
+    assert len({r.start_us for r in runs}) == 4

@@ -204,5 +204,8 @@ def _print_bench(model: str, compiled, result, threads: int | None) -> None:
     print(f"prefill    {result.prompt_tokens} tokens in {seconds * 1000:.2f} ms ({rate:,.0f} tokens/s)")
     if result.new_tokens:
         tps = result.decode_tokens_per_second
-        how = "; one run per token, to read its timers" if result.profile is not None else ""
+        how = ""
+        if result.profile is not None:  # the profiled path: the loop generate runs, or a run per token
+            how = "; the C decode loop, its timers read at each token" if result.decode_loop else \
+                "; one run per token, to read its timers"
         print(f"decode     {result.new_tokens} tokens at {tps:,.1f} tokens/s ({1000 / tps if tps else 0:.2f} ms/token{how})")

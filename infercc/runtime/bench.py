@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..ir import Model
 from .model_runner import ModelRunner
-from .profiler import Profile, Recorder, open_recorder
+from .profiler import CRecorder, Profile, Recorder, open_recorder
 
 
 @dataclasses.dataclass
@@ -35,6 +35,7 @@ class BenchResult:
     prefill_s: list[float]    # per repetition: the prompt's run (encoders: the forward run)
     decode_s: list[float]     # per repetition: all new tokens' runs together (decoders)
     profile: Profile | None = None
+    decode_loop: bool = False  # the tokens came from the library's decode loop (generated C)
 
     @property
     def prefill_median_s(self) -> float:
@@ -81,10 +82,11 @@ def bench(compiled: Any, *, prompt_tokens: int = 128, new_tokens: int = 64, repe
         if limit and prompt_tokens + new_tokens > limit:
             raise InputError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context "
                              f"of {limit} tokens; lower them")
-        generate = _generate_in_c if _has_c_loop(backend) else _generate
+        loop = _has_c_loop(backend)
+        generate = _generate_in_c if loop else _generate
         pairs = [generate(runner, prompt, new_tokens, tick, record=i == repeats) for i in range(repeats + 1)][1:]
         result = BenchResult(runtime, reason, "decoder", prompt_tokens, new_tokens, repeats,
-                             [p for p, _ in pairs], [d for _, d in pairs])
+                             [p for p, _ in pairs], [d for _, d in pairs], decode_loop=loop)
     if isinstance(backend, Recorder):
         result.profile = backend.profile()
     return result
@@ -131,9 +133,10 @@ def _generate(runner: ModelRunner, prompt: list[int], new_tokens: int, tick: Cal
 
 def _has_c_loop(backend: Any) -> bool:
     """Whether ``generate`` runs this backend's steps in its library's decode loop (the generated
-    C with a loop, not profiling: the profile needs a model run per step to read the timers)."""
+    C with a loop; profiled too: the loop's token callback reads each run's timers)."""
     program = getattr(backend, "program", None)
-    return not isinstance(backend, Recorder) and program is not None and program.has_decode
+    return (not isinstance(backend, Recorder) or isinstance(backend, CRecorder)) and program is not None \
+        and program.has_decode
 
 
 def _generate_in_c(runner: ModelRunner, prompt: list[int], new_tokens: int, tick: Callable[[], None],
@@ -143,9 +146,12 @@ def _generate_in_c(runner: ModelRunner, prompt: list[int], new_tokens: int, tick
     ``_generate`` (feeds, the runner's cache, outputs copied back) added ~2 ms on a ~100M model.
     The clock reads are the loop's token callbacks: the first ends the prefill."""
     marks = [time.perf_counter()]
+    recorder = runner.backend if record and isinstance(runner.backend, CRecorder) else None
 
     def on_token(_token: int) -> None:
         marks.append(time.perf_counter())
+        if recorder is not None:  # the run that made this token: the prefill, then one per decode step
+            recorder.record_loop_run("prefill" if len(marks) == 2 else f"decode {len(marks) - 2}")
         tick()
 
     decoding = runner.backend.decoding(list(prompt), max_new_tokens=new_tokens + 1, stop_ids=[], temperature=0.0,

@@ -165,10 +165,18 @@ class CRecorder(Recorder):
         times = self.backend.library.last_times
         if not self.recording or times is None:
             return
+        self._append(times)
+
+    def record_loop_run(self, label: str) -> None:
+        """Record the model run the library's decode loop just made (called from its token
+        callback: the timers hold the loop's last forward, with the cache appended in place)."""
+        self._append(self.backend.library._times(), label)
+
+    def _append(self, times: Any, label: str | None = None) -> None:
         steps = self.backend.program.steps
         events = [Event(steps[i]["name"], steps[i]["op"], steps[i]["layer"], float(start) / 1000, float(ns) / 1000)
                   for i, (start, ns) in enumerate(zip(times.step_start_ns, times.step_ns))]
-        self.runs.append(RunProfile(self.label, times.start_ns / 1000, times.total_ns / 1000, events))
+        self.runs.append(RunProfile(label or self.label, times.start_ns / 1000, times.total_ns / 1000, events))
 
     def profile(self) -> Profile:
         first = self.runs[0].start_us if self.runs else 0.0
