@@ -22,6 +22,7 @@ from .runtime.ort_check import check_ops
 from .runtime.providers import choose_providers
 
 
+@fewer_collections()  # the IR is reference cycles: see ir/collection.py
 def compile(  # noqa: A001 - the public name users expect
     model: str | os.PathLike | onnx.ModelProto,
     config: Config | None = None,
@@ -40,36 +41,35 @@ def compile(  # noqa: A001 - the public name users expect
         raise ConfigError(f"config must be an infercc.Config, got {type(config).__name__}")
     config = (config or Config()).replace(**options)
     choose_providers(config.provider)  # an unusable provider is an error before any work is done
-    with fewer_collections():  # the IR is reference cycles: see ir/collection.py
-        ir = import_model(model)
-        kernels = custom.snapshot()  # user C kernels: registered now, used for this model from now on
-        # What onnxruntime would refuse at the first run() is refused now, by node; custom ops with a
-        # registered C kernel are skipped when the model is meant for the C runtime.
-        try:
-            check_ops(ir, skip=custom.custom_ops(ir, kernels) if wants_c(config) else ())
-        except ModelLoadError as exc:
-            if custom.custom_ops(ir, kernels):  # say how the registered kernel would run it
-                raise ModelLoadError(f"{exc} Its C kernel (register_kernel) runs on the generated-C runtime only: compile "
-                                     "with backend='c' (or 'auto' on CPU).") from None
-            raise
-        custom.annotate(ir, kernels)
-        _sort(ir.graph)  # onnxruntime runs unsorted (acyclic) files; passes and clone() need node order
-        diagnostics = Diagnostics()
-        diagnostics.facts.update(detect_family(ir))
-        pipeline = passes if passes is not None else build_pipeline(config)
-        if pipeline:
-            # Passes need types and shapes. Without passes the model stays a faithful round trip:
-            # inferred value_info alone changes what onnxruntime's own optimizer does.
-            notes = infer_shapes(ir)
-            if notes:
-                diagnostics.facts["shape_inference"] = "; ".join(notes)
-        check = None
-        if config.check_each_pass and pipeline:
-            from .runtime.numerics import NumericCheck
+    ir = import_model(model)
+    kernels = custom.snapshot()  # user C kernels: registered now, used for this model from now on
+    # What onnxruntime would refuse at the first run() is refused now, by node; custom ops with a
+    # registered C kernel are skipped when the model is meant for the C runtime.
+    try:
+        check_ops(ir, skip=custom.custom_ops(ir, kernels) if wants_c(config) else ())
+    except ModelLoadError as exc:
+        if custom.custom_ops(ir, kernels):  # say how the registered kernel would run it
+            raise ModelLoadError(f"{exc} Its C kernel (register_kernel) runs on the generated-C runtime only: compile "
+                                 "with backend='c' (or 'auto' on CPU).") from None
+        raise
+    custom.annotate(ir, kernels)
+    _sort(ir.graph)  # onnxruntime runs unsorted (acyclic) files; passes and clone() need node order
+    diagnostics = Diagnostics()
+    diagnostics.facts.update(detect_family(ir))
+    pipeline = passes if passes is not None else build_pipeline(config)
+    if pipeline:
+        # Passes need types and shapes. Without passes the model stays a faithful round trip:
+        # inferred value_info alone changes what onnxruntime's own optimizer does.
+        notes = infer_shapes(ir)
+        if notes:
+            diagnostics.facts["shape_inference"] = "; ".join(notes)
+    check = None
+    if config.check_each_pass and pipeline:
+        from .runtime.numerics import NumericCheck
 
-            check = NumericCheck(ir.clone(), config.check_tolerance)
-        manager = PassManager(pipeline, config, check=check, on_pass=on_pass)
-        ir, diagnostics = manager.run(ir, diagnostics)
+        check = NumericCheck(ir.clone(), config.check_tolerance)
+    manager = PassManager(pipeline, config, check=check, on_pass=on_pass)
+    ir, diagnostics = manager.run(ir, diagnostics)
     return CompiledModel(ir, config, diagnostics, kernels)
 
 

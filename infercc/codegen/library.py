@@ -139,7 +139,7 @@ class Library:
                 message = self.lib.icc_error().decode(errors="replace")
                 raise RunError(f"generated C failed at step {status}: {message}")
             if self.profile:
-                self.last_times = self._times()
+                self.last_times = self.read_times()
             results: list[np.ndarray | None] = []
             ptr, dims, rank = self._out_ptr, self._out_dims, self._out_rank
             for k in range(len(self.program.outputs)):
@@ -174,8 +174,9 @@ class Library:
             self.lib.icc_free_buffers.restype = ctypes.c_int64
             return int(self.lib.icc_free_buffers())
 
-    def _times(self) -> StepTimes:
-        """Copy the last run's timers out of the library (a profiling build's ``icc_profile``)."""
+    def read_times(self) -> StepTimes:
+        """Copy the last model run's timers out of the library (a profiling build's ``icc_profile``):
+        ``run``'s, or the decode loop's last forward when called from its token callback."""
         n = max(len(self.program.steps), 1)
         starts, ns, run = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)(), (ctypes.c_int64 * 2)()
         done = self.lib.icc_profile(starts, ns, run)

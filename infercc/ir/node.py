@@ -87,6 +87,8 @@ class Node:
         self.doc_string = ""
         self.metadata_props: dict[str, str] = {}
         self.graph: Graph | None = None
+        #: (what it was made from, NodeProto) of the last analysis export (ir/onnx_export.py).
+        self._analysis_proto: tuple | None = None
         self.attrs: dict[str, Attr] = {k: Attr.infer(k, v) for k, v in (attrs or {}).items()}
         self.inputs: list[Value | None] = []
         for i, value in enumerate(inputs):

@@ -67,6 +67,15 @@ def _value_info(value: Value) -> onnx.ValueInfoProto:
     return info
 
 
+def sent_type(value: Value) -> onnx.TypeProto | None:
+    """The type the value's last export gave, while its dtype and shape are still the ones it was
+    made from (shape inference: what onnx returns unchanged has nothing new); else None."""
+    cached = value._info
+    if cached is None or cached[0][1] != value.dtype or cached[0][2] != value.shape:
+        return None
+    return cached[1].type
+
+
 def _make_value_info(value: Value) -> onnx.ValueInfoProto:
     info = _make(onnx.ValueInfoProto, name=value.name, doc_string=value.doc_string)
     src = value._src_type
@@ -148,7 +157,7 @@ def export_node(node: Node, with_data: bool) -> onnx.NodeProto:
         tuple(node.metadata_props.items()),
         tuple(node.attrs.values()),  # Attr equality: fields by value, tensors by identity
     )
-    cached = getattr(node, "_analysis_proto", None)
+    cached = node._analysis_proto
     if cached is not None and cached[0] == key:
         return cached[1]
     proto = _make_node(node, with_data)

@@ -11,7 +11,7 @@ from .dtypes import DType
 from .graph import Graph
 from .model import Model
 from .node import Node
-from .onnx_export import to_proto
+from .onnx_export import sent_type, to_proto
 from .symbolic import arith, broadcast, dim_values, range_length, reshape_dims
 from .value import Shape
 
@@ -78,8 +78,8 @@ def _merge(graph: Graph, gp: onnx.GraphProto) -> None:
         info = infos.get(value.name)
         if info is None or not info.type.HasField("tensor_type"):
             continue
-        sent = value._info  # the info our export gave onnx: unchanged, it has nothing new
-        if sent is not None and sent[0][1] == value.dtype and sent[0][2] == value.shape and sent[1].type == info.type:
+        sent = sent_type(value)  # what our export gave onnx: returned unchanged, it has nothing new
+        if sent is not None and sent == info.type:
             continue
         tt = info.type.tensor_type
         if value.dtype is None and tt.elem_type:

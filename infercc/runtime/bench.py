@@ -134,9 +134,8 @@ def _generate(runner: ModelRunner, prompt: list[int], new_tokens: int, tick: Cal
 def _has_c_loop(backend: Any) -> bool:
     """Whether ``generate`` runs this backend's steps in its library's decode loop (the generated
     C with a loop; profiled too: the loop's token callback reads each run's timers)."""
-    program = getattr(backend, "program", None)
-    return (not isinstance(backend, Recorder) or isinstance(backend, CRecorder)) and program is not None \
-        and program.has_decode
+    program = getattr(backend, "program", None)  # a recorder forwards it; ONNX Runtime has none
+    return program is not None and program.has_decode
 
 
 def _generate_in_c(runner: ModelRunner, prompt: list[int], new_tokens: int, tick: Callable[[], None],

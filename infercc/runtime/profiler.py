@@ -170,7 +170,7 @@ class CRecorder(Recorder):
     def record_loop_run(self, label: str) -> None:
         """Record the model run the library's decode loop just made (called from its token
         callback: the timers hold the loop's last forward, with the cache appended in place)."""
-        self._append(self.backend.library._times(), label)
+        self._append(self.backend.library.read_times(), label)
 
     def _append(self, times: Any, label: str | None = None) -> None:
         steps = self.backend.program.steps
