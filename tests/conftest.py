@@ -7,13 +7,20 @@ with explicit thread counts (tests/codegen/test_threads.py and the kernel tests)
 The generated C of the models the tests compile is built at -O1 unless INFERCC_C_OPT is set: the
 suite builds about 65 small models, and -O3 takes about three times as long for the same values
 (within a rounding where gcc fuses a * b + c). The kernel drivers (tests/codegen/_ckernel.py) and
-test_threads.py build at -O3, the level users get."""
+test_threads.py build at -O3, the level users get.
+
+Config.backend defaults to "auto" (the generated-C runtime on a CPU). The suite pins ONNX Runtime
+as its default instead (INFERCC_BACKEND=ort, unless set): most tests check a pass's graph against
+ONNX Runtime's execution of the unoptimized model, and the C runtime would add a gcc build to each
+of their ~250 compiles. The C runtime's tests ask for it (backend="c" or "auto"), and
+tests/test_config.py checks the default itself with the variable unset."""
 
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("INFERCC_C_OPT", "-O1")
+os.environ.setdefault("INFERCC_BACKEND", "ort")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, "1")

@@ -83,9 +83,12 @@ def reference(folder: Path, prompt: list[int], new_tokens: int, threads: int) ->
 
 
 def compile_infercc(source: Path, target: Path, threads: int, **options: Any) -> dict[str, Any]:
-    """Compile and save one infercc artifact; returns what the notes should say about it."""
+    """Compile and save one infercc artifact; returns what the notes should say about it. A
+    configuration that names no backend is an ONNX Runtime one (the issue-10 path), whatever
+    ``Config.backend`` defaults to."""
     import infercc
 
+    options.setdefault("backend", "ort")
     t0 = time.perf_counter()
     compiled = infercc.compile(source, intra_op_threads=threads, inter_op_threads=1, **options)
     seconds = time.perf_counter() - t0

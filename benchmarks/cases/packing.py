@@ -37,7 +37,7 @@ def prepare(source: Path, name: str, options: dict[str, Any]) -> Path:
 
     target = source.parent / "packing" / infercc_digest() / name
     if not (target / "model.onnx").exists():
-        infercc.compile(source, **options).save(target)
+        infercc.compile(source, **{"backend": "ort", **options}).save(target)  # run by ONNX Runtime
     return target / "model.onnx"
 
 

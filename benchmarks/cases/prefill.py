@@ -62,7 +62,7 @@ def prepare_infercc(source: Path) -> Path:
 
     target = source.parent / "infercc"
     if not (target / "model.onnx").exists():
-        infercc.compile(source).save(target)
+        infercc.compile(source, backend="ort").save(target)  # run by ONNX Runtime
     return target / "model.onnx"
 
 

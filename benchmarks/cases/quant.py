@@ -49,7 +49,7 @@ def prepare_infercc(source: Path, **options) -> Path:
     tag = f"{c.quantize}-{c.quant_method}-{c.quant_block_size}-mixed{c.quant_int8_fraction:g}" if c.quantize else "fp32"
     target = source.parent / "quant" / infercc_digest() / f"infercc-{tag}"
     if not (target / "model.onnx").exists():
-        infercc.compile(source, **options).save(target)
+        infercc.compile(source, **{"backend": "ort", **options}).save(target)  # run by ONNX Runtime
     return target / "model.onnx"
 
 

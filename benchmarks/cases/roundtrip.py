@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from benchmarks.harness import Case, ConfigSpec, SkipConfig
 
 # Same execution conditions as config A: CPU EP, one inter-op thread (A runs sequentially).
-PARITY_OPTIONS = {"provider": "cpu", "inter_op_threads": 1}
+PARITY_OPTIONS = {"provider": "cpu", "inter_op_threads": 1, "backend": "ort"}
 
 ORT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",

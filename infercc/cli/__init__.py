@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="compile an ONNX model into an optimized artifact folder")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--backend", choices=["auto", "c", "ort"],
+                   help="the runtime the artifact is for: auto (default: generated C on a CPU, its source and weight "
+                        "blob saved beside model.onnx), c, or ort (a model.onnx ONNX Runtime runs on its own)")
     optimization_flags(p)
     p.set_defaults(fn=cmd_convert)
 
@@ -49,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--tokenizer", help="tokenizer source (.gguf, HF folder) for a model that has none")
     p.add_argument("--backend", choices=["ort", "c", "auto"],
-                   help="runtime when compiling (a compiled folder keeps its own): ort (default), c (generated C, "
-                        "decode loop inside the library) or auto")
+                   help="runtime when compiling (a compiled folder keeps its own): auto (default: generated C on "
+                        "a CPU when every op has a kernel, else ONNX Runtime), c (generated C, decode loop inside the "
+                        "library) or ort")
     optimization_flags(p)
     p.set_defaults(fn=cmd_run)
 

@@ -14,7 +14,10 @@ from .common import compile_options, compile_with_progress, load_for_run, print_
 
 def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    compiled = compile_with_progress(args.model, compile_options(args))
+    options = compile_options(args)
+    if args.backend:
+        options["backend"] = args.backend
+    compiled = compile_with_progress(args.model, options)
     out = compiled.save(args.output)
     print(compiled.diagnostics.table())
     if compiled.config.quantize in ("int8", "int4") or _quantized(compiled):

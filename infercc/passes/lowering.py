@@ -41,11 +41,14 @@ def lower_for_ort(model: Model, config) -> Model:
 
 
 def wants_c(config) -> bool:
-    """Whether the compiled graph is meant for the generated-C runtime (keeps canonical ops)."""
+    """Whether the compiled graph is meant for the generated-C runtime (keeps canonical ops).
+    "auto" means C on a CPU, unless the config asks for a standard-ONNX graph (lowering="onnx":
+    an artifact other runtimes load), which only ONNX Runtime runs here."""
     backend = getattr(config, "backend", "ort")
     if backend == "c":
         return True
-    return backend == "auto" and resolve_providers(config.provider)[0] == "CPUExecutionProvider"
+    return (backend == "auto" and getattr(config, "lowering", "ort") == "ort"
+            and resolve_providers(config.provider)[0] == "CPUExecutionProvider")
 
 
 class LowerCanonicalOps(Pass):

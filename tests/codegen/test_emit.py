@@ -151,6 +151,39 @@ def test_backend_is_validated() -> None:
         infercc.Config(backend="gpu")
 
 
+def test_the_default_backend_is_auto_and_the_environment_sets_it(monkeypatch) -> None:
+    """Config.backend defaults to "auto" (the test suite pins "ort" through INFERCC_BACKEND, see
+    conftest.py); the variable sets a process's default, a bad value is an error naming it."""
+    monkeypatch.delenv("INFERCC_BACKEND", raising=False)
+    assert infercc.Config().backend == "auto"
+    monkeypatch.setenv("INFERCC_BACKEND", "c")
+    assert infercc.Config().backend == "c" and infercc.Config(backend="ort").backend == "ort"
+    monkeypatch.setenv("INFERCC_BACKEND", "gpu")
+    with pytest.raises(infercc.errors.ConfigError, match="INFERCC_BACKEND"):
+        infercc.Config()
+
+
+def test_a_default_compile_runs_on_c_and_a_standard_onnx_lowering_on_ort(monkeypatch) -> None:
+    """With no backend given, the built-in tiny decoder (causal mask from ConstantOfShape and Trilu)
+    runs as generated C and matches ONNX Runtime on the unoptimized model; lowering="onnx" asks for
+    a standard-ONNX graph, which "auto" leaves to ONNX Runtime."""
+    from infercc.demo import tiny_decoder
+    from infercc.ir import load_model
+    from infercc.runtime.ort_backend import OrtBackend
+
+    monkeypatch.delenv("INFERCC_BACKEND", raising=False)
+    proto = tiny_decoder()
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 16)).astype(np.int64)
+    reference = OrtBackend(load_model(proto), ["CPUExecutionProvider"]).run({"input_ids": ids})["logits"]
+    compiled = infercc.compile(proto)
+    got = compiled.run({"input_ids": ids})["logits"]
+    assert compiled.runtime == "c", compiled.runtime_reason
+    np.testing.assert_allclose(got, reference, atol=1e-4, rtol=1e-4)
+    portable = infercc.compile(proto, lowering="onnx")
+    np.testing.assert_allclose(portable.run({"input_ids": ids})["logits"], reference, atol=1e-4, rtol=1e-4)
+    assert portable.runtime == "ort" and all(n.domain in ("", "ai.onnx") for n in portable.model.graph.nodes)
+
+
 @pytest.mark.parametrize("value", [1 / 8 ** 0.5, 0.1, 1e-5, 3.4028234663852886e38, 1e39, -2.0, 0.0])
 def test_a_float_attribute_gives_the_same_literal_after_a_float32_round_trip(value: float) -> None:
     """An attribute computed as a Python double (an attention scale of 1/sqrt(8)) is saved as a

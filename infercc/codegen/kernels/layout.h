@@ -250,6 +250,47 @@ static void icc_gather_nd(icc_t *o, const icc_t *x, const icc_t *idx, int64_t ba
         }
 }
 
+/* ConstantOfShape: o (element type set by the caller) of the shape held in the 1-D integer tensor
+ * `shape`, every element v (integer types: iv, exact above 2^53). A negative or too long shape is
+ * an error, not an allocation. */
+static void icc_constant_of_shape(icc_t *o, const icc_t *shape, double v, int64_t iv) {
+    const int64_t r = icc_numel(shape);
+    if (r > ICC_MAX_RANK) { icc_fail("ConstantOfShape to a rank above 8"); return; }
+    o->r = (int)r;
+    for (int i = 0; i < o->r; i++) {
+        o->d[i] = icc_i(shape, i);
+        if (o->d[i] < 0) { icc_fail("ConstantOfShape with a negative dimension"); return; }
+    }
+    icc_alloc(o);
+    if (icc_err) return;
+    const int64_t n = icc_numel(o);
+    if (o->dt == ICC_F32) {
+        for (int64_t k = 0; k < n; k++) ((float *)o->p)[k] = (float)v;
+    } else if (icc_is_int(o->dt)) {
+        for (int64_t k = 0; k < n; k++) icc_iput(o, k, iv);
+    } else {
+        for (int64_t k = 0; k < n; k++) icc_put(o, k, v);
+    }
+}
+
+/* Trilu: x's last two axes keep their upper (j - i >= k) or lower (j - i <= k) triangle, the
+ * rest zero; k from the optional scalar input (0 without it). */
+static void icc_trilu(icc_t *o, const icc_t *x, const icc_t *k_t, int upper) {
+    if (x->r < 2) { icc_fail("Trilu needs a tensor of rank >= 2"); return; }
+    const int64_t k = k_t ? icc_i(k_t, 0) : 0, rows = x->d[x->r - 2], cols = x->d[x->r - 1];
+    const int64_t es = icc_esize(x->dt), mats = rows * cols != 0 ? icc_numel(x) / (rows * cols) : 0;
+    o->r = x->r;
+    memcpy(o->d, x->d, sizeof(o->d));
+    icc_alloc(o);
+    if (icc_err) return;
+    memcpy(o->p, x->p, (size_t)(icc_numel(x) * es));
+    for (int64_t m = 0; m < mats; m++)
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t j = 0; j < cols; j++)
+                if (upper ? j - i < k : j - i > k)
+                    memset((char *)o->p + ((m * rows + i) * cols + j) * es, 0, (size_t)es);
+}
+
 static void icc_range(icc_t *o, const icc_t *start, const icc_t *limit, const icc_t *delta) {
     double s = icc_get(start, 0), l = icc_get(limit, 0), d = icc_get(delta, 0);
     int64_t n = (int64_t)ceil((l - s) / d);

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ...ir import Node, Value
+from ...ir import DType, Node, Value
 from ..rewrite import node_attr
 from .match_util import Mismatch, peel_scale, scalar_const
 
@@ -184,9 +184,51 @@ def _add_term(term: Value, where_terms: list, floats: list, scale: float) -> Non
         if o == 0.0 and t is not None and t < 0:
             where_terms.append((cond, True, _scaled(t, scale)))
             return
+    indicator = _indicator_bias(term)
+    if indicator is not None:
+        where_terms.append((indicator[0], False, _scaled(indicator[1], scale)))
+        return
     if scale != 1.0:
         raise Mismatch("an additive float mask is scaled together with the scores")
     floats.append(term)
+
+
+def _indicator_bias(term: Value) -> tuple[Value, float] | None:
+    """A 0/1 float mask M turned into a bias by arithmetic, ``(M - 1) * c`` or ``(1 - M) * -c``
+    (c > 0: older GPT-2 exports, hand-written decoders over ``tril(ones)``): the same as
+    ``Where(M, 0, -c)``. (M, -c) when M is a triangle of ones (``Trilu``, the mask analysis reads
+    its bounds) or a cast of a boolean mask (which then stands for M); else None."""
+    node = term.producer
+    if node is None or node.domain or node.op_type != "Mul":
+        return None
+    for diff, factor in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        c, sub = scalar_const(factor), diff.producer
+        if c is None or sub is None or sub.domain or sub.op_type != "Sub":
+            continue
+        first, second = scalar_const(sub.inputs[0]), scalar_const(sub.inputs[1])
+        if second == 1.0 and first is None and c > 0:      # (M - 1) * c
+            mask = sub.inputs[0]
+        elif first == 1.0 and second is None and c < 0:    # (1 - M) * -c
+            mask = sub.inputs[1]
+        else:
+            continue
+        cond = _zero_one(mask)
+        if cond is not None:
+            return cond, -abs(c)
+    return None
+
+
+def _zero_one(mask: Value) -> Value | None:
+    """The value standing for a 0/1 float mask as a boolean literal: the bool a Cast came from, or
+    the Trilu itself (recognised by its structure); None for anything else."""
+    node = mask.producer
+    if node is None or node.domain:
+        return None
+    if node.op_type == "Cast" and node.inputs[0].dtype == DType.BOOL:
+        return node.inputs[0]
+    if node.op_type == "Trilu":
+        return mask
+    return None
 
 
 def _masked_fill(node: Node, where_terms: list, scale: float) -> Value:
