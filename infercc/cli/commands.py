@@ -14,10 +14,7 @@ from .common import compile_options, compile_with_progress, load_for_run, print_
 
 def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    options = compile_options(args)
-    if args.backend:
-        options["backend"] = args.backend
-    compiled = compile_with_progress(args.model, options)
+    compiled = compile_with_progress(args.model, compile_options(args))
     out = compiled.save(args.output)
     print(compiled.diagnostics.table())
     if compiled.config.quantize in ("int8", "int4") or _quantized(compiled):
@@ -131,10 +128,7 @@ def _sig(v) -> str:
 # -- run: generate text ------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Generate text from a prompt, streaming it to stdout; speed goes to stderr."""
-    options = compile_options(args)
-    if args.backend:  # the generated-C runtime runs the decode loop inside its library
-        options["backend"] = args.backend
-    compiled = load_for_run(args.model, options)
+    compiled = load_for_run(args.model, compile_options(args))
     if args.tokenizer:
         from ..runtime.tokenizer import Tokenizer
 
@@ -171,8 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     trace = Path(args.trace if args.trace is not None else "trace.json")
     if profile and not trace.parent.resolve().is_dir():
         raise InputError(f"--trace {trace}: the folder {trace.parent} does not exist; create it or pass another path")
-    options = {**compile_options(args), "backend": args.backend}
-    compiled = load_for_run(args.model, options)
+    compiled = load_for_run(args.model, compile_options(args))
     if args.threads is not None:
         compiled.config = compiled.config.replace(intra_op_threads=args.threads)
     prompt_ids = None

@@ -14,7 +14,7 @@ def compile_options(args: argparse.Namespace) -> dict:
         opts["optimize"] = False
     if getattr(args, "disable_pass", None):
         opts["disable_passes"] = tuple(args.disable_pass)
-    for name in ("lowering", "provider"):
+    for name in ("lowering", "provider", "backend"):
         if getattr(args, name, None):
             opts[name] = getattr(args, name)
     if getattr(args, "strict", False):

@@ -20,8 +20,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError("serve: --api-key is empty; pass a non-empty key, or leave the option out to serve "
                          "without authentication")
     options = compile_options(args)
-    if args.backend:
-        options["backend"] = args.backend
     if args.speculation in ("medusa", "eagle"):  # compiled for it: the graph exposes the final hidden state
         options["speculation"] = args.speculation
     compiled = load_for_run(args.model, options)

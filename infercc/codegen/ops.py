@@ -313,10 +313,9 @@ def _range(site: Site) -> list[str]:
 @emits("ConstantOfShape")
 def _constant_of_shape(site: Site) -> list[str]:
     value = site.node.attr("value", None)
-    array = np.zeros(1, np.float32) if value is None else np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    array = np.zeros(1, np.float32) if value is None else value.numpy()
     if array.size != 1:
         raise Unsupported(f"ConstantOfShape whose value holds {array.size} elements (ONNX asks for one)")
-    dtype_code(site.node.outputs[0])
     v = array.reshape(-1)[0]
     fill = f"{int(v)}" if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_ else "0"
     return [_set_dt(site), f"icc_constant_of_shape({site.outs[0]}, {site.ins[0]}, {lit(float(v))}, (int64_t){fill}LL);"]

@@ -285,10 +285,12 @@ static void icc_trilu(icc_t *o, const icc_t *x, const icc_t *k_t, int upper) {
     if (icc_err) return;
     memcpy(o->p, x->p, (size_t)(icc_numel(x) * es));
     for (int64_t m = 0; m < mats; m++)
-        for (int64_t i = 0; i < rows; i++)
-            for (int64_t j = 0; j < cols; j++)
-                if (upper ? j - i < k : j - i > k)
-                    memset((char *)o->p + ((m * rows + i) * cols + j) * es, 0, (size_t)es);
+        for (int64_t i = 0; i < rows; i++) {  /* row i zeroes columns [lo, hi): j < i + k, or j > i + k */
+            int64_t lo = upper ? 0 : i + k + 1, hi = upper ? i + k : cols;
+            lo = lo < 0 ? 0 : lo;
+            hi = hi > cols ? cols : hi;
+            if (lo < hi) memset((char *)o->p + ((m * rows + i) * cols + lo) * es, 0, (size_t)((hi - lo) * es));
+        }
 }
 
 static void icc_range(icc_t *o, const icc_t *start, const icc_t *limit, const icc_t *delta) {

@@ -112,7 +112,6 @@ class MaskAnalysis:
         for lit in info.residual:
             if lit.value.dtype not in (DType.BOOL, None):  # a float 0/1 triangle (scores.py) that is not the causal one
                 raise Mismatch(f"the 0/1 mask %{lit.value.name} is not a triangle of the query and key positions")
-        for lit in info.residual:
             info.labels.append(self._label(lit))
         info.floats = list(floats)
         info.labels += ["additive bias"] * len(floats)
