@@ -60,6 +60,10 @@ class Program:
     memory: MemoryPlan | None = None
     #: The decode loop's bindings (codegen/decode.py), None without a loop.
     decode: DecodePlan | None = None
+    #: Positions (in ``inputs``) of the past caches ``icc_run`` takes with room to grow: their
+    #: attention appends the new rows in place and the present output is the same buffer
+    #: (ops_transformer.grows_in_place), so a Python-stepped decode copies no past rows.
+    rooms: frozenset[int] = frozenset()
 
     @property
     def has_decode(self) -> bool:
@@ -176,13 +180,16 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     # runs, and would keep a prompt's full logits (25 MB for 128 tokens of a 49k vocabulary) beside
     # the largest activations; a fitted one is trimmed by the next, smaller run (a decode step's
     # logits reuse one buffer, no allocation per token).
+    own_attention = (DOMAIN, "Attention") not in kernels  # a user's Attention kernel may not append in place
+    rooms = frozenset(i for i, v in enumerate(inputs) if own_attention and ops_transformer.grows_in_place(v))
     memory = memory_plan(model, [step["lines"] for step in steps], index, heap=heap, own=outputs, custom=kernels)
     source = _ENV.get_template("model.c.j2").render(
         summary=sanitize(f"{len(graph.nodes)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs", 120),
         kernels=kernels_source({n.op_type for n in graph.nodes}) + custom.helpers_for(model, kernels), nv=max(len(index), 1),
         q_tiles=f"{q_tiles(steps, any((n.domain or '', n.op_type) in kernels for n in graph.nodes)):#x}",
         consts=sorted(consts.values(), key=lambda c: c["index"]),
-        inputs=[{"index": index[id(v)], "dt": dtype_code(v)} for v in inputs], steps=steps, outputs=outputs,
+        inputs=[{"index": index[id(v)], "dt": dtype_code(v), "room": i in rooms} for i, v in enumerate(inputs)],
+        steps=steps, outputs=outputs,
         slots=", ".join(str(memory.slots[i]) if i < len(memory.slots) else "-1" for i in range(max(len(index), 1))),
         nslots=max(memory.n_slots, 1),
         fitted=", ".join("1" if s in memory.fitted else "0" for s in range(max(memory.n_slots, 1))),
@@ -190,5 +197,5 @@ def emit(model: Model, kernels: Mapping[tuple[str, str], Kernel] | None = None, 
     table = [{"name": n.name, "op": op_name(n), "layer": layer}
              for n, layer in zip(graph.nodes, layer_table(graph.nodes))]
     return Program(source, blob, [(v.name, np.dtype(v.dtype.numpy)) for v in inputs], [v.name for v in graph.outputs],
-                   table, decode_reason, memory, decode)
+                   table, decode_reason, memory, decode, rooms)
 

@@ -70,7 +70,10 @@ class Library:
         # kept alive: the library points into it (the kernels only read it, so a read-only map does)
         self.weights = program.blob.array() if weights is None else weights
         self.lib.icc_run.restype = ctypes.c_int
-        self.lib.icc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)]
+        self.lib.icc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                                     ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64)]
+        self.lib.icc_output_room.restype = ctypes.c_int64
+        self.lib.icc_output_room.argtypes = [ctypes.c_int]
         self.lib.icc_output.restype = ctypes.c_int
         self.lib.icc_output.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                         ctypes.POINTER(ctypes.c_int)]
@@ -96,6 +99,7 @@ class Library:
         self._ptrs = (ctypes.c_void_p * max(n, 1))()
         self._dims = (ctypes.c_int64 * (8 * max(n, 1)))()
         self._ranks = (ctypes.c_int * max(n, 1))()
+        self._rooms = (ctypes.c_int64 * max(n, 1))()
         #: Per input: (weak reference, shape) of the array whose pointer and dims are in
         #: _ptrs/_dims now, when it was taken as it was (``run``).
         self._held: list[tuple[weakref.ref, tuple[int, ...]] | None] = [None] * n
@@ -121,7 +125,9 @@ class Library:
                 ref = held[i]
                 if ref is not None and ref[0]() is array and array.shape == ref[1] and array.dtype == dtype:
                     continue
-                a = np.ascontiguousarray(array, dtype=dtype)
+                room = i in self.program.rooms and rows_of_room(array, dtype)
+                a = array if room else np.ascontiguousarray(array, dtype=dtype)
+                self._rooms[i] = room
                 if a.ndim > 8:
                     raise RunError(f"input {name!r} has rank {a.ndim} (at most 8)")
                 if a is array and isinstance(a, np.ndarray):
@@ -134,7 +140,7 @@ class Library:
                 for j, d in enumerate(a.shape):
                     self._dims[8 * i + j] = d
             self.bind()
-            status = self.lib.icc_run(self._ptrs, self._dims, self._ranks)
+            status = self.lib.icc_run(self._ptrs, self._dims, self._ranks, self._rooms)
             if status != 0:
                 message = self.lib.icc_error().decode(errors="replace")
                 raise RunError(f"generated C failed at step {status}: {message}")
@@ -154,9 +160,11 @@ class Library:
                     results.append(ids)
                     continue
                 dtype = np.dtype(_NUMPY[code])
-                size = math.prod(shape)
-                view = (np.ctypeslib.as_array((ctypes.c_uint8 * (size * dtype.itemsize)).from_address(ptr.value))
-                        .view(dtype).reshape(shape) if size else np.empty(shape, dtype))
+                bound = outputs.get(k) if outputs is not None else None
+                if bound is not None and bound.size and bound.ctypes.data == ptr.value and bound.shape == shape:
+                    results.append(bound)  # a cache the attention grew in place: already there
+                    continue
+                view = _view(ptr.value, shape, dtype, self.lib.icc_output_room(k))
                 if k in argmax:
                     results.append(np.argmax(view, axis=-1))
                 elif outputs is not None and k in outputs:
@@ -190,3 +198,32 @@ class Library:
         self.lib.icc_set_weights(ctypes.c_void_p(self.weights.ctypes.data))
         self.lib.icc_set_threads(ctypes.c_int(self.threads))
         _BOUND[self._key] = self._token
+
+
+def rows_of_room(array: object, dtype: np.dtype) -> int:
+    """The rows per head of the buffer ``array`` is the first rows of, when it is a [batch, heads,
+    rows, width] view ``buffer[:, :, :rows]`` of a C-contiguous [batch, heads, room, width] buffer
+    with room > rows (a cache grown in place: KVCache's shared buffers); else 0 (the run takes a
+    dense copy)."""
+    if not isinstance(array, np.ndarray) or array.ndim != 4 or array.dtype != dtype:
+        return 0
+    b, h, rows, w = array.shape
+    e = dtype.itemsize
+    s0, s1, s2, s3 = array.strides
+    if s3 != e or s2 != w * e or s1 % (w * e):
+        return 0
+    room = s1 // (w * e)
+    return room if room > rows and (b == 1 or s0 == h * room * w * e) else 0
+
+
+def _view(address: int, shape: tuple[int, ...], dtype: np.dtype, room: int) -> np.ndarray:
+    """The run's output at ``address`` as an array; ``room``: a [batch, heads, rows, width] cache
+    whose heads are ``room`` rows apart (icc_output_room), read through strides."""
+    size = math.prod(shape)
+    if not size:
+        return np.empty(shape, dtype)
+    if room:
+        b, h, _, w = shape
+        flat = np.ctypeslib.as_array((ctypes.c_uint8 * (b * h * room * w * dtype.itemsize)).from_address(address))
+        return flat.view(dtype).reshape(b, h, room, w)[:, :, :shape[2]]
+    return np.ctypeslib.as_array((ctypes.c_uint8 * (size * dtype.itemsize)).from_address(address)).view(dtype).reshape(shape)

@@ -78,6 +78,15 @@ def cache_in_place(node) -> bool:
             and all(v is not None and not v.uses and v.is_graph_output for v in node.outputs[1:3]))
 
 
+def grows_in_place(value) -> bool:
+    """Whether graph input ``value`` is a past cache its one reader, a cached Attention, appends to
+    in place when the caller gives it room (``icc_run``'s rooms; the decode loop's own caches)."""
+    if len(value.uses) != 1:
+        return False
+    node, slot = value.uses[0]
+    return node.op_type == "Attention" and node.domain == DOMAIN and slot in (4, 5) and cache_in_place(node)
+
+
 def _attention_args(site: Site, struct: str) -> tuple[AttentionSpec, list[str]]:
     """The attention kernels' shared arguments (Attention and PagedAttention): the spec's attributes
     and q, k, v, opening a C block that declares ``A`` of type ``struct``."""

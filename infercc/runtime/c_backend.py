@@ -66,6 +66,13 @@ class CBackend:
         self.providers = ["generated C"]
 
     @property
+    def grows_in_place(self) -> frozenset[str]:
+        """The past caches a run takes as the first rows of a bigger buffer and appends to in place
+        (``Library.run``): a KV cache of shared buffers (kv_cache.CacheSpec.rows_only) needs no
+        copy of the past per step."""
+        return frozenset(self.program.inputs[i][0] for i in self.program.rooms)
+
+    @property
     def source(self) -> str:
         return self.program.source
 

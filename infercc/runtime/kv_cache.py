@@ -26,7 +26,10 @@ GroupQueryAttention nodes (the ORT lowering's kernel, passes/kv_cache/gqa.py), o
 [batch, heads, capacity, head_size] per tensor is bound as both past and present. The kernel
 takes the lengths from ``attention_mask`` (``seqlens_k``), writes only the new tokens' slots in
 place and never reads past the total length, so a step copies nothing of the past at all -- the
-ping-pong pair copies it once per step into the other buffer, O(length) per layer.
+ping-pong pair copies it once per step into the other buffer, O(length) per layer. The generated-C
+runtime's attention appends in place too (``CacheSpec.rows_only``): it takes the buffer's first
+``length`` rows as a strided view, its heads ``capacity`` rows apart, writes the new rows after
+them, and returns that same buffer as the present (codegen ``icc_run``'s rooms).
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ class CacheSpec:
     #: Past and present may be one buffer (every cache tensor read and written in place by
     #: GroupQueryAttention); see the module docstring.
     shared: bool = False
+    #: With ``shared``: the past goes in as the buffer's first ``length`` rows, a strided view the
+    #: generated C's attention appends to in place (``CBackend.grows_in_place``), instead of the
+    #: whole buffer GroupQueryAttention takes with the lengths from the mask.
+    rows_only: bool = False
 
     @property
     def layers(self) -> int:
@@ -196,15 +203,21 @@ class KVCache:
     # -- views for the runner -----------------------------------------------------------------
     def past(self) -> dict[str, np.ndarray]:
         """Contiguous views [batch, heads, length, width] of the cached tensors, by input name
-        (shared buffers: the whole [batch, heads, capacity, width] buffer)."""
+        (shared buffers: the whole [batch, heads, capacity, width] buffer, or with ``rows_only``
+        its first ``length`` rows)."""
         if self.shared:
+            if self.spec.rows_only:
+                return {e.input: self._front[e.input][:, :, :self.length] for e in self._entries()}
             return {e.input: self._front[e.input] for e in self._entries()}
         return {e.input: self._view(self._front[e.input], e, self.length) for e in self._entries()}
 
     def present(self, length: int) -> dict[str, np.ndarray]:
         """Where the step writes its grown tensors, [batch, heads, length, width], by output name
-        (shared buffers: the same buffers as ``past``, written in place)."""
+        (shared buffers: the same buffers as ``past``, written in place; with ``rows_only`` their
+        first ``length`` rows)."""
         if self.shared:
+            if self.spec.rows_only:
+                return {e.output: self._front[e.input][:, :, :length] for e in self._entries()}
             return {e.output: self._front[e.input] for e in self._entries()}
         return {e.output: self._view(self._back[e.input], e, length) for e in self._entries()}
 

@@ -17,6 +17,7 @@ correct, just not batched.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,10 @@ class ModelRunner:
         self.backend = backend
         self.metadata = read_metadata(model)
         self.cache_spec = CacheSpec.from_model(model)
+        grows = getattr(backend, "grows_in_place", frozenset())
+        if self.cache_spec and not self.cache_spec.shared and all(e.input in grows for e in self.cache_spec.entries):
+            # the generated C appends to a shared buffer's rows in place: no past copied per step
+            self.cache_spec = dataclasses.replace(self.cache_spec, shared=True, rows_only=True)
         inputs = {v.name: v for v in model.graph.inputs}
         if "input_ids" not in inputs:
             raise InputError(f"cannot generate with this model: it has no 'input_ids' input (inputs: {list(inputs)})")
