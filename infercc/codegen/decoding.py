@@ -42,7 +42,9 @@ class Decoding:
 
     def __init__(self, library: Library, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int],
                  temperature: float, top_k: int, top_p: float, min_p: float, seed: int,
-                 max_context: int | None = None, past: list[np.ndarray] | None = None) -> None:
+                 max_context: int | None = None, past: list[np.ndarray] | None = None,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> None:
         """``past``: the keys and values of the first ``n`` tokens of ``prompt`` already computed
         elsewhere (a sequence handed over by the serving engine), one dense [1, heads, n, width]
         array per cache in the graph's cache order (``CacheSpec.entries``), 1 <= n < len(prompt):
@@ -53,7 +55,8 @@ class Decoding:
         ids = np.ascontiguousarray(prompt, np.int64)
         distinct = sorted(set(stop_ids))
         stops = np.ascontiguousarray(distinct or [0], np.int64)
-        params = (ctypes.c_double * 4)(float(temperature), float(top_k), float(top_p), float(min_p))
+        params = (ctypes.c_double * 7)(float(temperature), float(top_k), float(top_p), float(min_p),
+                                       float(repetition_penalty), float(frequency_penalty), float(presence_penalty))
         p64 = ctypes.POINTER(ctypes.c_int64)
         self.handle = library.lib.icc_gen_new(ids.ctypes.data_as(p64), ids.size, min(int(max_new_tokens), 2**62),
                                               min(int(max_context or 0), 2**62), stops.ctypes.data_as(p64),

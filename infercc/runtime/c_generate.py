@@ -8,9 +8,11 @@ result is the same ``GenerationResult`` the Python loop (generate.py) gives:
 * Greedy tokens are identical to the Python loop's (argmax with ties to the lowest id).
 * Seeded sampling is reproducible (same seed -> same tokens), but the C sampler draws from its own
   generator (xoshiro256**), so its tokens differ from the NumPy sampler's for the same seed.
+* Penalties (repetition, frequency, presence) are applied in C with the Python sampler's float64
+  arithmetic, so greedy tokens with penalties are identical too.
 * The rest stays on the Python loop, with the reason in ``Generation.loop_reason``: a batch of
-  prompts, repetition/frequency/presence penalties (not implemented in C), a graph whose inputs
-  the loop does not build (codegen/decode.py), or a model on ONNX Runtime.
+  prompts, a graph whose inputs the loop does not build (codegen/decode.py), or a model on ONNX
+  Runtime.
 
 Sessions keep the Python loop: a ``Sequence`` exposes its logits and cache after every step
 (``prefill``/``append``/``decode`` are single steps), which is what the C loop hides.
@@ -37,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Sampling fields the C sampler does not implement, with the value that means "off".
-_PYTHON_ONLY = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 
 def c_loop_reason(runner: ModelRunner, prompts: list[list[int]], params: SamplingParams) -> str | None:
@@ -55,9 +55,6 @@ def c_sampler_reason(backend: object, params: SamplingParams) -> str | None:
         return "the model runs on ONNX Runtime"
     if not backend.program.has_decode:
         return f"the generated library has no decode loop: {backend.program.decode_reason}"
-    for name, off in _PYTHON_ONLY.items():
-        if getattr(params, name) != off:
-            return f"{name} is not implemented by the C sampler"
     return None
 
 
@@ -85,7 +82,8 @@ class CGeneration(Generation):
             decoding = runner.backend.decoding(
                 prompt, max_new_tokens=params.max_new_tokens, stop_ids=sorted(row.stop_ids),
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                seed=seed, max_context=runner.max_context)
+                seed=seed, max_context=runner.max_context, repetition_penalty=params.repetition_penalty,
+                frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty)
         except RunError as exc:
             raise CRunError(str(exc)) from None
         clock = {"start": time.perf_counter(), "first": 0.0}

@@ -53,6 +53,8 @@ def hand_back_problem(engine: Engine, request_id: str) -> str | None:
     why = c_sampler_reason(engine.compiled.backend, params)
     if why is not None:
         return why
+    if params.penalized:  # the loop would count the engine's output so far as prompt
+        return "a request with penalties (the C loop counts only the tokens it generates itself)"
     if not params.greedy:
         return "a sampling request (the C sampler draws from a generator of its own)"
     if live.logprobs is not None:

@@ -1,7 +1,7 @@
 """The decode loop inside the generated-C library (templates/generate.c.j2, runtime/c_generate.py):
 greedy tokens equal ONNX Runtime's (decoder fixtures, smaller KV caches, stories260K), stop tokens,
 max tokens, stop strings, a callback stopping early, the C sampler (seeded, top-k/top-p/min-p, a
-distribution check), and the requests that stay on the Python loop."""
+distribution check, penalties), and the requests that stay on the Python loop."""
 
 from __future__ import annotations
 
@@ -258,16 +258,38 @@ def test_top_k_top_p_min_p_keep_only_their_tokens() -> None:
     assert drawn <= likely
 
 
+PENALTIES = [{"repetition_penalty": 1.3}, {"repetition_penalty": 0.7}, {"frequency_penalty": 0.9},
+             {"presence_penalty": 1.5}, {"frequency_penalty": -0.4, "presence_penalty": 0.6},
+             {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.5}]
+
+
+@pytest.mark.parametrize("penalties", PENALTIES, ids=lambda p: "+".join(f"{k.split('_')[0]}={v}" for k, v in p.items()))
+def test_penalties_in_the_c_loop_give_the_python_loops_tokens(penalties: dict) -> None:
+    """Greedy with penalties in C: the tokens of the Python sampler (sampling.apply_penalties) on
+    the same backend and of ONNX Runtime; and the penalties change the text (they are applied)."""
+    ort_model, c_model = fixture()
+    options = {"max_new_tokens": 40, "ignore_eos": True}
+    plain = c_model.generate(PROMPT, **options).token_ids
+    got = c_model.generate(PROMPT, **options, **penalties)
+    assert got.decode_loop == "c"
+    assert got.token_ids == python_loop(c_model, PROMPT, **options, **penalties).token_ids
+    assert got.token_ids == ort_model.generate(PROMPT, **options, **penalties).token_ids
+    assert got.token_ids != plain
+
+
+def test_sampling_with_penalties_is_seeded_in_the_c_loop() -> None:
+    _, c_model = fixture()
+    options = {"max_new_tokens": 12, "ignore_eos": True, "temperature": 0.8, "repetition_penalty": 1.4,
+               "presence_penalty": 0.5, "seed": 3}
+    first = c_model.generate(PROMPT, **options)
+    assert first.decode_loop == "c" and first.token_ids == c_model.generate(PROMPT, **options).token_ids
+
+
 # -- what stays on the Python loop --------------------------------------------------------------
 def test_requests_the_c_loop_does_not_serve_use_the_python_loop() -> None:
     ort_model, c_model = fixture()
-    penalized = c_model.generate(PROMPT, max_new_tokens=6, repetition_penalty=1.3)
-    assert penalized.decode_loop == "python"
-    assert penalized.token_ids == ort_model.generate(PROMPT, max_new_tokens=6, repetition_penalty=1.3).token_ids
     batch = c_model.generate([PROMPT, [11, 4]], max_new_tokens=4)
     assert [r.decode_loop for r in batch] == ["python", "python"]
-    why = _generation(c_model, [PROMPT], {"frequency_penalty": 0.5}).loop_reason
-    assert "frequency_penalty is not implemented by the C sampler" in why
     assert "batch" in _generation(c_model, [PROMPT, PROMPT], {}).loop_reason
     assert "ONNX Runtime" in _generation(ort_model, [PROMPT], {}).loop_reason
     assert _generation(c_model, [PROMPT], {"temperature": 0.7, "top_k": 5}).loop_reason is None

@@ -62,7 +62,7 @@ def test_what_cannot_move_says_why(tiny_c):
     engine.step()
     assert hand_back_problem(engine, "greedy") is None
     assert "sampling request" in hand_back_problem(engine, "sampled")
-    assert "repetition_penalty" in hand_back_problem(engine, "penalised")
+    assert "penalties" in hand_back_problem(engine, "penalised")
     assert "not running" in hand_back_problem(engine, "nobody")
 
 
