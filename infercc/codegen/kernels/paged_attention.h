@@ -162,10 +162,10 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
         if (half) {
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->kt + seg[s].off * D, (const uint16_t *)(const void *)seg[s].k, seg[s].n * D);
-            icc_at_qk(w->q, D, M, w->kt, D, n, w->s);
+            icc_at_qk(w->q, D, M, w->kt, D, n, n, w->s);
         } else {
             for (int s = 0; s < nseg; s++)
-                icc_at_qk(w->q, D, M, (const float *)(const void *)seg[s].k, D, seg[s].n, w->s + seg[s].off);
+                icc_at_qk(w->q, D, M, (const float *)(const void *)seg[s].k, D, seg[s].n, seg[s].n, w->s + seg[s].off);
         }
         any = 0;
         for (int64_t m = 0; m < M; m++)
@@ -174,11 +174,11 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
         if (half) {
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->vt + seg[s].off * Dv, (const uint16_t *)(const void *)seg[s].v, seg[s].n * Dv);
-            icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, w->vt, Dv, n);
+            icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, w->vt, Dv, n, n);
         } else {
             for (int s = 0; s < nseg; s++)
                 icc_at_pv_all(w->acc, Dv, M, s == 0 ? w->alpha : ones, w->s + seg[s].off,
-                              (const float *)(const void *)seg[s].v, Dv, seg[s].n);
+                              (const float *)(const void *)seg[s].v, Dv, seg[s].n, seg[s].n);
         }
     }
 }
@@ -235,14 +235,15 @@ static inline void icc_pa_unit_tree(const icc_paged_attention_args *a, icc_at_ws
                 }
             float *s = w->s + m * ICC_AT_TK;
             for (int64_t c = 0; c < pieces; c++)
-                icc_at_qk(w->q + m * D, D, 1, w->kt + cut[c] * D, D, cut[c + 1] - cut[c], s + cut[c]);
+                icc_at_qk(w->q + m * D, D, 1, w->kt + cut[c] * D, D, cut[c + 1] - cut[c], cut[c + 1] - cut[c],
+                          s + cut[c]);
             w->lo[m] = jt, w->hi[m] = jt + n - 1; /* every key here is allowed */
             const int any = icc_at_row(w, m, jt, n, 0, a->softcap, 0, NULL, NULL, 0, a->mask_value);
             w->lo[m] = lo, w->hi[m] = hi;
             if (!any) continue;
             for (int64_t c = 0; c < pieces; c++)
                 icc_at_pv_all(w->acc + m * Dv, Dv, 1, c == 0 ? w->alpha + m : ones, s + cut[c], w->vt + cut[c] * Dv,
-                              Dv, cut[c + 1] - cut[c]);
+                              Dv, cut[c + 1] - cut[c], cut[c + 1] - cut[c]);
         }
     }
 }
