@@ -163,9 +163,13 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->kt + seg[s].off * D, (const uint16_t *)(const void *)seg[s].k, seg[s].n * D);
             icc_at_qk(w->q, D, M, w->kt, D, n, n, w->s);
-        } else {
+        } else { /* (attention.h's prefetch, by block: the tile's values, the next block's keys) */
             for (int s = 0; s < nseg; s++)
+                icc_at_prefetch_rows((const float *)(const void *)seg[s].v, Dv, Dv, seg[s].n);
+            for (int s = 0; s < nseg; s++) {
+                if (s + 1 < nseg) icc_at_prefetch_rows((const float *)(const void *)seg[s + 1].k, D, D, seg[s + 1].n);
                 icc_at_qk(w->q, D, M, (const float *)(const void *)seg[s].k, D, seg[s].n, seg[s].n, w->s + seg[s].off);
+            }
         }
         any = 0;
         for (int64_t m = 0; m < M; m++)
