@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..ir import DType, Model, Value
-from ..passes.canonical import DOMAIN
 from .ops import DT
-from .ops_transformer import cache_in_place
+from .ops_transformer import grows_in_place
 
 #: The per-step inputs the loop knows how to build (besides the cache pairs).
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep")
@@ -33,7 +32,7 @@ class DecodePlan:
     logits: int
     logits_dt: int
     caches: list[dict]   # past slot, present slot, dtype code, heads, width
-    #: Every cached Attention may append in place (ops_transformer.cache_in_place): the loop then
+    #: Every cached Attention may append in place (ops_transformer.grows_in_place): the loop then
     #: keeps each cache in a buffer with room to grow (doubling) instead of a new present per step.
     in_place: bool = False
 
@@ -83,7 +82,6 @@ def plan(model: Model, index: dict[int, int]) -> tuple[DecodePlan | None, str]:
         assert entry.input.startswith(PAST_PREFIX) and entry.output.startswith(PRESENT_PREFIX)
         caches.append({"past": index[id(past)], "present": index[id(present)], "dt": DT[past.dtype],
                        "heads": entry.heads, "width": entry.width})
-    in_place = all(use[0].op_type == "Attention" and use[0].domain == DOMAIN and cache_in_place(use[0])
-                   for entry in spec.entries for use in inputs[entry.input].uses)
+    in_place = all(grows_in_place(inputs[entry.input]) for entry in spec.entries)
     return DecodePlan(roles["input_ids"], roles["attention_mask"], roles["position_ids"], roles["logits_to_keep"],
                       index[id(logits)], DT[logits.dtype], caches, in_place), ""

@@ -40,17 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-def c_loop_reason(runner: ModelRunner, prompts: list[list[int]], params: SamplingParams) -> str | None:
+def c_loop_reason(runner: ModelRunner, prompts: list[list[int]]) -> str | None:
     """None when this request runs on the C decode loop, else why it stays on the Python loop."""
     if len(prompts) != 1 and isinstance(runner.backend, CBackend) and runner.backend.program.has_decode:
         return "a batch of prompts (the C loop runs one sequence)"
-    return c_sampler_reason(runner.backend, params)
+    return c_loop_missing(runner.backend)
 
 
-def c_sampler_reason(backend: object, params: SamplingParams) -> str | None:
-    """None when ``backend``'s library has a decode loop whose sampler implements ``params``, else why
-    not (also asked by runtime/hand_back.py for a sequence leaving the serving engine)."""
+def c_loop_missing(backend: object) -> str | None:
+    """None when ``backend``'s library has a decode loop (its sampler implements every sampling
+    field), else why not (also asked by runtime/hand_back.py for a sequence leaving the engine)."""
     if not isinstance(backend, CBackend):
         return "the model runs on ONNX Runtime"
     if not backend.program.has_decode:
@@ -156,7 +155,7 @@ def drive(decoding: Decoding, row: _Row, max_context: int | None, *, pause: bool
 def make_generation(runner: ModelRunner, tokenizer, prompts: list[list[int]], params: SamplingParams) -> Generation:
     """The C-loop generation when the request fits it, else the Python loop's (reason logged and
     kept in ``loop_reason``)."""
-    reason = c_loop_reason(runner, prompts, params)
+    reason = c_loop_reason(runner, prompts)
     if reason is None:
         return CGeneration(runner, tokenizer, prompts, params)
     generation = Generation(runner, tokenizer, prompts, params)

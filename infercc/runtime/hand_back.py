@@ -34,7 +34,7 @@ import numpy as np
 
 from ..codegen.decoding import Decoding
 from .c_backend import CBackend
-from .c_generate import c_sampler_reason
+from .c_generate import c_loop_missing
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,7 +50,7 @@ def hand_back_problem(engine: Engine, request_id: str) -> str | None:
     if live is None:
         return "the request is not running"
     params, request = live.row.params, live.request
-    why = c_sampler_reason(engine.compiled.backend, params)
+    why = c_loop_missing(engine.compiled.backend)
     if why is not None:
         return why
     if params.penalized:  # the loop would count the engine's output so far as prompt

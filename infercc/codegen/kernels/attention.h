@@ -49,9 +49,10 @@
  * page (16 rows of 64 floats), and the value product reads a tile in column strips (one cache line
  * of each row per pass). Without it the loads wait one latency at a time between the arithmetic
  * (SmolLM2-135M Q4_1 at ~1,060 cached tokens, 2 threads, per decode step: attention 5.6-6.1 ms,
- * ~9 GB/s of K/V; with it 4.3-5.2 ms, in the same runs). The QK and PV loops ask for the rows ICC_AT_AHEAD ahead of the one in
- * use, within the `avail` rows their caller says may be read (a paged block's neighbour in memory
- * belongs to another sequence), and a tile of the contiguous kernel its values when it starts. */
+ * ~9 GB/s of K/V; with it 4.3-5.2 ms, in the same runs). The QK and PV loops ask for the rows
+ * ICC_AT_AHEAD ahead of the one in use, within the `avail` rows their caller says may be read (a
+ * paged block's neighbour in memory belongs to another sequence), and a tile of the contiguous
+ * kernel its values when it starts. */
 #ifndef ICC_AT_AHEAD
 #define ICC_AT_AHEAD 16
 #endif
