@@ -33,10 +33,11 @@ def build(folder: Path, header: str, exports: str, march: str) -> ctypes.CDLL:
     if gcc is None:
         pytest.skip("gcc is not installed")
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / f"driver_{march}.c"
+    name = march.replace(" ", "").replace("-", "_")  # march may carry more flags: "haswell -mno-f16c"
+    source = folder / f"driver_{name}.c"
     source.write_text(DRIVER.format(header=header, exports=exports))
-    target = folder / f"driver_{march}.so"
-    cmd = [gcc, *FLAGS, f"-march={march}", f"-I{KERNELS}", str(source), "-o", str(target), "-lm"]
+    target = folder / f"driver_{name}.so"
+    cmd = [gcc, *FLAGS, *f"-march={march}".split(), f"-I{KERNELS}", str(source), "-o", str(target), "-lm"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.fail(f"gcc -march={march} failed:\n{done.stderr}")

@@ -271,6 +271,21 @@ def test_in_place_equals_copy(libs: dict, march: str, name: str) -> None:
         assert copy[n].tobytes() == inplace[n].tobytes()
 
 
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.cache == "f16"))
+def test_a_float16_cache_read_in_place_equals_its_converted_tiles(libs: dict, tmp_path_factory, name: str) -> None:
+    """With F16C the kernel reads a float16 cache where it lies, converting each vector as it
+    loads it; the same AVX2 code built without F16C converts each tile into a float buffer first
+    (the portable converter). Same products in the same order: the same bytes out."""
+    if "haswell" not in libs:
+        pytest.skip("this CPU cannot run -march=haswell code")
+    plain = build(tmp_path_factory.mktemp("attention_no_f16c"), "attention.h", EXPORTS, "haswell -mno-f16c")
+    plain.icc_test_threads(2)
+    case = CASES[name]
+    x = make(case, seed=11)
+    got, want = run_kernel(libs["haswell"], case, x), run_kernel(plain, case, x)
+    assert got["out"].tobytes() == want["out"].tobytes()
+
+
 @pytest.mark.parametrize("march", MARCHES)
 def test_fp16_rounding_is_bit_exact(libs: dict, march: str) -> None:
     """New keys become IEEE half with round-to-nearest-even, ties, subnormals and overflow included."""

@@ -62,6 +62,11 @@ static inline void icc_at_prefetch_rows(const float *base, int64_t stride, int64
         for (int64_t d = 0; d < width; d += 16) __builtin_prefetch(base + j * stride + d, 0, 3);
 }
 
+/* bytes [p, p + n) toward L1, a line at a time */
+static inline void icc_at_prefetch_bytes(const void *p, int64_t n) {
+    for (int64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
 /* ---- fp16 <-> fp32 ------------------------------------------------------------------------- */
 /* Portable converters (F. Giesen's, round-to-nearest-even, bit-exact with F16C on every finite
  * value and infinity; NaN becomes a quiet NaN). */
@@ -350,19 +355,42 @@ static inline void icc_at_pv(float *acc, float alpha, const float *p, const floa
 #define ICC_AT_QK_RB 2 /* AVX2 has 16 registers */
 #define ICC_AT_PV_DB 2
 #endif
+/* A float16 cache is read where it lies, each vector converted as it is loaded (F16C / AVX-512:
+ * exact), instead of converting a tile into a float buffer first: half the bytes from memory, no
+ * second pass. The products and their order are the buffer path's, so the results are too. */
+#if defined(__AVX512F__)
+#define ICC_AT_HALF_INLINE 1
+#define icc_at_loadh(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(p)))
+#elif defined(__F16C__)
+#define ICC_AT_HALF_INLINE 1
+#define icc_at_loadh(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p)))
+#endif
+/* element e of a float (H = 0) or float16 (H = 1) array, as one vector */
+static inline __attribute__((always_inline)) icc_at_v icc_at_loadx(const void *p, int64_t e, const int H) {
+#ifdef ICC_AT_HALF_INLINE
+    if (H) return icc_at_loadh((const uint16_t *)p + e);
+#else
+    (void)H;
+#endif
+    return icc_at_load((const float *)p + e);
+}
 /* rb rows (q rows D apart) against 4 keys at a time: each K load serves rb rows. */
-static inline __attribute__((always_inline)) void icc_at_qk_rows(const float *q, int64_t D, int rb, const float *kb,
-                                                               int64_t ks, int64_t n, int64_t avail, float *s) {
+/* kb: float keys (H = 0) or float16 keys (H = 1, no prefetch here: the caller fetched the tile;
+ * the last n % 4 keys are converted into tmp, D floats a row, for icc_at_dots). */
+static inline __attribute__((always_inline)) void icc_at_qk_rows(const float *q, int64_t D, int rb, const void *kb,
+                                                               const int H, int64_t ks, int64_t n, int64_t avail,
+                                                               float *s, float *tmp) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
-        if (j + ICC_AT_AHEAD + 4 <= avail) icc_at_prefetch_rows(k0 + ICC_AT_AHEAD * ks, ks, D, 4);
+        const int64_t e0 = j * ks, e1 = e0 + ks, e2 = e1 + ks, e3 = e2 + ks;
+        if (!H && j + ICC_AT_AHEAD + 4 <= avail)
+            icc_at_prefetch_rows((const float *)kb + e0 + ICC_AT_AHEAD * ks, ks, D, 4);
         icc_at_v acc[ICC_AT_QK_RB][4];
 #pragma GCC unroll 4
         for (int r = 0; r < rb; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = icc_at_zero();
         for (int64_t d = 0; d < D; d += ICC_AT_VW) {
-            const icc_at_v x0 = icc_at_load(k0 + d), x1 = icc_at_load(k1 + d), x2 = icc_at_load(k2 + d),
-                           x3 = icc_at_load(k3 + d);
+            const icc_at_v x0 = icc_at_loadx(kb, e0 + d, H), x1 = icc_at_loadx(kb, e1 + d, H),
+                           x2 = icc_at_loadx(kb, e2 + d, H), x3 = icc_at_loadx(kb, e3 + d, H);
 #pragma GCC unroll 4
             for (int r = 0; r < rb; r++) {
                 const icc_at_v qv = icc_at_load(q + r * D + d);
@@ -376,13 +404,22 @@ static inline __attribute__((always_inline)) void icc_at_qk_rows(const float *q,
         for (int r = 0; r < rb; r++)
             _mm_storeu_ps(s + r * ICC_AT_TK + j, icc_at_hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
     }
-    for (int r = 0; r < rb; r++) icc_at_dots(q + r * D, kb + j * ks, ks, n - j, D, s + r * ICC_AT_TK + j);
+    if (j == n) return;
+    const float *kt = (const float *)kb + j * ks;
+    int64_t kts = ks;
+    if (H) {
+        for (int64_t i = j; i < n; i++) icc_at_from_f16(tmp + (i - j) * D, (const uint16_t *)kb + i * ks, D);
+        kt = tmp;
+        kts = D;
+    }
+    for (int r = 0; r < rb; r++) icc_at_dots(q + r * D, kt, kts, n - j, D, s + r * ICC_AT_TK + j);
 }
 
 /* acc[r] = acc[r] * alpha[r] + p[r] @ V for rb rows: each V load serves rb rows. */
+/* vb: float values (H = 0) or float16 values (H = 1: Dv a multiple of ICC_AT_PV_DB vectors). */
 static inline __attribute__((always_inline)) void icc_at_pv_rows(float *acc, int64_t Dv, int rb, const float *alpha,
-                                                               const float *p, const float *vb, int64_t vs,
-                                                               int64_t n, int64_t avail) {
+                                                               const float *p, const void *vb, const int H,
+                                                               int64_t vs, int64_t n, int64_t avail) {
     int64_t d = 0;
     for (; d + ICC_AT_PV_DB * ICC_AT_VW <= Dv; d += ICC_AT_PV_DB * ICC_AT_VW) {
         icc_at_v a[4][ICC_AT_PV_DB];
@@ -392,12 +429,12 @@ static inline __attribute__((always_inline)) void icc_at_pv_rows(float *acc, int
 #pragma GCC unroll 4
             for (int c = 0; c < ICC_AT_PV_DB; c++) a[r][c] = icc_at_mul(va, icc_at_load(acc + r * Dv + d + c * ICC_AT_VW));
         }
-        const float *vr = vb + d;
-        for (int64_t j = 0; j < n; j++, vr += vs) {
-            if (d == 0 && j + ICC_AT_AHEAD < avail) icc_at_prefetch_rows(vr + ICC_AT_AHEAD * vs, vs, Dv, 1);
+        for (int64_t j = 0, e = d; j < n; j++, e += vs) {
+            if (!H && d == 0 && j + ICC_AT_AHEAD < avail)
+                icc_at_prefetch_rows((const float *)vb + e + ICC_AT_AHEAD * vs, vs, Dv, 1);
             icc_at_v x[ICC_AT_PV_DB];
 #pragma GCC unroll 4
-            for (int c = 0; c < ICC_AT_PV_DB; c++) x[c] = icc_at_load(vr + c * ICC_AT_VW);
+            for (int c = 0; c < ICC_AT_PV_DB; c++) x[c] = icc_at_loadx(vb, e + c * ICC_AT_VW, H);
 #pragma GCC unroll 4
             for (int r = 0; r < rb; r++) {
                 const icc_at_v pj = icc_at_set1(p[r * ICC_AT_TK + j]);
@@ -410,8 +447,8 @@ static inline __attribute__((always_inline)) void icc_at_pv_rows(float *acc, int
 #pragma GCC unroll 4
             for (int c = 0; c < ICC_AT_PV_DB; c++) icc_at_store(acc + r * Dv + d + c * ICC_AT_VW, a[r][c]);
     }
-    for (int r = 0; r < rb && d < Dv; r++) /* the rest of Dv, row by row */
-        icc_at_pv(acc + r * Dv + d, alpha[r], p + r * ICC_AT_TK, vb + d, vs, n, Dv - d);
+    for (int r = 0; r < rb && d < Dv; r++) /* the rest of Dv, row by row (float values only) */
+        icc_at_pv(acc + r * Dv + d, alpha[r], p + r * ICC_AT_TK, (const float *)vb + d, vs, n, Dv - d);
 }
 #endif
 
@@ -424,12 +461,12 @@ static inline void icc_at_qk(const float *q, int64_t D, int64_t M, const float *
 #ifdef ICC_AT_VW
     if (D % ICC_AT_VW == 0) {
         for (; m + ICC_AT_QK_RB <= M; m += ICC_AT_QK_RB)
-            icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, ks, n, avail, s + m * ICC_AT_TK);
+            icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
 #if ICC_AT_QK_RB == 4
-        if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, ks, n, avail, s + m * ICC_AT_TK);
-        if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, ks, n, avail, s + m * ICC_AT_TK);
+        if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
+        if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
 #endif
-        if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, ks, n, avail, s + m * ICC_AT_TK);
+        if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
         return;
     }
 #endif
@@ -443,14 +480,43 @@ static inline void icc_at_pv_all(float *acc, int64_t Dv, int64_t M, const float 
     (void)avail;
     int64_t m = 0;
 #ifdef ICC_AT_VW
-    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, vs, n, avail);
-    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, vs, n, avail);
-    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, vs, n, avail);
-    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, vs, n, avail);
+    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
+    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
+    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
+    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
     return;
 #endif
     for (; m < M; m++) icc_at_pv(acc + m * Dv, alpha[m], p + m * ICC_AT_TK, vb, vs, n, Dv);
 }
+
+#ifdef ICC_AT_HALF_INLINE
+/* Whether the float16 cache is read in place (icc_at_qk_h, icc_at_pv_h) for these head sizes. */
+#define ICC_AT_HALF_FITS(D, Dv) ((D) % ICC_AT_VW == 0 && (Dv) % (ICC_AT_PV_DB * ICC_AT_VW) == 0)
+/* icc_at_qk over float16 keys read in place (tmp: 3 rows of D floats) */
+static inline void icc_at_qk_h(const float *q, int64_t D, int64_t M, const uint16_t *kb, int64_t ks, int64_t n,
+                               float *s, float *tmp) {
+    int64_t m = 0;
+    for (; m + ICC_AT_QK_RB <= M; m += ICC_AT_QK_RB)
+        icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
+#if ICC_AT_QK_RB == 4
+    if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
+    if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
+#endif
+    if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
+}
+
+/* icc_at_pv_all over float16 values read in place */
+static inline void icc_at_pv_h(float *acc, int64_t Dv, int64_t M, const float *alpha, const float *p,
+                               const uint16_t *vb, int64_t vs, int64_t n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
+    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
+    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
+    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
+}
+#else
+#define ICC_AT_HALF_FITS(D, Dv) 0
+#endif
 
 /* ---- the kernel -------------------------------------------------------------------------------- */
 /* Head bh's rows of one cache tensor: the past copied into present (unless in place), then the S
@@ -676,32 +742,49 @@ static inline void icc_at_unit(const icc_attention_args *a, icc_at_ws *w, int64_
         ks = Hkv * D;
         vs = Hkv * Dv;
     }
+    const uint16_t *kh = half ? (const uint16_t *)a->present_k + bg * a->present_cap * D : NULL;
+    const uint16_t *vh = half ? (const uint16_t *)a->present_v + bg * a->present_cap * Dv : NULL;
+    const int in_place_half = half && ICC_AT_HALF_FITS(D, Dv);
+    (void)in_place_half; /* (without F16C: the buffer path only) */
     for (int64_t j0 = kb; j0 < ke; j0 += ICC_AT_TK) {
         const int64_t n = (ke - j0 < ICC_AT_TK) ? ke - j0 : ICC_AT_TK;
-        if (kbase) icc_at_prefetch_rows(vbase + j0 * vs, vs, Dv, n); /* (fp32, read in place) */
-        const float *kt;
-        if (half) {
-            icc_at_from_f16(w->kt, (const uint16_t *)a->present_k + (bg * a->present_cap + j0) * D, n * D);
-            kt = w->kt;
-        } else {
-            kt = kbase + j0 * ks;
+        if (kbase) {
+            icc_at_prefetch_rows(vbase + j0 * vs, vs, Dv, n); /* (fp32, read in place) */
+        } else if (half) { /* this tile's values and the next tile's keys (rows contiguous per kv head) */
+            const int64_t j1 = j0 + ICC_AT_TK, n1 = (ke - j1 < ICC_AT_TK) ? ke - j1 : ICC_AT_TK;
+            if (j0 == kb) icc_at_prefetch_bytes(kh + j0 * D, n * D * 2);
+            if (n1 > 0) icc_at_prefetch_bytes(kh + j1 * D, n1 * D * 2);
+            icc_at_prefetch_bytes(vh + j0 * Dv, n * Dv * 2);
         }
         int any = 0;
         for (int64_t m = 0; m < M && !any; m++) any = !skip || (j0 + n > w->lo[m] && j0 <= w->hi[m]);
         if (!any) continue;
-        icc_at_qk(w->q, D, M, kt, ks, n, half ? n : ke - j0, w->s);
+#ifdef ICC_AT_HALF_INLINE
+        if (in_place_half) {
+            icc_at_qk_h(w->q, D, M, kh + j0 * D, D, n, w->s, w->kt);
+        } else
+#endif
+        if (half) {
+            icc_at_from_f16(w->kt, kh + j0 * D, n * D);
+            icc_at_qk(w->q, D, M, w->kt, D, n, n, w->s);
+        } else {
+            icc_at_qk(w->q, D, M, kbase + j0 * ks, ks, n, ke - j0, w->s);
+        }
         any = 0;
         for (int64_t m = 0; m < M; m++)
             any |= icc_at_row(w, m, j0, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
         if (!any) continue;
-        const float *vt;
+#ifdef ICC_AT_HALF_INLINE
+        if (in_place_half) {
+            icc_at_pv_h(w->acc, Dv, M, w->alpha, w->s, vh + j0 * Dv, Dv, n);
+        } else
+#endif
         if (half) {
-            icc_at_from_f16(w->vt, (const uint16_t *)a->present_v + (bg * a->present_cap + j0) * Dv, n * Dv);
-            vt = w->vt;
+            icc_at_from_f16(w->vt, vh + j0 * Dv, n * Dv);
+            icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, w->vt, Dv, n, n);
         } else {
-            vt = vbase + j0 * vs;
+            icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, vbase + j0 * vs, vs, n, ke - j0);
         }
-        icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, vt, half ? Dv : vs, n, half ? n : ke - j0);
     }
 }
 

@@ -64,10 +64,12 @@ def resolve(requested: str, model_dtype: DType | None) -> KVFormat:
     "auto" stays float32 for float32 models on the generated-C runtime too, although its attention
     reads a float16 cache natively: measured, SmolLM2-135M's greedy text with a float16 cache leaves
     the float32 cache's after ~6 tokens (a near tie; stories260K and the fixtures agree), and the
-    C runtime's greedy output must equal ONNX Runtime's. Nor is it faster on an AVX2 CPU: SmolLM2
-    decoding after a 1,024-token prompt ran 70.8 tok/s with float16 against 73.8 with float32 (the
-    conversion costs what the halved bytes save; 128 tokens: 126 vs 121, within noise), its greedy
-    tokens leaving float32's after 12. ``kv_cache_dtype="fp16"`` asks for it (half the memory)."""
+    C runtime's greedy output must equal ONNX Runtime's. Speed does not decide it either: since the
+    attention reads the float16 cache in place (each vector converted as it loads), SmolLM2 on two
+    AVX2 cores decodes after a 1,024-token prompt at 104.5-113.9 tok/s with float16 against
+    92.3-97.5 with float32 (+7-23%), and after 128 tokens within noise (144-146 vs 154-155 in one
+    run, 121 vs 117 and 106 vs 85 in another); its greedy tokens leave float32's after 12.
+    ``kv_cache_dtype="fp16"`` asks for it: half the memory, faster at long contexts."""
     model_dtype = model_dtype or DType.FLOAT
     if requested != "auto":
         return KVFormat(requested, _STORAGE[requested], f"kv_cache_dtype={requested!r}")
