@@ -213,6 +213,21 @@ def test_reference_is_the_cached_attention_row_by_row(name: str) -> None:
                               present_v.view(np.uint8))
 
 
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.pool == "f16"))
+def test_a_float16_pool_read_in_place_equals_its_converted_tiles(libs: dict, tmp_path_factory, name: str) -> None:
+    """With F16C the kernel reads float16 blocks where they lie; built without F16C it converts each
+    tile into a float buffer first: the same outputs bit for bit (attention.h's test, paged)."""
+    if "haswell" not in libs:
+        pytest.skip("this CPU cannot run -march=haswell code")
+    plain = build(tmp_path_factory.mktemp("paged_no_f16c"), "paged_attention.h", EXPORTS, "haswell -mno-f16c")
+    plain.icc_test_threads(2)
+    case = CASES[name]
+    x, y = make(case, seed=5), make(case, seed=5)
+    (got, code, _), (want, code2, _) = run_kernel(libs["haswell"], case, x), run_kernel(plain, case, y)
+    assert code == code2 == 0
+    assert got.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_matches_reference(libs: dict, march: str, name: str) -> None:

@@ -127,6 +127,8 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
     const int64_t b = bg / Hkv, g = bg % Hkv;
     const int64_t off = a->past_lens[b], Skv = off + S;
     const int half = a->cache_dtype == 1;
+    const int in_place_half = half && ICC_AT_HALF_FITS(D, Dv);
+    (void)in_place_half; /* (without F16C: the buffer path only) */
     const size_t esz = half ? 2 : 4;
     const float mv = a->mask_value, cap = a->softcap;
     const int skip = isinf(mv) && mv < 0;
@@ -159,6 +161,16 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
         int any = 0;
         for (int64_t m = 0; m < M && !any; m++) any = !skip || (jt + n > w->lo[m] && jt <= w->hi[m]);
         if (!any) continue;
+#ifdef ICC_AT_HALF_INLINE
+        if (in_place_half) { /* read where it lies (attention.h), prefetched as below */
+            for (int s = 0; s < nseg; s++) icc_at_prefetch_bytes(seg[s].v, seg[s].n * Dv * 2);
+            for (int s = 0; s < nseg; s++) {
+                if (s + 1 < nseg) icc_at_prefetch_bytes(seg[s + 1].k, seg[s + 1].n * D * 2);
+                icc_at_qk_h(w->q, D, M, (const uint16_t *)(const void *)seg[s].k, D, seg[s].n, w->s + seg[s].off,
+                            w->kt);
+            }
+        } else
+#endif
         if (half) {
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->kt + seg[s].off * D, (const uint16_t *)(const void *)seg[s].k, seg[s].n * D);
@@ -175,6 +187,13 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
         for (int64_t m = 0; m < M; m++)
             any |= icc_at_row(w, m, jt, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
         if (!any) continue;
+#ifdef ICC_AT_HALF_INLINE
+        if (in_place_half) {
+            for (int s = 0; s < nseg; s++)
+                icc_at_pv_h(w->acc, Dv, M, s == 0 ? w->alpha : ones, w->s + seg[s].off,
+                            (const uint16_t *)(const void *)seg[s].v, Dv, seg[s].n);
+        } else
+#endif
         if (half) {
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->vt + seg[s].off * Dv, (const uint16_t *)(const void *)seg[s].v, seg[s].n * Dv);
