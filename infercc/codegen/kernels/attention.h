@@ -374,9 +374,9 @@ static inline __attribute__((always_inline)) icc_at_v icc_at_loadx(const void *p
 #endif
     return icc_at_load((const float *)p + e);
 }
-/* rb rows (q rows D apart) against 4 keys at a time: each K load serves rb rows. */
-/* kb: float keys (H = 0) or float16 keys (H = 1, no prefetch here: the caller fetched the tile;
- * the last n % 4 keys are converted into tmp, D floats a row, for icc_at_dots). */
+/* rb rows (q rows D apart) against 4 keys at a time: each K load serves rb rows. kb: float keys
+ * (H = 0) or float16 keys (H = 1: no prefetch here, the caller fetched the tile; the last n % 4
+ * keys are converted into tmp, D floats a row, for icc_at_dots). */
 static inline __attribute__((always_inline)) void icc_at_qk_rows(const float *q, int64_t D, int rb, const void *kb,
                                                                const int H, int64_t ks, int64_t n, int64_t avail,
                                                                float *s, float *tmp) {
@@ -415,8 +415,8 @@ static inline __attribute__((always_inline)) void icc_at_qk_rows(const float *q,
     for (int r = 0; r < rb; r++) icc_at_dots(q + r * D, kt, kts, n - j, D, s + r * ICC_AT_TK + j);
 }
 
-/* acc[r] = acc[r] * alpha[r] + p[r] @ V for rb rows: each V load serves rb rows. */
-/* vb: float values (H = 0) or float16 values (H = 1: Dv a multiple of ICC_AT_PV_DB vectors). */
+/* acc[r] = acc[r] * alpha[r] + p[r] @ V for rb rows: each V load serves rb rows. vb: float values
+ * (H = 0) or float16 values (H = 1: Dv a multiple of ICC_AT_PV_DB vectors). */
 static inline __attribute__((always_inline)) void icc_at_pv_rows(float *acc, int64_t Dv, int rb, const float *alpha,
                                                                const float *p, const void *vb, const int H,
                                                                int64_t vs, int64_t n, int64_t avail) {
