@@ -169,8 +169,9 @@ def _report_gated_mlps(model: Model, ctx: PassContext) -> None:
             found += 1
             ctx.record.skipped(
                 f"Mul {node.name!r}",
-                "SiLU-gated MLP silu(x W_gate) * (x W_up) recognised and kept as SiLU + Mul: ORT has no dense "
-                "gated-MLP kernel (pack_projections later gives the two projections one matmul)",
+                "SiLU-gated MLP silu(x W_gate) * (x W_up) recognised and kept as SiLU + Mul: ONNX Runtime has no "
+                "dense gated-MLP kernel, and the generated C fuses the pair itself (codegen/fuse.py); "
+                "pack_projections later gives the two projections one matmul",
             )
     if found:
         ctx.record.info["gated_mlp_sites"] = found

@@ -76,8 +76,10 @@ def resolve(requested: str, model_dtype: DType | None) -> KVFormat:
     if model_dtype == DType.FLOAT16:
         return KVFormat("fp16", DType.FLOAT16, "auto: the model computes in float16")
     if model_dtype == DType.FLOAT:
-        return KVFormat("fp32", DType.FLOAT, "auto: the model computes in float32; a float16 cache only adds casts "
-                        "on ONNX Runtime's CPU kernels (see passes/kv_cache/precision.py)")
+        return KVFormat("fp32", DType.FLOAT, "auto: the model computes in float32, and a float32 cache gives the same "
+                        "greedy text on every runtime; kv_cache_dtype='fp16' halves the cache (ONNX Runtime's CPU "
+                        "kernels add casts for it, the generated C reads it in place and decodes faster at long "
+                        "contexts; see passes/kv_cache/precision.py)")
     return KVFormat("fp32", DType.FLOAT, f"auto: no float16 cache kernel is assumed for {model_dtype} models")
 
 
