@@ -31,13 +31,16 @@ from benchmarks.machine import REPO_ROOT
 #: The shared models folder beside the repo, as the tests find it (tests/importers/_models.py).
 DEFAULT_GGUF = (REPO_ROOT / ".." / "shared" / "models" / "smollm2-135m-instruct-q4_1"
                 / "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
-CONFIGS = ("infercc-auto", "infercc-fast-grids", "infercc-fp32", "infercc-c", "infercc-c-fp32", "genai-int4", "genai-fp32", "llama.cpp-q4_1")
+CONFIGS = ("infercc-auto", "infercc-fast-grids", "infercc-fp32", "infercc-c", "infercc-c-fp16kv", "infercc-c-fp32",
+           "genai-int4", "genai-fp32", "llama.cpp-q4_1")
 BASELINE = "genai-fp32"
 #: ``infercc.compile`` options per configuration: the defaults (quantize="auto": Q4_1 exact, with
 #: its correction beside each projection), the Q4_1 grids moved to integer zero points (one
-#: MatMulNBits each, not exact: the speed side of that trade-off), and float.
+#: MatMulNBits each, not exact: the speed side of that trade-off), float, and the C runtime with a
+#: float16 KV cache (read in place by its attention: the long-prompt side, e.g. --prompt-len 1024).
 INFERCC = {"infercc-auto": {}, "infercc-fast-grids": {"quant_native_exact": False}, "infercc-fp32": {"quantize": None},
-           "infercc-c": {"backend": "c"}, "infercc-c-fp32": {"quantize": None, "backend": "c"}}
+           "infercc-c": {"backend": "c"}, "infercc-c-fp16kv": {"backend": "c", "kv_cache_dtype": "fp16"},
+           "infercc-c-fp32": {"quantize": None, "backend": "c"}}
 #: (figure, config, compared with, minimum '>1 = better' ratio); see decode.TARGETS.
 TARGETS = (("decode_tok_per_s", "infercc-auto", "genai-int4", 1.0),
            ("decode_tok_per_s", "infercc-fp32", "genai-fp32", 1.0),
