@@ -452,25 +452,44 @@ static inline __attribute__((always_inline)) void icc_at_pv_rows(float *acc, int
 }
 #endif
 
+#ifdef ICC_AT_VW
+/* The M rows in groups of icc_at_qk_rows / icc_at_pv_rows, float (H = 0) or float16 (H = 1) K/V. */
+static inline __attribute__((always_inline)) void icc_at_qk_groups(const float *q, int64_t D, int64_t M,
+                                                                 const void *kb, const int H, int64_t ks, int64_t n,
+                                                                 int64_t avail, float *s, float *tmp) {
+    int64_t m = 0;
+    for (; m + ICC_AT_QK_RB <= M; m += ICC_AT_QK_RB)
+        icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, H, ks, n, avail, s + m * ICC_AT_TK, tmp);
+#if ICC_AT_QK_RB == 4
+    if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, H, ks, n, avail, s + m * ICC_AT_TK, tmp);
+    if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, H, ks, n, avail, s + m * ICC_AT_TK, tmp);
+#endif
+    if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, H, ks, n, avail, s + m * ICC_AT_TK, tmp);
+}
+
+static inline __attribute__((always_inline)) void icc_at_pv_groups(float *acc, int64_t Dv, int64_t M,
+                                                                 const float *alpha, const float *p, const void *vb,
+                                                                 const int H, int64_t vs, int64_t n, int64_t avail) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, H, vs, n, avail);
+    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, H, vs, n, avail);
+    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, H, vs, n, avail);
+    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, H, vs, n, avail);
+}
+#endif
+
 /* S[m][j] = q_m . K[j] for the M rows (D apart) of a tile of n keys (S rows ICC_AT_TK apart);
  * `avail` >= n keys from kb may be read (prefetched ahead). */
 static inline void icc_at_qk(const float *q, int64_t D, int64_t M, const float *kb, int64_t ks, int64_t n,
                              int64_t avail, float *s) {
     (void)avail; /* (the plain C loops prefetch nothing) */
-    int64_t m = 0;
 #ifdef ICC_AT_VW
     if (D % ICC_AT_VW == 0) {
-        for (; m + ICC_AT_QK_RB <= M; m += ICC_AT_QK_RB)
-            icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
-#if ICC_AT_QK_RB == 4
-        if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
-        if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
-#endif
-        if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, 0, ks, n, avail, s + m * ICC_AT_TK, NULL);
+        icc_at_qk_groups(q, D, M, kb, 0, ks, n, avail, s, NULL);
         return;
     }
 #endif
-    for (; m < M; m++) icc_at_dots(q + m * D, kb, ks, n, D, s + m * ICC_AT_TK);
+    for (int64_t m = 0; m < M; m++) icc_at_dots(q + m * D, kb, ks, n, D, s + m * ICC_AT_TK);
 }
 
 /* acc[m] = acc[m] * alpha[m] + p[m] @ V for the M rows (acc rows Dv apart, p rows ICC_AT_TK apart);
@@ -478,15 +497,11 @@ static inline void icc_at_qk(const float *q, int64_t D, int64_t M, const float *
 static inline void icc_at_pv_all(float *acc, int64_t Dv, int64_t M, const float *alpha, const float *p,
                                  const float *vb, int64_t vs, int64_t n, int64_t avail) {
     (void)avail;
-    int64_t m = 0;
 #ifdef ICC_AT_VW
-    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
-    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
-    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
-    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, 0, vs, n, avail);
+    icc_at_pv_groups(acc, Dv, M, alpha, p, vb, 0, vs, n, avail);
     return;
 #endif
-    for (; m < M; m++) icc_at_pv(acc + m * Dv, alpha[m], p + m * ICC_AT_TK, vb, vs, n, Dv);
+    for (int64_t m = 0; m < M; m++) icc_at_pv(acc + m * Dv, alpha[m], p + m * ICC_AT_TK, vb, vs, n, Dv);
 }
 
 #ifdef ICC_AT_HALF_INLINE
@@ -495,24 +510,13 @@ static inline void icc_at_pv_all(float *acc, int64_t Dv, int64_t M, const float 
 /* icc_at_qk over float16 keys read in place (tmp: 3 rows of D floats) */
 static inline void icc_at_qk_h(const float *q, int64_t D, int64_t M, const uint16_t *kb, int64_t ks, int64_t n,
                                float *s, float *tmp) {
-    int64_t m = 0;
-    for (; m + ICC_AT_QK_RB <= M; m += ICC_AT_QK_RB)
-        icc_at_qk_rows(q + m * D, D, ICC_AT_QK_RB, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
-#if ICC_AT_QK_RB == 4
-    if (M - m == 3) icc_at_qk_rows(q + m * D, D, 3, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
-    if (M - m == 2) icc_at_qk_rows(q + m * D, D, 2, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
-#endif
-    if (M - m == 1) icc_at_qk_rows(q + m * D, D, 1, kb, 1, ks, n, n, s + m * ICC_AT_TK, tmp);
+    icc_at_qk_groups(q, D, M, kb, 1, ks, n, n, s, tmp);
 }
 
 /* icc_at_pv_all over float16 values read in place */
 static inline void icc_at_pv_h(float *acc, int64_t Dv, int64_t M, const float *alpha, const float *p,
                                const uint16_t *vb, int64_t vs, int64_t n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) icc_at_pv_rows(acc + m * Dv, Dv, 4, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
-    if (M - m == 3) icc_at_pv_rows(acc + m * Dv, Dv, 3, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
-    if (M - m == 2) icc_at_pv_rows(acc + m * Dv, Dv, 2, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
-    if (M - m == 1) icc_at_pv_rows(acc + m * Dv, Dv, 1, alpha + m, p + m * ICC_AT_TK, vb, 1, vs, n, n);
+    icc_at_pv_groups(acc, Dv, M, alpha, p, vb, 1, vs, n, n);
 }
 #else
 #define ICC_AT_HALF_FITS(D, Dv) 0
