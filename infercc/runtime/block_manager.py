@@ -208,6 +208,8 @@ class BlockManager:
             self._refs[src] -= 1                  # still >= 1: another sequence holds it
             table[-1] = self._take()
             pairs.append((src, table[-1]))
+        elif tokens and len(self._tokens[seq_id]) % self.block_size:
+            self._unkey(table[-1])                # written now: a key it kept while shared no longer holds
         table.extend(self._take() for _ in range(fresh))
         self._tokens[seq_id].extend(tokens)
         return pairs
@@ -239,7 +241,8 @@ class BlockManager:
         tokens, a rewind): blocks past the new end lose this reference (freed, or parked when
         cached: their K/V still match their key); a kept last block that is cached and will be
         written again leaves the prefix cache, since its slots are about to change (a shared one is
-        copied on the next ``append`` instead, as any shared last block is)."""
+        copied on the next ``append`` instead, as any shared last block is; one that the other
+        holders left meanwhile leaves the cache when ``append`` writes into it)."""
         table = self._seq(seq_id, "truncate")
         tokens = self._tokens[seq_id]
         if not 0 < num_tokens <= len(tokens):
@@ -253,10 +256,14 @@ class BlockManager:
         bs = self.block_size
         self._computed[seq_id] = min(self._computed[seq_id], num_tokens)
         del self._digests[seq_id][num_tokens // bs:]
-        last = table[-1]
-        if num_tokens % bs and self._refs[last] == 1 and self._key[last] is not None:
-            del self._cache[self._key[last]]
-            self._key[last] = None
+        if num_tokens % bs and self._refs[table[-1]] == 1:
+            self._unkey(table[-1])
+
+    def _unkey(self, block: int) -> None:
+        """A referenced block leaves the prefix cache (its slots are about to be written)."""
+        if self._key[block] is not None:
+            del self._cache[self._key[block]]
+            self._key[block] = None
 
     def _release(self, block: int) -> None:
         """Drop one reference; at zero a cached block is parked (evictable), any other freed."""

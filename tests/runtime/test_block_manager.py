@@ -263,6 +263,26 @@ def test_truncate_frees_tail_blocks_and_unkeys_a_rewritten_last_block():
     assert bm.append("b", [42]) == [(table[1], bm.block_table("b")[1])]
 
 
+def test_a_truncated_block_shared_then_left_is_unkeyed_when_written():
+    """Found by the state machine below: a block cut by truncate while shared keeps its key (the
+    other holder's copy of it is full and valid); when the other holder leaves and this sequence
+    writes into it, the key must go, or a later prompt with the old prefix reads the new K/V."""
+    bm = BlockManager(8, 4)
+    bm.allocate("a", [1, 2, 3, 4])
+    bm.computed("a", 4)                       # block A keyed by [1, 2, 3, 4]
+    block = bm.block_table("a")[0]
+    bm.fork("a", "b")
+    bm.append("a", [3])
+    bm.truncate("a", 1)                       # a keeps A's first slot; A is still b's full block
+    assert bm._key[block] is not None
+    bm.free("b")                              # a alone holds A now
+    assert bm.append("a", [3]) == []          # writes A's second slot: no copy, and no key
+    assert bm._key[block] is None
+    assert bm.allocate("c", [1, 2, 3, 4, 5]) == 0   # no stale hit on [1, 2, 3, 4]
+    bm.computed("a", 2)
+    assert bm.block_table("c")[0] != block
+
+
 def test_report_string():
     bm = BlockManager(4, 16)
     run(bm, "a", PROMPT)
