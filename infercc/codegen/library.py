@@ -219,11 +219,9 @@ def rows_of_room(array: object, dtype: np.dtype) -> int:
 def _view(address: int, shape: tuple[int, ...], dtype: np.dtype, room: int) -> np.ndarray:
     """The run's output at ``address`` as an array; ``room``: a [batch, heads, rows, width] cache
     whose heads are ``room`` rows apart (icc_output_room), read through strides."""
-    size = math.prod(shape)
-    if not size:
+    if not math.prod(shape):
         return np.empty(shape, dtype)
-    if room:
-        b, h, _, w = shape
-        flat = np.ctypeslib.as_array((ctypes.c_uint8 * (b * h * room * w * dtype.itemsize)).from_address(address))
-        return flat.view(dtype).reshape(b, h, room, w)[:, :, :shape[2]]
-    return np.ctypeslib.as_array((ctypes.c_uint8 * (size * dtype.itemsize)).from_address(address)).view(dtype).reshape(shape)
+    full = (shape[0], shape[1], room, shape[3]) if room else shape
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * (math.prod(full) * dtype.itemsize)).from_address(address))
+    array = raw.view(dtype).reshape(full)
+    return array[:, :, :shape[2]] if room else array

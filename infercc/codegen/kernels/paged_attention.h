@@ -118,6 +118,32 @@ typedef struct {
     int64_t off, n;
 } icc_pa_seg;
 
+/* One block segment's scores into w->s at its offset, its keys read where they lie: float, or
+ * float16 where the build and head sizes allow (ICC_AT_HALF_FITS). */
+static inline void icc_pa_qk_seg(icc_at_ws *w, int64_t D, int64_t M, const icc_pa_seg *sg, int half) {
+#ifdef ICC_AT_HALF_INLINE
+    if (half) {
+        icc_at_qk_h(w->q, D, M, (const uint16_t *)(const void *)sg->k, D, sg->n, w->s + sg->off, w->kt);
+        return;
+    }
+#endif
+    (void)half;
+    icc_at_qk(w->q, D, M, (const float *)(const void *)sg->k, D, sg->n, sg->n, w->s + sg->off);
+}
+
+/* One block segment's values into the accumulators (alpha: the rescale, ones after the first). */
+static inline void icc_pa_pv_seg(icc_at_ws *w, int64_t Dv, int64_t M, const float *alpha, const icc_pa_seg *sg,
+                                 int half) {
+#ifdef ICC_AT_HALF_INLINE
+    if (half) {
+        icc_at_pv_h(w->acc, Dv, M, alpha, w->s + sg->off, (const uint16_t *)(const void *)sg->v, Dv, sg->n);
+        return;
+    }
+#endif
+    (void)half;
+    icc_at_pv_all(w->acc, Dv, M, alpha, w->s + sg->off, (const float *)(const void *)sg->v, Dv, sg->n, sg->n);
+}
+
 /* Rows t0 .. t0+M-1 of kv head group bg against keys [kb, ke) of its row: online softmax into w
  * (icc_at_unit's loop with tiles gathered from blocks). `ones` holds M ones (later pieces of a
  * tile add to the accumulator without rescaling it again). */
@@ -127,8 +153,7 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
     const int64_t b = bg / Hkv, g = bg % Hkv;
     const int64_t off = a->past_lens[b], Skv = off + S;
     const int half = a->cache_dtype == 1;
-    const int in_place_half = half && ICC_AT_HALF_FITS(D, Dv);
-    (void)in_place_half; /* (without F16C: the buffer path only) */
+    const int in_place = !half || ICC_AT_HALF_FITS(D, Dv); /* K/V read where they lie (else converted) */
     const size_t esz = half ? 2 : 4;
     const float mv = a->mask_value, cap = a->softcap;
     const int skip = isinf(mv) && mv < 0;
@@ -161,47 +186,27 @@ static inline void icc_pa_unit(const icc_paged_attention_args *a, icc_at_ws *w, 
         int any = 0;
         for (int64_t m = 0; m < M && !any; m++) any = !skip || (jt + n > w->lo[m] && jt <= w->hi[m]);
         if (!any) continue;
-#ifdef ICC_AT_HALF_INLINE
-        if (in_place_half) { /* read where it lies (attention.h), prefetched as below */
-            for (int s = 0; s < nseg; s++) icc_at_prefetch_bytes(seg[s].v, seg[s].n * Dv * 2);
+        if (in_place) { /* (attention.h's prefetch, by block: the tile's values, the next block's keys) */
+            for (int s = 0; s < nseg; s++) icc_at_prefetch_bytes(seg[s].v, seg[s].n * Dv * (int64_t)esz);
             for (int s = 0; s < nseg; s++) {
-                if (s + 1 < nseg) icc_at_prefetch_bytes(seg[s + 1].k, seg[s + 1].n * D * 2);
-                icc_at_qk_h(w->q, D, M, (const uint16_t *)(const void *)seg[s].k, D, seg[s].n, w->s + seg[s].off,
-                            w->kt);
+                if (s + 1 < nseg) icc_at_prefetch_bytes(seg[s + 1].k, seg[s + 1].n * D * (int64_t)esz);
+                icc_pa_qk_seg(w, D, M, &seg[s], half);
             }
-        } else
-#endif
-        if (half) {
+        } else { /* float16 keys converted into a float tile */
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->kt + seg[s].off * D, (const uint16_t *)(const void *)seg[s].k, seg[s].n * D);
             icc_at_qk(w->q, D, M, w->kt, D, n, n, w->s);
-        } else { /* (attention.h's prefetch, by block: the tile's values, the next block's keys) */
-            for (int s = 0; s < nseg; s++)
-                icc_at_prefetch_rows((const float *)(const void *)seg[s].v, Dv, Dv, seg[s].n);
-            for (int s = 0; s < nseg; s++) {
-                if (s + 1 < nseg) icc_at_prefetch_rows((const float *)(const void *)seg[s + 1].k, D, D, seg[s + 1].n);
-                icc_at_qk(w->q, D, M, (const float *)(const void *)seg[s].k, D, seg[s].n, seg[s].n, w->s + seg[s].off);
-            }
         }
         any = 0;
         for (int64_t m = 0; m < M; m++)
             any |= icc_at_row(w, m, jt, n, skip, cap, has_mask, a->mask_bool, a->mask_float, ms[3], mv);
         if (!any) continue;
-#ifdef ICC_AT_HALF_INLINE
-        if (in_place_half) {
-            for (int s = 0; s < nseg; s++)
-                icc_at_pv_h(w->acc, Dv, M, s == 0 ? w->alpha : ones, w->s + seg[s].off,
-                            (const uint16_t *)(const void *)seg[s].v, Dv, seg[s].n);
-        } else
-#endif
-        if (half) {
+        if (in_place) {
+            for (int s = 0; s < nseg; s++) icc_pa_pv_seg(w, Dv, M, s == 0 ? w->alpha : ones, &seg[s], half);
+        } else {
             for (int s = 0; s < nseg; s++)
                 icc_at_from_f16(w->vt + seg[s].off * Dv, (const uint16_t *)(const void *)seg[s].v, seg[s].n * Dv);
             icc_at_pv_all(w->acc, Dv, M, w->alpha, w->s, w->vt, Dv, n, n);
-        } else {
-            for (int s = 0; s < nseg; s++)
-                icc_at_pv_all(w->acc, Dv, M, s == 0 ? w->alpha : ones, w->s + seg[s].off,
-                              (const float *)(const void *)seg[s].v, Dv, seg[s].n, seg[s].n);
         }
     }
 }
